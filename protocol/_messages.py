@@ -1,0 +1,547 @@
+"""Message types and the envelope (spec/SPEC.md, "Messages" and "Message registry").
+
+Every application message is the deterministic CBOR array ``[type, id, body]``:
+``type`` a uint from the registry, ``id`` the request id (a response echoes its
+request's), ``body`` a map with small-integer keys declared by the class's
+``FIELDS``. Classes are frozen, slotted, keyword-only dataclasses validated on
+construction; the registry below is the only dispatch from type numbers to
+classes. Unknown body keys are ignored; an unknown type is ``UNKNOWN_MESSAGE``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ._cbor import decode as cbor_decode, encode as cbor_encode
+from ._fields import (
+    Bool,
+    Bytes,
+    Field,
+    Float,
+    ListOf,
+    Span,
+    Struct,
+    TensorCodec,
+    Text,
+    UInt,
+    fields_from_cbor,
+    fields_to_cbor,
+    validate_fields,
+)
+from ._identity import PEER_ID_SIZE, PUBLIC_KEY_SIZE, Identity, peer_id_of
+from ._limits import DEFAULT_LIMITS, Limits
+from ._statements import record_statement, receipt_statement, verify
+from .errors import DecodeError, ErrorCode, LocalProtocolError, ProtocolError, UnexpectedMessage
+
+__all__ = [
+    "Message",
+    "MESSAGE_TYPES",
+    "encode_message",
+    "decode_message",
+    "NodeInfo",
+    "SignedRecord",
+    "Announcement",
+    "ReceiptRecord",
+    "ForwardEvidence",
+    "FraudProof",
+    "Error",
+    "Ping",
+    "Pong",
+    "FindNode",
+    "Nodes",
+    "FindValue",
+    "Value",
+    "Store",
+    "Stored",
+    "OpenSession",
+    "SessionOpened",
+    "Forward",
+    "ForwardResult",
+    "ForwardOnce",
+    "ForwardOnceResult",
+    "CloseSession",
+    "SessionClosed",
+    "Receipt",
+    "ReceiptAck",
+    "CreditQuery",
+    "CreditReport",
+    "FraudProofNotice",
+    "FraudProofAck",
+]
+
+_STRUCT = dict(frozen=True, slots=True, kw_only=True)
+
+PEER_ID = Bytes(size=PEER_ID_SIZE)
+PUBKEY = Bytes(size=PUBLIC_KEY_SIZE)
+SIGNATURE = Bytes(size=64)
+DIGEST = Bytes(size=32)
+SESSION_ID = Bytes(size=16)
+MODEL_ID = Text(max=128, nonempty=True)
+ADDRESS = Text(max=64, nonempty=True)
+WIRE_DTYPE = Text(max=8, nonempty=True)
+TENSOR = TensorCodec()
+MAX_RECORD_VALUE = 2048
+MAX_NODES = 20  # k
+MAX_RECORDS = 64
+
+
+class _Validated:
+    """Mixin: validate every declared field on construction."""
+
+    __slots__ = ()
+    FIELDS: ClassVar[tuple[Field, ...]] = ()
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+# --- structures carried inside messages ----------------------------------------------
+
+
+@dataclass(**_STRUCT)
+class NodeInfo(_Validated):
+    """A DHT contact. The peer id must be the hash of the public key."""
+
+    peer_id: bytes
+    public_key: bytes
+    addrs: tuple[str, ...]
+    FIELDS: ClassVar = (
+        Field(0, "peer_id", PEER_ID),
+        Field(1, "public_key", PUBKEY),
+        Field(2, "addrs", ListOf(ADDRESS, max=8)),
+    )
+
+    def __post_init__(self) -> None:
+        _Validated.__post_init__(self)
+        if peer_id_of(self.public_key) != self.peer_id:
+            raise LocalProtocolError("NodeInfo.peer_id is not the hash of its public key")
+
+
+@dataclass(**_STRUCT)
+class SignedRecord(_Validated):
+    """A DHT value, signed by its publisher; see record_statement for the signed bytes."""
+
+    key: bytes
+    publisher: bytes  # Ed25519 public key
+    seq: int
+    expires: int  # unix time, seconds
+    value: bytes
+    signature: bytes
+    FIELDS: ClassVar = (
+        Field(0, "key", DIGEST),
+        Field(1, "publisher", PUBKEY),
+        Field(2, "seq", UInt()),
+        Field(3, "expires", UInt()),
+        Field(4, "value", Bytes(max=MAX_RECORD_VALUE)),
+        Field(5, "signature", SIGNATURE),
+    )
+
+    @classmethod
+    def create(cls, identity: Identity, *, key: bytes, seq: int, expires: int, value: bytes) -> SignedRecord:
+        statement = record_statement(key=key, publisher=identity.public_key, seq=seq, expires=expires, value=value)
+        return cls(key=key, publisher=identity.public_key, seq=seq, expires=expires, value=value,
+                   signature=identity.sign(statement))
+
+    @property
+    def publisher_id(self) -> bytes:
+        return peer_id_of(self.publisher)
+
+    def verify_signature(self) -> None:
+        """Raises BadSignature unless the publisher signed exactly these fields."""
+        statement = record_statement(key=self.key, publisher=self.publisher, seq=self.seq,
+                                     expires=self.expires, value=self.value)
+        verify(self.publisher, statement, self.signature)
+
+
+@dataclass(**_STRUCT)
+class Announcement(_Validated):
+    """The value of a block record: a server announcing the span it serves."""
+
+    peer_id: bytes
+    addrs: tuple[str, ...]
+    model: str
+    span: tuple[int, int]
+    throughput: float  # tokens/s through the whole span, measured at start-up
+    free_sessions: int
+    expires: int
+    FIELDS: ClassVar = (
+        Field(0, "peer_id", PEER_ID),
+        Field(1, "addrs", ListOf(ADDRESS, max=8)),
+        Field(2, "model", MODEL_ID),
+        Field(3, "span", Span()),
+        Field(4, "throughput", Float()),
+        Field(5, "free_sessions", UInt()),
+        Field(6, "expires", UInt()),
+    )
+
+    def to_bytes(self) -> bytes:
+        return cbor_encode(fields_to_cbor(self, self.FIELDS))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Announcement:
+        return _construct(cls, fields_from_cbor(cbor_decode(data, max_size=MAX_RECORD_VALUE), cls.FIELDS, limits))
+
+
+@dataclass(**_STRUCT)
+class ReceiptRecord(_Validated):
+    """A client's signed acknowledgement of cumulative work received from a server,
+    countersigned by the server (a double-signed bilateral record)."""
+
+    client: bytes  # Ed25519 public key of the client (who received the work)
+    server: bytes  # Ed25519 public key of the server (who did the work)
+    handshake_hash: bytes
+    seq: int
+    work: int  # cumulative blocks x tokens received from this server
+    client_signature: bytes
+    server_signature: bytes | None = None
+    FIELDS: ClassVar = (
+        Field(0, "client", PUBKEY),
+        Field(1, "server", PUBKEY),
+        Field(2, "handshake_hash", DIGEST),
+        Field(3, "seq", UInt()),
+        Field(4, "work", UInt()),
+        Field(5, "client_signature", SIGNATURE),
+        Field(6, "server_signature", SIGNATURE, optional=True),
+    )
+
+    def statement(self, *, countersign: bool = False) -> bytes:
+        return receipt_statement(client=self.client, server=self.server, handshake_hash=self.handshake_hash,
+                                 seq=self.seq, work=self.work, countersign=countersign)
+
+    def verify(self, *, require_countersignature: bool = True) -> None:
+        """Raises BadSignature unless both signatures (or the client's alone) verify."""
+        verify(self.client, self.statement(), self.client_signature)
+        if self.server_signature is not None or require_countersignature:
+            if self.server_signature is None:
+                raise DecodeError("receipt lacks the server's countersignature")
+            verify(self.server, self.statement(countersign=True), self.server_signature)
+
+
+@dataclass(**_STRUCT)
+class ForwardEvidence(_Validated):
+    """One client-signed FORWARD request of a session, as kept for audits and proofs."""
+
+    step: int
+    position: int
+    hidden: Any  # WireTensor
+    signature: bytes  # the client's, over forward_request_statement
+    FIELDS: ClassVar = (
+        Field(0, "step", UInt()),
+        Field(1, "position", UInt()),
+        Field(2, "hidden", TENSOR),
+        Field(3, "signature", SIGNATURE),
+    )
+
+
+@dataclass(**_STRUCT)
+class FraudProof(_Validated):
+    """Evidence that ``accused`` signed a wrong output: the client-signed inputs of the
+    session up to the disputed step and the accused's signed output for that step.
+    Anyone holding the span recomputes and compares (spec "Fraud proofs")."""
+
+    accused: bytes  # Ed25519 public key of the accused server
+    client: bytes  # Ed25519 public key of the client that signed the requests
+    model: str
+    span: tuple[int, int]
+    session: bytes
+    requests: tuple[ForwardEvidence, ...]  # steps 0..k, in order
+    output: Any  # WireTensor the accused returned for step k
+    output_signature: bytes
+    FIELDS: ClassVar = (
+        Field(0, "accused", PUBKEY),
+        Field(1, "client", PUBKEY),
+        Field(2, "model", MODEL_ID),
+        Field(3, "span", Span()),
+        Field(4, "session", SESSION_ID),
+        Field(5, "requests", ListOf(Struct(ForwardEvidence), max=4096)),
+        Field(6, "output", TENSOR),
+        Field(7, "output_signature", SIGNATURE),
+    )
+
+
+# --- messages -----------------------------------------------------------------------
+
+
+class Message(_Validated):
+    """Base of all messages. ``TYPE`` is the registry number, ``KIND`` request/response."""
+
+    __slots__ = ()
+    TYPE: ClassVar[int]
+    KIND: ClassVar[str]
+    id: int
+
+
+
+
+def _message(type_: int, kind: str):
+    def wrap(cls):
+        cls.TYPE = type_
+        cls.KIND = kind
+        return cls
+
+    return wrap
+
+
+@_message(1, "response")
+@dataclass(**_STRUCT)
+class Error(Message):
+    id: int
+    code: int
+    message: str
+    retry_after: float | None = None
+    FIELDS: ClassVar = (Field(0, "code", UInt(max=65535)), Field(1, "message", Text(max=1024)),
+                        Field(2, "retry_after", Float(), optional=True))
+
+    @property
+    def error_code(self) -> ErrorCode | int:
+        try:
+            return ErrorCode(self.code)
+        except ValueError:
+            return self.code
+
+
+@_message(2, "request")
+@dataclass(**_STRUCT)
+class Ping(Message):
+    id: int
+    FIELDS: ClassVar = ()
+
+
+@_message(3, "response")
+@dataclass(**_STRUCT)
+class Pong(Message):
+    id: int
+    FIELDS: ClassVar = ()
+
+
+@_message(4, "request")
+@dataclass(**_STRUCT)
+class FindNode(Message):
+    id: int
+    target: bytes
+    FIELDS: ClassVar = (Field(0, "target", PEER_ID),)
+
+
+@_message(5, "response")
+@dataclass(**_STRUCT)
+class Nodes(Message):
+    id: int
+    nodes: tuple[NodeInfo, ...]
+    FIELDS: ClassVar = (Field(0, "nodes", ListOf(Struct(NodeInfo), max=MAX_NODES)),)
+
+
+@_message(6, "request")
+@dataclass(**_STRUCT)
+class FindValue(Message):
+    id: int
+    key: bytes
+    FIELDS: ClassVar = (Field(0, "key", DIGEST),)
+
+
+@_message(7, "response")
+@dataclass(**_STRUCT)
+class Value(Message):
+    id: int
+    records: tuple[SignedRecord, ...]
+    nodes: tuple[NodeInfo, ...]
+    FIELDS: ClassVar = (Field(0, "records", ListOf(Struct(SignedRecord), max=MAX_RECORDS)),
+                        Field(1, "nodes", ListOf(Struct(NodeInfo), max=MAX_NODES)))
+
+
+@_message(8, "request")
+@dataclass(**_STRUCT)
+class Store(Message):
+    id: int
+    record: SignedRecord
+    FIELDS: ClassVar = (Field(0, "record", Struct(SignedRecord)),)
+
+
+@_message(9, "response")
+@dataclass(**_STRUCT)
+class Stored(Message):
+    id: int
+    FIELDS: ClassVar = ()
+
+
+@_message(10, "request")
+@dataclass(**_STRUCT)
+class OpenSession(Message):
+    id: int
+    model: str
+    span: tuple[int, int]
+    max_length: int
+    wire_dtype: str = "f32"
+    FIELDS: ClassVar = (Field(0, "model", MODEL_ID), Field(1, "span", Span()),
+                        Field(2, "max_length", UInt(max=1 << 20)), Field(3, "wire_dtype", WIRE_DTYPE))
+
+
+@_message(11, "response")
+@dataclass(**_STRUCT)
+class SessionOpened(Message):
+    id: int
+    session: bytes
+    FIELDS: ClassVar = (Field(0, "session", SESSION_ID),)
+
+
+@_message(12, "request")
+@dataclass(**_STRUCT)
+class Forward(Message):
+    """One step of a session: hidden states of ``n`` tokens starting at ``position``."""
+
+    id: int
+    session: bytes
+    step: int
+    position: int
+    hidden: Any  # WireTensor of shape [1, n, hidden_size]
+    signature: bytes  # client's, over forward_request_statement
+    FIELDS: ClassVar = (Field(0, "session", SESSION_ID), Field(1, "step", UInt()), Field(2, "position", UInt()),
+                        Field(3, "hidden", TENSOR), Field(4, "signature", SIGNATURE))
+
+
+@_message(13, "response")
+@dataclass(**_STRUCT)
+class ForwardResult(Message):
+    id: int
+    session: bytes
+    step: int
+    hidden: Any  # WireTensor
+    signature: bytes  # server's, over forward_result_statement
+    FIELDS: ClassVar = (Field(0, "session", SESSION_ID), Field(1, "step", UInt()), Field(2, "hidden", TENSOR),
+                        Field(3, "signature", SIGNATURE))
+
+
+@_message(14, "request")
+@dataclass(**_STRUCT)
+class ForwardOnce(Message):
+    """Stateless forward of a whole sequence from position 0 (replays and audits)."""
+
+    id: int
+    nonce: bytes  # stands in for the session id in the signed statements
+    model: str
+    span: tuple[int, int]
+    hidden: Any  # WireTensor
+    signature: bytes
+    FIELDS: ClassVar = (Field(0, "nonce", SESSION_ID), Field(1, "model", MODEL_ID), Field(2, "span", Span()),
+                        Field(3, "hidden", TENSOR), Field(4, "signature", SIGNATURE))
+
+
+@_message(15, "response")
+@dataclass(**_STRUCT)
+class ForwardOnceResult(Message):
+    id: int
+    hidden: Any  # WireTensor
+    signature: bytes
+    FIELDS: ClassVar = (Field(0, "hidden", TENSOR), Field(1, "signature", SIGNATURE))
+
+
+@_message(16, "request")
+@dataclass(**_STRUCT)
+class CloseSession(Message):
+    id: int
+    session: bytes
+    FIELDS: ClassVar = (Field(0, "session", SESSION_ID),)
+
+
+@_message(17, "response")
+@dataclass(**_STRUCT)
+class SessionClosed(Message):
+    id: int
+    FIELDS: ClassVar = ()
+
+
+@_message(18, "request")
+@dataclass(**_STRUCT)
+class Receipt(Message):
+    id: int
+    receipt: ReceiptRecord  # signed by the client; the server countersigns in ReceiptAck
+    FIELDS: ClassVar = (Field(0, "receipt", Struct(ReceiptRecord)),)
+
+
+@_message(19, "response")
+@dataclass(**_STRUCT)
+class ReceiptAck(Message):
+    id: int
+    receipt: ReceiptRecord  # double-signed
+    FIELDS: ClassVar = (Field(0, "receipt", Struct(ReceiptRecord)),)
+
+
+@_message(20, "request")
+@dataclass(**_STRUCT)
+class CreditQuery(Message):
+    id: int
+    FIELDS: ClassVar = ()
+
+
+@_message(21, "response")
+@dataclass(**_STRUCT)
+class CreditReport(Message):
+    id: int
+    records: tuple[ReceiptRecord, ...]  # the latest double-signed record per pair the answerer holds
+    FIELDS: ClassVar = (Field(0, "records", ListOf(Struct(ReceiptRecord), max=1024)),)
+
+
+@_message(22, "request")
+@dataclass(**_STRUCT)
+class FraudProofNotice(Message):
+    id: int
+    proof: FraudProof
+    FIELDS: ClassVar = (Field(0, "proof", Struct(FraudProof)),)
+
+
+@_message(23, "response")
+@dataclass(**_STRUCT)
+class FraudProofAck(Message):
+    id: int
+    accepted: bool
+    FIELDS: ClassVar = (Field(0, "accepted", Bool()),)
+
+
+MESSAGE_TYPES: dict[int, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (Error, Ping, Pong, FindNode, Nodes, FindValue, Value, Store, Stored, OpenSession, SessionOpened,
+                Forward, ForwardResult, ForwardOnce, ForwardOnceResult, CloseSession, SessionClosed, Receipt,
+                ReceiptAck, CreditQuery, CreditReport, FraudProofNotice, FraudProofAck)
+}
+
+#: The response type(s) a request may be answered with (ERROR is always allowed).
+RESPONSES: dict[type[Message], type[Message]] = {
+    Ping: Pong, FindNode: Nodes, FindValue: Value, Store: Stored, OpenSession: SessionOpened,
+    Forward: ForwardResult, ForwardOnce: ForwardOnceResult, CloseSession: SessionClosed,
+    Receipt: ReceiptAck, CreditQuery: CreditReport, FraudProofNotice: FraudProofAck,
+}
+
+
+def encode_message(message: Message) -> bytes:
+    """The deterministic CBOR envelope ``[type, id, body]`` of ``message``."""
+    return cbor_encode([message.TYPE, message.id, fields_to_cbor(message, message.FIELDS)])
+
+
+def decode_message(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Decode one envelope strictly.
+
+    Raises:
+        LimitExceeded: the bytes or a tensor in them exceed ``limits``.
+        UnexpectedMessage: an unknown message type (code UNKNOWN_MESSAGE); ``.request_id``
+            holds the id when it could be read, so the caller can answer ERROR.
+        DecodeError: anything else malformed.
+    """
+    obj = cbor_decode(data, max_size=limits.max_message_size)
+    if type(obj) is not list or len(obj) != 3:
+        raise DecodeError("a message is the array [type, id, body]")
+    type_, id_, body = obj
+    if type(type_) is not int or type(id_) is not int or not 0 <= id_ < 2**64 or type_ < 0:
+        raise DecodeError("message type and id must be unsigned integers")
+    cls = MESSAGE_TYPES.get(type_)
+    if cls is None:
+        err = UnexpectedMessage(f"unknown message type {type_}", code=ErrorCode.UNKNOWN_MESSAGE)
+        err.request_id = id_  # type: ignore[attr-defined]
+        raise err
+    return _construct(cls, {"id": id_, **fields_from_cbor(body, cls.FIELDS, limits)})
+
+
+def _construct(cls: type, kwargs: dict[str, Any]) -> Any:
+    try:
+        return cls(**kwargs)
+    except ProtocolError as exc:  # a field was decodable but the whole is invalid
+        raise DecodeError(str(exc)) from None

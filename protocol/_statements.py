@@ -1,0 +1,89 @@
+"""Signed statements (spec/SPEC.md, "Signed statements").
+
+Everything signed is the deterministic CBOR encoding of an array whose first
+element is a domain-separation string (COSE ``Sig_structure`` / libp2p signed
+envelope style), so a signature made for one purpose never verifies for another.
+Tensors enter statements as H(tensor) = BLAKE2b-256 of the tensor's canonical
+encoding (``WireTensor.digest()``).
+"""
+
+from __future__ import annotations
+
+from ._cbor import encode
+from ._identity import Identity, verify_signature
+
+__all__ = [
+    "DOMAIN_FORWARD_REQUEST",
+    "DOMAIN_FORWARD_RESULT",
+    "DOMAIN_RECORD",
+    "DOMAIN_RECEIPT",
+    "DOMAIN_RECEIPT_COUNTERSIGN",
+    "forward_request_statement",
+    "forward_result_statement",
+    "record_statement",
+    "receipt_statement",
+    "sign",
+    "verify",
+]
+
+DOMAIN_FORWARD_REQUEST = "swarm/1/forward-request"
+DOMAIN_FORWARD_RESULT = "swarm/1/forward-result"
+DOMAIN_RECORD = "swarm/1/record"
+DOMAIN_RECEIPT = "swarm/1/receipt"
+DOMAIN_RECEIPT_COUNTERSIGN = "swarm/1/receipt-countersign"
+
+
+def forward_request_statement(
+    *,
+    client: bytes,
+    server: bytes,
+    session: bytes,
+    step: int,
+    model: str,
+    span: tuple[int, int],
+    position: int,
+    input_digest: bytes,
+) -> bytes:
+    """What a client signs for FORWARD (and FORWARD_ONCE, with session = nonce, step = position = 0)."""
+    return encode(
+        [DOMAIN_FORWARD_REQUEST, client, server, session, step, model, [span[0], span[1]], position, input_digest]
+    )
+
+
+def forward_result_statement(
+    *,
+    server: bytes,
+    session: bytes,
+    step: int,
+    model: str,
+    span: tuple[int, int],
+    input_digest: bytes,
+    output_digest: bytes,
+) -> bytes:
+    """What a server signs for every result it returns: DESIGN.md's layout exactly."""
+    return encode(
+        [DOMAIN_FORWARD_RESULT, server, session, step, model, [span[0], span[1]], input_digest, output_digest]
+    )
+
+
+def record_statement(*, key: bytes, publisher: bytes, seq: int, expires: int, value: bytes) -> bytes:
+    """What a DHT record's publisher signs."""
+    return encode([DOMAIN_RECORD, key, publisher, seq, expires, value])
+
+
+def receipt_statement(
+    *, client: bytes, server: bytes, handshake_hash: bytes, seq: int, work: int, countersign: bool = False
+) -> bytes:
+    """What a client signs to acknowledge ``work`` units received (cumulative), and the
+    server countersigns with the other domain string."""
+    domain = DOMAIN_RECEIPT_COUNTERSIGN if countersign else DOMAIN_RECEIPT
+    return encode([domain, client, server, handshake_hash, seq, work])
+
+
+def sign(identity: Identity, statement: bytes) -> bytes:
+    return identity.sign(statement)
+
+
+def verify(public_key: bytes, statement: bytes, signature: bytes) -> None:
+    """Raises BadSignature if ``signature`` is not ``public_key``'s over ``statement``."""
+    verify_signature(public_key, statement, signature)
