@@ -200,7 +200,11 @@ class Struct(Codec):
         return fields_to_cbor(value, value.FIELDS)
 
     def from_cbor(self, obj: Any, limits: Limits) -> Any:
-        return self.cls(**fields_from_cbor(obj, self.cls.FIELDS, limits))
+        kwargs = fields_from_cbor(obj, self.cls.FIELDS, limits)
+        try:
+            return self.cls(**kwargs)
+        except LocalProtocolError as exc:  # fields valid one by one, but not together
+            raise DecodeError(str(exc)) from None
 
 
 class TensorCodec(Codec):
@@ -254,6 +258,8 @@ def fields_from_cbor(body: Any, fields: tuple[Field, ...], limits: Limits) -> di
         if f.key in body:
             try:
                 kwargs[f.name] = f.codec.from_cbor(body[f.key], limits)
+            except LocalProtocolError as exc:
+                raise DecodeError(f"field {f.name!r}: {exc}") from None
             except ProtocolError as exc:
                 raise type(exc)(f"field {f.name!r}: {exc}") from None
         elif f.optional:

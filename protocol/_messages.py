@@ -271,6 +271,11 @@ class Message(_Validated):
     KIND: ClassVar[str]
     id: int
 
+    def __post_init__(self) -> None:
+        if type(self.id) is not int or not 0 <= self.id < 2**64:
+            raise LocalProtocolError(f"{type(self).__name__}.id must be an unsigned 64-bit integer, got {self.id!r}")
+        validate_fields(self)
+
 
 
 

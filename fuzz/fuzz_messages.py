@@ -1,0 +1,65 @@
+"""Message codec conformance: round trips, and the decoder oracle (h11's): arbitrary
+bytes give a message or a ProtocolError, never another exception, never more
+allocation than the limits allow."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol import Limits, ProtocolError, cbor_decode, cbor_encode
+from protocol import _messages as M
+
+from strategies import STRATEGIES, cbor_values, messages
+
+SMALL = Limits(max_message_size=4096, max_tensor_elements=64)
+
+
+@pytest.mark.parametrize("cls", list(STRATEGIES), ids=lambda c: c.__name__)
+def test_round_trip_every_message_type(cls):
+    @settings(max_examples=40)
+    @given(STRATEGIES[cls])
+    def check(msg):
+        wire = M.encode_message(msg)
+        assert M.decode_message(wire) == msg
+        assert M.encode_message(M.decode_message(wire)) == wire
+
+    check()
+
+
+def _oracle(data: bytes, limits: Limits = SMALL) -> None:
+    try:
+        msg = M.decode_message(data, limits=limits)
+    except ProtocolError:
+        return
+    assert isinstance(msg, M.Message)
+    assert len(data) <= limits.max_message_size
+    # strict: only canonical bytes decode (the message may drop unknown body keys)
+    assert cbor_encode(cbor_decode(data, max_size=len(data))) == data
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes(data):
+    _oracle(data)
+
+
+@given(st.integers(0, 30), st.integers(0, 2**64 - 1), cbor_values)
+def test_arbitrary_bodies(type_, id_, body):
+    _oracle(cbor_encode([type_, id_, body]))
+
+
+@given(messages, st.data())
+def test_mutated_valid_messages(msg, data):
+    wire = bytearray(M.encode_message(msg))
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(wire) - 1))
+        wire[pos] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(wire)))
+    _oracle(bytes(wire[:cut]), Limits())
+    _oracle(bytes(wire), Limits())
+
+
+@given(st.integers(65, 2**40), st.sampled_from(["f32", "f16", "bf16", "q8", "nf4"]))
+def test_tensor_claims_over_the_limit_fail_before_allocating(numel, dtype):
+    body = {0: bytes(16), 1: 0, 2: 0, 3: {0: dtype, 1: [1, numel], 2: b""}, 4: bytes(64)}
+    with pytest.raises(ProtocolError):
+        M.decode_message(cbor_encode([12, 1, body]), limits=SMALL)
