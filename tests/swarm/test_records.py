@@ -1,0 +1,155 @@
+"""Record validation and the per-key store (swarm/dht/_records.py), without trio."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from protocol import Identity, Limits, cbor_encode
+from protocol._messages import Announcement, SignedRecord
+from protocol.errors import ErrorCode
+from swarm.announce import RECORD_KINDS, announcement_records, block_key, encode_block_value
+from swarm.dht import RecordRejected, RecordStore, check_record, is_tombstone, merge_records, record_size
+
+NOW = 1_700_000_000.0
+ALICE = Identity.from_seed(bytes(range(32)))
+BOB = Identity.from_seed(bytes(range(1, 33)))
+
+
+def announcement(identity=ALICE, *, span=(2, 5), expires=int(NOW) + 600, model="tiny", free=4):
+    return Announcement(peer_id=identity.peer_id, addrs=("127.0.0.1:4000",), model=model, span=span,
+                        throughput=12.5, free_sessions=free, expires=expires)
+
+
+def record(identity=ALICE, *, block=3, seq=1, **kw):
+    ann = announcement(identity, **kw)
+    return SignedRecord.create(identity, key=block_key(ann.model, block), seq=seq, expires=ann.expires,
+                               value=encode_block_value(block, ann))
+
+
+def rejected(code, fn, *args, **kwargs):
+    with pytest.raises(RecordRejected) as info:
+        fn(*args, **kwargs)
+    assert info.value.code == code, info.value
+    return info.value
+
+
+def test_block_key_is_blake2b_of_cbor_triple():
+    import hashlib
+
+    expected = hashlib.blake2b(cbor_encode(["swarm/1/block", "tiny", 3]), digest_size=32).digest()
+    assert block_key("tiny", 3) == expected
+    assert block_key("tiny", 3) != block_key("tiny", 4) != block_key("tinier", 3)
+
+
+def test_valid_announcement_records_pass():
+    records = announcement_records(ALICE, announcement(), seq=7)
+    assert [r.key for r in records] == [block_key("tiny", b) for b in (2, 3, 4)]
+    for r in records:
+        check_record(r, now=NOW, kinds=RECORD_KINDS)
+
+
+def test_forged_signature_is_rejected():
+    good = record()
+    forged = dataclasses.replace(good, signature=BOB.sign(b"something else"))
+    rejected(ErrorCode.BAD_SIGNATURE, check_record, forged, now=NOW, kinds=RECORD_KINDS)
+    # a record signed by Bob but claiming Alice as publisher
+    stolen = dataclasses.replace(good, signature=BOB.sign(b"x" * 10))
+    rejected(ErrorCode.BAD_SIGNATURE, check_record, stolen, now=NOW, kinds=RECORD_KINDS)
+
+
+def test_tampered_fields_break_the_signature():
+    good = record()
+    for change in ({"seq": 2}, {"expires": good.expires + 1}, {"value": good.value[:-1] + b"\x00"},
+                   {"key": block_key("tiny", 4)}):
+        rejected(ErrorCode.BAD_SIGNATURE, check_record, dataclasses.replace(good, **change), now=NOW,
+                 kinds=RECORD_KINDS)
+
+
+def test_expired_and_too_far_expiry():
+    rejected(ErrorCode.EXPIRED, check_record, record(expires=int(NOW) - 1), now=NOW, kinds=RECORD_KINDS)
+    rejected(ErrorCode.EXPIRED, check_record, record(expires=int(NOW)), now=NOW, kinds=RECORD_KINDS)
+    rejected(ErrorCode.INVALID_REQUEST, check_record, record(expires=int(NOW) + 10 * 24 * 3600), now=NOW,
+             kinds=RECORD_KINDS)
+
+
+def test_oversized_record():
+    r = record()
+    small = Limits(max_record_size=record_size(r) - 1)
+    rejected(ErrorCode.LIMIT_EXCEEDED, check_record, r, now=NOW, kinds=RECORD_KINDS, limits=small)
+    check_record(r, now=NOW, kinds=RECORD_KINDS, limits=Limits(max_record_size=record_size(r)))
+
+
+def test_key_derivation_rules():
+    ann = announcement()
+    # signed correctly, but under the key of a block outside the span
+    wrong_key = SignedRecord.create(ALICE, key=block_key("tiny", 9), seq=1, expires=ann.expires,
+                                    value=encode_block_value(3, ann))
+    rejected(ErrorCode.INVALID_REQUEST, check_record, wrong_key, now=NOW, kinds=RECORD_KINDS)
+    # block index outside the announced span (value built by hand)
+    from protocol._fields import fields_to_cbor
+
+    outside = cbor_encode(["swarm/1/block", 7, fields_to_cbor(ann, Announcement.FIELDS)])
+    r = SignedRecord.create(ALICE, key=block_key("tiny", 7), seq=1, expires=ann.expires, value=outside)
+    assert "outside" in rejected(ErrorCode.INVALID_REQUEST, check_record, r, now=NOW, kinds=RECORD_KINDS).message
+    # Bob publishing Alice's announcement
+    r = SignedRecord.create(BOB, key=block_key("tiny", 3), seq=1, expires=ann.expires,
+                            value=encode_block_value(3, ann))
+    assert "publisher" in rejected(ErrorCode.INVALID_REQUEST, check_record, r, now=NOW, kinds=RECORD_KINDS).message
+    # record expiry differs from the announcement's
+    r = SignedRecord.create(ALICE, key=block_key("tiny", 3), seq=1, expires=ann.expires - 5,
+                            value=encode_block_value(3, ann))
+    rejected(ErrorCode.INVALID_REQUEST, check_record, r, now=NOW, kinds=RECORD_KINDS)
+    # unknown kind, non-array, non-canonical value
+    for value in (cbor_encode(["other/kind", 1]), cbor_encode({"a": 1}), b"\x18\x01", b"\xff"):
+        r = SignedRecord.create(ALICE, key=block_key("tiny", 3), seq=1, expires=ann.expires, value=value)
+        rejected(ErrorCode.INVALID_REQUEST, check_record, r, now=NOW, kinds=RECORD_KINDS)
+
+
+def test_store_sequence_rules_and_replay():
+    store = RecordStore(kinds=RECORD_KINDS)
+    v1, v2 = record(seq=1), record(seq=2, free=3)
+    assert store.put(v2, now=NOW)
+    assert store.put(v2, now=NOW) is False  # an identical republish is a no-op
+    rejected(ErrorCode.STALE_RECORD, store.put, v1, now=NOW)  # replayed older record
+    rejected(ErrorCode.STALE_RECORD, store.put, record(seq=2, free=1), now=NOW)  # same seq, other content
+    assert store.put(record(seq=3), now=NOW)
+    assert [r.seq for r in store.get(v1.key, now=NOW)] == [3]
+    assert store.put(record(BOB, seq=1), now=NOW)
+    assert len(store.get(v1.key, now=NOW)) == 2
+
+
+def test_store_drops_expired_and_caps_keys():
+    store = RecordStore(kinds=RECORD_KINDS, limits=Limits(max_records_per_key=2))
+    people = [Identity.from_seed(bytes([i]) * 32) for i in range(3)]
+    short = record(people[0], expires=int(NOW) + 10)
+    store.put(short, now=NOW)
+    store.put(record(people[1]), now=NOW)
+    rejected(ErrorCode.LIMIT_EXCEEDED, store.put, record(people[2]), now=NOW)
+    # once the short one expires there is room, and it is no longer served
+    assert store.put(record(people[2]), now=NOW + 11)
+    assert {r.publisher for r in store.get(short.key, now=NOW + 11)} == {people[1].public_key,
+                                                                       people[2].public_key}
+    assert store.expire(now=NOW + 10_000) == 2 and len(store) == 0 and store.keys() == []
+
+
+def test_tombstone_replaces_and_blocks_stale_replicas():
+    store = RecordStore(kinds=RECORD_KINDS)
+    live = record(seq=5)
+    store.put(live, now=NOW)
+    tomb = SignedRecord.create(ALICE, key=live.key, seq=6, expires=live.expires, value=b"")
+    assert is_tombstone(tomb)
+    store.put(tomb, now=NOW)
+    rejected(ErrorCode.STALE_RECORD, store.put, live, now=NOW)
+    assert store.get(live.key, now=NOW) == [tomb]
+    assert merge_records(store.get(live.key, now=NOW), now=NOW) == []
+
+
+def test_merge_keeps_latest_per_publisher():
+    a1, a2, b1 = record(seq=1), record(seq=2), record(BOB, seq=1, expires=int(NOW) + 5)
+    merged = merge_records([a2, b1, a1, a1], now=NOW)
+    assert sorted(r.seq for r in merged) == [1, 2] and a2 in merged and b1 in merged
+    assert merge_records([a1, b1], now=NOW + 6) == [a1]
+    tomb = SignedRecord.create(ALICE, key=a1.key, seq=3, expires=a1.expires, value=b"")
+    assert merge_records([a2, tomb, a1], now=NOW) == []
