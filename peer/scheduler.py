@@ -1,0 +1,312 @@
+"""Credit-ordered compute scheduling (spec "Credit", "Scheduling policy").
+
+Theory of operation. A server has ``capacity`` compute slots. ``SchedulingPolicy``
+is the pure core: requests are ``submit``-ted with the requester's credit, ``grant``
+says which tickets start now, ``release`` frees a slot, ``cancel`` withdraws a
+waiter. It takes ``now`` as an argument and never reads a clock.
+
+- Work-conserving: a free slot is granted at once whenever anyone waits, so without
+  contention nobody waits at all.
+- Proportional share under contention (stride scheduling, Waldspurger 1995): each
+  requester has a *pass*; the waiting requester with the lowest pass is served and
+  its pass advances by ``1 / weight``, with ``weight = 1 + max_boost *
+  normalized_credit(credit)`` (BarterCast arctan, so weights lie in [1, 1 +
+  max_boost)). Over time each contending requester gets slots in proportion to its
+  weight: contributors are served more often, free-riders less, never starved. A
+  requester that becomes active joins at the current virtual time, so idling does
+  not bank priority. Ties go to the older ticket; the result is deterministic.
+- Optimistic unchoke (BitTorrent): one contended grant in ``unchoke_every`` goes to
+  the optimistic requester, chosen (seeded RNG) among waiting non-delinquent
+  requesters whose normalized credit is below one half (newcomers, low credit). The
+  choice is re-evaluated every ``reevaluate_interval`` s (a new one if the current one
+  stopped waiting) and rotated every ``rotate_interval`` s. Its grants do not advance
+  its pass: the share is reserved on top of the proportional one.
+- Delinquent requesters (they owe receipts beyond the grace) are served only when no
+  one else waits.
+
+``Scheduler`` is the thin trio shell: ``async with scheduler.slot(requester):``
+waits for a slot granted by the policy and releases it on exit. A cancelled waiter
+leaves the queue; a slot granted to a waiter cancelled at the same moment is passed on.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Hashable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from swarm.credit import normalized_credit
+
+__all__ = ["SchedulerConfig", "SchedulingPolicy", "Scheduler"]
+
+_SWEEP_AT = 1024  # idle requester states kept before a sweep
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SchedulerConfig:
+    """Parameters of the policy. Defaults follow the spec's SHOULDs."""
+
+    capacity: int = 1  # concurrent compute slots
+    unchoke_every: int = 5  # 1 in n contended grants is optimistic (0: never)
+    reevaluate_interval: float = 10.0  # seconds between optimistic re-evaluations
+    rotate_interval: float = 30.0  # seconds an optimistic requester keeps its share
+    credit_scale: float = 1024.0  # work units at which normalized credit is 0.5
+    max_boost: float = 9.0  # weight of a top contributor is at most 1 + max_boost
+    seed: int = 0  # the optimistic choice's RNG seed
+
+    def __post_init__(self) -> None:
+        if self.capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        if self.unchoke_every < 0 or self.unchoke_every == 1:
+            raise ValueError("unchoke_every must be 0 (off) or at least 2")
+        if not (self.reevaluate_interval > 0 and self.rotate_interval >= self.reevaluate_interval):
+            raise ValueError("intervals must be positive and rotate_interval >= reevaluate_interval")
+        if not (self.credit_scale > 0 and self.max_boost >= 0):
+            raise ValueError("credit_scale must be positive and max_boost non-negative")
+
+    def weight(self, credit: float) -> float:
+        return 1.0 + self.max_boost * normalized_credit(credit, self.credit_scale)
+
+
+@dataclass(slots=True)
+class _Requester:
+    key: Hashable
+    credit: float
+    weight: float
+    delinquent: bool
+    pass_: float
+    waiting: deque[int] = field(default_factory=deque)
+    running: int = 0
+
+
+class SchedulingPolicy:
+    """The pure scheduling core. Tickets are ints, increasing in submission order."""
+
+    def __init__(self, config: SchedulerConfig | None = None) -> None:
+        self.config = config or SchedulerConfig()
+        self._rng = random.Random(self.config.seed)
+        self._requesters: dict[Hashable, _Requester] = {}
+        self._owner: dict[int, _Requester] = {}  # ticket -> requester (waiting or running)
+        self._running: set[int] = set()
+        self._next_ticket = 0
+        self._vtime = 0.0  # pass of the last stride grant: where newly active requesters join
+        self._contended = 0  # grants made while two or more requesters waited
+        self._optimistic: Hashable | None = None
+        self._next_evaluation = float("-inf")
+        self._rotate_at = float("-inf")
+
+    # -- inspection ---------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._owner) - len(self._running)
+
+    @property
+    def optimistic(self) -> Hashable | None:
+        """The requester currently holding the optimistic-unchoke share, if any."""
+        return self._optimistic
+
+    def is_waiting(self, ticket: int) -> bool:
+        return ticket in self._owner and ticket not in self._running
+
+    # -- transitions --------------------------------------------------------------
+
+    def submit(self, requester: Hashable, *, now: float, credit: float = 0.0, delinquent: bool = False) -> int:
+        """Queue one unit of work for ``requester``; returns its ticket. Call ``grant`` next."""
+        if len(self._requesters) > _SWEEP_AT + 2 * len(self._owner):
+            self._sweep()
+        state = self._requesters.get(requester)
+        if state is None:
+            state = self._requesters[requester] = _Requester(
+                key=requester, credit=0.0, weight=1.0, delinquent=False, pass_=self._vtime
+            )
+        elif not state.waiting and not state.running:
+            state.pass_ = max(state.pass_, self._vtime)  # no banking of idle time
+        state.credit = max(0.0, float(credit))
+        state.weight = self.config.weight(state.credit)
+        state.delinquent = delinquent
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        state.waiting.append(ticket)
+        self._owner[ticket] = state
+        return ticket
+
+    def grant(self, *, now: float) -> list[int]:
+        """Tickets that start now (the caller runs them), while slots are free."""
+        granted: list[int] = []
+        while len(self._running) < self.config.capacity and self.waiting:
+            state = self._pick(now)
+            ticket = state.waiting.popleft()
+            state.running += 1
+            self._running.add(ticket)
+            granted.append(ticket)
+        return granted
+
+    def release(self, ticket: int, *, now: float) -> None:
+        """A granted ticket finished (or failed); its slot is free. Call ``grant`` next."""
+        if ticket not in self._running:
+            raise KeyError(f"ticket {ticket} is not running")
+        self._running.discard(ticket)
+        state = self._owner.pop(ticket)
+        state.running -= 1
+        self._forget_if_idle(state)
+
+    def cancel(self, ticket: int) -> bool:
+        """Withdraw a waiting ticket. Returns False if it is not waiting (running or gone)."""
+        if not self.is_waiting(ticket):
+            return False
+        state = self._owner.pop(ticket)
+        state.waiting.remove(ticket)
+        self._forget_if_idle(state)
+        return True
+
+    # -- policy -------------------------------------------------------------------
+
+    def _pick(self, now: float) -> _Requester:
+        active = [s for s in self._requesters.values() if s.waiting]
+        normal = [s for s in active if not s.delinquent]
+        if not normal:  # only delinquents wait: idle capacity serves them, oldest first
+            return min(active, key=lambda s: s.waiting[0])
+        if len(normal) == 1:
+            return self._advance(normal[0])
+        self._contended += 1
+        self._evaluate_optimistic(now, normal)
+        every = self.config.unchoke_every
+        if every and self._contended % every == 0 and self._optimistic is not None:
+            chosen = self._requesters.get(self._optimistic)
+            if chosen is not None and chosen.waiting and not chosen.delinquent:
+                return chosen  # reserved share: the pass is not advanced
+        return self._advance(min(normal, key=lambda s: (s.pass_, s.waiting[0])))
+
+    def _advance(self, state: _Requester) -> _Requester:
+        self._vtime = max(self._vtime, state.pass_)
+        state.pass_ += 1.0 / state.weight
+        return state
+
+    def _evaluate_optimistic(self, now: float, normal: list[_Requester]) -> None:
+        current = self._requesters.get(self._optimistic) if self._optimistic is not None else None
+        still_fine = current is not None and current.waiting and self._eligible(current)
+        if now < self._next_evaluation and still_fine:
+            return
+        if now >= self._next_evaluation:
+            self._next_evaluation = now + self.config.reevaluate_interval
+        if still_fine and now < self._rotate_at:
+            return
+        candidates = sorted((s for s in normal if self._eligible(s)), key=lambda s: s.waiting[0])
+        if current is not None and len(candidates) > 1:
+            candidates = [s for s in candidates if s is not current]  # rotate to someone else
+        if candidates:
+            self._optimistic = self._rng.choice(candidates).key
+            self._rotate_at = now + self.config.rotate_interval
+        elif not still_fine:
+            self._optimistic = None
+
+    def _eligible(self, state: _Requester) -> bool:
+        return not state.delinquent and normalized_credit(state.credit, self.config.credit_scale) < 0.5
+
+    def _sweep(self) -> None:
+        # Idle requesters whose pass is ahead of vtime would otherwise stay forever;
+        # forgetting one gives it back at most one quantum (1 / weight) on return.
+        for key in [k for k, s in self._requesters.items() if not s.waiting and not s.running]:
+            del self._requesters[key]
+
+    def _forget_if_idle(self, state: _Requester) -> None:
+        # A requester with nothing queued whose pass is not ahead would rejoin at
+        # vtime anyway: dropping it bounds memory by the active requesters.
+        if not state.waiting and not state.running and state.pass_ <= self._vtime:
+            if self._requesters.get(state.key) is state:
+                del self._requesters[state.key]
+
+
+class Scheduler:
+    """Trio shell over ``SchedulingPolicy``: ``async with scheduler.slot(peer_id): compute()``.
+
+    Args:
+        capacity: concurrent compute slots (overrides ``config.capacity``).
+        credit_of: requester -> credit in work units (e.g. ``ledger.credit_of_peer(p).total``).
+        delinquent_of: requester -> True if it owes receipts beyond the grace.
+        config: policy parameters.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        credit_of: Callable[[Hashable], float] | None = None,
+        delinquent_of: Callable[[Hashable], bool] | None = None,
+        config: SchedulerConfig | None = None,
+    ) -> None:
+        base = config or SchedulerConfig()
+        self.policy = SchedulingPolicy(
+            SchedulerConfig(
+                capacity=capacity,
+                unchoke_every=base.unchoke_every,
+                reevaluate_interval=base.reevaluate_interval,
+                rotate_interval=base.rotate_interval,
+                credit_scale=base.credit_scale,
+                max_boost=base.max_boost,
+                seed=base.seed,
+            )
+        )
+        self._credit_of = credit_of or (lambda _requester: 0.0)
+        self._delinquent_of = delinquent_of or (lambda _requester: False)
+        self._events: dict[int, trio.Event] = {}
+
+    @asynccontextmanager
+    async def slot(
+        self, requester: Hashable, *, now: float | None = None, credit: float | None = None
+    ) -> AsyncIterator[None]:
+        """Wait for a compute slot, hold it for the body, release it on exit.
+
+        ``credit`` overrides ``credit_of(requester)``; ``now`` defaults to trio's clock.
+        Cancellation: a cancelled waiter leaves the queue (and hands a slot it was just
+        granted to the next waiter); the slot is always released when the body exits.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        policy = self.policy
+        when = trio.current_time() if now is None else now
+        ticket = policy.submit(
+            requester,
+            now=when,
+            credit=self._credit_of(requester) if credit is None else credit,
+            delinquent=self._delinquent_of(requester),
+        )
+        event = self._events[ticket] = trio.Event()
+        self._dispatch(when)
+        try:
+            if not event.is_set():
+                await event.wait()
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        except BaseException:
+            self._events.pop(ticket, None)
+            if not policy.cancel(ticket):  # granted just before the cancellation landed
+                policy.release(ticket, now=trio.current_time())
+            self._dispatch(trio.current_time())
+            raise
+        self._events.pop(ticket, None)
+        try:
+            yield
+        finally:
+            policy.release(ticket, now=trio.current_time())
+            self._dispatch(trio.current_time())
+
+    def _dispatch(self, now: float) -> None:
+        for granted in self.policy.grant(now=now):
+            self._events[granted].set()
+
+    @property
+    def running(self) -> int:
+        return self.policy.running
+
+    @property
+    def waiting(self) -> int:
+        return self.policy.waiting
