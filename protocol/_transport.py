@@ -126,7 +126,7 @@ class MessageEncoder:
 class MessageDecoder:
     """Decrypts frames with the receiving ``CipherState`` and reassembles messages."""
 
-    __slots__ = ("cipher", "_max_size", "_header", "_expected", "_parts", "_have", "_ready")
+    __slots__ = ("cipher", "_max_size", "_header", "_expected", "_parts", "_have", "_ready", "_error")
 
     def __init__(self, cipher: CipherState, limits: Limits = DEFAULT_LIMITS) -> None:
         self.cipher = cipher
@@ -136,6 +136,7 @@ class MessageDecoder:
         self._parts: list[memoryview] = []
         self._have = 0
         self._ready: deque[bytes] = deque()
+        self._error: LimitExceeded | None = None  # raised once the messages before it are taken
 
     @property
     def buffered(self) -> int:
@@ -148,15 +149,29 @@ class MessageDecoder:
         return bool(self._header) or self._expected >= 0
 
     def next_message(self) -> bytes | None:
-        return self._ready.popleft() if self._ready else None
+        """The next complete message, or None.
+
+        Raises:
+            LimitExceeded: the stream declared an oversized message after the
+                messages already returned.
+        """
+        if self._ready:
+            return self._ready.popleft()
+        if self._error is not None:
+            raise self._error
+        return None
 
     def feed_frame(self, ciphertext: bytes) -> None:
         """Decrypt one transport message and queue the messages it completes.
 
         Raises:
             DecryptError: authentication failed, or the frame is shorter than a tag.
-            LimitExceeded: a declared message length exceeds the limit.
+            LimitExceeded: a declared message length exceeds the limit. If the same
+                Noise message completed messages before that header, they are
+                returned by ``next_message`` first, and it raises the error after.
         """
+        if self._error is not None:
+            raise self._error
         if len(ciphertext) < TAGLEN:
             raise DecryptError(f"transport frame of {len(ciphertext)} bytes is shorter than its tag")
         plaintext = self.cipher.decrypt_with_ad(b"", ciphertext)
@@ -175,9 +190,12 @@ class MessageDecoder:
                     (length,) = _APP.unpack(self._header)
                     self._header.clear()
                 if length > self._max_size:
-                    raise LimitExceeded(
+                    self._error = LimitExceeded(
                         f"application message of {length} bytes exceeds the limit of {self._max_size}"
                     )
+                    if not self._ready:
+                        raise self._error
+                    return
                 if end - pos >= length:  # the common case: the whole message is here
                     self._ready.append(plaintext[pos : pos + length])
                     pos += length

@@ -193,3 +193,14 @@ def test_encoder_accepts_bytearray_and_memoryview():
     encoder, decoder = channel()
     data = encoder.encode(bytearray(b"ab")) + encoder.encode(memoryview(b"x" * 70000))
     assert deliver(decoder, data) == [b"ab", b"x" * 70000]
+
+
+def test_messages_before_an_oversized_header_are_delivered_first():
+    sender = CipherState(KEY)
+    decoder = MessageDecoder(CipherState(KEY), Limits(max_message_size=10))
+    decoder.feed_frame(sender.encrypt_with_ad(b"", b"\x00\x00\x00\x02ok" + struct.pack(">I", 11)))
+    assert decoder.next_message() == b"ok"
+    with pytest.raises(LimitExceeded):
+        decoder.next_message()
+    with pytest.raises(LimitExceeded):
+        decoder.feed_frame(sender.encrypt_with_ad(b"", b"more"))
