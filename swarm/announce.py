@@ -227,10 +227,10 @@ class Announcer:
 
     async def withdraw(self) -> None:
         """Withdraw every published block record (tombstones to the k closest)."""
-        keys, self._keys, self.current = self._keys, [], None
         async with trio.open_nursery() as nursery:
-            for key in keys:
+            for key in self._keys:
                 nursery.start_soon(self.dht.withdraw, key)
+        self._keys, self.current = [], None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
