@@ -6,7 +6,7 @@ Pure code, no sockets, simulated time. 56 peers:
 - 20 free-riders: generate only;
 - a Sybil cluster: 10 fake identities signing huge receipts for each other and for an
   attacker (11 requesters in all), none of which ever served an honest peer;
-- 5 newcomers that join at t = 100 s with no history.
+- 5 newcomers that join a third of the way into the run, with no history.
 
 History: before the run the contributors have served each other and the free-riders
 and the attacker have consumed from them, all as real double-signed receipts. Each
@@ -33,7 +33,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from peer.scheduler import SchedulerConfig, SchedulingPolicy
 from protocol import Identity
@@ -65,10 +65,9 @@ class Swarm:
     views: dict[bytes, WorkGraph]  # each server's work graph, from its verified ledger
     sybil_edges_seen: int = 0
     rejected: int = 0
-    history: dict = field(default_factory=dict)
 
 
-def build_swarm(seed: int) -> Swarm:
+def build_swarm(seed: int, newcomers_join: float) -> Swarm:
     rng = random.Random(seed)
     counter = iter(range(1, 10**6))
 
@@ -79,7 +78,7 @@ def build_swarm(seed: int) -> Swarm:
     free = [new("free-rider", f"f{i}") for i in range(20)]
     attacker = new("sybil", "attacker")
     sybils = [new("sybil", f"s{i}") for i in range(10)]
-    newcomers = [new("newcomer", f"n{i}", joins=100.0) for i in range(5)]
+    newcomers = [new("newcomer", f"n{i}", joins=newcomers_join) for i in range(5)]
     hh = bytes(32)
 
     def record(client: Peer, server: Peer, work: int):
@@ -192,6 +191,10 @@ def simulate(swarm: Swarm, starts: list[tuple[float, int, int]], *, credit: bool
     return waits, credits_seen
 
 
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -206,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
-    swarm = build_swarm(args.seed)
+    swarm = build_swarm(args.seed, newcomers_join=args.duration / 3)
     built = time.perf_counter() - t0
     starts = arrivals(swarm, args.seed, args.duration)
     counts = {c: sum(1 for p in swarm.peers if p.cls == c) for c in CLASSES}
@@ -230,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in CLASSES:
         w_on, cr = results[True][0][c], results[True][1][c]
         w_off = results[False][0][c]
-        stats[c] = (statistics.median(w_on), pct(w_on, 0.95), statistics.median(w_off), pct(w_off, 0.95))
-        print(f"{c:<12} {len(w_on):>7} {statistics.median(cr):>9.0f} | {stats[c][0]:>9.3f} {stats[c][1]:>8.3f} | "
+        stats[c] = (median(w_on), pct(w_on, 0.95), median(w_off), pct(w_off, 0.95))
+        print(f"{c:<12} {len(w_on):>7} {median(cr):>9.0f} | {stats[c][0]:>9.3f} {stats[c][1]:>8.3f} | "
               f"{stats[c][2]:>10.3f} {stats[c][3]:>8.3f}")
 
     def ratio(a: float, b: float) -> str:
