@@ -1,0 +1,323 @@
+"""The trio transport every network feature uses: TCP, the Noise handshake, one
+multiplexed connection per peer pair (spec/SPEC.md, "Transport" and "Requests and
+responses"; DESIGN.md, "Transport and channel").
+
+Theory of operation. A ``Host`` listens (``run``), accepts and dials connections,
+and owns every connection's task in its nursery, so a connection outlives the task
+that dialled it and ends when the host stops. The handshake runs in the accepting
+task or the dialling caller under ``limits.handshake_timeout``; then a
+``PeerConnection`` (``swarm/_transport/_peer.py``) reads, dispatches and multiplexes.
+
+Connection reuse: ``connect`` returns an open connection to the peer id if one
+exists (whichever side dialled it), else one dialled to that exact address. Inbound
+connections are never looked up by the listen addresses the peer claims, since
+those are unverified and a peer could claim someone else's address. Concurrent
+``connect`` calls for the same address share one dial.
+
+Simultaneous dial (A dials B while B dials A) keeps both connections: each stays
+fully usable and ``connections`` keeps the first one registered for that peer (the
+other takes its place if it closes first). Closing one deterministically would need
+both sides to agree while requests may already be in flight on either; an extra idle
+connection costs little and goes away after ``limits.idle_timeout``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Callable, Sequence
+
+import trio
+
+from protocol._connection import NEED_DATA, Connection, HandshakeComplete, Role
+from protocol._identity import Identity
+from protocol._limits import DEFAULT_LIMITS, Limits
+from protocol._messages import Message
+from protocol.errors import HandshakeError, LocalProtocolError, RemoteProtocolError
+
+from ._address import PeerAddress, format_sockaddr
+from ._transport import RECEIVE_SIZE, Handler, PeerConnection
+from .errors import PeerUnreachable
+
+__all__ = ["Host", "PeerConnection", "Handler", "PeerAddress"]
+
+log = logging.getLogger("swarm.transport")
+
+ConnectionCallback = Callable[[PeerConnection], None]
+# accept() errors that mean "out of resources for now", not "the listener is broken"
+_ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+class _Dial:
+    """A dial in progress that later ``connect`` calls for the same address wait on."""
+
+    __slots__ = ("done", "result", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: PeerConnection | None = None
+        self.error: PeerUnreachable | None = None
+
+
+class Host:
+    """This peer's network endpoint: a listener, handlers and connections.
+
+    Args:
+        identity: this peer's Ed25519 identity (proved in every handshake).
+        host, port: where to listen; port 0 picks a free port. An IPv6 host (``::1``)
+            listens on IPv6.
+        announce_addrs: addresses to tell peers (behind NAT); default the bound ones.
+        limits: protocol limits enforced on every connection.
+        max_connections: beyond this many (open plus handshaking), inbound
+            connections are closed right after accept.
+        default_timeout: seconds for ``connect`` and ``request`` when not given.
+
+    Raises:
+        InvalidAddress: an announce address is not ``host:port``.
+    """
+
+    def __init__(self, identity: Identity, *, host: str = "127.0.0.1", port: int = 0,
+                 announce_addrs: Sequence[str] | None = None, limits: Limits = DEFAULT_LIMITS,
+                 max_connections: int = 256, default_timeout: float = 10.0) -> None:
+        if max_connections < 1 or default_timeout <= 0:
+            raise ValueError("max_connections and default_timeout must be positive")
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.limits = limits
+        self.max_connections = max_connections
+        self.default_timeout = default_timeout
+        self._bind_host = host
+        self._bind_port = port
+        self._announce = None if announce_addrs is None else [str(PeerAddress.parse(a)) for a in announce_addrs]
+        self.listen_addrs: list[str] = list(self._announce or [])
+        self.bound_addrs: list[str] = []  # where the listeners actually are, once running
+        self.connections: dict[bytes, PeerConnection] = {}
+        self.on_connection: list[ConnectionCallback] = []
+        self._handlers: dict[type[Message], Handler] = {}
+        self._all: set[PeerConnection] = set()
+        self._by_addr: dict[str, PeerConnection] = {}
+        self._dialing: dict[tuple[str, bytes | None], _Dial] = {}
+        self._handshaking = 0
+        self._nursery: trio.Nursery | None = None
+
+    def __repr__(self) -> str:
+        return f"<Host {self.peer_id.hex()[:12]} at {', '.join(self.listen_addrs) or 'not listening'}>"
+
+    def add_handler(self, request_type: type[Message], handler: Handler) -> None:
+        """Serve ``request_type`` with ``handler(connection, request) -> response``.
+
+        The handler's response id is set to the request's. A ``SwarmError`` it raises
+        is answered as ``ERROR`` with its code (a ``RemoteError`` keeps its
+        retry_after); any other exception as ``ERROR INTERNAL``, with its traceback logged.
+        """
+        if getattr(request_type, "KIND", None) != "request":
+            raise LocalProtocolError(f"{request_type!r} is not a request message type")
+        self._handlers[request_type] = handler
+
+    # -- listening ------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until cancelled; every connection is closed on the way out.
+
+        ``task_status.started()`` is called once listening, when ``listen_addrs`` is set.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        listeners = await trio.open_tcp_listeners(self._bind_port, host=self._bind_host)
+        try:
+            self.bound_addrs = [format_sockaddr(listener.socket.getsockname()) for listener in listeners]
+            self.listen_addrs = list(self._announce) if self._announce is not None else list(self.bound_addrs)
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for listener in listeners:
+                    nursery.start_soon(self._accept_loop, listener)
+                log.info("peer %s listening on %s", self.peer_id.hex()[:12], ", ".join(self.bound_addrs))
+                task_status.started()
+        finally:
+            self._nursery = None
+            with trio.CancelScope(shield=True):
+                for listener in listeners:
+                    await trio.aclose_forcefully(listener)
+
+    async def _accept_loop(self, listener: trio.SocketListener) -> None:
+        assert self._nursery is not None
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_RETRY_ERRNOS:
+                    raise
+                log.warning("cannot accept connections for now: %s", exc)
+                await trio.sleep(0.1)
+                continue
+            if len(self._all) + self._handshaking >= self.max_connections:
+                log.warning("refusing connection from %s: %d connections already", _remote(stream),
+                            self.max_connections)
+                await trio.aclose_forcefully(stream)
+                continue
+            self._handshaking += 1
+            self._nursery.start_soon(self._serve_inbound, stream)
+
+    async def _serve_inbound(self, stream: trio.SocketStream) -> None:
+        address = _remote(stream)
+        try:
+            try:
+                with trio.fail_after(self.limits.handshake_timeout):
+                    conn, info = await self._handshake(stream, Role.RESPONDER, None)
+            finally:
+                self._handshaking -= 1
+        except trio.TooSlowError:
+            log.warning("handshake with %s timed out after %g s", address, self.limits.handshake_timeout)
+            await trio.aclose_forcefully(stream)
+            return
+        except (RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.warning("handshake with %s failed: %s: %s", address, type(exc).__name__, exc)
+            await trio.aclose_forcefully(stream)
+            return
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        connection = self._adopt(stream, conn, info, address=address, inbound=True)
+        await connection._run()
+
+    # -- dialling ---------------------------------------------------------------------
+
+    async def connect(self, addr: str | PeerAddress, *, peer_id: bytes | None = None,
+                      timeout: float | None = None) -> PeerConnection:
+        """An open connection to the peer at ``addr``, reusing one if there is one.
+
+        Args:
+            addr: ``host:port`` or ``[ipv6]:port``.
+            peer_id: the peer id expected there; the handshake fails unless the peer
+                proves it. An open connection to that peer id is reused whatever its address.
+            timeout: seconds for TCP connect plus handshake (default ``default_timeout``).
+
+        Raises:
+            PeerUnreachable: refused, timed out, or the handshake failed (the cause,
+                e.g. a ``HandshakeError`` for a wrong peer id, is ``__cause__``).
+            InvalidAddress: ``addr`` does not parse.
+            LocalProtocolError: the host is not running.
+        """
+        address = PeerAddress.parse(addr)
+        timeout = self.default_timeout if timeout is None else timeout
+        key = (str(address), peer_id)
+        with trio.move_on_after(timeout) as scope:
+            while True:
+                existing = self.connections.get(peer_id) if peer_id is not None else self._by_addr.get(key[0])
+                if existing is not None and existing.is_open:
+                    return existing
+                dial = self._dialing.get(key)
+                if dial is None:
+                    break
+                await dial.done.wait()
+                if dial.error is not None:
+                    raise PeerUnreachable(address, dial.error.reason, peer_id=peer_id) from dial.error
+                # else: it succeeded (found above next time round) or its caller was cancelled (we dial)
+            dial = self._dialing[key] = _Dial()
+            try:
+                dial.result = await self._dial(address, peer_id)
+                return dial.result
+            except PeerUnreachable as exc:
+                dial.error = exc
+                raise
+            finally:
+                del self._dialing[key]
+                dial.done.set()
+        assert scope.cancelled_caught
+        raise PeerUnreachable(address, f"no connection within {timeout:g} s", peer_id=peer_id)
+
+    async def _dial(self, address: PeerAddress, peer_id: bytes | None) -> PeerConnection:
+        if self._nursery is None:
+            raise LocalProtocolError("Host.run() must be running to connect")
+        try:
+            stream = await trio.open_tcp_stream(address.host, address.port)
+        except OSError as exc:
+            raise PeerUnreachable(address, exc.strerror or str(exc), peer_id=peer_id) from exc
+        try:
+            with trio.fail_after(self.limits.handshake_timeout):
+                conn, info = await self._handshake(stream, Role.INITIATOR, peer_id)
+        except BaseException as exc:
+            await trio.aclose_forcefully(stream)
+            if isinstance(exc, trio.TooSlowError):
+                raise PeerUnreachable(address, "handshake timed out", peer_id=peer_id) from exc
+            if isinstance(exc, RemoteProtocolError):
+                reason = f"handshake failed: {exc}"
+                raise PeerUnreachable(address, reason, peer_id=peer_id) from exc
+            if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
+                raise PeerUnreachable(address, f"connection lost during the handshake ({exc!r})",
+                                      peer_id=peer_id) from exc
+            raise
+        if self._nursery is None:  # the host stopped while we were handshaking
+            await trio.aclose_forcefully(stream)
+            raise LocalProtocolError("Host.run() stopped while connecting")
+        connection = self._adopt(stream, conn, info, address=str(address), inbound=False)
+        self._by_addr[str(address)] = connection
+        self._nursery.start_soon(connection._run)
+        return connection
+
+    async def request(self, addr: str | PeerAddress, message: Message, *, peer_id: bytes | None = None,
+                      timeout: float | None = None) -> Message:
+        """``connect(addr, peer_id=...)`` then ``request(message)`` on that connection.
+
+        ``timeout`` bounds each of the two steps (default ``default_timeout``).
+        Raises what ``connect`` and ``PeerConnection.request`` raise.
+        """
+        connection = await self.connect(addr, peer_id=peer_id, timeout=timeout)
+        return await connection.request(message, timeout=timeout)
+
+    # -- handshake and bookkeeping -----------------------------------------------------
+
+    async def _handshake(self, stream: trio.SocketStream, role: Role,
+                         expected_peer_id: bytes | None) -> tuple[Connection, HandshakeComplete]:
+        # Nagle would hold each small frame for the peer's delayed ACK; trio sets it too.
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        conn = Connection(self.identity, role, listen_addrs=self.listen_addrs, limits=self.limits,
+                          expected_peer_id=expected_peer_id)
+        if role is Role.INITIATOR:
+            await stream.send_all(conn.initiate())
+        while True:
+            event = conn.next_event()
+            out = conn.data_to_send()
+            if out:
+                await stream.send_all(out)
+            if event is NEED_DATA:
+                conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
+            elif type(event) is HandshakeComplete:
+                return conn, event
+            else:  # the connection gives nothing else before HandshakeComplete
+                raise HandshakeError(f"unexpected {type(event).__name__} during the handshake")
+
+    def _adopt(self, stream: trio.SocketStream, conn: Connection, info: HandshakeComplete, *, address: str,
+               inbound: bool) -> PeerConnection:
+        connection = PeerConnection(self, stream, conn, info, address=address, inbound=inbound,
+                                    limits=self.limits, default_timeout=self.default_timeout)
+        self._all.add(connection)
+        self.connections.setdefault(connection.peer_id, connection)
+        log.debug("connected %r", connection)
+        for callback in list(self.on_connection):
+            try:
+                callback(connection)
+            except Exception:
+                log.exception("on_connection callback %r failed", callback)
+        return connection
+
+    def _forget(self, connection: PeerConnection) -> None:
+        """Called by a connection as it closes."""
+        self._all.discard(connection)
+        if self.connections.get(connection.peer_id) is connection:
+            del self.connections[connection.peer_id]
+            for other in self._all:
+                if other.peer_id == connection.peer_id and other.is_open:
+                    self.connections[other.peer_id] = other
+                    break
+        for addr in [a for a, c in self._by_addr.items() if c is connection]:
+            del self._by_addr[addr]
+
+
+def _remote(stream: trio.SocketStream) -> str:
+    try:
+        return format_sockaddr(stream.socket.getpeername())
+    except OSError:
+        return "?"

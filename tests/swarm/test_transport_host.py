@@ -1,0 +1,504 @@
+"""swarm.transport on real loopback sockets: handshake, multiplexing, reuse, errors,
+hostile peers, limits. (Named test_transport_host.py: tests/protocol/test_transport.py
+exists and the test directories are not packages.)"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+
+from protocol._cbor import encode as cbor_encode
+from protocol._connection import NEED_DATA, Connection, ConnectionEnded, HandshakeComplete, MessageReceived, Role
+from protocol._identity import Identity
+from protocol._limits import Limits
+from protocol._messages import (
+    Error,
+    FindNode,
+    Nodes,
+    Ping,
+    Pong,
+    Stored,
+    decode_message,
+    encode_message,
+)
+from protocol.errors import ErrorCode, HandshakeError, RemoteError, SwarmError, UnexpectedMessage
+from swarm.errors import NoRoute, PeerUnreachable, RequestTimeout
+from swarm.transport import Host, PeerConnection
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def pong(conn: PeerConnection, request: Ping) -> Pong:
+    return Pong(id=request.id)
+
+
+@asynccontextmanager
+async def hosts(*configs: dict):
+    """Start one Host per config (kwargs), each answering Ping; stop them all after."""
+    async with trio.open_nursery() as nursery:
+        started = []
+        for config in configs:
+            host = Host(Identity.generate(), **config)
+            host.add_handler(Ping, pong)
+            await nursery.start(host.run)
+            started.append(host)
+        yield started
+        nursery.cancel_scope.cancel()
+
+
+class RawPeer:
+    """A hand-driven peer: our own protocol.Connection over a plain trio stream, so a
+    test can send what a well-behaved Host never would."""
+
+    def __init__(self, stream: trio.SocketStream, conn: Connection, identity: Identity) -> None:
+        self.stream, self.conn, self.peer_id = stream, conn, identity.peer_id
+
+    @classmethod
+    async def connect(cls, address: str, expected_peer_id: bytes | None = None) -> RawPeer:
+        host, port = address.rsplit(":", 1)
+        stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+        identity = Identity.generate()
+        conn = Connection(identity, Role.INITIATOR, expected_peer_id=expected_peer_id)
+        await stream.send_all(conn.initiate())
+        while True:
+            event = conn.next_event()
+            if out := conn.data_to_send():
+                await stream.send_all(out)
+            if event is NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            else:
+                assert isinstance(event, HandshakeComplete)
+                return cls(stream, conn, identity)
+
+    async def send(self, message) -> None:
+        await self.send_payload(encode_message(message))
+
+    async def send_payload(self, payload: bytes) -> None:
+        await self.stream.send_all(self.conn.send(payload))
+
+    async def receive(self):
+        """The next message, or None when the host closes the connection."""
+        while True:
+            event = self.conn.next_event()
+            if event is NEED_DATA:
+                try:
+                    data = await self.stream.receive_some(65536)
+                except trio.BrokenResourceError:  # reset by the host
+                    return None
+                self.conn.receive_data(data)
+            elif isinstance(event, MessageReceived):
+                return decode_message(event.payload)
+            else:
+                assert isinstance(event, ConnectionEnded)
+                return None
+
+
+async def read_until_closed(stream: trio.SocketStream) -> None:
+    """Returns once the other side closed (EOF or reset), whatever it sent before."""
+    try:
+        while await stream.receive_some(65536):
+            pass
+    except trio.BrokenResourceError:
+        pass
+
+
+# -- handshake, requests, reuse ---------------------------------------------------------
+
+
+async def test_handshake_and_ping_both_directions():
+    seen: list[PeerConnection] = []
+    async with hosts({}, {}) as (a, b):
+        b.on_connection.append(seen.append)
+        conn = await a.connect(b.listen_addrs[0], peer_id=b.peer_id)
+        assert conn.peer_id == b.peer_id and conn.public_key == b.identity.public_key
+        assert conn.listen_addrs == tuple(b.listen_addrs) and not conn.inbound
+        assert await conn.request(Ping(id=123)) == Pong(id=1)  # the id is the connection's own
+
+        back = b.connections[a.peer_id]
+        assert seen == [back] and back.inbound
+        assert back.peer_id == a.peer_id and back.listen_addrs == tuple(a.listen_addrs)
+        assert back.handshake_hash == conn.handshake_hash
+        assert await back.request(Ping(id=0)) == Pong(id=1)  # ids are per direction
+        assert await a.request(b.listen_addrs[0], Ping(id=0)) == Pong(id=2)
+
+
+async def test_concurrent_requests_are_multiplexed_and_answered_out_of_order():
+    release = {i: trio.Event() for i in range(5)}
+    answered: list[int] = []
+
+    async def find_node(conn, request: FindNode) -> Nodes:
+        await release[request.target[0]].wait()
+        return Nodes(id=request.id, nodes=())
+
+    async with hosts({}, {}) as (a, b):
+        b.add_handler(FindNode, find_node)
+        conn = await a.connect(b.listen_addrs[0])
+
+        async def ask(i: int) -> None:
+            response = await conn.request(FindNode(id=0, target=bytes([i]) * 20))
+            assert isinstance(response, Nodes)
+            answered.append(i)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(5):
+                nursery.start_soon(ask, i)
+            await trio.testing.wait_all_tasks_blocked()
+            assert b.connections[a.peer_id]._incoming == 5  # all five in flight at once
+            for i in (3, 0, 4, 2, 1):
+                release[i].set()
+                await trio.testing.wait_all_tasks_blocked()
+        assert answered == [3, 0, 4, 2, 1]
+        assert len(b._all) == 1
+
+
+async def test_one_connection_is_reused_in_both_directions():
+    async with hosts({}, {}) as (a, b):
+        first = await a.connect(b.listen_addrs[0])
+        assert await a.connect(b.listen_addrs[0]) is first
+        assert await a.connect(b.listen_addrs[0], peer_id=b.peer_id) is first
+        for _ in range(20):
+            await a.request(b.listen_addrs[0], Ping(id=0), peer_id=b.peer_id)
+        inbound = b.connections[a.peer_id]
+        # b reaches a over the connection a opened, whatever address it names
+        assert await b.connect(a.listen_addrs[0], peer_id=a.peer_id) is inbound
+        for _ in range(20):
+            await b.request(a.listen_addrs[0], Ping(id=0), peer_id=a.peer_id)
+        assert len(a._all) == len(b._all) == 1
+        assert first._next_id == 21 and inbound._next_id == 21
+
+
+async def test_concurrent_connects_share_one_dial():
+    async with hosts({}, {}) as (a, b):
+        results: list[PeerConnection] = []
+
+        async def dial():
+            results.append(await a.connect(b.listen_addrs[0]))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(dial)
+        assert len(results) == 5 and all(r is results[0] for r in results)
+        assert len(b._all) == 1
+
+
+async def test_simultaneous_dial_keeps_both_connections_usable():
+    async with hosts({}, {}) as (a, b):
+        conns = {}
+
+        async def dial(src, dst):
+            conns[src.peer_id] = await src.connect(dst.listen_addrs[0], peer_id=dst.peer_id)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dial, a, b)
+            nursery.start_soon(dial, b, a)
+        assert await conns[a.peer_id].request(Ping(id=0)) == Pong(id=1)
+        assert await conns[b.peer_id].request(Ping(id=0)) == Pong(id=1)
+        # each side keeps one entry per peer; later connects return it
+        assert list(a.connections) == [b.peer_id] and list(b.connections) == [a.peer_id]
+        assert await a.connect(b.listen_addrs[0], peer_id=b.peer_id) is a.connections[b.peer_id]
+
+
+async def test_ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"cannot bind ::1 on this machine: {exc}")
+    async with hosts({"host": "::1"}, {"host": "::1"}) as (a, b):
+        assert b.listen_addrs[0].startswith("[::1]:")
+        assert await a.request(b.listen_addrs[0], Ping(id=0), peer_id=b.peer_id) == Pong(id=1)
+        assert await b.connections[a.peer_id].request(Ping(id=0)) == Pong(id=1)
+
+
+async def test_announce_addrs_are_told_in_the_handshake():
+    async with hosts({"announce_addrs": ["203.0.113.7:4000", "[2001:db8::1]:4000"]}, {}) as (a, b):
+        assert a.listen_addrs == ["203.0.113.7:4000", "[2001:db8::1]:4000"]
+        assert b.listen_addrs[0].startswith("127.0.0.1:")
+        assert a.bound_addrs[0].startswith("127.0.0.1:")
+        conn = await b.connect(a.bound_addrs[0], peer_id=a.peer_id)
+        assert conn.listen_addrs == ("203.0.113.7:4000", "[2001:db8::1]:4000")
+
+
+# -- failures -------------------------------------------------------------------------
+
+
+async def test_wrong_peer_id_fails_the_handshake():
+    async with hosts({}, {}) as (a, b):
+        with pytest.raises(PeerUnreachable, match="handshake failed") as info:
+            await a.connect(b.listen_addrs[0], peer_id=bytes(20))
+        assert isinstance(info.value.__cause__, HandshakeError)
+        assert not a.connections
+        assert await a.request(b.listen_addrs[0], Ping(id=0), peer_id=b.peer_id) == Pong(id=1)
+
+
+async def test_connection_refused():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again: nothing listens there
+    async with hosts({}) as (a,):
+        with pytest.raises(PeerUnreachable, match=f"127.0.0.1:{port}") as info:
+            await a.request(f"127.0.0.1:{port}", Ping(id=0))
+        assert isinstance(info.value.__cause__, OSError)
+        assert "check that it is running" in str(info.value)
+
+
+async def test_request_timeout_leaves_the_connection_usable():
+    release = trio.Event()
+
+    async def slow(conn, request):
+        await release.wait()
+        return Nodes(id=request.id, nodes=())
+
+    async with hosts({}, {}) as (a, b):
+        b.add_handler(FindNode, slow)
+        conn = await a.connect(b.listen_addrs[0])
+        with pytest.raises(RequestTimeout, match="FindNode") as info:
+            await conn.request(FindNode(id=0, target=bytes(20)), timeout=0.05)
+        assert info.value.timeout == 0.05
+        assert conn._slots.value == a.limits.max_concurrent_requests - 1  # b still works on it
+        release.set()
+        assert await conn.request(Ping(id=0)) == Pong(id=2)  # the late Nodes is dropped
+        assert conn._slots.value == a.limits.max_concurrent_requests
+        assert conn.is_open
+
+
+async def test_handler_errors_become_remote_errors(caplog):
+    async def failing(conn, request: FindNode):
+        kind = request.target[0]
+        if kind == 0:
+            raise NoRoute(3, 6)
+        if kind == 1:
+            raise RemoteError("downstream is busy", code=ErrorCode.BUSY, retry_after=2.5)
+        if kind == 2:
+            raise RemoteError("from the future", code=4242)
+        if kind == 3:
+            return Stored(id=request.id)  # the wrong response type
+        raise ValueError("bug in the handler")
+
+    async with hosts({}, {}) as (a, b):
+        b.add_handler(FindNode, failing)
+        conn = await a.connect(b.listen_addrs[0])
+
+        async def ask(kind: int) -> RemoteError:
+            with pytest.raises(RemoteError) as info:
+                await conn.request(FindNode(id=0, target=bytes([kind]) * 20))
+            return info.value
+
+        error = await ask(0)
+        assert error.code == ErrorCode.SPAN_NOT_SERVED and "no route: blocks 3..5" in error.message
+        error = await ask(1)
+        assert (error.code, error.message, error.retry_after) == (ErrorCode.BUSY, "downstream is busy", 2.5)
+        assert (await ask(2)).code == 4242
+        with caplog.at_level(logging.ERROR, logger="swarm.transport"):
+            assert (await ask(3)).code == ErrorCode.INTERNAL
+            error = await ask(4)
+        assert error.code == ErrorCode.INTERNAL and error.message == "internal error"  # no internals leak
+        assert any(r.exc_info and "bug in the handler" in str(r.exc_info[1]) for r in caplog.records)
+        assert await conn.request(Ping(id=0)) == Pong(id=6)  # the peer keeps serving
+
+
+async def test_unhandled_request_type_is_unknown_message():
+    async with hosts({}, {}) as (a, b):
+        with pytest.raises(RemoteError) as info:
+            await a.request(b.listen_addrs[0], FindNode(id=0, target=bytes(20)))
+        assert info.value.code == ErrorCode.UNKNOWN_MESSAGE
+
+
+async def test_unknown_message_types_on_the_wire():
+    async with hosts({}) as (b,):
+        raw = await RawPeer.connect(b.listen_addrs[0], b.peer_id)
+        await raw.send_payload(cbor_encode([98, 7, {0: "from a later version"}]))  # even: a request
+        answer = await raw.receive()
+        assert isinstance(answer, Error) and answer.id == 7 and answer.code == ErrorCode.UNKNOWN_MESSAGE
+        await raw.send_payload(cbor_encode([99, 8, {}]))  # odd: a response nobody asked for, ignored
+        await raw.send(Pong(id=55))  # a known response nobody asked for, ignored
+        await raw.send(Ping(id=9))
+        assert await raw.receive() == Pong(id=9)
+
+        # answers to b's own requests: an unknown type, then a type that does not fit
+        back = b.connections[raw.peer_id]
+        async with trio.open_nursery() as nursery:
+            async def expect_unexpected():
+                with pytest.raises(UnexpectedMessage, match="unknown message type 99"):
+                    await back.request(Ping(id=0))
+                with pytest.raises(UnexpectedMessage, match="Stored"):
+                    await back.request(Ping(id=0))
+
+            nursery.start_soon(expect_unexpected)
+            request = await raw.receive()
+            await raw.send_payload(cbor_encode([99, request.id, {}]))
+            request = await raw.receive()
+            await raw.send(Stored(id=request.id))
+        assert back.is_open
+
+
+async def test_closing_fails_outstanding_requests_on_both_sides():
+    async def never(conn, request):
+        await trio.sleep_forever()
+
+    async with hosts({}, {}) as (a, b):
+        b.add_handler(FindNode, never)
+        conn = await a.connect(b.listen_addrs[0])
+        async with trio.open_nursery() as nursery:
+            async def ask():
+                with pytest.raises(PeerUnreachable, match="closed by us"):
+                    await conn.request(FindNode(id=0, target=bytes(20)))
+
+            nursery.start_soon(ask)
+            await trio.testing.wait_all_tasks_blocked()
+            await conn.aclose()
+        assert not conn.is_open and b.peer_id not in a.connections
+        with pytest.raises(PeerUnreachable):
+            await conn.request(Ping(id=0))
+        with trio.fail_after(5):
+            while a.peer_id in b.connections:  # b sees EOF and forgets a
+                await trio.sleep(0.01)
+        assert await a.request(b.listen_addrs[0], Ping(id=0)) == Pong(id=1)  # a fresh connection
+
+
+async def test_stopping_a_host_closes_its_connections():
+    async with hosts({}) as (a,):
+        async with hosts({}) as (b,):
+            conn = await a.connect(b.listen_addrs[0])
+            assert await conn.request(Ping(id=0)) == Pong(id=1)
+        assert not b.connections
+        with trio.fail_after(5):
+            while conn.is_open:
+                await trio.sleep(0.01)
+        with pytest.raises(PeerUnreachable):
+            await conn.request(Ping(id=0))
+
+
+# -- hostile peers and limits ------------------------------------------------------------
+
+
+async def test_garbage_before_the_handshake(caplog):
+    async with hosts({}, {}) as (a, b):
+        stream = await trio.open_tcp_stream("127.0.0.1", int(b.listen_addrs[0].rsplit(":", 1)[1]))
+        with caplog.at_level(logging.WARNING, logger="swarm.transport"):
+            await stream.send_all(b"\x00\x05GET / HTTP/1.1\r\n\r\n" * 4)
+            with trio.fail_after(5):
+                await read_until_closed(stream)
+        assert any("handshake with" in r.getMessage() for r in caplog.records)
+        assert await a.request(b.listen_addrs[0], Ping(id=0)) == Pong(id=1)
+
+
+@pytest.mark.parametrize("attack", ["garbage frame", "malformed message", "oversized message"])
+async def test_hostile_bytes_after_the_handshake_close_that_connection_only(attack, caplog):
+    async with hosts({}, {"limits": Limits(max_message_size=4096)}) as (a, b):
+        good = await a.connect(b.listen_addrs[0])
+        raw = await RawPeer.connect(b.listen_addrs[0], b.peer_id)
+        await raw.send(Ping(id=1))
+        assert await raw.receive() == Pong(id=1)
+        with caplog.at_level(logging.WARNING, logger="swarm.transport"):
+            if attack == "garbage frame":
+                await raw.stream.send_all(b"\x00\x20" + bytes(range(32)))
+            elif attack == "malformed message":
+                await raw.send_payload(cbor_encode([2, 5, {0: "a Ping has no fields, but this is not a map key"}, 1]))
+            else:
+                await raw.send_payload(bytes(8000))
+            with trio.fail_after(5):
+                assert await raw.receive() is None
+        assert [r for r in caplog.records if "dropping connection" in r.getMessage()]
+        assert raw.peer_id not in b.connections
+        assert await good.request(Ping(id=0)) == Pong(id=1)
+
+
+async def test_too_many_concurrent_requests_drop_the_connection():
+    async def never(conn, request):
+        await trio.sleep_forever()
+
+    async with hosts({"limits": Limits(max_concurrent_requests=2)}) as (b,):
+        b.add_handler(FindNode, never)
+        raw = await RawPeer.connect(b.listen_addrs[0])
+        for i in range(3):
+            await raw.send(FindNode(id=i, target=bytes(20)))
+        with trio.fail_after(5):
+            assert await raw.receive() is None
+
+
+async def test_outgoing_requests_wait_for_a_slot_instead_of_tripping_the_limit():
+    release = trio.Event()
+
+    async def gated(conn, request):
+        await release.wait()
+        return Nodes(id=request.id, nodes=())
+
+    limits = Limits(max_concurrent_requests=2)
+    async with hosts({"limits": limits}, {"limits": limits}) as (a, b):
+        b.add_handler(FindNode, gated)
+        conn = await a.connect(b.listen_addrs[0])
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(conn.request, FindNode(id=0, target=bytes(20)))
+            await trio.testing.wait_all_tasks_blocked()
+            assert b.connections[a.peer_id]._incoming == 2
+            release.set()
+        assert conn.is_open and conn._next_id == 6
+
+
+async def test_max_connections_refuses_inbound():
+    async with hosts({}, {}, {"max_connections": 1}) as (a, b, c):
+        await a.connect(c.listen_addrs[0])
+        raw_stream = await trio.open_tcp_stream("127.0.0.1", int(c.listen_addrs[0].rsplit(":", 1)[1]))
+        with trio.fail_after(5):
+            await read_until_closed(raw_stream)
+        with pytest.raises(PeerUnreachable):
+            await b.connect(c.listen_addrs[0])
+        assert len(c._all) == 1
+
+
+async def test_handshake_timeout():
+    async with hosts({"limits": Limits(handshake_timeout=0.1)}) as (b,):
+        stream = await trio.open_tcp_stream("127.0.0.1", int(b.listen_addrs[0].rsplit(":", 1)[1]))
+        with trio.fail_after(5):
+            await read_until_closed(stream)  # we sent nothing; b gave up
+        assert b._handshaking == 0
+
+
+async def test_idle_connections_are_closed_and_redialled():
+    async with hosts({"limits": Limits(idle_timeout=0.2)}, {}) as (a, b):
+        conn = await a.connect(b.listen_addrs[0])
+        assert await conn.request(Ping(id=0)) == Pong(id=1)
+        with trio.fail_after(5):
+            while conn.is_open:
+                await trio.sleep(0.05)
+        assert not a.connections
+        fresh = await a.connect(b.listen_addrs[0])
+        assert fresh is not conn and await fresh.request(Ping(id=0)) == Pong(id=1)
+
+
+async def test_a_busy_connection_is_not_idle():
+    release = trio.Event()
+
+    async def slow(conn, request):
+        await release.wait()
+        return Nodes(id=request.id, nodes=())
+
+    async with hosts({"limits": Limits(idle_timeout=0.1)}, {}) as (a, b):
+        b.add_handler(FindNode, slow)
+        conn = await a.connect(b.listen_addrs[0])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.request, FindNode(id=0, target=bytes(20)))
+            await trio.sleep(0.35)  # several idle periods with a request outstanding
+            assert conn.is_open
+            release.set()
+
+
+def test_errors_are_swarm_errors_with_one_line_messages():
+    for error in (PeerUnreachable("h:1", "refused"), RequestTimeout("Ping", "h:1", 2.0), NoRoute(0, 4)):
+        assert isinstance(error, SwarmError) and "\n" not in str(error)
+    assert str(NoRoute(3, 6)).startswith("no route: blocks 3..5 are not served")
+
+
+async def test_connect_needs_a_running_host():
+    from protocol.errors import LocalProtocolError
+
+    host = Host(Identity.generate())
+    with pytest.raises(LocalProtocolError):
+        await host.connect("127.0.0.1:9")
