@@ -35,7 +35,7 @@ import random
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -244,18 +244,7 @@ class Scheduler:
         delinquent_of: Callable[[Hashable], bool] | None = None,
         config: SchedulerConfig | None = None,
     ) -> None:
-        base = config or SchedulerConfig()
-        self.policy = SchedulingPolicy(
-            SchedulerConfig(
-                capacity=capacity,
-                unchoke_every=base.unchoke_every,
-                reevaluate_interval=base.reevaluate_interval,
-                rotate_interval=base.rotate_interval,
-                credit_scale=base.credit_scale,
-                max_boost=base.max_boost,
-                seed=base.seed,
-            )
-        )
+        self.policy = SchedulingPolicy(replace(config or SchedulerConfig(), capacity=capacity))
         self._credit_of = credit_of or (lambda _requester: 0.0)
         self._delinquent_of = delinquent_of or (lambda _requester: False)
         self._events: dict[int, trio.Event] = {}
