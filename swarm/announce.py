@@ -25,7 +25,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -158,7 +158,10 @@ async def fetch_swarm_view(
         async with limiter:
             records = await dht.get(block_key(model, block))
         for record in records:
-            _, ann = decode_block_value(_decode(record.value))
+            try:
+                _, ann = decode_block_value(_decode(record.value))
+            except (RecordRejected, ProtocolError):  # another kind under this key: not ours to read
+                continue
             if ann.model != model or ann.expires <= now:
                 continue
             held = best.get(ann.peer_id)

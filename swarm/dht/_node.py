@@ -49,7 +49,7 @@ from protocol._messages import (
 )
 from protocol.errors import ErrorCode, ProtocolError, RemoteError, SwarmError
 
-from ..errors import PeerUnreachable, RequestTimeout
+from ..errors import PeerUnreachable
 from ..transport import Host, PeerConnection
 from ._lookup import Lookup, Termination
 from ._records import DEFAULT_MAX_TTL, RecordKind, RecordRejected, RecordStore, check_record, merge_records
