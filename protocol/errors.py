@@ -30,6 +30,7 @@ __all__ = [
     "ConnectionClosed",
     "IdentityError",
     "RemoteError",
+    "swarm_error_in",
 ]
 
 
@@ -156,3 +157,15 @@ def _as_code(code: ErrorCode | int) -> ErrorCode | int:
         return ErrorCode(code)
     except ValueError:
         return int(code)
+
+
+def swarm_error_in(exc: BaseException) -> SwarmError | None:
+    """The SwarmError that ``exc`` is or wraps (nurseries wrap task errors in exception
+    groups), or None if ``exc`` holds anything else, which is then a bug to show."""
+    if isinstance(exc, SwarmError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [swarm_error_in(e) for e in exc.exceptions]
+        if leaves and all(leaf is not None for leaf in leaves):
+            return leaves[0]
+    return None

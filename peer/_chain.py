@@ -1,0 +1,220 @@
+"""An open relay chain for one generation: sessions on hops that cover [0, L).
+
+Theory of operation. ``Chain.step(hidden)`` sends the hidden states of the new tokens
+through every hop in order. Each hop signs its output; the chain verifies the
+signature before using it (a bad one is a failure of that hop). Every hop keeps the
+signed inputs it was sent (its history). When a hop fails (connection lost,
+timeout, ERROR, bad signature, malformed answer) the chain marks the peer as failed,
+asks ``replan`` for a new route of that hop's blocks that avoids every failed peer,
+opens sessions there, replays the hop's whole history to the replacement as one
+prefill step, and carries on with the step that failed. Because the replacement
+recomputes exactly what the failed hop had computed, generation continues with the
+same tokens (up to float rounding between a batched prefill and step-by-step decode).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from protocol import _messages as M
+from protocol._statements import forward_request_statement, forward_result_statement, verify
+from protocol._tensor import WireTensor, decode_tensor, encode_tensor
+from protocol.errors import ProtocolError, RemoteError, SwarmError
+from swarm.errors import PeerUnreachable, RequestTimeout
+from swarm.planning import Hop, Route
+from swarm.transport import Host, PeerConnection
+
+__all__ = ["Chain", "HopRecord", "AllCandidatesFailed", "StepRecord"]
+
+log = logging.getLogger("swarm.client")
+
+#: Failures that make the client route around a hop (anything else is a bug or a cancel).
+HOP_FAILURES = (PeerUnreachable, RequestTimeout, RemoteError, ProtocolError)
+
+
+class AllCandidatesFailed(SwarmError):
+    """Every server that could take a span failed; the message says which blocks."""
+
+    def __init__(self, start: int, end: int, attempts: int, last: BaseException | None) -> None:
+        super().__init__(f"all candidates for blocks {start}..{end - 1} failed after {attempts} attempts "
+                         f"(last: {last}); try again later or add servers for these blocks")
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """One signed exchange with a hop: what the client sent and what the server signed."""
+
+    step: int
+    position: int
+    input: WireTensor
+    request_signature: bytes
+    output: WireTensor
+    result_signature: bytes
+
+
+@dataclass(slots=True)
+class HopRecord:
+    """A hop's open session and its signed transcript."""
+
+    hop: Hop
+    conn: PeerConnection
+    session: bytes
+    transcript: list[StepRecord] = field(default_factory=list)
+    latency: float = 0.0  # seconds spent waiting on this hop in total
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.hop.span
+
+    @property
+    def length(self) -> int:
+        return sum(r.input.shape[1] for r in self.transcript)
+
+
+class Chain:
+    """Sessions on a route; see the module docstring.
+
+    Args:
+        host: the client's transport.
+        model: model id every hop must serve.
+        max_length: tokens each session must hold (prompt + new tokens).
+        replan: ``await replan(start, end, exclude)`` returns a route for blocks
+            [start, end) avoiding the peer ids in ``exclude`` (raises NoRoute if none).
+        wire_dtype: dtype of hidden states on the wire.
+        step_timeout: seconds one hop may take for one step.
+        max_failovers: re-routes allowed per generation before giving up.
+    """
+
+    def __init__(self, host: Host, *, model: str, max_length: int,
+                 replan: Callable[[int, int, frozenset[bytes]], Awaitable[Route]],
+                 wire_dtype: str = "f32", step_timeout: float = 60.0, max_failovers: int = 8,
+                 on_failover: Callable[[Hop, BaseException], None] | None = None) -> None:
+        self.host = host
+        self.model = model
+        self.max_length = max_length
+        self.replan = replan
+        self.wire_dtype = wire_dtype
+        self.step_timeout = step_timeout
+        self.max_failovers = max_failovers
+        self.on_failover = on_failover
+        self.hops: list[HopRecord] = []
+        self.failed: set[bytes] = set()
+        self.failovers = 0
+
+    async def open(self, route: Route) -> None:
+        self.hops = [await self._open_hop(hop) for hop in route.hops]
+
+    async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """Run ``hidden`` ([1, n, hidden]) for positions ``position..`` through every hop."""
+        x = hidden
+        i = 0
+        while i < len(self.hops):
+            record = self.hops[i]
+            try:
+                x = await self._forward(record, x, position)
+                i += 1
+            except HOP_FAILURES as exc:
+                await self._fail_over(i, exc)
+        return x
+
+    async def aclose(self) -> None:
+        """Close every session (best effort: the servers also drop them with the connection)."""
+        hops, self.hops = self.hops, []
+        await _close_quietly(hops)
+
+    # -- internals ------------------------------------------------------------------------
+
+    async def _open_hop(self, hop: Hop) -> HopRecord:
+        conn = await self._connect(hop)
+        opened = await conn.request(M.OpenSession(id=0, model=self.model, span=hop.span, max_length=self.max_length,
+                                                  wire_dtype=self.wire_dtype), timeout=self.step_timeout)
+        return HopRecord(hop=hop, conn=conn, session=opened.session)
+
+    async def _connect(self, hop: Hop) -> PeerConnection:
+        last: BaseException | None = None
+        for addr in hop.addrs:
+            try:
+                return await self.host.connect(addr, peer_id=hop.peer_id, timeout=min(self.step_timeout, 10.0))
+            except PeerUnreachable as exc:
+                last = exc
+        raise PeerUnreachable(",".join(hop.addrs) or "?", f"no address answered ({last})", peer_id=hop.peer_id)
+
+    async def _forward(self, record: HopRecord, x: torch.Tensor, position: int) -> torch.Tensor:
+        wire = encode_tensor(x, self.wire_dtype)
+        step = len(record.transcript)
+        input_digest = wire.digest()
+        me, server = self.host.identity, record.conn.peer_id
+        request_signature = me.sign(forward_request_statement(
+            client=me.peer_id, server=server, session=record.session, step=step, model=self.model, span=record.span,
+            position=position, input_digest=input_digest))
+        t0 = time.perf_counter()
+        result = await record.conn.request(M.Forward(id=0, session=record.session, step=step, position=position,
+                                                     hidden=wire, signature=request_signature),
+                                           timeout=self.step_timeout)
+        record.latency += time.perf_counter() - t0
+        if result.session != record.session or result.step != step:
+            raise _BadAnswer(f"answered session/step {result.session.hex()}/{result.step}, asked {step}")
+        expected_shape = tuple(wire.shape)
+        if tuple(result.hidden.shape) != expected_shape:
+            raise _BadAnswer(f"returned shape {list(result.hidden.shape)}, expected {list(expected_shape)}")
+        verify(record.conn.public_key, forward_result_statement(
+            server=server, session=record.session, step=step, model=self.model, span=record.span,
+            input_digest=input_digest, output_digest=result.hidden.digest()), result.signature)
+        record.transcript.append(StepRecord(step=step, position=position, input=wire,
+                                            request_signature=request_signature, output=result.hidden,
+                                            result_signature=result.signature))
+        return decode_tensor(result.hidden, out_dtype=x.dtype)
+
+    async def _fail_over(self, index: int, exc: BaseException) -> None:
+        old = self.hops[index]
+        self.failed.add(old.hop.peer_id)
+        self.failovers += 1
+        log.warning("hop %s [%d, %d) failed: %s; re-routing", old.hop.peer_id.hex()[:12], *old.span, exc)
+        if self.on_failover is not None:
+            self.on_failover(old.hop, exc)
+        history = [r.input for r in old.transcript]
+        last: BaseException = exc
+        while self.failovers <= self.max_failovers:
+            try:
+                route = await self.replan(old.span[0], old.span[1], frozenset(self.failed))
+            except SwarmError as no_route:
+                raise AllCandidatesFailed(old.span[0], old.span[1], self.failovers, last) from no_route
+            replacement: list[HopRecord] = []
+            current = route.hops[0]
+            try:
+                for hop in route.hops:
+                    current = hop
+                    replacement.append(await self._open_hop(hop))
+                if history:
+                    x = torch.cat([decode_tensor(w, out_dtype=torch.float32) for w in history], dim=1)
+                    for record in replacement:
+                        current = record.hop
+                        x = await self._forward(record, x, 0)
+            except HOP_FAILURES as again:
+                last = again
+                self.failed.add(current.peer_id)
+                self.failovers += 1
+                log.warning("replacement %s failed too: %s", current.peer_id.hex()[:12], again)
+                await _close_quietly(replacement)
+                continue
+            self.hops[index:index + 1] = replacement
+            return
+        raise AllCandidatesFailed(old.span[0], old.span[1], self.failovers, last) from last
+
+
+async def _close_quietly(records: Sequence[HopRecord]) -> None:
+    for record in records:
+        if record.conn.is_open:
+            try:
+                await record.conn.request(M.CloseSession(id=0, session=record.session), timeout=5.0)
+            except SwarmError:
+                pass
+
+
+class _BadAnswer(ProtocolError):
+    """A server's answer that is well-formed but does not answer what was asked."""

@@ -1,0 +1,225 @@
+"""The Python API for generation jobs: async (trio), sync, and streaming.
+
+Async, inside a trio nursery that owns the swarm connection's tasks::
+
+    async with trio.open_nursery() as nursery:
+        swarm = await Swarm.connect(nursery, bootstrap=["127.0.0.1:31337"])
+        result = await swarm.generate("What is a swarm?", max_new_tokens=32)
+        async for token in swarm.stream("Tell me a story", temperature=0.7, seed=1):
+            print(token.text, end="", flush=True)
+        await swarm.aclose()
+
+Sync, from ordinary code (a background thread runs trio)::
+
+    with SyncSwarm(bootstrap=["127.0.0.1:31337"]) as swarm:
+        print(swarm.generate("What is a swarm?").text)
+        for token in swarm.stream("Tell me a story"):
+            print(token.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+
+import trio
+
+from protocol import Identity
+from protocol.errors import SwarmError, swarm_error_in
+from swarm.announce import RECORD_KINDS, SwarmView
+from swarm.dht import DhtNode
+from swarm.transport import Host
+
+from .client import GenerationResult, SwarmClient, TokenEvent
+from .runtime import DEFAULT_MODEL, SamplingParams, load_head
+
+__all__ = ["Swarm", "SyncSwarm", "GenerationResult", "TokenEvent"]
+
+Prompt = str | list[dict[str, str]]
+
+
+def _params(max_new_tokens: int, temperature: float, top_p: float, top_k: int, repetition_penalty: float,
+            seed: int | None, stop: Sequence[str]) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                          repetition_penalty=repetition_penalty, seed=seed,
+                          stop=stop if isinstance(stop, str) else tuple(stop))
+
+
+class Swarm:
+    """A connection to a swarm serving one model. Make one with ``Swarm.connect``."""
+
+    def __init__(self, client: SwarmClient, cancel_scope: trio.CancelScope) -> None:
+        self.client = client
+        self._scope = cancel_scope
+
+    @classmethod
+    async def connect(cls, nursery: trio.Nursery, *, bootstrap: Sequence[str], model: str = DEFAULT_MODEL,
+                      identity: Identity | None = None, listen_host: str = "127.0.0.1", port: int = 0,
+                      wire_dtype: str = "f32", step_timeout: float = 60.0, device: str | None = None) -> Swarm:
+        """Join the swarm through ``bootstrap`` and load the model's client head.
+
+        Args:
+            nursery: owns the transport and DHT tasks until ``aclose``.
+            bootstrap: ``host:port`` addresses of peers already in the swarm.
+            model: the model source (built-in name, local path or hub id) whose head
+                this client runs; servers must serve the same model id.
+
+        Raises:
+            BootstrapFailed: no bootstrap address answered.
+            ModelError: the model cannot be resolved or loaded.
+        """
+        if not bootstrap:
+            raise SwarmError("give at least one bootstrap address (host:port of a running peer)")
+        head = await trio.to_thread.run_sync(functools.partial(load_head, model, device=device))
+        host = Host(identity or Identity.generate(), host=listen_host, port=port)
+        dht = DhtNode(host, kinds=RECORD_KINDS)
+        try:
+            scope = await nursery.start(_services, host, dht, tuple(bootstrap))
+        except BaseExceptionGroup as group:  # e.g. BootstrapFailed inside the services' nursery
+            error = swarm_error_in(group)
+            if error is None:
+                raise
+            raise error from None
+        return cls(SwarmClient(dht, head, wire_dtype=wire_dtype, step_timeout=step_timeout), scope)
+
+    @property
+    def model(self) -> str:
+        return self.client.model
+
+    async def generate(self, prompt: Prompt, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                       top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
+                       stop: Sequence[str] = (), chat: bool = True,
+                       on_token: Callable[[TokenEvent], None] | None = None) -> GenerationResult:
+        """Generate a completion (Hugging Face ``generate``-like arguments; temperature 0 is greedy).
+
+        ``on_token`` is called with each ``TokenEvent`` as it is generated.
+
+        Raises:
+            InvalidArgument, PromptTooLong, NoRoute, ModelNotServed, AllCandidatesFailed.
+        """
+        params = _params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop)
+        return await self.client.generate(prompt, params, chat=chat, on_token=on_token)
+
+    async def stream(self, prompt: Prompt, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                     top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
+                     stop: Sequence[str] = (), chat: bool = True) -> AsyncIterator[TokenEvent]:
+        """Yield ``TokenEvent``s as tokens are generated (same arguments as ``generate``)."""
+        params = _params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop)
+        async for event in self.client.stream(prompt, params, chat=chat):
+            yield event
+
+    async def status(self) -> SwarmView:
+        """Who serves which blocks of the model right now."""
+        return await self.client.swarm_view(fresh=True)
+
+    async def aclose(self) -> None:
+        self._scope.cancel()
+
+
+async def _services(host: Host, dht: DhtNode, bootstrap: tuple[str, ...], *,
+                    task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED) -> None:
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            await nursery.start(functools.partial(dht.run, bootstrap=bootstrap))
+            task_status.started(scope)
+
+
+_DONE = object()
+
+
+class SyncSwarm:
+    """The blocking form of ``Swarm``: same arguments, plain calls and iterators.
+
+    Runs trio in a background thread; use as a context manager or call ``close``.
+    """
+
+    def __init__(self, *, bootstrap: Sequence[str], model: str = DEFAULT_MODEL, **connect_kwargs: Any) -> None:
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._swarm: Swarm | None = None
+        self._nursery: trio.Nursery | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self._thread = threading.Thread(target=trio.run, args=(self._main, tuple(bootstrap), model, connect_kwargs),
+                                        name="swarm-peer-trio", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+
+    async def _main(self, bootstrap: tuple[str, ...], model: str, kwargs: dict[str, Any]) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._swarm = await Swarm.connect(nursery, bootstrap=bootstrap, model=model, **kwargs)
+                self._nursery, self._token, self._stop = nursery, trio.lowlevel.current_trio_token(), trio.Event()
+                self._ready.set()
+                await self._stop.wait()
+                nursery.cancel_scope.cancel()
+        except BaseException as exc:  # reported to the constructor's caller
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        if self._swarm is None or self._token is None:
+            raise SwarmError("this SyncSwarm is closed")
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
+
+    @property
+    def model(self) -> str:
+        assert self._swarm is not None
+        return self._swarm.model
+
+    def generate(self, prompt: Prompt, **kwargs: Any) -> GenerationResult:
+        """Like ``Swarm.generate``; blocks until the text is complete."""
+        assert self._swarm is not None
+        return self._call(functools.partial(self._swarm.generate, prompt, **kwargs))
+
+    def stream(self, prompt: Prompt, **kwargs: Any) -> Iterator[TokenEvent]:
+        """Like ``Swarm.stream``; yields tokens as they arrive."""
+        assert self._swarm is not None and self._nursery is not None
+        events: queue.Queue[Any] = queue.Queue()
+        swarm = self._swarm
+
+        async def produce() -> None:
+            try:
+                async for event in swarm.stream(prompt, **kwargs):
+                    events.put(event)
+            except BaseException as exc:  # handed to the consuming thread
+                events.put(exc)
+            else:
+                events.put(_DONE)
+
+        trio.from_thread.run_sync(self._nursery.start_soon, produce, trio_token=self._token)
+        while True:
+            item = events.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def status(self) -> SwarmView:
+        assert self._swarm is not None
+        return self._call(self._swarm.status)
+
+    def close(self) -> None:
+        if self._stop is not None and self._token is not None:
+            stop, self._stop = self._stop, None
+            try:
+                trio.from_thread.run_sync(stop.set, trio_token=self._token)
+            except trio.RunFinishedError:
+                pass
+            self._thread.join()
+        self._swarm = None
+
+    def __enter__(self) -> SyncSwarm:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,227 @@
+"""The generating side of a peer: routing, the relay loop and sampling.
+
+Theory of operation. ``SwarmClient`` holds the client head (tokenizer, embeddings,
+final norm, LM head) of one model and a DHT node. ``stream`` looks up who serves
+every block (``swarm.announce.fetch_swarm_view``), plans the cheapest chain
+(``swarm.planning.plan_route``), opens a ``Chain`` of sessions and then loops: embed
+the new tokens, send them through the chain, sample from the last hidden state. It is
+an async generator with no nursery open across its ``yield`` (so it is safe to
+iterate from any task); ``generate`` drains it into a ``GenerationResult``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from protocol.errors import ErrorCode, SwarmError
+from swarm.announce import SwarmView, fetch_swarm_view
+from swarm.dht import DhtNode
+from swarm.planning import Hop, Route, plan_route
+
+from ._chain import Chain
+from .runtime import ClientHead, InvalidArgument, ModelError, SamplingParams, TokenStream
+
+__all__ = ["SwarmClient", "GenerationResult", "TokenEvent", "RouteHop", "PromptTooLong", "ModelNotServed"]
+
+
+class ModelNotServed(SwarmError):
+    """No peer in the swarm announces the model."""
+
+    code = ErrorCode.MODEL_MISMATCH
+
+
+class PromptTooLong(SwarmError):
+    """The prompt plus the tokens to generate do not fit what the sessions allow."""
+
+    code = ErrorCode.MAX_LENGTH_EXCEEDED
+
+
+@dataclass(frozen=True, slots=True)
+class RouteHop:
+    peer_id: str  # hex
+    address: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One generated token: its id and the text it added (may be empty mid-character)."""
+
+    token_id: int
+    text: str
+    index: int  # 0 for the first generated token
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    """What ``generate`` returns: the text, its tokens and how it was made."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "eos", "stop" or "length"
+    route: list[RouteHop]
+    failovers: int
+    time_to_first_token: float  # seconds
+    total_seconds: float
+    hop_latency: dict[str, float] = field(default_factory=dict)  # peer id hex -> seconds waited
+
+    @property
+    def tokens_per_second(self) -> float:
+        decode = self.total_seconds - self.time_to_first_token
+        return (len(self.token_ids) - 1) / decode if len(self.token_ids) > 1 and decode > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
+            "finish_reason": self.finish_reason,
+            "route": [{"peer_id": h.peer_id, "address": h.address, "blocks": [h.start, h.end]} for h in self.route],
+            "failovers": self.failovers,
+            "timings": {"time_to_first_token": self.time_to_first_token, "total_seconds": self.total_seconds,
+                        "tokens_per_second": self.tokens_per_second, "hop_latency": self.hop_latency},
+        }
+
+
+class SwarmClient:
+    """Generates text with the swarm serving ``head``'s model.
+
+    Args:
+        dht: a running DHT node (its host is the client's transport).
+        head: the model's client head; its ``model_id`` must be what servers announce.
+        wire_dtype: hidden-state dtype on the wire (lossless ``f32`` by default).
+        step_timeout: seconds a hop may take for one step before it counts as failed.
+        banned: peer ids never to route through (the verification layer adds to it).
+    """
+
+    def __init__(self, dht: DhtNode, head: ClientHead, *, wire_dtype: str = "f32", step_timeout: float = 60.0,
+                 max_failovers: int = 8, banned: set[bytes] | None = None,
+                 view_ttl: float = 2.0) -> None:
+        self.dht = dht
+        self.host = dht.host
+        self.head = head
+        self.model = head.model_id
+        self.num_blocks = head.num_blocks
+        self.wire_dtype = wire_dtype
+        self.step_timeout = step_timeout
+        self.max_failovers = max_failovers
+        self.banned = banned if banned is not None else set()
+        self.view_ttl = view_ttl
+        self._view: tuple[float, SwarmView] | None = None
+        self.max_length = int(getattr(head.info.config, "max_position_embeddings", 0) or 1 << 20)
+
+    async def swarm_view(self, *, fresh: bool = False) -> SwarmView:
+        """Who serves which blocks of the model (cached for ``view_ttl`` seconds)."""
+        now = trio.current_time()
+        if fresh or self._view is None or now - self._view[0] > self.view_ttl:
+            self._view = (now, await fetch_swarm_view(self.dht, self.model, self.num_blocks))
+        return self._view[1]
+
+    async def plan(self, start: int = 0, end: int | None = None, *, exclude: frozenset[bytes] = frozenset(),
+                   fresh: bool = False) -> Route:
+        """The cheapest route for blocks [start, end). Raises NoRoute naming the gap."""
+        view = await self.swarm_view(fresh=fresh)
+        if not view.servers:
+            raise ModelNotServed(f"no peer in the swarm serves {self.model}; start servers with "
+                                 f"'swarm-peer serve --model ...' for the same model")
+        return plan_route(view.announcements, num_blocks=self.num_blocks, start=start, end=end,
+                          banned=self.banned, exclude=exclude, model=self.model)
+
+    async def generate(self, prompt: str | list[dict[str, str]] | list[int], params: SamplingParams | None = None, *,
+                       chat: bool = True, on_token: Callable[[TokenEvent], None] | None = None) -> GenerationResult:
+        """Generate a completion of ``prompt``; see ``stream`` for arguments and errors."""
+        result: list[GenerationResult] = []
+        async for event in self.stream(prompt, params, chat=chat, result_out=result):
+            if on_token is not None:
+                on_token(event)
+        return result[0]
+
+    async def stream(self, prompt: str | list[dict[str, str]] | list[int], params: SamplingParams | None = None, *,
+                     chat: bool = True, result_out: list[GenerationResult] | None = None
+                     ) -> AsyncIterator[TokenEvent]:
+        """Yield tokens as they are generated.
+
+        Args:
+            prompt: text, chat messages ``[{"role": ..., "content": ...}]``, or token ids.
+            params: sampling parameters (default: greedy, 64 new tokens).
+            chat: wrap a text prompt in the model's chat template.
+            result_out: if given, the final ``GenerationResult`` is appended to it.
+
+        Raises:
+            InvalidArgument: bad prompt or parameters.
+            PromptTooLong: prompt + max_new_tokens exceed the model's context.
+            NoRoute: some blocks are served by nobody.
+            AllCandidatesFailed: every server that could take some blocks failed.
+        """
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidArgument("params must be a SamplingParams")
+        decode_text = True
+        if isinstance(prompt, (list, tuple)) and prompt and all(type(t) is int for t in prompt):
+            prompt_ids = list(prompt)  # already token ids
+            if min(prompt_ids) < 0 or max(prompt_ids) >= self.head.vocab_size:
+                raise InvalidArgument(f"token ids must be in [0, {self.head.vocab_size})")
+            try:
+                self.head.tokenizer  # noqa: B018 -- text is optional when ids come in
+            except ModelError:
+                if params.stop:  # stop strings need the text
+                    raise
+                decode_text = False
+        else:
+            prompt_ids = self.head.encode_prompt(prompt, chat=chat)
+        max_length = len(prompt_ids) + params.max_new_tokens
+        if max_length > self.max_length:
+            raise PromptTooLong(f"prompt of {len(prompt_ids)} tokens + {params.max_new_tokens} new tokens exceeds "
+                                f"the model's context of {self.max_length}; shorten the prompt or max_new_tokens")
+        tokens = TokenStream(self.head, params, prompt_ids)
+        t0 = time.perf_counter()
+        route = await self.plan()
+        chain = Chain(self.host, model=self.model, max_length=max_length, replan=self._replan,
+                      wire_dtype=self.wire_dtype, step_timeout=self.step_timeout, max_failovers=self.max_failovers)
+        first_token_at = None
+        try:
+            await chain.open(route)
+            hidden = self.head.embed(prompt_ids)
+            position = 0
+            shown = ""
+            while True:
+                out = await chain.step(hidden, position)
+                position += hidden.shape[1]
+                token = tokens.push(self.head.logits(out[:, -1]))
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                # Hold back a trailing replacement character: the next token may complete it.
+                text = tokens.text if decode_text else ""
+                stable = text if tokens.done or not text.endswith("\ufffd") else text[:-1]
+                delta = stable[len(shown):] if stable.startswith(shown) else ""
+                shown = stable if stable.startswith(shown) else shown
+                if tokens.finish_reason != "eos":
+                    yield TokenEvent(token_id=token, text=delta, index=len(tokens.new_ids) - 1)
+                if tokens.done:
+                    break
+                hidden = self.head.embed([token])
+            if result_out is not None:
+                result_out.append(self._result(tokens, chain, t0, first_token_at or time.perf_counter(),
+                                               text=shown))
+        finally:
+            with trio.CancelScope(shield=True):
+                await chain.aclose()
+
+    async def _replan(self, start: int, end: int, exclude: frozenset[bytes]) -> Route:
+        return await self.plan(start, end, exclude=exclude, fresh=True)
+
+    def _result(self, tokens: TokenStream, chain: Chain, t0: float, first: float, *, text: str) -> GenerationResult:
+        end = time.perf_counter()
+        return GenerationResult(
+            text=text, token_ids=list(tokens.new_ids), prompt_tokens=len(tokens.prompt_ids),
+            finish_reason=tokens.finish_reason or "length", route=[_route_hop(r.hop, r.conn.address) for r in chain.hops],
+            failovers=chain.failovers, time_to_first_token=first - t0, total_seconds=end - t0,
+            hop_latency={r.hop.peer_id.hex(): r.latency for r in chain.hops})
+
+
+def _route_hop(hop: Hop, address: str) -> RouteHop:
+    return RouteHop(peer_id=hop.peer_id.hex(), address=address, start=hop.start, end=hop.end)

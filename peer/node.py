@@ -1,0 +1,161 @@
+"""A serving peer assembled: transport, DHT, span server, announcement, status.
+
+``run_server`` is what ``swarm-peer serve`` runs: it joins (or starts) the DHT,
+picks its span (``--blocks`` or the swarm's weakest blocks), loads only that span,
+measures its throughput, serves and announces it, and shows what it is doing.
+``ServerNode.shutdown`` is the graceful exit: refuse new sessions, let in-flight
+steps finish, withdraw the announcement.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+import trio
+
+from protocol import Identity
+from swarm.announce import DEFAULT_TTL, RECORD_KINDS, Announcer, fetch_swarm_view
+from swarm.dht import DhtNode
+from swarm.planning import choose_blocks
+from swarm.transport import Host
+
+from .runtime import DEFAULT_MODEL, SpanExecutor, load_span, measure_throughput, resolve_model
+from .runtime._errors import InvalidArgument
+from .server import SpanServer
+
+__all__ = ["ServeOptions", "ServerNode", "run_server", "parse_blocks"]
+
+log = logging.getLogger("swarm.node")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServeOptions:
+    """What ``swarm-peer serve`` takes; see its ``--help`` for each option."""
+
+    model: str = DEFAULT_MODEL
+    blocks: tuple[int, int] | None = None
+    num_blocks: int | None = None  # span length when the swarm chooses the span
+    host: str = "127.0.0.1"
+    port: int = 0
+    announce_addrs: tuple[str, ...] = ()
+    bootstrap: tuple[str, ...] = ()
+    device: str | None = None
+    dtype: str | None = None
+    quant: str | None = None
+    max_sessions: int = 16
+    cache_bytes: int | None = None
+    announce_ttl: float = DEFAULT_TTL
+    drain_grace: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 1:
+            raise InvalidArgument(f"--max-sessions must be at least 1, got {self.max_sessions}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise InvalidArgument(f"--num-blocks must be at least 1, got {self.num_blocks}")
+        if not 0 <= self.port <= 65535:
+            raise InvalidArgument(f"--port must be in 0..65535, got {self.port}")
+
+
+def parse_blocks(text: str) -> tuple[int, int]:
+    """``S:E`` -> (S, E), a half-open block range."""
+    try:
+        start_text, end_text = text.split(":")
+        start, end = int(start_text), int(end_text)
+    except ValueError:
+        raise InvalidArgument(f"--blocks takes START:END (e.g. 0:10), got {text!r}") from None
+    if not 0 <= start < end:
+        raise InvalidArgument(f"--blocks {text}: need 0 <= START < END")
+    return start, end
+
+
+@dataclass(slots=True)
+class ServerNode:
+    """A running serving peer (returned by ``run_server`` through ``task_status``)."""
+
+    identity: Identity
+    host: Host
+    dht: DhtNode
+    server: SpanServer
+    announcer: Announcer
+    executor: SpanExecutor
+    throughput: float
+    cancel_scope: trio.CancelScope
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.server.span
+
+    @property
+    def address(self) -> str:
+        return self.host.listen_addrs[0]
+
+    async def shutdown(self) -> None:
+        """Graceful stop: no new sessions, in-flight steps finish, announcement withdrawn."""
+        await self.server.drain()
+        self.cancel_scope.cancel()  # the announcer withdraws on its way out
+
+    def status_line(self) -> str:
+        s, st = self.server, self.server.stats
+        return (f"blocks {s.span[0]}:{s.span[1]} | sessions {s.open_sessions}/{s.max_sessions} | "
+                f"{st.tokens} tokens in {st.steps} steps | {st.tokens_per_second:.1f} tok/s compute | "
+                f"{len(self.host.connections)} peers")
+
+
+async def run_server(identity: Identity, options: ServeOptions, *,
+                     task_status: trio.TaskStatus[ServerNode] = trio.TASK_STATUS_IGNORED,
+                     status_stream: TextIO | None = None, status_interval: float = 1.0) -> None:
+    """Serve until cancelled (or ``ServerNode.shutdown``). ``started`` with the node once
+    its span is loaded and announced.
+
+    Raises:
+        BootstrapFailed: none of ``options.bootstrap`` answered.
+        ModelError (and subclasses): the model or span cannot be loaded.
+    """
+    info = await trio.to_thread.run_sync(resolve_model, options.model)
+    host = Host(identity, host=options.host, port=options.port,
+                announce_addrs=list(options.announce_addrs) or None)
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            dht = DhtNode(host, kinds=RECORD_KINDS)
+            await nursery.start(functools.partial(dht.run, bootstrap=options.bootstrap))
+            if options.blocks is not None:
+                span = options.blocks
+            else:
+                view = await fetch_swarm_view(dht, info.model_id, info.num_blocks)
+                span = choose_blocks(view.announcements, num_blocks=info.num_blocks,
+                                     span_length=options.num_blocks or info.num_blocks)
+            log.info("loading blocks %d:%d of %s", span[0], span[1], info.model_id)
+            executor = await trio.to_thread.run_sync(functools.partial(
+                load_span, options.model, span[0], span[1], device=options.device, dtype=options.dtype,
+                quant=options.quant, cache_bytes=options.cache_bytes))
+            throughput = await trio.to_thread.run_sync(measure_throughput, executor)
+            server = SpanServer(host, executor, max_sessions=options.max_sessions, drain_grace=options.drain_grace)
+            nursery.start_soon(server.run)
+            announcer = Announcer(dht, identity, lambda expires: server.make_announcement(expires, throughput),
+                                  ttl=options.announce_ttl)
+            await nursery.start(announcer.run)
+            node = ServerNode(identity=identity, host=host, dht=dht, server=server, announcer=announcer,
+                              executor=executor, throughput=throughput, cancel_scope=scope)
+            if status_stream is not None:
+                nursery.start_soon(_show_status, node, status_stream, status_interval)
+            task_status.started(node)
+
+
+async def _show_status(node: ServerNode, stream: TextIO, interval: float) -> None:
+    """A live line on a terminal; a plain log line every 30 s otherwise."""
+    tty = stream.isatty()
+    last_logged = 0.0
+    while True:
+        await trio.sleep(interval)
+        line = node.status_line()
+        if tty:
+            stream.write("\r\x1b[K" + line)
+            stream.flush()
+        elif time.monotonic() - last_logged >= 30.0:
+            last_logged = time.monotonic()
+            print(f"[swarm-peer] {line}", file=stream, flush=True)

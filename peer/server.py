@@ -1,0 +1,296 @@
+"""The serving side of a peer: inference sessions over the swarm transport.
+
+Theory of operation. ``SpanServer`` registers handlers for OPEN_SESSION, FORWARD,
+FORWARD_ONCE and CLOSE_SESSION on a ``swarm.transport.Host`` and runs the span's
+compute on one worker thread (the runtime is not thread-safe, and one thread keeps
+the CPU's cores for torch). Every request is checked before any compute: the
+client's signature over the forward request statement (spec section 9), the session's
+owner (sessions belong to the connection that opened them) and the session state
+table (``protocol._session``). Every result is signed over the forward result
+statement. The server keeps each session's signed requests, so a false accusation
+can be refuted with the client's own signatures (spec section 13).
+
+Shutdown (``drain``): new sessions are refused with SHUTTING_DOWN, in-flight steps
+finish (up to a grace period), then the caller cancels the server's scope, which
+withdraws the announcement (``swarm.announce.Announcer``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import trio
+
+from protocol import _messages as M
+from protocol._identity import Identity
+from protocol._session import SessionState
+from protocol._statements import forward_request_statement, forward_result_statement, verify
+from protocol._tensor import DTYPES, WireTensor, decode_tensor, encode_tensor
+from protocol.errors import ErrorCode, RemoteError, SwarmError
+from swarm.transport import Host, PeerConnection
+
+from .runtime import SpanExecutor
+
+__all__ = ["SpanServer", "ServerStats"]
+
+log = logging.getLogger("swarm.server")
+
+
+@dataclass(slots=True)
+class ServerStats:
+    """Counters for the live status line and ``swarm-peer status``."""
+
+    started: float = field(default_factory=time.monotonic)
+    steps: int = 0
+    tokens: int = 0  # tokens through the span (prefill tokens count one each)
+    sessions_opened: int = 0
+    compute_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.compute_seconds if self.compute_seconds > 0 else 0.0
+
+
+@dataclass(slots=True)
+class _Served:
+    """A session as the server keeps it."""
+
+    owner: PeerConnection
+    client: bytes  # the client's peer id
+    span: tuple[int, int]
+    wire_dtype: str
+    state: SessionState
+    evidence: list[M.ForwardEvidence] = field(default_factory=list)  # client-signed requests
+    work: int = 0  # blocks x tokens served in this session
+
+
+class SpanServer:
+    """Serves one span of one model on ``host``.
+
+    Args:
+        host: the transport (not yet running, or running: handlers are added at once).
+        executor: the loaded span.
+        max_sessions: sessions open at once; beyond it OPEN_SESSION gets BUSY.
+        on_work: called with (requester peer id, work units) after every served step;
+            the credit ledger hooks in here.
+        admit: an async context manager factory ``admit(requester_peer_id)`` that
+            grants a compute slot (the credit scheduler); default: first come, first served.
+    """
+
+    def __init__(
+        self,
+        host: Host,
+        executor: SpanExecutor,
+        *,
+        max_sessions: int = 16,
+        drain_grace: float = 30.0,
+        on_work: Callable[[bytes, int], None] | None = None,
+        admit: Callable[[bytes], object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be at least 1")
+        self.host = host
+        self.identity: Identity = host.identity
+        self.executor = executor
+        self.model = executor.model_id
+        self.span = (executor.start, executor.end)
+        self.max_sessions = max_sessions
+        self.drain_grace = drain_grace
+        self.stats = ServerStats()
+        self.draining = False
+        self._on_work = on_work
+        self._admit = admit
+        self._clock = clock
+        self._sessions: dict[bytes, _Served] = {}
+        self._compute = trio.CapacityLimiter(1)
+        self._in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        for request_type, handler in (
+            (M.OpenSession, self._open_session),
+            (M.Forward, self._forward),
+            (M.ForwardOnce, self._forward_once),
+            (M.CloseSession, self._close_session),
+        ):
+            host.add_handler(request_type, handler)
+
+    # -- status ---------------------------------------------------------------------------
+
+    @property
+    def free_sessions(self) -> int:
+        return 0 if self.draining else max(self.max_sessions - len(self._sessions), 0)
+
+    @property
+    def open_sessions(self) -> int:
+        return len(self._sessions)
+
+    def make_announcement(self, expires: int, throughput: float) -> M.Announcement:
+        return M.Announcement(peer_id=self.identity.peer_id, addrs=tuple(self.host.listen_addrs), model=self.model,
+                              span=self.span, throughput=throughput, free_sessions=self.free_sessions,
+                              expires=expires)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                  sweep_interval: float = 1.0) -> None:
+        """Evict sessions of closed connections and idle ones, until cancelled."""
+        task_status.started()
+        while True:
+            await trio.sleep(sweep_interval)
+            self.sweep()
+
+    def sweep(self) -> list[bytes]:
+        """Close sessions whose connection ended or that idled past the executor's timeout."""
+        gone = [sid for sid, s in self._sessions.items() if not s.owner.is_open]
+        gone += [sid for sid in self.executor.evict_idle(self._clock()) if sid in self._sessions]
+        for sid in gone:
+            self._drop(sid)
+        return gone
+
+    async def drain(self) -> None:
+        """Refuse new sessions and wait (up to ``drain_grace``) for in-flight steps."""
+        self.draining = True
+        with trio.move_on_after(self.drain_grace):
+            await self._idle.wait()
+
+    def _drop(self, sid: bytes) -> None:
+        served = self._sessions.pop(sid, None)
+        if served is None:
+            return
+        if served.state.phase.name == "OPEN":
+            served.state.evict()
+        try:
+            self.executor.close_session(sid)
+        except SwarmError:
+            pass  # already evicted by the executor itself
+
+    # -- handlers -------------------------------------------------------------------------
+
+    async def _open_session(self, conn: PeerConnection, msg: M.OpenSession) -> M.SessionOpened:
+        if self.draining:
+            raise RemoteError("this server is shutting down; route around it", code=ErrorCode.SHUTTING_DOWN)
+        self._check_target(msg.model, msg.span)
+        if msg.wire_dtype not in DTYPES:
+            raise RemoteError(f"unknown wire dtype {msg.wire_dtype!r}; use one of {', '.join(DTYPES)}",
+                              code=ErrorCode.INVALID_REQUEST)
+        if len(self._sessions) >= self.max_sessions:
+            self.sweep()
+            if len(self._sessions) >= self.max_sessions:
+                raise RemoteError(f"all {self.max_sessions} session slots are taken", code=ErrorCode.BUSY,
+                                  retry_after=1.0)
+        state = SessionState(max_length=msg.max_length)
+        sid = self.executor.open_session(msg.max_length, start=msg.span[0], end=msg.span[1])
+        state.open()
+        self._sessions[sid] = _Served(owner=conn, client=conn.peer_id, span=msg.span, wire_dtype=msg.wire_dtype,
+                                      state=state)
+        self.stats.sessions_opened += 1
+        return M.SessionOpened(id=msg.id, session=sid)
+
+    async def _forward(self, conn: PeerConnection, msg: M.Forward) -> M.ForwardResult:
+        served = self._sessions.get(msg.session)
+        if served is None or served.owner is not conn:
+            raise RemoteError("unknown session (closed, evicted, or opened on another connection); open a new one",
+                              code=ErrorCode.UNKNOWN_SESSION)
+        hidden = self._check_input(msg.hidden, served.wire_dtype)
+        n_tokens = hidden.shape[1]
+        served.state.check_forward(step=msg.step, position=msg.position, n_tokens=n_tokens)
+        input_digest = msg.hidden.digest()
+        verify(conn.public_key, forward_request_statement(
+            client=conn.peer_id, server=self.identity.peer_id, session=msg.session, step=msg.step, model=self.model,
+            span=served.span, position=msg.position, input_digest=input_digest), msg.signature)
+        output = await self._compute_step(conn.peer_id, served.span, n_tokens,
+                                          lambda: self.executor.forward(msg.session, hidden, msg.position))
+        if self._sessions.get(msg.session) is not served:  # closed while computing
+            raise RemoteError("the session was closed during the step", code=ErrorCode.UNKNOWN_SESSION)
+        served.state.forward(step=msg.step, position=msg.position, n_tokens=n_tokens)
+        served.evidence.append(M.ForwardEvidence(step=msg.step, position=msg.position, hidden=msg.hidden,
+                                                 signature=msg.signature))
+        out = encode_tensor(output, served.wire_dtype)
+        signature = self.identity.sign(forward_result_statement(
+            server=self.identity.peer_id, session=msg.session, step=msg.step, model=self.model, span=served.span,
+            input_digest=input_digest, output_digest=out.digest()))
+        served.work += n_tokens * (served.span[1] - served.span[0])
+        return M.ForwardResult(id=msg.id, session=msg.session, step=msg.step, hidden=out, signature=signature)
+
+    async def _forward_once(self, conn: PeerConnection, msg: M.ForwardOnce) -> M.ForwardOnceResult:
+        self._check_target(msg.model, msg.span)
+        hidden = self._check_input(msg.hidden, msg.hidden.dtype)
+        input_digest = msg.hidden.digest()
+        verify(conn.public_key, forward_request_statement(
+            client=conn.peer_id, server=self.identity.peer_id, session=msg.nonce, step=0, model=self.model,
+            span=msg.span, position=0, input_digest=input_digest), msg.signature)
+        output = await self._compute_step(conn.peer_id, msg.span, hidden.shape[1],
+                                          lambda: self.executor.forward_once(hidden, start=msg.span[0],
+                                                                             end=msg.span[1]))
+        out = encode_tensor(output, msg.hidden.dtype)
+        signature = self.identity.sign(forward_result_statement(
+            server=self.identity.peer_id, session=msg.nonce, step=0, model=self.model, span=msg.span,
+            input_digest=input_digest, output_digest=out.digest()))
+        return M.ForwardOnceResult(id=msg.id, hidden=out, signature=signature)
+
+    async def _close_session(self, conn: PeerConnection, msg: M.CloseSession) -> M.SessionClosed:
+        served = self._sessions.get(msg.session)
+        if served is None or served.owner is not conn:
+            raise RemoteError("unknown session", code=ErrorCode.UNKNOWN_SESSION)
+        self._sessions.pop(msg.session)
+        served.state.close()
+        self.executor.close_session(msg.session)
+        return M.SessionClosed(id=msg.id)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _check_target(self, model: str, span: tuple[int, int]) -> None:
+        if model != self.model:
+            raise RemoteError(f"this peer serves {self.model}, not {model}", code=ErrorCode.MODEL_MISMATCH)
+        if not self.span[0] <= span[0] < span[1] <= self.span[1]:
+            raise RemoteError(f"blocks [{span[0]}, {span[1]}) are not inside the served span "
+                              f"[{self.span[0]}, {self.span[1]})", code=ErrorCode.SPAN_NOT_SERVED)
+
+    def _check_input(self, wire: WireTensor, wire_dtype: str) -> torch.Tensor:
+        if wire.dtype != wire_dtype:
+            raise RemoteError(f"hidden states must be sent as {wire_dtype}, got {wire.dtype}",
+                              code=ErrorCode.INVALID_REQUEST)
+        if len(wire.shape) != 3 or wire.shape[0] != 1 or wire.shape[1] < 1 or wire.shape[2] != self.executor.hidden_size:
+            raise RemoteError(f"hidden states must have shape [1, n, {self.executor.hidden_size}], got "
+                              f"{list(wire.shape)}", code=ErrorCode.INVALID_REQUEST)
+        return decode_tensor(wire, limits=self.host.limits, device=self.executor.device, out_dtype=self.executor.dtype)
+
+    async def _compute_step(self, requester: bytes, span: tuple[int, int], n_tokens: int,
+                            fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        self._in_flight += 1
+        self._idle = trio.Event() if self._in_flight == 1 else self._idle
+        try:
+            if self._admit is not None:
+                async with self._admit(requester):
+                    output, seconds = await self._run_compute(fn)
+            else:
+                output, seconds = await self._run_compute(fn)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+        work = n_tokens * (span[1] - span[0])
+        self.stats.steps += 1
+        self.stats.tokens += n_tokens
+        self.stats.compute_seconds += seconds
+        if self._on_work is not None:
+            self._on_work(requester, work)
+        return output
+
+    async def _run_compute(self, fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
+        def timed() -> tuple[torch.Tensor, float]:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = fn()
+            return out, time.perf_counter() - t0
+
+        # abandon_on_cancel=False: a step in the worker thread always finishes before
+        # its session is touched again, so cancellation never leaves a cache half-updated.
+        return await trio.to_thread.run_sync(timed, limiter=self._compute)
+
+
