@@ -276,3 +276,7 @@ def _expected_error(exc: BaseException) -> BaseException | None:
     if isinstance(exc, BaseExceptionGroup) and any(isinstance(e, KeyboardInterrupt) for e in exc.exceptions):
         return KeyboardInterrupt()
     return swarm_error_in(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
