@@ -1,0 +1,348 @@
+"""The span executor: blocks [start, end) of a model, with KV-cache inference sessions.
+
+Theory of operation. A session is a per-span ``DynamicCache`` plus its length. A
+``forward`` of n >= 1 tokens at ``position`` (which must be the session's length)
+extends the cache by n: prefill and decode are the same call. Position ids, rotary
+embeddings and causal/sliding masks are computed exactly as the full model computes
+them for those positions, with transformers' own functions, so the chain of spans
+reproduces the full model. ``forward_once`` runs a whole sequence from position 0
+with no cache (replays and audits).
+
+Memory: each open session reserves ``max_length * per_token_cache_bytes`` against
+``cache_bytes`` when it opens (an upper bound: the cache grows lazily, but a session
+admitted must never fail for memory halfway through). Sessions remember when they
+were last used, read from ``clock`` (``time.monotonic`` by default); ``evict_idle(now)``
+is pure in the time it is given.
+
+Thread-safety: none. Calls must not run concurrently; the server serializes all
+compute through one worker thread.
+"""
+
+from __future__ import annotations
+
+import copy
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ._errors import (
+    InvalidArgument,
+    MaxLengthExceeded,
+    PositionMismatch,
+    SessionMemoryExhausted,
+    UnknownSession,
+)
+from ._loader import SpanModules
+from ._model_id import ModelInfo
+
+__all__ = ["SpanExecutor", "SessionsInfo", "measure_throughput"]
+
+SESSION_ID_BYTES = 16
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionsInfo:
+    """Status of the executor's sessions (for ``swarm-peer status`` and announcements)."""
+
+    count: int
+    tokens: int  # tokens held in caches, summed over sessions
+    reserved_bytes: int  # cache memory reserved by open sessions
+    budget_bytes: int | None  # the cache budget (None: unlimited)
+
+
+@dataclass(slots=True)
+class _Session:
+    max_length: int
+    cache: object  # transformers DynamicCache, one slot per block of [lo, hi)
+    length: int
+    reserved: int
+    lo: int  # the session's blocks, as local indices into the span's layers
+    hi: int
+    last_used: float
+
+
+class SpanExecutor:
+    """Runs blocks [start, end) of one model; see the module docstring.
+
+    Build one with :func:`peer.runtime.load_span`.
+    """
+
+    def __init__(
+        self,
+        *,
+        modules: SpanModules,
+        info: ModelInfo,
+        start: int,
+        end: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        quant: str | None = None,
+        cache_bytes: int | None = None,
+        idle_timeout: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if cache_bytes is not None and cache_bytes < 0:
+            raise InvalidArgument(f"cache_bytes must be >= 0, got {cache_bytes}")
+        if idle_timeout <= 0:
+            raise InvalidArgument(f"idle_timeout must be > 0 seconds, got {idle_timeout}")
+        self.info = info
+        self.model_id = info.model_id
+        self.start = start
+        self.end = end
+        self.hidden_size = info.hidden_size
+        self.device = device
+        self.dtype = dtype
+        self.quant = quant
+        self.cache_bytes = cache_bytes
+        self.idle_timeout = idle_timeout
+        self._clock = clock
+        self._layers = modules.layers
+        self._rotary = modules.rotary
+        self._config = modules.config
+        self._layer_types = _layer_types(modules.config)
+        self._sessions: dict[bytes, _Session] = {}
+        self.per_token_cache_bytes = _per_token_bytes(modules.config, dtype)
+
+    # -- sessions ------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of blocks served (end - start)."""
+        return self.end - self.start
+
+    @property
+    def sessions(self) -> SessionsInfo:
+        """Counts for status reports."""
+        return SessionsInfo(
+            count=len(self._sessions),
+            tokens=sum(s.length for s in self._sessions.values()),
+            reserved_bytes=self._reserved(),
+            budget_bytes=self.cache_bytes,
+        )
+
+    def session_length(self, session_id: bytes) -> int:
+        """Tokens already in the session's cache (the next ``forward``'s position)."""
+        return self._get(session_id).length
+
+    def open_session(self, max_length: int, *, start: int | None = None, end: int | None = None) -> bytes:
+        """Open a session able to hold ``max_length`` tokens; returns its 16-byte id.
+
+        ``start``/``end`` (absolute block indices, default the whole span) pick a
+        sub-range of the served span: the session runs only those blocks.
+
+        Raises:
+            InvalidArgument: ``max_length`` < 1, or a sub-range outside the span.
+            MaxLengthExceeded: longer than the model's context (max_position_embeddings).
+            SessionMemoryExhausted: the cache budget cannot reserve it now.
+        """
+        from transformers import DynamicCache
+
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+            raise InvalidArgument(f"max_length must be a positive integer, got {max_length!r}")
+        limit = getattr(self._config, "max_position_embeddings", None)
+        if limit is not None and max_length > limit:
+            raise MaxLengthExceeded(f"max_length {max_length} exceeds the model's context of {limit} tokens")
+        lo, hi = self._local_range(start, end)
+        need = max_length * self.per_token_cache_bytes * (hi - lo) // self.num_blocks
+        if self.cache_bytes is not None:
+            free = self.cache_bytes - self._reserved()
+            if need > free:
+                raise SessionMemoryExhausted(
+                    f"cache budget full: a session of {max_length} tokens needs {need} bytes, "
+                    f"{free} of {self.cache_bytes} are free; use a smaller max_length or retry later"
+                )
+        session_id = secrets.token_bytes(SESSION_ID_BYTES)
+        self._sessions[session_id] = _Session(
+            max_length=max_length,
+            cache=DynamicCache(config=self._sub_config(lo, hi)),
+            length=0,
+            reserved=need,
+            last_used=self._clock(),
+            lo=lo,
+            hi=hi,
+        )
+        return session_id
+
+    def close_session(self, session_id: bytes) -> None:
+        """Free a session's cache. Raises :class:`UnknownSession` if it is not open."""
+        self._get(session_id)
+        del self._sessions[session_id]
+
+    def evict_idle(self, now: float) -> list[bytes]:
+        """Close sessions unused for longer than ``idle_timeout`` at time ``now``; return their ids."""
+        stale = [sid for sid, s in self._sessions.items() if now - s.last_used > self.idle_timeout]
+        for sid in stale:
+            del self._sessions[sid]
+        return stale
+
+    # -- compute -------------------------------------------------------------------------
+
+    def forward(self, session_id: bytes, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """Run ``hidden`` [1, n, hidden_size] through the span at positions position..position+n-1.
+
+        Returns the span's output hidden states, same shape, in the span's dtype on its
+        device. On any error the session is left unchanged.
+
+        Raises:
+            UnknownSession, PositionMismatch, MaxLengthExceeded, InvalidArgument.
+        """
+        session = self._get(session_id)
+        n = self._check_hidden(hidden)
+        if position != session.length:
+            raise PositionMismatch(
+                f"position {position} does not continue the session at length {session.length}; "
+                f"send position {session.length}"
+            )
+        if session.length + n > session.max_length:
+            raise MaxLengthExceeded(
+                f"{session.length} + {n} tokens exceed the session's max_length {session.max_length}; "
+                "open a new session with a larger max_length"
+            )
+        out = self._run(hidden, position, session.cache, session.lo, session.hi)
+        session.length += n
+        session.last_used = self._clock()
+        return out
+
+    def forward_once(self, hidden: torch.Tensor, *, start: int | None = None, end: int | None = None) -> torch.Tensor:
+        """Run a whole sequence [1, n, hidden_size] from position 0 without any cache,
+        through blocks [start, end) (default: the whole span)."""
+        lo, hi = self._local_range(start, end)
+        n = self._check_hidden(hidden)
+        limit = getattr(self._config, "max_position_embeddings", None)
+        if limit is not None and n > limit:
+            raise MaxLengthExceeded(f"{n} tokens exceed the model's context of {limit} tokens")
+        return self._run(hidden, 0, None, lo, hi)
+
+    def _run(self, hidden: torch.Tensor, position: int, cache: object | None, lo: int, hi: int) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        with torch.inference_mode():
+            x = hidden.to(device=self.device, dtype=self.dtype)
+            n = x.shape[1]
+            position_ids = torch.arange(position, position + n, device=self.device).unsqueeze(0)
+            mask_args = {
+                "config": self._config,
+                "inputs_embeds": x,
+                "attention_mask": None,
+                "cache": cache,
+                "position_ids": position_ids,
+            }
+            layers, kinds = self._layers[lo:hi], self._layer_types[lo:hi]
+            # A session's cache has one slot per block it runs, numbered from 0: point
+            # each layer's attention at its slot (the span's own numbering when lo == 0).
+            for slot, layer in enumerate(layers):
+                layer.self_attn.layer_idx = slot
+            masks = {}
+            if "full_attention" in kinds:
+                masks["full_attention"] = create_causal_mask(**mask_args)
+            if "sliding_attention" in kinds:
+                masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_args)
+            position_embeddings = self._rotary(x, position_ids)
+            for layer, kind in zip(layers, kinds, strict=True):
+                x = layer(
+                    x,
+                    attention_mask=masks[kind],
+                    position_ids=position_ids,
+                    cache=cache,
+                    use_cache=cache is not None,
+                    position_embeddings=position_embeddings,
+                )
+        return x
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _get(self, session_id: bytes) -> _Session:
+        session = self._sessions.get(session_id) if isinstance(session_id, bytes) else None
+        if session is None:
+            shown = session_id.hex() if isinstance(session_id, bytes) else repr(session_id)
+            raise UnknownSession(f"no open session {shown} (closed, evicted or never opened); open a new one")
+        return session
+
+    def _local_range(self, start: int | None, end: int | None) -> tuple[int, int]:
+        start = self.start if start is None else start
+        end = self.end if end is None else end
+        if not (isinstance(start, int) and isinstance(end, int) and self.start <= start < end <= self.end):
+            raise InvalidArgument(f"blocks [{start}, {end}) are not a sub-range of the served span "
+                                  f"[{self.start}, {self.end})")
+        return start - self.start, end - self.start
+
+    def _sub_config(self, lo: int, hi: int) -> object:
+        """The span config restricted to local blocks [lo, hi) (for a session's cache)."""
+        if (lo, hi) == (0, self.num_blocks):
+            return self._config
+        cfg = copy.copy(self._config)
+        cfg.num_hidden_layers = hi - lo
+        if getattr(self._config, "layer_types", None) is not None:
+            cfg.layer_types = list(self._config.layer_types[lo:hi])
+        return cfg
+
+    def _reserved(self) -> int:
+        return sum(s.reserved for s in self._sessions.values())
+
+    def _check_hidden(self, hidden: torch.Tensor) -> int:
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[0] != 1:
+            shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            raise InvalidArgument(f"hidden states must have shape [1, n, {self.hidden_size}], got {shape}")
+        if hidden.shape[2] != self.hidden_size or hidden.shape[1] < 1:
+            raise InvalidArgument(
+                f"hidden states must have shape [1, n>=1, {self.hidden_size}], got {tuple(hidden.shape)}"
+            )
+        if not hidden.is_floating_point():
+            raise InvalidArgument(f"hidden states must be floating point, got {hidden.dtype}")
+        return int(hidden.shape[1])
+
+
+def _layer_types(config: object) -> list[str]:
+    n = int(config.num_hidden_layers)  # type: ignore[attr-defined]
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return list(types)
+    # Mistral: one sliding window for every layer when set (what MistralModel masks with).
+    kind = "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
+    return [kind] * n
+
+
+def _per_token_bytes(config: object, dtype: torch.dtype) -> int:
+    heads = int(config.num_attention_heads)  # type: ignore[attr-defined]
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)  # type: ignore[attr-defined]
+    layers = int(config.num_hidden_layers)  # type: ignore[attr-defined]
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * layers * kv_heads * head_dim * elem
+
+
+def measure_throughput(
+    executor: SpanExecutor, *, n_tokens: int = 16, prefill: int = 8, seed: int = 0
+) -> float:
+    """Decode tokens per second of ``executor``'s span (announced at server start).
+
+    Opens a private session, prefills ``prefill`` random hidden states, then times
+    ``n_tokens`` single-token decode steps. The session is closed afterwards even if a
+    step fails. Ignores the cache budget (the probe is tiny and transient).
+    """
+    if n_tokens < 1 or prefill < 1:
+        raise InvalidArgument("measure_throughput needs n_tokens >= 1 and prefill >= 1")
+    gen = torch.Generator().manual_seed(seed)
+    budget, executor.cache_bytes = executor.cache_bytes, None
+    try:
+        sid = executor.open_session(prefill + n_tokens)
+    finally:
+        executor.cache_bytes = budget
+    try:
+        x = torch.randn(1, prefill, executor.hidden_size, generator=gen)
+        executor.forward(sid, x, 0)
+        steps = [torch.randn(1, 1, executor.hidden_size, generator=gen) for _ in range(n_tokens)]
+        if executor.device.type == "cuda":
+            torch.cuda.synchronize(executor.device)
+        t0 = time.perf_counter()
+        for i, step in enumerate(steps):
+            executor.forward(sid, step, prefill + i)
+        if executor.device.type == "cuda":
+            torch.cuda.synchronize(executor.device)
+        elapsed = time.perf_counter() - t0
+    finally:
+        executor.close_session(sid)
+    return n_tokens / max(elapsed, 1e-9)

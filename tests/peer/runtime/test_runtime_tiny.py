@@ -1,0 +1,272 @@
+"""Span executors on tiny random Llama, Mistral and Qwen2 models vs transformers.
+
+The reference is ``AutoModelForCausalLM.from_pretrained`` on the same directory and its
+``generate``; our side is a chain of spans of uneven sizes plus the client head.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+import peer.runtime as rt
+
+SPANS = {
+    "llama": [(0, 1), (1, 5), (5, 7)],
+    "mistral": [(0, 3), (3, 5)],
+    "qwen2": [(0, 2), (2, 3), (3, 6)],  # the last span crosses from full to sliding layers
+}
+NEW_TOKENS = 64
+
+
+def _reference(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _prompt(seed: int, n: int = 11) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 96, (n,), generator=g).tolist()
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_chain_matches_transformers_generate(kind: str, tiny_models: dict[str, Path]) -> None:
+    path = tiny_models[kind]
+    head = rt.load_head(str(path))
+    spans = [rt.load_span(str(path), a, b) for a, b in SPANS[kind]]
+    ref = _reference(path)
+    worst = 0.0
+    for seed in range(1):
+        prompt = _prompt(seed)
+        ours_logits: list[torch.Tensor] = []
+        ours = rt.generate_local(head, spans, prompt, rt.SamplingParams(max_new_tokens=NEW_TOKENS),
+                                 logits_out=ours_logits)
+        out = ref.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True,
+        )
+        theirs = out.sequences[0, len(prompt):].tolist()
+        assert ours == theirs
+        assert len(ours) == NEW_TOKENS
+        for a, b in zip(ours_logits, out.logits, strict=True):
+            worst = max(worst, (a - b[0]).abs().max().item())
+    print(f"{kind}: max |logit difference| over {NEW_TOKENS} tokens = {worst:.3g}")
+    assert worst < 1e-4
+    for ex in spans:
+        assert ex.sessions.count == 0  # generate_local closed its sessions
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_forward_once_equals_incremental_session(kind: str, tiny_models: dict[str, Path]) -> None:
+    path = tiny_models[kind]
+    ex = rt.load_span(str(path), *SPANS[kind][-1])
+    x = torch.randn(1, 20, ex.hidden_size, generator=torch.Generator().manual_seed(1))
+    whole = ex.forward_once(x)
+    sid = ex.open_session(20)
+    parts = [ex.forward(sid, x[:, :7], 0)]
+    for i in range(7, 20):
+        parts.append(ex.forward(sid, x[:, i : i + 1], i))
+    assert ex.session_length(sid) == 20
+    torch.testing.assert_close(torch.cat(parts, dim=1), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_concurrent_sessions_are_independent(tiny_models: dict[str, Path]) -> None:
+    ex = rt.load_span(str(tiny_models["mistral"]), 0, 5)
+    g = torch.Generator().manual_seed(2)
+    xa, xb = torch.randn(1, 12, 64, generator=g), torch.randn(1, 12, 64, generator=g)
+    a, b = ex.open_session(12), ex.open_session(12)
+    assert a != b and len(a) == 16
+    outs_a, outs_b = [], []
+    for i in range(12):  # interleave decode steps of the two sessions
+        outs_a.append(ex.forward(a, xa[:, i : i + 1], i))
+        outs_b.append(ex.forward(b, xb[:, i : i + 1], i))
+    torch.testing.assert_close(torch.cat(outs_a, 1), ex.forward_once(xa), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(outs_b, 1), ex.forward_once(xb), atol=1e-5, rtol=1e-5)
+    info = ex.sessions
+    assert (info.count, info.tokens) == (2, 24)
+
+
+def test_session_errors_leave_session_usable(tiny_models: dict[str, Path]) -> None:
+    ex = rt.load_span(str(tiny_models["llama"]), 2, 4)
+    sid = ex.open_session(4)
+    x = torch.randn(1, 3, 64)
+    ex.forward(sid, x, 0)
+    with pytest.raises(rt.PositionMismatch, match="send position 3"):
+        ex.forward(sid, x[:, :1], 2)
+    with pytest.raises(rt.MaxLengthExceeded, match="max_length 4") as err:
+        ex.forward(sid, x[:, :2], 3)
+    assert err.value.code == rt.MaxLengthExceeded.code == 205
+    with pytest.raises(rt.InvalidArgument, match=r"\[1, n"):
+        ex.forward(sid, torch.randn(1, 1, 63), 3)
+    with pytest.raises(rt.InvalidArgument):
+        ex.forward(sid, torch.randn(2, 1, 64), 3)
+    assert ex.session_length(sid) == 3
+    ex.forward(sid, x[:, :1], 3)  # still fine after the rejected calls
+    ex.close_session(sid)
+    with pytest.raises(rt.UnknownSession) as err2:
+        ex.forward(sid, x[:, :1], 4)
+    assert err2.value.code == 201
+    with pytest.raises(rt.UnknownSession):
+        ex.close_session(b"\x00" * 16)
+    with pytest.raises(rt.MaxLengthExceeded, match="context of 256"):
+        ex.open_session(257)
+    with pytest.raises(rt.InvalidArgument):
+        ex.open_session(0)
+
+
+def test_cache_budget_and_idle_eviction(tiny_models: dict[str, Path]) -> None:
+    now = [100.0]
+    path = str(tiny_models["llama"])
+    probe = rt.load_span(path, 0, 2)
+    per_token = probe.per_token_cache_bytes
+    assert per_token == 2 * 2 * 2 * 16 * 4  # k+v, 2 layers, 2 kv heads, head_dim 16, fp32
+    ex = rt.load_span(path, 0, 2, cache_bytes=per_token * 30, idle_timeout=10.0, clock=lambda: now[0])
+    a = ex.open_session(20)
+    b = ex.open_session(10)
+    with pytest.raises(rt.SessionMemoryExhausted, match="needs 512 bytes, 0 of 15360 are free") as err:
+        ex.open_session(1)
+    assert err.value.code == 206
+    assert ex.sessions.reserved_bytes == per_token * 30
+    now[0] = 105.0
+    ex.forward(b, torch.randn(1, 2, 64), 0)  # b was used at t=105, a last at t=100
+    assert ex.evict_idle(109.0) == []
+    assert ex.evict_idle(110.5) == [a]
+    with pytest.raises(rt.UnknownSession):
+        ex.forward(a, torch.randn(1, 1, 64), 0)
+    c = ex.open_session(20)  # a's reservation was released
+    assert sorted(ex.evict_idle(1000.0)) == sorted([b, c])
+    assert ex.sessions.count == 0
+
+
+def test_measure_throughput(tiny_models: dict[str, Path]) -> None:
+    ex = rt.load_span(str(tiny_models["qwen2"]), 0, 6, cache_bytes=0)
+    tps = rt.measure_throughput(ex, n_tokens=4, prefill=4)
+    assert tps > 0
+    assert ex.sessions.count == 0 and ex.cache_bytes == 0
+
+
+def test_model_id_pins_config_and_weights(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    path = tiny_models["llama"]
+    info = rt.resolve_model(str(path))
+    assert re.fullmatch(r"llama@[0-9a-f]{16}", info.model_id)
+    assert (info.num_blocks, info.hidden_size, info.dtype) == (7, 64, torch.float32)
+    assert rt.resolve_model(str(path)).model_id == info.model_id
+    assert rt.load_span(str(path), 0, 1).model_id == info.model_id
+    copy = shutil.copytree(path, tmp_path / "llama")
+    assert rt.resolve_model(str(copy)).model_id == info.model_id  # same name, same bytes
+    # One changed weight byte, or one changed config field, changes the id.
+    changed = shutil.copytree(path, tmp_path / "x" / "llama")
+    raw = bytearray((changed / "model.safetensors").read_bytes())
+    raw[-1] ^= 1
+    (changed / "model.safetensors").write_bytes(bytes(raw))
+    assert rt.resolve_model(str(changed)).model_id != info.model_id
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-5
+    (copy / "config.json").write_text(json.dumps(cfg))
+    assert rt.resolve_model(str(copy)).model_id != info.model_id
+
+
+def _corrupt_all_but(path: Path, keep_prefixes: tuple[str, ...]) -> None:
+    """Destroy every tensor outside ``keep_prefixes``: NaN-fill its bytes, and cut shards
+    holding none of the kept tensors down to their header (their data is gone)."""
+    for f in sorted(path.glob("*.safetensors")):
+        raw = bytearray(f.read_bytes())
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8 : 8 + n])
+        names = [k for k in header if k != "__metadata__"]
+        kept = [k for k in names if k.startswith(keep_prefixes)]
+        if not kept:
+            f.write_bytes(bytes(raw[: 8 + n]))
+            continue
+        for k in names:
+            if k not in kept:
+                lo, hi = header[k]["data_offsets"]
+                raw[8 + n + lo : 8 + n + hi] = b"\xff" * (hi - lo)
+        f.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_span_reads_only_its_tensors(kind: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    src = tiny_models[kind]
+    start, end = SPANS[kind][1]
+    x = torch.randn(1, 9, 64, generator=torch.Generator().manual_seed(3))
+    expected = rt.load_span(str(src), start, end).forward_once(x)
+    damaged = shutil.copytree(src, tmp_path / kind)
+    _corrupt_all_but(damaged, tuple(f"model.layers.{i}." for i in range(start, end)))
+
+    span = rt.load_span(str(damaged), start, end)
+    torch.testing.assert_close(span.forward_once(x), expected, rtol=0, atol=0)
+
+    # ... while anything that needs the other tensors sees the damage.
+    other = (0, start) if start > 0 else (end, end + 1)
+    if kind == "mistral":  # sharded: the other blocks' shards are truncated
+        with pytest.raises(rt.ModelError, match="damaged"):
+            rt.load_span(str(damaged), *other)
+        with pytest.raises(Exception):
+            _reference(damaged)
+    else:  # single file: the other tensors are NaN
+        assert torch.isnan(rt.load_span(str(damaged), *other).forward_once(x)).all()
+        ref = _reference(damaged)
+        assert torch.isnan(ref(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_quantized_span_runs(quant: str, tiny_models: dict[str, Path]) -> None:
+    path = str(tiny_models["llama"])
+    head = rt.load_head(path)
+    fp32 = [rt.load_span(path, a, b) for a, b in SPANS["llama"]]
+    mixed = [fp32[0], rt.load_span(path, 1, 5, quant=quant), fp32[2]]
+    assert mixed[1].quant == quant
+    assert mixed[1].model_id == fp32[1].model_id  # quantization is a peer choice, not another model
+    x = torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(4))
+    ref, out = fp32[1].forward_once(x), mixed[1].forward_once(x)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    print(f"{quant}: relative error of a 4-block span output = {rel:.3g}")
+    # Random weights are the worst case for 4-bit codes (no structure to keep), so the
+    # bound is loose; it still fails for garbage (an unrelated output is ~1.4).
+    assert torch.isfinite(out).all() and rel < {"int8": 0.1, "nf4": 0.6}[quant]
+    import bitsandbytes as bnb
+
+    linears = [m for m in mixed[1].modules() if isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))]
+    assert len(linears) == 4 * 7
+    assert {m.weight.dtype for m in linears} == {torch.int8 if quant == "int8" else torch.uint8}
+    params = rt.SamplingParams(max_new_tokens=16)
+    a = rt.generate_local(head, fp32, _prompt(5), params)
+    b = rt.generate_local(head, mixed, _prompt(5), params)
+    agree = sum(x == y for x, y in zip(a, b)) / len(a)
+    print(f"{quant}: greedy top-1 agreement with fp32 over 16 tokens = {agree:.2f}")
+    assert len(b) == 16
+
+
+def test_half_precision_on_cpu_runs(tiny_models: dict[str, Path]) -> None:
+    path = str(tiny_models["qwen2"])
+    ex32 = rt.load_span(path, 0, 6)
+    ex16 = rt.load_span(path, 0, 6, dtype="bf16")
+    assert ex16.dtype == torch.bfloat16 and ex16.per_token_cache_bytes * 2 == ex32.per_token_cache_bytes
+    x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(6))
+    out = ex16.forward_once(x)
+    assert out.dtype == torch.bfloat16
+    ref = ex32.forward_once(x)
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 0.05
+
+
+def test_chain_checks(tiny_models: dict[str, Path]) -> None:
+    path = str(tiny_models["llama"])
+    head = rt.load_head(path)
+    a, c = rt.load_span(path, 0, 1), rt.load_span(path, 5, 7)
+    with pytest.raises(rt.ModelError, match="contiguous"):
+        rt.generate_local(head, [a, c], [1, 2], rt.SamplingParams(max_new_tokens=2))
+    with pytest.raises(rt.ModelError, match="cover blocks"):
+        rt.generate_local(head, [a], [1, 2], rt.SamplingParams(max_new_tokens=2))
+    other = rt.load_span(str(tiny_models["mistral"]), 1, 5)
+    with pytest.raises(rt.ModelError, match="serves mistral@"):
+        rt.check_chain(head, [a, other])
+    with pytest.raises(rt.InvalidArgument, match="token ids"):
+        head.embed([96])
