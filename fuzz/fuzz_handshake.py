@@ -88,7 +88,7 @@ def test_arbitrary_bytes_after_a_valid_message1(tail, cuts):
     """Reaches message 3 parsing: the responder has answered and waits."""
     _, message1 = started_initiator()
     check_chunkings(responder, message1 + tail, cuts)
-    events, error = outcome(responder(), [message1 + tail])
+    _, error = outcome(responder(), [message1 + tail])
     assert error is not None and error[0] in (HandshakeError, UnexpectedMessage)
 
 

@@ -33,14 +33,14 @@ from ._transport import FrameReader, MessageDecoder, MessageEncoder, frame
 from .errors import ConnectionClosed, HandshakeError, LocalProtocolError, ProtocolError
 
 __all__ = [
-    "Role",
-    "ConnectionState",
     "NEED_DATA",
+    "Connection",
+    "ConnectionEnded",
+    "ConnectionState",
     "Event",
     "HandshakeComplete",
     "MessageReceived",
-    "ConnectionEnded",
-    "Connection",
+    "Role",
 ]
 
 

@@ -33,9 +33,8 @@ from typing import Any
 from . import _cbor
 from ._identity import PEER_ID_SIZE, PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, peer_id_of, verify_signature
 from ._limits import DEFAULT_LIMITS, Limits
-from ._noise import DHLEN, CipherState
+from ._noise import DHLEN, CipherState, generate_private_key
 from ._noise import HandshakeState as NoiseHandshakeState
-from ._noise import generate_private_key
 from .errors import (
     BadSignature,
     DecodeError,
@@ -48,21 +47,21 @@ from .errors import (
 )
 
 __all__ = [
-    "PROLOGUE",
     "BINDING_PREFIX",
-    "PROTOCOL_VERSION",
-    "MAX_ADDRESS_LENGTH",
-    "Role",
-    "HandshakeState",
-    "HandshakeEvent",
     "HANDSHAKE_TRANSITIONS",
-    "next_handshake_state",
-    "HandshakeResult",
+    "MAX_ADDRESS_LENGTH",
+    "PROLOGUE",
+    "PROTOCOL_VERSION",
     "Handshake",
-    "encode_handshake_payload",
+    "HandshakeEvent",
+    "HandshakeResult",
+    "HandshakeState",
+    "Role",
     "decode_handshake_payload",
-    "validate_listen_addr",
+    "encode_handshake_payload",
     "make_handshake_vectors",
+    "next_handshake_state",
+    "validate_listen_addr",
 ]
 
 PROLOGUE = b"swarm/1"
@@ -366,19 +365,27 @@ class Handshake:
 
 # -- test vectors (spec/vectors/handshake.json) --------------------------------
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _VectorParty:
+    ed25519_seed: bytes
+    x25519_static_private: bytes
+    x25519_ephemeral_private: bytes
+    listen_addrs: tuple[str, ...]
+
+
 _VECTOR_PARTIES = {
-    "initiator": {
-        "ed25519_seed": bytes([0x01]) * 32,
-        "x25519_static_private": bytes([0x11]) * 32,
-        "x25519_ephemeral_private": bytes([0x21]) * 32,
-        "listen_addrs": ["192.0.2.10:4001"],
-    },
-    "responder": {
-        "ed25519_seed": bytes([0x02]) * 32,
-        "x25519_static_private": bytes([0x12]) * 32,
-        "x25519_ephemeral_private": bytes([0x22]) * 32,
-        "listen_addrs": ["198.51.100.7:31337", "[2001:db8::7]:31337"],
-    },
+    "initiator": _VectorParty(
+        ed25519_seed=bytes([0x01]) * 32,
+        x25519_static_private=bytes([0x11]) * 32,
+        x25519_ephemeral_private=bytes([0x21]) * 32,
+        listen_addrs=("192.0.2.10:4001",),
+    ),
+    "responder": _VectorParty(
+        ed25519_seed=bytes([0x02]) * 32,
+        x25519_static_private=bytes([0x12]) * 32,
+        x25519_ephemeral_private=bytes([0x22]) * 32,
+        listen_addrs=("198.51.100.7:31337", "[2001:db8::7]:31337"),
+    ),
 }
 _VECTOR_TRANSPORT = (
     ("initiator", _cbor.encode(["swarm/1 test vector", "from the initiator", 1])),
@@ -396,23 +403,23 @@ def make_handshake_vectors() -> dict[str, Any]:
     parties: dict[str, dict[str, Any]] = {}
     for name, role in (("initiator", Role.INITIATOR), ("responder", Role.RESPONDER)):
         p = _VECTOR_PARTIES[name]
-        identity = Identity.from_seed(p["ed25519_seed"])
+        identity = Identity.from_seed(p.ed25519_seed)
         sides[name] = Handshake(
             identity,
             role,
-            listen_addrs=p["listen_addrs"],
-            static_private_key=p["x25519_static_private"],
-            ephemeral_private_key=p["x25519_ephemeral_private"],
+            listen_addrs=p.listen_addrs,
+            static_private_key=p.x25519_static_private,
+            ephemeral_private_key=p.x25519_ephemeral_private,
         )
         parties[name] = {
-            "ed25519_seed": p["ed25519_seed"].hex(),
+            "ed25519_seed": p.ed25519_seed.hex(),
             "ed25519_public_key": identity.public_key.hex(),
             "peer_id": identity.peer_id.hex(),
-            "x25519_static_private": p["x25519_static_private"].hex(),
-            "x25519_static_public": public_key_of(p["x25519_static_private"]).hex(),
-            "x25519_ephemeral_private": p["x25519_ephemeral_private"].hex(),
-            "x25519_ephemeral_public": public_key_of(p["x25519_ephemeral_private"]).hex(),
-            "listen_addrs": list(p["listen_addrs"]),
+            "x25519_static_private": p.x25519_static_private.hex(),
+            "x25519_static_public": public_key_of(p.x25519_static_private).hex(),
+            "x25519_ephemeral_private": p.x25519_ephemeral_private.hex(),
+            "x25519_ephemeral_public": public_key_of(p.x25519_ephemeral_private).hex(),
+            "listen_addrs": list(p.listen_addrs),
             "handshake_payload": sides[name]._payload.hex(),
         }
     messages = []

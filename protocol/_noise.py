@@ -36,17 +36,17 @@ from .errors import DecryptError, HandshakeError, LocalProtocolError
 __all__ = [
     "DHLEN",
     "HASHLEN",
-    "TAGLEN",
     "MAX_NONCE",
     "PATTERNS",
-    "NonceExhausted",
+    "TAGLEN",
     "CipherState",
-    "SymmetricState",
     "HandshakeState",
-    "generate_private_key",
-    "public_key_of",
+    "NonceExhausted",
+    "SymmetricState",
     "dh",
+    "generate_private_key",
     "hkdf",
+    "public_key_of",
 ]
 
 DHLEN = 32
@@ -167,7 +167,7 @@ class CipherState:
 class SymmetricState:
     """The chaining key, the handshake hash and the current handshake cipher."""
 
-    __slots__ = ("ck", "h", "cipher")
+    __slots__ = ("cipher", "ck", "h")
 
     def __init__(self, protocol_name: bytes) -> None:
         if len(protocol_name) <= HASHLEN:
@@ -210,8 +210,20 @@ class HandshakeState:
     ephemeral key must never be reused).
     """
 
-    __slots__ = ("protocol_name", "initiator", "_symmetric", "_messages", "_index",
-                 "_s", "_s_pub", "_e", "_e_pub", "_rs", "_re", "_ciphers")
+    __slots__ = (
+        "_ciphers",
+        "_e",
+        "_e_pub",
+        "_index",
+        "_messages",
+        "_re",
+        "_rs",
+        "_s",
+        "_s_pub",
+        "_symmetric",
+        "initiator",
+        "protocol_name",
+    )
 
     def __init__(
         self,
@@ -285,7 +297,7 @@ class HandshakeState:
 
     def _dh_token(self, token: str) -> bytes:
         # "es" is DH(initiator e, responder s): each side uses its own half.
-        first, second = token
+        first, second = token[0], token[1]
         if self.initiator:
             local, remote = (self._e if first == "e" else self._s), (self._re if second == "e" else self._rs)
         else:

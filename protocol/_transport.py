@@ -29,13 +29,13 @@ from .errors import DecryptError, LimitExceeded, LocalProtocolError
 Buffer = bytes | bytearray | memoryview
 
 __all__ = [
-    "FRAME_HEADER_SIZE",
     "APP_HEADER_SIZE",
+    "FRAME_HEADER_SIZE",
     "MAX_FRAME_PLAINTEXT",
-    "frame",
     "FrameReader",
-    "MessageEncoder",
     "MessageDecoder",
+    "MessageEncoder",
+    "frame",
 ]
 
 FRAME_HEADER_SIZE = 2
@@ -88,7 +88,7 @@ class FrameReader:
 class MessageEncoder:
     """Encrypts application messages into frames with the sending ``CipherState``."""
 
-    __slots__ = ("cipher", "_max_size")
+    __slots__ = ("_max_size", "cipher")
 
     def __init__(self, cipher: CipherState, limits: Limits = DEFAULT_LIMITS) -> None:
         self.cipher = cipher
@@ -126,7 +126,7 @@ class MessageEncoder:
 class MessageDecoder:
     """Decrypts frames with the receiving ``CipherState`` and reassembles messages."""
 
-    __slots__ = ("cipher", "_max_size", "_header", "_expected", "_parts", "_have", "_ready", "_error")
+    __slots__ = ("_error", "_expected", "_have", "_header", "_max_size", "_parts", "_ready", "cipher")
 
     def __init__(self, cipher: CipherState, limits: Limits = DEFAULT_LIMITS) -> None:
         self.cipher = cipher

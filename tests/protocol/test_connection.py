@@ -37,7 +37,8 @@ def drain(conn):
     return events
 
 
-def connected(limits=Limits(), **kwargs):
+def connected(limits=None, **kwargs):
+    limits = limits or Limits()
     initiator = Connection(ALICE, Role.INITIATOR, listen_addrs=["127.0.0.1:9000"], limits=limits, **kwargs)
     responder = Connection(BOB, Role.RESPONDER, limits=limits)
     responder.receive_data(initiator.initiate())

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from protocol import _cbor
-from protocol._connection import Connection, HandshakeComplete, MessageReceived, NEED_DATA
+from protocol._connection import NEED_DATA, Connection, HandshakeComplete, MessageReceived
 from protocol._handshake import (
     BINDING_PREFIX,
     HANDSHAKE_TRANSITIONS,
@@ -228,7 +228,7 @@ def test_oversized_message3_is_refused():
 
 
 def test_error_state_is_permanent_and_repeats_the_error():
-    initiator, responder = _pair()
+    _, responder = _pair()
     with pytest.raises(HandshakeError) as first:
         responder.read_message(b"short")
     for call in (lambda: responder.read_message(bytes(32)), responder.write_message):

@@ -20,7 +20,8 @@ from protocol.errors import DecryptError, LimitExceeded, LocalProtocolError
 KEY = bytes(range(32))
 
 
-def channel(limits=Limits()):
+def channel(limits=None):
+    limits = limits or Limits()
     return MessageEncoder(CipherState(KEY), limits), MessageDecoder(CipherState(KEY), limits)
 
 
