@@ -35,7 +35,7 @@ def forward_request(hidden: WireTensor) -> Forward:
 
 async def raw_echo_rtt(size: int, rounds: int) -> float:
     async def echo(stream: trio.SocketStream) -> None:
-        while data := await stream.receive_some(1 << 18):
+        while data := await stream.receive_some(1 << 16):
             await stream.send_all(data)
 
     async with trio.open_nursery() as nursery:
@@ -48,7 +48,7 @@ async def raw_echo_rtt(size: int, rounds: int) -> float:
             await stream.send_all(payload)
             got = 0
             while got < size:
-                got += len(await stream.receive_some(1 << 18))
+                got += len(await stream.receive_some(1 << 16))
         elapsed = time.perf_counter() - start
         await stream.aclose()
         nursery.cancel_scope.cancel()

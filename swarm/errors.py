@@ -3,8 +3,10 @@
 Each is a ``protocol.errors.SwarmError`` whose one-line message says what went wrong
 and what to do about it. A handler that raises one of these answers the request with
 an ``ERROR`` carrying its ``code`` (spec/SPEC.md, "Error codes"); the codes below are
-chosen so that the receiver of such an ``ERROR`` reacts sensibly (``SPAN_NOT_SERVED``
-means "route elsewhere", ``CONNECTION_CLOSED`` means "a hop further on is gone").
+chosen so that the receiver of such an ``ERROR`` reacts sensibly: ``SPAN_NOT_SERVED``
+means "route elsewhere"; a peer this side could not reach or that did not answer is
+``INTERNAL`` (a failure on the server's side of the request), never a 1xx code, which
+would tell the receiver that *its* connection violated the protocol.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class PeerUnreachable(SwarmError):
     kept as ``__cause__``; ``reason`` says it in words.
     """
 
-    code = ErrorCode.CONNECTION_CLOSED
+    code = ErrorCode.INTERNAL
 
     def __init__(self, address: object, reason: str, *, peer_id: bytes | None = None) -> None:
         self.address = str(address)

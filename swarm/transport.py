@@ -201,12 +201,16 @@ class Host:
             LocalProtocolError: the host is not running.
         """
         address = PeerAddress.parse(addr)
-        timeout = self.default_timeout if timeout is None else timeout
         key = (str(address), peer_id)
+        existing = self._existing(key)
+        if existing is not None:  # the common case: no deadline to set up
+            await trio.lowlevel.checkpoint()
+            return existing
+        timeout = self.default_timeout if timeout is None else timeout
         with trio.move_on_after(timeout) as scope:
             while True:
-                existing = self.connections.get(peer_id) if peer_id is not None else self._by_addr.get(key[0])
-                if existing is not None and existing.is_open:
+                existing = self._existing(key)
+                if existing is not None:
                     return existing
                 dial = self._dialing.get(key)
                 if dial is None:
@@ -227,6 +231,11 @@ class Host:
                 dial.done.set()
         assert scope.cancelled_caught
         raise PeerUnreachable(address, f"no connection within {timeout:g} s", peer_id=peer_id)
+
+    def _existing(self, key: tuple[str, bytes | None]) -> PeerConnection | None:
+        address, peer_id = key
+        connection = self.connections.get(peer_id) if peer_id is not None else self._by_addr.get(address)
+        return connection if connection is not None and connection.is_open else None
 
     async def _dial(self, address: PeerAddress, peer_id: bytes | None) -> PeerConnection:
         if self._nursery is None:
@@ -264,7 +273,10 @@ class Host:
         ``timeout`` bounds each of the two steps (default ``default_timeout``).
         Raises what ``connect`` and ``PeerConnection.request`` raise.
         """
-        connection = await self.connect(addr, peer_id=peer_id, timeout=timeout)
+        address = PeerAddress.parse(addr)
+        connection = self._existing((str(address), peer_id))  # skips connect's checkpoint
+        if connection is None:
+            connection = await self.connect(address, peer_id=peer_id, timeout=timeout)
         return await connection.request(message, timeout=timeout)
 
     # -- handshake and bookkeeping -----------------------------------------------------

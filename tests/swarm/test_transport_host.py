@@ -156,6 +156,25 @@ async def test_concurrent_requests_are_multiplexed_and_answered_out_of_order():
         assert len(b._all) == 1
 
 
+async def test_large_messages_span_many_frames():
+    from protocol._messages import Forward, ForwardResult
+    from protocol._tensor import WireTensor
+
+    async def echo(conn, request: Forward) -> ForwardResult:
+        return ForwardResult(id=request.id, session=request.session, step=request.step, hidden=request.hidden,
+                             signature=bytes(64))
+
+    data = (bytes(range(256)) * 4700)[: 4 * 300_000]
+    hidden = WireTensor(dtype="f32", shape=(1, 300, 1000), data=data)  # 1.2 MB: about 19 Noise frames
+    async with hosts({}, {}) as (a, b):
+        b.add_handler(Forward, echo)
+        conn = await a.connect(b.listen_addrs[0])
+        for _ in range(3):
+            request = Forward(id=0, session=bytes(16), step=1, position=0, hidden=hidden, signature=bytes(64))
+            response = await conn.request(request)
+            assert response.hidden.data == data and response.step == 1
+
+
 async def test_one_connection_is_reused_in_both_directions():
     async with hosts({}, {}) as (a, b):
         first = await a.connect(b.listen_addrs[0])
