@@ -18,8 +18,8 @@ deterministic too, so that equal inputs give equal bytes and equal digests: each
 element is divided by its block's absmax in float32 and mapped to the number of
 codebook thresholds strictly below it, where threshold ``i`` is the float32
 midpoint of codebook values ``i`` and ``i + 1``. A value exactly on a threshold
-therefore takes the lower code, as ``torch.bucketize`` and bitsandbytes' portable
-backend do.
+therefore takes the lower code, as ``torch.bucketize`` (right=False) and
+bitsandbytes' portable backend do.
 
 All work on elements is vectorized torch; validation of a received map happens
 before anything the size of the tensor is allocated.
@@ -49,6 +49,7 @@ __all__ = [
     "WireTensor",
     "encode_tensor",
     "decode_tensor",
+    "make_tensor_vectors",
 ]
 
 DTYPES = ("f32", "f16", "bf16", "q8", "nf4")
@@ -159,12 +160,65 @@ _CODEBOOKS = {"q8": Q8_CODEBOOK, "nf4": NF4_CODEBOOK}
 _THRESHOLDS = {name: _thresholds(book) for name, book in _CODEBOOKS.items()}
 
 
+# Quantizing is a search of the thresholds. torch.bucketize does it by binary search,
+# slowly (tens of ns per element, far worse with busy threads). Instead each float32
+# is turned into an integer key with the same order, and its top 16 bits select a
+# bucket; no bucket holds more than one threshold (checked when the tables are made),
+# so the count of thresholds below a value is the count below its bucket plus one
+# comparison. The tests check this against the definition at every bucket edge and
+# around every threshold.
+_BUCKET_SHIFT = 16
+_BUCKETS = 1 << (32 - _BUCKET_SHIFT)
+_NO_THRESHOLD = 2**31 - 1  # above every key of a value in [-1, 1]
+
+
+def _order_key(bits: int) -> int:
+    """Signed int whose order is the float32 order of ``bits`` (-0.0 just below +0.0)."""
+    return -1 - (bits & 0x7FFFFFFF) if bits & 0x80000000 else bits
+
+
+def _keys(x: torch.Tensor) -> torch.Tensor:
+    """_order_key of every element of a float32 tensor, as int32."""
+    u = x.view(torch.int32)
+    return u ^ ((u >> 31) & 0x7FFFFFFF)
+
+
 @lru_cache(maxsize=32)
-def _tables(dtype: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codebook, thresholds) of a quantized dtype as float32 tensors on ``device``."""
-    book = torch.tensor(_CODEBOOKS[dtype], dtype=torch.float32, device=device)
-    cuts = torch.tensor(_THRESHOLDS[dtype], dtype=torch.float32, device=device)
-    return book, cuts
+def _tables(dtype: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codebook float32, codes below each bucket uint8, threshold key in each bucket int32)."""
+    keys = [_order_key(_f32_bits(c)) for c in _THRESHOLDS[dtype]]
+    buckets = [(k >> _BUCKET_SHIFT) + _BUCKETS // 2 for k in keys]
+    if len(set(buckets)) != len(buckets):  # a property of the codebook, not of input
+        raise AssertionError(f"two {dtype} thresholds share a bucket")
+    starts = (torch.arange(_BUCKETS, dtype=torch.int64) - _BUCKETS // 2) << _BUCKET_SHIFT
+    below = torch.searchsorted(torch.tensor(keys, dtype=torch.int64), starts).to(torch.uint8)
+    inside = torch.full((_BUCKETS,), _NO_THRESHOLD, dtype=torch.int32)
+    inside[buckets] = torch.tensor(keys, dtype=torch.int32)
+    book = torch.tensor(_CODEBOOKS[dtype], dtype=torch.float32)
+    return book.to(device), below.to(device), inside.to(device)
+
+
+@lru_cache(maxsize=8)
+def _nf4_pairs(device: torch.device) -> torch.Tensor:
+    """(256, 2) float32: the values of the high and the low nibble of each byte."""
+    book = _tables("nf4", device)[0]
+    byte = torch.arange(256, device=device)
+    return torch.stack((book[byte >> 4], book[byte & 0x0F]), dim=1)
+
+
+def _codes_of(scaled: torch.Tensor, dtype: str) -> torch.Tensor:
+    """uint8 codes: for each element, the number of thresholds strictly below it.
+
+    ``scaled`` is a flat, contiguous float32 tensor that this call may overwrite
+    (in-place steps: at this size the cost is memory traffic, not arithmetic).
+    """
+    _, below, inside = _tables(dtype, scaled.device)
+    keys = scaled.view(torch.int32)
+    work = keys >> 31
+    keys ^= work.bitwise_and_(0x7FFFFFFF)  # keys = _keys(scaled), in place
+    bucket = torch.bitwise_right_shift(keys, _BUCKET_SHIFT, out=work).add_(_BUCKETS // 2)
+    codes = torch.index_select(below, 0, bucket)
+    return codes.add_(torch.index_select(inside, 0, bucket) < keys)
 
 
 def _data_length(dtype: str, numel: int) -> int:
@@ -343,10 +397,7 @@ def encode_tensor(t: torch.Tensor, dtype: str = "f32", *, blocksize: int = 4096)
         return WireTensor(dtype=dtype, shape=shape, data=_le_bytes(x))
     if type(blocksize) is not int or blocksize not in BLOCKSIZES:
         raise LocalProtocolError(f"blocksize {blocksize!r} is not one of {BLOCKSIZES}")
-    x = x.to(torch.float32).reshape(-1)
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise LocalProtocolError(f"{dtype} can only encode finite values")
-    codes, absmax = _quantize(x, dtype, blocksize)
+    codes, absmax = _quantize(x.to(torch.float32).reshape(-1), dtype, blocksize)
     if dtype == "nf4":
         codes = _pack_nibbles(codes)
     return WireTensor(
@@ -362,14 +413,18 @@ def _quantize(x: torch.Tensor, dtype: str, blocksize: int) -> tuple[torch.Tensor
     """Codes (uint8, one per element) and per-block absmax (float32) of a flat float32 x."""
     n = x.numel()
     blocks = -(-n // blocksize)
-    _, cuts = _tables(dtype, x.device)
+    if not blocks:
+        return torch.empty(0, dtype=torch.uint8, device=x.device), torch.empty(0, device=x.device)
     # Zero padding changes no block's max |x|; the padded codes are dropped.
-    padded = torch.nn.functional.pad(x, (0, blocks * blocksize - n)).view(blocks, blocksize)
-    absmax = padded.abs().amax(dim=1) if blocks else torch.empty(0, dtype=torch.float32, device=x.device)
+    if n % blocksize:
+        x = torch.nn.functional.pad(x, (0, blocks * blocksize - n))
+    x = x.view(blocks, blocksize)
+    absmax = x.abs().amax(dim=1)  # abs: +0.0 for an all-zero block, never -0.0
+    if not bool(torch.isfinite(absmax).all()):  # amax propagates NaN; a cheap check per block
+        raise LocalProtocolError("q8 and nf4 can only encode finite values")
     scale = torch.where(absmax == 0, torch.ones_like(absmax), absmax)  # all-zero block: codes of 0.0
-    scaled = padded / scale.unsqueeze(1)
-    codes = torch.bucketize(scaled, cuts, out_int32=True, right=False)
-    return codes.view(-1)[:n].to(torch.uint8), absmax
+    scaled = (x / scale.unsqueeze(1)).view(-1)
+    return _codes_of(scaled, dtype)[:n], absmax
 
 
 def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -418,12 +473,12 @@ def decode_tensor(
 
 def _dequantize(wt: WireTensor, n: int, device: torch.device) -> torch.Tensor:
     assert wt.absmax is not None and wt.blocksize is not None  # validated on construction
-    raw = _from_le(wt.data, torch.uint8).to(device)
-    if wt.dtype == "nf4":
-        raw = torch.stack((raw >> 4, raw & 0x0F), dim=1).view(-1)[:n]
+    raw = _from_le(wt.data, torch.uint8).to(device).to(torch.int32)
     absmax = _from_le(wt.absmax, torch.float32).to(device)
-    book, _ = _tables(wt.dtype, device)
-    out = torch.index_select(book, 0, raw.to(torch.int32))
+    if wt.dtype == "nf4":  # one lookup per byte yields both of its elements
+        out = torch.index_select(_nf4_pairs(device), 0, raw).view(-1)[:n]
+    else:
+        out = torch.index_select(_tables(wt.dtype, device)[0], 0, raw)
     bs = wt.blocksize
     full = n // bs
     if full:
@@ -431,3 +486,10 @@ def _dequantize(wt: WireTensor, n: int, device: torch.device) -> torch.Tensor:
     if n > full * bs:
         out[full * bs :].mul_(absmax[full])
     return out
+
+
+def make_tensor_vectors() -> list[dict[str, Any]]:
+    """The spec's tensor test vectors (spec/vectors/tensors.json); see _tensor_vectors."""
+    from ._tensor_vectors import make_tensor_vectors as make  # it imports this module
+
+    return make()

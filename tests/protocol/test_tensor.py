@@ -22,7 +22,9 @@ from protocol._tensor import (
     NF4_PAD_CODE,
     Q8_CODEBOOK,
     WireTensor,
+    _codes_of,
     _derive_dynamic_map,
+    _keys,
     _thresholds,
     decode_tensor,
     encode_tensor,
@@ -223,6 +225,21 @@ def test_codes_are_nearest_and_ties_take_the_lower_code(dtype, book):
     assert codes == [*range(1, len(book)), len(book) - 1]
 
 
+@pytest.mark.parametrize("dtype,book", [("q8", Q8_CODEBOOK), ("nf4", NF4_CODEBOOK)])
+def test_bucket_search_equals_the_threshold_count_everywhere(dtype, book):
+    # The codes are a step function of the float order; the fast search is exact if it
+    # is exact at both ends of every bucket and on and around every threshold.
+    cuts = torch.tensor(_thresholds(book), dtype=torch.float32)
+    starts = (torch.arange(1 << 16, dtype=torch.int64) - (1 << 15)) << 16
+    keys = torch.cat([starts, starts + (1 << 16) - 1, *(_keys(cuts).long() + d for d in (-2, -1, 0, 1, 2))])
+    keys = keys.to(torch.int32)
+    values = _keys(keys.view(torch.float32)).view(torch.float32)  # the key map is an involution
+    values = values[~values.isnan()]
+    expected = torch.searchsorted(cuts, values, right=False)  # thresholds strictly below
+    assert torch.equal(_codes_of(values.clone(), dtype).long(), expected)
+    assert values.numel() > 130_000
+
+
 @pytest.mark.parametrize("dtype", ["q8", "nf4"])
 def test_zero_blocks_have_zero_absmax_and_decode_to_zero(dtype):
     x = torch.zeros(130)
@@ -416,7 +433,10 @@ def test_generated_vectors_replay(vector):
 
 
 def test_vectors_cover_every_dtype_and_are_json():
+    from protocol._tensor import make_tensor_vectors as from_the_codec_module
+
     vectors = make_tensor_vectors()
+    assert from_the_codec_module() == vectors
     assert {v["dtype"] for v in vectors} == set(DTYPES)
     assert json.loads(json.dumps(vectors, allow_nan=False)) == vectors
 
@@ -424,6 +444,8 @@ def test_vectors_cover_every_dtype_and_are_json():
 @pytest.mark.skipif(not VECTORS_FILE.exists(), reason="spec/vectors/tensors.json not written yet")
 def test_spec_vector_file_replays_and_matches_the_generator():
     vectors = json.loads(VECTORS_FILE.read_text())
+    if isinstance(vectors, dict):  # spec/make_vectors.py wraps the list with a description
+        vectors = vectors["tensors"]
     assert vectors == make_tensor_vectors()
     for vector in vectors:
         _replay(vector)
