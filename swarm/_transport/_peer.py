@@ -130,6 +130,7 @@ class PeerConnection:
         self._next_id = 1
         self._incoming = 0  # unanswered requests the peer has open on us
         self._last_activity = trio.current_time()
+        self._writing_since: float | None = None  # when the write in progress started
         self._open = True
         self._closed_reason = "closed"
         self._cancel_scope = trio.CancelScope()
@@ -222,14 +223,20 @@ class PeerConnection:
 
     async def _write(self, data: bytes) -> None:
         """Write under the send lock; a write that does not finish breaks the stream."""
+        self._writing_since = trio.current_time()
         try:
             await self._stream.send_all(data)
         except BaseException as exc:
-            self._close(f"lost while sending ({type(exc).__name__})")
+            if isinstance(exc, trio.Cancelled):
+                self._close("closed: a write was interrupted half-way")
+            else:
+                self._close(f"lost while sending ({exc!r})")
             if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
                 raise PeerUnreachable(self.address, f"connection {self._closed_reason}",
                                       peer_id=self.peer_id) from exc
             raise
+        finally:
+            self._writing_since = None
         self._last_activity = trio.current_time()
 
     async def _send_payload(self, payload: bytes) -> None:
@@ -274,15 +281,23 @@ class PeerConnection:
             self._finished.set()
 
     async def _idle_watchdog(self) -> None:
-        """Close the connection after ``limits.idle_timeout`` without traffic or work.
+        """Close the connection after ``limits.idle_timeout`` without traffic or work,
+        or when one write has made no progress for that long.
 
         A separate task rather than a deadline on every read: one sleep per idle
-        period instead of a cancel scope per received chunk.
+        period instead of a cancel scope per received chunk. The stalled-write check
+        matters because a connection with an unanswered request is never idle: a
+        peer that sends requests and stops reading would otherwise pin the handler
+        tasks and the connection for good.
         """
         idle = self._limits.idle_timeout
         while True:
             await trio.sleep_until(self._last_activity + idle)
             now = trio.current_time()
+            if self._writing_since is not None and now - self._writing_since >= idle:
+                log.warning("peer of %s read nothing for %g s; closing the connection", self, idle)
+                self._close("closed: the peer stopped reading")
+                return
             if self._busy():
                 self._last_activity = now
             elif now >= self._last_activity + idle:

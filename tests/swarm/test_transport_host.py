@@ -461,6 +461,30 @@ async def test_outgoing_requests_wait_for_a_slot_instead_of_tripping_the_limit()
         assert conn.is_open and conn._next_id == 6
 
 
+async def test_a_peer_that_stops_reading_loses_the_connection(caplog):
+    from protocol._messages import Forward, ForwardResult
+    from protocol._tensor import WireTensor
+
+    async def echo(conn, request: Forward) -> ForwardResult:
+        return ForwardResult(id=request.id, session=request.session, step=request.step, hidden=request.hidden,
+                             signature=bytes(64))
+
+    elements = 4 << 20  # 16 MiB answers: more than both socket buffers hold
+    hidden = WireTensor(dtype="f32", shape=(1, 1, elements), data=bytes(4 * elements))
+    async with hosts({"limits": Limits(idle_timeout=0.3)}) as (b,):
+        b.add_handler(Forward, echo)
+        raw = await RawPeer.connect(b.listen_addrs[0])
+        raw.stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        with caplog.at_level(logging.WARNING, logger="swarm.transport"):
+            await raw.send(Forward(id=1, session=bytes(16), step=0, position=0, hidden=hidden, signature=bytes(64)))
+            with trio.fail_after(10):  # and never read the answer
+                while raw.peer_id not in b.connections:
+                    await trio.sleep(0.01)
+                while raw.peer_id in b.connections:
+                    await trio.sleep(0.05)
+        assert any("read nothing" in r.getMessage() for r in caplog.records)
+
+
 async def test_max_connections_refuses_inbound():
     async with hosts({}, {}, {"max_connections": 1}) as (a, b, c):
         await a.connect(c.listen_addrs[0])
