@@ -58,7 +58,11 @@ def wire_tensors(draw) -> WireTensor:
     blocks = -(-numel // blocksize)
     scales = draw(st.lists(absmax_values, min_size=blocks, max_size=blocks))
     return WireTensor(
-        dtype=dtype, shape=shape, data=bytes(data), absmax=struct.pack(f"<{blocks}f", *scales), blocksize=blocksize
+        dtype=dtype,
+        shape=shape,
+        data=bytes(data),
+        absmax=struct.pack(f"<{blocks}f", *scales),
+        blocksize=blocksize,
     )
 
 
@@ -85,7 +89,8 @@ _atoms = (
 )
 cbor_values = st.recursive(
     _atoms,
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.integers(0, 23) | st.text(max_size=3), inner, max_size=6),
+    lambda inner: st.lists(inner, max_size=5)
+    | st.dictionaries(st.integers(0, 23) | st.text(max_size=3), inner, max_size=6),
     max_leaves=12,
 )
 # Maps that look like tensors, so the oracle reaches the deep checks, not just the first.

@@ -126,7 +126,7 @@ def _derive_dynamic_map() -> tuple[float, ...]:
     """The q8 codebook rebuilt from its definition, in exact float32 steps.
 
     For i = 0..6: 2**i + 1 points evenly spaced on [0.1, 1] (float32 step
-    (1 - 0.1) / 2**i, point j = RN32(0.1 + j * step) for j below half, else
+    RN32(RN32(1 - 0.1) / 2**i), point j = RN32(0.1 + j * step) for j below half, else
     RN32(1 - (2**i - j) * step), as torch.linspace computes them), the float32
     midpoints of neighbouring points, each times RN32(10 ** (i - 6)) in float32,
     with both signs; then 0.0 and 1.0. Sorted: 127 negative values, 0, 128 positive.
@@ -136,7 +136,7 @@ def _derive_dynamic_map() -> tuple[float, ...]:
     for i in range(7):
         n = 2**i + 1
         start, end = _f32(0.1), 1.0
-        step = _f32((end - start) / _f32(n - 1))
+        step = _f32(_f32(end - start) / (n - 1))
         # The products and sums below are exact in double, so each _f32 is one rounding.
         points = [
             _f32(start + step * j) if j < n // 2 else _f32(end - step * (n - 1 - j))
@@ -291,7 +291,8 @@ class WireTensor:
         if not isinstance(self.shape, tuple):
             raise DecodeError("tensor shape must be a tuple")
         if len(self.shape) > DEFAULT_LIMITS.max_tensor_dims:
-            raise DecodeError(f"tensor has {len(self.shape)} dimensions, at most {DEFAULT_LIMITS.max_tensor_dims}")
+            most = DEFAULT_LIMITS.max_tensor_dims
+            raise DecodeError(f"tensor has {len(self.shape)} dimensions, at most {most}")
         for dim in self.shape:
             if type(dim) is not int or not 0 <= dim <= _MAX_DIM:
                 raise DecodeError(f"tensor dimension {dim!r} is not a non-negative integer")
@@ -300,7 +301,9 @@ class WireTensor:
         numel = self.numel
         expected = _data_length(self.dtype, numel)
         if len(self.data) != expected:
-            raise DecodeError(f"{self.dtype} tensor of {numel} elements needs {expected} data bytes, got {len(self.data)}")
+            raise DecodeError(
+                f"{self.dtype} tensor of {numel} elements needs {expected} data bytes, got {len(self.data)}"
+            )
         if self.dtype not in QUANTIZED:
             if self.absmax is not None or self.blocksize is not None:
                 raise DecodeError(f"{self.dtype} tensors carry no absmax or blocksize")
@@ -357,7 +360,7 @@ class WireTensor:
                 raise LimitExceeded(f"tensor dimension {dim} exceeds {limits.max_tensor_elements} elements")
         numel = math.prod(shape)
         if numel > limits.max_tensor_elements:
-            raise LimitExceeded(f"tensor of {numel} elements exceeds the limit of {limits.max_tensor_elements}")
+            raise LimitExceeded(f"tensor of {numel} elements exceeds the limit {limits.max_tensor_elements}")
         absmax = obj.get(_KEY_ABSMAX)
         blocksize = obj.get(_KEY_BLOCKSIZE)
         # Present keys must hold real values: null would re-encode differently.
@@ -365,7 +368,9 @@ class WireTensor:
             raise DecodeError("tensor absmax must be bytes")
         if _KEY_BLOCKSIZE in obj and type(blocksize) is not int:
             raise DecodeError("tensor blocksize must be an integer")
-        return cls(dtype=obj[_KEY_DTYPE], shape=tuple(shape), data=obj[_KEY_DATA], absmax=absmax, blocksize=blocksize)
+        return cls(
+            dtype=obj[_KEY_DTYPE], shape=tuple(shape), data=obj[_KEY_DATA], absmax=absmax, blocksize=blocksize
+        )
 
     def digest(self) -> bytes:
         """BLAKE2b-256 of the deterministic CBOR encoding: H(tensor) in signed statements."""

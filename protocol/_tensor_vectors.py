@@ -46,7 +46,8 @@ def _nf4_input() -> list[float]:
 
 # (name, dtype, blocksize or None, shape, input)
 _CASES: list[tuple[str, str, int | None, list[int], list[float]]] = [
-    ("f32_specials", "f32", None, [2, 3], [0.0, -0.0, 1.5, -2.25, 3.4028234663852886e38, 1.401298464324817e-45]),
+    # -0.0, the largest finite float32 and the smallest subnormal
+    ("f32_specials", "f32", None, [2, 3], [0.0, -0.0, 1.5, -2.25, 3.4028234663852886e38, 1.4e-45]),
     ("f32_scalar", "f32", None, [], [-7.5]),
     ("f32_empty", "f32", None, [0, 4], []),
     ("f16_exact", "f16", None, [4], [0.0, -1.0, 0.5, 65504.0]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
 import warnings
 from pathlib import Path
@@ -33,6 +34,8 @@ from protocol._tensor_vectors import make_tensor_vectors
 from protocol.errors import DecodeError, LimitExceeded, LocalProtocolError, ProtocolError
 
 VECTORS_FILE = Path(__file__).resolve().parents[2] / "spec" / "vectors" / "tensors.json"
+SPEC_FILE = Path(__file__).resolve().parents[2] / "spec" / "SPEC.md"
+_CODEBOOK_ROW = re.compile(r"^\| (\d+) \| `0x([0-9a-f]{8})` \| `([^`]+)` \| (?:`0x([0-9a-f]{8})`|—) \|$")
 
 
 def _bnb():
@@ -48,7 +51,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _codes(wt: WireTensor) -> torch.Tensor:
-    raw = torch.frombuffer(bytearray(wt.data), dtype=torch.uint8) if wt.data else torch.empty(0, dtype=torch.uint8)
+    raw = torch.tensor(list(wt.data), dtype=torch.uint8)
     if wt.dtype == "nf4":
         raw = torch.stack((raw >> 4, raw & 15), dim=1).reshape(-1)[: wt.numel]
     return raw.long()
@@ -83,6 +86,33 @@ def test_nf4_codebook_equals_bitsandbytes_nf4_table():
     assert NF4_CODEBOOK[NF4_PAD_CODE] == 0.0
 
 
+def _spec_codebooks() -> list[list[tuple[int, int, str, str | None]]]:
+    """The codebook tables of spec/SPEC.md section 8.5, in order (empty if absent)."""
+    tables: list[list[tuple[int, int, str, str | None]]] = []
+    text = SPEC_FILE.read_text() if SPEC_FILE.exists() else ""
+    for line in text.splitlines():
+        match = _CODEBOOK_ROW.match(line)
+        if match:
+            code, bits, decimal, cut = match.groups()
+            if int(code) == 0:
+                tables.append([])
+            tables[-1].append((int(code), int(bits, 16), decimal, cut))
+    return tables
+
+
+@pytest.mark.skipif(not _spec_codebooks(), reason="spec/SPEC.md has no codebook tables yet")
+def test_spec_codebook_tables_equal_the_code():
+    nf4, q8 = _spec_codebooks()
+    for table, book in ((nf4, NF4_CODEBOOK), (q8, Q8_CODEBOOK)):
+        cuts = _thresholds(book)
+        assert [row[0] for row in table] == list(range(len(book)))
+        for (code, bits, decimal, cut), value in zip(table, book):
+            assert struct.pack("<I", bits) == struct.pack("<f", value)
+            assert float(decimal) == value  # the decimal reads back to the same binary32
+            if code < len(cuts):
+                assert cut is not None and struct.pack("<I", int(cut, 16)) == struct.pack("<f", cuts[code])
+
+
 def test_thresholds_are_float32_midpoints():
     for book in (Q8_CODEBOOK, NF4_CODEBOOK):
         cuts = _thresholds(book)
@@ -103,8 +133,14 @@ def test_q8_against_bitsandbytes_quantize_blockwise(blocksize):
     wt = encode_tensor(x, "q8", blocksize=blocksize)
     assert torch.equal(_bits(_absmax(wt)), _bits(state.absmax))
     # Their codes decoded with our codebook equal their own dequantization, bit for bit.
-    theirs = WireTensor(dtype="q8", shape=(x.numel(),), data=q.numpy().tobytes(), absmax=wt.absmax, blocksize=blocksize)
+    theirs = WireTensor(
+        dtype="q8", shape=(x.numel(),), data=q.numpy().tobytes(), absmax=wt.absmax, blocksize=blocksize
+    )
     assert torch.equal(_bits(decode_tensor(theirs)), _bits(bnb.dequantize_blockwise(q, state)))
+    # And bitsandbytes dequantizes our codes exactly as we do.
+    ours_q = torch.tensor(list(wt.data), dtype=torch.uint8)
+    bnb_of_ours = bnb.dequantize_blockwise(ours_q, absmax=_absmax(wt), blocksize=blocksize)
+    assert torch.equal(_bits(bnb_of_ours), _bits(decode_tensor(wt)))
     # Codes: bitsandbytes' CPU kernel is not always nearest (about 0.1% differ here);
     # ours always are, so wherever the two differ ours is at least as close.
     ours, bnb_codes = _codes(wt), q.long()
