@@ -29,6 +29,8 @@ from swarm.errors import PeerUnreachable, RequestTimeout
 from swarm.planning import Hop, Route
 from swarm.transport import Host, PeerConnection
 
+from .credit import CreditService
+
 __all__ = ["Chain", "HopRecord", "AllCandidatesFailed", "StepRecord"]
 
 log = logging.getLogger("swarm.client")
@@ -93,7 +95,8 @@ class Chain:
     def __init__(self, host: Host, *, model: str, max_length: int,
                  replan: Callable[[int, int, frozenset[bytes]], Awaitable[Route]],
                  wire_dtype: str = "f32", step_timeout: float = 60.0, max_failovers: int = 8,
-                 on_failover: Callable[[Hop, BaseException], None] | None = None) -> None:
+                 on_failover: Callable[[Hop, BaseException], None] | None = None,
+                 credit: CreditService | None = None) -> None:
         self.host = host
         self.model = model
         self.max_length = max_length
@@ -102,6 +105,7 @@ class Chain:
         self.step_timeout = step_timeout
         self.max_failovers = max_failovers
         self.on_failover = on_failover
+        self.credit = credit
         self.hops: list[HopRecord] = []
         self.failed: set[bytes] = set()
         self.failovers = 0
@@ -125,6 +129,10 @@ class Chain:
     async def aclose(self) -> None:
         """Close every session (best effort: the servers also drop them with the connection)."""
         hops, self.hops = self.hops, []
+        if self.credit is not None:
+            for record in hops:
+                if record.conn.is_open:
+                    await self.credit.send_receipt(record.conn)
         await _close_quietly(hops)
 
     # -- internals ------------------------------------------------------------------------
@@ -168,6 +176,8 @@ class Chain:
         record.transcript.append(StepRecord(step=step, position=position, input=wire,
                                             request_signature=request_signature, output=result.hidden,
                                             result_signature=result.signature))
+        if self.credit is not None:
+            await self.credit.received(record.conn, wire.shape[1] * (record.span[1] - record.span[0]))
         return decode_tensor(result.hidden, out_dtype=x.dtype)
 
     async def _fail_over(self, index: int, exc: BaseException) -> None:

@@ -30,10 +30,12 @@ import trio
 from protocol import Identity
 from protocol.errors import SwarmError, swarm_error_in
 from swarm.announce import RECORD_KINDS, SwarmView
+from swarm.credit import Credit
 from swarm.dht import DhtNode
 from swarm.transport import Host
 
 from .client import GenerationResult, SwarmClient, TokenEvent
+from .credit import CreditService
 from .runtime import DEFAULT_MODEL, SamplingParams, load_head
 
 __all__ = ["Swarm", "SyncSwarm", "GenerationResult", "TokenEvent"]
@@ -58,7 +60,8 @@ class Swarm:
     @classmethod
     async def connect(cls, nursery: trio.Nursery, *, bootstrap: Sequence[str], model: str = DEFAULT_MODEL,
                       identity: Identity | None = None, listen_host: str = "127.0.0.1", port: int = 0,
-                      wire_dtype: str = "f32", step_timeout: float = 60.0, device: str | None = None) -> Swarm:
+                      wire_dtype: str = "f32", step_timeout: float = 60.0, device: str | None = None,
+                      ledger_path: str | None = None) -> Swarm:
         """Join the swarm through ``bootstrap`` and load the model's client head.
 
         Args:
@@ -66,6 +69,9 @@ class Swarm:
             bootstrap: ``host:port`` addresses of peers already in the swarm.
             model: the model source (built-in name, local path or hub id) whose head
                 this client runs; servers must serve the same model id.
+            identity: this peer's identity (default: a new one). Use the identity you
+                serve with: servers prioritize peers that did work for them.
+            ledger_path: where this peer's credit ledger persists (default: memory).
 
         Raises:
             BootstrapFailed: no bootstrap address answered.
@@ -76,14 +82,15 @@ class Swarm:
         head = await trio.to_thread.run_sync(functools.partial(load_head, model, device=device))
         host = Host(identity or Identity.generate(), host=listen_host, port=port)
         dht = DhtNode(host, kinds=RECORD_KINDS)
+        credit = CreditService(host, ledger_path=ledger_path)
         try:
-            scope = await nursery.start(_services, host, dht, tuple(bootstrap))
+            scope = await nursery.start(_services, host, dht, credit, tuple(bootstrap))
         except BaseExceptionGroup as group:  # e.g. BootstrapFailed inside the services' nursery
             error = swarm_error_in(group)
             if error is None:
                 raise
             raise error from None
-        return cls(SwarmClient(dht, head, wire_dtype=wire_dtype, step_timeout=step_timeout), scope)
+        return cls(SwarmClient(dht, head, wire_dtype=wire_dtype, step_timeout=step_timeout, credit=credit), scope)
 
     @property
     def model(self) -> str:
@@ -111,6 +118,12 @@ class Swarm:
         async for event in self.client.stream(prompt, params, chat=chat):
             yield event
 
+    def credit(self) -> list[tuple[bytes, Credit, int, int]]:
+        """This peer's credit with its neighbours: (public key, their credit here, work
+        they did for us, work we did for them), in work units (blocks x tokens)."""
+        assert self.client.credit is not None
+        return self.client.credit.neighbours()
+
     async def status(self) -> SwarmView:
         """Who serves which blocks of the model right now."""
         return await self.client.swarm_view(fresh=True)
@@ -119,12 +132,13 @@ class Swarm:
         self._scope.cancel()
 
 
-async def _services(host: Host, dht: DhtNode, bootstrap: tuple[str, ...], *,
+async def _services(host: Host, dht: DhtNode, credit: CreditService, bootstrap: tuple[str, ...], *,
                     task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED) -> None:
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
             await nursery.start(functools.partial(dht.run, bootstrap=bootstrap))
+            await nursery.start(credit.run)
             task_status.started(scope)
 
 

@@ -17,8 +17,11 @@ from pathlib import Path
 
 import trio
 
-from protocol import Identity, SwarmError
+from protocol import Identity, SwarmError, peer_id_of
 from protocol.errors import swarm_error_in
+from swarm.credit import Ledger
+
+from .credit import ledger_path_for, neighbour_rows
 
 __all__ = ["main", "default_identity_path"]
 
@@ -57,7 +60,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         model=args.model, blocks=parse_blocks(args.blocks) if args.blocks else None, num_blocks=args.num_blocks,
         host=args.host, port=args.port, announce_addrs=tuple(args.announce_addr), bootstrap=tuple(args.bootstrap),
         device=args.device, dtype=args.dtype, quant=args.quant, max_sessions=args.max_sessions,
-        cache_bytes=args.cache_bytes)
+        cache_bytes=args.cache_bytes, compute_slots=args.compute_slots,
+        ledger_path=str(ledger_path_for(args.identity or default_identity_path())))
     identity = Identity.load_or_create(args.identity or default_identity_path())
     trio.run(_serve, identity, options)
     return 0
@@ -106,7 +110,9 @@ async def _generate(args: argparse.Namespace) -> int:
     from .api import Swarm
 
     async with trio.open_nursery() as nursery:
-        swarm = await Swarm.connect(nursery, bootstrap=args.bootstrap, model=args.model, step_timeout=args.timeout)
+        identity, ledger = _identity_and_ledger(args.identity)
+        swarm = await Swarm.connect(nursery, bootstrap=args.bootstrap, model=args.model, step_timeout=args.timeout,
+                                    identity=identity, ledger_path=ledger)
         kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                       top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
                       stop=tuple(args.stop))
@@ -121,6 +127,15 @@ async def _generate(args: argparse.Namespace) -> int:
                   f"{result.time_to_first_token:.2f} s, route: {format_route(result.route)}]", file=sys.stderr)
         await swarm.aclose()
     return 0
+
+
+def _identity_and_ledger(path: str | None) -> tuple[Identity, str | None]:
+    """The identity (and its ledger) of ``--identity`` or the default file if it exists;
+    else a throwaway identity: generating needs no key file."""
+    path_ = Path(path) if path else default_identity_path()
+    if path or path_.exists():
+        return Identity.load(path_), str(ledger_path_for(path_))
+    return Identity.generate(), None
 
 
 # --- status ------------------------------------------------------------------------------
@@ -145,8 +160,24 @@ async def _status(args: argparse.Namespace) -> int:
         await nursery.start(functools.partial(dht.run, bootstrap=tuple(args.bootstrap)))
         view = await fetch_swarm_view(dht, info.model_id, info.num_blocks)
         print(format_status(info.model_id, info.num_blocks, view.announcements))
+        _, ledger = _identity_and_ledger(args.identity)
+        if ledger is not None:
+            print("\n" + format_credit(Ledger.open(ledger, Identity.load(args.identity or default_identity_path())
+                                                       .public_key)))
         nursery.cancel_scope.cancel()
     return 0
+
+
+def format_credit(ledger: Ledger) -> str:
+    """This peer's credit with its neighbours, from its ledger (work units = blocks x tokens)."""
+    rows = neighbour_rows(ledger)
+    lines = [f"credit of this peer's neighbours ({len(ledger)} receipts in the ledger):",
+             f"  {'PEER':<14}{'THEIR CREDIT HERE':>18}{'WORK FOR US':>13}{'WORK FOR THEM':>15}"]
+    lines += [f"  {peer_id_of(key).hex()[:12]:<14}{credit.total:>18}{for_us:>13}{for_them:>15}"
+              for key, credit, for_us, for_them in rows]
+    if not rows:
+        lines.append("  (no receipts yet: serve blocks to earn credit)")
+    return "\n".join(lines)
 
 
 def format_route(route: list) -> str:
@@ -219,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--quant", choices=["int8", "nf4"], help="quantize the served blocks' weights (bitsandbytes)")
     serve.add_argument("--max-sessions", type=int, default=16, help="concurrent inference sessions (default 16)")
     serve.add_argument("--cache-bytes", type=int, help="memory budget for KV caches in bytes (default: unlimited)")
+    serve.add_argument("--compute-slots", type=int, default=1,
+                       help="steps computed at once; more wait, served in order of the requesters' credit")
     serve.set_defaults(func=_cmd_serve)
 
     gen = sub.add_parser("generate", help="generate text with a swarm")
@@ -236,11 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
     gen.add_argument("--timeout", type=float, default=60.0, help="seconds one hop may take for one step")
+    gen.add_argument("--identity", metavar="PATH",
+                     help="generate as this peer (default: the default key file if present): serving earns priority")
     gen.set_defaults(func=_cmd_generate)
 
     status = sub.add_parser("status", help="show which peers serve which blocks")
     status.add_argument("--bootstrap", action="append", required=True, metavar="HOST:PORT")
     status.add_argument("--model", default=DEFAULT_MODEL)
+    status.add_argument("--identity", metavar="PATH", help="show this identity's credit (default key file if present)")
     status.set_defaults(func=_cmd_status)
 
     demo = sub.add_parser("demo", help="run a local swarm of peer processes with the default model and ask it")

@@ -23,6 +23,7 @@ from swarm.dht import DhtNode
 from swarm.planning import Hop, Route, plan_route
 
 from ._chain import Chain
+from .credit import CreditService
 from .runtime import ClientHead, InvalidArgument, ModelError, SamplingParams, TokenStream
 
 __all__ = ["SwarmClient", "GenerationResult", "TokenEvent", "RouteHop", "PromptTooLong", "ModelNotServed"]
@@ -96,11 +97,12 @@ class SwarmClient:
         wire_dtype: hidden-state dtype on the wire (lossless ``f32`` by default).
         step_timeout: seconds a hop may take for one step before it counts as failed.
         banned: peer ids never to route through (the verification layer adds to it).
+        credit: the peer's credit service; receipts for work received are sent through it.
     """
 
     def __init__(self, dht: DhtNode, head: ClientHead, *, wire_dtype: str = "f32", step_timeout: float = 60.0,
                  max_failovers: int = 8, banned: set[bytes] | None = None,
-                 view_ttl: float = 2.0) -> None:
+                 view_ttl: float = 2.0, credit: CreditService | None = None) -> None:
         self.dht = dht
         self.host = dht.host
         self.head = head
@@ -111,6 +113,7 @@ class SwarmClient:
         self.max_failovers = max_failovers
         self.banned = banned if banned is not None else set()
         self.view_ttl = view_ttl
+        self.credit = credit
         self._view: tuple[float, SwarmView] | None = None
         self.max_length = int(getattr(head.info.config, "max_position_embeddings", 0) or 1 << 20)
 
@@ -181,7 +184,8 @@ class SwarmClient:
         t0 = time.perf_counter()
         route = await self.plan()
         chain = Chain(self.host, model=self.model, max_length=max_length, replan=self._replan,
-                      wire_dtype=self.wire_dtype, step_timeout=self.step_timeout, max_failovers=self.max_failovers)
+                      wire_dtype=self.wire_dtype, step_timeout=self.step_timeout, max_failovers=self.max_failovers,
+                      credit=self.credit)
         first_token_at = None
         try:
             await chain.open(route)

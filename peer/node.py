@@ -24,6 +24,7 @@ from swarm.planning import choose_blocks
 from swarm.transport import Host
 
 from .runtime import DEFAULT_MODEL, SpanExecutor, load_span, measure_throughput, resolve_model
+from .credit import CreditService
 from .runtime._errors import InvalidArgument
 from .server import SpanServer
 
@@ -50,6 +51,8 @@ class ServeOptions:
     cache_bytes: int | None = None
     announce_ttl: float = DEFAULT_TTL
     drain_grace: float = 30.0
+    ledger_path: str | None = None  # the credit ledger (None: kept in memory)
+    compute_slots: int = 1  # steps computed at once; more queue in credit order
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
@@ -81,6 +84,7 @@ class ServerNode:
     dht: DhtNode
     server: SpanServer
     announcer: Announcer
+    credit: CreditService
     executor: SpanExecutor
     throughput: float
     cancel_scope: trio.CancelScope
@@ -134,13 +138,16 @@ async def run_server(identity: Identity, options: ServeOptions, *,
                 load_span, options.model, span[0], span[1], device=options.device, dtype=options.dtype,
                 quant=options.quant, cache_bytes=options.cache_bytes))
             throughput = await trio.to_thread.run_sync(measure_throughput, executor)
-            server = SpanServer(host, executor, max_sessions=options.max_sessions, drain_grace=options.drain_grace)
+            credit = CreditService(host, ledger_path=options.ledger_path, capacity=options.compute_slots)
+            await nursery.start(credit.run)
+            server = SpanServer(host, executor, max_sessions=options.max_sessions, drain_grace=options.drain_grace,
+                                admit=credit.admit, on_work=credit.served)
             nursery.start_soon(server.run)
             announcer = Announcer(dht, identity, lambda expires: server.make_announcement(expires, throughput),
                                   ttl=options.announce_ttl)
             await nursery.start(announcer.run)
             node = ServerNode(identity=identity, host=host, dht=dht, server=server, announcer=announcer,
-                              executor=executor, throughput=throughput, cancel_scope=scope)
+                              credit=credit, executor=executor, throughput=throughput, cancel_scope=scope)
             if status_stream is not None:
                 nursery.start_soon(_show_status, node, status_stream, status_interval)
             task_status.started(node)

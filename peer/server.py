@@ -75,8 +75,8 @@ class SpanServer:
         host: the transport (not yet running, or running: handlers are added at once).
         executor: the loaded span.
         max_sessions: sessions open at once; beyond it OPEN_SESSION gets BUSY.
-        on_work: called with (requester peer id, work units) after every served step;
-            the credit ledger hooks in here.
+        on_work: called with (requester's connection, work units) after every served
+            step; the credit ledger hooks in here.
         admit: an async context manager factory ``admit(requester_peer_id)`` that
             grants a compute slot (the credit scheduler); default: first come, first served.
     """
@@ -88,7 +88,7 @@ class SpanServer:
         *,
         max_sessions: int = 16,
         drain_grace: float = 30.0,
-        on_work: Callable[[bytes, int], None] | None = None,
+        on_work: Callable[[PeerConnection, int], None] | None = None,
         admit: Callable[[bytes], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -203,7 +203,7 @@ class SpanServer:
         verify(conn.public_key, forward_request_statement(
             client=conn.peer_id, server=self.identity.peer_id, session=msg.session, step=msg.step, model=self.model,
             span=served.span, position=msg.position, input_digest=input_digest), msg.signature)
-        output = await self._compute_step(conn.peer_id, served.span, n_tokens,
+        output = await self._compute_step(conn, served.span, n_tokens,
                                           lambda: self.executor.forward(msg.session, hidden, msg.position))
         if self._sessions.get(msg.session) is not served:  # closed while computing
             raise RemoteError("the session was closed during the step", code=ErrorCode.UNKNOWN_SESSION)
@@ -224,7 +224,7 @@ class SpanServer:
         verify(conn.public_key, forward_request_statement(
             client=conn.peer_id, server=self.identity.peer_id, session=msg.nonce, step=0, model=self.model,
             span=msg.span, position=0, input_digest=input_digest), msg.signature)
-        output = await self._compute_step(conn.peer_id, msg.span, hidden.shape[1],
+        output = await self._compute_step(conn, msg.span, hidden.shape[1],
                                           lambda: self.executor.forward_once(hidden, start=msg.span[0],
                                                                              end=msg.span[1]))
         out = encode_tensor(output, msg.hidden.dtype)
@@ -260,13 +260,13 @@ class SpanServer:
                               f"{list(wire.shape)}", code=ErrorCode.INVALID_REQUEST)
         return decode_tensor(wire, limits=self.host.limits, device=self.executor.device, out_dtype=self.executor.dtype)
 
-    async def _compute_step(self, requester: bytes, span: tuple[int, int], n_tokens: int,
+    async def _compute_step(self, requester: PeerConnection, span: tuple[int, int], n_tokens: int,
                             fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         self._in_flight += 1
         self._idle = trio.Event() if self._in_flight == 1 else self._idle
         try:
             if self._admit is not None:
-                async with self._admit(requester):
+                async with self._admit(requester.peer_id):
                     output, seconds = await self._run_compute(fn)
             else:
                 output, seconds = await self._run_compute(fn)

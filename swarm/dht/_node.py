@@ -185,7 +185,9 @@ class DhtNode:
 
         async def dial(addr: str) -> None:
             try:
-                await self.host.connect(addr, timeout=self.query_timeout)
+                conn = await self.host.connect(addr, timeout=self.query_timeout)
+                if conn.peer_id == self.peer_id:
+                    await self._join_through_twin(conn)
             except SwarmError as exc:
                 errors.append(f"{addr}: {exc}")
 
@@ -198,6 +200,16 @@ class DhtNode:
             )
         await self.lookup_node(self.peer_id)
         return len(self.routing)
+
+    async def _join_through_twin(self, conn: PeerConnection) -> None:
+        """A bootstrap peer with our own id (this identity's server, when its owner
+        generates from another process) is never a contact: ask it for its
+        neighbours and dial them, so that they become our contacts."""
+        answer = await conn.request(FindNode(id=0, target=self.peer_id), timeout=self.query_timeout)
+        async with trio.open_nursery() as nursery:
+            for info in answer.nodes:
+                if info.peer_id != self.peer_id:
+                    nursery.start_soon(self._quietly, self._request(info, Ping(id=0)))
 
     # -- public operations ----------------------------------------------------------
 

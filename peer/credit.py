@@ -1,0 +1,201 @@
+"""A peer's tit-for-tat credit, wired to the network (spec section 12; DESIGN.md "Credit").
+
+Theory of operation. The pure core lives in ``swarm.credit`` (ledger, receipts,
+max-flow credit) and ``peer.scheduler`` (the policy). ``CreditService`` is the thin
+trio shell around them, shared by the serving and the generating side of one peer:
+
+- as a server it counts work served per client (``served``), answers RECEIPT by
+  checking and countersigning (``ReceiptDesk``), and grants compute slots in credit
+  order (``admit``: the scheduler; idle capacity serves anyone at once);
+- as a client it counts work received per server (``received``) and sends a
+  cumulative receipt every ``receipt_every`` steps and when a generation ends;
+- it answers CREDIT_QUERY with its latest records, asks every new requester for its
+  records on first contact (so work a peer did for us while we generated from another
+  process counts at once: that peer holds the receipts we signed) and periodically
+  asks connected peers, so transitive credit (at most 2 hops) can be computed;
+- it saves the ledger atomically when it changed, every ``save_interval`` seconds
+  and on exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Hashable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from protocol import _messages as M
+from protocol.errors import SwarmError
+from swarm.credit import Credit, Ledger, ReceiptDesk, ReceiptWallet
+from swarm.transport import Host, PeerConnection
+
+from .scheduler import Scheduler, SchedulerConfig
+
+__all__ = ["CreditService", "ledger_path_for", "neighbour_rows"]
+
+log = logging.getLogger("swarm.credit")
+
+
+def ledger_path_for(identity_path: str | os.PathLike[str]) -> Path:
+    """The ledger file kept beside an identity key file."""
+    path = Path(identity_path)
+    return path.with_name(path.name + ".ledger")
+
+
+def neighbour_rows(ledger: Ledger) -> list[tuple[bytes, Credit, int, int]]:
+    """(public key, its credit here, work it did for us, work we did for it) per peer
+    the ledger's owner has receipts with, in work units (blocks x tokens)."""
+    me = ledger.owner
+    peers = {r.server for r in ledger.received()} | {r.client for r in ledger.given()}
+    rows = []
+    for key in sorted(peers - {me}):
+        for_us, for_them = ledger.latest(me, key), ledger.latest(key, me)
+        rows.append((key, ledger.credit(key), for_us.work if for_us else 0, for_them.work if for_them else 0))
+    return rows
+
+
+class CreditService:
+    """See the module docstring.
+
+    Args:
+        host: the peer's transport (handlers for RECEIPT and CREDIT_QUERY are added).
+        ledger_path: where the ledger persists (None: in memory only).
+        capacity: concurrent compute slots the scheduler grants.
+        receipt_every: steps between receipts a client sends each server.
+    """
+
+    def __init__(self, host: Host, *, ledger_path: str | os.PathLike[str] | None = None, capacity: int = 1,
+                 receipt_every: int = 8, save_interval: float = 10.0, exchange_interval: float = 30.0,
+                 scheduler_config: SchedulerConfig | None = None) -> None:
+        self.host = host
+        self.identity = host.identity
+        owner = self.identity.public_key
+        self.ledger = Ledger.open(ledger_path, owner) if ledger_path is not None else Ledger(owner)
+        self.ledger_path = ledger_path
+        self.desk = ReceiptDesk(self.identity, self.ledger)
+        self.wallet = ReceiptWallet(self.identity, self.ledger)
+        self._keys: dict[Hashable, bytes] = {}  # peer id -> public key of requesters seen
+        self.scheduler = Scheduler(capacity, credit_of=self.credit_total, delinquent_of=self._delinquent,
+                                   config=scheduler_config)
+        self.receipt_every = receipt_every
+        self.save_interval = save_interval
+        self.exchange_interval = exchange_interval
+        self._steps: dict[bytes, int] = {}  # server public key -> steps since the last receipt
+        # requester peer id -> (trio time granted, seconds waited) per compute slot
+        self.waits: dict[bytes, list[tuple[float, float]]] = {}
+        self._asked: set[bytes] = set()  # requesters whose records we fetched
+        self._nursery: trio.Nursery | None = None
+        host.add_handler(M.Receipt, self._on_receipt)
+        host.add_handler(M.CreditQuery, self._on_credit_query)
+
+    # -- what the scheduler asks ------------------------------------------------------------
+
+    def credit_of(self, peer_id: bytes) -> Credit:
+        """Credit of ``peer_id`` as this peer sees it (direct + transitive, work units)."""
+        return self.ledger.credit_of_peer(peer_id)
+
+    def credit_total(self, peer_id: Hashable) -> float:
+        return float(self.ledger.credit_of_peer(peer_id).total) if isinstance(peer_id, bytes) else 0.0
+
+    def _delinquent(self, peer_id: Hashable) -> bool:
+        key = self._keys.get(peer_id)
+        return key is not None and self.desk.delinquent(key)
+
+    def neighbours(self) -> list[tuple[bytes, Credit, int, int]]:
+        """See ``neighbour_rows``."""
+        return neighbour_rows(self.ledger)
+
+    # -- server side ----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def admit(self, peer_id: bytes) -> AsyncIterator[None]:
+        """A compute slot for ``peer_id``'s step, in credit order under contention."""
+        t0 = trio.current_time()
+        async with self.scheduler.slot(peer_id):
+            now = trio.current_time()
+            waits = self.waits.setdefault(peer_id, [])
+            waits.append((now, now - t0))
+            del waits[:-1024]  # recent history only: this is for status and tests
+            yield
+
+    def served(self, client: PeerConnection, units: int) -> None:
+        self._keys[client.peer_id] = client.public_key
+        self.desk.served(client.public_key, units)
+        if client.peer_id not in self._asked and self._nursery is not None:
+            self._asked.add(client.peer_id)
+            self._nursery.start_soon(self._exchange_quietly, client)
+
+    async def _on_receipt(self, conn: PeerConnection, msg: M.Receipt) -> M.ReceiptAck:
+        if msg.receipt.client != conn.public_key:
+            from swarm.credit import InvalidReceipt
+
+            raise InvalidReceipt("a receipt must be signed by the peer that sends it")
+        record = self.desk.accept(msg.receipt, handshake_hash=conn.handshake_hash)
+        return M.ReceiptAck(id=msg.id, receipt=record)
+
+    async def _on_credit_query(self, conn: PeerConnection, msg: M.CreditQuery) -> M.CreditReport:
+        return M.CreditReport(id=msg.id, records=self.ledger.records_for_exchange())
+
+    # -- client side ----------------------------------------------------------------------
+
+    async def received(self, server: PeerConnection, units: int, *, final: bool = False) -> None:
+        """Count work received from ``server``; send a receipt every ``receipt_every``
+        steps and when ``final``. A failed receipt is logged, never fatal."""
+        key = server.public_key
+        self.wallet.received(key, units)
+        steps = self._steps.get(key, 0) + 1
+        self._steps[key] = steps
+        if final or steps >= self.receipt_every:
+            await self.send_receipt(server)
+
+    async def send_receipt(self, server: PeerConnection) -> bool:
+        key = server.public_key
+        if self.wallet.pending(key) <= 0:
+            return False
+        self._steps[key] = 0
+        receipt = self.wallet.issue(key, server.handshake_hash)
+        try:
+            ack = await server.request(M.Receipt(id=0, receipt=receipt), timeout=10.0)
+            return self.wallet.acknowledged(ack.receipt)
+        except SwarmError as exc:
+            log.info("receipt to %s not acknowledged: %s", server.peer_id.hex()[:12], exc)
+            return False
+
+    # -- maintenance ----------------------------------------------------------------------
+
+    async def exchange(self, conn: PeerConnection) -> None:
+        """Fetch ``conn``'s records (for transitive credit) and merge the valid ones."""
+        report = await conn.request(M.CreditQuery(id=0), timeout=10.0)
+        self.ledger.merge_remote(report.records)
+
+    async def _exchange_quietly(self, conn: PeerConnection) -> None:
+        try:
+            await self.exchange(conn)
+        except SwarmError as exc:
+            log.debug("credit exchange with %s failed: %s", conn.peer_id.hex()[:12], exc)
+
+    def save(self) -> None:
+        if self.ledger_path is not None and self.ledger.dirty:
+            self.ledger.save()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Save the ledger when it changed and exchange records with connected peers, until cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                since_exchange = 0.0
+                while True:
+                    await trio.sleep(self.save_interval)
+                    self.save()
+                    since_exchange += self.save_interval
+                    if since_exchange >= self.exchange_interval:
+                        since_exchange = 0.0
+                        for conn in list(self.host.connections.values()):
+                            nursery.start_soon(self._exchange_quietly, conn)
+        finally:
+            self._nursery = None
+            self.save()

@@ -1,0 +1,151 @@
+"""Tit-for-tat on loopback: a server with one compute slot serves the peers that did
+work for it first; Sybil receipts buy nothing; forged and replayed receipts are refused;
+the ledger survives a restart. Real servers, real sockets, a random-weight Llama."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import statistics
+
+import pytest
+import torch
+import trio
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from peer.api import Swarm
+from peer.node import ServeOptions, run_server
+from protocol import Identity
+from protocol import _messages as M
+from protocol.errors import ErrorCode, RemoteError
+from swarm.credit import countersign, make_receipt
+
+LAYERS = 6
+PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama-credit")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=LAYERS,
+                                 num_attention_heads=4, max_position_embeddings=256,
+                                 eos_token_id=None)).save_pretrained(path)
+    return str(path)
+
+
+async def serve(nursery, path, *, bootstrap=(), identity=None, **kw):
+    options = ServeOptions(model=path, blocks=(0, LAYERS), bootstrap=tuple(bootstrap), **kw)
+    return await nursery.start(functools.partial(run_server, identity or Identity.generate(), options))
+
+
+async def client(nursery, path, bootstrap, *, identity=None, only=None, avoid=()):
+    swarm = await Swarm.connect(nursery, bootstrap=[bootstrap], model=path, identity=identity)
+    swarm.client.banned.update(avoid)
+    return swarm
+
+
+async def wait_for(predicate, timeout=20.0):
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.05)
+
+
+@pytest.mark.slow
+async def test_contributors_wait_less_than_free_riders(model_dir):
+    async with trio.open_nursery() as nursery:
+        server = await serve(nursery, model_dir, compute_slots=1)
+        contributors = [await serve(nursery, model_dir, bootstrap=[server.address]) for _ in range(2)]
+        everyone = {server.identity.peer_id} | {c.identity.peer_id for c in contributors}
+
+        # The server's owner generates through each contributor and signs receipts for their work.
+        owner = await client(nursery, model_dir, server.address, identity=server.identity)
+        for c in contributors:
+            owner.client.banned.clear()
+            owner.client.banned.update(everyone - {c.identity.peer_id})
+            await owner.generate(PROMPT, max_new_tokens=24)
+
+        # Contributors and free-riders then all generate through the server alone.
+        others = everyone - {server.identity.peer_id}
+        helpers = [await client(nursery, model_dir, server.address, identity=c.identity, avoid=others)
+                   for c in contributors]
+        riders = [await client(nursery, model_dir, server.address, avoid=others) for _ in range(2)]
+
+        # No contention: a lone newcomer is served at once.
+        await riders[0].generate(PROMPT, max_new_tokens=16)
+        lone = [w for _, w in server.credit.waits[riders[0].client.host.peer_id]]
+        assert statistics.median(lone) < 0.005, lone
+
+        # First contact makes the server fetch the contributors' receipts (signed by its owner).
+        for h in helpers:
+            await h.generate(PROMPT, max_new_tokens=1)
+        await wait_for(lambda: all(server.credit.credit_of(c.identity.peer_id).total > 0 for c in contributors))
+        assert server.credit.credit_of(riders[0].client.host.peer_id).total == 0
+
+        server.credit.waits.clear()
+        results, finished = {}, []
+
+        async def job(name, swarm):
+            results[name] = await swarm.generate(PROMPT, max_new_tokens=32)
+            finished.append(trio.current_time())
+
+        async with trio.open_nursery() as jobs:
+            for i, swarm in enumerate(helpers + riders):
+                jobs.start_soon(job, i, swarm)
+        assert len(results) == 4 and all(len(r.token_ids) == 32 for r in results.values())  # newcomers served too
+        assert len({tuple(r.token_ids) for r in results.values()}) == 1  # same prompt, same greedy text
+
+        def median_wait(swarms):  # while all four contended: after the first finished, riders run alone
+            return statistics.median(w for s in swarms for t, w in server.credit.waits[s.client.host.peer_id]
+                                     if t < finished[0])
+
+        contributor_wait, rider_wait = median_wait(helpers), median_wait(riders)
+        print(f"median wait for a compute slot: contributors {contributor_wait * 1e3:.1f} ms, "
+              f"free-riders {rider_wait * 1e3:.1f} ms (ratio {rider_wait / max(contributor_wait, 1e-9):.1f})")
+        assert contributor_wait < 0.6 * rider_wait
+        nursery.cancel_scope.cancel()
+
+
+async def test_sybil_receipts_buy_nothing_and_bad_receipts_are_refused(model_dir, tmp_path):
+    ledger = tmp_path / "server.ledger"
+    identity = Identity.generate()
+    async with trio.open_nursery() as nursery:
+        server = await serve(nursery, model_dir, identity=identity, ledger_path=str(ledger))
+        attacker = await client(nursery, model_dir, server.address)
+        me = attacker.client.host.identity
+        sybils = [Identity.generate() for _ in range(10)]
+        wallet = attacker.client.credit.ledger
+        for i, a in enumerate(sybils):  # a dense web of fake work among the Sybils and the attacker
+            for b in sybils[i + 1:] + [me]:
+                record = countersign(b, make_receipt(a, b.public_key, bytes(32), 1, 10**9))
+                if b is me:
+                    wallet.store(record)
+                else:
+                    wallet.merge_remote([record])
+        await attacker.generate(PROMPT, max_new_tokens=4)  # first contact: the server fetches the records
+        await wait_for(lambda: me.peer_id in server.credit._asked)
+        await trio.sleep(0.5)
+        assert server.credit.credit_of(me.peer_id).total == 0
+
+        # Receipts over the wire: a forged one and a replayed one are refused with typed errors.
+        conn = await attacker.client.host.connect(server.address, peer_id=identity.peer_id)
+        server.credit.desk.served(me.public_key, 100)
+        good = make_receipt(me, identity.public_key, conn.handshake_hash, 1000, 80)
+        ack = await conn.request(M.Receipt(id=0, receipt=good))
+        assert ack.receipt.server_signature is not None
+        with pytest.raises(RemoteError) as info:
+            await conn.request(M.Receipt(id=0, receipt=dataclasses.replace(good, work=90)))
+        assert info.value.code == ErrorCode.BAD_SIGNATURE
+        with pytest.raises(RemoteError) as info:
+            await conn.request(M.Receipt(id=0, receipt=good))
+        assert info.value.code == ErrorCode.STALE_RECORD
+        with pytest.raises(RemoteError):  # claims more work than was served
+            await conn.request(M.Receipt(id=0, receipt=make_receipt(me, identity.public_key, conn.handshake_hash,
+                                                                     1001, 10**6)))
+        server.cancel_scope.cancel()
+        await trio.sleep(0.2)
+
+        # A restart keeps the ledger: the double-signed record is still there.
+        again = await serve(nursery, model_dir, identity=identity, ledger_path=str(ledger))
+        assert again.credit.ledger.latest(me.public_key, identity.public_key).work == 80
+        nursery.cancel_scope.cancel()
