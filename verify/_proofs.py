@@ -1,0 +1,218 @@
+"""Fraud proofs: building one from a signed transcript, and verifying one
+(spec "Verification", "Fraud proofs").
+
+Theory of operation. A ``FraudProof`` holds everything a third party needs to check
+that ``accused`` signed a wrong output: the client-signed requests of the session from
+step 0 to the disputed step ``k`` (their hidden states are the span's whole input
+prefix) and the accused's signed output for step ``k``. A FORWARD_ONCE answer is the
+special case of one request (``session`` = the request's nonce, step and position 0).
+
+``verify_proof`` applies the spec's checks in this order, each failure an
+``InvalidProof`` (wire code INVALID_PROOF), cheapest first:
+
+1. structure: distinct accused and client; steps ``0..k`` in order; positions
+   contiguous from 0; every tensor ``[1, n, H]`` of one wire dtype; the output shaped
+   like request ``k``'s input;
+2. the client's signature over every request statement, in step order;
+3. the accused's signature over the result statement of step ``k``;
+4. the verifier serves the model and a span covering the proof's blocks;
+5. recomputation: FORWARD_ONCE of the concatenated prefix, and ``compare`` of its
+   last rows with the output. A match means the accused computed honestly: the
+   proof is invalid (the accused was framed).
+
+Only step 5 costs compute, and it runs only for a proof whose every signature holds,
+so a forger cannot make verifiers burn compute without signing the garbage himself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+
+from protocol import cbor_decode, cbor_encode, peer_id_of
+from protocol import _messages as M
+from protocol._fields import fields_from_cbor, fields_to_cbor
+from protocol._limits import DEFAULT_LIMITS, Limits
+from protocol._statements import forward_request_statement, forward_result_statement, verify
+from protocol._tensor import WireTensor, decode_tensor
+from protocol.errors import BadSignature, DecodeError, ErrorCode, ProtocolError, SwarmError
+
+from ._compare import Comparison, compare, tolerance_for
+
+__all__ = [
+    "InvalidProof",
+    "SpanRecompute",
+    "TranscriptStep",
+    "check_proof",
+    "proof_digest",
+    "proof_from_bytes",
+    "proof_from_forward_once",
+    "proof_from_transcript",
+    "proof_to_bytes",
+    "recompute_prefix",
+    "verify_proof",
+]
+
+
+class InvalidProof(SwarmError):
+    """A fraud proof that does not verify; the message says which check failed."""
+
+    code = ErrorCode.INVALID_PROOF
+
+
+class TranscriptStep(Protocol):
+    """One signed exchange of a session (``peer._chain.StepRecord`` has this shape)."""
+
+    step: int
+    position: int
+    input: WireTensor
+    request_signature: bytes
+    output: WireTensor
+    result_signature: bytes
+
+
+class SpanRecompute(Protocol):
+    """What a verifier needs of a loaded span (``peer.runtime.SpanExecutor``)."""
+
+    model_id: str
+    start: int
+    end: int
+    hidden_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def forward_once(self, hidden: torch.Tensor, *, start: int | None = None, end: int | None = None) -> Any: ...
+
+
+# -- building ------------------------------------------------------------------------
+
+
+def proof_from_transcript(*, accused: bytes, client: bytes, model: str, span: tuple[int, int], session: bytes,
+                          transcript: Sequence[TranscriptStep], index: int) -> M.FraudProof:
+    """The proof that the output of ``transcript[index]`` is wrong.
+
+    Args:
+        accused, client: Ed25519 public keys of the hop's server and of the client.
+        transcript: the hop's signed exchanges from step 0.
+    """
+    if not 0 <= index < len(transcript):
+        raise IndexError(f"step index {index} is outside the transcript of {len(transcript)} steps")
+    requests = tuple(M.ForwardEvidence(step=r.step, position=r.position, hidden=r.input,
+                                       signature=r.request_signature) for r in transcript[:index + 1])
+    disputed = transcript[index]
+    return M.FraudProof(accused=accused, client=client, model=model, span=span, session=session, requests=requests,
+                        output=disputed.output, output_signature=disputed.result_signature)
+
+
+def proof_from_forward_once(*, accused: bytes, client: bytes, model: str, span: tuple[int, int], nonce: bytes,
+                            hidden: WireTensor, request_signature: bytes, output: WireTensor,
+                            output_signature: bytes) -> M.FraudProof:
+    """The proof that a FORWARD_ONCE answer is wrong (one request: step 0, position 0)."""
+    request = M.ForwardEvidence(step=0, position=0, hidden=hidden, signature=request_signature)
+    return M.FraudProof(accused=accused, client=client, model=model, span=span, session=nonce, requests=(request,),
+                        output=output, output_signature=output_signature)
+
+
+def proof_to_bytes(proof: M.FraudProof) -> bytes:
+    """The proof's deterministic CBOR (its body map), as stored in the DHT."""
+    return cbor_encode(fields_to_cbor(proof, M.FraudProof.FIELDS))
+
+
+def proof_from_bytes(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> M.FraudProof:
+    """Raises DecodeError/LimitExceeded on malformed bytes."""
+    fields = fields_from_cbor(cbor_decode(data, max_size=limits.max_message_size), M.FraudProof.FIELDS, limits)
+    try:
+        return M.FraudProof(**fields)
+    except ProtocolError as exc:
+        raise DecodeError(str(exc)) from None
+
+
+def proof_digest(proof: M.FraudProof) -> bytes:
+    """BLAKE2b-256 of ``proof_to_bytes``: the proof's identity for dedup and storage."""
+    return hashlib.blake2b(proof_to_bytes(proof), digest_size=32).digest()
+
+
+# -- verifying -------------------------------------------------------------------------
+
+
+def check_proof(proof: M.FraudProof) -> None:
+    """Checks 1-3 of the module docstring (no compute). Raises InvalidProof."""
+    if proof.accused == proof.client:
+        raise InvalidProof("the accused and the client are the same key")
+    requests = proof.requests
+    if not requests:
+        raise InvalidProof("a proof holds at least one request")
+    dtype = proof.output.dtype
+    hidden_size = None
+    position = 0
+    for i, request in enumerate(requests):
+        shape = tuple(request.hidden.shape)
+        if request.step != i:
+            raise InvalidProof(f"request {i} has step {request.step}; steps must run 0, 1, ... in order")
+        if request.position != position:
+            raise InvalidProof(f"step {i} starts at position {request.position}, expected {position}")
+        if len(shape) != 3 or shape[0] != 1 or shape[1] < 1 or (hidden_size is not None and shape[2] != hidden_size):
+            raise InvalidProof(f"step {i} has hidden states of shape {list(shape)}")
+        if request.hidden.dtype != dtype:
+            raise InvalidProof(f"step {i} is {request.hidden.dtype} but the output is {dtype}")
+        hidden_size = shape[2]
+        position += shape[1]
+    if tuple(proof.output.shape) != tuple(requests[-1].hidden.shape):
+        raise InvalidProof(f"output shape {list(proof.output.shape)} differs from the last input's "
+                           f"{list(requests[-1].hidden.shape)}")
+    client_id, accused_id = peer_id_of(proof.client), peer_id_of(proof.accused)
+    try:
+        for request in requests:
+            verify(proof.client, forward_request_statement(
+                client=client_id, server=accused_id, session=proof.session, step=request.step, model=proof.model,
+                span=proof.span, position=request.position, input_digest=request.hidden.digest()),
+                request.signature)
+    except BadSignature:
+        raise InvalidProof(f"the client's signature on step {request.step} does not verify") from None
+    try:
+        verify(proof.accused, forward_result_statement(
+            server=accused_id, session=proof.session, step=requests[-1].step, model=proof.model, span=proof.span,
+            input_digest=requests[-1].hidden.digest(), output_digest=proof.output.digest()), proof.output_signature)
+    except BadSignature:
+        raise InvalidProof("the accused's signature on the output does not verify") from None
+
+
+def recompute_prefix(executor: SpanRecompute, inputs: Sequence[WireTensor], span: tuple[int, int], *,
+                     limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
+    """FORWARD_ONCE of the concatenated ``inputs`` through blocks ``span`` (float32 out)."""
+    x = torch.cat([decode_tensor(w, limits=limits, out_dtype=torch.float32) for w in inputs], dim=1)
+    with torch.inference_mode():
+        out = executor.forward_once(x.to(device=executor.device, dtype=executor.dtype), start=span[0], end=span[1])
+    return out.to(device="cpu", dtype=torch.float32)
+
+
+def verify_proof(proof: M.FraudProof, executor: SpanRecompute, *, compute_dtype: str = "f32",
+                 limits: Limits = DEFAULT_LIMITS) -> Comparison:
+    """All five checks of the module docstring. Returns the (failed) comparison that
+    convicts the accused.
+
+    Raises:
+        InvalidProof: a check failed; the accused is not guilty by this proof.
+    """
+    check_proof(proof)
+    if proof.model != executor.model_id:
+        raise InvalidProof(f"the proof is about {proof.model}; this peer serves {executor.model_id}")
+    if not executor.start <= proof.span[0] < proof.span[1] <= executor.end:
+        raise InvalidProof(f"blocks [{proof.span[0]}, {proof.span[1]}) are not inside the served span "
+                           f"[{executor.start}, {executor.end})")
+    if proof.output.shape[2] != executor.hidden_size:
+        raise InvalidProof(f"hidden size {proof.output.shape[2]} is not the model's {executor.hidden_size}")
+    try:
+        reference = recompute_prefix(executor, [r.hidden for r in proof.requests], proof.span, limits=limits)
+        claimed = decode_tensor(proof.output, limits=limits, out_dtype=torch.float32)
+    except SwarmError as exc:  # e.g. a prefix longer than the model's context
+        raise InvalidProof(f"cannot recompute the proof: {exc}") from None
+    rows = claimed.shape[1]
+    verdict = compare(claimed, reference[:, -rows:], tolerance=tolerance_for(compute_dtype, proof.output.dtype),
+                      depth=proof.span[1] - proof.span[0])
+    if verdict.ok:
+        raise InvalidProof(f"the accused's output matches a recomputation ({verdict}); the proof frames an honest peer")
+    return verdict

@@ -1,0 +1,270 @@
+"""The FRAUD_PROOF service: verify, ban, gossip, store (spec "Verification",
+"Fraud proofs", "Gossip and storage").
+
+Theory of operation. Every peer of a verifying swarm runs one ``FraudProofService``
+on its host. A proof reaches it as a FRAUD_PROOF notice from a connected peer, from
+the DHT (``check_peer``), or from this peer's own auditor (``submit``). The service
+verifies it once (results are cached by proof digest):
+
+- a peer serving the proof's span runs ``verify_proof`` (signatures, then recompute
+  on its own executor, in a worker thread under the server's compute limiter);
+- any other peer checks the signatures and asks up to ``endorsers`` independent
+  holders of the span (found in the DHT; never the accused, the sender or the
+  submitter) to verify it, and accepts it if more of them accept than reject.
+
+An accepted proof bans the accused (``Reputation.ban``, persisted), is forwarded to
+every connected peer that has not seen it (gossip; duplicates stop at the digest
+cache) and, by peers that recomputed it, stored in the DHT (``verify._store``). A
+proof that does not verify is answered INVALID_PROOF and counts against the peer
+that sent it (``record_invalid_proof``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+from protocol import cbor_decode, peer_id_of
+from protocol import _messages as M
+from protocol.errors import ErrorCode, ProtocolError, RemoteError, SwarmError
+from swarm.announce import block_key, decode_block_value
+from swarm.dht import DhtNode
+from swarm.transport import Host, PeerConnection
+
+from ._proofs import InvalidProof, SpanRecompute, check_proof, proof_digest, verify_proof
+from ._reputation import Reputation
+from ._store import MAX_STORED_PROOF, fetch_proofs, proof_to_bytes, publish_proof
+
+__all__ = ["FraudProofService"]
+
+log = logging.getLogger("swarm.verify")
+
+
+class FraudProofService:
+    """Handles FRAUD_PROOF for one peer; see the module docstring.
+
+    Args:
+        host, dht: the peer's transport and DHT node (running).
+        reputation: where bans and penalties go (shared with routing and the server).
+        executor: the span this peer serves, if any (it then verifies by recomputing).
+        compute_limiter: the server's compute limiter, so verification queues with steps.
+        reputation_path: if given, the reputation is saved there after every ban.
+        endorsers: independent holders a non-holder asks.
+        timeout: seconds for one notice to a peer.
+    """
+
+    def __init__(self, host: Host, dht: DhtNode, reputation: Reputation, *, executor: SpanRecompute | None = None,
+                 compute_limiter: trio.CapacityLimiter | None = None, compute_dtype: str = "f32",
+                 reputation_path: str | Path | None = None, endorsers: int = 3, timeout: float = 30.0,
+                 store: bool = True, clock: Callable[[], float] = time.time) -> None:
+        self.host = host
+        self.dht = dht
+        self.reputation = reputation
+        self.executor = executor
+        self.compute_dtype = compute_dtype
+        self.reputation_path = reputation_path
+        self.endorsers = endorsers
+        self.timeout = timeout
+        self.store = store
+        self.clock = clock
+        self.accepted: dict[bytes, M.FraudProof] = {}  # digest -> verified proof
+        self.rejected: set[bytes] = set()
+        self.stored: dict[bytes, int] = {}  # digest -> DHT nodes holding the index
+        self._limiter = compute_limiter or trio.CapacityLimiter(1)
+        self._pending: dict[bytes, trio.Event] = {}
+        self._seen_by: dict[bytes, set[bytes]] = {}  # digest -> peers known to have it
+        self._send, self._receive = trio.open_memory_channel[tuple[Callable[..., Awaitable[object]], tuple]](64)
+        host.add_handler(M.FraudProofNotice, self._on_notice)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Gossip, store and submit proofs in the background until cancelled."""
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            async for job, args in self._receive:
+                nursery.start_soon(job, *args)
+
+    def holds(self, proof: M.FraudProof) -> bool:
+        """Whether this peer can verify ``proof`` by recomputing."""
+        ex = self.executor
+        return ex is not None and proof.model == ex.model_id and ex.start <= proof.span[0] < proof.span[1] <= ex.end
+
+    # -- entry points ---------------------------------------------------------------------
+
+    async def verify(self, proof: M.FraudProof, *, sender: bytes | None = None) -> bytes:
+        """Verify ``proof`` (once per digest), ban the accused and spread it. Returns the digest.
+
+        Raises:
+            InvalidProof: it does not verify (or no independent holder would vouch for it).
+        """
+        digest = proof_digest(proof)
+        while digest in self._pending:  # someone else is verifying it right now
+            await self._pending[digest].wait()
+        if digest in self.accepted:
+            return digest
+        if digest in self.rejected:
+            raise InvalidProof("this proof was already found invalid")
+        self._pending[digest] = done = trio.Event()
+        try:
+            if self.holds(proof):
+                async with self._limiter:
+                    verdict = await trio.to_thread.run_sync(
+                        lambda: verify_proof(proof, self.executor, compute_dtype=self.compute_dtype))
+                log.warning("verified fraud proof against %s: %s", peer_id_of(proof.accused).hex()[:12], verdict)
+            else:
+                check_proof(proof)
+                await self._endorse(proof, sender)
+        except InvalidProof:
+            self.rejected.add(digest)
+            raise
+        finally:
+            del self._pending[digest]
+            done.set()
+        self._accept(digest, proof, sender)
+        return digest
+
+    async def submit(self, proof: M.FraudProof, holders: list[tuple[bytes, tuple[str, ...]]]) -> bool:
+        """Send this peer's own proof to ``holders`` ((peer id, addrs)) until one accepts it.
+        The accused is banned locally by the caller's own evidence; a holder that accepts
+        bans, stores and gossips it. Returns whether any holder accepted."""
+        digest = proof_digest(proof)
+        for peer_id, addrs in holders:
+            verdict = await self._ask(peer_id, addrs, proof)
+            if verdict:
+                self._accept(digest, proof, peer_id, spread=False)  # the holder gossips it
+                return True
+        log.warning("no holder accepted our fraud proof %s against %s", digest.hex()[:12],
+                    peer_id_of(proof.accused).hex()[:12])
+        return False
+
+    def submit_soon(self, proof: M.FraudProof, holders: list[tuple[bytes, tuple[str, ...]]]) -> None:
+        """``submit`` in the background (``run`` must be running), so a generation does
+        not wait for a holder to recompute the proof."""
+        self._queue(self.submit, proof, holders)
+
+    def _queue(self, job: Callable[..., Awaitable[object]], *args: object) -> None:
+        try:
+            self._send.send_nowait((job, args))
+        except trio.WouldBlock:
+            log.warning("fraud proof queue full; dropping %s", getattr(job, "__name__", job))
+
+    async def check_peer(self, peer_id: bytes) -> bool:
+        """Look up proofs against ``peer_id`` in the DHT and verify them; True if it is
+        (now) banned."""
+        if self.reputation.is_banned(peer_id):
+            return True
+        for proof in await fetch_proofs(self.dht, peer_id, limits=self.host.limits):
+            if peer_id_of(proof.accused) != peer_id:
+                continue
+            try:
+                await self.verify(proof)
+            except InvalidProof as exc:
+                log.info("a stored proof against %s does not verify: %s", peer_id.hex()[:12], exc)
+                continue
+            return True
+        return False
+
+    # -- internals ------------------------------------------------------------------------
+
+    async def _on_notice(self, conn: PeerConnection, msg: M.FraudProofNotice) -> M.FraudProofAck:
+        self._seen_by.setdefault(proof_digest(msg.proof), set()).add(conn.peer_id)
+        try:
+            await self.verify(msg.proof, sender=conn.peer_id)
+        except InvalidProof as exc:
+            self.reputation.record_invalid_proof(conn.peer_id, self.clock())
+            self._save()
+            raise RemoteError(str(exc), code=ErrorCode.INVALID_PROOF) from None
+        return M.FraudProofAck(id=msg.id, accepted=True)
+
+    def _accept(self, digest: bytes, proof: M.FraudProof, sender: bytes | None, *, spread: bool = True) -> None:
+        accused = peer_id_of(proof.accused)
+        self.accepted[digest] = proof
+        if self.reputation.ban(accused, self.clock(), reason="verified fraud proof", proof=digest):
+            log.warning("banned %s (fraud proof %s)", accused.hex()[:12], digest.hex()[:12])
+        self._save()
+        if sender is not None:
+            self._seen_by.setdefault(digest, set()).add(sender)
+        if spread:
+            self._queue(self._spread, digest, proof)
+
+    async def _spread(self, digest: bytes, proof: M.FraudProof) -> None:
+        accused = peer_id_of(proof.accused)
+        seen = self._seen_by.setdefault(digest, set())
+        async with trio.open_nursery() as nursery:
+            for peer_id, conn in list(self.host.connections.items()):
+                if peer_id in seen or peer_id == accused or not conn.is_open:
+                    continue
+                seen.add(peer_id)
+                nursery.start_soon(self._notify, conn, proof)
+            if self.store and self.holds(proof) and len(proof_to_bytes(proof)) <= MAX_STORED_PROOF:
+                nursery.start_soon(self._publish, digest, proof)
+
+    async def _notify(self, conn: PeerConnection, proof: M.FraudProof) -> None:
+        try:
+            await conn.request(M.FraudProofNotice(id=0, proof=proof), timeout=self.timeout)
+        except SwarmError as exc:
+            log.debug("gossip to %s: %s", conn.peer_id.hex()[:12], exc)
+
+    async def _publish(self, digest: bytes, proof: M.FraudProof) -> None:
+        try:
+            self.stored[digest] = await publish_proof(self.dht, proof, now=self.clock())
+        except SwarmError as exc:
+            log.warning("storing fraud proof %s in the DHT failed: %s", digest.hex()[:12], exc)
+
+    async def _ask(self, peer_id: bytes, addrs: tuple[str, ...], proof: M.FraudProof) -> bool | None:
+        """A holder's verdict on ``proof``: True, False (INVALID_PROOF) or None (no answer)."""
+        for addr in addrs:
+            try:
+                conn = await self.host.connect(addr, peer_id=peer_id, timeout=min(self.timeout, 10.0))
+                ack = await conn.request(M.FraudProofNotice(id=0, proof=proof), timeout=self.timeout)
+                return bool(ack.accepted)
+            except RemoteError as exc:
+                return False if exc.code == ErrorCode.INVALID_PROOF else None
+            except SwarmError:
+                continue
+        return None
+
+    async def _endorse(self, proof: M.FraudProof, sender: bytes | None) -> None:
+        exclude = {peer_id_of(proof.accused), peer_id_of(proof.client), self.host.peer_id}
+        if sender is not None:
+            exclude.add(sender)
+        holders = [h for h in await self._holders(proof) if h[0] not in exclude and
+                   not self.reputation.is_banned(h[0])][: self.endorsers]
+        votes: list[bool] = []
+
+        async def ask(peer_id: bytes, addrs: tuple[str, ...]) -> None:
+            verdict = await self._ask(peer_id, addrs, proof)
+            if verdict is not None:
+                votes.append(verdict)
+
+        async with trio.open_nursery() as nursery:
+            for peer_id, addrs in holders:
+                nursery.start_soon(ask, peer_id, addrs)
+        yes, no = votes.count(True), votes.count(False)
+        if not yes or yes <= no:
+            raise InvalidProof(f"independent holders of the span did not vouch for the proof ({yes} for, {no} "
+                               f"against, {len(holders)} asked)")
+
+    async def _holders(self, proof: M.FraudProof) -> list[tuple[bytes, tuple[str, ...]]]:
+        """Peers announcing a span that covers the proof's, from the DHT."""
+        found: dict[bytes, tuple[str, ...]] = {}
+        now = self.clock()
+        for record in await self.dht.get(block_key(proof.model, proof.span[0])):
+            try:
+                _, ann = decode_block_value(cbor_decode(record.value, max_size=len(record.value)))
+            except (ProtocolError, SwarmError, ValueError, TypeError):
+                continue
+            if ann.model == proof.model and ann.expires > now and ann.span[0] <= proof.span[0] \
+                    and proof.span[1] <= ann.span[1]:
+                found[ann.peer_id] = ann.addrs
+        return sorted(found.items())
+
+    def _save(self) -> None:
+        if self.reputation_path is not None:
+            try:
+                self.reputation.save(self.reputation_path)
+            except OSError as exc:
+                log.warning("cannot save the reputation file %s: %s", self.reputation_path, exc)
