@@ -173,8 +173,11 @@ class PeerConnection:
         payload = encode_message(message)
         waiter = _Waiter()
         registered = False
+        # A bare CancelScope rather than fail_after: the same deadline without a
+        # generator-based context manager on every request.
+        scope = trio.CancelScope(deadline=trio.current_time() + timeout)
         try:
-            with trio.fail_after(timeout):
+            with scope:
                 await _acquire(self._slots)
                 try:
                     await _acquire(self._send_lock)
@@ -195,11 +198,11 @@ class PeerConnection:
                     if not registered:
                         self._slots.release()
                 await waiter.event.wait()
-        except trio.TooSlowError:
-            raise RequestTimeout(type(message).__name__, self.address, timeout, peer_id=self.peer_id) from None
         finally:
             if not waiter.event.is_set():
                 waiter.orphan = True  # the reader releases the slot when the late answer comes
+        if scope.cancelled_caught and not waiter.event.is_set():
+            raise RequestTimeout(type(message).__name__, self.address, timeout, peer_id=self.peer_id)
         return self._result(message, waiter)
 
     def _result(self, request: Message, waiter: _Waiter) -> Message:
