@@ -264,8 +264,8 @@ def _from_le(data: bytes, dtype: torch.dtype, shape: tuple[int, ...] = (-1,)) ->
 def _check_absmax(absmax: bytes) -> None:
     # Canonical scales: finite and not negative (sign bit clear), so one tensor
     # value has one encoding and decoding never yields NaN from the scale alone.
-    bits = _from_le(absmax, torch.int32)
-    if bits.numel() and bool(((bits < 0) | (bits >= 0x7F800000)).any()):
+    # As unsigned ints, exactly those bit patterns lie below the one of +infinity.
+    if (np.frombuffer(absmax, dtype="<u4") >= 0x7F800000).any():
         raise DecodeError("absmax values must be finite and not negative")
 
 
@@ -478,8 +478,11 @@ def decode_tensor(
 
 def _dequantize(wt: WireTensor, n: int, device: torch.device) -> torch.Tensor:
     assert wt.absmax is not None and wt.blocksize is not None  # validated on construction
-    raw = _from_le(wt.data, torch.uint8).to(device).to(torch.int32)
-    absmax = _from_le(wt.absmax, torch.float32).to(device)
+    raw = _from_le(wt.data, torch.uint8)
+    absmax = _from_le(wt.absmax, torch.float32)
+    if device.type != "cpu":
+        raw, absmax = raw.to(device), absmax.to(device)
+    raw = raw.to(torch.int32)
     if wt.dtype == "nf4":  # one lookup per byte yields both of its elements
         out = torch.index_select(_nf4_pairs(device), 0, raw).view(-1)[:n]
     else:
