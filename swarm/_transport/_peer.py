@@ -19,6 +19,10 @@ Outgoing requests take a slot of a semaphore sized ``limits.max_concurrent_reque
 so this side never trips the peer's limit; a slot is released when the response
 arrives, not when the requester gives up (a timed-out request still occupies the
 peer until it answers). Incoming requests beyond the limit drop the connection.
+
+A watchdog task closes the connection after ``limits.idle_timeout`` without traffic
+while nothing is outstanding either way, or when one write has been stuck that long
+(the peer stopped reading).
 """
 
 from __future__ import annotations
@@ -134,6 +138,7 @@ class PeerConnection:
         self._open = True
         self._closed_reason = "closed"
         self._cancel_scope = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None  # handler tasks; set by _run
         self._finished = trio.Event()
 
     def __repr__(self) -> str:
@@ -367,6 +372,7 @@ class PeerConnection:
         if self._incoming >= self._limits.max_concurrent_requests:
             raise LimitExceeded(f"more than {self._limits.max_concurrent_requests} concurrent requests")
         self._incoming += 1
+        assert self._nursery is not None  # only the reader, inside _run, gets here
         self._nursery.start_soon(self._handle, request_id, request, type_number)
 
     async def _handle(self, request_id: int, request: Message | None, type_number: int) -> None:
