@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,12 +32,29 @@ from swarm.transport import Host, PeerConnection
 
 from .credit import CreditService
 
-__all__ = ["Chain", "HopRecord", "AllCandidatesFailed", "StepRecord"]
+if TYPE_CHECKING:
+    from verify import Auditor
+
+__all__ = ["Chain", "HopRecord", "AllCandidatesFailed", "StepRecord", "CheatDetected", "RollbackRequired"]
 
 log = logging.getLogger("swarm.client")
 
 #: Failures that make the client route around a hop (anything else is a bug or a cancel).
 HOP_FAILURES = (PeerUnreachable, RequestTimeout, RemoteError, ProtocolError)
+
+
+class CheatDetected(SwarmError):
+    """An audit convicted a hop (2-vs-1 vote); the chain replaces it."""
+
+
+class RollbackRequired(SwarmError):
+    """A convicted hop's earlier, unaudited outputs were wrong from ``position`` on:
+    every token sampled after that position must be recomputed (spec "Verification",
+    "Rollback"). Raised by ``Chain.step``; the client rebuilds the chain."""
+
+    def __init__(self, position: int) -> None:
+        super().__init__(f"outputs were wrong from position {position}; rolling back")
+        self.position = position
 
 
 class AllCandidatesFailed(SwarmError):
@@ -96,7 +114,7 @@ class Chain:
                  replan: Callable[[int, int, frozenset[bytes]], Awaitable[Route]],
                  wire_dtype: str = "f32", step_timeout: float = 60.0, max_failovers: int = 8,
                  on_failover: Callable[[Hop, BaseException], None] | None = None,
-                 credit: CreditService | None = None) -> None:
+                 credit: CreditService | None = None, auditor: Auditor | None = None) -> None:
         self.host = host
         self.model = model
         self.max_length = max_length
@@ -106,9 +124,11 @@ class Chain:
         self.max_failovers = max_failovers
         self.on_failover = on_failover
         self.credit = credit
+        self.auditor = auditor
         self.hops: list[HopRecord] = []
         self.failed: set[bytes] = set()
         self.failovers = 0
+        self._replayed: torch.Tensor | None = None  # the last failover's replay output
 
     async def open(self, route: Route) -> None:
         self.hops = [await self._open_hop(hop) for hop in route.hops]
@@ -120,10 +140,21 @@ class Chain:
         while i < len(self.hops):
             record = self.hops[i]
             try:
-                x = await self._forward(record, x, position)
-                i += 1
+                out = await self._forward(record, x, position)
             except HOP_FAILURES as exc:
                 await self._fail_over(i, exc)
+                continue
+            if self.auditor is not None and self.auditor.should_audit():
+                result = await self.auditor.audit(
+                    model=self.model, span=record.span, hop_peer=record.hop.peer_id,
+                    hop_public_key=record.conn.public_key, hop_addrs=record.hop.addrs, session=record.session,
+                    transcript=record.transcript, index=len(record.transcript) - 1)
+                if result.hop_cheated:
+                    record.transcript.pop()  # the disputed step is redone on the replacement
+                    await self._replace_cheater(i, record, position)
+                    continue
+            x = out
+            i += 1
         return x
 
     async def aclose(self) -> None:
@@ -180,6 +211,23 @@ class Chain:
             await self.credit.received(record.conn, wire.shape[1] * (record.span[1] - record.span[0]))
         return decode_tensor(result.hidden, out_dtype=x.dtype)
 
+    async def _replace_cheater(self, index: int, cheater: HopRecord, position: int) -> None:
+        """Fail over a convicted hop, then check its earlier (unaudited) outputs against
+        the replacement's replay of the same inputs: if they diverge before ``position``,
+        tokens already sampled from them are wrong and the generation must roll back."""
+        await self._fail_over(index, CheatDetected(f"{cheater.hop.peer_id.hex()[:12]} lost an audit vote"))
+        replay = self._replayed
+        if replay is None or not cheater.transcript:
+            return
+        from verify import first_mismatch, tolerance_for
+
+        claimed = torch.cat([decode_tensor(r.output, out_dtype=torch.float32) for r in cheater.transcript], dim=1)
+        tolerance = tolerance_for(self.auditor.policy.compute_dtype if self.auditor else "f32", self.wire_dtype)
+        row = first_mismatch(claimed, replay.to(torch.float32), tolerance=tolerance,
+                             depth=cheater.span[1] - cheater.span[0])
+        if row is not None:
+            raise RollbackRequired(row)
+
     async def _fail_over(self, index: int, exc: BaseException) -> None:
         old = self.hops[index]
         self.failed.add(old.hop.peer_id)
@@ -200,11 +248,13 @@ class Chain:
                 for hop in route.hops:
                     current = hop
                     replacement.append(await self._open_hop(hop))
+                x = None
                 if history:
                     x = torch.cat([decode_tensor(w, out_dtype=torch.float32) for w in history], dim=1)
                     for record in replacement:
                         current = record.hop
                         x = await self._forward(record, x, 0)
+                self._replayed = x
             except HOP_FAILURES as again:
                 last = again
                 self.failed.add(current.peer_id)

@@ -29,10 +29,11 @@ import trio
 
 from protocol import Identity
 from protocol.errors import SwarmError, swarm_error_in
-from swarm.announce import RECORD_KINDS, SwarmView
+from swarm.announce import SwarmView
 from swarm.credit import Credit
 from swarm.dht import DhtNode
 from swarm.transport import Host
+from verify import DEFAULT_AUDIT_RATE, AuditPolicy, Auditor, FraudProofService, Reputation, record_kinds
 
 from .client import GenerationResult, SwarmClient, TokenEvent
 from .credit import CreditService
@@ -61,7 +62,8 @@ class Swarm:
     async def connect(cls, nursery: trio.Nursery, *, bootstrap: Sequence[str], model: str = DEFAULT_MODEL,
                       identity: Identity | None = None, listen_host: str = "127.0.0.1", port: int = 0,
                       wire_dtype: str = "f32", step_timeout: float = 60.0, device: str | None = None,
-                      ledger_path: str | None = None) -> Swarm:
+                      ledger_path: str | None = None, audit: AuditPolicy | float | None = DEFAULT_AUDIT_RATE,
+                      reputation_path: str | None = None) -> Swarm:
         """Join the swarm through ``bootstrap`` and load the model's client head.
 
         Args:
@@ -72,6 +74,11 @@ class Swarm:
             identity: this peer's identity (default: a new one). Use the identity you
                 serve with: servers prioritize peers that did work for them.
             ledger_path: where this peer's credit ledger persists (default: memory).
+            audit: the share of hop-steps spot-checked by recomputation on an independent
+                peer (``verify.DEFAULT_AUDIT_RATE`` = 0.05; 1.0 or ``verify.PARANOID``
+                audits every step before using it; 0 or None turns audits off), or a
+                full ``verify.AuditPolicy``.
+            reputation_path: where peer standings and bans persist (default: memory).
 
         Raises:
             BootstrapFailed: no bootstrap address answered.
@@ -81,16 +88,23 @@ class Swarm:
             raise SwarmError("give at least one bootstrap address (host:port of a running peer)")
         head = await trio.to_thread.run_sync(functools.partial(load_head, model, device=device))
         host = Host(identity or Identity.generate(), host=listen_host, port=port)
-        dht = DhtNode(host, kinds=RECORD_KINDS)
+        dht = DhtNode(host, kinds=record_kinds())
         credit = CreditService(host, ledger_path=ledger_path)
+        reputation = Reputation.load(reputation_path) if reputation_path is not None else Reputation()
+        fraud = FraudProofService(host, dht, reputation, reputation_path=reputation_path)
         try:
-            scope = await nursery.start(_services, host, dht, credit, tuple(bootstrap))
+            scope = await nursery.start(_services, host, dht, credit, fraud, tuple(bootstrap))
         except BaseExceptionGroup as group:  # e.g. BootstrapFailed inside the services' nursery
             error = swarm_error_in(group)
             if error is None:
                 raise
             raise error from None
-        return cls(SwarmClient(dht, head, wire_dtype=wire_dtype, step_timeout=step_timeout, credit=credit), scope)
+        client = SwarmClient(dht, head, wire_dtype=wire_dtype, step_timeout=step_timeout, credit=credit,
+                             reputation=reputation)
+        policy = AuditPolicy(rate=float(audit)) if isinstance(audit, (int, float)) else audit
+        if policy is not None and policy.rate > 0:
+            client.auditor = Auditor(host, client.audit_candidates, reputation, service=fraud, policy=policy)
+        return cls(client, scope)
 
     @property
     def model(self) -> str:
@@ -132,13 +146,15 @@ class Swarm:
         self._scope.cancel()
 
 
-async def _services(host: Host, dht: DhtNode, credit: CreditService, bootstrap: tuple[str, ...], *,
+async def _services(host: Host, dht: DhtNode, credit: CreditService, fraud: FraudProofService,
+                    bootstrap: tuple[str, ...], *,
                     task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED) -> None:
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
             await nursery.start(functools.partial(dht.run, bootstrap=bootstrap))
             await nursery.start(credit.run)
+            await nursery.start(fraud.run)
             task_status.started(scope)
 
 

@@ -14,17 +14,23 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
 from protocol.errors import ErrorCode, SwarmError
 from swarm.announce import SwarmView, fetch_swarm_view
 from swarm.dht import DhtNode
-from swarm.planning import Hop, Route, plan_route
+from swarm.planning import Hop, Route, RouteCosts, plan_route
 
-from ._chain import Chain
+from ._chain import Chain, RollbackRequired
 from .credit import CreditService
 from .runtime import ClientHead, InvalidArgument, ModelError, SamplingParams, TokenStream
+
+if TYPE_CHECKING:
+    from verify import Auditor, Reputation
+
+ROUTE_COSTS = RouteCosts()
 
 __all__ = ["SwarmClient", "GenerationResult", "TokenEvent", "RouteHop", "PromptTooLong", "ModelNotServed"]
 
@@ -56,6 +62,11 @@ class TokenEvent:
     token_id: int
     text: str
     index: int  # 0 for the first generated token
+    # Audits with rate < 1 can convict a hop after tokens computed with its (unaudited,
+    # wrong) outputs were yielded: then the generation rolls back, and the next event
+    # says how many of the tokens yielded before it to discard (``index`` restarts
+    # accordingly). Always 0 with rate 1 (nothing is yielded before its audit) or 0.
+    rewind: int = 0
 
 
 @dataclass(slots=True)
@@ -98,11 +109,15 @@ class SwarmClient:
         step_timeout: seconds a hop may take for one step before it counts as failed.
         banned: peer ids never to route through (the verification layer adds to it).
         credit: the peer's credit service; receipts for work received are sent through it.
+        auditor: spot-checks hop-steps (``verify.Auditor``); None: no audits (fast path).
+        reputation: per-peer standings (``verify.Reputation``): routing adds each peer's
+            penalty to its cost, and its ban list becomes ``banned``.
     """
 
     def __init__(self, dht: DhtNode, head: ClientHead, *, wire_dtype: str = "f32", step_timeout: float = 60.0,
                  max_failovers: int = 8, banned: set[bytes] | None = None,
-                 view_ttl: float = 2.0, credit: CreditService | None = None) -> None:
+                 view_ttl: float = 2.0, credit: CreditService | None = None, auditor: Auditor | None = None,
+                 reputation: Reputation | None = None) -> None:
         self.dht = dht
         self.host = dht.host
         self.head = head
@@ -114,6 +129,11 @@ class SwarmClient:
         self.banned = banned if banned is not None else set()
         self.view_ttl = view_ttl
         self.credit = credit
+        self.auditor = auditor
+        self.reputation = reputation
+        if reputation is not None:  # one ban list for routing, audits and the proof service
+            reputation.banned.update(self.banned)
+            self.banned = reputation.banned
         self._view: tuple[float, SwarmView] | None = None
         self.max_length = int(getattr(head.info.config, "max_position_embeddings", 0) or 1 << 20)
 
@@ -131,8 +151,17 @@ class SwarmClient:
         if not view.servers:
             raise ModelNotServed(f"no peer in the swarm serves {self.model}; start servers with "
                                  f"'swarm-peer serve --model ...' for the same model")
-        return plan_route(view.announcements, num_blocks=self.num_blocks, start=start, end=end,
-                          banned=self.banned, exclude=exclude, model=self.model)
+        rtts = None
+        if self.reputation is not None:
+            rtts = self.reputation.route_rtts(view.servers, time.time(), base=ROUTE_COSTS.default_rtt)
+        return plan_route(view.announcements, num_blocks=self.num_blocks, start=start, end=end, rtts=rtts,
+                          banned=self.banned, exclude=exclude, model=self.model, costs=ROUTE_COSTS)
+
+    async def audit_candidates(self, span: tuple[int, int]) -> list[tuple[bytes, tuple[str, ...]]]:
+        """Peers announcing a span that covers ``span`` (the auditor filters them)."""
+        view = await self.swarm_view()
+        return [(a.peer_id, tuple(a.addrs)) for a in view.announcements
+                if a.span[0] <= span[0] and span[1] <= a.span[1]]
 
     async def generate(self, prompt: str | list[dict[str, str]] | list[int], params: SamplingParams | None = None, *,
                        chat: bool = True, on_token: Callable[[TokenEvent], None] | None = None) -> GenerationResult:
@@ -185,16 +214,35 @@ class SwarmClient:
         route = await self.plan()
         chain = Chain(self.host, model=self.model, max_length=max_length, replan=self._replan,
                       wire_dtype=self.wire_dtype, step_timeout=self.step_timeout, max_failovers=self.max_failovers,
-                      credit=self.credit)
+                      credit=self.credit, auditor=self.auditor)
         first_token_at = None
+        yielded = rewind = 0
+        rng_states: list[object] = []  # the sampler's RNG before each token, for rollbacks
         try:
             await chain.open(route)
             hidden = self.head.embed(prompt_ids)
             position = 0
             shown = ""
             while True:
-                out = await chain.step(hidden, position)
+                try:
+                    out = await chain.step(hidden, position)
+                except RollbackRequired as rollback:
+                    # Tokens at positions <= rollback.position came from verified outputs.
+                    keep = max(rollback.position + 1 - len(prompt_ids), 0)
+                    chain = await self._rebuild(chain, max_length)
+                    if keep < len(tokens.new_ids):
+                        _restore_rng(tokens, rng_states[keep])
+                    del tokens.new_ids[keep:], rng_states[keep:]
+                    tokens.finish_reason = None
+                    rewind += max(yielded - keep, 0)
+                    yielded = min(yielded, keep)
+                    shown = _stable_text(tokens, decode_text)
+                    hidden = self.head.embed(prompt_ids + tokens.new_ids)
+                    position = 0
+                    continue
                 position += hidden.shape[1]
+                if self.auditor is not None:
+                    rng_states.append(_rng_state(tokens))
                 token = tokens.push(self.head.logits(out[:, -1]))
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
@@ -204,7 +252,8 @@ class SwarmClient:
                 delta = stable[len(shown):] if stable.startswith(shown) else ""
                 shown = stable if stable.startswith(shown) else shown
                 if tokens.finish_reason != "eos":
-                    yield TokenEvent(token_id=token, text=delta, index=len(tokens.new_ids) - 1)
+                    yield TokenEvent(token_id=token, text=delta, index=len(tokens.new_ids) - 1, rewind=rewind)
+                    yielded, rewind = yielded + 1, 0
                 if tokens.done:
                     break
                 hidden = self.head.embed([token])
@@ -214,6 +263,18 @@ class SwarmClient:
         finally:
             with trio.CancelScope(shield=True):
                 await chain.aclose()
+
+    async def _rebuild(self, chain: Chain, max_length: int) -> Chain:
+        """A fresh chain on a fresh route (after a rollback: every hop's cache is suspect)."""
+        with trio.CancelScope(shield=True):
+            await chain.aclose()
+        fresh = Chain(self.host, model=self.model, max_length=max_length, replan=self._replan,
+                      wire_dtype=self.wire_dtype, step_timeout=self.step_timeout, max_failovers=self.max_failovers,
+                      credit=self.credit, auditor=self.auditor)
+        fresh.failed |= chain.failed
+        fresh.failovers = chain.failovers
+        await fresh.open(await self.plan(fresh=True))
+        return fresh
 
     async def _replan(self, start: int, end: int, exclude: frozenset[bytes]) -> Route:
         return await self.plan(start, end, exclude=exclude, fresh=True)
@@ -229,3 +290,19 @@ class SwarmClient:
 
 def _route_hop(hop: Hop, address: str) -> RouteHop:
     return RouteHop(peer_id=hop.peer_id.hex(), address=address, start=hop.start, end=hop.end)
+
+
+def _stable_text(tokens: TokenStream, decode_text: bool) -> str:
+    text = tokens.text if decode_text else ""
+    return text[:-1] if text.endswith("\ufffd") else text
+
+
+def _rng_state(tokens: TokenStream) -> object:
+    gen = getattr(tokens.sampler, "_gen", None)
+    return gen.get_state() if gen is not None else None
+
+
+def _restore_rng(tokens: TokenStream, state: object) -> None:
+    gen = getattr(tokens.sampler, "_gen", None)
+    if gen is not None and state is not None:
+        gen.set_state(state)

@@ -18,10 +18,11 @@ from typing import TextIO
 import trio
 
 from protocol import Identity
-from swarm.announce import DEFAULT_TTL, RECORD_KINDS, Announcer, fetch_swarm_view
+from swarm.announce import DEFAULT_TTL, Announcer, fetch_swarm_view
 from swarm.dht import DhtNode
 from swarm.planning import choose_blocks
 from swarm.transport import Host
+from verify import FraudProofService, Reputation, record_kinds
 
 from .runtime import DEFAULT_MODEL, SpanExecutor, load_span, measure_throughput, resolve_model
 from .credit import CreditService
@@ -52,6 +53,7 @@ class ServeOptions:
     announce_ttl: float = DEFAULT_TTL
     drain_grace: float = 30.0
     ledger_path: str | None = None  # the credit ledger (None: kept in memory)
+    reputation_path: str | None = None  # reputation and bans (None: kept in memory)
     compute_slots: int = 1  # steps computed at once; more queue in credit order
 
     def __post_init__(self) -> None:
@@ -85,6 +87,7 @@ class ServerNode:
     server: SpanServer
     announcer: Announcer
     credit: CreditService
+    fraud: FraudProofService
     executor: SpanExecutor
     throughput: float
     cancel_scope: trio.CancelScope
@@ -125,7 +128,7 @@ async def run_server(identity: Identity, options: ServeOptions, *,
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
-            dht = DhtNode(host, kinds=RECORD_KINDS)
+            dht = DhtNode(host, kinds=record_kinds())
             await nursery.start(functools.partial(dht.run, bootstrap=options.bootstrap))
             if options.blocks is not None:
                 span = options.blocks
@@ -140,14 +143,19 @@ async def run_server(identity: Identity, options: ServeOptions, *,
             throughput = await trio.to_thread.run_sync(measure_throughput, executor)
             credit = CreditService(host, ledger_path=options.ledger_path, capacity=options.compute_slots)
             await nursery.start(credit.run)
+            reputation = (Reputation.load(options.reputation_path) if options.reputation_path is not None
+                          else Reputation())
             server = SpanServer(host, executor, max_sessions=options.max_sessions, drain_grace=options.drain_grace,
-                                admit=credit.admit, on_work=credit.served)
+                                admit=credit.admit, on_work=credit.served, banned=reputation.banned)
             nursery.start_soon(server.run)
+            fraud = FraudProofService(host, dht, reputation, executor=executor, compute_limiter=server._compute,
+                                      reputation_path=options.reputation_path)
+            await nursery.start(fraud.run)
             announcer = Announcer(dht, identity, lambda expires: server.make_announcement(expires, throughput),
                                   ttl=options.announce_ttl)
             await nursery.start(announcer.run)
             node = ServerNode(identity=identity, host=host, dht=dht, server=server, announcer=announcer,
-                              credit=credit, executor=executor, throughput=throughput, cancel_scope=scope)
+                              credit=credit, fraud=fraud, executor=executor, throughput=throughput, cancel_scope=scope)
             if status_stream is not None:
                 nursery.start_soon(_show_status, node, status_stream, status_interval)
             task_status.started(node)

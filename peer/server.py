@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -79,6 +79,7 @@ class SpanServer:
             step; the credit ledger hooks in here.
         admit: an async context manager factory ``admit(requester_peer_id)`` that
             grants a compute slot (the credit scheduler); default: first come, first served.
+        banned: requesters answered BANNED (a live set: the fraud proof service adds to it).
     """
 
     def __init__(
@@ -90,6 +91,7 @@ class SpanServer:
         drain_grace: float = 30.0,
         on_work: Callable[[PeerConnection, int], None] | None = None,
         admit: Callable[[bytes], object] | None = None,
+        banned: Collection[bytes] = frozenset(),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_sessions < 1:
@@ -105,6 +107,7 @@ class SpanServer:
         self.draining = False
         self._on_work = on_work
         self._admit = admit
+        self.banned = banned  # peers refused with BANNED (verify.Reputation.banned, shared)
         self._clock = clock
         self._sessions: dict[bytes, _Served] = {}
         self._compute = trio.CapacityLimiter(1)
@@ -172,6 +175,8 @@ class SpanServer:
     # -- handlers -------------------------------------------------------------------------
 
     async def _open_session(self, conn: PeerConnection, msg: M.OpenSession) -> M.SessionOpened:
+        if conn.peer_id in self.banned:
+            raise RemoteError("you are banned by this peer (a verified fraud proof)", code=ErrorCode.BANNED)
         if self.draining:
             raise RemoteError("this server is shutting down; route around it", code=ErrorCode.SHUTTING_DOWN)
         self._check_target(msg.model, msg.span)
@@ -192,6 +197,8 @@ class SpanServer:
         return M.SessionOpened(id=msg.id, session=sid)
 
     async def _forward(self, conn: PeerConnection, msg: M.Forward) -> M.ForwardResult:
+        if conn.peer_id in self.banned:
+            raise RemoteError("you are banned by this peer (a verified fraud proof)", code=ErrorCode.BANNED)
         served = self._sessions.get(msg.session)
         if served is None or served.owner is not conn:
             raise RemoteError("unknown session (closed, evicted, or opened on another connection); open a new one",
@@ -218,6 +225,8 @@ class SpanServer:
         return M.ForwardResult(id=msg.id, session=msg.session, step=msg.step, hidden=out, signature=signature)
 
     async def _forward_once(self, conn: PeerConnection, msg: M.ForwardOnce) -> M.ForwardOnceResult:
+        if conn.peer_id in self.banned:
+            raise RemoteError("you are banned by this peer (a verified fraud proof)", code=ErrorCode.BANNED)
         self._check_target(msg.model, msg.span)
         hidden = self._check_input(msg.hidden, msg.hidden.dtype)
         input_digest = msg.hidden.digest()

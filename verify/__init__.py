@@ -11,7 +11,16 @@ spec/SPEC.md "Verification").
 """
 
 from ._audit import DEFAULT_AUDIT_RATE, PARANOID, AuditOutcome, AuditPolicy, AuditResult, AuditStats, Auditor
-from ._compare import MARGIN, TOLERANCES, Comparison, Tolerance, compare, row_statistics, tolerance_for
+from ._compare import (
+    MARGIN,
+    TOLERANCES,
+    Comparison,
+    Tolerance,
+    compare,
+    first_mismatch,
+    row_statistics,
+    tolerance_for,
+)
 from ._proofs import (
     InvalidProof,
     check_proof,
@@ -50,6 +59,7 @@ __all__ = [
     "Comparison",
     "Tolerance",
     "compare",
+    "first_mismatch",
     "row_statistics",
     "tolerance_for",
     "InvalidProof",

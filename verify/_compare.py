@@ -39,6 +39,7 @@ __all__ = [
     "Tolerance",
     "TOLERANCES",
     "compare",
+    "first_mismatch",
     "row_statistics",
     "tolerance_for",
     "topk_size",
@@ -175,3 +176,15 @@ def compare(claimed: torch.Tensor, reference: torch.Tensor, *, tolerance: Tolera
         return Comparison(rel_l2=worst.rel_l2, cosine=worst.cosine, topk=worst.topk, ok=False,
                           reason="; ".join(reasons))
     return worst
+
+
+def first_mismatch(claimed: torch.Tensor, reference: torch.Tensor, *, tolerance: Tolerance, depth: int) -> int | None:
+    """The index of the first row of ``[1, n, hidden]`` tensors that ``compare`` would
+    reject, or None if every row matches (used to find where a cheater's unaudited
+    outputs started to go wrong)."""
+    rel, cos, agree = row_statistics(claimed, reference)
+    finite = torch.isfinite(claimed.reshape(-1, claimed.shape[-1])).all(dim=-1)
+    bad = (~finite) | (rel > tolerance.max_rel_l2(depth)) | ((1 - cos) > tolerance.max_cos_gap(depth)) \
+        | (agree < tolerance.topk_min)
+    rows = torch.nonzero(bad).flatten()
+    return int(rows[0]) if rows.numel() else None
