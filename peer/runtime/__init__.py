@@ -28,7 +28,7 @@ from ._errors import (
     UnsupportedArchitecture,
 )
 from ._executor import SessionsInfo, SpanExecutor, measure_throughput
-from ._generate import TokenStream, check_chain, generate_local
+from ._generate import TokenStream, check_chain, generate_local, relay_local
 from ._head import ClientHead
 from ._model_id import ModelInfo, resolve_model
 from ._quant import QUANT_MODES
@@ -55,6 +55,7 @@ __all__ = [
     "TokenStream",
     "find_stop",
     "generate_local",
+    "relay_local",
     "check_chain",
     "resolve_device",
     "resolve_dtype",

@@ -6,7 +6,10 @@ extends the cache by n: prefill and decode are the same call. Position ids, rota
 embeddings and causal/sliding masks are computed exactly as the full model computes
 them for those positions, with transformers' own functions, so the chain of spans
 reproduces the full model. ``forward_once`` runs a whole sequence from position 0
-with no cache (replays and audits).
+with no cache (replays and audits). Both may be limited to a sub-range [start, end)
+of the served blocks (a route may use only part of a peer's span): such a session's
+cache has one slot per block it runs, and the attention modules are pointed at their
+slot before each run.
 
 Memory: each open session reserves ``max_length * per_token_cache_bytes`` against
 ``cache_bytes`` when it opens (an upper bound: the cache grows lazily, but a session
@@ -114,6 +117,16 @@ class SpanExecutor:
         return self.end - self.start
 
     @property
+    def layers(self) -> torch.nn.ModuleList:
+        """The span's decoder blocks (transformers modules), in order."""
+        return self._layers
+
+    @property
+    def weight_bytes(self) -> int:
+        """Memory held by the span's weights (after any quantization)."""
+        return sum(p.numel() * p.element_size() for p in self._layers.parameters())
+
+    @property
     def sessions(self) -> SessionsInfo:
         """Counts for status reports."""
         return SessionsInfo(
@@ -184,7 +197,7 @@ class SpanExecutor:
         """Run ``hidden`` [1, n, hidden_size] through the span at positions position..position+n-1.
 
         Returns the span's output hidden states, same shape, in the span's dtype on its
-        device. On any error the session is left unchanged.
+        device. A rejected call (any of the errors below) leaves the session unchanged.
 
         Raises:
             UnknownSession, PositionMismatch, MaxLengthExceeded, InvalidArgument.

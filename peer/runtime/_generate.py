@@ -19,7 +19,7 @@ from ._executor import SpanExecutor
 from ._head import ClientHead
 from ._sampling import Sampler, SamplingParams, find_stop
 
-__all__ = ["TokenStream", "generate_local", "check_chain"]
+__all__ = ["TokenStream", "generate_local", "relay_local", "check_chain"]
 
 
 class TokenStream:
@@ -56,7 +56,7 @@ class TokenStream:
         self.new_ids.append(token)
         if token in self._eos:
             self.finish_reason = "eos"
-        elif self.params.stop and find_stop(self.text, self.params.stop) is not None:
+        elif self.params.stop and find_stop(self.head.decode(self.new_ids), self.params.stop) is not None:
             self.finish_reason = "stop"
         elif len(self.new_ids) >= self.params.max_new_tokens:
             self.finish_reason = "length"
@@ -97,9 +97,21 @@ def generate_local(
     Each executor gets one session of ``len(prompt_ids) + max_new_tokens`` tokens, closed
     at the end. If ``logits_out`` is given, the logits of every step are appended to it.
     """
-    check_chain(head, executors)
     stream = TokenStream(head, params, prompt_ids)
-    max_length = len(stream.prompt_ids) + params.max_new_tokens
+    relay_local(head, executors, stream, logits_out=logits_out)
+    return stream.new_ids
+
+
+def relay_local(
+    head: ClientHead,
+    executors: Sequence[SpanExecutor],
+    stream: TokenStream,
+    *,
+    logits_out: list[torch.Tensor] | None = None,
+) -> TokenStream:
+    """Drive ``stream`` to completion through in-process ``executors`` (see ``generate_local``)."""
+    check_chain(head, executors)
+    max_length = len(stream.prompt_ids) + stream.params.max_new_tokens
     sessions: list[bytes] = []
     try:
         for ex in executors:
@@ -116,7 +128,7 @@ def generate_local(
                 logits_out.append(logits)
             token = stream.push(logits)
             if stream.done:
-                return stream.new_ids
+                return stream
             hidden = head.embed([token])
     finally:
         for ex, sid in zip(executors, sessions):

@@ -89,11 +89,13 @@ class Sampler:
         self.seed = seed
         self._gen = torch.Generator(device="cpu").manual_seed(seed)
 
-    def next_token(self, logits: torch.Tensor, previous_ids: Sequence[int]) -> int:
-        """Choose the next token from ``logits`` [vocab] given every id so far (prompt included)."""
-        if logits.dim() != 1:
-            logits = logits.reshape(-1)
-        scores = logits.detach().to(device="cpu", dtype=torch.float32).clone()
+    def scores(self, logits: torch.Tensor, previous_ids: Sequence[int]) -> torch.Tensor:
+        """The processed scores [vocab] that tokens are drawn from (float32, CPU).
+
+        Repetition penalty, then (unless greedy) temperature, top-k and top-p; removed
+        tokens are ``-inf``.
+        """
+        scores = logits.detach().reshape(-1).to(device="cpu", dtype=torch.float32).clone()
         p = self.params
         if p.repetition_penalty != 1.0 and len(previous_ids):
             ids = torch.tensor(sorted(set(previous_ids)), dtype=torch.long)
@@ -101,7 +103,7 @@ class Sampler:
             picked = scores[ids]
             scores[ids] = torch.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
         if p.greedy:
-            return int(torch.argmax(scores).item())
+            return scores
         scores = scores / p.temperature
         if p.top_k and p.top_k < scores.numel():
             kth = torch.topk(scores, p.top_k).values[-1]
@@ -113,6 +115,13 @@ class Sampler:
             drop_sorted[-1] = False  # always keep the most likely token
             drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
             scores = scores.masked_fill(drop, float("-inf"))
+        return scores
+
+    def next_token(self, logits: torch.Tensor, previous_ids: Sequence[int]) -> int:
+        """Choose the next token from ``logits`` [vocab] given every id so far (prompt included)."""
+        scores = self.scores(logits, previous_ids)
+        if self.params.greedy:
+            return int(torch.argmax(scores).item())
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self._gen).item())
 

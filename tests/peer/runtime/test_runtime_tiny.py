@@ -234,9 +234,11 @@ def test_quantized_span_runs(quant: str, tiny_models: dict[str, Path]) -> None:
     assert torch.isfinite(out).all() and rel < {"int8": 0.1, "nf4": 0.6}[quant]
     import bitsandbytes as bnb
 
-    linears = [m for m in mixed[1].modules() if isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))]
+    linears = [m for m in mixed[1].layers.modules() if isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))]
     assert len(linears) == 4 * 7
     assert {m.weight.dtype for m in linears} == {torch.int8 if quant == "int8" else torch.uint8}
+    print(f"{quant}: span weights {mixed[1].weight_bytes} bytes vs fp32 {fp32[1].weight_bytes}")
+    assert mixed[1].weight_bytes < fp32[1].weight_bytes / (3 if quant == "int8" else 6)
     params = rt.SamplingParams(max_new_tokens=16)
     a = rt.generate_local(head, fp32, _prompt(5), params)
     b = rt.generate_local(head, mixed, _prompt(5), params)
@@ -270,3 +272,22 @@ def test_chain_checks(tiny_models: dict[str, Path]) -> None:
         rt.check_chain(head, [a, other])
     with pytest.raises(rt.InvalidArgument, match="token ids"):
         head.embed([96])
+
+
+def test_sub_range_sessions(tiny_models: dict[str, Path]) -> None:
+    """A session (or a stateless forward) may run a sub-range of the served blocks."""
+    path = str(tiny_models["qwen2"])
+    ex = rt.load_span(path, 1, 6)
+    parts = [rt.load_span(path, 1, 3), rt.load_span(path, 3, 6)]
+    x = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(7))
+    for (a, b), part in zip([(1, 3), (3, 6)], parts, strict=True):
+        expected = part.forward_once(x)
+        torch.testing.assert_close(ex.forward_once(x, start=a, end=b), expected, rtol=0, atol=0)
+        sid = ex.open_session(12, start=a, end=b)
+        got = torch.cat([ex.forward(sid, x[:, :5], 0)] + [ex.forward(sid, x[:, i : i + 1], i) for i in range(5, 12)], 1)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    whole = ex.open_session(12)  # the full span still works after sub-range runs
+    torch.testing.assert_close(ex.forward(whole, x, 0), parts[1].forward_once(parts[0].forward_once(x)),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(rt.InvalidArgument, match="sub-range"):
+        ex.open_session(4, start=0, end=3)
