@@ -182,10 +182,13 @@ class Auditor:
                      hop_addrs: Sequence[str], session: bytes, transcript: Sequence[TranscriptStep],
                      index: int) -> AuditResult:
         disputed = transcript[index]
+        try:
+            tolerance = tolerance_for(self.policy.compute_dtype, disputed.output.dtype)
+        except ValueError:  # an nf4 wire: not auditable (see verify._compare)
+            return AuditResult(outcome=AuditOutcome.SKIPPED)
         claimed = decode_tensor(disputed.output, out_dtype=torch.float32)
         prefix = torch.cat([decode_tensor(r.input, out_dtype=torch.float32) for r in transcript[:index + 1]], dim=1)
         wire = encode_tensor(prefix, "f32")  # exact: every wire dtype decodes to float32 values
-        tolerance = tolerance_for(self.policy.compute_dtype, disputed.output.dtype)
         depth = span[1] - span[0]
         rows = claimed.shape[1]
         now = self.clock()

@@ -210,9 +210,12 @@ def verify_proof(proof: M.FraudProof, executor: SpanRecompute, *, compute_dtype:
         claimed = decode_tensor(proof.output, limits=limits, out_dtype=torch.float32)
     except SwarmError as exc:  # e.g. a prefix longer than the model's context
         raise InvalidProof(f"cannot recompute the proof: {exc}") from None
+    try:
+        tolerance = tolerance_for(compute_dtype, proof.output.dtype)
+    except ValueError as exc:
+        raise InvalidProof(str(exc)) from None
     rows = claimed.shape[1]
-    verdict = compare(claimed, reference[:, -rows:], tolerance=tolerance_for(compute_dtype, proof.output.dtype),
-                      depth=proof.span[1] - proof.span[0])
+    verdict = compare(claimed, reference[:, -rows:], tolerance=tolerance, depth=proof.span[1] - proof.span[0])
     if verdict.ok:
         raise InvalidProof(f"the accused's output matches a recomputation ({verdict}); the proof frames an honest peer")
     return verdict

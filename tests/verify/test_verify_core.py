@@ -1,0 +1,223 @@
+"""Pure parts of verify/: comparison statistics, reputation, proofs checked against an
+in-process span, and the DHT record kinds of stored proofs."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from peer.runtime import load_span
+from protocol import Identity, peer_id_of
+from protocol._statements import forward_request_statement, forward_result_statement
+from protocol._tensor import encode_tensor
+from swarm.dht import RecordRejected, check_record
+from verify import (
+    InvalidProof,
+    Reputation,
+    ReputationFileError,
+    check_proof,
+    compare,
+    first_mismatch,
+    proof_digest,
+    proof_from_bytes,
+    proof_from_transcript,
+    proof_records,
+    proof_to_bytes,
+    record_kinds,
+    tolerance_for,
+    verify_proof,
+)
+from verify._store import PART_SIZE
+
+F32 = tolerance_for("f32")
+
+
+# -- comparison ---------------------------------------------------------------------------
+
+
+def test_identical_and_honestly_rounded_outputs_match():
+    x = torch.randn(1, 5, 64)
+    assert compare(x, x.clone(), tolerance=F32, depth=3).ok
+    assert compare(x * (1 + 1e-7), x, tolerance=F32, depth=3).ok  # fp32 rounding scale
+
+
+@pytest.mark.parametrize("cheat", ["noise", "scale", "permute", "zero-row", "nan"])
+def test_cheats_fail_at_least_one_statistic(cheat):
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 64)
+    y = x.clone()
+    if cheat == "noise":
+        y += 1e-3 * torch.randn_like(y)
+    elif cheat == "scale":
+        y *= 1.001
+    elif cheat == "permute":
+        y = y[..., torch.randperm(64)]
+    elif cheat == "zero-row":
+        y[:, 2] = 0
+    else:
+        y[0, 1, 3] = float("nan")
+    verdict = compare(y, x, tolerance=F32, depth=3)
+    assert not verdict.ok and verdict.reason
+
+
+def test_topk_statistic_catches_a_same_norm_same_direction_swap():
+    x = torch.zeros(1, 1, 64)
+    x[..., :8] = torch.tensor([9.0, 8, 7, 6, 5, 4, 3, 2])
+    x[..., 8:] = 0.01
+    y = x.clone()
+    y[..., :4], y[..., 8:12] = x[..., 8:12], x[..., :4]  # the largest entries moved elsewhere
+    verdict = compare(y, x, tolerance=dataclasses.replace(F32, rel_l2_base=10, cos_gap_base=2), depth=1)
+    assert not verdict.ok and "top-k" in verdict.reason
+
+
+def test_first_mismatch_finds_the_first_bad_row():
+    x = torch.randn(1, 9, 64)
+    y = x.clone()
+    assert first_mismatch(y, x, tolerance=F32, depth=2) is None
+    y[:, 5:] += 0.1
+    assert first_mismatch(y, x, tolerance=F32, depth=2) == 5
+
+
+def test_tolerance_is_the_coarsest_dtype_and_grows_with_depth():
+    assert tolerance_for("f32", "bf16") is tolerance_for("bf16")
+    assert tolerance_for("q8", "f16") is tolerance_for("q8")
+    with pytest.raises(ValueError, match="auditable"):
+        tolerance_for("f32", "nf4")  # nf4 loses whole rows of real hidden states
+    assert F32.max_rel_l2(30) > F32.max_rel_l2(1)
+    with pytest.raises(ValueError):
+        tolerance_for("f8")
+
+
+# -- reputation ---------------------------------------------------------------------------
+
+A, B, C = b"a" * 20, b"b" * 20, b"c" * 20
+
+
+def test_reputation_decays_and_weighs_honesty_above_availability():
+    rep = Reputation(half_life=100.0)
+    rep.record_timeout(A, 0.0)
+    rep.record_mismatch(B, 0.0)
+    assert rep.score(C, 0.0) == 1.0 and rep.penalty(C, 0.0) == 0.0
+    assert 1.0 > rep.score(A, 0.0) > rep.score(B, 0.0) > 0.0
+    assert rep.standing(A, 100.0).timeouts == pytest.approx(0.5)
+    assert rep.score(B, 1000.0) > rep.score(B, 0.0)  # a failure fades
+    rep.record_success(A, 0.0, n=50)
+    assert rep.score(A, 0.0) > 0.9
+    rtts = rep.route_rtts([A, B, C], 0.0, base=0.05)
+    assert rtts[C] == 0.05 < rtts[A] < rtts[B]
+
+
+def test_bans_are_shared_and_persist_atomically(tmp_path):
+    shared: set[bytes] = set()
+    rep = Reputation(banned=shared)
+    assert rep.ban(A, 5.0, reason="verified fraud proof", proof=b"d" * 32)
+    assert not rep.ban(A, 6.0, reason="again")
+    rep.record_invalid_proof(B, 1.0)
+    assert A in shared and rep.score(A, 0.0) == 0.0 and rep.route_rtts([A, B], 0.0, base=0.0).keys() == {B}
+    path = tmp_path / "sub" / "reputation.cbor"
+    rep.save(path)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    again = Reputation.load(path)
+    assert again.bans == rep.bans and again.is_banned(A)
+    assert again.standing(B, 1.0).invalid_proofs == pytest.approx(1.0)
+    assert Reputation.load(tmp_path / "absent").standings == {}
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(ReputationFileError, match="corrupt"):
+        Reputation.load(path)
+
+
+# -- proofs against an in-process span ------------------------------------------------------
+
+
+TINY: list[str] = []
+
+
+@pytest.fixture(scope="module")
+def span(tiny_verify):
+    TINY[:] = [tiny_verify[0]]
+    return load_span(tiny_verify[0], 0, 3)
+
+
+def _session_proof(span, *, tamper: bool, steps: int = 4):
+    """A client and a server identity run a real session on ``span`` and sign it like
+    the relay does; the server's output of the last step is tampered with if asked."""
+    client, server = Identity.generate(), Identity.generate()
+    sid = span.open_session(32)
+    session = bytes(16)
+    torch.manual_seed(1)
+    transcript = []
+    position = 0
+    for step in range(steps):
+        x = torch.randn(1, 3 if step == 0 else 1, span.hidden_size)
+        out = span.forward(sid, x, position)
+        if tamper and step == steps - 1:
+            out = out + 0.05 * torch.randn_like(out)
+        wire_in, wire_out = encode_tensor(x), encode_tensor(out)
+        request_sig = client.sign(forward_request_statement(
+            client=client.peer_id, server=server.peer_id, session=session, step=step, model=span.model_id,
+            span=(0, 3), position=position, input_digest=wire_in.digest()))
+        result_sig = server.sign(forward_result_statement(
+            server=server.peer_id, session=session, step=step, model=span.model_id, span=(0, 3),
+            input_digest=wire_in.digest(), output_digest=wire_out.digest()))
+        transcript.append(type("Step", (), dict(step=step, position=position, input=wire_in,
+                                                request_signature=request_sig, output=wire_out,
+                                                result_signature=result_sig)))
+        position += x.shape[1]
+    span.close_session(sid)
+    return proof_from_transcript(accused=server.public_key, client=client.public_key, model=span.model_id,
+                                 span=(0, 3), session=session, transcript=transcript, index=steps - 1)
+
+
+def test_a_true_proof_verifies_and_round_trips(span):
+    proof = _session_proof(span, tamper=True)
+    verdict = verify_proof(proof, span)
+    assert not verdict.ok
+    again = proof_from_bytes(proof_to_bytes(proof))
+    assert again == proof and proof_digest(again) == proof_digest(proof)
+
+
+def test_an_honest_output_cannot_be_proven_wrong(span):
+    with pytest.raises(InvalidProof, match="honest"):
+        verify_proof(_session_proof(span, tamper=False), span)
+
+
+def test_forgeries_fail_the_signature_and_structure_checks(span):
+    proof = _session_proof(span, tamper=False)
+    forged_output = dataclasses.replace(proof, output=encode_tensor(torch.randn(1, 1, span.hidden_size)))
+    with pytest.raises(InvalidProof, match="accused's signature"):
+        check_proof(forged_output)
+    reordered = dataclasses.replace(proof, requests=proof.requests[1:])
+    with pytest.raises(InvalidProof, match="step"):
+        check_proof(reordered)
+    framer = Identity.generate()  # a third party re-signing the requests as "the client"
+    with pytest.raises(InvalidProof, match="client's signature"):
+        check_proof(dataclasses.replace(proof, client=framer.public_key))
+    with pytest.raises(InvalidProof, match="same key"):
+        check_proof(dataclasses.replace(proof, client=proof.accused))
+    true_proof = _session_proof(span, tamper=True)
+    with pytest.raises(InvalidProof, match="not inside the served span"):
+        verify_proof(true_proof, load_span(TINY[0], 3, 6))
+
+
+# -- stored proofs --------------------------------------------------------------------------
+
+
+def test_stored_proof_records_pass_the_dht_checks_and_forgeries_do_not(span):
+    proof = _session_proof(span, tamper=True, steps=12)
+    publisher = Identity.generate()
+    records = proof_records(publisher, proof, now=1000.0)
+    assert len(records) == 1 + -(-len(proof_to_bytes(proof)) // PART_SIZE) and len(records) > 2
+    kinds = record_kinds()
+    for record in records:
+        check_record(record, now=1000.0, kinds=kinds)
+    index, part = records[0], records[1]
+    moved = type(part).create(publisher, key=index.key, seq=part.seq, expires=part.expires, value=part.value)
+    with pytest.raises(RecordRejected, match="part_key"):
+        check_record(moved, now=1000.0, kinds=kinds)
+    other = type(index).create(publisher, key=part.key, seq=index.seq, expires=index.expires, value=index.value)
+    with pytest.raises(RecordRejected, match="fraud_key"):
+        check_record(other, now=1000.0, kinds=kinds)
+    assert peer_id_of(proof.accused) != publisher.peer_id
