@@ -89,6 +89,14 @@ class Sampler:
         self.seed = seed
         self._gen = torch.Generator(device="cpu").manual_seed(seed)
 
+    def get_state(self) -> torch.Tensor:
+        """The generator's state (to roll a generation back and redo steps identically)."""
+        return self._gen.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        """Restore a state returned by :meth:`get_state`."""
+        self._gen.set_state(state)
+
     def scores(self, logits: torch.Tensor, previous_ids: Sequence[int]) -> torch.Tensor:
         """The processed scores [vocab] that tokens are drawn from (float32, CPU).
 

@@ -184,10 +184,10 @@ class SafetensorsSource:
             path = self._local(filename)
             try:
                 with safe_open(str(path), framework="pt", device="cpu") as f:
-                    for n in group:
-                        out[n] = f.get_tensor(n)
+                    for name in group:
+                        out[name] = f.get_tensor(name)
             except Exception as exc:  # safetensors raises its own untyped errors
-                raise ModelError(f"cannot read {n} from {path} ({exc}); the file is damaged, re-download it") from exc
+                raise ModelError(f"cannot read {path} ({exc}); the file is damaged, re-download it") from exc
         return out
 
     def read_block(self, index: int) -> dict[str, torch.Tensor]:

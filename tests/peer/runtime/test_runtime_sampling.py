@@ -113,6 +113,12 @@ def test_seeded_sampling_is_reproducible() -> None:
 
     first = run(p)
     assert run(p) == first
+    s = Sampler(p)
+    head = [s.next_token(x, []) for x in steps[:5]]
+    state = s.get_state()
+    tail = [s.next_token(x, []) for x in steps[5:10]]
+    s.set_state(state)  # rolled back: the same draws again
+    assert [s.next_token(x, []) for x in steps[5:10]] == tail and head
     assert run(dataclasses.replace(p, seed=1235)) != first
     assert len(set(first)) > 5  # it really samples
 

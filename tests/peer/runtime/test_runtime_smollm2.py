@@ -19,16 +19,18 @@ from peer.runtime._sources import builtin_gguf_path
 
 MODEL = "smollm2-135m-instruct"
 SPANS = [(0, 10), (10, 20), (20, 30)]
+# Prompts whose greedy answers run the full 64 tokens (none ends early on EOS).
 PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain in two sentences why the sky is blue.",
-    "List three prime numbers and say why they are prime.",
+    "Write a story about a dragon who learns to read.",
+    "Explain in detail how a steam engine works.",
+    "Describe the water cycle step by step.",
+    "Write a long poem about autumn leaves.",
     [
-        {"role": "system", "content": "You are a terse assistant."},
-        {"role": "user", "content": "How do I reverse a list in Python?"},
+        {"role": "system", "content": "You are a patient programming tutor."},
+        {"role": "user", "content": "Write a Python function that checks whether a string is a palindrome, and explain it."},
     ],
 ]
+SHORT = "What is the capital of France?"  # answered in 8 tokens, then EOS
 NEW_TOKENS = 64
 
 
@@ -93,6 +95,7 @@ def test_three_spans_match_transformers_generate(head, spans, reference) -> None
         ours = rt.generate_local(head, spans, ids, rt.SamplingParams(max_new_tokens=NEW_TOKENS), logits_out=logits)
         theirs, ref_logits = _ref_generate(reference, ids, NEW_TOKENS)
         assert ours == theirs, (prompt, head.decode(ours), head.decode(theirs))
+        assert len(ours) == NEW_TOKENS
         diff = max((a - b).abs().max().item() for a, b in zip(logits, ref_logits, strict=True))
         worst = max(worst, diff)
         print(f"{len(ours)} tokens, max |logit diff| {diff:.3g}: {head.decode(ours)[:60]!r}")
@@ -103,7 +106,7 @@ def test_three_spans_match_transformers_generate(head, spans, reference) -> None
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["int8", "nf4"])
 def test_quantized_span_produces_text(quant: str, head, spans) -> None:
-    ids = head.encode_prompt(PROMPTS[0])
+    ids = head.encode_prompt(PROMPTS[1])
     params = rt.SamplingParams(max_new_tokens=NEW_TOKENS)
     fp32 = rt.generate_local(head, spans, ids, params)
     mixed = [spans[0], rt.load_span(MODEL, 10, 20, quant=quant), spans[2]]
@@ -126,7 +129,7 @@ def test_quantized_span_produces_text(quant: str, head, spans) -> None:
 
 @pytest.mark.slow
 def test_stop_strings_and_eos(head, spans) -> None:
-    ids = head.encode_prompt(PROMPTS[0])
+    ids = head.encode_prompt(SHORT)
     done = rt.relay_local(head, spans, rt.TokenStream(head, rt.SamplingParams(max_new_tokens=32), ids))
     assert done.finish_reason == "eos" and done.new_ids[-1] == 2  # "The capital of France is Paris."
     assert "Paris" in done.text
