@@ -100,7 +100,7 @@ class Swarm:
                 raise
             raise error from None
         client = SwarmClient(dht, head, wire_dtype=wire_dtype, step_timeout=step_timeout, credit=credit,
-                             reputation=reputation)
+                             reputation=reputation, fraud=fraud)
         policy = AuditPolicy(rate=float(audit)) if isinstance(audit, (int, float)) else audit
         if policy is not None and policy.rate > 0:
             client.auditor = Auditor(host, client.audit_candidates, reputation, service=fraud, policy=policy)

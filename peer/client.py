@@ -28,7 +28,12 @@ from .credit import CreditService
 from .runtime import ClientHead, InvalidArgument, ModelError, SamplingParams, TokenStream
 
 if TYPE_CHECKING:
-    from verify import Auditor, Reputation
+    from verify import Auditor, FraudProofService, Reputation
+
+#: Age of the swarm view that audits may use to pick independent peers (seconds).
+AUDIT_VIEW_TTL = 30.0
+#: How long a peer checked against the DHT's fraud proofs stays checked (seconds).
+VET_TTL = 300.0
 
 ROUTE_COSTS = RouteCosts()
 
@@ -112,12 +117,14 @@ class SwarmClient:
         auditor: spot-checks hop-steps (``verify.Auditor``); None: no audits (fast path).
         reputation: per-peer standings (``verify.Reputation``): routing adds each peer's
             penalty to its cost, and its ban list becomes ``banned``.
+        fraud: the peer's fraud proof service: before a generation uses a peer, proofs
+            stored against it in the DHT are fetched and verified (once per ``VET_TTL``).
     """
 
     def __init__(self, dht: DhtNode, head: ClientHead, *, wire_dtype: str = "f32", step_timeout: float = 60.0,
                  max_failovers: int = 8, banned: set[bytes] | None = None,
                  view_ttl: float = 2.0, credit: CreditService | None = None, auditor: Auditor | None = None,
-                 reputation: Reputation | None = None) -> None:
+                 reputation: Reputation | None = None, fraud: FraudProofService | None = None) -> None:
         self.dht = dht
         self.host = dht.host
         self.head = head
@@ -131,6 +138,8 @@ class SwarmClient:
         self.credit = credit
         self.auditor = auditor
         self.reputation = reputation
+        self.fraud = fraud
+        self._vetted: dict[bytes, float] = {}  # peer id -> when its stored fraud proofs were checked
         if reputation is not None:  # one ban list for routing, audits and the proof service
             reputation.banned.update(self.banned)
             self.banned = reputation.banned
@@ -158,8 +167,13 @@ class SwarmClient:
                           banned=self.banned, exclude=exclude, model=self.model, costs=ROUTE_COSTS)
 
     async def audit_candidates(self, span: tuple[int, int]) -> list[tuple[bytes, tuple[str, ...]]]:
-        """Peers announcing a span that covers ``span`` (the auditor filters them)."""
-        view = await self.swarm_view()
+        """Peers announcing a span that covers ``span`` (the auditor filters them). A view
+        up to ``AUDIT_VIEW_TTL`` old will do: an audit only needs some independent holder."""
+        cached = self._view
+        if cached is not None and trio.current_time() - cached[0] <= AUDIT_VIEW_TTL:
+            view = cached[1]
+        else:
+            view = await self.swarm_view()
         return [(a.peer_id, tuple(a.addrs)) for a in view.announcements
                 if a.span[0] <= span[0] and span[1] <= a.span[1]]
 
@@ -211,7 +225,7 @@ class SwarmClient:
                                 f"the model's context of {self.max_length}; shorten the prompt or max_new_tokens")
         tokens = TokenStream(self.head, params, prompt_ids)
         t0 = time.perf_counter()
-        route = await self.plan()
+        route = await self._vet(await self.plan())
         chain = Chain(self.host, model=self.model, max_length=max_length, replan=self._replan,
                       wire_dtype=self.wire_dtype, step_timeout=self.step_timeout, max_failovers=self.max_failovers,
                       credit=self.credit, auditor=self.auditor)
@@ -264,6 +278,35 @@ class SwarmClient:
             with trio.CancelScope(shield=True):
                 await chain.aclose()
 
+    async def _vet(self, route: Route) -> Route:
+        """Check the route's peers against fraud proofs stored in the DHT (a peer that
+        joined after a proof was gossiped learns of it here); re-plan around any that
+        turn out banned."""
+        fraud = self.fraud
+        if fraud is None:
+            return route
+        for _ in range(self.max_failovers):
+            now = time.monotonic()
+            unchecked = [h.peer_id for h in route.hops if now - self._vetted.get(h.peer_id, -VET_TTL) >= VET_TTL]
+            if not unchecked:
+                return route
+            banned: list[bytes] = []
+
+            async def check(peer_id: bytes) -> None:
+                if await fraud.check_peer(peer_id):
+                    banned.append(peer_id)
+
+            async with trio.open_nursery() as nursery:
+                for peer_id in unchecked:
+                    nursery.start_soon(check, peer_id)
+            for peer_id in unchecked:
+                self._vetted[peer_id] = now
+            if not banned:
+                return route
+            self.banned.update(banned)
+            route = await self.plan()
+        return route
+
     async def _rebuild(self, chain: Chain, max_length: int) -> Chain:
         """A fresh chain on a fresh route (after a rollback: every hop's cache is suspect)."""
         with trio.CancelScope(shield=True):
@@ -273,7 +316,7 @@ class SwarmClient:
                       credit=self.credit, auditor=self.auditor)
         fresh.failed |= chain.failed
         fresh.failovers = chain.failovers
-        await fresh.open(await self.plan(fresh=True))
+        await fresh.open(await self._vet(await self.plan(fresh=True)))
         return fresh
 
     async def _replan(self, start: int, end: int, exclude: frozenset[bytes]) -> Route:

@@ -117,6 +117,11 @@ async def test_cheater_is_caught_proven_banned_and_output_is_honest(tiny_verify,
         assert stored and verify_proof(stored[0], honest[0].executor).ok is False
         # banned everywhere it reaches: the cheater is refused as a requester too
         assert cheater_id in honest[0].server.banned
+        # a client that joins later (and audits nothing) learns of the proof from the DHT
+        late = await Swarm.connect(nursery, bootstrap=[honest[1].address], model=path, audit=None)
+        late_result = await late.generate(PROMPT, max_new_tokens=3)
+        assert late.client.reputation.is_banned(cheater_id)
+        assert cheater_id.hex() not in [h.peer_id for h in late_result.route]
         # an honest peer was never blamed
         for peer in (*honest, tail):
             assert not swarm.client.reputation.is_banned(peer.identity.peer_id)
