@@ -9,7 +9,7 @@
    processes then load (a) blocks [0, 6) (~1/3 of the parameters), (b) the whole model
    through this runtime (all 16 blocks + head), (c) the whole model through
    ``AutoModelForCausalLM.from_pretrained``, (d) nothing (imports only: the fixed
-   overhead). Each runs one forward and reports its peak RSS; ratios are printed.
+   overhead). Each runs one forward and reports its peak RSS (VmHWM); ratios are printed.
 
 Run: ``.venv/bin/python bench/runtime.py [--tokens 64] [--repeats 3] [--skip-speed] [--skip-rss]``.
 Timings on a shared machine are noisy: compare the ratio, not the absolute numbers.
@@ -84,7 +84,7 @@ def bench_speed(tokens: int, repeats: int) -> None:
 # -- memory -----------------------------------------------------------------------------
 
 _CHILD = r"""
-import json, resource, sys, torch
+import json, sys, torch
 mode, path = sys.argv[1], sys.argv[2]
 import peer.runtime as rt
 from transformers import AutoModelForCausalLM
@@ -100,7 +100,9 @@ elif mode == "transformers":
     m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with torch.inference_mode():
         m(torch.arange(8)[None])
-peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork+exec, so a child
+# of a big parent would report the parent's size. VmHWM belongs to this address space.
+peak_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({{"mode": mode, "peak_rss_mib": peak_kib / 1024}}))
 """
 

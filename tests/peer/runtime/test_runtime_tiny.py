@@ -239,12 +239,12 @@ def test_quantized_span_runs(quant: str, tiny_models: dict[str, Path]) -> None:
     assert {m.weight.dtype for m in linears} == {torch.int8 if quant == "int8" else torch.uint8}
     print(f"{quant}: span weights {mixed[1].weight_bytes} bytes vs fp32 {fp32[1].weight_bytes}")
     assert mixed[1].weight_bytes < fp32[1].weight_bytes / (3 if quant == "int8" else 6)
-    params = rt.SamplingParams(max_new_tokens=16)
+    params = rt.SamplingParams(max_new_tokens=8)
     a = rt.generate_local(head, fp32, _prompt(5), params)
     b = rt.generate_local(head, mixed, _prompt(5), params)
     agree = sum(x == y for x, y in zip(a, b)) / len(a)
-    print(f"{quant}: greedy top-1 agreement with fp32 over 16 tokens = {agree:.2f}")
-    assert len(b) == 16
+    print(f"{quant}: greedy top-1 agreement with fp32 over 8 tokens = {agree:.2f}")
+    assert len(b) == 8
 
 
 def test_half_precision_on_cpu_runs(tiny_models: dict[str, Path]) -> None:
