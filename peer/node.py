@@ -100,10 +100,16 @@ class ServerNode:
     def address(self) -> str:
         return self.host.listen_addrs[0]
 
-    async def shutdown(self) -> None:
-        """Graceful stop: no new sessions, in-flight steps finish, announcement withdrawn."""
+    async def shutdown(self, *, withdraw_timeout: float = 10.0) -> None:
+        """Graceful stop: no new sessions, in-flight steps finish, announcement withdrawn.
+
+        The withdrawal (tombstones to the DHT) happens here, while the host is still up:
+        cancelling the node's scope also closes every connection it would need.
+        """
         await self.server.drain()
-        self.cancel_scope.cancel()  # the announcer withdraws on its way out
+        with trio.move_on_after(withdraw_timeout):
+            await self.announcer.withdraw()
+        self.cancel_scope.cancel()
 
     def status_line(self) -> str:
         s, st = self.server, self.server.stats

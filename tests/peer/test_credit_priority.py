@@ -39,23 +39,26 @@ async def serve(nursery, path, *, bootstrap=(), identity=None, **kw):
     return await nursery.start(functools.partial(run_server, identity or Identity.generate(), options))
 
 
-async def client(nursery, path, bootstrap, *, identity=None, only=None, avoid=()):
-    swarm = await Swarm.connect(nursery, bootstrap=[bootstrap], model=path, identity=identity)
+async def client(nursery, path, bootstrap, *, identity=None, avoid=(), ledger_path=None):
+    swarm = await Swarm.connect(nursery, bootstrap=[bootstrap], model=path, identity=identity,
+                                ledger_path=ledger_path)
     swarm.client.banned.update(avoid)
     return swarm
 
 
-async def wait_for(predicate, timeout=20.0):
+async def wait_for(predicate, timeout=60.0):
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(0.05)
 
 
 @pytest.mark.slow
-async def test_contributors_wait_less_than_free_riders(model_dir):
+async def test_contributors_wait_less_than_free_riders(model_dir, tmp_path):
     async with trio.open_nursery() as nursery:
         server = await serve(nursery, model_dir, compute_slots=1)
-        contributors = [await serve(nursery, model_dir, bootstrap=[server.address]) for _ in range(2)]
+        ledgers = [str(tmp_path / f"contributor{i}.ledger") for i in range(2)]
+        contributors = [await serve(nursery, model_dir, bootstrap=[server.address], ledger_path=ledger)
+                        for ledger in ledgers]
         everyone = {server.identity.peer_id} | {c.identity.peer_id for c in contributors}
 
         # The server's owner generates through each contributor and signs receipts for their work.
@@ -65,10 +68,14 @@ async def test_contributors_wait_less_than_free_riders(model_dir):
             owner.client.banned.update(everyone - {c.identity.peer_id})
             await owner.generate(PROMPT, max_new_tokens=24)
 
-        # Contributors and free-riders then all generate through the server alone.
+        # Contributors and free-riders then all generate through the server alone. A
+        # contributor generates as its serving identity, with its ledger (as
+        # `swarm-peer generate --identity` does): it holds the receipts the server signed.
         others = everyone - {server.identity.peer_id}
-        helpers = [await client(nursery, model_dir, server.address, identity=c.identity, avoid=others)
-                   for c in contributors]
+        for c in contributors:
+            c.credit.save()
+        helpers = [await client(nursery, model_dir, server.address, identity=c.identity, avoid=others,
+                                ledger_path=ledger) for c, ledger in zip(contributors, ledgers)]
         riders = [await client(nursery, model_dir, server.address, avoid=others) for _ in range(2)]
 
         # No contention: a lone newcomer is served at once.

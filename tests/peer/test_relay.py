@@ -221,3 +221,20 @@ async def test_server_rejects_bad_requests(tiny):
         assert info.value.code == ErrorCode.UNKNOWN_SESSION
         await conn.request(M.CloseSession(id=0, session=opened.session))
         nursery.cancel_scope.cancel()
+
+
+async def test_graceful_shutdown_withdraws_the_announcement(tiny):
+    path, model = tiny
+    async with trio.open_nursery() as nursery:
+        first = await start(nursery, path, (0, 3))
+        leaving = await start(nursery, path, (0, 3), bootstrap=[first.address])
+        await start(nursery, path, (3, 6), bootstrap=[first.address])
+        swarm = await Swarm.connect(nursery, bootstrap=[first.address], model=path)
+        assert leaving.identity.peer_id in (await swarm.status()).servers
+        await leaving.shutdown()
+        view = await swarm.status()
+        assert leaving.identity.peer_id not in view.servers and len(view.servers) == 2
+        result = await swarm.generate(PROMPTS[0], max_new_tokens=6)
+        assert result.token_ids == reference(model, PROMPTS[0], 6)
+        assert leaving.identity.peer_id.hex() not in [h.peer_id for h in result.route]
+        nursery.cancel_scope.cancel()
