@@ -44,7 +44,13 @@ import torch
 from protocol._connection import Connection, MessageReceived, Role
 from protocol._identity import Identity
 from protocol._messages import Forward, ForwardResult, decode_message, encode_message
-from protocol._statements import forward_request_statement, forward_result_statement, verify
+from protocol._statements import (
+    EMPTY_HISTORY,
+    extend_history,
+    forward_request_statement,
+    forward_result_statement,
+    verify,
+)
 from protocol._tensor import decode_tensor, encode_tensor
 
 MODEL = "bench/protocol-overhead"
@@ -100,6 +106,7 @@ class Hop:
         self.client, self.server = connected_pair(self.client_id, self.server_id)
         self.session = os.urandom(16)
         self.step = 0
+        self.client_history = self.server_history = EMPTY_HISTORY  # running digests of the inputs
 
     def round_trip(self, x: torch.Tensor, output: torch.Tensor, marks: list[float] | None = None) -> torch.Tensor:
         """One request and its result; appends a clock reading before and after each stage to ``marks``."""
@@ -150,9 +157,10 @@ class Hop:
         mark()
         output_digest = out.digest()
         mark()
+        self.server_history = extend_history(self.server_history, server_input_digest)
         result_signature = srv.sign(forward_result_statement(
             server=srv.peer_id, session=msg.session, step=msg.step, model=MODEL, span=SPAN,
-            input_digest=server_input_digest, output_digest=output_digest))
+            input_digest=server_input_digest, output_digest=output_digest, history=self.server_history))
         mark()
         payload = encode_message(ForwardResult(id=msg.id, session=msg.session, step=msg.step, hidden=out,
                                                signature=result_signature))
@@ -169,9 +177,10 @@ class Hop:
         assert isinstance(result, ForwardResult)
         result_digest = result.hidden.digest()
         mark()
+        self.client_history = extend_history(self.client_history, input_digest)
         verify(srv.public_key, forward_result_statement(
             server=srv.peer_id, session=session, step=step, model=MODEL, span=SPAN, input_digest=input_digest,
-            output_digest=result_digest), result.signature)
+            output_digest=result_digest, history=self.client_history), result.signature)
         mark()
         y = decode_tensor(result.hidden, out_dtype=x.dtype)
         mark()
@@ -268,7 +277,8 @@ def measure(name: str, shape: tuple[int, ...], *, model_dtype: torch.dtype, wire
 
 def report(r: dict, wire_dtype: str, model_dtype: torch.dtype) -> None:
     us = 1e6
-    print(f"\n{r['name']}: shape {list(r['shape'])}, model {str(model_dtype).removeprefix('torch.')}, wire {wire_dtype} "
+    model = str(model_dtype).removeprefix("torch.")
+    print(f"\n{r['name']}: shape {list(r['shape'])}, model {model}, wire {wire_dtype} "
           f"({r['wire_bytes'] / 1024:.0f} KiB each way), median of {r['iterations']} round trips")
     for i, ((side, stage), t) in enumerate(zip(STAGES, r["stages"])):
         if i == 0:

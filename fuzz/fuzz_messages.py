@@ -63,3 +63,26 @@ def test_tensor_claims_over_the_limit_fail_before_allocating(numel, dtype):
     body = {0: bytes(16), 1: 0, 2: 0, 3: {0: dtype, 1: [1, numel], 2: b""}, 4: bytes(64)}
     with pytest.raises(ProtocolError):
         M.decode_message(cbor_encode([12, 1, body]), limits=SMALL)
+
+
+def _fold(digests):
+    from protocol._statements import EMPTY_HISTORY, extend_history
+
+    history = EMPTY_HISTORY
+    for digest in digests:
+        history = extend_history(history, digest)
+    return history
+
+
+@given(st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=6), st.data())
+def test_the_signed_history_binds_every_input(digests, data):
+    from protocol._statements import forward_result_statement
+
+    i = data.draw(st.integers(0, len(digests) - 1))
+    changed = list(digests)
+    changed[i] = bytes([changed[i][0] ^ 1]) + changed[i][1:]
+    assert _fold(changed) != _fold(digests)
+    statement = forward_result_statement(server=b"s" * 20, session=b"x" * 16, step=len(digests) - 1, model="m@0",
+                                         span=(0, 2), input_digest=digests[-1], output_digest=bytes(32),
+                                         history=_fold(digests))
+    assert cbor_decode(statement, max_size=len(statement))[-1] == _fold(digests)  # canonical, history last

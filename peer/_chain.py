@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from protocol import _messages as M
-from protocol._statements import forward_request_statement, forward_result_statement, verify
+from protocol._statements import (
+    EMPTY_HISTORY,
+    extend_history,
+    forward_request_statement,
+    forward_result_statement,
+    verify,
+)
 from protocol._tensor import WireTensor, decode_tensor, encode_tensor
 from protocol.errors import ProtocolError, RemoteError, SwarmError
 from swarm.errors import PeerUnreachable, RequestTimeout
@@ -86,6 +92,7 @@ class HopRecord:
     session: bytes
     transcript: list[StepRecord] = field(default_factory=list)
     latency: float = 0.0  # seconds spent waiting on this hop in total
+    history: bytes = EMPTY_HISTORY  # running digest of the inputs sent (the server signs it)
 
     @property
     def span(self) -> tuple[int, int]:
@@ -201,9 +208,11 @@ class Chain:
         expected_shape = tuple(wire.shape)
         if tuple(result.hidden.shape) != expected_shape:
             raise _BadAnswer(f"returned shape {list(result.hidden.shape)}, expected {list(expected_shape)}")
+        history = extend_history(record.history, input_digest)
         verify(record.conn.public_key, forward_result_statement(
             server=server, session=record.session, step=step, model=self.model, span=record.span,
-            input_digest=input_digest, output_digest=result.hidden.digest()), result.signature)
+            input_digest=input_digest, output_digest=result.hidden.digest(), history=history), result.signature)
+        record.history = history
         record.transcript.append(StepRecord(step=step, position=position, input=wire,
                                             request_signature=request_signature, output=result.hidden,
                                             result_signature=result.signature))

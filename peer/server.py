@@ -28,7 +28,13 @@ import trio
 from protocol import _messages as M
 from protocol._identity import Identity
 from protocol._session import SessionState
-from protocol._statements import forward_request_statement, forward_result_statement, verify
+from protocol._statements import (
+    EMPTY_HISTORY,
+    extend_history,
+    forward_request_statement,
+    forward_result_statement,
+    verify,
+)
 from protocol._tensor import DTYPES, WireTensor, decode_tensor, encode_tensor
 from protocol.errors import ErrorCode, RemoteError, SwarmError
 from swarm.transport import Host, PeerConnection
@@ -65,6 +71,7 @@ class _Served:
     wire_dtype: str
     state: SessionState
     evidence: list[M.ForwardEvidence] = field(default_factory=list)  # client-signed requests
+    history: bytes = EMPTY_HISTORY  # running digest of the inputs (signed with every result)
     work: int = 0  # blocks x tokens served in this session
 
 
@@ -218,9 +225,11 @@ class SpanServer:
         served.evidence.append(M.ForwardEvidence(step=msg.step, position=msg.position, hidden=msg.hidden,
                                                  signature=msg.signature))
         out = encode_tensor(output, served.wire_dtype)
+        history = extend_history(served.history, input_digest)
         signature = self.identity.sign(forward_result_statement(
             server=self.identity.peer_id, session=msg.session, step=msg.step, model=self.model, span=served.span,
-            input_digest=input_digest, output_digest=out.digest()))
+            input_digest=input_digest, output_digest=out.digest(), history=history))
+        served.history = history
         served.work += n_tokens * (served.span[1] - served.span[0])
         return M.ForwardResult(id=msg.id, session=msg.session, step=msg.step, hidden=out, signature=signature)
 
@@ -239,7 +248,8 @@ class SpanServer:
         out = encode_tensor(output, msg.hidden.dtype)
         signature = self.identity.sign(forward_result_statement(
             server=self.identity.peer_id, session=msg.nonce, step=0, model=self.model, span=msg.span,
-            input_digest=input_digest, output_digest=out.digest()))
+            input_digest=input_digest, output_digest=out.digest(),
+            history=extend_history(EMPTY_HISTORY, input_digest)))
         return M.ForwardOnceResult(id=msg.id, hidden=out, signature=signature)
 
     async def _close_session(self, conn: PeerConnection, msg: M.CloseSession) -> M.SessionClosed:

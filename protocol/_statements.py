@@ -9,6 +9,8 @@ encoding (``WireTensor.digest()``).
 
 from __future__ import annotations
 
+import hashlib
+
 from ._cbor import encode
 from ._identity import Identity, verify_signature
 
@@ -20,6 +22,8 @@ __all__ = [
     "DOMAIN_RECEIPT_COUNTERSIGN",
     "forward_request_statement",
     "forward_result_statement",
+    "EMPTY_HISTORY",
+    "extend_history",
     "record_statement",
     "receipt_statement",
     "sign",
@@ -59,11 +63,25 @@ def forward_result_statement(
     span: tuple[int, int],
     input_digest: bytes,
     output_digest: bytes,
+    history: bytes,
 ) -> bytes:
-    """What a server signs for every result it returns: DESIGN.md's layout exactly."""
+    """What a server signs for every result it returns: DESIGN.md's layout, plus the
+    session's input history (``extend_history`` over every input so far, this one
+    included), so that a signed output can only be paired with the inputs that really
+    produced it: a client cannot frame a server with a history it never sent."""
     return encode(
-        [DOMAIN_FORWARD_RESULT, server, session, step, model, [span[0], span[1]], input_digest, output_digest]
+        [DOMAIN_FORWARD_RESULT, server, session, step, model, [span[0], span[1]], input_digest, output_digest,
+         history]
     )
+
+
+#: The history of a session before its first step (and of every FORWARD_ONCE).
+EMPTY_HISTORY = bytes(32)
+
+
+def extend_history(history: bytes, input_digest: bytes) -> bytes:
+    """BLAKE2b-256(history || H(input)): the running digest of a session's inputs."""
+    return hashlib.blake2b(history + input_digest, digest_size=32).digest()
 
 
 def record_statement(*, key: bytes, publisher: bytes, seq: int, expires: int, value: bytes) -> bytes:

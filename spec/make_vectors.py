@@ -26,6 +26,8 @@ from protocol._cbor import encode  # noqa: E402
 from protocol._fields import Bytes, Field, Float, ListOf, Span, Struct, TensorCodec  # noqa: E402
 from protocol._identity import Identity  # noqa: E402
 from protocol._statements import (  # noqa: E402
+    EMPTY_HISTORY,
+    extend_history,
     forward_request_statement,
     forward_result_statement,
     receipt_statement,
@@ -123,7 +125,8 @@ def sample_messages() -> list[M.Message]:
         position=0, input_digest=hidden.digest()))
     res_sig = SERVER.sign(forward_result_statement(
         server=SERVER.peer_id, session=session, step=0, model=model, span=span,
-        input_digest=hidden.digest(), output_digest=out.digest()))
+        input_digest=hidden.digest(), output_digest=out.digest(),
+        history=extend_history(EMPTY_HISTORY, hidden.digest())))
     hh = bytes(range(32))
     receipt = M.ReceiptRecord(client=CLIENT.public_key, server=SERVER.public_key, handshake_hash=hh, seq=5, work=40,
                               client_signature=CLIENT.sign(receipt_statement(
@@ -173,10 +176,20 @@ def statement_vectors() -> dict[str, Any]:
     session = bytes(range(16))
     req = forward_request_statement(client=CLIENT.peer_id, server=SERVER.peer_id, session=session, step=2,
                                     model="m@0", span=(3, 9), position=17, input_digest=bytes(32))
+    history = EMPTY_HISTORY
+    for digest in (bytes([1]) * 32, bytes([2]) * 32, bytes(32)):  # the inputs of steps 0, 1 and 2
+        history = extend_history(history, digest)
     res = forward_result_statement(server=SERVER.peer_id, session=session, step=2, model="m@0", span=(3, 9),
-                                   input_digest=bytes(32), output_digest=bytes([0xFF]) * 32)
+                                   input_digest=bytes(32), output_digest=bytes([0xFF]) * 32, history=history)
+    histories, history = [], EMPTY_HISTORY
+    for digest in (bytes([1]) * 32, bytes([2]) * 32, bytes(32)):
+        nxt = extend_history(history, digest)
+        histories.append({"previous": history.hex(), "input_digest": digest.hex(), "history": nxt.hex()})
+        history = nxt
     return {
-        "description": "Ed25519 seeds are hex; statement_hex is exactly the signed bytes.",
+        "description": "Ed25519 seeds are hex; statement_hex is exactly the signed bytes; histories are "
+                       "consecutive steps of extend_history (the forward-result statement's last element).",
+        "histories": histories,
         "identities": [
             {"name": "client", "seed": CLIENT.seed.hex(), "public_key": CLIENT.public_key.hex(),
              "peer_id": CLIENT.peer_id.hex()},

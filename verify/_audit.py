@@ -36,7 +36,13 @@ from enum import Enum
 import torch
 
 from protocol import _messages as M
-from protocol._statements import forward_request_statement, forward_result_statement, verify
+from protocol._statements import (
+    EMPTY_HISTORY,
+    extend_history,
+    forward_request_statement,
+    forward_result_statement,
+    verify,
+)
 from protocol._tensor import WireTensor, decode_tensor, encode_tensor
 from protocol.errors import SwarmError
 from swarm.transport import Host
@@ -281,7 +287,8 @@ class Auditor:
         if tuple(result.hidden.shape) != tuple(wire.shape):
             raise SwarmError(f"auditor returned shape {list(result.hidden.shape)} for {list(wire.shape)}")
         verify(conn.public_key, forward_result_statement(server=peer_id, session=nonce, step=0, model=model, span=span,
-                                                         input_digest=digest, output_digest=result.hidden.digest()),
+                                                         input_digest=digest, output_digest=result.hidden.digest(),
+                                                         history=extend_history(EMPTY_HISTORY, digest)),
                result.signature)
         out = decode_tensor(result.hidden, out_dtype=torch.float32)
         return _Answer(peer_id=peer_id, public_key=conn.public_key, nonce=nonce, request_signature=signature,

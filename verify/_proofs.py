@@ -36,7 +36,13 @@ from protocol import cbor_decode, cbor_encode, peer_id_of
 from protocol import _messages as M
 from protocol._fields import fields_from_cbor, fields_to_cbor
 from protocol._limits import DEFAULT_LIMITS, Limits
-from protocol._statements import forward_request_statement, forward_result_statement, verify
+from protocol._statements import (
+    EMPTY_HISTORY,
+    extend_history,
+    forward_request_statement,
+    forward_result_statement,
+    verify,
+)
 from protocol._tensor import WireTensor, decode_tensor
 from protocol.errors import BadSignature, DecodeError, ErrorCode, ProtocolError, SwarmError
 
@@ -172,10 +178,14 @@ def check_proof(proof: M.FraudProof) -> None:
                 request.signature)
     except BadSignature:
         raise InvalidProof(f"the client's signature on step {request.step} does not verify") from None
+    history = EMPTY_HISTORY
+    for request in requests:  # the accused signed the digest of exactly these inputs
+        history = extend_history(history, request.hidden.digest())
     try:
         verify(proof.accused, forward_result_statement(
             server=accused_id, session=proof.session, step=requests[-1].step, model=proof.model, span=proof.span,
-            input_digest=requests[-1].hidden.digest(), output_digest=proof.output.digest()), proof.output_signature)
+            input_digest=requests[-1].hidden.digest(), output_digest=proof.output.digest(), history=history),
+            proof.output_signature)
     except BadSignature:
         raise InvalidProof("the accused's signature on the output does not verify") from None
 

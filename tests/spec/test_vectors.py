@@ -50,6 +50,16 @@ def test_statement_vectors_replay():
         verify_signature(signer.public_key, statement, bytes.fromhex(st["signature"]))
 
 
+def test_history_vectors_replay():
+    from protocol._statements import EMPTY_HISTORY, extend_history
+
+    steps = _vectors("statements.json")["histories"]
+    assert bytes.fromhex(steps[0]["previous"]) == EMPTY_HISTORY
+    for step in steps:
+        assert extend_history(bytes.fromhex(step["previous"]), bytes.fromhex(step["input_digest"])).hex() \
+            == step["history"]
+
+
 @pytest.mark.parametrize("name", ["messages.json", "statements.json", "cbor-strict.json", "tensors.json", "handshake.json"])
 def test_generator_reproduces_the_files(name):
     text = json.dumps(GEN.all_vectors()[name], indent=1) + "\n"

@@ -11,7 +11,7 @@ import torch
 
 from peer.runtime import load_span
 from protocol import Identity, peer_id_of
-from protocol._statements import forward_request_statement, forward_result_statement
+from protocol._statements import EMPTY_HISTORY, extend_history, forward_request_statement, forward_result_statement
 from protocol._tensor import encode_tensor
 from swarm.dht import RecordRejected, check_record
 from verify import (
@@ -141,13 +141,14 @@ def span(tiny_verify):
     return load_span(tiny_verify[0], 0, 3)
 
 
-def _session_proof(span, *, tamper: bool, steps: int = 4):
+def _session_proof(span, *, tamper: bool, steps: int = 4, client=None):
     """A client and a server identity run a real session on ``span`` and sign it like
     the relay does; the server's output of the last step is tampered with if asked."""
-    client, server = Identity.generate(), Identity.generate()
+    client, server = client or Identity.generate(), Identity.generate()
     sid = span.open_session(32)
     session = bytes(16)
     torch.manual_seed(1)
+    history = EMPTY_HISTORY
     transcript = []
     position = 0
     for step in range(steps):
@@ -159,9 +160,10 @@ def _session_proof(span, *, tamper: bool, steps: int = 4):
         request_sig = client.sign(forward_request_statement(
             client=client.peer_id, server=server.peer_id, session=session, step=step, model=span.model_id,
             span=(0, 3), position=position, input_digest=wire_in.digest()))
+        history = extend_history(history, wire_in.digest())
         result_sig = server.sign(forward_result_statement(
             server=server.peer_id, session=session, step=step, model=span.model_id, span=(0, 3),
-            input_digest=wire_in.digest(), output_digest=wire_out.digest()))
+            input_digest=wire_in.digest(), output_digest=wire_out.digest(), history=history))
         transcript.append(type("Step", (), dict(step=step, position=position, input=wire_in,
                                                 request_signature=request_sig, output=wire_out,
                                                 result_signature=result_sig)))
@@ -200,6 +202,20 @@ def test_forgeries_fail_the_signature_and_structure_checks(span):
     true_proof = _session_proof(span, tamper=True)
     with pytest.raises(InvalidProof, match="not inside the served span"):
         verify_proof(true_proof, load_span(TINY[0], 3, 6))
+
+
+def test_a_client_cannot_frame_a_server_with_a_history_it_never_sent(span):
+    client = Identity.generate()
+    proof = _session_proof(span, tamper=False, client=client)
+    accused_id, client_id = peer_id_of(proof.accused), peer_id_of(proof.client)
+    fake = proof.requests[1]
+    other_input = encode_tensor(torch.randn(*fake.hidden.shape))
+    resigned = dataclasses.replace(fake, hidden=other_input, signature=client.sign(forward_request_statement(
+        client=client_id, server=accused_id, session=proof.session, step=fake.step, model=proof.model,
+        span=proof.span, position=fake.position, input_digest=other_input.digest())))
+    framing = dataclasses.replace(proof, requests=(proof.requests[0], resigned, *proof.requests[2:]))
+    with pytest.raises(InvalidProof, match="accused's signature"):  # the signed history differs
+        check_proof(framing)
 
 
 # -- stored proofs --------------------------------------------------------------------------
