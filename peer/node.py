@@ -20,7 +20,7 @@ import trio
 from protocol import Identity
 from swarm.announce import DEFAULT_TTL, Announcer, fetch_swarm_view
 from swarm.dht import DhtNode
-from swarm.planning import choose_blocks
+from swarm.planning import choose_blocks, should_rebalance
 from swarm.transport import Host
 from verify import FraudProofService, Reputation, record_kinds
 
@@ -54,6 +54,7 @@ class ServeOptions:
     drain_grace: float = 30.0
     ledger_path: str | None = None  # the credit ledger (None: kept in memory)
     reputation_path: str | None = None  # reputation and bans (None: kept in memory)
+    rebalance_interval: float = 300.0  # seconds between checks of a self-chosen span (Petals' rule)
     compute_slots: int = 1  # steps computed at once; more queue in credit order
 
     def __post_init__(self) -> None:
@@ -157,14 +158,42 @@ async def run_server(identity: Identity, options: ServeOptions, *,
             fraud = FraudProofService(host, dht, reputation, executor=executor, compute_limiter=server._compute,
                                       reputation_path=options.reputation_path)
             await nursery.start(fraud.run)
-            announcer = Announcer(dht, identity, lambda expires: server.make_announcement(expires, throughput),
+            announcer = Announcer(dht, identity, lambda expires: server.make_announcement(expires, node.throughput),
                                   ttl=options.announce_ttl)
-            await nursery.start(announcer.run)
             node = ServerNode(identity=identity, host=host, dht=dht, server=server, announcer=announcer,
                               credit=credit, fraud=fraud, executor=executor, throughput=throughput, cancel_scope=scope)
+            await nursery.start(announcer.run)
             if status_stream is not None:
                 nursery.start_soon(_show_status, node, status_stream, status_interval)
+            if options.blocks is None:
+                nursery.start_soon(_rebalance_loop, node, options, info.num_blocks)
             task_status.started(node)
+
+
+async def _rebalance_loop(node: ServerNode, options: ServeOptions, num_blocks: int) -> None:
+    """Move a self-chosen span where the swarm is weakest when that helps enough
+    (``should_rebalance``: Petals' rule), and only while no session is open."""
+    while True:
+        await trio.sleep(options.rebalance_interval)
+        server = node.server
+        if server.open_sessions or server.draining:
+            continue
+        view = await fetch_swarm_view(node.dht, server.model, num_blocks)
+        me = node.identity.peer_id
+        if me not in view.servers or not should_rebalance(view.announcements, peer_id=me, num_blocks=num_blocks):
+            continue
+        length = server.span[1] - server.span[0]
+        span = choose_blocks(view.announcements, num_blocks=num_blocks, span_length=length, exclude=me)
+        log.info("rebalancing: moving from blocks %d:%d to %d:%d", *server.span, *span)
+        executor = await trio.to_thread.run_sync(functools.partial(
+            load_span, options.model, span[0], span[1], device=options.device, dtype=options.dtype,
+            quant=options.quant, cache_bytes=options.cache_bytes))
+        throughput = await trio.to_thread.run_sync(measure_throughput, executor)
+        if server.open_sessions or server.draining:
+            continue  # a client arrived meanwhile; try again next round
+        server.swap_executor(executor)
+        node.executor, node.throughput, node.fraud.executor = executor, throughput, executor
+        await node.announcer.publish_now()  # the new span; keys of the old blocks are withdrawn
 
 
 async def _show_status(node: ServerNode, stream: TextIO, interval: float) -> None:

@@ -139,6 +139,15 @@ class SpanServer:
     def open_sessions(self) -> int:
         return len(self._sessions)
 
+    def swap_executor(self, executor: SpanExecutor) -> None:
+        """Serve another span of the same model (rebalancing); only while no session is open."""
+        if self._sessions or self._in_flight:
+            raise RuntimeError("cannot change the served span while sessions are open")
+        if executor.model_id != self.model:
+            raise ValueError(f"{executor.model_id} is not the served model {self.model}")
+        self.executor = executor
+        self.span = (executor.start, executor.end)
+
     def make_announcement(self, expires: int, throughput: float) -> M.Announcement:
         return M.Announcement(peer_id=self.identity.peer_id, addrs=tuple(self.host.listen_addrs), model=self.model,
                               span=self.span, throughput=throughput, free_sessions=self.free_sessions,

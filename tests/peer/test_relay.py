@@ -238,3 +238,29 @@ async def test_graceful_shutdown_withdraws_the_announcement(tiny):
         assert result.token_ids == reference(model, PROMPTS[0], 6)
         assert leaving.identity.peer_id.hex() not in [h.peer_id for h in result.route]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_server_that_chose_its_span_moves_to_where_the_swarm_is_weak(tiny):
+    path, model = tiny
+    async with trio.open_nursery() as nursery:
+        a = await start(nursery, path, (0, 3))
+        b = await start(nursery, path, (0, 3), bootstrap=[a.address])
+        c = await start(nursery, path, (3, 6), bootstrap=[a.address])
+        # Without --blocks a server joins where the swarm is weakest: 3..5 has one server.
+        mover = await start(nursery, path, None, bootstrap=[c.address], num_blocks=3, rebalance_interval=0.2)
+        assert mover.span == (3, 6)
+        # Both servers of 0..2 leave: the mover moves there (3..5 stays served by c).
+        await a.shutdown()
+        await b.shutdown()
+        with trio.fail_after(30):
+            while mover.span != (0, 3):
+                await trio.sleep(0.1)
+        swarm = await Swarm.connect(nursery, bootstrap=[c.address], model=path)
+        with trio.fail_after(30):
+            while (await swarm.status()).servers.get(mover.identity.peer_id, None) is None or \
+                    (await swarm.status()).servers[mover.identity.peer_id].span != (0, 3):
+                await trio.sleep(0.2)
+        result = await swarm.generate(PROMPTS[0], max_new_tokens=8)
+        assert result.token_ids == reference(model, PROMPTS[0], 8)
+        assert [(h.start, h.end) for h in result.route] == [(0, 3), (3, 6)]
+        nursery.cancel_scope.cancel()
