@@ -1,28 +1,20 @@
 """spec/SPEC.md's tables must say exactly what the code does."""
 
-import importlib.util
 from pathlib import Path
 
 SPEC = Path(__file__).resolve().parents[2] / "spec"
-
-
-def _gen():
-    spec = importlib.util.spec_from_file_location("make_vectors", SPEC / "make_vectors.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _text():
     return (SPEC / "SPEC.md").read_text()
 
 
-def test_message_registry_matches_code():
-    assert _gen().registry_markdown() in _text()
+def test_message_registry_matches_code(generator):
+    assert generator.registry_markdown() in _text()
 
 
-def test_session_state_table_matches_code():
-    assert _gen().session_table_markdown() in _text()
+def test_session_state_table_matches_code(generator):
+    assert generator.session_table_markdown() in _text()
 
 
 def _table_after(header: str) -> set[tuple[str, ...]]:

@@ -1,6 +1,5 @@
 """Replay spec/vectors/ exactly as written, and check the generator reproduces them."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,26 +11,16 @@ from protocol import _messages as M
 SPEC = Path(__file__).resolve().parents[2] / "spec"
 
 
-def _load_generator():
-    spec = importlib.util.spec_from_file_location("make_vectors", SPEC / "make_vectors.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-GEN = _load_generator()
-
-
 def _vectors(name):
     return json.loads((SPEC / "vectors" / name).read_text())
 
 
-def test_message_vectors_replay():
+def test_message_vectors_replay(generator):
     entries = _vectors("messages.json")["messages"]
     assert {e["type"] for e in entries} == set(M.MESSAGE_TYPES)
     for entry in entries:
         wire = bytes.fromhex(entry["cbor_hex"])
-        expected = GEN.message_from_json(entry)
+        expected = generator.message_from_json(entry)
         assert M.encode_message(expected) == wire, entry["name"]
         assert M.decode_message(wire) == expected, entry["name"]
 
@@ -61,6 +50,6 @@ def test_history_vectors_replay():
 
 
 @pytest.mark.parametrize("name", ["messages.json", "statements.json", "cbor-strict.json", "tensors.json", "handshake.json"])
-def test_generator_reproduces_the_files(name):
-    text = json.dumps(GEN.all_vectors()[name], indent=1) + "\n"
+def test_generator_reproduces_the_files(name, generator):
+    text = json.dumps(generator.all_vectors()[name], indent=1) + "\n"
     assert (SPEC / "vectors" / name).read_text() == text, f"run: python spec/make_vectors.py ({name} is stale)"
