@@ -280,6 +280,7 @@ def part_smollm(args: argparse.Namespace, connect_kwargs: dict) -> None:
           f"load average {load_average()}", flush=True)
     path = builtin_gguf_path(model_name)
     hf_logging.disable_progress_bar()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF conversion's own progress bar
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     ids = rt.load_head(model_name).encode_prompt(PROMPT, chat=False)
     print(f"  prompt: {PROMPT!r} ({len(ids)} tokens); torch threads here {torch.get_num_threads()}", flush=True)
