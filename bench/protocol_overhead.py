@@ -296,9 +296,9 @@ def report(r: dict, wire_dtype: str, model_dtype: torch.dtype) -> None:
     print(f"  baseline, one copy of the wire bytes: {copy * us:.2f} us ({r['wire_bytes'] / copy / 1e6:.0f} MB/s); "
           f"round trip / 2 copies: {total / (2 * copy):.0f}x")
     floor = sum(count * t for count, t in r["floor"].values())
-    print("  floor, the primitives a round trip needs, each timed alone (count x median):")
+    print("  floor, the primitives a round trip needs, each timed alone (median of one; times per round trip):")
     for name, (count, t) in r["floor"].items():
-        print(f"    {count} x {name:34s} {t * us:10.1f} us")
+        print(f"    {name:34s} {t * us:10.1f} us x {count} = {count * t * us:10.1f} us")
     print(f"  floor total {floor * us:.1f} us; round trip / floor: {total / floor:.2f}x "
           f"(the rest, {(total - floor) * us:.1f} us, is Python, CBOR, validation and copies)")
 
