@@ -60,7 +60,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         model=args.model, blocks=parse_blocks(args.blocks) if args.blocks else None, num_blocks=args.num_blocks,
         host=args.host, port=args.port, announce_addrs=tuple(args.announce_addr), bootstrap=tuple(args.bootstrap),
         device=args.device, dtype=args.dtype, quant=args.quant, max_sessions=args.max_sessions,
-        cache_bytes=args.cache_bytes, compute_slots=args.compute_slots,
+        cache_bytes=args.cache_bytes, compute_slots=args.compute_slots, threads=args.threads,
         ledger_path=str(ledger_path_for(args.identity or default_identity_path())))
     identity = Identity.load_or_create(args.identity or default_identity_path())
     trio.run(_serve, identity, options)
@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--quant", choices=["int8", "nf4"], help="quantize the served blocks' weights (bitsandbytes)")
     serve.add_argument("--max-sessions", type=int, default=16, help="concurrent inference sessions (default 16)")
     serve.add_argument("--cache-bytes", type=int, help="memory budget for KV caches in bytes (default: unlimited)")
+    serve.add_argument("--threads", type=int,
+                       help="torch threads for compute (default: one per core; use fewer when several peers share "
+                            "a machine)")
     serve.add_argument("--compute-slots", type=int, default=1,
                        help="steps computed at once; more wait, served in order of the requesters' credit")
     serve.set_defaults(func=_cmd_serve)

@@ -341,11 +341,8 @@ def _stable_text(tokens: TokenStream, decode_text: bool) -> str:
 
 
 def _rng_state(tokens: TokenStream) -> object:
-    gen = getattr(tokens.sampler, "_gen", None)
-    return gen.get_state() if gen is not None else None
+    return tokens.sampler.get_state()
 
 
 def _restore_rng(tokens: TokenStream, state: object) -> None:
-    gen = getattr(tokens.sampler, "_gen", None)
-    if gen is not None and state is not None:
-        gen.set_state(state)
+    tokens.sampler.set_state(state)

@@ -143,13 +143,18 @@ class CreditService:
 
     async def received(self, server: PeerConnection, units: int, *, final: bool = False) -> None:
         """Count work received from ``server``; send a receipt every ``receipt_every``
-        steps and when ``final``. A failed receipt is logged, never fatal."""
+        steps (in the background while ``run`` runs: the relay does not wait for it)
+        and when ``final`` (awaited). A failed receipt is logged, never fatal."""
         key = server.public_key
         self.wallet.received(key, units)
         steps = self._steps.get(key, 0) + 1
         self._steps[key] = steps
-        if final or steps >= self.receipt_every:
-            await self.send_receipt(server)
+        if final or self._nursery is None:
+            if final or steps >= self.receipt_every:
+                await self.send_receipt(server)
+        elif steps >= self.receipt_every:
+            self._steps[key] = 0
+            self._nursery.start_soon(self.send_receipt, server)
 
     async def send_receipt(self, server: PeerConnection) -> bool:
         key = server.public_key

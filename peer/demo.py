@@ -17,9 +17,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from protocol.errors import SwarmError
 
-__all__ = ["run_demo", "start_server_process", "ServerProcess", "split_blocks"]
+__all__ = ["run_demo", "start_server_process", "launch_server_process", "wait_ready", "ServerProcess", "split_blocks"]
 
 READY_PREFIX = "swarm-peer: serving"
 
@@ -63,27 +65,40 @@ class ServerProcess:
 def start_server_process(model: str, blocks: tuple[int, int], *, identity: Path, bootstrap: Sequence[str] = (),
                          extra: Sequence[str] = (), timeout: float = 300.0, stderr=None) -> ServerProcess:
     """Start ``swarm-peer serve`` and wait for its ready line (``timeout`` seconds)."""
+    return wait_ready(launch_server_process(model, blocks, identity=identity, bootstrap=bootstrap, extra=extra,
+                                            stderr=stderr), timeout=timeout)
+
+
+def launch_server_process(model: str, blocks: tuple[int, int], *, identity: Path, bootstrap: Sequence[str] = (),
+                          extra: Sequence[str] = (), stderr=None) -> subprocess.Popen[str]:
+    """Start ``swarm-peer serve`` without waiting (see ``wait_ready``)."""
     cmd = [sys.executable, "-m", "peer.cli", "serve", "--model", model, "--blocks", f"{blocks[0]}:{blocks[1]}",
            "--identity", str(identity)]
     for addr in bootstrap:
         cmd += ["--bootstrap", addr]
     cmd += list(extra)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr if stderr is not None else subprocess.DEVNULL,
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                            stderr=stderr if stderr is not None else subprocess.DEVNULL,
                             text=True, env=env, cwd=Path(__file__).resolve().parent.parent)
+
+
+def wait_ready(proc: subprocess.Popen[str], *, timeout: float = 300.0) -> ServerProcess:
+    """Read ``proc``'s output until its ready line; a typed error if it exits or is late."""
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None
+    what = " ".join(proc.args[proc.args.index("--blocks"):][:2]) if isinstance(proc.args, list) else "server"
     while True:
         line = proc.stdout.readline()
         if line.startswith(READY_PREFIX):
             address = line.split(" at ", 1)[1].split(" ", 1)[0]
             return ServerProcess(proc, address, line.strip())
         if not line and proc.poll() is not None:
-            raise DemoError(f"server for blocks {blocks[0]}:{blocks[1]} exited with code {proc.returncode} "
-                            f"before it was ready; run it alone to see why: {' '.join(cmd)}")
+            raise DemoError(f"server ({what}) exited with code {proc.returncode} before it was ready; run it "
+                            f"alone to see why: {' '.join(map(str, proc.args))}")
         if time.monotonic() > deadline:
             proc.kill()
-            raise DemoError(f"server for blocks {blocks[0]}:{blocks[1]} was not ready after {timeout:.0f} s")
+            raise DemoError(f"server ({what}) was not ready after {timeout:.0f} s")
 
 
 def run_demo(*, model: str, peers: int = 3, question: str, max_new_tokens: int = 40) -> int:
@@ -94,15 +109,29 @@ def run_demo(*, model: str, peers: int = 3, question: str, max_new_tokens: int =
     print(f"swarm-peer demo: resolving {model} ...", flush=True)
     info = resolve_model(model)
     spans = split_blocks(info.num_blocks, peers)
+    # The peers and this client share the machine: one compute thread each avoids
+    # OpenMP threads of several processes spinning against each other on few cores.
+    threads = max(1, (os.cpu_count() or 1) // (peers + 1))
+    torch.set_num_threads(threads)
     servers: list[ServerProcess] = []
     with tempfile.TemporaryDirectory(prefix="swarm-peer-demo-") as tmp:
         try:
             t0 = time.monotonic()
-            for i, span in enumerate(spans):
-                bootstrap = [servers[0].address] if servers else []
-                print(f"starting peer {i + 1}/{peers} for blocks {span[0]}:{span[1]} ...", flush=True)
-                servers.append(start_server_process(model, span, identity=Path(tmp) / f"peer{i}.key",
-                                                    bootstrap=bootstrap))
+            extra = ["--threads", str(threads)]
+            print(f"starting {peers} peers for blocks " + ", ".join(f"{a}:{b}" for a, b in spans) + " ...", flush=True)
+            servers.append(start_server_process(model, spans[0], identity=Path(tmp) / "peer0.key", extra=extra))
+            print("  " + servers[0].ready_line, flush=True)
+            # The others only need the first one's address: start them together.
+            launched = [launch_server_process(model, span, identity=Path(tmp) / f"peer{i}.key",
+                                              bootstrap=[servers[0].address], extra=extra)
+                        for i, span in enumerate(spans[1:], start=1)]
+            for proc in launched:
+                try:
+                    servers.append(wait_ready(proc))
+                except DemoError:
+                    for other in launched:
+                        other.kill()
+                    raise
                 print("  " + servers[-1].ready_line, flush=True)
             print(f"swarm of {peers} peers up in {time.monotonic() - t0:.1f} s; asking: {question}\n", flush=True)
             with SyncSwarm(bootstrap=[s.address for s in servers], model=model) as swarm:

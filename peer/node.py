@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
+import torch
 import trio
 
 from protocol import Identity
@@ -56,12 +57,15 @@ class ServeOptions:
     reputation_path: str | None = None  # reputation and bans (None: kept in memory)
     rebalance_interval: float = 300.0  # seconds between checks of a self-chosen span (Petals' rule)
     compute_slots: int = 1  # steps computed at once; more queue in credit order
+    threads: int | None = None  # torch threads for compute (None: torch's default, one per core)
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
             raise InvalidArgument(f"--max-sessions must be at least 1, got {self.max_sessions}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise InvalidArgument(f"--num-blocks must be at least 1, got {self.num_blocks}")
+        if self.threads is not None and self.threads < 1:
+            raise InvalidArgument(f"--threads must be at least 1, got {self.threads}")
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"--port must be in 0..65535, got {self.port}")
 
@@ -129,6 +133,10 @@ async def run_server(identity: Identity, options: ServeOptions, *,
         BootstrapFailed: none of ``options.bootstrap`` answered.
         ModelError (and subclasses): the model or span cannot be loaded.
     """
+    if options.threads is not None:
+        # Several peers on one machine each spinning a thread per core stall in OpenMP
+        # barriers; the operator splits the cores with --threads.
+        torch.set_num_threads(options.threads)
     info = await trio.to_thread.run_sync(resolve_model, options.model)
     host = Host(identity, host=options.host, port=options.port,
                 announce_addrs=list(options.announce_addrs) or None)

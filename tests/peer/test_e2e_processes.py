@@ -50,10 +50,12 @@ def servers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     procs: list[ServerProcess] = []
     try:
-        procs.append(start_server_process(DEFAULT_MODEL, (0, 10), identity=tmp / "a.key"))
+        one = ["--threads", "1"]  # four peers and the client share 2 cores
+        procs.append(start_server_process(DEFAULT_MODEL, (0, 10), identity=tmp / "a.key", extra=one))
         boot = [procs[0].address]
         for name, span in [("b", (0, 10)), ("c", (10, 20)), ("d", (20, 30))]:
-            procs.append(start_server_process(DEFAULT_MODEL, span, identity=tmp / f"{name}.key", bootstrap=boot))
+            procs.append(start_server_process(DEFAULT_MODEL, span, identity=tmp / f"{name}.key", bootstrap=boot,
+                                              extra=one))
         yield procs
     finally:
         for p in procs:

@@ -245,10 +245,10 @@ async def test_a_server_that_chose_its_span_moves_to_where_the_swarm_is_weak(tin
     async with trio.open_nursery() as nursery:
         a = await start(nursery, path, (0, 3))
         b = await start(nursery, path, (0, 3), bootstrap=[a.address])
-        c = await start(nursery, path, (3, 6), bootstrap=[a.address])
-        # Without --blocks a server joins where the swarm is weakest: 3..5 has one server.
-        mover = await start(nursery, path, None, bootstrap=[c.address], num_blocks=3, rebalance_interval=0.2)
+        # Without --blocks a server joins where the swarm is weakest: here 3..5, served by nobody.
+        mover = await start(nursery, path, None, bootstrap=[a.address], num_blocks=3, rebalance_interval=0.2)
         assert mover.span == (3, 6)
+        c = await start(nursery, path, (3, 6), bootstrap=[a.address])
         # Both servers of 0..2 leave: the mover moves there (3..5 stays served by c).
         await a.shutdown()
         await b.shutdown()
