@@ -44,7 +44,7 @@ __all__ = ["Swarm", "SyncSwarm", "GenerationResult", "TokenEvent"]
 Prompt = str | list[dict[str, str]]
 
 
-def _params(max_new_tokens: int, temperature: float, top_p: float, top_k: int, repetition_penalty: float,
+def sampling_params(max_new_tokens: int, temperature: float, top_p: float, top_k: int, repetition_penalty: float,
             seed: int | None, stop: Sequence[str]) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                           repetition_penalty=repetition_penalty, seed=seed,
@@ -121,14 +121,14 @@ class Swarm:
         Raises:
             InvalidArgument, PromptTooLong, NoRoute, ModelNotServed, AllCandidatesFailed.
         """
-        params = _params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop)
+        params = sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop)
         return await self.client.generate(prompt, params, chat=chat, on_token=on_token)
 
     async def stream(self, prompt: Prompt, *, max_new_tokens: int = 64, temperature: float = 0.0,
                      top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
                      stop: Sequence[str] = (), chat: bool = True) -> AsyncIterator[TokenEvent]:
         """Yield ``TokenEvent``s as tokens are generated (same arguments as ``generate``)."""
-        params = _params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop)
+        params = sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop)
         async for event in self.client.stream(prompt, params, chat=chat):
             yield event
 

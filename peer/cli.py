@@ -107,15 +107,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 async def _generate(args: argparse.Namespace) -> int:
-    from .api import Swarm
+    from .api import Swarm, sampling_params
 
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                  top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                  stop=tuple(args.stop))
+    sampling_params(**kwargs)  # bad arguments fail before any connection is made
     async with trio.open_nursery() as nursery:
         identity, ledger = _identity_and_ledger(args.identity)
         swarm = await Swarm.connect(nursery, bootstrap=args.bootstrap, model=args.model, step_timeout=args.timeout,
                                     identity=identity, ledger_path=ledger)
-        kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                      top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                      stop=tuple(args.stop))
         if args.json:
             result = await swarm.generate(args.prompt, chat=args.chat, **kwargs)
             print(json.dumps(result.to_dict(), indent=2))

@@ -264,3 +264,13 @@ async def test_a_server_that_chose_its_span_moves_to_where_the_swarm_is_weak(tin
         assert result.token_ids == reference(model, PROMPTS[0], 8)
         assert [(h.start, h.end) for h in result.route] == [(0, 3), (3, 6)]
         nursery.cancel_scope.cancel()
+
+
+def test_cli_reports_bad_arguments_in_one_line_before_connecting(capsys):
+    from peer.cli import main
+
+    assert main(["generate", "--bootstrap", "127.0.0.1:1", "--temperature", "-1", "hi"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("swarm-peer: error: temperature must be") and "\n" not in err
+    assert main(["serve", "--blocks", "5:2"]) == 1
+    assert capsys.readouterr().err.strip() == "swarm-peer: error: --blocks 5:2: need 0 <= START < END"
