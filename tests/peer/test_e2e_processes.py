@@ -15,6 +15,7 @@ import trio
 from peer.api import Swarm
 from peer.demo import ServerProcess, start_server_process
 from peer.runtime import DEFAULT_MODEL
+from swarm.errors import NoRoute
 
 pytestmark = pytest.mark.slow
 
@@ -109,8 +110,12 @@ async def test_relay_through_processes_equals_transformers_and_survives_kill(ser
         assert survivor.stop() == 0
         view = await swarm.status()
         assert bytes.fromhex(peer_of(survivor)) not in view.servers
-        route = await swarm.client.plan(fresh=True)
-        assert peer_of(survivor) not in [h.peer_id.hex() for h in route.hops]
+        try:  # only the kill -9'd peer announced 0:10 now; whether its records still answer varies
+            route = await swarm.client.plan(fresh=True)
+        except NoRoute:
+            pass
+        else:
+            assert peer_of(survivor) not in [h.peer_id.hex() for h in route.hops]
         nursery.cancel_scope.cancel()
 
 
