@@ -29,7 +29,7 @@ import trio
 
 from protocol import _messages as M
 from protocol.errors import SwarmError
-from swarm.credit import Credit, Ledger, ReceiptDesk, ReceiptWallet
+from swarm.credit import DEFAULT_GRACE_UNITS, Credit, Ledger, ReceiptDesk, ReceiptWallet
 from swarm.transport import Host, PeerConnection
 
 from .scheduler import Scheduler, SchedulerConfig
@@ -143,16 +143,18 @@ class CreditService:
 
     async def received(self, server: PeerConnection, units: int, *, final: bool = False) -> None:
         """Count work received from ``server``; send a receipt every ``receipt_every``
-        steps (in the background while ``run`` runs: the relay does not wait for it)
-        and when ``final`` (awaited). A failed receipt is logged, never fatal."""
+        steps or once half the server's grace is unreceipted (in the background while
+        ``run`` runs: the relay does not wait for it), and when ``final`` (awaited). A
+        failed receipt is logged, never fatal."""
         key = server.public_key
         self.wallet.received(key, units)
         steps = self._steps.get(key, 0) + 1
         self._steps[key] = steps
+        due = steps >= self.receipt_every or self.wallet.pending(key) >= DEFAULT_GRACE_UNITS // 2
         if final or self._nursery is None:
-            if final or steps >= self.receipt_every:
+            if final or due:
                 await self.send_receipt(server)
-        elif steps >= self.receipt_every:
+        elif due:  # well within the server's grace (spec section 12, rule 6)
             self._steps[key] = 0
             self._nursery.start_soon(self.send_receipt, server)
 
