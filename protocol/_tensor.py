@@ -373,8 +373,34 @@ class WireTensor:
         )
 
     def digest(self) -> bytes:
-        """BLAKE2b-256 of the deterministic CBOR encoding: H(tensor) in signed statements."""
-        return hashlib.blake2b(_cbor.encode(self.to_cbor()), digest_size=32).digest()
+        """BLAKE2b-256 of the deterministic CBOR encoding: H(tensor) in signed statements.
+
+        Hashed piece by piece in the encoding's order (keys 0..4 are one byte each and
+        sorted), so the data is never copied into an encoding first: the same bytes as
+        ``blake2b(_cbor.encode(self.to_cbor()))``, at the cost of the hash alone.
+        """
+        h = hashlib.blake2b(digest_size=32)
+        quantized = self.absmax is not None
+        h.update(bytes([0xA0 + (5 if quantized else 3)]))  # a map of 3 or 5 pairs
+        h.update(b"\x00" + _cbor.encode(self.dtype) + b"\x01" + _cbor.encode(list(self.shape)) + b"\x02")
+        h.update(_bstr_header(len(self.data)))
+        h.update(self.data)
+        if quantized:
+            assert self.absmax is not None and self.blocksize is not None
+            h.update(b"\x03" + _bstr_header(len(self.absmax)))
+            h.update(self.absmax)
+            h.update(b"\x04" + _cbor.encode(self.blocksize))
+        return h.digest()
+
+
+def _bstr_header(length: int) -> bytes:
+    """The CBOR head of a byte string of ``length`` bytes, in its shortest form."""
+    if length < 24:
+        return bytes([0x40 + length])
+    for marker, size in ((0x58, 1), (0x59, 2), (0x5A, 4), (0x5B, 8)):
+        if length < 1 << (8 * size):
+            return bytes([marker]) + length.to_bytes(size, "big")
+    raise LocalProtocolError("byte string too long for CBOR")
 
 
 def encode_tensor(t: torch.Tensor, dtype: str = "f32", *, blocksize: int = 4096) -> WireTensor:

@@ -487,3 +487,11 @@ def test_spec_vector_file_replays_and_matches_the_generator():
 
 def test_errors_are_protocol_errors():
     assert issubclass(DecodeError, ProtocolError) and issubclass(LimitExceeded, ProtocolError)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q8", "nf4"])
+@pytest.mark.parametrize("numel", [0, 1, 5, 23, 24, 63, 64, 255, 256, 16_384, 65_537, 300_000])
+def test_streamed_digest_equals_the_hash_of_the_encoding(dtype, numel):
+    # every CBOR length-header size of the data (and absmax) byte strings
+    wt = encode_tensor(torch.linspace(-3, 3, numel), dtype, **({"blocksize": 64} if dtype != "f32" else {}))
+    assert wt.digest() == hashlib.blake2b(_cbor.encode(wt.to_cbor()), digest_size=32).digest()
