@@ -31,36 +31,20 @@ from protocol import Identity
 from protocol.errors import SwarmError, swarm_error_in
 from swarm.announce import SwarmView
 from swarm.credit import Credit
-from swarm.dht import BootstrapFailed, DhtNode
-from swarm.errors import InvalidAddress
-from swarm.transport import Host, PeerAddress
+from swarm.dht import DhtNode
+from swarm.transport import Host
 from verify import DEFAULT_AUDIT_RATE, AuditPolicy, Auditor, FraudProofService, Reputation, record_kinds
 
+from ._bootstrap import check_bootstrap
 from .client import GenerationResult, SwarmClient, TokenEvent
 from .credit import CreditService
 from .runtime import DEFAULT_MODEL, ClientHead, SamplingParams, load_head
 
-__all__ = ["Swarm", "SyncSwarm", "GenerationResult", "TokenEvent"]
+__all__ = ["Swarm", "SyncSwarm", "GenerationResult", "TokenEvent", "check_bootstrap"]
 
 Prompt = str | list[dict[str, str]]
 
 
-def check_bootstrap(bootstrap: Sequence[str]) -> tuple[str, ...]:
-    """The bootstrap addresses, each checked to be ``host:port`` (no network).
-
-    Raises:
-        BootstrapFailed: none given, or one is malformed (the message says which and why).
-    """
-    if isinstance(bootstrap, str):
-        bootstrap = [bootstrap]
-    if not bootstrap:
-        raise BootstrapFailed("give at least one bootstrap address (host:port of a running peer)")
-    for addr in bootstrap:
-        try:
-            PeerAddress.parse(addr)
-        except InvalidAddress as exc:
-            raise BootstrapFailed(f"bad bootstrap address: {exc}") from None
-    return tuple(bootstrap)
 
 
 def sampling_params(max_new_tokens: int, temperature: float, top_p: float, top_k: int, repetition_penalty: float,

@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     install_cli_logging(args.verbose)
     if args.command != "keygen":
-        from .runtime import _progress
+        from . import _progress
 
         _progress.enable(sys.stderr)  # first-run conversion, loading, throughput probe
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -68,9 +69,19 @@ def default_identity_path() -> Path:
 def identity_and_ledger(path: str | None) -> tuple[Identity, str | None]:
     """The identity (and its ledger) of ``--identity`` or the default file if it exists;
     else a throwaway identity: generating needs no key file."""
+    from .cli_serve import identity_holder
+
     path_ = Path(path) if path else default_identity_path()
     if path or path_.exists():
-        return Identity.load(path_), str(ledger_path_for(path_))
+        holder = identity_holder(path_)
+        if holder is None:
+            return Identity.load(path_), str(ledger_path_for(path_))
+        # One identity in two processes is one DHT node id at two addresses: each hides
+        # the other. The server keeps it; this client goes as a newcomer.
+        logging.getLogger("swarm-peer").warning(
+            "the identity %s is in use by a running server (pid %s); this client uses a throwaway identity "
+            "(no credit priority); to generate as that server, use its API (swarm-peer serve --api PORT)",
+            path_, holder)
     return Identity.generate(), None
 
 
@@ -105,7 +116,7 @@ async def _connect(nursery: trio.Nursery, args: argparse.Namespace) -> Any:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .api import check_bootstrap
+    from ._bootstrap import check_bootstrap
 
     prompt = read_prompt(args.prompt)
     check_bootstrap(args.bootstrap)
@@ -140,7 +151,7 @@ async def _generate(args: argparse.Namespace, prompt: str, kwargs: dict[str, Any
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .api import check_bootstrap
+    from ._bootstrap import check_bootstrap
 
     check_bootstrap(args.bootstrap)
     kwargs = _sampling(args)
@@ -209,7 +220,7 @@ async def _chat(args: argparse.Namespace, kwargs: dict[str, Any]) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .api import check_bootstrap
+    from ._bootstrap import check_bootstrap
 
     check_bootstrap(args.bootstrap)
     return trio.run(_status, args)
@@ -222,9 +233,9 @@ async def _status(args: argparse.Namespace) -> int:
     from swarm.transport import Host
 
     from ._format import format_status
-    from .runtime import resolve_model
+    from .catalog import resolve_quickly
 
-    info = await trio.to_thread.run_sync(resolve_model, args.model)
+    model_id, num_blocks = await trio.to_thread.run_sync(resolve_quickly, args.model)
     async with trio.open_nursery() as nursery:
         host = Host(Identity.generate())
         await nursery.start(host.run)
@@ -232,10 +243,9 @@ async def _status(args: argparse.Namespace) -> int:
         # The bootstrap lookup fills the routing table; status needs no more than that to
         # ask for the block keys, so it does not wait for the DHT's maintenance.
         await nursery.start(functools.partial(dht.run, bootstrap=tuple(args.bootstrap)))
-        view = await fetch_swarm_view(dht, info.model_id, info.num_blocks, concurrency=max(8, info.num_blocks))
+        view = await fetch_swarm_view(dht, model_id, num_blocks, concurrency=max(8, num_blocks))
         now = time.time()
-        models = await served_models([ServedModel(name=args.model, model_id=info.model_id,
-                                                  num_blocks=info.num_blocks)], dht)
+        models = await served_models([ServedModel(name=args.model, model_id=model_id, num_blocks=num_blocks)], dht)
         ledger = None
         identity_path = Path(args.identity) if args.identity else default_identity_path()
         if args.identity or identity_path.exists():

@@ -28,7 +28,7 @@ from protocol.errors import SwarmError
 
 from ._format import READY_PREFIX
 
-__all__ = ["cmd_serve", "cmd_api", "check_port_free", "IdentityInUse", "PortInUse", "claim_identity"]
+__all__ = ["cmd_serve", "cmd_api", "check_port_free", "IdentityInUse", "PortInUse", "claim_identity", "identity_holder"]
 
 
 class PortInUse(SwarmError):
@@ -80,11 +80,27 @@ def claim_identity(path: Path) -> TextIO:
     return handle
 
 
+def identity_holder(path: Path) -> str | None:
+    """The pid of the running server that holds ``path``, or None if none does."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        handle = open(lock_path)  # noqa: SIM115
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return handle.read().strip() or "?"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
 # --- serve -------------------------------------------------------------------------------
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .api import check_bootstrap
+    from ._bootstrap import check_bootstrap
     from .cli import default_identity_path
     from .credit import ledger_path_for
     from .node import ServeOptions, parse_blocks
@@ -176,7 +192,7 @@ async def _watch_signals(signals: Any, node: Any, nursery: trio.Nursery) -> None
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    from .api import check_bootstrap
+    from ._bootstrap import check_bootstrap
 
     check_bootstrap(args.bootstrap)
     check_port_free(args.host, args.port, "--port")

@@ -27,7 +27,7 @@ from verify import FraudProofService, Reputation, record_kinds
 
 from .runtime import DEFAULT_MODEL, SpanExecutor, load_span, measure_throughput, resolve_model
 from .credit import CreditService
-from .runtime import _progress
+from . import _progress
 from .runtime._errors import InvalidArgument
 from .server import SpanServer
 

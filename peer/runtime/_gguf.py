@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from . import _progress
+from .. import _progress
 from ._arch import HEAD_EMBED, HEAD_LM, HEAD_NORM, check_supported, layer_param_shapes, layer_prefix
 from ._cache import atomic_dir, atomic_write, cache_root, file_sha256
 from ._errors import ModelError, ModelFileMissing, UnsupportedArchitecture

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _progress
+from .. import _progress
 from ._arch import HEAD_EMBED, HEAD_LM, HEAD_NORM, architecture, span_config
 from ._errors import ModelError, SpanOutOfRange
 from ._quant import quantize_linears

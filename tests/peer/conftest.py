@@ -1,16 +1,12 @@
 """Fixtures shared by the peer tests: a tiny random Llama that can chat (it carries the
-default model's tokenizer and chat template), and in-process servers on loopback."""
+default model's tokenizer and chat template)."""
 
 from __future__ import annotations
-
-import functools
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from peer.node import ServeOptions, run_server
-from protocol import Identity
 
 CHAT_LAYERS = 4
 
@@ -33,9 +29,3 @@ def chat_model(tmp_path_factory):
     LlamaForCausalLM(config).eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
-
-
-async def start_server(nursery, model, blocks, bootstrap=(), **kw):
-    """One in-process serving peer (``peer.node.run_server``) on loopback."""
-    options = ServeOptions(model=model, blocks=blocks, bootstrap=tuple(bootstrap), **kw)
-    return await nursery.start(functools.partial(run_server, Identity.generate(), options))
