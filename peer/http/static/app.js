@@ -94,6 +94,7 @@ async function send(text) {
         if (choice && choice.delta && choice.delta.content) pieces.push(choice.delta.content);
         body.textContent = pieces.join("");
         if (chunk.swarm && chunk.swarm.route) meta.textContent = routeText(chunk.swarm);
+        bubble.scrollIntoView({ block: "end" });
       }
     }
     bubble.dataset.state = "done";
