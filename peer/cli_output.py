@@ -32,7 +32,8 @@ class HeldLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
         else:
             super().emit(record)
 
-    def release(self) -> None:
+    def let_out(self) -> None:
+        """Emit the held records (``release`` is taken: it is the handler lock's)."""
         held, self._held = self._held, []
         for record in held:
             super().emit(record)
@@ -86,7 +87,7 @@ class TokenPrinter:
         if self.handler is not None:
             self.handler.hold = not self.at_line_start
             if self.at_line_start:
-                self.handler.release()
+                self.handler.let_out()
 
     def token(self, event: Any) -> None:
         if event.rewind:  # an audit rejected tokens already shown: say so on a line of its own
@@ -104,7 +105,7 @@ class TokenPrinter:
             self.at_line_start = True
         if self.handler is not None:
             self.handler.hold = False
-            self.handler.release()
+            self.handler.let_out()
 
 
 class JsonLinesPrinter:

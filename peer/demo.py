@@ -92,7 +92,8 @@ def wait_ready(proc: subprocess.Popen[str], *, timeout: float = 300.0) -> Server
     """Read ``proc``'s output until its ready line; a typed error if it exits or is late."""
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None
-    what = " ".join(proc.args[proc.args.index("--blocks"):][:2]) if isinstance(proc.args, list) else "server"
+    args = list(proc.args) if isinstance(proc.args, (list, tuple)) else []
+    what = " ".join(map(str, args[args.index("--blocks"):][:2])) if "--blocks" in args else "server"
     while True:
         line = proc.stdout.readline()
         if line.startswith(READY_PREFIX):
