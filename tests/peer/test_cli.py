@@ -299,3 +299,53 @@ def test_held_log_records_wait_for_the_end_of_the_streamed_line():
         assert out.getvalue() == "Once upon a time\nthere\n" and err.getvalue().endswith("again\n")
     finally:
         logger.removeHandler(handler)
+
+
+# --- the API beside a server (`serve --api`) and on its own (`swarm-peer api`) ---------
+
+
+def _read_until(proc: subprocess.Popen, marker: str, timeout: float = 300) -> str:
+    """Lines of ``proc``'s stdout up to the one containing ``marker`` (a reader thread
+    keeps the deadline honest)."""
+    import queue
+    import threading
+
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    while True:
+        line = lines.get(timeout=timeout)
+        if marker in line:
+            return line
+
+
+def test_serve_with_api_and_the_api_command_answer_openai_clients(chat_model, env, tmp_path):
+    import openai
+
+    server = subprocess.Popen(cli("serve", "--model", chat_model, "--identity", str(tmp_path / "s.key"),
+                                  "--threads", "1", "--api", "0"), stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+    api = None
+    try:
+        beside = _read_until(server, "OpenAI-compatible API and web page at ")
+        beside_url = beside.rsplit(" at ", 1)[1].strip()
+        client = openai.OpenAI(base_url=beside_url + "v1", api_key="unused", max_retries=0, timeout=120)
+        answer = client.chat.completions.create(model=chat_model, messages=[{"role": "user", "content": POEM}],
+                                                max_tokens=4, temperature=0)
+        assert answer.usage.completion_tokens == 4
+        (hop,) = answer.model_extra["swarm"]["route"]
+        api = subprocess.Popen(cli("api", "--bootstrap", hop["address"], "--model", chat_model, "--port", "0"),
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+        line = _read_until(api, "OpenAI-compatible API at ")
+        api_url = line.split(" at ", 1)[1].split("v1 ", 1)[0]
+        other = openai.OpenAI(base_url=api_url + "v1", api_key="unused", max_retries=0, timeout=120)
+        again = other.chat.completions.create(model=chat_model, messages=[{"role": "user", "content": POEM}],
+                                              max_tokens=4, temperature=0)
+        assert again.choices[0].message.content == answer.choices[0].message.content
+        assert [m.id for m in other.models.list().data] == [chat_model]
+    finally:
+        for proc in (api, server):
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0
+        if api is not None:
+            assert api.wait(60) == 0
