@@ -2,13 +2,14 @@
 throughput probe) for the person at the terminal.
 
 Off by default, so that library users and tests see nothing; the CLI turns it on with
-``enable(sys.stderr)``. On a terminal it draws a tqdm bar; elsewhere (logs, pipes) it
+``enable()``. On a terminal it draws a tqdm bar; elsewhere (logs, pipes) it
 writes plain lines: one when the work starts, one every ``PLAIN_INTERVAL`` seconds while
 it runs, and one when it is done.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,27 +19,35 @@ from typing import TextIO
 __all__ = ["enable", "disable", "task", "note", "Task"]
 
 PLAIN_INTERVAL = 10.0
-_stream: TextIO | None = None
+_enabled = False
 _lock = threading.Lock()  # the runtime reports from worker threads
 
 
-def enable(stream: TextIO) -> None:
-    """Report progress on ``stream`` from now on (a bar if it is a terminal)."""
-    global _stream
-    _stream = stream
+def enable() -> None:
+    """Report progress on standard error from now on (a bar if it is a terminal)."""
+    global _enabled
+    _enabled = True
 
 
 def disable() -> None:
-    global _stream
-    _stream = None
+    global _enabled
+    _enabled = False
+
+
+def _stream() -> TextIO | None:
+    # Looked up at each use: whoever replaced sys.stderr (a test's capture) may close it.
+    return sys.stderr if _enabled else None
 
 
 def note(text: str) -> None:
     """One line about a step that has no count (``measuring throughput ...``)."""
-    stream = _stream
+    stream = _stream()
     if stream is not None:
         with _lock:
-            print(f"swarm-peer: {text}", file=stream, flush=True)
+            try:
+                print(f"swarm-peer: {text}", file=stream, flush=True)
+            except (OSError, ValueError):  # progress never stops the work it reports on
+                pass
 
 
 class Task:
@@ -77,7 +86,7 @@ class Task:
 @contextmanager
 def task(desc: str, total: int) -> Iterator[Task]:
     """``with task("loading blocks 0:10", 10) as t: ... t.advance()``."""
-    t = Task(desc, total, _stream)
+    t = Task(desc, total, _stream())
     try:
         yield t
     finally:

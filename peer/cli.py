@@ -11,7 +11,6 @@ so ``--help`` and ``--version`` are instant.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -20,17 +19,12 @@ from protocol import PROTOCOL_VERSION, Identity, SwarmError
 from protocol.errors import swarm_error_in
 
 from ._format import READY_PREFIX
+from ._paths import default_identity_path
 from .cli_output import install_cli_logging
 
 __all__ = ["main", "build_parser", "default_identity_path", "READY_PREFIX"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # peer.runtime.DEFAULT_MODEL, without importing torch for --help
-
-
-def default_identity_path() -> Path:
-    """Where the identity lives unless ``--identity`` says otherwise (XDG data dir)."""
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
-    return Path(base) / "swarm-peer" / "identity.key"
 
 
 def version() -> str:
@@ -231,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "keygen":
         from . import _progress
 
-        _progress.enable(sys.stderr)  # first-run conversion, loading, throughput probe
+        _progress.enable()  # first-run conversion, loading, throughput probe
     try:
         return args.func(args)
     except (SwarmError, KeyboardInterrupt, BaseExceptionGroup) as exc:

@@ -22,6 +22,7 @@ from protocol import Identity
 from protocol.errors import SwarmError
 
 from ._format import credit_to_dicts, format_credit, format_route, view_to_dict
+from ._paths import default_identity_path
 from .catalog import ServedModel, served_models
 from .cli_output import JsonLinesPrinter, TokenPrinter
 from .credit import ledger_path_for, neighbour_rows
@@ -58,12 +59,6 @@ def read_prompt(text: str, stdin: Any = None) -> str:
     if not text.strip():
         raise InvalidPrompt("the prompt is empty; give some text (or '-' to read it from standard input)")
     return text
-
-
-def default_identity_path() -> Path:
-    from .cli import default_identity_path as default
-
-    return default()
 
 
 def identity_and_ledger(path: str | None) -> tuple[Identity, str | None]:

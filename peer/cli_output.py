@@ -23,10 +23,13 @@ class HeldLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def __init__(self, stream: TextIO | None = None) -> None:
         super().__init__(stream if stream is not None else sys.stderr)
+        self._follow_stderr = stream is None  # sys.stderr as it is at each record
         self.hold = False
         self._held: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self._follow_stderr:
+            self.stream = sys.stderr
         if self.hold:
             self._held.append(record)
         else:
@@ -53,13 +56,13 @@ class _CliFormatter(logging.Formatter):
 
 
 def install_cli_logging(verbose: bool) -> HeldLogHandler:
-    """The root logger's one handler (WARNING and up; DEBUG with ``-v``)."""
-    handler = HeldLogHandler()
-    handler.setFormatter(_CliFormatter(verbose))
+    """The root logger's handler for people (WARNING and up; DEBUG with ``-v``)."""
     root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
+    handler = _cli_handler()
+    if handler is None:  # once per process (tests call main() more than once)
+        handler = HeldLogHandler()
+        root.addHandler(handler)
+    handler.setFormatter(_CliFormatter(verbose))
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
     return handler
 

@@ -27,6 +27,7 @@ from protocol import Identity
 from protocol.errors import SwarmError
 
 from ._format import READY_PREFIX
+from ._paths import default_identity_path
 
 __all__ = ["cmd_serve", "cmd_api", "check_port_free", "IdentityInUse", "PortInUse", "claim_identity", "identity_holder"]
 
@@ -101,7 +102,6 @@ def identity_holder(path: Path) -> str | None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ._bootstrap import check_bootstrap
-    from .cli import default_identity_path
     from .credit import ledger_path_for
     from .node import ServeOptions, parse_blocks
 
@@ -175,6 +175,7 @@ async def _api_beside(node: Any, args: argparse.Namespace, *,
     head = await trio.to_thread.run_sync(functools.partial(load_head, args.model, device=args.device))
     swarm = Swarm.assemble(node.dht, head, credit=node.credit, reputation=node.fraud.reputation, fraud=node.fraud)
     api = SwarmApi([ApiModel(args.model, swarm)])
+    await api.warm_up()
     await serve_http(api.app, host=args.api_host, port=args.api, task_status=task_status)
 
 
@@ -216,6 +217,7 @@ async def _api(args: argparse.Namespace) -> int:
             swarm = await Swarm.connect(nursery, bootstrap=args.bootstrap, model=name, step_timeout=args.timeout)
             entries.append(ApiModel(name, swarm))
         api = SwarmApi(entries)
+        await api.warm_up()
         url = await nursery.start(functools.partial(serve_http, api.app, host=args.host, port=args.port))
         print(f"swarm-peer: OpenAI-compatible API at {url}v1 and the web page at {url} (Ctrl-C to stop)",
               flush=True)

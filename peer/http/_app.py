@@ -120,6 +120,15 @@ class SwarmApi:
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ], exception_handlers={HTTPException: self._http_error})
 
+    async def warm_up(self) -> None:
+        """Load each model's tokenizer now (in a thread) rather than in the first request."""
+        for m in self.models:
+            head = m.swarm.client.head
+            try:
+                await trio.to_thread.run_sync(lambda: head.tokenizer)
+            except ModelError as exc:  # token-id prompts still work; text prompts will say why
+                log.warning("%s", exc)
+
     # -- plumbing ---------------------------------------------------------------------
 
     async def _http_error(self, request: Request, exc: Exception) -> Response:
@@ -229,14 +238,20 @@ class SwarmApi:
                 pass
             nursery.cancel_scope.cancel()
 
+        failed: list[SwarmError] = []
         self.metrics.active.labels(name).inc()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch)
-                result.append(await client.generate(prepared.prompt_ids, prepared.params, on_token=on_token))
+                try:
+                    result.append(await client.generate(prepared.prompt_ids, prepared.params, on_token=on_token))
+                except SwarmError as exc:  # raised below, outside the nursery (no exception group)
+                    failed.append(exc)
                 nursery.cancel_scope.cancel()
         finally:
             self.metrics.active.labels(name).dec()
+        if failed:
+            raise failed[0]
         if not result:
             self.metrics.cancelled.labels(name).inc()
             return None
