@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import secrets
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -306,7 +305,3 @@ def completion_chunk(*, id: str, model: str, created: int, text: str, finish_rea
     if extension:
         chunk[EXTENSION_FIELD] = extension
     return chunk
-
-
-def now_created() -> int:
-    return int(time.time())
