@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean browser
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -31,7 +31,20 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/swarm-peer demo
 
-test: setup
+# The web page's tests drive Debian's headless Chromium. Installed here (idempotent) when
+# this runs as root, as CI does; elsewhere those tests skip and say why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium and chromium-driver for the browser tests"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; \
+	else \
+		echo "note: chromium and chromium-driver are missing and this is not root: the browser tests will skip"; \
+	fi
+
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 clean:

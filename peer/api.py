@@ -35,13 +35,16 @@ from swarm.dht import DhtNode
 from swarm.transport import Host
 from verify import DEFAULT_AUDIT_RATE, AuditPolicy, Auditor, FraudProofService, Reputation, record_kinds
 
+from ._bootstrap import check_bootstrap
 from .client import GenerationResult, SwarmClient, TokenEvent
 from .credit import CreditService
-from .runtime import DEFAULT_MODEL, SamplingParams, load_head
+from .runtime import DEFAULT_MODEL, ClientHead, SamplingParams, load_head
 
-__all__ = ["Swarm", "SyncSwarm", "GenerationResult", "TokenEvent"]
+__all__ = ["Swarm", "SyncSwarm", "GenerationResult", "TokenEvent", "check_bootstrap"]
 
 Prompt = str | list[dict[str, str]]
+
+
 
 
 def sampling_params(max_new_tokens: int, temperature: float, top_p: float, top_k: int, repetition_penalty: float,
@@ -81,11 +84,11 @@ class Swarm:
             reputation_path: where peer standings and bans persist (default: memory).
 
         Raises:
-            BootstrapFailed: no bootstrap address answered.
+            BootstrapFailed: no bootstrap address answered, or one is not ``host:port``
+                (checked before anything slow).
             ModelError: the model cannot be resolved or loaded.
         """
-        if not bootstrap:
-            raise SwarmError("give at least one bootstrap address (host:port of a running peer)")
+        bootstrap = check_bootstrap(bootstrap)  # before the slow head load
         head = await trio.to_thread.run_sync(functools.partial(load_head, model, device=device))
         host = Host(identity or Identity.generate(), host=listen_host, port=port)
         dht = DhtNode(host, kinds=record_kinds())
@@ -93,18 +96,28 @@ class Swarm:
         reputation = Reputation.load(reputation_path) if reputation_path is not None else Reputation()
         fraud = FraudProofService(host, dht, reputation, reputation_path=reputation_path)
         try:
-            scope = await nursery.start(_services, host, dht, credit, fraud, tuple(bootstrap))
+            scope = await nursery.start(_services, host, dht, credit, fraud, bootstrap)
         except BaseExceptionGroup as group:  # e.g. BootstrapFailed inside the services' nursery
             error = swarm_error_in(group)
             if error is None:
                 raise
             raise error from None
+        return cls.assemble(dht, head, credit=credit, reputation=reputation, fraud=fraud, cancel_scope=scope,
+                            wire_dtype=wire_dtype, step_timeout=step_timeout, audit=audit)
+
+    @classmethod
+    def assemble(cls, dht: DhtNode, head: ClientHead, *, credit: CreditService, reputation: Reputation,
+                 fraud: FraudProofService, cancel_scope: trio.CancelScope | None = None, wire_dtype: str = "f32",
+                 step_timeout: float = 60.0, audit: AuditPolicy | float | None = DEFAULT_AUDIT_RATE) -> Swarm:
+        """A ``Swarm`` on services that already run (a serving peer's own host, DHT, credit
+        and fraud proof service: ``swarm-peer serve --api`` generates as the server).
+        ``aclose`` cancels ``cancel_scope`` (default: a scope of its own, so nothing)."""
         client = SwarmClient(dht, head, wire_dtype=wire_dtype, step_timeout=step_timeout, credit=credit,
                              reputation=reputation, fraud=fraud)
         policy = AuditPolicy(rate=float(audit)) if isinstance(audit, (int, float)) else audit
         if policy is not None and policy.rate > 0:
-            client.auditor = Auditor(host, client.audit_candidates, reputation, service=fraud, policy=policy)
-        return cls(client, scope)
+            client.auditor = Auditor(dht.host, client.audit_candidates, reputation, service=fraud, policy=policy)
+        return cls(client, cancel_scope if cancel_scope is not None else trio.CancelScope())
 
     @property
     def model(self) -> str:
@@ -190,8 +203,8 @@ class SyncSwarm:
                 self._ready.set()
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()
-        except BaseException as exc:  # reported to the constructor's caller
-            self._error = exc
+        except BaseException as exc:  # reported to the constructor's caller, unwrapped from trio's group
+            self._error = swarm_error_in(exc) or exc
         finally:
             self._ready.set()
 

@@ -1,41 +1,41 @@
-"""The ``swarm-peer`` command line: one binary for serving, generating, a demo and status.
+"""The ``swarm-peer`` command line: one binary for serving, generating, chatting, the
+HTTP API, a demo and status.
 
-Every expected failure prints one line starting with ``swarm-peer: error:`` and
-exits non-zero; tracebacks are for bugs only.
+Every expected failure prints one line starting with ``swarm-peer: error:`` and exits
+non-zero; tracebacks are for bugs only. The commands live in ``cli_serve`` (serve, api),
+``cli_client`` (generate, chat, status) and ``demo``; the tables they print in
+``_format``. Nothing heavy (torch, transformers) is imported until a command needs it,
+so ``--help`` and ``--version`` are instant.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import json
-import logging
-import os
-import signal
 import sys
+from importlib import metadata
 from pathlib import Path
 
-import trio
-
-from protocol import Identity, SwarmError, peer_id_of
+from protocol import PROTOCOL_VERSION, Identity, SwarmError
 from protocol.errors import swarm_error_in
-from swarm.credit import Ledger
 
-from .credit import ledger_path_for, neighbour_rows
+from ._format import READY_PREFIX
+from ._paths import default_identity_path
+from .cli_output import install_cli_logging
 
-__all__ = ["main", "default_identity_path"]
+__all__ = ["main", "build_parser", "default_identity_path", "READY_PREFIX"]
 
-READY_PREFIX = "swarm-peer: serving"
 DEFAULT_MODEL = "smollm2-135m-instruct"  # peer.runtime.DEFAULT_MODEL, without importing torch for --help
 
 
-def default_identity_path() -> Path:
-    """Where the identity lives unless ``--identity`` says otherwise (XDG data dir)."""
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
-    return Path(base) / "swarm-peer" / "identity.key"
+def version() -> str:
+    try:
+        own = metadata.version("swarm-peer")
+    except metadata.PackageNotFoundError:
+        own = "unknown (not installed)"
+    return f"swarm-peer {own} (wire protocol {PROTOCOL_VERSION})"
 
 
-# --- keygen ------------------------------------------------------------------------------
+# --- commands ----------------------------------------------------------------------------
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -50,202 +50,105 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- serve -------------------------------------------------------------------------------
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .node import ServeOptions, parse_blocks
+    from .cli_serve import cmd_serve
 
-    options = ServeOptions(
-        model=args.model, blocks=parse_blocks(args.blocks) if args.blocks else None, num_blocks=args.num_blocks,
-        host=args.host, port=args.port, announce_addrs=tuple(args.announce_addr), bootstrap=tuple(args.bootstrap),
-        device=args.device, dtype=args.dtype, quant=args.quant, max_sessions=args.max_sessions,
-        cache_bytes=args.cache_bytes, compute_slots=args.compute_slots, threads=args.threads,
-        ledger_path=str(ledger_path_for(args.identity or default_identity_path())))
-    identity = Identity.load_or_create(args.identity or default_identity_path())
-    trio.run(_serve, identity, options)
-    return 0
+    return cmd_serve(args)
 
 
-async def _serve(identity: Identity, options: object) -> None:
-    from .node import run_server
+def _cmd_api(args: argparse.Namespace) -> int:
+    from .cli_serve import cmd_api
 
-    finished = trio.Event()
-
-    async def runner(task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            await run_server(identity, options, task_status=task_status, status_stream=sys.stderr)
-        finally:
-            finished.set()
-
-    async with trio.open_nursery() as nursery:
-        node = await nursery.start(runner)
-        print(f"{READY_PREFIX} blocks {node.span[0]}:{node.span[1]} of {node.executor.model_id} at {node.address} "
-              f"(peer {identity.peer_id.hex()}, {node.throughput:.1f} tok/s)", flush=True)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            nursery.start_soon(_watch_signals, signals, node, nursery)
-            await finished.wait()
-        nursery.cancel_scope.cancel()
-    print("\nswarm-peer: stopped", file=sys.stderr, flush=True)
-
-
-async def _watch_signals(signals: object, node: object, nursery: trio.Nursery) -> None:
-    async for _ in signals:  # type: ignore[attr-defined]
-        print("\nswarm-peer: shutting down: finishing in-flight steps and withdrawing the announcement "
-              "(Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
-        nursery.start_soon(node.shutdown)  # type: ignore[attr-defined]
-        break
-    async for _ in signals:  # type: ignore[attr-defined]
-        os._exit(130)
-
-
-# --- generate ----------------------------------------------------------------------------
+    return cmd_api(args)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    return trio.run(_generate, args)
+    from .cli_client import cmd_generate
+
+    return cmd_generate(args)
 
 
-async def _generate(args: argparse.Namespace) -> int:
-    from .api import Swarm, sampling_params
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from .cli_client import cmd_chat
 
-    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                  top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                  stop=tuple(args.stop))
-    sampling_params(**kwargs)  # bad arguments fail before any connection is made
-    async with trio.open_nursery() as nursery:
-        identity, ledger = _identity_and_ledger(args.identity)
-        swarm = await Swarm.connect(nursery, bootstrap=args.bootstrap, model=args.model, step_timeout=args.timeout,
-                                    identity=identity, ledger_path=ledger)
-        if args.json:
-            result = await swarm.generate(args.prompt, chat=args.chat, **kwargs)
-            print(json.dumps(result.to_dict(), indent=2))
-        else:
-            result = await swarm.generate(args.prompt, chat=args.chat, **kwargs,
-                                          on_token=lambda event: print(event.text, end="", flush=True))
-            print()
-            print(f"[{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tok/s, first token after "
-                  f"{result.time_to_first_token:.2f} s, route: {format_route(result.route)}]", file=sys.stderr)
-        await swarm.aclose()
-    return 0
-
-
-def _identity_and_ledger(path: str | None) -> tuple[Identity, str | None]:
-    """The identity (and its ledger) of ``--identity`` or the default file if it exists;
-    else a throwaway identity: generating needs no key file."""
-    path_ = Path(path) if path else default_identity_path()
-    if path or path_.exists():
-        return Identity.load(path_), str(ledger_path_for(path_))
-    return Identity.generate(), None
-
-
-# --- status ------------------------------------------------------------------------------
+    return cmd_chat(args)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    return trio.run(_status, args)
+    from .cli_client import cmd_status
 
-
-async def _status(args: argparse.Namespace) -> int:
-    from swarm.announce import RECORD_KINDS, fetch_swarm_view
-    from swarm.dht import DhtNode
-    from swarm.transport import Host
-
-    from .runtime import resolve_model
-
-    info = await trio.to_thread.run_sync(resolve_model, args.model)
-    async with trio.open_nursery() as nursery:
-        host = Host(Identity.generate())
-        await nursery.start(host.run)
-        dht = DhtNode(host, kinds=RECORD_KINDS)
-        await nursery.start(functools.partial(dht.run, bootstrap=tuple(args.bootstrap)))
-        view = await fetch_swarm_view(dht, info.model_id, info.num_blocks)
-        print(format_status(info.model_id, info.num_blocks, view.announcements))
-        _, ledger = _identity_and_ledger(args.identity)
-        if ledger is not None:
-            print("\n" + format_credit(Ledger.open(ledger, Identity.load(args.identity or default_identity_path())
-                                                       .public_key)))
-        nursery.cancel_scope.cancel()
-    return 0
-
-
-def format_credit(ledger: Ledger) -> str:
-    """This peer's credit with its neighbours, from its ledger (work units = blocks x tokens)."""
-    rows = neighbour_rows(ledger)
-    lines = [f"credit of this peer's neighbours ({len(ledger)} receipts in the ledger):",
-             f"  {'PEER':<14}{'THEIR CREDIT HERE':>18}{'WORK FOR US':>13}{'WORK FOR THEM':>15}"]
-    lines += [f"  {peer_id_of(key).hex()[:12]:<14}{credit.total:>18}{for_us:>13}{for_them:>15}"
-              for key, credit, for_us, for_them in rows]
-    if not rows:
-        lines.append("  (no receipts yet: serve blocks to earn credit)")
-    return "\n".join(lines)
-
-
-def format_route(route: list) -> str:
-    return " -> ".join(f"{h.peer_id[:8]}@{h.address}[{h.start}:{h.end}]" for h in route)
-
-
-def format_status(model: str, num_blocks: int, announcements: list) -> str:
-    """The ``swarm-peer status`` table: servers, then block coverage with gaps shown."""
-    lines = [f"model {model} ({num_blocks} blocks), {len(announcements)} server(s)", ""]
-    lines.append(f"{'PEER':<14}{'BLOCKS':<10}{'THROUGHPUT':>14}{'FREE':>6}  ADDRESSES")
-    for a in sorted(announcements, key=lambda a: (a.span, a.peer_id)):
-        lines.append(f"{a.peer_id.hex()[:12]:<14}{f'{a.span[0]}:{a.span[1]}':<10}{a.throughput:>10.1f} t/s"
-                     f"{a.free_sessions:>6}  {', '.join(a.addrs)}")
-    lines += ["", "coverage:"]
-    runs: list[tuple[int, int, int, float]] = []  # (start, end, servers, throughput) of equal coverage
-    for b in range(num_blocks):
-        covering = [a for a in announcements if a.span[0] <= b < a.span[1]]
-        key = (len(covering), round(sum(a.throughput for a in covering), 3))
-        if runs and runs[-1][1] == b and (runs[-1][2], runs[-1][3]) == key:
-            runs[-1] = (runs[-1][0], b + 1, *key)
-        else:
-            runs.append((b, b + 1, *key))
-    for start, end, count, tput in runs:
-        what = f"{count} server(s), {tput:.1f} tok/s" if count else "GAP: not served by anyone"
-        lines.append(f"  blocks {start}:{end}".ljust(20) + what)
-    return "\n".join(lines)
-
-
-# --- demo --------------------------------------------------------------------------------
+    return cmd_status(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(model=args.model, peers=args.peers, question=args.question,
-                    max_new_tokens=args.max_new_tokens)
+                    max_new_tokens=args.max_new_tokens, web=args.web, web_port=args.web_port)
 
 
 # --- parser ------------------------------------------------------------------------------
 
 
+def _identity_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--identity", metavar="PATH", help=f"{what} (default: {default_identity_path()})")
+
+
+def _bootstrap_option(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--bootstrap", action="append", required=required, default=None if required else [],
+                   metavar="HOST:PORT",
+                   help="a peer already in the swarm; repeatable" + ("" if required else
+                                                                     " (none: start a new swarm)"))
+
+
+def _model_option(p: argparse.ArgumentParser, what: str = "model the swarm serves") -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME_OR_PATH",
+                   help=f"{what}: built-in name, local HF directory, .gguf file or hub id (default: {DEFAULT_MODEL})")
+
+
+def _sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"tokens to generate at most (default {max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep tokens up to this probability "
+                   "mass (default 1: all)")
+    p.add_argument("--top-k", type=int, default=0, help="keep only the k most likely tokens (default 0: all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages repeating tokens (default 1: off)")
+    p.add_argument("--seed", type=int, help="seed of the sampler, for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop when the text contains this; repeatable")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds one hop may take for one step before it counts as failed (default 60)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swarm-peer",
-        description="Distributed LLM inference on volunteer hardware: serve blocks, generate, run a demo.",
+        description="Distributed LLM inference on volunteer hardware: serve blocks, generate, chat, run an "
+                    "OpenAI-compatible API, try a demo.",
     )
+    parser.add_argument("--version", action="version", version=version(), help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     keygen = sub.add_parser("keygen", help="create this peer's Ed25519 identity (or show the existing one)")
-    keygen.add_argument("--identity", metavar="PATH", help=f"key file (default: {default_identity_path()})")
+    _identity_option(keygen, "key file")
     keygen.add_argument("--force", action="store_true", help="replace an existing identity")
     keygen.set_defaults(func=_cmd_keygen)
 
     serve = sub.add_parser("serve", help="serve a span of a model's blocks to the swarm")
-    serve.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME_OR_PATH",
-                       help=f"built-in name, local HF directory, .gguf file or hub id (default: {DEFAULT_MODEL})")
+    _model_option(serve, "the model to serve")
     serve.add_argument("--blocks", metavar="S:E", help="serve blocks S..E-1 (default: where the swarm is weakest)")
-    serve.add_argument("--num-blocks", type=int, metavar="N", help="how many blocks to serve when choosing the span")
-    serve.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; :: for IPv6)")
+    serve.add_argument("--num-blocks", type=int, metavar="N",
+                       help="how many blocks to serve when choosing the span (default: all)")
+    serve.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; 0.0.0.0 or :: for "
+                       "all interfaces)")
     serve.add_argument("--port", type=int, default=0, help="listen port (default: any free port)")
     serve.add_argument("--announce-addr", action="append", default=[], metavar="HOST:PORT",
                        help="address to announce instead of the bound one (NAT); repeatable")
-    serve.add_argument("--bootstrap", action="append", default=[], metavar="HOST:PORT",
-                       help="a peer already in the swarm; repeatable (none: start a new swarm)")
-    serve.add_argument("--identity", metavar="PATH", help=f"key file (default: {default_identity_path()})")
+    _bootstrap_option(serve, required=False)
+    _identity_option(serve, "key file; one running server per identity")
     serve.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     serve.add_argument("--dtype", help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on GPU)")
     serve.add_argument("--quant", choices=["int8", "nf4"], help="quantize the served blocks' weights (bitsandbytes)")
@@ -256,38 +159,61 @@ def build_parser() -> argparse.ArgumentParser:
                             "a machine)")
     serve.add_argument("--compute-slots", type=int, default=1,
                        help="steps computed at once; more wait, served in order of the requesters' credit")
+    serve.add_argument("--api", type=int, metavar="PORT",
+                       help="also serve the OpenAI-compatible HTTP API and the web page on this port")
+    serve.add_argument("--api-host", default="127.0.0.1", metavar="HOST",
+                       help="listen address of --api (default 127.0.0.1)")
     serve.set_defaults(func=_cmd_serve)
 
+    api = sub.add_parser("api", help="serve an OpenAI-compatible HTTP API and the web page for a swarm")
+    _bootstrap_option(api, required=True)
+    api.add_argument("--model", action="append", metavar="NAME_OR_PATH",
+                     help=f"a model to answer for; repeatable (default: {DEFAULT_MODEL})")
+    api.add_argument("--host", default="127.0.0.1", help="HTTP listen address (default 127.0.0.1)")
+    api.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000; 0: any free port)")
+    _identity_option(api, "generate as this peer (default key file if present): serving earns priority;")
+    api.add_argument("--timeout", type=float, default=60.0,
+                     help="seconds one hop may take for one step before it counts as failed (default 60)")
+    api.set_defaults(func=_cmd_api)
+
     gen = sub.add_parser("generate", help="generate text with a swarm")
-    gen.add_argument("prompt", help="the prompt text")
-    gen.add_argument("--bootstrap", action="append", required=True, metavar="HOST:PORT",
-                     help="a peer in the swarm; repeatable")
-    gen.add_argument("--model", default=DEFAULT_MODEL, help=f"model the swarm serves (default: {DEFAULT_MODEL})")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    gen.add_argument("--json", action="store_true", help="print the result with route and timings as JSON")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
-    gen.add_argument("--timeout", type=float, default=60.0, help="seconds one hop may take for one step")
-    gen.add_argument("--identity", metavar="PATH",
-                     help="generate as this peer (default: the default key file if present): serving earns priority")
+    gen.add_argument("prompt", help="the prompt text, or - to read it from standard input")
+    _bootstrap_option(gen, required=True)
+    _model_option(gen)
+    gen.add_argument("--raw", action="store_true",
+                     help="use the prompt as is, without the model's chat template (which is on by default)")
+    gen.add_argument("--chat", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
+    gen.add_argument("--json", action="store_true",
+                     help="print JSON lines: one per token as it comes, then the result with route and timings")
+    _sampling_options(gen, 64)
+    _identity_option(gen, "generate as this peer (default: the default key file if present): serving earns "
+                     "priority;")
     gen.set_defaults(func=_cmd_generate)
 
-    status = sub.add_parser("status", help="show which peers serve which blocks")
-    status.add_argument("--bootstrap", action="append", required=True, metavar="HOST:PORT")
-    status.add_argument("--model", default=DEFAULT_MODEL)
-    status.add_argument("--identity", metavar="PATH", help="show this identity's credit (default key file if present)")
+    chat = sub.add_parser("chat", help="an interactive chat with a swarm (history kept, answers streamed)")
+    _bootstrap_option(chat, required=True)
+    _model_option(chat)
+    chat.add_argument("--system", metavar="TEXT", help="a system message that starts the conversation")
+    _sampling_options(chat, 256)
+    _identity_option(chat, "chat as this peer (default: the default key file if present);")
+    chat.set_defaults(func=_cmd_chat)
+
+    status = sub.add_parser("status", help="show which peers serve which blocks, gaps, and your credit")
+    _bootstrap_option(status, required=True)
+    _model_option(status)
+    status.add_argument("--json", action="store_true", help="print the swarm view as JSON")
+    _identity_option(status, "show this identity's credit (default key file if present);")
     status.set_defaults(func=_cmd_status)
 
     demo = sub.add_parser("demo", help="run a local swarm of peer processes with the default model and ask it")
-    demo.add_argument("--model", default=DEFAULT_MODEL)
+    _model_option(demo, "the model to run")
     demo.add_argument("--peers", type=int, default=3, help="server processes (default 3)")
-    demo.add_argument("--question", default="What is the capital of France? Answer in one sentence.")
-    demo.add_argument("--max-new-tokens", type=int, default=40)
+    demo.add_argument("--question", default="What is the capital of France? Answer in one sentence.",
+                      help="what to ask the swarm")
+    demo.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate at most (default 40)")
+    demo.add_argument("--web", action="store_true",
+                      help="keep the swarm up and serve the web page and API until Ctrl-C")
+    demo.add_argument("--web-port", type=int, default=8000, help="port of the web page with --web (default 8000)")
     demo.set_defaults(func=_cmd_demo)
     return parser
 
@@ -295,8 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    install_cli_logging(args.verbose)
+    if args.command != "keygen":
+        from . import _progress
+
+        _progress.enable()  # first-run conversion, loading, throughput probe
     try:
         return args.func(args)
     except (SwarmError, KeyboardInterrupt, BaseExceptionGroup) as exc:

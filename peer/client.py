@@ -263,6 +263,8 @@ class SwarmClient:
                 # Hold back a trailing replacement character: the next token may complete it.
                 text = tokens.text if decode_text else ""
                 stable = text if tokens.done or not text.endswith("\ufffd") else text[:-1]
+                if params.stop and not tokens.done:  # nor what may be the start of a stop string
+                    stable = stable[:len(stable) - _stop_prefix_length(stable, params.stop)]
                 delta = stable[len(shown):] if stable.startswith(shown) else ""
                 shown = stable if stable.startswith(shown) else shown
                 if tokens.finish_reason != "eos":
@@ -338,6 +340,12 @@ def _route_hop(hop: Hop, address: str) -> RouteHop:
 def _stable_text(tokens: TokenStream, decode_text: bool) -> str:
     text = tokens.text if decode_text else ""
     return text[:-1] if text.endswith("\ufffd") else text
+
+
+def _stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
+    """The longest tail of ``text`` that begins some stop string (and may complete it)."""
+    return max((k for stop in stops for k in range(min(len(stop) - 1, len(text)), 0, -1)
+                if text.endswith(stop[:k])), default=0)
 
 
 def _rng_state(tokens: TokenStream) -> object:

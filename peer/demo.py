@@ -8,6 +8,7 @@ tokens/s, then stops the servers with SIGTERM (they withdraw their announcements
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -18,12 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import trio
 
 from protocol.errors import SwarmError
 
+from ._format import READY_PREFIX, format_route
+
 __all__ = ["run_demo", "start_server_process", "launch_server_process", "wait_ready", "ServerProcess", "split_blocks"]
 
-READY_PREFIX = "swarm-peer: serving"
 
 
 class DemoError(SwarmError):
@@ -78,16 +81,19 @@ def launch_server_process(model: str, blocks: tuple[int, int], *, identity: Path
         cmd += ["--bootstrap", addr]
     cmd += list(extra)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # A session of its own: Ctrl-C at the terminal reaches only the demo, which stops its
+    # servers once (a second signal would make a server quit at once instead of gracefully).
     return subprocess.Popen(cmd, stdout=subprocess.PIPE,
                             stderr=stderr if stderr is not None else subprocess.DEVNULL,
-                            text=True, env=env, cwd=Path(__file__).resolve().parent.parent)
+                            text=True, env=env, cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
 
 
 def wait_ready(proc: subprocess.Popen[str], *, timeout: float = 300.0) -> ServerProcess:
     """Read ``proc``'s output until its ready line; a typed error if it exits or is late."""
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None
-    what = " ".join(proc.args[proc.args.index("--blocks"):][:2]) if isinstance(proc.args, list) else "server"
+    args = list(proc.args) if isinstance(proc.args, (list, tuple)) else []
+    what = " ".join(map(str, args[args.index("--blocks"):][:2])) if "--blocks" in args else "server"
     while True:
         line = proc.stdout.readline()
         if line.startswith(READY_PREFIX):
@@ -101,11 +107,16 @@ def wait_ready(proc: subprocess.Popen[str], *, timeout: float = 300.0) -> Server
             raise DemoError(f"server ({what}) was not ready after {timeout:.0f} s")
 
 
-def run_demo(*, model: str, peers: int = 3, question: str, max_new_tokens: int = 40) -> int:
-    from .api import SyncSwarm
-    from .cli import format_route
+def run_demo(*, model: str, peers: int = 3, question: str, max_new_tokens: int = 40, web: bool = False,
+             web_port: int = 8000) -> int:
+    """Start the swarm, ask it ``question``, print the answer, route and speed; with
+    ``web``, then serve the web page and API until Ctrl-C. Stops the servers either way."""
     from .runtime import resolve_model
 
+    if web:
+        from .cli_serve import check_port_free
+
+        check_port_free("127.0.0.1", web_port, "--web-port")
     print(f"swarm-peer demo: resolving {model} ...", flush=True)
     info = resolve_model(model)
     spans = split_blocks(info.num_blocks, peers)
@@ -134,15 +145,48 @@ def run_demo(*, model: str, peers: int = 3, question: str, max_new_tokens: int =
                     raise
                 print("  " + servers[-1].ready_line, flush=True)
             print(f"swarm of {peers} peers up in {time.monotonic() - t0:.1f} s; asking: {question}\n", flush=True)
-            with SyncSwarm(bootstrap=[s.address for s in servers], model=model) as swarm:
-                result = swarm.generate(question, max_new_tokens=max_new_tokens, chat=True,
-                                        on_token=lambda event: print(event.text, end="", flush=True))
-            print()
-            print(f"\nroute: {format_route(result.route)}")
-            print(f"{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s, first token after "
-                  f"{result.time_to_first_token:.2f} s")
+            trio.run(_ask, model, [s.address for s in servers], question, max_new_tokens,
+                     web_port if web else None)
         finally:
             print("stopping the swarm ...", flush=True)
             codes = [s.stop() for s in servers]
             print(f"servers exited with codes {codes}", flush=True)
+    if not web:
+        print(f"\nTo chat with the swarm in a browser: swarm-peer demo --web, then open "
+              f"http://127.0.0.1:{web_port}/ (the swarm and the page stay up until Ctrl-C).", flush=True)
     return 0
+
+
+async def _ask(model: str, bootstrap: list[str], question: str, max_new_tokens: int, web_port: int | None) -> None:
+    from .api import Swarm
+
+    asked = time.monotonic()
+    first: list[float] = []
+
+    def show(event) -> None:
+        if not first:
+            first.append(time.monotonic())
+        print(event.text, end="", flush=True)
+
+    async with trio.open_nursery() as nursery:
+        swarm = await Swarm.connect(nursery, bootstrap=bootstrap, model=model)
+        result = await swarm.generate(question, max_new_tokens=max_new_tokens, chat=True, on_token=show)
+        print()
+        print(f"\nroute: {format_route(result.route)}")
+        print(f"{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s, first token after "
+              f"{(first[0] if first else time.monotonic()) - asked:.2f} s", flush=True)
+        if web_port is not None:
+            await _serve_page(nursery, swarm, model, web_port)
+        nursery.cancel_scope.cancel()
+
+
+async def _serve_page(nursery: trio.Nursery, swarm, model: str, port: int) -> None:
+    from .http import ApiModel, SwarmApi, serve_http
+
+    api = SwarmApi([ApiModel(model, swarm)])
+    url = await nursery.start(functools.partial(serve_http, api.app, host="127.0.0.1", port=port))
+    print(f"\nThe swarm stays up. Open {url} in a browser to chat with it and watch it "
+          f"(OpenAI-compatible API at {url}v1). Ctrl-C stops everything.", flush=True)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            break

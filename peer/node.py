@@ -27,10 +27,11 @@ from verify import FraudProofService, Reputation, record_kinds
 
 from .runtime import DEFAULT_MODEL, SpanExecutor, load_span, measure_throughput, resolve_model
 from .credit import CreditService
+from . import _progress
 from .runtime._errors import InvalidArgument
 from .server import SpanServer
 
-__all__ = ["ServeOptions", "ServerNode", "run_server", "parse_blocks"]
+__all__ = ["ServeOptions", "ServerNode", "run_server", "parse_blocks", "span_reason"]
 
 log = logging.getLogger("swarm.node")
 
@@ -82,6 +83,20 @@ def parse_blocks(text: str) -> tuple[int, int]:
     return start, end
 
 
+def span_reason(span: tuple[int, int], asked: int | None, num_blocks: int, *, servers: int) -> str:
+    """Why a server without ``--blocks`` serves ``span``, in a sentence's tail."""
+    length = span[1] - span[0]
+    if asked is None:
+        why = f"all {num_blocks} blocks (no --num-blocks given)" if length == num_blocks else f"{length} blocks"
+    elif asked > num_blocks:
+        why = f"all {num_blocks} blocks: --num-blocks {asked} is more than the model has"
+    else:
+        why = f"{length} blocks as --num-blocks asked"
+    where = "the swarm is empty, so from the first block" if servers == 0 else \
+        f"where the {servers} server(s) already there leave the swarm weakest"
+    return f"{why}; {where}"
+
+
 @dataclass(slots=True)
 class ServerNode:
     """A running serving peer (returned by ``run_server`` through ``task_status``)."""
@@ -96,6 +111,7 @@ class ServerNode:
     executor: SpanExecutor
     throughput: float
     cancel_scope: trio.CancelScope
+    span_reason: str = ""  # why this span: said at start-up
 
     @property
     def span(self) -> tuple[int, int]:
@@ -146,15 +162,17 @@ async def run_server(identity: Identity, options: ServeOptions, *,
             dht = DhtNode(host, kinds=record_kinds())
             await nursery.start(functools.partial(dht.run, bootstrap=options.bootstrap))
             if options.blocks is not None:
-                span = options.blocks
+                span, reason = options.blocks, "as --blocks asked"
             else:
                 view = await fetch_swarm_view(dht, info.model_id, info.num_blocks)
                 span = choose_blocks(view.announcements, num_blocks=info.num_blocks,
                                      span_length=options.num_blocks or info.num_blocks)
+                reason = span_reason(span, options.num_blocks, info.num_blocks, servers=len(view.servers))
             log.info("loading blocks %d:%d of %s", span[0], span[1], info.model_id)
             executor = await trio.to_thread.run_sync(functools.partial(
                 load_span, options.model, span[0], span[1], device=options.device, dtype=options.dtype,
                 quant=options.quant, cache_bytes=options.cache_bytes))
+            _progress.note(f"measuring the throughput of blocks {span[0]}:{span[1]} ...")
             throughput = await trio.to_thread.run_sync(measure_throughput, executor)
             credit = CreditService(host, ledger_path=options.ledger_path, capacity=options.compute_slots)
             await nursery.start(credit.run)
@@ -169,7 +187,8 @@ async def run_server(identity: Identity, options: ServeOptions, *,
             announcer = Announcer(dht, identity, lambda expires: server.make_announcement(expires, node.throughput),
                                   ttl=options.announce_ttl)
             node = ServerNode(identity=identity, host=host, dht=dht, server=server, announcer=announcer,
-                              credit=credit, fraud=fraud, executor=executor, throughput=throughput, cancel_scope=scope)
+                              credit=credit, fraud=fraud, executor=executor, throughput=throughput, cancel_scope=scope,
+                              span_reason=reason)
             await nursery.start(announcer.run)
             if status_stream is not None:
                 nursery.start_soon(_show_status, node, status_stream, status_interval)

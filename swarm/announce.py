@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -136,6 +136,9 @@ class SwarmView:
     model: str
     num_blocks: int
     servers: Mapping[bytes, Announcement]
+    # When each server last published (renewed) its announcement, unix seconds: record
+    # seqs are publish times in milliseconds (``next_seq``), so stale entries show.
+    published: Mapping[bytes, float] = field(default_factory=dict)
 
     @property
     def announcements(self) -> list[Announcement]:
@@ -171,7 +174,8 @@ async def fetch_swarm_view(
     async with trio.open_nursery() as nursery:
         for block in range(num_blocks):
             nursery.start_soon(one, block)
-    return SwarmView(model=model, num_blocks=num_blocks, servers={p: a for p, (_, a) in best.items()})
+    return SwarmView(model=model, num_blocks=num_blocks, servers={p: a for p, (_, a) in best.items()},
+                     published={p: seq / 1000 for p, (seq, _) in best.items()})
 
 
 def _decode(value: bytes) -> list[Any]:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
+from .. import _progress
 from ._arch import HEAD_EMBED, HEAD_LM, HEAD_NORM, check_supported, layer_param_shapes, layer_prefix
 from ._cache import atomic_dir, atomic_write, cache_root, file_sha256
 from ._errors import ModelError, ModelFileMissing, UnsupportedArchitecture
@@ -81,6 +82,7 @@ class GGUFSource:
                 return dict(meta)
         except (OSError, ValueError):
             pass
+        _progress.note(f"reading {self.path.name} (first run only: the result is cached)")
         meta = self._build_meta()
         self._dir.mkdir(parents=True, exist_ok=True)
         atomic_write(meta_path, json.dumps(meta, sort_keys=True).encode())
@@ -157,6 +159,8 @@ class GGUFSource:
                     return tensors
             except Exception:  # a damaged cache entry is rebuilt, never trusted
                 pass
+        if unit == "head":
+            _progress.note(f"converting the embeddings and LM head of {self.path.name} (first run only)")
         tensors = {hf: self._dequantize(hf) for hf in wanted}
         try:
             atomic_write(path, save(tensors))
@@ -191,6 +195,7 @@ class GGUFSource:
                 return AutoTokenizer.from_pretrained(tok_dir)
             except (OSError, ValueError):
                 pass
+        _progress.note(f"converting the tokenizer of {self.path.name} (first run only)")
         tokenizer = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
         try:
             with atomic_dir(tok_dir) as tmp:

@@ -23,6 +23,22 @@ __all__ = ["ClientHead"]
 Messages = list[dict[str, str]]
 
 
+def _check_utf8(prompt: object) -> None:
+    """Text from a byte source decoded with ``surrogateescape`` (argv, some files) keeps
+    invalid bytes as lone surrogates, which tokenizers reject with a TypeError."""
+    texts: list[object] = []
+    if isinstance(prompt, str):
+        texts = [prompt]
+    elif isinstance(prompt, list):
+        texts = [m.get("content") for m in prompt if isinstance(m, dict)]
+    for text in texts:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidArgument("the prompt is not valid UTF-8 text; re-encode it as UTF-8") from None
+
+
 class ClientHead:
     """Embeddings, final norm, LM head and tokenizer of one model.
 
@@ -71,8 +87,10 @@ class ClientHead:
         a string does when ``chat`` is true (as one user message), else it is tokenized as is.
 
         Raises:
-            InvalidArgument: an empty prompt, malformed messages, or chat without a template.
+            InvalidArgument: an empty prompt, text that is not UTF-8, malformed messages, or
+                chat without a template.
         """
+        _check_utf8(prompt)
         tok = self.tokenizer
         if isinstance(prompt, str):
             if not prompt:

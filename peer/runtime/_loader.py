@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import _progress
 from ._arch import HEAD_EMBED, HEAD_LM, HEAD_NORM, architecture, span_config
 from ._errors import ModelError, SpanOutOfRange
 from ._quant import quantize_linears
@@ -65,21 +66,28 @@ def build_span(
     arch = architecture(config.model_type)
     cfg = span_config(config, start, end)
     layers = nn.ModuleList()
-    for local, index in enumerate(range(start, end)):
-        with torch.device("meta"):
-            layer = arch.decoder_layer(cfg, local)
-        state = source.read_block(index)
-        _check_names(f"block {index}", set(dict(layer.named_parameters())), set(state))
-        layer.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
-        del state
-        layer.eval().requires_grad_(False)
-        if quant is not None:
-            layer = quantize_linears(layer, quant, device=device, dtype=dtype)
-        else:
-            layer = layer.to(device)
-        layers.append(layer)
+    with _progress.task(f"loading blocks {start}:{end}", end - start) as shown:
+        for local, index in enumerate(range(start, end)):
+            layers.append(_load_layer(source, arch, cfg, local, index, device=device, dtype=dtype, quant=quant))
+            shown.advance()
     rotary = arch.rotary_embedding(config=cfg).to(device)
     return SpanModules(layers=layers, rotary=rotary, config=cfg)
+
+
+def _load_layer(source: Source, arch: Any, cfg: Any, local: int, index: int, *, device: torch.device,
+                dtype: torch.dtype, quant: str | None) -> nn.Module:
+    with torch.device("meta"):
+        layer = arch.decoder_layer(cfg, local)
+    state = source.read_block(index)
+    _check_names(f"block {index}", set(dict(layer.named_parameters())), set(state))
+    layer.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    del state
+    layer.eval().requires_grad_(False)
+    if quant is not None:
+        layer = quantize_linears(layer, quant, device=device, dtype=dtype)
+    else:
+        layer = layer.to(device)
+    return layer
 
 
 def build_head(source: Source, *, device: torch.device, dtype: torch.dtype) -> HeadModules:

@@ -201,10 +201,18 @@ class SafetensorsSource:
     def load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
+        if not any((self.path / name).is_file() for name in _TOKENIZER_FILES):
+            raise ModelFileMissing(f"{self.path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); add the "
+                                   f"model's tokenizer files, or pass token ids")
         try:
             return AutoTokenizer.from_pretrained(self.path)
-        except (OSError, ValueError, TypeError) as exc:
-            raise ModelFileMissing(f"{self.path} has no usable tokenizer ({exc}); add tokenizer files") from exc
+        except (OSError, ValueError, TypeError) as exc:  # transformers' advice spans lines: keep the first
+            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise ModelFileMissing(f"{self.path} has no usable tokenizer ({first}); add tokenizer files") from exc
+
+
+# Files of which a loadable tokenizer has at least one (fast, sentencepiece, BPE vocab).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 def _read_config(path: Path) -> Any:

@@ -421,7 +421,7 @@ class DhtNode:
         try:
             await operation
         except SwarmError as exc:
-            log.warning("DHT maintenance step failed: %s", exc)
+            log.info("DHT maintenance step failed: %s", exc)  # stale contacts are routine, not a user's problem
 
     # -- handlers -------------------------------------------------------------------
 
