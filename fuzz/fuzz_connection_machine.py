@@ -30,7 +30,7 @@ from protocol._limits import Limits
 from protocol.errors import ConnectionClosed, DecryptError, HandshakeError, ProtocolError
 
 I, R = Role.INITIATOR, Role.RESPONDER
-IDENTITIES = {I: Identity.from_seed(bytes([0x1A]) * 32), R: Identity.from_seed(bytes([0x2B]) * 32)}
+IDENTITIES = {I: Identity.derive(bytes([0x1A]) * 32), R: Identity.derive(bytes([0x2B]) * 32)}
 ADDRS = {I: ("127.0.0.1:7001",), R: ("[::1]:7002", "peer.example:7003")}
 LIMITS = Limits(max_message_size=100_000)
 MAX_FRAME = 2 + 65535

@@ -20,7 +20,7 @@ from protocol._handshake import (
 from protocol._identity import Identity
 from protocol.errors import HandshakeError, LocalProtocolError, ProtocolError, UnexpectedMessage
 
-ALICE, BOB = Identity.from_seed(bytes([0xA1]) * 32), Identity.from_seed(bytes([0xB0]) * 32)
+ALICE, BOB = Identity.derive(bytes([0xA1]) * 32), Identity.derive(bytes([0xB0]) * 32)
 MAX_FRAME = 2 + 65535
 
 

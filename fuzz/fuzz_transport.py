@@ -18,7 +18,7 @@ from protocol._noise import CipherState
 from protocol._transport import MessageDecoder
 from protocol.errors import ConnectionClosed, DecryptError, LimitExceeded, ProtocolError
 
-ALICE, BOB = Identity.from_seed(bytes([0xA2]) * 32), Identity.from_seed(bytes([0xB2]) * 32)
+ALICE, BOB = Identity.derive(bytes([0xA2]) * 32), Identity.derive(bytes([0xB2]) * 32)
 LIMITS = Limits(max_message_size=150_000)
 MAX_FRAME = 2 + 65535
 KEY = bytes(range(32))

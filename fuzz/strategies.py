@@ -10,7 +10,7 @@ from protocol import Identity
 from protocol import _messages as M
 from protocol._fields import Bool, Bytes, Float, ListOf, Span, Struct, TensorCodec, Text, UInt
 
-IDENTITIES = [Identity.from_seed(bytes([i]) * 32) for i in range(4)]
+IDENTITIES = [Identity.derive(bytes([i]) * 32) for i in range(4)]
 MAX_LIST = 3  # keep examples small: the fuzz suite runs in CI
 
 

@@ -17,7 +17,16 @@ from ._connection import (
 from ._handshake import HANDSHAKE_TRANSITIONS, PROTOCOL_VERSION, Role
 from ._messages import MESSAGE_TYPES, RESPONSES, Message, decode_message, encode_message
 from ._session import SESSION_TRANSITIONS, SessionState
-from ._identity import PEER_ID_SIZE, PUBLIC_KEY_SIZE, Identity, atomic_write, peer_id_of, verify_signature
+from ._identity import (
+    PEER_ID_SIZE,
+    PUBLIC_KEY_SIZE,
+    PUZZLE_BITS,
+    Identity,
+    atomic_write,
+    peer_id_of,
+    satisfies_puzzle,
+    verify_signature,
+)
 from ._limits import DEFAULT_LIMITS, NOISE_MAX_MESSAGE, Limits
 from .errors import *  # noqa: F403
 from .errors import __all__ as _errors_all
@@ -45,6 +54,8 @@ __all__ = [
     "Identity",
     "peer_id_of",
     "verify_signature",
+    "satisfies_puzzle",
+    "PUZZLE_BITS",
     "atomic_write",
     "PEER_ID_SIZE",
     "PUBLIC_KEY_SIZE",

@@ -31,7 +31,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _cbor
-from ._identity import PEER_ID_SIZE, PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, peer_id_of, verify_signature
+from ._identity import (
+    PEER_ID_SIZE,
+    PUBLIC_KEY_SIZE,
+    PUZZLE_BITS,
+    SIGNATURE_SIZE,
+    Identity,
+    derive_seed,
+    peer_id_of,
+    satisfies_puzzle,
+    verify_signature,
+)
 from ._limits import DEFAULT_LIMITS, Limits
 from ._noise import DHLEN, CipherState, generate_private_key
 from ._noise import HandshakeState as NoiseHandshakeState
@@ -195,6 +205,9 @@ def decode_handshake_payload(
         verify_signature(public_key, _binding_message(noise_static_public_key), signature)
     except BadSignature:
         raise HandshakeError("handshake payload: the identity key did not sign this Noise static key") from None
+    if not satisfies_puzzle(peer_id_of(public_key)):
+        raise HandshakeError(f"handshake payload: the peer id does not solve the identity puzzle ({PUZZLE_BITS} "
+                             "leading zero bits); the peer must run 'swarm-peer keygen --force'")
     return public_key, listen_addrs, version
 
 
@@ -373,15 +386,17 @@ class _VectorParty:
     listen_addrs: tuple[str, ...]
 
 
+# The seeds are Identity.derive(label) of these labels (counters found by derive_counter),
+# so that both peer ids solve the identity puzzle.
 _VECTOR_PARTIES = {
     "initiator": _VectorParty(
-        ed25519_seed=bytes([0x01]) * 32,
+        ed25519_seed=derive_seed(bytes([0x01]) * 32, 4934),
         x25519_static_private=bytes([0x11]) * 32,
         x25519_ephemeral_private=bytes([0x21]) * 32,
         listen_addrs=("192.0.2.10:4001",),
     ),
     "responder": _VectorParty(
-        ed25519_seed=bytes([0x02]) * 32,
+        ed25519_seed=derive_seed(bytes([0x02]) * 32, 1207),
         x25519_static_private=bytes([0x12]) * 32,
         x25519_ephemeral_private=bytes([0x22]) * 32,
         listen_addrs=("198.51.100.7:31337", "[2001:db8::7]:31337"),

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from protocol import _messages as M  # noqa: E402
 from protocol._cbor import encode  # noqa: E402
 from protocol._fields import Bytes, Field, Float, ListOf, Span, Struct, TensorCodec  # noqa: E402
-from protocol._identity import Identity  # noqa: E402
+from protocol._identity import Identity, derive_seed  # noqa: E402
 from protocol._statements import (  # noqa: E402
     EMPTY_HISTORY,
     extend_history,
@@ -35,8 +35,10 @@ from protocol._statements import (  # noqa: E402
 
 VECTORS = ROOT / "spec" / "vectors"
 
-CLIENT = Identity.from_seed(bytes(range(32)))
-SERVER = Identity.from_seed(bytes(range(32, 64)))
+# Identity.derive of these labels (the counters are derive_counter's): both peer ids
+# solve the identity puzzle, as every key a peer accepts must.
+CLIENT = Identity.from_seed(derive_seed(bytes(range(32)), 1682))
+SERVER = Identity.from_seed(derive_seed(bytes(range(32, 64)), 1160))
 
 
 # --- JSON form of message values (bytes as lowercase hex) ------------------------------
@@ -205,6 +207,30 @@ def statement_vectors() -> dict[str, Any]:
     }
 
 
+def identity_vectors() -> dict[str, Any]:
+    """The identity puzzle (spec section 3): derived seeds, peer ids, puzzle hashes."""
+    from protocol._identity import PUZZLE_BITS, PUZZLE_DOMAIN, derive_counter, peer_id_of, puzzle_hash, \
+        satisfies_puzzle
+
+    entries = []
+    for label in (bytes(range(32)), bytes(range(32, 64)), bytes([0x01]) * 32, bytes([0x02]) * 32):
+        counter = derive_counter(label)
+        for tried in (counter - 1, counter):  # the last candidate that fails, then the solution
+            identity = Identity.from_seed(derive_seed(label, tried))
+            entries.append({"label": label.hex(), "counter": tried, "seed": identity.seed.hex(),
+                            "public_key": identity.public_key.hex(), "peer_id": peer_id_of(identity.public_key).hex(),
+                            "puzzle_hash": puzzle_hash(identity.peer_id).hex(),
+                            "solves": satisfies_puzzle(identity.peer_id)})
+    return {
+        "description": "Identity puzzle: a peer id is valid iff BLAKE2b-256(domain || peer_id) starts with "
+                       "'bits' zero bits. seed = BLAKE2b-256('swarm/1/derive-seed:' || label || counter as 4 "
+                       "big-endian bytes); for each label, the last failing candidate and the first solving one.",
+        "domain": PUZZLE_DOMAIN.hex(),
+        "bits": PUZZLE_BITS,
+        "identities": entries,
+    }
+
+
 def strict_cbor_vectors() -> dict[str, Any]:
     """Encodings a strict decoder MUST reject, with the canonical form where one exists."""
     cases = [
@@ -264,6 +290,7 @@ def all_vectors() -> dict[str, Any]:
         "messages.json": message_vectors(),
         "statements.json": statement_vectors(),
         "cbor-strict.json": strict_cbor_vectors(),
+        "identity.json": identity_vectors(),
         "tensors.json": {"description": "Tensor encodings; decoded is the exact float32 decode.",
                          "tensors": make_tensor_vectors()},
         "handshake.json": make_handshake_vectors(),

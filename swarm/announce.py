@@ -12,8 +12,15 @@ key with one hash; the record kind ``BLOCK_RECORDS`` checks that ``key ==
 block_key(model, b)``, ``S <= b < E``, that the announcement's peer id is the
 publisher's and that its expiry equals the record's.
 
-``Announcer`` is the server side: it publishes, renews well before expiry (fresh
-expiry, fresh free-slot count, higher seq) and withdraws on the way out.
+Announcements live ``DEFAULT_TTL`` (240 s, as Petals' do) so that a peer that died
+without withdrawing leaves every view within minutes; storing nodes refuse block
+records that expire more than ``BLOCK_MAX_TTL`` (300 s) ahead, the TTL plus a minute
+for clock skew. The announcement map must hold exactly the keys of ``Announcement``:
+unknown keys are refused (they could only pad the record).
+
+``Announcer`` is the server side: it publishes, renews well before expiry (after a
+third of the TTL: fresh expiry, fresh free-slot count, higher seq) and withdraws on
+the way out.
 ``fetch_swarm_view`` is the client side: every block's value set, merged into the
 latest announcement per server.
 """
@@ -43,6 +50,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BLOCK_KIND",
+    "BLOCK_MAX_TTL",
+    "DEFAULT_TTL",
     "BLOCK_RECORDS",
     "RECORD_KINDS",
     "Announcer",
@@ -59,8 +68,11 @@ log = logging.getLogger(__name__)
 
 BLOCK_KIND = "swarm/1/block"
 #: How long an announcement lives, and when its publisher renews it (a third of the way).
-DEFAULT_TTL = 600.0
+DEFAULT_TTL = 240.0
 RENEW_FRACTION = 1 / 3
+#: The farthest ahead a storing node accepts a block record's expiry.
+BLOCK_MAX_TTL = 300.0
+_ANNOUNCEMENT_KEYS = frozenset(f.key for f in Announcement.FIELDS)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -81,6 +93,10 @@ def decode_block_value(items: list[Any]) -> tuple[int, Announcement]:
     if len(items) != 3 or items[0] != BLOCK_KIND or type(items[1]) is not int:
         raise RecordRejected("a block value is [\"swarm/1/block\", block, announcement]",
                              code=ErrorCode.INVALID_REQUEST)
+    if type(items[2]) is dict and not _ANNOUNCEMENT_KEYS.issuperset(items[2]):
+        unknown = sorted(repr(k) for k in items[2] if k not in _ANNOUNCEMENT_KEYS)
+        raise RecordRejected(f"announcement has unknown keys {', '.join(unknown)[:80]}",
+                             code=ErrorCode.INVALID_REQUEST)
     try:
         announcement = Announcement(**fields_from_cbor(items[2], Announcement.FIELDS, DEFAULT_LIMITS))
     except ProtocolError as exc:
@@ -92,6 +108,8 @@ class _BlockRecords:
     """The record kind of block announcements (key derivation and ownership)."""
 
     name = BLOCK_KIND
+    max_ttl = BLOCK_MAX_TTL
+    reserved = False
 
     def check(self, record: SignedRecord, value: list[Any]) -> None:
         block, ann = decode_block_value(value)

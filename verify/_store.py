@@ -44,6 +44,7 @@ __all__ = [
     "FRAUD_RECORD_KINDS",
     "MAX_STORED_PROOF",
     "PART_SIZE",
+    "PROOF_MAX_TTL",
     "PROOF_TTL",
     "fetch_proofs",
     "fraud_key",
@@ -60,8 +61,11 @@ PART_SIZE = 1900
 #: Largest proof stored in the DHT (about 140 parts); bigger ones travel by gossip only.
 MAX_STORED_PROOF = 256 * 1024
 MAX_PARTS = math.ceil(MAX_STORED_PROOF / PART_SIZE)
-#: Proof records live this long (the DHT's maximum is a day); holders re-sign them before.
+#: Proof records live this long; holders re-sign them before. Storing nodes accept
+#: proof records that expire up to PROOF_MAX_TTL ahead, and keep them in the storage
+#: class reserved for proofs (swarm.dht._storage), which announcements cannot fill.
 PROOF_TTL = 23 * 3600.0
+PROOF_MAX_TTL = 24 * 3600.0
 
 
 def fraud_key(accused_peer_id: bytes) -> bytes:
@@ -78,6 +82,8 @@ def _rejected(message: str) -> RecordRejected:
 
 class _FraudIndex:
     name = FRAUD_KIND
+    max_ttl = PROOF_MAX_TTL
+    reserved = True
 
     def check(self, record: M.SignedRecord, value: list[Any]) -> None:
         if len(value) != 5:
@@ -93,6 +99,8 @@ class _FraudIndex:
 
 class _FraudPart:
     name = FRAUD_PART_KIND
+    max_ttl = PROOF_MAX_TTL
+    reserved = True
 
     def check(self, record: M.SignedRecord, value: list[Any]) -> None:
         if len(value) != 4:

@@ -1,35 +1,37 @@
-"""DHT records: validation and the per-key value store (spec "DHT", "Records").
+"""DHT records: kinds and stateless validation (spec "DHT", "Records").
 
 Theory of operation. A record is a ``SignedRecord``: a value under a 32-byte key,
 signed by its publisher, with an expiry (unix seconds) and a sequence number. A
-storing node runs ``check_record`` and then ``RecordStore.put``, which together
-apply the spec's checks in this order, each with its own error code:
+storing node runs ``check_record`` and then ``RecordStore.put`` (``_storage``), which
+together apply the spec's checks in this order, each with its own error code:
 
 1. size: the record's encoding is at most ``Limits.max_record_size`` (LIMIT_EXCEEDED);
-2. expiry: ``now < expires <= now + max_ttl`` (EXPIRED, or INVALID_REQUEST when
-   the expiry is too far ahead: no immortal records);
-3. signature: the publisher signed exactly these fields (BAD_SIGNATURE);
-4. key derivation: the value is a CBOR array ``[kind, ...]`` and the record kind
-   named by ``kind`` derives ``key`` from the value and checks that the value
-   belongs to the publisher (INVALID_REQUEST); the empty value is a tombstone
-   and has no kind (see below);
-5. sequence: ``seq`` is greater than the seq stored for the same (key,
-   publisher); an identical copy of the stored record is accepted as a no-op
-   (republish); anything else is STALE_RECORD;
-6. capacity: a new publisher under a full key, or a new record when the store
-   is full, is LIMIT_EXCEEDED (records already held are never evicted early,
-   so a flood of new identities cannot push out honest records).
+2. expiry: ``now < expires`` (EXPIRED) and ``expires <= now + MAX_TTL`` (a day;
+   INVALID_REQUEST);
+3. publisher: its peer id solves the identity puzzle (INVALID_REQUEST), and it
+   signed exactly these fields (BAD_SIGNATURE);
+4. kind: the value is a CBOR array ``[kind, ...]`` of a known kind, the record
+   expires at most that kind's ``max_ttl`` ahead, and the kind's rule holds: it
+   derives ``key`` from the value and checks that the value belongs to the
+   publisher (all INVALID_REQUEST); the empty value is a tombstone, has no kind and
+   the cap ``TOMBSTONE_MAX_TTL`` (see below);
+5. sequence and 6. capacity: ``_storage.RecordStore``.
 
 Checks 1-4 need no state and are also what a *reader* applies to records it
-gets back from FIND_VALUE (a storing node may lie). The store keeps, per key,
-only the latest record of each publisher and drops expired ones lazily on every
-access and in ``expire``.
+gets back from FIND_VALUE (a storing node may lie).
+
+Each kind says how far ahead its records may expire (``max_ttl``) and whether it
+lives in the storage class reserved for fraud proofs (``reserved``), so that
+announcements, which a server renews every minute or two, can never be stored for a
+day, and a store full of announcements still takes fraud proofs.
 
 Withdrawal: a publisher withdraws its record by publishing a tombstone, a
 record with an empty value, a higher seq and the withdrawn record's expiry. A
 tombstone replaces the publisher's record wherever it lands and, because it
 keeps the slot until that expiry, a replica of the old record re-stored later
-is refused as STALE_RECORD. Readers drop tombstones after merging.
+is refused as STALE_RECORD. Readers drop tombstones after merging. A tombstone
+may expire at most ``TOMBSTONE_MAX_TTL`` ahead (the shortest kind's cap: it says
+nothing a storing node could check, so it gets the least room).
 
 Pure code: every function takes ``now`` and no clock, socket or trio.
 """
@@ -37,29 +39,29 @@ Pure code: every function takes ``now`` and no clock, socket or trio.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from protocol import DEFAULT_LIMITS, Limits, cbor_decode, cbor_encode
+from protocol import DEFAULT_LIMITS, PUZZLE_BITS, Limits, cbor_decode, cbor_encode, satisfies_puzzle
 from protocol._fields import fields_to_cbor
 from protocol._messages import MAX_RECORD_VALUE, SignedRecord
 from protocol.errors import BadSignature, ErrorCode, ProtocolError, SwarmError
 
 __all__ = [
-    "DEFAULT_MAX_TTL",
+    "MAX_TTL",
+    "TOMBSTONE_MAX_TTL",
     "RecordKind",
     "RecordRejected",
-    "RecordStore",
     "check_record",
     "is_tombstone",
+    "latest_records",
     "merge_records",
     "record_size",
 ]
 
-#: The farthest ahead a record may expire: one day. Publishers renew long before.
-DEFAULT_MAX_TTL = 24 * 3600.0
-#: Keys one node holds at most, whatever their kind (memory bound against floods).
-DEFAULT_MAX_KEYS = 65536
+#: No kind may let a record expire more than a day ahead (fraud proofs use it).
+MAX_TTL = 24 * 3600.0
+#: How far ahead a tombstone may expire: the announcement cap (swarm.announce).
+TOMBSTONE_MAX_TTL = 300.0
 
 
 class RecordRejected(SwarmError):
@@ -71,6 +73,10 @@ class RecordKind(Protocol):
 
     #: The first element of the value array, e.g. ``"swarm/1/block"``.
     name: str
+    #: Seconds ahead of ``now`` a record of this kind may expire at a storing node.
+    max_ttl: float
+    #: Stored in the class reserved for fraud proofs (``_storage``).
+    reserved: bool
 
     def check(self, record: SignedRecord, value: list[Any]) -> None:
         """Check that ``record.key`` derives from ``value`` (the decoded array) and that
@@ -93,9 +99,9 @@ def check_record(
     now: float,
     kinds: Mapping[str, RecordKind],
     limits: Limits = DEFAULT_LIMITS,
-    max_ttl: float = DEFAULT_MAX_TTL,
-) -> None:
-    """Checks 1-4 of the module docstring, in order. Raises RecordRejected."""
+) -> RecordKind | None:
+    """Checks 1-4 of the module docstring, in order. Returns the record's kind (None
+    for a tombstone). Raises RecordRejected."""
     size = record_size(record)
     if size > limits.max_record_size:
         raise RecordRejected(
@@ -103,17 +109,31 @@ def check_record(
         )
     if record.expires <= now:
         raise RecordRejected(f"record expired at {record.expires} (now {now:.0f})", code=ErrorCode.EXPIRED)
-    if record.expires > now + max_ttl:
-        raise RecordRejected(
-            f"record expires more than {max_ttl:.0f} s ahead; publishers must renew instead",
-            code=ErrorCode.INVALID_REQUEST,
-        )
+    if record.expires > now + MAX_TTL:
+        raise RecordRejected(f"record expires more than {MAX_TTL:.0f} s ahead; publishers must renew instead",
+                             code=ErrorCode.INVALID_REQUEST)
+    if not satisfies_puzzle(record.publisher_id):
+        raise RecordRejected(f"the publisher's peer id does not solve the identity puzzle ({PUZZLE_BITS} bits)",
+                             code=ErrorCode.INVALID_REQUEST)
     try:
         record.verify_signature()
     except BadSignature as exc:
         raise RecordRejected(f"record signature: {exc}", code=ErrorCode.BAD_SIGNATURE) from None
+    kind, value = _kind_of(record, kinds)
+    max_ttl = TOMBSTONE_MAX_TTL if kind is None else min(kind.max_ttl, MAX_TTL)
+    if record.expires > now + max_ttl:
+        what = "a tombstone" if kind is None else f"a {kind.name!r} record"
+        raise RecordRejected(f"{what} may expire at most {max_ttl:.0f} s ahead, not {record.expires - now:.0f} s; "
+                             "its publisher renews it instead", code=ErrorCode.INVALID_REQUEST)
+    if kind is not None:
+        kind.check(record, value)
+    return kind
+
+
+def _kind_of(record: SignedRecord, kinds: Mapping[str, RecordKind]) -> tuple[RecordKind | None, list[Any]]:
+    """The kind named by the value (check 4), with the decoded value array."""
     if is_tombstone(record):
-        return
+        return None, []
     try:
         value = cbor_decode(record.value, max_size=MAX_RECORD_VALUE)
     except ProtocolError as exc:
@@ -123,89 +143,22 @@ def check_record(
     kind = kinds.get(value[0])
     if kind is None:
         raise RecordRejected(f"unknown record kind {value[0][:64]!r}", code=ErrorCode.INVALID_REQUEST)
-    kind.check(record, value)
+    return kind, value
+
+
+def latest_records(records: Iterable[SignedRecord]) -> dict[bytes, SignedRecord]:
+    """The highest-seq record of each publisher (tombstones and expired ones included)."""
+    latest: dict[bytes, SignedRecord] = {}
+    for record in records:
+        held = latest.get(record.publisher)
+        if held is None or record.seq > held.seq:
+            latest[record.publisher] = record
+    return latest
 
 
 def merge_records(records: Iterable[SignedRecord], *, now: float) -> list[SignedRecord]:
     """What a reader makes of the records several nodes returned for one key: the
     highest-seq record of each publisher, unexpired, tombstones dropped, sorted by
     publisher. The records must already have passed ``check_record``."""
-    latest: dict[bytes, SignedRecord] = {}
-    for record in records:
-        held = latest.get(record.publisher)
-        if held is None or record.seq > held.seq:
-            latest[record.publisher] = record
+    latest = latest_records(records)
     return [r for _, r in sorted(latest.items()) if r.expires > now and not is_tombstone(r)]
-
-
-@dataclass(slots=True)
-class RecordStore:
-    """The records a node holds for others: per key, the latest record of each publisher.
-
-    ``kinds`` maps a kind name to its rules; records of unknown kinds are refused.
-    """
-
-    kinds: Mapping[str, RecordKind]
-    limits: Limits = DEFAULT_LIMITS
-    max_ttl: float = DEFAULT_MAX_TTL
-    max_keys: int = DEFAULT_MAX_KEYS
-    _by_key: dict[bytes, dict[bytes, SignedRecord]] = field(default_factory=dict)
-
-    def put(self, record: SignedRecord, *, now: float) -> bool:
-        """Validate and store ``record``. Returns False for an identical re-store (no-op).
-
-        Raises:
-            RecordRejected: with the code of the first failed check (module docstring).
-        """
-        check_record(record, now=now, kinds=self.kinds, limits=self.limits, max_ttl=self.max_ttl)
-        values = self._live(record.key, now)
-        held = values.get(record.publisher)
-        if held is not None:
-            if held == record:
-                return False
-            if record.seq <= held.seq:
-                raise RecordRejected(
-                    f"record seq {record.seq} is not newer than the stored seq {held.seq}",
-                    code=ErrorCode.STALE_RECORD,
-                )
-        elif len(values) >= self.limits.max_records_per_key:
-            raise RecordRejected(
-                f"key holds the maximum of {self.limits.max_records_per_key} records", code=ErrorCode.LIMIT_EXCEEDED
-            )
-        elif not values and len(self._by_key) >= self.max_keys:
-            self.expire(now=now)
-            if len(self._by_key) >= self.max_keys:
-                raise RecordRejected(f"node holds the maximum of {self.max_keys} keys", code=ErrorCode.LIMIT_EXCEEDED)
-        values[record.publisher] = record
-        self._by_key[record.key] = values
-        return True
-
-    def get(self, key: bytes, *, now: float) -> list[SignedRecord]:
-        """The unexpired records under ``key`` (tombstones included: a reader needs them
-        to discard stale replicas), sorted by publisher."""
-        values = self._live(key, now)
-        return [values[p] for p in sorted(values)]
-
-    def expire(self, *, now: float) -> int:
-        """Drop every expired record; returns how many were dropped."""
-        dropped = 0
-        for key in list(self._by_key):
-            before = len(self._by_key[key])
-            dropped += before - len(self._live(key, now))
-        return dropped
-
-    def keys(self) -> list[bytes]:
-        return list(self._by_key)
-
-    def __len__(self) -> int:
-        return sum(len(v) for v in self._by_key.values())
-
-    def _live(self, key: bytes, now: float) -> dict[bytes, SignedRecord]:
-        values = self._by_key.get(key)
-        if values is None:
-            return {}
-        for publisher in [p for p, r in values.items() if r.expires <= now]:
-            del values[publisher]
-        if not values:
-            del self._by_key[key]
-        return values

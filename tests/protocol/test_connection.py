@@ -25,7 +25,7 @@ from protocol.errors import (
     UnexpectedMessage,
 )
 
-ALICE, BOB = Identity.from_seed(bytes([7]) * 32), Identity.from_seed(bytes([8]) * 32)
+ALICE, BOB = Identity.derive(bytes([7]) * 32), Identity.derive(bytes([8]) * 32)
 
 
 def drain(conn):

@@ -25,7 +25,7 @@ async def publish_blocks(publishers, rng):
     expected = {}
     for block, peer in enumerate(publishers):
         ann = Announcement(peer_id=peer.peer_id, addrs=(peer.addr,), model=MODEL, span=(block, block + 1),
-                           throughput=rng.uniform(1, 100), free_sessions=4, expires=int(time.time()) + 600)
+                           throughput=rng.uniform(1, 100), free_sessions=4, expires=int(time.time()) + 240)
         (record,) = announcement_records(peer.identity, ann, seq=1)
         assert await peer.dht.publish(record) >= K // 2
         expected[record.key] = peer

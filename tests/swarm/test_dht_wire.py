@@ -21,15 +21,16 @@ from swarm.announce import (
     encode_block_value,
     fetch_swarm_view,
 )
-from swarm.dht import BootstrapFailed
+from swarm.dht import BootstrapFailed, Contact, distance, key_target
 from swarm.dht._local import start_local_peer, start_local_swarm
+from swarm.dht._pool import POOL_SIZE, pool_identity
 from swarm.errors import PeerUnreachable
 from swarm.planning import plan_route
 
 
 def announce(peer, *, span, model="tiny", expires=None, free=2, throughput=50.0):
     return Announcement(peer_id=peer.peer_id, addrs=(peer.addr,), model=model, span=span, throughput=throughput,
-                        free_sessions=free, expires=expires or int(time.time()) + 600)
+                        free_sessions=free, expires=expires or int(time.time()) + 240)
 
 
 async def test_records_published_by_one_are_found_by_all_and_planned_over(nursery):
@@ -155,27 +156,37 @@ async def _run_in(scope, announcer):
         await announcer.run()
 
 
-async def test_full_bucket_evicts_a_dead_head_and_keeps_a_live_one(nursery):
-    a = await start_local_peer(nursery, kinds=RECORD_KINDS, k=1, query_timeout=2.0)
+async def test_full_bucket_keeps_good_contacts_and_replaces_failed_ones(nursery):
+    """BEP 5: a newcomer waits while the bucket's contacts are GOOD; a contact whose
+    requests fail twice in a row is evicted and the newest verified replacement takes
+    its place."""
+    a = await start_local_peer(nursery, kinds=RECORD_KINDS, k=1, paths=1)
     first_bit = a.peer_id[0] >> 7
+    others = iter(pool_identity(i) for i in range(100, POOL_SIZE) if pool_identity(i).peer_id[0] >> 7 != first_bit)
 
-    def other_side():  # an identity in the half of the id space that does not hold a
-        while True:
-            identity = Identity.generate()
-            if identity.peer_id[0] >> 7 != first_bit:
-                return identity
+    def bucket_of(peer):
+        return a.dht.routing.buckets[a.dht.routing.get_bucket_for(Contact(peer.dht.node_info))]
 
-    b = await start_local_peer(nursery, kinds=RECORD_KINDS, identity=other_side(), bootstrap=(a.addr,))
-    c = await start_local_peer(nursery, kinds=RECORD_KINDS, identity=other_side(), bootstrap=(a.addr,))
-    await trio.sleep(0.5)  # the liveness check pings b, which answers
-    assert a.dht.routing.get(b.peer_id) is not None and a.dht.routing.get(c.peer_id) is None
+    b = await start_local_peer(nursery, kinds=RECORD_KINDS, identity=next(others), bootstrap=(a.addr,))
+    await eventually(lambda: a.dht.routing.get(b.peer_id) is not None)
+    c = await start_local_peer(nursery, kinds=RECORD_KINDS, identity=next(others), bootstrap=(a.addr,))
+    await eventually(lambda: c.peer_id in bucket_of(c).replacement_nodes)  # verified, waiting
+    assert a.dht.routing.get(c.peer_id) is None and a.dht.routing.is_good(b.peer_id, now=trio.current_time())
     b.kill()
-    d = await start_local_peer(nursery, kinds=RECORD_KINDS, identity=other_side(), bootstrap=(a.addr,))
-    with trio.fail_after(10):
-        while a.dht.routing.get(b.peer_id) is not None:
-            await trio.sleep(0.05)
-    # the most recently seen replacement took b's place
-    assert a.dht.routing.get(d.peer_id) is not None
+    d = await start_local_peer(nursery, kinds=RECORD_KINDS, identity=next(others), bootstrap=(a.addr,))
+    await eventually(lambda: d.peer_id in bucket_of(d).replacement_nodes)
+    far = bytes([(1 - first_bit) << 7]) + bytes(19)
+    await a.dht.lookup_node(far)  # the request to b fails: QUESTIONABLE
+    assert a.dht.routing.get(b.peer_id) is not None
+    await a.dht.lookup_node(far)  # twice in a row: BAD, replaced by the newest verified candidate
+    assert a.dht.routing.get(b.peer_id) is None and a.dht.routing.get(d.peer_id) is not None
+
+
+async def eventually(predicate, timeout=20.0):
+    """Wait until ``predicate()`` holds (background verification), failing after ``timeout`` s."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)
 
 
 @pytest.fixture
@@ -183,3 +194,33 @@ async def nursery():
     async with trio.open_nursery() as nursery:
         yield nursery
         nursery.cancel_scope.cancel()
+
+
+async def test_reads_return_the_newest_record_and_write_it_back_to_stale_holders(nursery):
+    """Issue 12 item 3: a swarm view flickered because lookups stopped at whichever
+    nodes answered first. A renewal (or a withdrawal) that reached only some holders is
+    what every reader sees, and the reads repair the others."""
+    peers = await start_local_swarm(nursery, 12, kinds=RECORD_KINDS, rng=random.Random(12))
+    server = peers[5]
+    key = block_key("tiny", 1)
+    old = announcement_records(server.identity, announce(server, span=(1, 2), free=1), seq=1)[0]
+    assert await server.dht.publish(old) == 12
+    new = announcement_records(server.identity, announce(server, span=(1, 2), free=9), seq=2)[0]
+    stale = [p for p in peers if p is not server][::2]
+    for peer in peers:
+        if peer not in stale:
+            peer.dht.records.put(new, now=time.time())  # the renewal reached only these
+    for reader in peers:
+        assert await reader.dht.get(key) == [new]
+    for reader in peers:
+        await reader.dht.flush_write_backs()
+    read_from = sorted(peers, key=lambda p: distance(p.peer_id, key_target(key)))[:9]  # beta x paths closest
+    assert all(p.dht.records.get(key, now=time.time()) == [new] for p in read_from)
+    # a withdrawal that reached half the holders: nobody sees the record any more
+    tomb = SignedRecord.create(server.identity, key=key, seq=3, expires=new.expires, value=b"")
+    for peer in stale:
+        peer.dht.records.put(tomb, now=time.time())
+    for reader in peers:
+        assert await reader.dht.get(key) == []
+        await reader.dht.flush_write_backs()
+    assert all(p.dht.records.get(key, now=time.time()) == [tomb] for p in read_from)

@@ -11,12 +11,16 @@ import pytest
 
 from protocol import Identity
 from protocol._messages import NodeInfo
-from swarm.dht import Contact, Lookup, PeerState, RoutingTable, Termination, distance
+from swarm.dht import Contact, ContactState, DisjointLookup, Lookup, PeerState, RoutingTable, Termination, distance
+from swarm.dht._routing import GOOD_FOR
 
 
-def contact(seed: int) -> Contact:
+def contact(seed: int, addr: str | None = None) -> Contact:
+    """A contact (no puzzle: the table and lookups do not check it, the DHT node does),
+    each in its own /24 unless ``addr`` says otherwise."""
     identity = Identity.from_seed(seed.to_bytes(32, "big"))
-    return Contact(NodeInfo(peer_id=identity.peer_id, public_key=identity.public_key, addrs=(f"127.0.0.1:{seed}",)))
+    addr = addr or f"10.{seed >> 8}.{seed & 255}.1:4000"
+    return Contact(NodeInfo(peer_id=identity.peer_id, public_key=identity.public_key, addrs=(addr,)))
 
 
 NETWORK = [contact(i) for i in range(1, 301)]
@@ -131,8 +135,11 @@ def test_full_bucket_queues_a_liveness_check_instead_of_an_asyncio_task(monkeypa
     monkeypatch.setattr(asyncio, "ensure_future", no_asyncio)
     me = NETWORK[0]
     table = RoutingTable(me.id, k=4)
-    for c in NETWORK[1:]:
-        table.add_contact(c)
+    for c in NETWORK[1:200]:
+        table.add_contact(c, now=0.0)
+    assert not table.pending_checks, "a full bucket of GOOD contacts pings nobody"
+    for c in NETWORK[200:]:  # 16 minutes later: the old contacts are QUESTIONABLE
+        table.add_contact(c, now=GOOD_FOR + 60)
     assert table.pending_checks, "some far bucket filled up"
     assert all(len(b) <= 4 for b in table.buckets)
     head = table.take_pending_check()
@@ -140,10 +147,12 @@ def test_full_bucket_queues_a_liveness_check_instead_of_an_asyncio_task(monkeypa
     assert bucket.head() is head and bucket.replacement_nodes
     newest = list(bucket.replacement_nodes.values())[-1]
     # alive: moves to the tail, the candidate stays a replacement
-    table.contact_alive(head)
+    table.contact_alive(head.id, now=0.0)
     assert list(bucket.nodes.values())[-1] is head and newest.id not in bucket.nodes
-    # dead: evicted, the most recently seen replacement takes its place
-    table.contact_failed(head.id)
+    # dead (two failures in a row): evicted, the most recently seen replacement takes its place
+    table.contact_failed(head.id, now=0.0)
+    assert head.id in bucket.nodes
+    table.contact_failed(head.id, now=0.0)
     assert head.id not in bucket.nodes and newest.id in bucket.nodes and table.get(head.id) is None
 
 
@@ -174,3 +183,163 @@ def test_stale_buckets_and_refresh_targets():
         bucket.last_updated = 0.0
     table.note_lookup(NETWORK[9].id)  # stamps its bucket with the package's clock
     assert len(table.stale_buckets(now=time.monotonic(), interval=60)) == len(table.buckets) - 1
+
+
+# --- disjoint paths, stalls ---------------------------------------------------------
+
+
+def simulate_disjoint(target, start, *, paths, beta, liars=frozenset(), tarpits=frozenset(), tables=None):
+    """A DisjointLookup against the in-memory network: ``liars`` answer with only each
+    other, ``tarpits`` never answer (stalled, then failed once everything else is done)."""
+    tables = tables if tables is not None else {}
+    liar_contacts = [c for c in NETWORK if c.id in liars]
+
+    def answer(c):
+        if c.id in liars:
+            return sorted(liar_contacts, key=lambda x: distance(x.id, target))[:20]
+        if c.id not in tables:
+            tables[c.id] = table_of(c)
+        return tables[c.id].closest(target, 20, exclude=start.id)
+
+    seeds = table_of(start).closest(target, 20)
+    lookup = DisjointLookup(target, seeds, k=20, alpha=3, beta=beta, paths=paths, self_id=start.id)
+    asked: list[tuple[int, bytes]] = []
+    stalled: list[tuple[int, bytes]] = []
+    while lookup.termination() is None:
+        batch = lookup.next_queries()
+        for index, c in batch:
+            asked.append((index, c.id))
+            if c.id in tarpits:
+                lookup.on_stall(index, c.id)
+                stalled.append((index, c.id))
+            else:
+                lookup.on_response(index, c.id, answer(c))
+        if not batch and lookup.termination() is None:
+            assert stalled, "a live lookup always has a query out"
+            index, peer = stalled.pop(0)
+            lookup.on_failure(index, peer)  # the query timeout, long after the stall
+    return lookup, asked
+
+
+def test_disjoint_paths_never_share_a_peer_and_find_the_closest():
+    rng = random.Random(11)
+    tables: dict = {}
+    for _ in range(10):
+        start, target = rng.choice(NETWORK), rng.randbytes(20)
+        lookup, asked = simulate_disjoint(target, start, paths=3, beta=3, tables=tables)
+        peers = [peer for _, peer in asked]
+        assert len(peers) == len(set(peers)), "a peer was asked by two paths"
+        assert lookup.termination() is Termination.CONVERGED
+        assert [c.id for c in lookup.closest(3)] == true_closest(target, 3, exclude={start.id})
+        assert lookup.messages == len(asked)
+    with pytest.raises(ValueError):
+        DisjointLookup(NETWORK[0].id, [], paths=0)
+
+
+def test_one_path_of_liars_does_not_hide_the_target():
+    """Liars answer with only each other (an eclipse attempt): the paths they do not
+    sit on still reach the true closest peers."""
+    rng = random.Random(5)
+    liars = frozenset(c.id for c in rng.sample(NETWORK, 60))
+    honest_found = {1: 0, 3: 0}
+    for trial in range(30):
+        start = rng.choice([c for c in NETWORK if c.id not in liars])
+        target = rng.randbytes(20)
+        want = set(true_closest(target, 20, exclude=liars | {start.id})[:1])
+        for paths in (1, 3):
+            lookup, _ = simulate_disjoint(target, start, paths=paths, beta=3, liars=liars)
+            honest_found[paths] += bool(want & {c.id for c in lookup.closest()})
+    assert honest_found[3] >= honest_found[1] and honest_found[3] >= 27
+
+
+def test_a_tarpit_costs_a_stall_not_a_timeout():
+    """A peer that never answers frees its slot when it stalls: the lookup converges
+    on the others without waiting for it, and it ranks nowhere."""
+    rng = random.Random(3)
+    start, target = rng.choice(NETWORK), rng.randbytes(20)
+    tarpits = frozenset(true_closest(target, 2, exclude={start.id}))
+    lookup, asked = simulate_disjoint(target, start, paths=1, beta=3, tarpits=tarpits)
+    assert lookup.termination() is Termination.CONVERGED and lookup.stalls >= 1
+    assert not tarpits & {c.id for c in lookup.closest()}
+    assert [c.id for c in lookup.closest(3)] == true_closest(target, 3, exclude=tarpits | {start.id})
+    # a late answer from a stalled peer still counts
+    single = Lookup(target, [NETWORK[1], NETWORK[2]], k=5, alpha=1, beta=1)
+    (first,) = single.next_queries()
+    single.on_stall(first.id)
+    assert single.state(first.id) is PeerState.STALLED and len(single.next_queries()) == 1
+    single.on_response(first.id, [])
+    assert single.state(first.id) is PeerState.QUERIED and first in single.closest()
+
+
+# --- routing table: BEP 5 states and diversity --------------------------------------
+
+
+def test_contact_states_follow_bep5():
+    table = RoutingTable(NETWORK[0].id)
+    c = contact(1000)
+    assert table.add_contact(c, now=0.0)
+    assert table.state(c.id, now=GOOD_FOR - 1) is ContactState.GOOD
+    assert table.state(c.id, now=GOOD_FOR + 1) is ContactState.QUESTIONABLE
+    table.contact_queried(c.id, now=GOOD_FOR + 2)  # answered once, asked us lately: good again
+    assert table.is_good(c.id, now=GOOD_FOR + 3)
+    table.contact_failed(c.id, now=GOOD_FOR + 4)
+    assert table.state(c.id, now=GOOD_FOR + 4) is ContactState.GOOD  # one failure is not bad yet
+    table.contact_alive(c.id, now=GOOD_FOR + 5)
+    table.contact_failed(c.id, now=GOOD_FOR + 6)
+    table.contact_failed(c.id, now=GOOD_FOR + 7)  # two in a row: evicted
+    assert table.get(c.id) is None and table.closest(c.id) == []
+    # a request it sends us admits nobody
+    table.contact_queried(contact(1001).id, now=0.0)
+    assert table.get(contact(1001).id) is None
+
+
+def full_bucket(table):
+    """A full bucket of ``table`` that a newcomer cannot split (the package's rule)."""
+    return next(b for b in table.buckets if len(b) == table.ksize and not b.has_in_range(table.node)
+                and b.depth() % 5 == 0)
+
+
+def newcomer_for(bucket, *, addr=None, start=5000):
+    seed = start
+    while True:
+        c = contact(seed, addr)
+        if bucket.has_in_range(c):
+            return c
+        seed += 1
+
+
+def test_a_bucket_holds_at_most_two_contacts_of_one_subnet_except_our_own():
+    me = NETWORK[0]
+    same_subnet = [contact(2000 + i, addr=f"203.0.113.{i + 1}:4000") for i in range(30)]
+    table = RoutingTable(me.id, k=20)
+    for c in same_subnet:
+        table.add_contact(c, now=0.0)
+    assert len(table) == 2 * len(table.buckets) and len(table) < 10
+    diverse = RoutingTable(me.id, k=20, exempt_groups={"v4:203.0.113.0/24"})
+    for c in same_subnet:
+        diverse.add_contact(c, now=0.0)
+    assert len(diverse) == 30  # our own subnet (a LAN, loopback) is exempt
+    # a full bucket refuses a third of one subnet even as a replacement candidate
+    table = table_of(me, k=4)
+    bucket = full_bucket(table)
+    crowd = [newcomer_for(bucket, addr="198.51.100.1:4000", start=6000 + 1000 * i) for i in range(3)]
+    for c in crowd[:2]:
+        bucket.nodes.pop(bucket.get_nodes()[0].id)
+        assert table.add_contact(c, now=0.0)
+    assert not table.add_contact(crowd[2], now=0.0) and crowd[2].id not in bucket.replacement_nodes
+
+
+def test_a_bad_contact_is_replaced_at_once_and_a_moved_one_updated():
+    me = NETWORK[0]
+    table = table_of(me, k=4)
+    bucket = full_bucket(table)
+    bad = bucket.get_nodes()[1]
+    bad.failures = 2  # BAD, not yet evicted
+    newcomer = newcomer_for(bucket)
+    assert table.add_contact(newcomer, now=3.0) and table.get(bad.id) is None and table.get(newcomer.id)
+    moved = Contact(NodeInfo(peer_id=newcomer.id, public_key=newcomer.info.public_key, addrs=("10.9.9.9:1",)))
+    assert table.add_contact(moved, now=4.0) and table.get(newcomer.id).addrs == ("10.9.9.9:1",)
+    # all GOOD: a newcomer waits as a replacement and nobody is pinged
+    other = newcomer_for(bucket, start=9000)
+    assert not table.add_contact(other, now=5.0) and other.id in bucket.replacement_nodes
+    assert not table.pending_checks

@@ -1,4 +1,4 @@
-"""Record validation and the per-key store (swarm/dht/_records.py), without trio."""
+"""Record validation and the per-key store (swarm/dht/_records.py, _storage.py), without trio."""
 
 from __future__ import annotations
 
@@ -6,18 +6,19 @@ import dataclasses
 
 import pytest
 
-from protocol import Identity, Limits, cbor_encode
+from protocol import Identity, Limits, cbor_encode, satisfies_puzzle
 from protocol._messages import Announcement, SignedRecord
 from protocol.errors import ErrorCode
-from swarm.announce import RECORD_KINDS, announcement_records, block_key, encode_block_value
+from swarm.announce import BLOCK_MAX_TTL, DEFAULT_TTL, RECORD_KINDS, announcement_records, block_key, \
+    encode_block_value
 from swarm.dht import RecordRejected, RecordStore, check_record, is_tombstone, merge_records, record_size
+from swarm.dht._pool import pool_identity
 
 NOW = 1_700_000_000.0
-ALICE = Identity.from_seed(bytes(range(32)))
-BOB = Identity.from_seed(bytes(range(1, 33)))
+ALICE, BOB = pool_identity(0), pool_identity(1)
 
 
-def announcement(identity=ALICE, *, span=(2, 5), expires=int(NOW) + 600, model="tiny", free=4):
+def announcement(identity=ALICE, *, span=(2, 5), expires=int(NOW) + 240, model="tiny", free=4):
     return Announcement(peer_id=identity.peer_id, addrs=("127.0.0.1:4000",), model=model, span=span,
                         throughput=12.5, free_sessions=free, expires=expires)
 
@@ -74,6 +75,38 @@ def test_expired_and_too_far_expiry():
              kinds=RECORD_KINDS)
 
 
+def test_announcements_may_not_live_longer_than_their_cap():
+    """Issue 10 item 5: a node accepted announcements expiring 24 h ahead."""
+    assert BLOCK_MAX_TTL == 300 and DEFAULT_TTL == 240
+    check_record(record(expires=int(NOW) + 300), now=NOW, kinds=RECORD_KINDS)
+    for ahead in (301, 3600, 24 * 3600):
+        error = rejected(ErrorCode.INVALID_REQUEST, check_record, record(expires=int(NOW) + ahead), now=NOW,
+                         kinds=RECORD_KINDS)
+        assert "at most 300 s ahead" in error.message
+    # a tombstone says nothing a node could check, so it gets the shortest cap
+    tomb = SignedRecord.create(ALICE, key=block_key("tiny", 3), seq=9, expires=int(NOW) + 3600, value=b"")
+    rejected(ErrorCode.INVALID_REQUEST, check_record, tomb, now=NOW, kinds=RECORD_KINDS)
+
+
+def test_announcements_with_unknown_keys_are_refused():
+    """Issue 10 item 5: padding under an unknown announcement key was stored."""
+    from protocol._fields import fields_to_cbor
+
+    ann = announcement()
+    body = {**fields_to_cbor(ann, Announcement.FIELDS), 7: b"\x00" * 1500}
+    padded = SignedRecord.create(ALICE, key=block_key("tiny", 3), seq=1, expires=ann.expires,
+                                 value=cbor_encode(["swarm/1/block", 3, body]))
+    assert "unknown keys 7" in rejected(ErrorCode.INVALID_REQUEST, check_record, padded, now=NOW,
+                                        kinds=RECORD_KINDS).message
+
+
+def test_publishers_must_solve_the_identity_puzzle():
+    cheap = Identity.from_seed(bytes(32))  # its peer id does not solve the puzzle
+    assert not satisfies_puzzle(cheap.peer_id)
+    error = rejected(ErrorCode.INVALID_REQUEST, check_record, record(cheap), now=NOW, kinds=RECORD_KINDS)
+    assert "puzzle" in error.message
+
+
 def test_oversized_record():
     r = record()
     small = Limits(max_record_size=record_size(r) - 1)
@@ -122,7 +155,7 @@ def test_store_sequence_rules_and_replay():
 
 def test_store_drops_expired_and_caps_keys():
     store = RecordStore(kinds=RECORD_KINDS, limits=Limits(max_records_per_key=2))
-    people = [Identity.from_seed(bytes([i]) * 32) for i in range(3)]
+    people = [pool_identity(i) for i in range(2, 5)]
     short = record(people[0], expires=int(NOW) + 10)
     store.put(short, now=NOW)
     store.put(record(people[1]), now=NOW)
