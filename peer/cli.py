@@ -59,6 +59,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     options = ServeOptions(
         model=args.model, blocks=parse_blocks(args.blocks) if args.blocks else None, num_blocks=args.num_blocks,
         host=args.host, port=args.port, announce_addrs=tuple(args.announce_addr), bootstrap=tuple(args.bootstrap),
+        source_addr=args.source_addr,
         device=args.device, dtype=args.dtype, quant=args.quant, max_sessions=args.max_sessions,
         cache_bytes=args.cache_bytes, compute_slots=args.compute_slots, threads=args.threads,
         ledger_path=str(ledger_path_for(args.identity or default_identity_path())))
@@ -245,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="address to announce instead of the bound one (NAT); repeatable")
     serve.add_argument("--bootstrap", action="append", default=[], metavar="HOST:PORT",
                        help="a peer already in the swarm; repeatable (none: start a new swarm)")
+    serve.add_argument("--source-addr", metavar="HOST",
+                       help="local address to dial other peers from (multi-homed hosts; default: the kernel's choice)")
     serve.add_argument("--identity", metavar="PATH", help=f"key file (default: {default_identity_path()})")
     serve.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     serve.add_argument("--dtype", help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on GPU)")

@@ -72,6 +72,9 @@ class Host:
         max_connections: beyond this many (open plus handshaking), inbound
             connections are closed right after accept.
         default_timeout: seconds for ``connect`` and ``request`` when not given.
+        source_host: local address that outgoing connections bind to (multi-homed
+            hosts; the WAN emulator gives each peer its own 127.0.0.x); default: the
+            kernel's choice.
 
     Raises:
         InvalidAddress: an announce address is not ``host:port``.
@@ -79,7 +82,8 @@ class Host:
 
     def __init__(self, identity: Identity, *, host: str = "127.0.0.1", port: int = 0,
                  announce_addrs: Sequence[str] | None = None, limits: Limits = DEFAULT_LIMITS,
-                 max_connections: int = 256, default_timeout: float = 10.0) -> None:
+                 max_connections: int = 256, default_timeout: float = 10.0,
+                 source_host: str | None = None) -> None:
         if max_connections < 1 or default_timeout <= 0:
             raise ValueError("max_connections and default_timeout must be positive")
         self.identity = identity
@@ -89,6 +93,7 @@ class Host:
         self.default_timeout = default_timeout
         self._bind_host = host
         self._bind_port = port
+        self.source_host = source_host
         self._announce = None if announce_addrs is None else [str(PeerAddress.parse(a)) for a in announce_addrs]
         self.listen_addrs: list[str] = list(self._announce or [])
         self.bound_addrs: list[str] = []  # where the listeners actually are, once running
@@ -241,7 +246,7 @@ class Host:
         if self._nursery is None:
             raise LocalProtocolError("Host.run() must be running to connect")
         try:
-            stream = await trio.open_tcp_stream(address.host, address.port)
+            stream = await trio.open_tcp_stream(address.host, address.port, local_address=self.source_host)
         except OSError as exc:
             raise PeerUnreachable(address, exc.strerror or str(exc), peer_id=peer_id) from exc
         try:
