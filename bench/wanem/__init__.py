@@ -34,8 +34,9 @@ A configuration in a few lines (issue 14 section 4 (a), a far data center)::
                 await swarm.aclose()
         trio.run(run)
 
-Replicas in three regions (b)-(d): nodes ``("tokyo-0", "tokyo")``, ``("seoul-0",
-"seoul")``, ``("virginia-0", "virginia")``, ..., one ``ServerSpec`` per node. A chain
+Replicas in three regions (b)-(d): ``regional({"client": "tokyo"}, {"tokyo": 3,
+"seoul": 3, "virginia": 3})`` makes nodes ``tokyo-0`` .. ``virginia-2``; one
+``ServerSpec`` per node (e.g. ``tokyo-0`` 0:10, ``tokyo-1`` 10:20, ...). A chain
 that must cross regions (e): ``ServerSpec(node="tokyo-0", blocks=(0, 10))``,
 ``ServerSpec(node="seoul-0", blocks=(10, 20))``, ``ServerSpec(node="virginia-0",
 blocks=(20, 30))``. Server-to-server traffic goes through the proxy too (servers
@@ -52,10 +53,10 @@ probe's; auto-assigned node addresses start at 127.0.0.10.
 
 from ._proxy import SEGMENT, DelayProxy, LinkQueue, Route, measure_overhead
 from ._swarm import REPO_ROOT, EmulatedSwarm, EmulatorError, ProxyProcess, ServerSpec, exit_on_sigterm
-from ._topology import REGION_RTT_MS, REGIONS, Link, Node, Topology, TopologyError, region_rtt_ms
+from ._topology import REGION_RTT_MS, REGIONS, Link, Node, Topology, TopologyError, region_rtt_ms, regional
 
 __all__ = [
     "DelayProxy", "EmulatedSwarm", "EmulatorError", "Link", "LinkQueue", "Node", "ProxyProcess", "REGIONS",
     "REGION_RTT_MS", "REPO_ROOT", "Route", "SEGMENT", "ServerSpec", "Topology", "TopologyError",
-    "exit_on_sigterm", "measure_overhead", "region_rtt_ms",
+    "exit_on_sigterm", "measure_overhead", "region_rtt_ms", "regional",
 ]

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REGION_RTT_MS", "REGIONS", "Link", "Node", "Topology", "TopologyError", "region_rtt_ms"]
+__all__ = ["REGION_RTT_MS", "REGIONS", "Link", "Node", "Topology", "TopologyError", "region_rtt_ms", "regional"]
 
 # Round-trip times between regions in milliseconds (issue 14, section 1): realistic
 # figures for public clouds. Pairs the issue does not give are estimated from the
@@ -318,3 +318,15 @@ def _rule(entry: Mapping[str, Any]) -> _LinkRule:
         raise TopologyError(f"[[link]] {entry['a']}-{entry['b']}: bandwidth_mbit must be > 0 or \"unlimited\"")
     return _LinkRule(a=str(entry["a"]), b=str(entry["b"]), rtt_ms=None if rtt is None else float(rtt),
                      bandwidth_mbit=bandwidth)
+
+
+def regional(clients: Mapping[str, str], servers: Mapping[str, int], *,
+             bandwidth_mbit: float | None = DEFAULT_BANDWIDTH_MBIT, **kwargs: Any) -> Topology:
+    """Clients by name -> region, and ``servers`` region -> how many: nodes named
+    ``<region>-0``, ``<region>-1``, ... (the issue's replicated swarms in one line).
+
+    ``regional({"client": "tokyo"}, {"tokyo": 3, "seoul": 3, "virginia": 3})``
+    """
+    nodes = [(name, region) for name, region in clients.items()]
+    nodes += [(f"{region}-{i}", region) for region, count in servers.items() for i in range(count)]
+    return Topology.make(nodes, bandwidth_mbit=bandwidth_mbit, **kwargs)

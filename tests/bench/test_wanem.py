@@ -12,7 +12,7 @@ import socket
 import pytest
 import trio
 
-from bench.wanem import DelayProxy, Link, LinkQueue, Route, Topology, TopologyError
+from bench.wanem import DelayProxy, Link, LinkQueue, Route, Topology, TopologyError, regional
 from bench.wanem._topology import REGION_RTT_MS
 
 pytestmark = pytest.mark.timeout(60)
@@ -30,6 +30,13 @@ def test_region_table_has_the_issue_figures() -> None:
     assert topo.link("t", "s").mbit == 100
     assert [n.ip for n in topo.nodes] == ["127.0.0.10", "127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"]
     assert all(r >= 2 for r in REGION_RTT_MS.values())
+
+
+def test_regional_swarm_in_one_line() -> None:
+    topo = regional({"client": "tokyo"}, {"tokyo": 2, "seoul": 1, "virginia": 1}, bandwidth_mbit=25)
+    assert [n.name for n in topo.nodes] == ["client", "tokyo-0", "tokyo-1", "seoul-0", "virginia-0"]
+    assert topo.link("client", "virginia-0").rtt_ms == 150 and topo.link("seoul-0", "virginia-0").mbit == 25
+    assert topo.link("tokyo-0", "tokyo-1").rtt_ms == 3
 
 
 def test_link_rules_most_specific_first_and_file_round_trip() -> None:
