@@ -48,7 +48,7 @@ import torch  # noqa: E402
 import trio  # noqa: E402
 
 from bench import _memcap  # noqa: E402
-from bench.wanem import EmulatedSwarm, ServerSpec, Topology, exit_on_sigterm  # noqa: E402
+from bench.wanem import EmulatedSwarm, ServerSpec, Topology, die_with_parent, exit_on_sigterm  # noqa: E402
 
 CONFIG = dict(vocab_size=8192, hidden_size=2048, intermediate_size=5632, num_hidden_layers=14, num_attention_heads=16,
               num_key_value_heads=16, max_position_embeddings=2048, rms_norm_eps=1e-5, initializer_range=0.02,
@@ -226,7 +226,8 @@ def run_offload(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         cmd = [sys.executable, __file__, "--worker", "--model", str(model_dir), "--offload", args.offload,
                "--tokens", str(args.offload_tokens), "--threads", str(args.offload_threads),
                "--offload-dir", offload_dir]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=group.join)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env,
+                                preexec_fn=die_with_parent(group.join))
         try:
             out, _ = proc.communicate(timeout=args.offload_timeout)
         except subprocess.TimeoutExpired:

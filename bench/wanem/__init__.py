@@ -52,11 +52,11 @@ probe's; auto-assigned node addresses start at 127.0.0.10.
 """
 
 from ._proxy import SEGMENT, DelayProxy, LinkQueue, Route, measure_overhead
-from ._swarm import REPO_ROOT, EmulatedSwarm, EmulatorError, ProxyProcess, ServerSpec, exit_on_sigterm
+from ._swarm import REPO_ROOT, EmulatedSwarm, EmulatorError, ProxyProcess, ServerSpec, die_with_parent, exit_on_sigterm
 from ._topology import REGION_RTT_MS, REGIONS, Link, Node, Topology, TopologyError, region_rtt_ms, regional
 
 __all__ = [
     "DelayProxy", "EmulatedSwarm", "EmulatorError", "Link", "LinkQueue", "Node", "ProxyProcess", "REGIONS",
     "REGION_RTT_MS", "REPO_ROOT", "Route", "SEGMENT", "ServerSpec", "Topology", "TopologyError",
-    "exit_on_sigterm", "measure_overhead", "region_rtt_ms", "regional",
+    "die_with_parent", "exit_on_sigterm", "measure_overhead", "region_rtt_ms", "regional",
 ]

@@ -8,6 +8,7 @@ per server node, then starts one ``swarm-peer serve`` per ``ServerSpec``, listen
 proxy from it. Clients join with ``connect`` (a ``peer.api.Swarm`` that listens and
 dials from its node's address). On exit, whatever happened, the servers get SIGTERM
 (SIGKILL after a grace) and then the proxy; the proxy prints its link statistics.
+Every child also gets SIGTERM if this process dies without cleaning up (SIGKILL).
 
 With ``proxy=False`` the servers announce their real addresses: the same processes and
 addresses with no emulated network (the loopback baseline in the same run).
@@ -34,7 +35,8 @@ import trio
 
 from ._topology import Topology
 
-__all__ = ["ServerSpec", "EmulatedSwarm", "ProxyProcess", "EmulatorError", "exit_on_sigterm", "REPO_ROOT"]
+__all__ = ["ServerSpec", "EmulatedSwarm", "ProxyProcess", "EmulatorError", "exit_on_sigterm", "die_with_parent",
+           "REPO_ROOT"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_PREFIX = "swarm-peer: serving"  # peer/cli.py's ready line
@@ -86,6 +88,23 @@ class _Lines:
         return line.decode(errors="replace")
 
 
+def die_with_parent(then: Callable[[], None] | None = None) -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets SIGTERM when this process dies, even by SIGKILL
+    (Linux ``PR_SET_PDEATHSIG``), then runs ``then``."""
+
+    def preexec() -> None:
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+        if then is not None:
+            then()
+
+    return preexec
+
+
 def free_port(ip: str) -> int:
     """A port free on ``ip`` right now (each node has its own address, so nothing else
     is likely to take it before the server binds it)."""
@@ -118,7 +137,7 @@ class ProxyProcess:
             cmd.append("--no-overhead")
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, cwd=REPO_ROOT,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent())
         deadline = time.monotonic() + timeout
         lines = _Lines(self.proc)
         while (line := lines.next(deadline)) is not None:
@@ -253,7 +272,7 @@ class EmulatedSwarm:
         log_path = self.workdir / f"{spec.node}.log"
         with log_path.open("w") as log:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, cwd=REPO_ROOT,
-                                    preexec_fn=spec.preexec)
+                                    preexec_fn=die_with_parent(spec.preexec))
         server = _Server(spec, proc, log_path)
         self.servers.append(server)
         return server

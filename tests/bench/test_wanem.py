@@ -7,7 +7,12 @@ from __future__ import annotations
 import functools
 import math
 import random
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import trio
@@ -211,3 +216,30 @@ async def test_upstream_reset_closes_the_client_side() -> None:
                 pass
         await stream.aclose()
         nursery.cancel_scope.cancel()
+
+
+def test_children_die_with_a_sigkilled_parent() -> None:
+    """A benchmark killed with SIGKILL leaves no server or proxy behind (PR_SET_PDEATHSIG)."""
+    root = str(Path(__file__).resolve().parents[2])
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        f"sys.path.insert(0, {root!r})\n"
+        "from bench.wanem import die_with_parent\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], preexec_fn=die_with_parent())\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{child}").exists() and _state(child) != "Z":
+        assert time.monotonic() < deadline, "the child outlived its SIGKILLed parent"
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
