@@ -64,6 +64,7 @@ class Swarm:
     @classmethod
     async def connect(cls, nursery: trio.Nursery, *, bootstrap: Sequence[str], model: str = DEFAULT_MODEL,
                       identity: Identity | None = None, listen_host: str = "127.0.0.1", port: int = 0,
+                      source_host: str | None = None,
                       wire_dtype: str = "f32", step_timeout: float = 60.0, device: str | None = None,
                       ledger_path: str | None = None, audit: AuditPolicy | float | None = DEFAULT_AUDIT_RATE,
                       reputation_path: str | None = None) -> Swarm:
@@ -82,6 +83,7 @@ class Swarm:
                 audits every step before using it; 0 or None turns audits off), or a
                 full ``verify.AuditPolicy``.
             reputation_path: where peer standings and bans persist (default: memory).
+            source_host: local address this client dials peers from (default: the kernel's choice).
 
         Raises:
             BootstrapFailed: no bootstrap address answered, or one is not ``host:port``
@@ -90,7 +92,7 @@ class Swarm:
         """
         bootstrap = check_bootstrap(bootstrap)  # before the slow head load
         head = await trio.to_thread.run_sync(functools.partial(load_head, model, device=device))
-        host = Host(identity or Identity.generate(), host=listen_host, port=port)
+        host = Host(identity or Identity.generate(), host=listen_host, port=port, source_host=source_host)
         dht = DhtNode(host, kinds=record_kinds())
         credit = CreditService(host, ledger_path=ledger_path)
         reputation = Reputation.load(reputation_path) if reputation_path is not None else Reputation()

@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--announce-addr", action="append", default=[], metavar="HOST:PORT",
                        help="address to announce instead of the bound one (NAT); repeatable")
     _bootstrap_option(serve, required=False)
+    serve.add_argument("--source-addr", metavar="HOST",
+                       help="local address to dial other peers from (multi-homed hosts; default: the kernel's choice)")
     _identity_option(serve, "key file; one running server per identity")
     serve.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     serve.add_argument("--dtype", help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on GPU)")

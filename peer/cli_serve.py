@@ -111,6 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = ServeOptions(
         model=args.model, blocks=parse_blocks(args.blocks) if args.blocks else None, num_blocks=args.num_blocks,
         host=args.host, port=args.port, announce_addrs=tuple(args.announce_addr), bootstrap=tuple(args.bootstrap),
+        source_addr=args.source_addr,
         device=args.device, dtype=args.dtype, quant=args.quant, max_sessions=args.max_sessions,
         cache_bytes=args.cache_bytes, compute_slots=args.compute_slots, threads=args.threads,
         ledger_path=str(ledger_path_for(identity_path)))

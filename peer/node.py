@@ -46,6 +46,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 0
     announce_addrs: tuple[str, ...] = ()
+    source_addr: str | None = None  # local address outgoing connections bind to (None: the kernel's choice)
     bootstrap: tuple[str, ...] = ()
     device: str | None = None
     dtype: str | None = None
@@ -155,7 +156,7 @@ async def run_server(identity: Identity, options: ServeOptions, *,
         torch.set_num_threads(options.threads)
     info = await trio.to_thread.run_sync(resolve_model, options.model)
     host = Host(identity, host=options.host, port=options.port,
-                announce_addrs=list(options.announce_addrs) or None)
+                announce_addrs=list(options.announce_addrs) or None, source_host=options.source_addr)
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)

@@ -72,8 +72,9 @@ class Host:
         max_connections: beyond this many (open plus handshaking), inbound
             connections are closed right after accept.
         default_timeout: seconds for ``connect`` and ``request`` when not given.
-        source_host: the local IP outgoing connections are made from (default: the
-            system's choice); a peer on 127.0.0.x uses it to look like its own host.
+        source_host: local address that outgoing connections bind to (multi-homed
+            hosts; the WAN emulator gives each peer its own 127.0.0.x); default: the
+            kernel's choice.
 
     Raises:
         InvalidAddress: an announce address is not ``host:port``.
@@ -90,9 +91,9 @@ class Host:
         self.limits = limits
         self.max_connections = max_connections
         self.default_timeout = default_timeout
-        self.source_host = source_host
         self._bind_host = host
         self._bind_port = port
+        self.source_host = source_host
         self._announce = None if announce_addrs is None else [str(PeerAddress.parse(a)) for a in announce_addrs]
         self.listen_addrs: list[str] = list(self._announce or [])
         self.bound_addrs: list[str] = []  # where the listeners actually are, once running

@@ -10,7 +10,10 @@ file is cached under ``<cache>/gguf/<sha256 prefix>/``:
 - ``block-NNNN.safetensors``: one block's tensors, dequantized to float32, written the
   first time any span needs that block (so the cache too only grows with what is served);
 - ``head.safetensors``: embeddings, final norm, LM head;
-- ``tokenizer/``: the tokenizer (with its chat template) saved by transformers.
+- ``tokenizer/``: the tokenizer (with its chat template) saved by transformers;
+- ``hashes.json``: the SHA-256 of ``meta.json`` and of each ``.safetensors`` entry as
+  written (``HashManifest``). An entry whose bytes no longer match is converted again
+  with a warning, so a block edited on disk is never served under the model's id.
 
 Keyed by the file's SHA-256, an edited file never meets a stale cache entry.
 
@@ -23,6 +26,7 @@ files are not permuted.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +36,13 @@ from safetensors.torch import load_file, save
 
 from .. import _progress
 from ._arch import HEAD_EMBED, HEAD_LM, HEAD_NORM, check_supported, layer_param_shapes, layer_prefix
-from ._cache import atomic_dir, atomic_write, cache_root, file_sha256
+from ._cache import HashManifest, atomic_dir, atomic_write, cache_root, file_sha256
 from ._errors import ModelError, ModelFileMissing, UnsupportedArchitecture
 
 __all__ = ["GGUFSource"]
 
 _META_FORMAT = 1
+log = logging.getLogger("swarm.runtime")
 # GGUF "general.architecture" values whose q/k rows llama.cpp permuted on export.
 _PERMUTED_ARCHS = ("llama",)
 
@@ -51,6 +56,7 @@ class GGUFSource:
         self.path = path
         self.digest = file_sha256(path)
         self._dir = cache_root() / "gguf" / self.digest[:32]
+        self._hashes = HashManifest(self._dir, self.digest)
         self._reader: Any = None
         meta = self._load_meta()
         self._meta = meta
@@ -76,17 +82,33 @@ class GGUFSource:
 
     def _load_meta(self) -> dict[str, Any]:
         meta_path = self._dir / "meta.json"
-        try:
-            meta = json.loads(meta_path.read_bytes())
-            if meta.get("format") == _META_FORMAT:
-                return dict(meta)
-        except (OSError, ValueError):
-            pass
+        if self._verified("meta.json"):
+            try:
+                meta = json.loads(meta_path.read_bytes())
+                if meta.get("format") == _META_FORMAT:
+                    return dict(meta)
+            except (OSError, ValueError):
+                pass
         _progress.note(f"reading {self.path.name} (first run only: the result is cached)")
         meta = self._build_meta()
         self._dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(meta_path, json.dumps(meta, sort_keys=True).encode())
+        data = json.dumps(meta, sort_keys=True).encode()
+        atomic_write(meta_path, data)
+        self._hashes.record("meta.json", data)
         return meta
+
+    def _verified(self, name: str) -> bool:
+        """Whether cache entry ``name`` exists and the manifest vouches for its bytes;
+        if not, the caller converts it again."""
+        if not (self._dir / name).is_file():
+            return False
+        verdict = self._hashes.check(name)
+        if verdict is False:
+            log.warning("the converted cache entry %s of %s does not match its recorded hash (changed on disk); "
+                        "converting it again from %s", name, self.path.name, self.path)
+        elif verdict is None:
+            log.info("no recorded hash for the cache entry %s of %s; converting it again", name, self.path.name)
+        return bool(verdict)
 
     def _build_meta(self) -> dict[str, Any]:
         from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
@@ -151,10 +173,10 @@ class GGUFSource:
         return self._cached_unit("head", wanted)
 
     def _cached_unit(self, unit: str, wanted: list[str]) -> dict[str, torch.Tensor]:
-        path = self._dir / f"{unit}.safetensors"
-        if path.is_file():
+        name = f"{unit}.safetensors"
+        if self._verified(name):
             try:
-                tensors = load_file(path)
+                tensors = load_file(self._dir / name)
                 if sorted(tensors) == sorted(wanted):
                     return tensors
             except Exception:  # a damaged cache entry is rebuilt, never trusted
@@ -162,8 +184,10 @@ class GGUFSource:
         if unit == "head":
             _progress.note(f"converting the embeddings and LM head of {self.path.name} (first run only)")
         tensors = {hf: self._dequantize(hf) for hf in wanted}
+        data = save(tensors)
         try:
-            atomic_write(path, save(tensors))
+            atomic_write(self._dir / name, data)
+            self._hashes.record(name, data)
         except OSError:
             pass  # caching is an optimisation; a read-only cache still serves
         return tensors

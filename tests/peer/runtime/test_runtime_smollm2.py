@@ -150,7 +150,7 @@ def test_gguf_span_dequantizes_only_its_blocks(tmp_path: Path, monkeypatch: pyte
     assert ex.model_id == rt.resolve_model(MODEL).model_id
     (entry,) = (tmp_path / "gguf").iterdir()
     assert sorted(p.name for p in entry.iterdir()) == [
-        "block-0028.safetensors", "block-0029.safetensors", "meta.json",
+        "block-0028.safetensors", "block-0029.safetensors", "hashes.json", "meta.json",
     ]
     assert ex.weight_bytes == sum(p.numel() * 4 for p in ex.layers.parameters())
     assert ex.weight_bytes < 2 * 4 * 4_000_000  # two blocks (~3.5M params each), nothing else
