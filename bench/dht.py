@@ -26,7 +26,7 @@ import time
 
 import trio
 
-from protocol._messages import Announcement
+from protocol import Announcement
 from swarm.announce import RECORD_KINDS, announcement_records
 from swarm.dht._local import start_local_swarm
 

@@ -24,10 +24,18 @@ from functools import partial
 
 import trio
 
-from protocol._connection import Connection, Role
-from protocol._identity import Identity
-from protocol._messages import Forward, ForwardResult, Ping, Pong, decode_message, encode_message
-from protocol._tensor import WireTensor
+from protocol import (
+    Connection,
+    Forward,
+    ForwardResult,
+    Identity,
+    Ping,
+    Pong,
+    Role,
+    WireTensor,
+    decode_message,
+    encode_message,
+)
 from swarm.transport import Host
 
 HIDDEN = 4096  # f32 elements: 16 KiB, one decode step of a 4096-wide model

@@ -5,8 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from protocol import ProtocolError
-from protocol._session import SESSION_TRANSITIONS, SessionEvent, SessionPhase, SessionState
+from protocol import SESSION_TRANSITIONS, ProtocolError, SessionEvent, SessionPhase, SessionState
 
 
 @given(st.sampled_from(list(SessionPhase)), st.sampled_from(list(SessionEvent)),

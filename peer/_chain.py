@@ -22,15 +22,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from protocol import _messages as M
-from protocol._statements import (
+from protocol import (
     EMPTY_HISTORY,
+    CloseSession,
+    Forward,
+    OpenSession,
+    WireTensor,
+    decode_tensor,
+    encode_tensor,
     extend_history,
     forward_request_statement,
     forward_result_statement,
-    verify,
+    verify_signature,
 )
-from protocol._tensor import WireTensor, decode_tensor, encode_tensor
 from protocol.errors import ProtocolError, RemoteError, SwarmError
 from swarm.errors import PeerUnreachable, RequestTimeout
 from swarm.planning import Hop, Route
@@ -177,7 +181,7 @@ class Chain:
 
     async def _open_hop(self, hop: Hop) -> HopRecord:
         conn = await self._connect(hop)
-        opened = await conn.request(M.OpenSession(id=0, model=self.model, span=hop.span, max_length=self.max_length,
+        opened = await conn.request(OpenSession(id=0, model=self.model, span=hop.span, max_length=self.max_length,
                                                   wire_dtype=self.wire_dtype), timeout=self.step_timeout)
         return HopRecord(hop=hop, conn=conn, session=opened.session)
 
@@ -199,7 +203,7 @@ class Chain:
             client=me.peer_id, server=server, session=record.session, step=step, model=self.model, span=record.span,
             position=position, input_digest=input_digest))
         t0 = time.perf_counter()
-        result = await record.conn.request(M.Forward(id=0, session=record.session, step=step, position=position,
+        result = await record.conn.request(Forward(id=0, session=record.session, step=step, position=position,
                                                      hidden=wire, signature=request_signature),
                                            timeout=self.step_timeout)
         record.latency += time.perf_counter() - t0
@@ -209,7 +213,7 @@ class Chain:
         if tuple(result.hidden.shape) != expected_shape:
             raise _BadAnswer(f"returned shape {list(result.hidden.shape)}, expected {list(expected_shape)}")
         history = extend_history(record.history, input_digest)
-        verify(record.conn.public_key, forward_result_statement(
+        verify_signature(record.conn.public_key, forward_result_statement(
             server=server, session=record.session, step=step, model=self.model, span=record.span,
             input_digest=input_digest, output_digest=result.hidden.digest(), history=history), result.signature)
         record.history = history
@@ -280,7 +284,7 @@ async def _close_quietly(records: Sequence[HopRecord]) -> None:
     for record in records:
         if record.conn.is_open:
             try:
-                await record.conn.request(M.CloseSession(id=0, session=record.session), timeout=5.0)
+                await record.conn.request(CloseSession(id=0, session=record.session), timeout=5.0)
             except SwarmError:
                 pass
 

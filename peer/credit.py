@@ -27,7 +27,7 @@ from pathlib import Path
 
 import trio
 
-from protocol import _messages as M
+from protocol import CreditQuery, CreditReport, Receipt, ReceiptAck
 from protocol.errors import SwarmError
 from swarm.credit import DEFAULT_GRACE_UNITS, Credit, Ledger, ReceiptDesk, ReceiptWallet
 from swarm.transport import Host, PeerConnection
@@ -88,8 +88,8 @@ class CreditService:
         self.waits: dict[bytes, list[tuple[float, float]]] = {}
         self._asked: set[bytes] = set()  # requesters whose records we fetched
         self._nursery: trio.Nursery | None = None
-        host.add_handler(M.Receipt, self._on_receipt)
-        host.add_handler(M.CreditQuery, self._on_credit_query)
+        host.add_handler(Receipt, self._on_receipt)
+        host.add_handler(CreditQuery, self._on_credit_query)
 
     # -- what the scheduler asks ------------------------------------------------------------
 
@@ -128,16 +128,16 @@ class CreditService:
             self._asked.add(client.peer_id)
             self._nursery.start_soon(self._exchange_quietly, client)
 
-    async def _on_receipt(self, conn: PeerConnection, msg: M.Receipt) -> M.ReceiptAck:
+    async def _on_receipt(self, conn: PeerConnection, msg: Receipt) -> ReceiptAck:
         if msg.receipt.client != conn.public_key:
             from swarm.credit import InvalidReceipt
 
             raise InvalidReceipt("a receipt must be signed by the peer that sends it")
         record = self.desk.accept(msg.receipt, handshake_hash=conn.handshake_hash)
-        return M.ReceiptAck(id=msg.id, receipt=record)
+        return ReceiptAck(id=msg.id, receipt=record)
 
-    async def _on_credit_query(self, conn: PeerConnection, msg: M.CreditQuery) -> M.CreditReport:
-        return M.CreditReport(id=msg.id, records=self.ledger.records_for_exchange())
+    async def _on_credit_query(self, conn: PeerConnection, msg: CreditQuery) -> CreditReport:
+        return CreditReport(id=msg.id, records=self.ledger.records_for_exchange())
 
     # -- client side ----------------------------------------------------------------------
 
@@ -165,7 +165,7 @@ class CreditService:
         self._steps[key] = 0
         receipt = self.wallet.issue(key, server.handshake_hash)
         try:
-            ack = await server.request(M.Receipt(id=0, receipt=receipt), timeout=10.0)
+            ack = await server.request(Receipt(id=0, receipt=receipt), timeout=10.0)
             return self.wallet.acknowledged(ack.receipt)
         except SwarmError as exc:
             log.info("receipt to %s not acknowledged: %s", server.peer_id.hex()[:12], exc)
@@ -175,7 +175,7 @@ class CreditService:
 
     async def exchange(self, conn: PeerConnection) -> None:
         """Fetch ``conn``'s records (for transitive credit) and merge the valid ones."""
-        report = await conn.request(M.CreditQuery(id=0), timeout=10.0)
+        report = await conn.request(CreditQuery(id=0), timeout=10.0)
         self.ledger.merge_remote(report.records)
 
     async def _exchange_quietly(self, conn: PeerConnection) -> None:

@@ -6,7 +6,7 @@ compute on one worker thread (the runtime is not thread-safe, and one thread kee
 the CPU's cores for torch). Every request is checked before any compute: the
 client's signature over the forward request statement (spec section 9), the session's
 owner (sessions belong to the connection that opened them) and the session state
-table (``protocol._session``). Every result is signed over the forward result
+table (``protocol.SessionState``). Every result is signed over the forward result
 statement. The server keeps each session's signed requests, so a false accusation
 can be refuted with the client's own signatures (spec section 13).
 
@@ -25,17 +25,29 @@ from dataclasses import dataclass, field
 import torch
 import trio
 
-from protocol import _messages as M
-from protocol._identity import Identity
-from protocol._session import SessionState
-from protocol._statements import (
+from protocol import (
+    DTYPES,
     EMPTY_HISTORY,
+    Announcement,
+    CloseSession,
+    Forward,
+    ForwardEvidence,
+    ForwardOnce,
+    ForwardOnceResult,
+    ForwardResult,
+    Identity,
+    OpenSession,
+    SessionClosed,
+    SessionOpened,
+    SessionState,
+    WireTensor,
+    decode_tensor,
+    encode_tensor,
     extend_history,
     forward_request_statement,
     forward_result_statement,
-    verify,
+    verify_signature,
 )
-from protocol._tensor import DTYPES, WireTensor, decode_tensor, encode_tensor
 from protocol.errors import ErrorCode, RemoteError, SwarmError
 from swarm.transport import Host, PeerConnection
 
@@ -70,7 +82,7 @@ class _Served:
     span: tuple[int, int]
     wire_dtype: str
     state: SessionState
-    evidence: list[M.ForwardEvidence] = field(default_factory=list)  # client-signed requests
+    evidence: list[ForwardEvidence] = field(default_factory=list)  # client-signed requests
     history: bytes = EMPTY_HISTORY  # running digest of the inputs (signed with every result)
     work: int = 0  # blocks x tokens served in this session
 
@@ -122,10 +134,10 @@ class SpanServer:
         self._idle = trio.Event()
         self._idle.set()
         for request_type, handler in (
-            (M.OpenSession, self._open_session),
-            (M.Forward, self._forward),
-            (M.ForwardOnce, self._forward_once),
-            (M.CloseSession, self._close_session),
+            (OpenSession, self._open_session),
+            (Forward, self._forward),
+            (ForwardOnce, self._forward_once),
+            (CloseSession, self._close_session),
         ):
             host.add_handler(request_type, handler)
 
@@ -148,8 +160,8 @@ class SpanServer:
         self.executor = executor
         self.span = (executor.start, executor.end)
 
-    def make_announcement(self, expires: int, throughput: float) -> M.Announcement:
-        return M.Announcement(peer_id=self.identity.peer_id, addrs=tuple(self.host.listen_addrs), model=self.model,
+    def make_announcement(self, expires: int, throughput: float) -> Announcement:
+        return Announcement(peer_id=self.identity.peer_id, addrs=tuple(self.host.listen_addrs), model=self.model,
                               span=self.span, throughput=throughput, free_sessions=self.free_sessions,
                               expires=expires)
 
@@ -190,7 +202,7 @@ class SpanServer:
 
     # -- handlers -------------------------------------------------------------------------
 
-    async def _open_session(self, conn: PeerConnection, msg: M.OpenSession) -> M.SessionOpened:
+    async def _open_session(self, conn: PeerConnection, msg: OpenSession) -> SessionOpened:
         if conn.peer_id in self.banned:
             raise RemoteError("you are banned by this peer (a verified fraud proof)", code=ErrorCode.BANNED)
         if self.draining:
@@ -210,9 +222,9 @@ class SpanServer:
         self._sessions[sid] = _Served(owner=conn, client=conn.peer_id, span=msg.span, wire_dtype=msg.wire_dtype,
                                       state=state)
         self.stats.sessions_opened += 1
-        return M.SessionOpened(id=msg.id, session=sid)
+        return SessionOpened(id=msg.id, session=sid)
 
-    async def _forward(self, conn: PeerConnection, msg: M.Forward) -> M.ForwardResult:
+    async def _forward(self, conn: PeerConnection, msg: Forward) -> ForwardResult:
         if conn.peer_id in self.banned:
             raise RemoteError("you are banned by this peer (a verified fraud proof)", code=ErrorCode.BANNED)
         served = self._sessions.get(msg.session)
@@ -223,7 +235,7 @@ class SpanServer:
         n_tokens = hidden.shape[1]
         served.state.check_forward(step=msg.step, position=msg.position, n_tokens=n_tokens)
         input_digest = msg.hidden.digest()
-        verify(conn.public_key, forward_request_statement(
+        verify_signature(conn.public_key, forward_request_statement(
             client=conn.peer_id, server=self.identity.peer_id, session=msg.session, step=msg.step, model=self.model,
             span=served.span, position=msg.position, input_digest=input_digest), msg.signature)
         output = await self._compute_step(conn, served.span, n_tokens,
@@ -231,7 +243,7 @@ class SpanServer:
         if self._sessions.get(msg.session) is not served:  # closed while computing
             raise RemoteError("the session was closed during the step", code=ErrorCode.UNKNOWN_SESSION)
         served.state.forward(step=msg.step, position=msg.position, n_tokens=n_tokens)
-        served.evidence.append(M.ForwardEvidence(step=msg.step, position=msg.position, hidden=msg.hidden,
+        served.evidence.append(ForwardEvidence(step=msg.step, position=msg.position, hidden=msg.hidden,
                                                  signature=msg.signature))
         out = encode_tensor(output, served.wire_dtype)
         history = extend_history(served.history, input_digest)
@@ -240,15 +252,15 @@ class SpanServer:
             input_digest=input_digest, output_digest=out.digest(), history=history))
         served.history = history
         served.work += n_tokens * (served.span[1] - served.span[0])
-        return M.ForwardResult(id=msg.id, session=msg.session, step=msg.step, hidden=out, signature=signature)
+        return ForwardResult(id=msg.id, session=msg.session, step=msg.step, hidden=out, signature=signature)
 
-    async def _forward_once(self, conn: PeerConnection, msg: M.ForwardOnce) -> M.ForwardOnceResult:
+    async def _forward_once(self, conn: PeerConnection, msg: ForwardOnce) -> ForwardOnceResult:
         if conn.peer_id in self.banned:
             raise RemoteError("you are banned by this peer (a verified fraud proof)", code=ErrorCode.BANNED)
         self._check_target(msg.model, msg.span)
         hidden = self._check_input(msg.hidden, msg.hidden.dtype)
         input_digest = msg.hidden.digest()
-        verify(conn.public_key, forward_request_statement(
+        verify_signature(conn.public_key, forward_request_statement(
             client=conn.peer_id, server=self.identity.peer_id, session=msg.nonce, step=0, model=self.model,
             span=msg.span, position=0, input_digest=input_digest), msg.signature)
         output = await self._compute_step(conn, msg.span, hidden.shape[1],
@@ -259,16 +271,16 @@ class SpanServer:
             server=self.identity.peer_id, session=msg.nonce, step=0, model=self.model, span=msg.span,
             input_digest=input_digest, output_digest=out.digest(),
             history=extend_history(EMPTY_HISTORY, input_digest)))
-        return M.ForwardOnceResult(id=msg.id, hidden=out, signature=signature)
+        return ForwardOnceResult(id=msg.id, hidden=out, signature=signature)
 
-    async def _close_session(self, conn: PeerConnection, msg: M.CloseSession) -> M.SessionClosed:
+    async def _close_session(self, conn: PeerConnection, msg: CloseSession) -> SessionClosed:
         served = self._sessions.get(msg.session)
         if served is None or served.owner is not conn:
             raise RemoteError("unknown session", code=ErrorCode.UNKNOWN_SESSION)
         self._sessions.pop(msg.session)
         served.state.close()
         self.executor.close_session(msg.session)
-        return M.SessionClosed(id=msg.id)
+        return SessionClosed(id=msg.id)
 
     # -- helpers --------------------------------------------------------------------------
 

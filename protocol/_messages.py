@@ -35,6 +35,7 @@ from ._statements import record_statement, receipt_statement, verify
 from .errors import DecodeError, ErrorCode, LocalProtocolError, ProtocolError, UnexpectedMessage
 
 __all__ = [
+    "Structure",
     "Message",
     "MESSAGE_TYPES",
     "encode_message",
@@ -86,8 +87,9 @@ MAX_NODES = 20  # k
 MAX_RECORDS = 64
 
 
-class _Validated:
-    """Mixin: validate every declared field on construction."""
+class Structure:
+    """Base of every structure and message body: a map with small-integer keys, one
+    per entry of ``FIELDS``, validated on construction."""
 
     __slots__ = ()
     FIELDS: ClassVar[tuple[Field, ...]] = ()
@@ -95,12 +97,26 @@ class _Validated:
     def __post_init__(self) -> None:
         validate_fields(self)
 
+    def to_cbor(self) -> dict[int, Any]:
+        """The structure as the CBOR data model (the map the wire carries)."""
+        return fields_to_cbor(self, self.FIELDS)
+
+    @classmethod
+    def from_cbor(cls, obj: Any, *, limits: Limits = DEFAULT_LIMITS) -> Any:
+        """The structure from the CBOR data model, checked strictly.
+
+        Raises:
+            DecodeError: not a map of the declared fields, or fields invalid together.
+            LimitExceeded: a tensor in it exceeds ``limits``.
+        """
+        return _construct(cls, fields_from_cbor(obj, cls.FIELDS, limits))
+
 
 # --- structures carried inside messages ----------------------------------------------
 
 
 @dataclass(**_STRUCT)
-class NodeInfo(_Validated):
+class NodeInfo(Structure):
     """A DHT contact. The peer id must be the hash of the public key."""
 
     peer_id: bytes
@@ -113,13 +129,13 @@ class NodeInfo(_Validated):
     )
 
     def __post_init__(self) -> None:
-        _Validated.__post_init__(self)
+        Structure.__post_init__(self)
         if peer_id_of(self.public_key) != self.peer_id:
             raise LocalProtocolError("NodeInfo.peer_id is not the hash of its public key")
 
 
 @dataclass(**_STRUCT)
-class SignedRecord(_Validated):
+class SignedRecord(Structure):
     """A DHT value, signed by its publisher; see record_statement for the signed bytes."""
 
     key: bytes
@@ -155,7 +171,7 @@ class SignedRecord(_Validated):
 
 
 @dataclass(**_STRUCT)
-class Announcement(_Validated):
+class Announcement(Structure):
     """The value of a block record: a server announcing the span it serves."""
 
     peer_id: bytes
@@ -176,15 +192,15 @@ class Announcement(_Validated):
     )
 
     def to_bytes(self) -> bytes:
-        return cbor_encode(fields_to_cbor(self, self.FIELDS))
+        return cbor_encode(self.to_cbor())
 
     @classmethod
     def from_bytes(cls, data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Announcement:
-        return _construct(cls, fields_from_cbor(cbor_decode(data, max_size=MAX_RECORD_VALUE), cls.FIELDS, limits))
+        return cls.from_cbor(cbor_decode(data, max_size=MAX_RECORD_VALUE), limits=limits)
 
 
 @dataclass(**_STRUCT)
-class ReceiptRecord(_Validated):
+class ReceiptRecord(Structure):
     """A client's signed acknowledgement of cumulative work received from a server,
     countersigned by the server (a double-signed bilateral record)."""
 
@@ -219,7 +235,7 @@ class ReceiptRecord(_Validated):
 
 
 @dataclass(**_STRUCT)
-class ForwardEvidence(_Validated):
+class ForwardEvidence(Structure):
     """One client-signed FORWARD request of a session, as kept for audits and proofs."""
 
     step: int
@@ -235,7 +251,7 @@ class ForwardEvidence(_Validated):
 
 
 @dataclass(**_STRUCT)
-class FraudProof(_Validated):
+class FraudProof(Structure):
     """Evidence that ``accused`` signed a wrong output: the client-signed inputs of the
     session up to the disputed step and the accused's signed output for that step.
     Anyone holding the span recomputes and compares (spec "Fraud proofs")."""
@@ -263,7 +279,7 @@ class FraudProof(_Validated):
 # --- messages -----------------------------------------------------------------------
 
 
-class Message(_Validated):
+class Message(Structure):
     """Base of all messages. ``TYPE`` is the registry number, ``KIND`` request/response."""
 
     __slots__ = ()

@@ -30,10 +30,16 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from protocol._connection import NEED_DATA, Connection, HandshakeComplete, Role
-from protocol._identity import Identity
-from protocol._limits import DEFAULT_LIMITS, Limits
-from protocol._messages import Message
+from protocol import (
+    DEFAULT_LIMITS,
+    NEED_DATA,
+    Connection,
+    HandshakeComplete,
+    Identity,
+    Limits,
+    Message,
+    Role,
+)
 from protocol.errors import HandshakeError, LocalProtocolError, RemoteProtocolError
 
 from ._address import PeerAddress, format_sockaddr

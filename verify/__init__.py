@@ -4,7 +4,7 @@ spec/SPEC.md "Verification").
 
 - ``Auditor`` / ``AuditPolicy`` / ``PARANOID``: the client side (``verify._audit``).
 - ``compare`` / ``tolerance_for``: the statistics and calibrated thresholds
-  (``verify._compare``; ``python -m verify.calibrate`` measures them).
+  (``verify._compare``; ``python bench/calibrate.py`` measures them).
 - ``verify_proof`` and the proof builders (``verify._proofs``).
 - ``FraudProofService``: FRAUD_PROOF handling, gossip and DHT storage.
 - ``Reputation``: per-peer standings with decay, bans, persistence.

@@ -35,15 +35,18 @@ from enum import Enum
 
 import torch
 
-from protocol import _messages as M
-from protocol._statements import (
+from protocol import (
     EMPTY_HISTORY,
+    ForwardOnce,
+    FraudProof,
+    WireTensor,
+    decode_tensor,
+    encode_tensor,
     extend_history,
     forward_request_statement,
     forward_result_statement,
-    verify,
+    verify_signature,
 )
-from protocol._tensor import WireTensor, decode_tensor, encode_tensor
 from protocol.errors import SwarmError
 from swarm.transport import Host
 
@@ -108,7 +111,7 @@ class AuditOutcome(Enum):
 class AuditResult:
     outcome: AuditOutcome
     suspect: bytes | None = None
-    proof: M.FraudProof | None = None
+    proof: FraudProof | None = None
     comparisons: tuple[Comparison, ...] = ()
 
     @property
@@ -161,7 +164,7 @@ class Auditor:
         self.policy = policy
         self.clock = clock
         self.stats = AuditStats()
-        self.proofs: list[M.FraudProof] = []
+        self.proofs: list[FraudProof] = []
         self._addrs: dict[bytes, tuple[str, ...]] = {}
         self._rng: random.Random = random.Random(policy.seed) if policy.seed is not None else random.SystemRandom()
 
@@ -230,7 +233,7 @@ class Auditor:
                                comparisons=comparisons)
         return AuditResult(outcome=AuditOutcome.INCONCLUSIVE, comparisons=comparisons)
 
-    def _convict(self, suspect: bytes, proof: M.FraudProof, witnesses: list[_Answer]) -> None:
+    def _convict(self, suspect: bytes, proof: FraudProof, witnesses: list[_Answer]) -> None:
         now = self.clock()
         self.reputation.record_mismatch(suspect, now)
         self.reputation.ban(suspect, now, reason="lost a 2-vs-1 audit vote", proof=proof_digest(proof))
@@ -282,11 +285,11 @@ class Auditor:
         digest = wire.digest()
         signature = me.sign(forward_request_statement(client=me.peer_id, server=peer_id, session=nonce, step=0,
                                                       model=model, span=span, position=0, input_digest=digest))
-        result = await conn.request(M.ForwardOnce(id=0, nonce=nonce, model=model, span=span, hidden=wire,
+        result = await conn.request(ForwardOnce(id=0, nonce=nonce, model=model, span=span, hidden=wire,
                                                   signature=signature), timeout=self.policy.timeout)
         if tuple(result.hidden.shape) != tuple(wire.shape):
             raise SwarmError(f"auditor returned shape {list(result.hidden.shape)} for {list(wire.shape)}")
-        verify(conn.public_key, forward_result_statement(server=peer_id, session=nonce, step=0, model=model, span=span,
+        verify_signature(conn.public_key, forward_result_statement(server=peer_id, session=nonce, step=0, model=model, span=span,
                                                          input_digest=digest, output_digest=result.hidden.digest(),
                                                          history=extend_history(EMPTY_HISTORY, digest)),
                result.signature)

@@ -35,10 +35,20 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from protocol._cbor import decode as cbor_decode
-from protocol._connection import NEED_DATA, Connection, ConnectionEnded, HandshakeComplete, MessageReceived
-from protocol._limits import Limits
-from protocol._messages import RESPONSES, Error, Message, decode_message, encode_message
+from protocol import (
+    NEED_DATA,
+    RESPONSES,
+    Connection,
+    ConnectionEnded,
+    Error,
+    HandshakeComplete,
+    Limits,
+    Message,
+    MessageReceived,
+    cbor_decode,
+    decode_message,
+    encode_message,
+)
 from protocol.errors import (
     ErrorCode,
     LimitExceeded,

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 
 import trio
 
-from protocol._messages import (
+from protocol import (
+    MAX_RECORDS,
     FindNode,
     FindValue,
-    MAX_RECORDS,
     Message,
     NodeInfo,
     Nodes,

@@ -40,9 +40,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from protocol import DEFAULT_LIMITS, Limits, cbor_decode, cbor_encode
-from protocol._fields import fields_to_cbor
-from protocol._messages import MAX_RECORD_VALUE, SignedRecord
+from protocol import (
+    DEFAULT_LIMITS,
+    MAX_RECORD_VALUE,
+    Limits,
+    SignedRecord,
+    cbor_decode,
+    cbor_encode,
+)
 from protocol.errors import BadSignature, ErrorCode, ProtocolError, SwarmError
 
 __all__ = [
@@ -84,7 +89,7 @@ def is_tombstone(record: SignedRecord) -> bool:
 
 def record_size(record: SignedRecord) -> int:
     """Bytes of the record's deterministic CBOR encoding (the body map)."""
-    return len(cbor_encode(fields_to_cbor(record, SignedRecord.FIELDS)))
+    return len(cbor_encode(record.to_cbor()))
 
 
 def check_record(

@@ -26,8 +26,7 @@ from collections import deque
 from kademlia.node import Node
 from kademlia.routing import KBucket, RoutingTable as _PackageRoutingTable
 
-from protocol._identity import PEER_ID_SIZE
-from protocol._messages import NodeInfo
+from protocol import PEER_ID_SIZE, NodeInfo
 
 __all__ = ["Contact", "RoutingTable", "target_node", "distance"]
 

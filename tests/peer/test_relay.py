@@ -17,9 +17,7 @@ from peer.client import ModelNotServed, PromptTooLong
 from peer.node import ServeOptions, run_server
 from peer.runtime import InvalidArgument
 from peer.server import SpanServer
-from protocol import Identity
-from protocol import _messages as M
-from protocol._tensor import encode_tensor
+from protocol import CloseSession, Forward, Identity, OpenSession, encode_tensor
 from protocol.errors import ErrorCode, RemoteError
 from swarm.dht import BootstrapFailed
 from swarm.errors import NoRoute
@@ -198,18 +196,18 @@ async def test_server_rejects_bad_requests(tiny):
                 await conn.request(msg)
             return info.value.code
 
-        assert await code_of(M.OpenSession(id=0, model="other@0", span=(0, 3), max_length=8)) == ErrorCode.MODEL_MISMATCH
-        assert await code_of(M.OpenSession(id=0, model=model_id, span=(2, 5), max_length=8)) == ErrorCode.SPAN_NOT_SERVED
-        opened = await conn.request(M.OpenSession(id=0, model=model_id, span=(0, 3), max_length=8))
+        assert await code_of(OpenSession(id=0, model="other@0", span=(0, 3), max_length=8)) == ErrorCode.MODEL_MISMATCH
+        assert await code_of(OpenSession(id=0, model=model_id, span=(2, 5), max_length=8)) == ErrorCode.SPAN_NOT_SERVED
+        opened = await conn.request(OpenSession(id=0, model=model_id, span=(0, 3), max_length=8))
         hidden = encode_tensor(torch.zeros(1, 2, 64))
-        forged = M.Forward(id=0, session=opened.session, step=0, position=0, hidden=hidden, signature=bytes(64))
+        forged = Forward(id=0, session=opened.session, step=0, position=0, hidden=hidden, signature=bytes(64))
         assert await code_of(forged) == ErrorCode.BAD_SIGNATURE
         assert await code_of(dataclasses.replace(forged, step=3)) == ErrorCode.BAD_STATE
         assert await code_of(dataclasses.replace(forged, hidden=encode_tensor(torch.zeros(1, 9, 64)))) \
             == ErrorCode.MAX_LENGTH_EXCEEDED
         assert await code_of(dataclasses.replace(forged, hidden=encode_tensor(torch.zeros(1, 2, 32)))) \
             == ErrorCode.INVALID_REQUEST
-        assert await code_of(M.CloseSession(id=0, session=bytes(16))) == ErrorCode.UNKNOWN_SESSION
+        assert await code_of(CloseSession(id=0, session=bytes(16))) == ErrorCode.UNKNOWN_SESSION
         # sessions belong to the connection that opened them
         other = Identity.generate()
         from swarm.transport import Host
@@ -217,9 +215,9 @@ async def test_server_rejects_bad_requests(tiny):
         intruder = Host(other)
         await nursery.start(intruder.run)
         with pytest.raises(RemoteError) as info:
-            await intruder.request(node.address, M.CloseSession(id=0, session=opened.session))
+            await intruder.request(node.address, CloseSession(id=0, session=opened.session))
         assert info.value.code == ErrorCode.UNKNOWN_SESSION
-        await conn.request(M.CloseSession(id=0, session=opened.session))
+        await conn.request(CloseSession(id=0, session=opened.session))
         nursery.cancel_scope.cancel()
 
 

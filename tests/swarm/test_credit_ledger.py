@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from protocol import Identity
+from protocol import CreditReport, Identity, decode_message, encode_message
 from protocol.errors import BadSignature, DecodeError, ErrorCode, RemoteProtocolError
-from protocol._messages import CreditReport, decode_message, encode_message
 from swarm.credit import (
     LEDGER_FORMAT,
     Ledger,

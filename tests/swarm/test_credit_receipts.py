@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol import Identity
-from protocol._messages import Receipt, ReceiptAck, decode_message, encode_message
+from protocol import Identity, Receipt, ReceiptAck, decode_message, encode_message
 from protocol.errors import BadSignature
 from swarm.credit import InvalidReceipt, Ledger, ReceiptDesk, ReceiptWallet, StaleReceipt, make_receipt
 

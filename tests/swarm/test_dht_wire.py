@@ -10,8 +10,17 @@ import time
 import pytest
 import trio
 
-from protocol import Identity, Limits, cbor_encode
-from protocol._messages import Announcement, FindNode, Nodes, SignedRecord, Store, decode_message
+from protocol import (
+    Announcement,
+    FindNode,
+    Identity,
+    Limits,
+    Nodes,
+    SignedRecord,
+    Store,
+    cbor_encode,
+    decode_message,
+)
 from protocol.errors import DecodeError, ErrorCode, HandshakeError, RemoteError
 from swarm.announce import (
     RECORD_KINDS,

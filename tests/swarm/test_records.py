@@ -6,8 +6,7 @@ import dataclasses
 
 import pytest
 
-from protocol import Identity, Limits, cbor_encode
-from protocol._messages import Announcement, SignedRecord
+from protocol import Announcement, Identity, Limits, SignedRecord, cbor_encode
 from protocol.errors import ErrorCode
 from swarm.announce import RECORD_KINDS, announcement_records, block_key, encode_block_value
 from swarm.dht import RecordRejected, RecordStore, check_record, is_tombstone, merge_records, record_size
@@ -88,9 +87,7 @@ def test_key_derivation_rules():
                                     value=encode_block_value(3, ann))
     rejected(ErrorCode.INVALID_REQUEST, check_record, wrong_key, now=NOW, kinds=RECORD_KINDS)
     # block index outside the announced span (value built by hand)
-    from protocol._fields import fields_to_cbor
-
-    outside = cbor_encode(["swarm/1/block", 7, fields_to_cbor(ann, Announcement.FIELDS)])
+    outside = cbor_encode(["swarm/1/block", 7, ann.to_cbor()])
     r = SignedRecord.create(ALICE, key=block_key("tiny", 7), seq=1, expires=ann.expires, value=outside)
     assert "outside" in rejected(ErrorCode.INVALID_REQUEST, check_record, r, now=NOW, kinds=RECORD_KINDS).message
     # Bob publishing Alice's announcement

@@ -12,17 +12,22 @@ import pytest
 import trio
 import trio.testing
 
-from protocol._cbor import encode as cbor_encode
-from protocol._connection import NEED_DATA, Connection, ConnectionEnded, HandshakeComplete, MessageReceived, Role
-from protocol._identity import Identity
-from protocol._limits import Limits
-from protocol._messages import (
+from protocol import (
+    NEED_DATA,
+    Connection,
+    ConnectionEnded,
     Error,
     FindNode,
+    HandshakeComplete,
+    Identity,
+    Limits,
+    MessageReceived,
     Nodes,
     Ping,
     Pong,
+    Role,
     Stored,
+    cbor_encode,
     decode_message,
     encode_message,
 )
@@ -157,8 +162,7 @@ async def test_concurrent_requests_are_multiplexed_and_answered_out_of_order():
 
 
 async def test_large_messages_span_many_frames():
-    from protocol._messages import Forward, ForwardResult
-    from protocol._tensor import WireTensor
+    from protocol import Forward, ForwardResult, WireTensor
 
     async def echo(conn, request: Forward) -> ForwardResult:
         return ForwardResult(id=request.id, session=request.session, step=request.step, hidden=request.hidden,
@@ -462,8 +466,7 @@ async def test_outgoing_requests_wait_for_a_slot_instead_of_tripping_the_limit()
 
 
 async def test_a_peer_that_stops_reading_loses_the_connection(caplog):
-    from protocol._messages import Forward, ForwardResult
-    from protocol._tensor import WireTensor
+    from protocol import Forward, ForwardResult, WireTensor
 
     async def echo(conn, request: Forward) -> ForwardResult:
         return ForwardResult(id=request.id, session=request.session, step=request.step, hidden=request.hidden,

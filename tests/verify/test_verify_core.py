@@ -10,9 +10,15 @@ import pytest
 import torch
 
 from peer.runtime import load_span
-from protocol import Identity, peer_id_of
-from protocol._statements import EMPTY_HISTORY, extend_history, forward_request_statement, forward_result_statement
-from protocol._tensor import encode_tensor
+from protocol import (
+    EMPTY_HISTORY,
+    Identity,
+    encode_tensor,
+    extend_history,
+    forward_request_statement,
+    forward_result_statement,
+    peer_id_of,
+)
 from swarm.dht import RecordRejected, check_record
 from verify import (
     InvalidProof,
