@@ -134,10 +134,10 @@ class Hop:
             client=me.peer_id, server=srv.peer_id, session=session, step=step, model=MODEL, span=SPAN,
             position=position, input_digest=input_digest))
         mark()
-        request = Forward(id=7, session=session, step=step, position=position, hidden=wire,
+        request = Forward(session=session, step=step, position=position, hidden=wire,
                           signature=request_signature)
         mark()
-        payload = encode_message(request)
+        payload = encode_message(request, 1)
         mark()
         data = self.client.send(payload)
         mark()
@@ -146,7 +146,7 @@ class Hop:
         event = self.server.next_event()
         mark()
         assert isinstance(event, MessageReceived)
-        msg = decode_message(event.payload)
+        _, msg = decode_message(event.payload)
         mark()
         assert isinstance(msg, Forward)
         server_input_digest = msg.hidden.digest()
@@ -168,8 +168,8 @@ class Hop:
             server=srv.peer_id, session=msg.session, step=msg.step, model=MODEL, span=SPAN,
             input_digest=server_input_digest, output_digest=output_digest, history=self.server_history))
         mark()
-        payload = encode_message(ForwardResult(id=msg.id, session=msg.session, step=msg.step, hidden=out,
-                                               signature=result_signature))
+        payload = encode_message(ForwardResult(session=msg.session, step=msg.step, hidden=out,
+                                               signature=result_signature), 1)
         mark()
         data = self.server.send(payload)
         mark()
@@ -178,7 +178,7 @@ class Hop:
         event = self.client.next_event()
         mark()
         assert isinstance(event, MessageReceived)
-        result = decode_message(event.payload)
+        _, result = decode_message(event.payload)
         mark()
         assert isinstance(result, ForwardResult)
         result_digest = result.hidden.digest()

@@ -181,7 +181,7 @@ class Chain:
 
     async def _open_hop(self, hop: Hop) -> HopRecord:
         conn = await self._connect(hop)
-        opened = await conn.request(OpenSession(id=0, model=self.model, span=hop.span, max_length=self.max_length,
+        opened = await conn.request(OpenSession(model=self.model, span=hop.span, max_length=self.max_length,
                                                   wire_dtype=self.wire_dtype), timeout=self.step_timeout)
         return HopRecord(hop=hop, conn=conn, session=opened.session)
 
@@ -203,7 +203,7 @@ class Chain:
             client=me.peer_id, server=server, session=record.session, step=step, model=self.model, span=record.span,
             position=position, input_digest=input_digest))
         t0 = time.perf_counter()
-        result = await record.conn.request(Forward(id=0, session=record.session, step=step, position=position,
+        result = await record.conn.request(Forward(session=record.session, step=step, position=position,
                                                      hidden=wire, signature=request_signature),
                                            timeout=self.step_timeout)
         record.latency += time.perf_counter() - t0
@@ -284,7 +284,7 @@ async def _close_quietly(records: Sequence[HopRecord]) -> None:
     for record in records:
         if record.conn.is_open:
             try:
-                await record.conn.request(CloseSession(id=0, session=record.session), timeout=5.0)
+                await record.conn.request(CloseSession(session=record.session), timeout=5.0)
             except SwarmError:
                 pass
 

@@ -134,10 +134,10 @@ class CreditService:
 
             raise InvalidReceipt("a receipt must be signed by the peer that sends it")
         record = self.desk.accept(msg.receipt, handshake_hash=conn.handshake_hash)
-        return ReceiptAck(id=msg.id, receipt=record)
+        return ReceiptAck(receipt=record)
 
     async def _on_credit_query(self, conn: PeerConnection, msg: CreditQuery) -> CreditReport:
-        return CreditReport(id=msg.id, records=self.ledger.records_for_exchange())
+        return CreditReport(records=self.ledger.records_for_exchange())
 
     # -- client side ----------------------------------------------------------------------
 
@@ -165,7 +165,7 @@ class CreditService:
         self._steps[key] = 0
         receipt = self.wallet.issue(key, server.handshake_hash)
         try:
-            ack = await server.request(Receipt(id=0, receipt=receipt), timeout=10.0)
+            ack = await server.request(Receipt(receipt=receipt), timeout=10.0)
             return self.wallet.acknowledged(ack.receipt)
         except SwarmError as exc:
             log.info("receipt to %s not acknowledged: %s", server.peer_id.hex()[:12], exc)
@@ -175,7 +175,7 @@ class CreditService:
 
     async def exchange(self, conn: PeerConnection) -> None:
         """Fetch ``conn``'s records (for transitive credit) and merge the valid ones."""
-        report = await conn.request(CreditQuery(id=0), timeout=10.0)
+        report = await conn.request(CreditQuery(), timeout=10.0)
         self.ledger.merge_remote(report.records)
 
     async def _exchange_quietly(self, conn: PeerConnection) -> None:

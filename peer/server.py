@@ -222,7 +222,7 @@ class SpanServer:
         self._sessions[sid] = _Served(owner=conn, client=conn.peer_id, span=msg.span, wire_dtype=msg.wire_dtype,
                                       state=state)
         self.stats.sessions_opened += 1
-        return SessionOpened(id=msg.id, session=sid)
+        return SessionOpened(session=sid)
 
     async def _forward(self, conn: PeerConnection, msg: Forward) -> ForwardResult:
         if conn.peer_id in self.banned:
@@ -252,7 +252,7 @@ class SpanServer:
             input_digest=input_digest, output_digest=out.digest(), history=history))
         served.history = history
         served.work += n_tokens * (served.span[1] - served.span[0])
-        return ForwardResult(id=msg.id, session=msg.session, step=msg.step, hidden=out, signature=signature)
+        return ForwardResult(session=msg.session, step=msg.step, hidden=out, signature=signature)
 
     async def _forward_once(self, conn: PeerConnection, msg: ForwardOnce) -> ForwardOnceResult:
         if conn.peer_id in self.banned:
@@ -271,7 +271,7 @@ class SpanServer:
             server=self.identity.peer_id, session=msg.nonce, step=0, model=self.model, span=msg.span,
             input_digest=input_digest, output_digest=out.digest(),
             history=extend_history(EMPTY_HISTORY, input_digest)))
-        return ForwardOnceResult(id=msg.id, hidden=out, signature=signature)
+        return ForwardOnceResult(hidden=out, signature=signature)
 
     async def _close_session(self, conn: PeerConnection, msg: CloseSession) -> SessionClosed:
         served = self._sessions.get(msg.session)
@@ -280,7 +280,7 @@ class SpanServer:
         self._sessions.pop(msg.session)
         served.state.close()
         self.executor.close_session(msg.session)
-        return SessionClosed(id=msg.id)
+        return SessionClosed()
 
     # -- helpers --------------------------------------------------------------------------
 

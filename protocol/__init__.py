@@ -12,6 +12,7 @@ first use, so ``import protocol`` does not import torch.
 from typing import TYPE_CHECKING, Any
 
 from ._cbor import decode as cbor_decode, encode as cbor_encode
+from ._channel import Channel, ChannelEvent, RequestReceived, RequestRefused, ResponseReceived, error_for
 from ._connection import (
     NEED_DATA,
     Connection,
@@ -61,6 +62,7 @@ from ._messages import (
     Stored,
     Structure,
     Value,
+    decode_envelope,
     decode_message,
     encode_message,
 )
@@ -102,6 +104,13 @@ __all__ = [
     "Role",
     "HANDSHAKE_TRANSITIONS",
     "PROTOCOL_VERSION",
+    # requests and responses over a connection
+    "Channel",
+    "ChannelEvent",
+    "RequestReceived",
+    "RequestRefused",
+    "ResponseReceived",
+    "error_for",
     # messages and the structures they carry
     "Message",
     "Structure",
@@ -111,6 +120,7 @@ __all__ = [
     "MAX_RECORDS",
     "MAX_NODES",
     "encode_message",
+    "decode_envelope",
     "decode_message",
     "NodeInfo",
     "SignedRecord",

@@ -6,6 +6,9 @@ request's), ``body`` a map with small-integer keys declared by the class's
 ``FIELDS``. Classes are frozen, slotted, keyword-only dataclasses validated on
 construction; the registry below is the only dispatch from type numbers to
 classes. Unknown body keys are ignored; an unknown type is ``UNKNOWN_MESSAGE``.
+
+A message class holds the body only: the id belongs to the envelope, and the
+request multiplexer (``_channel``) is what numbers requests and matches responses.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ __all__ = [
     "Structure",
     "Message",
     "MESSAGE_TYPES",
+    "RESPONSES",
     "encode_message",
+    "decode_envelope",
     "decode_message",
     "NodeInfo",
     "SignedRecord",
@@ -285,13 +290,6 @@ class Message(Structure):
     __slots__ = ()
     TYPE: ClassVar[int]
     KIND: ClassVar[str]
-    id: int
-
-    def __post_init__(self) -> None:
-        if type(self.id) is not int or not 0 <= self.id < 2**64:
-            raise LocalProtocolError(f"{type(self).__name__}.id must be an unsigned 64-bit integer, got {self.id!r}")
-        validate_fields(self)
-
 
 
 
@@ -307,7 +305,6 @@ def _message(type_: int, kind: str):
 @_message(1, "response")
 @dataclass(**_STRUCT)
 class Error(Message):
-    id: int
     code: int
     message: str
     retry_after: float | None = None
@@ -325,21 +322,18 @@ class Error(Message):
 @_message(2, "request")
 @dataclass(**_STRUCT)
 class Ping(Message):
-    id: int
     FIELDS: ClassVar = ()
 
 
 @_message(3, "response")
 @dataclass(**_STRUCT)
 class Pong(Message):
-    id: int
     FIELDS: ClassVar = ()
 
 
 @_message(4, "request")
 @dataclass(**_STRUCT)
 class FindNode(Message):
-    id: int
     target: bytes
     FIELDS: ClassVar = (Field(0, "target", PEER_ID),)
 
@@ -347,7 +341,6 @@ class FindNode(Message):
 @_message(5, "response")
 @dataclass(**_STRUCT)
 class Nodes(Message):
-    id: int
     nodes: tuple[NodeInfo, ...]
     FIELDS: ClassVar = (Field(0, "nodes", ListOf(Struct(NodeInfo), max=MAX_NODES)),)
 
@@ -355,7 +348,6 @@ class Nodes(Message):
 @_message(6, "request")
 @dataclass(**_STRUCT)
 class FindValue(Message):
-    id: int
     key: bytes
     FIELDS: ClassVar = (Field(0, "key", DIGEST),)
 
@@ -363,7 +355,6 @@ class FindValue(Message):
 @_message(7, "response")
 @dataclass(**_STRUCT)
 class Value(Message):
-    id: int
     records: tuple[SignedRecord, ...]
     nodes: tuple[NodeInfo, ...]
     FIELDS: ClassVar = (Field(0, "records", ListOf(Struct(SignedRecord), max=MAX_RECORDS)),
@@ -373,7 +364,6 @@ class Value(Message):
 @_message(8, "request")
 @dataclass(**_STRUCT)
 class Store(Message):
-    id: int
     record: SignedRecord
     FIELDS: ClassVar = (Field(0, "record", Struct(SignedRecord)),)
 
@@ -381,14 +371,12 @@ class Store(Message):
 @_message(9, "response")
 @dataclass(**_STRUCT)
 class Stored(Message):
-    id: int
     FIELDS: ClassVar = ()
 
 
 @_message(10, "request")
 @dataclass(**_STRUCT)
 class OpenSession(Message):
-    id: int
     model: str
     span: tuple[int, int]
     max_length: int
@@ -400,7 +388,6 @@ class OpenSession(Message):
 @_message(11, "response")
 @dataclass(**_STRUCT)
 class SessionOpened(Message):
-    id: int
     session: bytes
     FIELDS: ClassVar = (Field(0, "session", SESSION_ID),)
 
@@ -410,7 +397,6 @@ class SessionOpened(Message):
 class Forward(Message):
     """One step of a session: hidden states of ``n`` tokens starting at ``position``."""
 
-    id: int
     session: bytes
     step: int
     position: int
@@ -423,7 +409,6 @@ class Forward(Message):
 @_message(13, "response")
 @dataclass(**_STRUCT)
 class ForwardResult(Message):
-    id: int
     session: bytes
     step: int
     hidden: Any  # WireTensor
@@ -437,7 +422,6 @@ class ForwardResult(Message):
 class ForwardOnce(Message):
     """Stateless forward of a whole sequence from position 0 (replays and audits)."""
 
-    id: int
     nonce: bytes  # stands in for the session id in the signed statements
     model: str
     span: tuple[int, int]
@@ -450,7 +434,6 @@ class ForwardOnce(Message):
 @_message(15, "response")
 @dataclass(**_STRUCT)
 class ForwardOnceResult(Message):
-    id: int
     hidden: Any  # WireTensor
     signature: bytes
     FIELDS: ClassVar = (Field(0, "hidden", TENSOR), Field(1, "signature", SIGNATURE))
@@ -459,7 +442,6 @@ class ForwardOnceResult(Message):
 @_message(16, "request")
 @dataclass(**_STRUCT)
 class CloseSession(Message):
-    id: int
     session: bytes
     FIELDS: ClassVar = (Field(0, "session", SESSION_ID),)
 
@@ -467,14 +449,12 @@ class CloseSession(Message):
 @_message(17, "response")
 @dataclass(**_STRUCT)
 class SessionClosed(Message):
-    id: int
     FIELDS: ClassVar = ()
 
 
 @_message(18, "request")
 @dataclass(**_STRUCT)
 class Receipt(Message):
-    id: int
     receipt: ReceiptRecord  # signed by the client; the server countersigns in ReceiptAck
     FIELDS: ClassVar = (Field(0, "receipt", Struct(ReceiptRecord)),)
 
@@ -482,7 +462,6 @@ class Receipt(Message):
 @_message(19, "response")
 @dataclass(**_STRUCT)
 class ReceiptAck(Message):
-    id: int
     receipt: ReceiptRecord  # double-signed
     FIELDS: ClassVar = (Field(0, "receipt", Struct(ReceiptRecord)),)
 
@@ -490,14 +469,12 @@ class ReceiptAck(Message):
 @_message(20, "request")
 @dataclass(**_STRUCT)
 class CreditQuery(Message):
-    id: int
     FIELDS: ClassVar = ()
 
 
 @_message(21, "response")
 @dataclass(**_STRUCT)
 class CreditReport(Message):
-    id: int
     records: tuple[ReceiptRecord, ...]  # the latest double-signed record per pair the answerer holds
     FIELDS: ClassVar = (Field(0, "records", ListOf(Struct(ReceiptRecord), max=1024)),)
 
@@ -505,7 +482,6 @@ class CreditReport(Message):
 @_message(22, "request")
 @dataclass(**_STRUCT)
 class FraudProofNotice(Message):
-    id: int
     proof: FraudProof
     FIELDS: ClassVar = (Field(0, "proof", Struct(FraudProof)),)
 
@@ -513,7 +489,6 @@ class FraudProofNotice(Message):
 @_message(23, "response")
 @dataclass(**_STRUCT)
 class FraudProofAck(Message):
-    id: int
     accepted: bool
     FIELDS: ClassVar = (Field(0, "accepted", Bool()),)
 
@@ -533,19 +508,23 @@ RESPONSES: dict[type[Message], type[Message]] = {
 }
 
 
-def encode_message(message: Message) -> bytes:
-    """The deterministic CBOR envelope ``[type, id, body]`` of ``message``."""
-    return cbor_encode([message.TYPE, message.id, fields_to_cbor(message, message.FIELDS)])
-
-
-def decode_message(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Message:
-    """Decode one envelope strictly.
+def encode_message(message: Message, request_id: int) -> bytes:
+    """The deterministic CBOR envelope ``[type, id, body]`` of ``message``.
 
     Raises:
-        LimitExceeded: the bytes or a tensor in them exceed ``limits``.
-        UnexpectedMessage: an unknown message type (code UNKNOWN_MESSAGE); ``.request_id``
-            holds the id when it could be read, so the caller can answer ERROR.
-        DecodeError: anything else malformed.
+        LocalProtocolError: ``request_id`` is not an unsigned 64-bit integer.
+    """
+    if type(request_id) is not int or not 0 <= request_id < 2**64:
+        raise LocalProtocolError(f"a request id is an unsigned 64-bit integer, got {request_id!r}")
+    return cbor_encode([message.TYPE, request_id, fields_to_cbor(message, message.FIELDS)])
+
+
+def decode_envelope(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> tuple[int, int, Any]:
+    """``(type, id, body)`` of one envelope, the body not yet decoded.
+
+    Raises:
+        LimitExceeded: the bytes exceed ``limits.max_message_size``.
+        DecodeError: not the array ``[type, id, body]`` of unsigned type and id.
     """
     obj = cbor_decode(data, max_size=limits.max_message_size)
     if type(obj) is not list or len(obj) != 3:
@@ -553,12 +532,22 @@ def decode_message(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Message:
     type_, id_, body = obj
     if type(type_) is not int or type(id_) is not int or not 0 <= id_ < 2**64 or type_ < 0:
         raise DecodeError("message type and id must be unsigned integers")
+    return type_, id_, body
+
+
+def decode_message(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> tuple[int, Message]:
+    """Decode one envelope strictly into ``(id, message)``.
+
+    Raises:
+        LimitExceeded: the bytes or a tensor in them exceed ``limits``.
+        UnexpectedMessage: an unknown message type (code UNKNOWN_MESSAGE).
+        DecodeError: anything else malformed.
+    """
+    type_, id_, body = decode_envelope(data, limits=limits)
     cls = MESSAGE_TYPES.get(type_)
     if cls is None:
-        err = UnexpectedMessage(f"unknown message type {type_}", code=ErrorCode.UNKNOWN_MESSAGE)
-        err.request_id = id_  # type: ignore[attr-defined]
-        raise err
-    return _construct(cls, {"id": id_, **fields_from_cbor(body, cls.FIELDS, limits)})
+        raise UnexpectedMessage(f"unknown message type {type_}", code=ErrorCode.UNKNOWN_MESSAGE)
+    return id_, cls.from_cbor(body, limits=limits)
 
 
 def _construct(cls: type, kwargs: dict[str, Any]) -> Any:

@@ -131,9 +131,10 @@ def fields_from_json(obj: dict[str, Any], fields: tuple[Field, ...]) -> dict[str
     return {f.name: value_from_json(obj[f.name], f.codec) if f.name in obj else None for f in fields}
 
 
-def message_from_json(entry: dict[str, Any]) -> Message:
+def message_from_json(entry: dict[str, Any]) -> tuple[int, Message]:
+    """(envelope id, message) of one entry of messages.json."""
     cls = MESSAGE_TYPES[entry["type"]]
-    return cls(id=entry["id"], **fields_from_json(entry["fields"], cls.FIELDS))
+    return entry["id"], cls(**fields_from_json(entry["fields"], cls.FIELDS))
 
 
 # --- sample messages ------------------------------------------------------------------
@@ -147,7 +148,8 @@ def _tensor(values: list[float], shape: tuple[int, ...], dtype: str = "f32") -> 
     return encode_tensor(torch.tensor(values, dtype=torch.float32).reshape(shape), dtype)
 
 
-def sample_messages() -> list[Message]:
+def sample_messages() -> list[tuple[int, Message]]:
+    """(envelope id, message): one of every type, each response with its request's id."""
     session = bytes(range(16))
     model = "tiny-llama@00112233aabbccdd"
     span = (0, 4)
@@ -175,37 +177,37 @@ def sample_messages() -> list[Message]:
                          requests=(ForwardEvidence(step=0, position=0, hidden=hidden, signature=req_sig),),
                          output=out, output_signature=res_sig)
     return [
-        Error(id=7, code=202, message="busy: 3 sessions queued", retry_after=0.5),
-        Ping(id=1),
-        Pong(id=1),
-        FindNode(id=2, target=SERVER.peer_id),
-        Nodes(id=2, nodes=(client_node, server_node)),
-        FindValue(id=3, key=bytes(32)),
-        Value(id=3, records=(record,), nodes=(server_node,)),
-        Store(id=4, record=record),
-        Stored(id=4),
-        OpenSession(id=5, model=model, span=span, max_length=2048, wire_dtype="f32"),
-        SessionOpened(id=5, session=session),
-        Forward(id=6, session=session, step=0, position=0, hidden=hidden, signature=req_sig),
-        ForwardResult(id=6, session=session, step=0, hidden=out, signature=res_sig),
-        ForwardOnce(id=8, nonce=session, model=model, span=span, hidden=hidden, signature=req_sig),
-        ForwardOnceResult(id=8, hidden=out, signature=res_sig),
-        CloseSession(id=9, session=session),
-        SessionClosed(id=9),
-        Receipt(id=10, receipt=receipt),
-        ReceiptAck(id=10, receipt=signed),
-        CreditQuery(id=11),
-        CreditReport(id=11, records=(signed,)),
-        FraudProofNotice(id=12, proof=proof),
-        FraudProofAck(id=12, accepted=True),
+        (7, Error(code=202, message="busy: 3 sessions queued", retry_after=0.5)),
+        (1, Ping()),
+        (1, Pong()),
+        (2, FindNode(target=SERVER.peer_id)),
+        (2, Nodes(nodes=(client_node, server_node))),
+        (3, FindValue(key=bytes(32))),
+        (3, Value(records=(record,), nodes=(server_node,))),
+        (4, Store(record=record)),
+        (4, Stored()),
+        (5, OpenSession(model=model, span=span, max_length=2048, wire_dtype="f32")),
+        (5, SessionOpened(session=session)),
+        (6, Forward(session=session, step=0, position=0, hidden=hidden, signature=req_sig)),
+        (6, ForwardResult(session=session, step=0, hidden=out, signature=res_sig)),
+        (8, ForwardOnce(nonce=session, model=model, span=span, hidden=hidden, signature=req_sig)),
+        (8, ForwardOnceResult(hidden=out, signature=res_sig)),
+        (9, CloseSession(session=session)),
+        (9, SessionClosed()),
+        (10, Receipt(receipt=receipt)),
+        (10, ReceiptAck(receipt=signed)),
+        (11, CreditQuery()),
+        (11, CreditReport(records=(signed,))),
+        (12, FraudProofNotice(proof=proof)),
+        (12, FraudProofAck(accepted=True)),
     ]
 
 
 def message_vectors() -> dict[str, Any]:
     entries = []
-    for msg in sample_messages():
-        entries.append({"name": type(msg).__name__, "type": msg.TYPE, "id": msg.id,
-                        "fields": fields_to_json(msg, msg.FIELDS), "cbor_hex": encode_message(msg).hex()})
+    for request_id, msg in sample_messages():
+        entries.append({"name": type(msg).__name__, "type": msg.TYPE, "id": request_id,
+                        "fields": fields_to_json(msg, msg.FIELDS), "cbor_hex": encode_message(msg, request_id).hex()})
     return {"description": "One encoded example of every message type; decode(cbor_hex) must equal fields, "
                            "encode(fields) must equal cbor_hex.", "messages": entries}
 

@@ -285,7 +285,7 @@ class Auditor:
         digest = wire.digest()
         signature = me.sign(forward_request_statement(client=me.peer_id, server=peer_id, session=nonce, step=0,
                                                       model=model, span=span, position=0, input_digest=digest))
-        result = await conn.request(ForwardOnce(id=0, nonce=nonce, model=model, span=span, hidden=wire,
+        result = await conn.request(ForwardOnce(nonce=nonce, model=model, span=span, hidden=wire,
                                                   signature=signature), timeout=self.policy.timeout)
         if tuple(result.hidden.shape) != tuple(wire.shape):
             raise SwarmError(f"auditor returned shape {list(result.hidden.shape)} for {list(wire.shape)}")

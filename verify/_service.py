@@ -176,7 +176,7 @@ class FraudProofService:
             self.reputation.record_invalid_proof(conn.peer_id, self.clock())
             self._save()
             raise RemoteError(str(exc), code=ErrorCode.INVALID_PROOF) from None
-        return FraudProofAck(id=msg.id, accepted=True)
+        return FraudProofAck(accepted=True)
 
     def _accept(self, digest: bytes, proof: FraudProof, sender: bytes | None, *, spread: bool = True) -> None:
         accused = peer_id_of(proof.accused)
@@ -203,7 +203,7 @@ class FraudProofService:
 
     async def _notify(self, conn: PeerConnection, proof: FraudProof) -> None:
         try:
-            await conn.request(FraudProofNotice(id=0, proof=proof), timeout=self.timeout)
+            await conn.request(FraudProofNotice(proof=proof), timeout=self.timeout)
         except SwarmError as exc:
             log.debug("gossip to %s: %s", conn.peer_id.hex()[:12], exc)
 
@@ -218,7 +218,7 @@ class FraudProofService:
         for addr in addrs:
             try:
                 conn = await self.host.connect(addr, peer_id=peer_id, timeout=min(self.timeout, 10.0))
-                ack = await conn.request(FraudProofNotice(id=0, proof=proof), timeout=self.timeout)
+                ack = await conn.request(FraudProofNotice(proof=proof), timeout=self.timeout)
                 return bool(ack.accepted)
             except RemoteError as exc:
                 return False if exc.code == ErrorCode.INVALID_PROOF else None

@@ -205,11 +205,11 @@ class DhtNode:
         """A bootstrap peer with our own id (this identity's server, when its owner
         generates from another process) is never a contact: ask it for its
         neighbours and dial them, so that they become our contacts."""
-        answer = await conn.request(FindNode(id=0, target=self.peer_id), timeout=self.query_timeout)
+        answer = await conn.request(FindNode(target=self.peer_id), timeout=self.query_timeout)
         async with trio.open_nursery() as nursery:
             for info in answer.nodes:
                 if info.peer_id != self.peer_id:
-                    nursery.start_soon(self._quietly, self._request(info, Ping(id=0)))
+                    nursery.start_soon(self._quietly, self._request(info, Ping()))
 
     # -- public operations ----------------------------------------------------------
 
@@ -244,7 +244,7 @@ class DhtNode:
         async def one(info: NodeInfo) -> None:
             try:
                 with trio.fail_after(self.query_timeout):
-                    await self._request(info, Store(id=0, record=record))
+                    await self._request(info, Store(record=record))
                 outcomes.append(True)
             except RemoteError as exc:
                 log.debug("%s refused STORE: %s", info.peer_id.hex()[:12], exc)
@@ -292,12 +292,12 @@ class DhtNode:
 
     async def lookup_node(self, target: bytes, *, beta: int | None = None) -> LookupResult:
         """An iterative FIND_NODE lookup for ``target`` (20 bytes)."""
-        return await self._drive(target, lambda: FindNode(id=0, target=target), beta=beta or self.beta)
+        return await self._drive(target, lambda: FindNode(target=target), beta=beta or self.beta)
 
     async def lookup_value(self, key: bytes) -> LookupResult:
         """An iterative FIND_VALUE lookup for ``key``; ``records`` holds every valid
         record the queried nodes returned (not merged)."""
-        return await self._drive(key_target(key), lambda: FindValue(id=0, key=key), beta=self.beta, key=key)
+        return await self._drive(key_target(key), lambda: FindValue(key=key), beta=self.beta, key=key)
 
     # -- lookups --------------------------------------------------------------------
 
@@ -398,7 +398,7 @@ class DhtNode:
             while (contact := self.routing.take_pending_check()) is not None:
                 try:
                     with trio.fail_after(self.query_timeout):
-                        await self._request(contact.info, Ping(id=0))
+                        await self._request(contact.info, Ping())
                     self.routing.contact_alive(contact)
                 except (SwarmError, trio.TooSlowError):
                     log.debug("evicting unresponsive contact %r", contact)
@@ -432,20 +432,20 @@ class DhtNode:
 
     async def _on_ping(self, conn: PeerConnection, msg: Ping) -> Pong:
         self._seen(conn)
-        return Pong(id=msg.id)
+        return Pong()
 
     async def _on_find_node(self, conn: PeerConnection, msg: FindNode) -> Nodes:
         self._seen(conn)
-        return Nodes(id=msg.id, nodes=tuple(c.info for c in self.routing.closest(msg.target, self.k,
+        return Nodes(nodes=tuple(c.info for c in self.routing.closest(msg.target, self.k,
                                                                                    exclude=conn.peer_id)))
 
     async def _on_find_value(self, conn: PeerConnection, msg: FindValue) -> Value:
         self._seen(conn)
         records = self.records.get(msg.key, now=self.clock())[:MAX_RECORDS]
         nodes = self.routing.closest(key_target(msg.key), self.k, exclude=conn.peer_id)
-        return Value(id=msg.id, records=tuple(records), nodes=tuple(c.info for c in nodes))
+        return Value(records=tuple(records), nodes=tuple(c.info for c in nodes))
 
     async def _on_store(self, conn: PeerConnection, msg: Store) -> Stored:
         self._seen(conn)
         self.records.put(msg.record, now=self.clock())  # RecordRejected is answered as ERROR
-        return Stored(id=msg.id)
+        return Stored()

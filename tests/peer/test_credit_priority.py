@@ -137,16 +137,16 @@ async def test_sybil_receipts_buy_nothing_and_bad_receipts_are_refused(model_dir
         conn = await attacker.client.host.connect(server.address, peer_id=identity.peer_id)
         server.credit.desk.served(me.public_key, 100)
         good = make_receipt(me, identity.public_key, conn.handshake_hash, 1000, 80)
-        ack = await conn.request(Receipt(id=0, receipt=good))
+        ack = await conn.request(Receipt(receipt=good))
         assert ack.receipt.server_signature is not None
         with pytest.raises(RemoteError) as info:
-            await conn.request(Receipt(id=0, receipt=dataclasses.replace(good, work=90)))
+            await conn.request(Receipt(receipt=dataclasses.replace(good, work=90)))
         assert info.value.code == ErrorCode.BAD_SIGNATURE
         with pytest.raises(RemoteError) as info:
-            await conn.request(Receipt(id=0, receipt=good))
+            await conn.request(Receipt(receipt=good))
         assert info.value.code == ErrorCode.STALE_RECORD
         with pytest.raises(RemoteError):  # claims more work than was served
-            await conn.request(Receipt(id=0, receipt=make_receipt(me, identity.public_key, conn.handshake_hash,
+            await conn.request(Receipt(receipt=make_receipt(me, identity.public_key, conn.handshake_hash,
                                                                      1001, 10**6)))
         server.cancel_scope.cancel()
         await trio.sleep(0.2)

@@ -196,18 +196,18 @@ async def test_server_rejects_bad_requests(tiny):
                 await conn.request(msg)
             return info.value.code
 
-        assert await code_of(OpenSession(id=0, model="other@0", span=(0, 3), max_length=8)) == ErrorCode.MODEL_MISMATCH
-        assert await code_of(OpenSession(id=0, model=model_id, span=(2, 5), max_length=8)) == ErrorCode.SPAN_NOT_SERVED
-        opened = await conn.request(OpenSession(id=0, model=model_id, span=(0, 3), max_length=8))
+        assert await code_of(OpenSession(model="other@0", span=(0, 3), max_length=8)) == ErrorCode.MODEL_MISMATCH
+        assert await code_of(OpenSession(model=model_id, span=(2, 5), max_length=8)) == ErrorCode.SPAN_NOT_SERVED
+        opened = await conn.request(OpenSession(model=model_id, span=(0, 3), max_length=8))
         hidden = encode_tensor(torch.zeros(1, 2, 64))
-        forged = Forward(id=0, session=opened.session, step=0, position=0, hidden=hidden, signature=bytes(64))
+        forged = Forward(session=opened.session, step=0, position=0, hidden=hidden, signature=bytes(64))
         assert await code_of(forged) == ErrorCode.BAD_SIGNATURE
         assert await code_of(dataclasses.replace(forged, step=3)) == ErrorCode.BAD_STATE
         assert await code_of(dataclasses.replace(forged, hidden=encode_tensor(torch.zeros(1, 9, 64)))) \
             == ErrorCode.MAX_LENGTH_EXCEEDED
         assert await code_of(dataclasses.replace(forged, hidden=encode_tensor(torch.zeros(1, 2, 32)))) \
             == ErrorCode.INVALID_REQUEST
-        assert await code_of(CloseSession(id=0, session=bytes(16))) == ErrorCode.UNKNOWN_SESSION
+        assert await code_of(CloseSession(session=bytes(16))) == ErrorCode.UNKNOWN_SESSION
         # sessions belong to the connection that opened them
         other = Identity.generate()
         from swarm.transport import Host
@@ -215,9 +215,9 @@ async def test_server_rejects_bad_requests(tiny):
         intruder = Host(other)
         await nursery.start(intruder.run)
         with pytest.raises(RemoteError) as info:
-            await intruder.request(node.address, CloseSession(id=0, session=opened.session))
+            await intruder.request(node.address, CloseSession(session=opened.session))
         assert info.value.code == ErrorCode.UNKNOWN_SESSION
-        await conn.request(CloseSession(id=0, session=opened.session))
+        await conn.request(CloseSession(session=opened.session))
         nursery.cancel_scope.cancel()
 
 

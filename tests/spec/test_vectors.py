@@ -19,9 +19,9 @@ def test_message_vectors_replay(generator):
     assert {e["type"] for e in entries} == set(MESSAGE_TYPES)
     for entry in entries:
         wire = bytes.fromhex(entry["cbor_hex"])
-        expected = generator.message_from_json(entry)
-        assert encode_message(expected) == wire, entry["name"]
-        assert decode_message(wire) == expected, entry["name"]
+        request_id, expected = generator.message_from_json(entry)
+        assert encode_message(expected, request_id) == wire, entry["name"]
+        assert decode_message(wire) == (request_id, expected), entry["name"]
 
 
 def test_statement_vectors_replay():

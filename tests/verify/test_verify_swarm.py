@@ -42,7 +42,7 @@ async def test_forged_fraud_proofs_against_an_honest_peer_are_rejected(tiny_veri
         async def submit(node, forged):
             conn = await client.host.connect(node.address, peer_id=node.identity.peer_id)
             with pytest.raises(RemoteError) as info:
-                await conn.request(FraudProofNotice(id=0, proof=forged))
+                await conn.request(FraudProofNotice(proof=forged))
             return info.value.code
 
         # a holder recomputes and finds the accused honest; a bad signature fails before compute
