@@ -27,11 +27,9 @@ import trio
 
 from protocol import (
     DTYPES,
-    EMPTY_HISTORY,
     Announcement,
     CloseSession,
     Forward,
-    ForwardEvidence,
     ForwardOnce,
     ForwardOnceResult,
     ForwardResult,
@@ -39,14 +37,15 @@ from protocol import (
     OpenSession,
     SessionClosed,
     SessionOpened,
+    SessionPhase,
     SessionState,
     WireTensor,
+    check_forward,
+    check_forward_once,
     decode_tensor,
     encode_tensor,
-    extend_history,
-    forward_request_statement,
-    forward_result_statement,
-    verify_signature,
+    sign_forward_once_result,
+    sign_result,
 )
 from protocol.errors import ErrorCode, RemoteError, SwarmError
 from swarm.transport import Host, PeerConnection
@@ -75,16 +74,11 @@ class ServerStats:
 
 @dataclass(slots=True)
 class _Served:
-    """A session as the server keeps it."""
+    """A session as the server keeps it: the connection that owns it, and its protocol
+    state (the client-signed transcript included). The KV cache is the executor's."""
 
     owner: PeerConnection
-    client: bytes  # the client's peer id
-    span: tuple[int, int]
-    wire_dtype: str
     state: SessionState
-    evidence: list[ForwardEvidence] = field(default_factory=list)  # client-signed requests
-    history: bytes = EMPTY_HISTORY  # running digest of the inputs (signed with every result)
-    work: int = 0  # blocks x tokens served in this session
 
 
 class SpanServer:
@@ -193,7 +187,7 @@ class SpanServer:
         served = self._sessions.pop(sid, None)
         if served is None:
             return
-        if served.state.phase.name == "OPEN":
+        if served.state.phase is SessionPhase.OPEN:
             served.state.evict()
         try:
             self.executor.close_session(sid)
@@ -216,11 +210,11 @@ class SpanServer:
             if len(self._sessions) >= self.max_sessions:
                 raise RemoteError(f"all {self.max_sessions} session slots are taken", code=ErrorCode.BUSY,
                                   retry_after=1.0)
-        state = SessionState(max_length=msg.max_length)
         sid = self.executor.open_session(msg.max_length, start=msg.span[0], end=msg.span[1])
+        state = SessionState(client=conn.peer_id, server=self.identity.peer_id, session=sid, model=self.model,
+                             span=msg.span, max_length=msg.max_length, wire_dtype=msg.wire_dtype)
         state.open()
-        self._sessions[sid] = _Served(owner=conn, client=conn.peer_id, span=msg.span, wire_dtype=msg.wire_dtype,
-                                      state=state)
+        self._sessions[sid] = _Served(owner=conn, state=state)
         self.stats.sessions_opened += 1
         return SessionOpened(session=sid)
 
@@ -231,47 +225,27 @@ class SpanServer:
         if served is None or served.owner is not conn:
             raise RemoteError("unknown session (closed, evicted, or opened on another connection); open a new one",
                               code=ErrorCode.UNKNOWN_SESSION)
-        hidden = self._check_input(msg.hidden, served.wire_dtype)
-        n_tokens = hidden.shape[1]
-        served.state.check_forward(step=msg.step, position=msg.position, n_tokens=n_tokens)
-        input_digest = msg.hidden.digest()
-        verify_signature(conn.public_key, forward_request_statement(
-            client=conn.peer_id, server=self.identity.peer_id, session=msg.session, step=msg.step, model=self.model,
-            span=served.span, position=msg.position, input_digest=input_digest), msg.signature)
-        output = await self._compute_step(conn, served.span, n_tokens,
+        state = served.state
+        n_tokens = check_forward(state, msg, client_public_key=conn.public_key,
+                                 hidden_size=self.executor.hidden_size)
+        hidden = self._decode(msg.hidden)
+        output = await self._compute_step(conn, state.span, n_tokens,
                                           lambda: self.executor.forward(msg.session, hidden, msg.position))
         if self._sessions.get(msg.session) is not served:  # closed while computing
             raise RemoteError("the session was closed during the step", code=ErrorCode.UNKNOWN_SESSION)
-        served.state.forward(step=msg.step, position=msg.position, n_tokens=n_tokens)
-        served.evidence.append(ForwardEvidence(step=msg.step, position=msg.position, hidden=msg.hidden,
-                                                 signature=msg.signature))
-        out = encode_tensor(output, served.wire_dtype)
-        history = extend_history(served.history, input_digest)
-        signature = self.identity.sign(forward_result_statement(
-            server=self.identity.peer_id, session=msg.session, step=msg.step, model=self.model, span=served.span,
-            input_digest=input_digest, output_digest=out.digest(), history=history))
-        served.history = history
-        served.work += n_tokens * (served.span[1] - served.span[0])
-        return ForwardResult(session=msg.session, step=msg.step, hidden=out, signature=signature)
+        return sign_result(self.identity, state, msg, encode_tensor(output, state.wire_dtype))
 
     async def _forward_once(self, conn: PeerConnection, msg: ForwardOnce) -> ForwardOnceResult:
         if conn.peer_id in self.banned:
             raise RemoteError("you are banned by this peer (a verified fraud proof)", code=ErrorCode.BANNED)
         self._check_target(msg.model, msg.span)
-        hidden = self._check_input(msg.hidden, msg.hidden.dtype)
-        input_digest = msg.hidden.digest()
-        verify_signature(conn.public_key, forward_request_statement(
-            client=conn.peer_id, server=self.identity.peer_id, session=msg.nonce, step=0, model=self.model,
-            span=msg.span, position=0, input_digest=input_digest), msg.signature)
+        state = check_forward_once(msg, client=conn.peer_id, client_public_key=conn.public_key,
+                                   server=self.identity.peer_id, hidden_size=self.executor.hidden_size)
+        hidden = self._decode(msg.hidden)
         output = await self._compute_step(conn, msg.span, hidden.shape[1],
                                           lambda: self.executor.forward_once(hidden, start=msg.span[0],
                                                                              end=msg.span[1]))
-        out = encode_tensor(output, msg.hidden.dtype)
-        signature = self.identity.sign(forward_result_statement(
-            server=self.identity.peer_id, session=msg.nonce, step=0, model=self.model, span=msg.span,
-            input_digest=input_digest, output_digest=out.digest(),
-            history=extend_history(EMPTY_HISTORY, input_digest)))
-        return ForwardOnceResult(hidden=out, signature=signature)
+        return sign_forward_once_result(self.identity, state, msg, encode_tensor(output, state.wire_dtype))
 
     async def _close_session(self, conn: PeerConnection, msg: CloseSession) -> SessionClosed:
         served = self._sessions.get(msg.session)
@@ -291,13 +265,8 @@ class SpanServer:
             raise RemoteError(f"blocks [{span[0]}, {span[1]}) are not inside the served span "
                               f"[{self.span[0]}, {self.span[1]})", code=ErrorCode.SPAN_NOT_SERVED)
 
-    def _check_input(self, wire: WireTensor, wire_dtype: str) -> torch.Tensor:
-        if wire.dtype != wire_dtype:
-            raise RemoteError(f"hidden states must be sent as {wire_dtype}, got {wire.dtype}",
-                              code=ErrorCode.INVALID_REQUEST)
-        if len(wire.shape) != 3 or wire.shape[0] != 1 or wire.shape[1] < 1 or wire.shape[2] != self.executor.hidden_size:
-            raise RemoteError(f"hidden states must have shape [1, n, {self.executor.hidden_size}], got "
-                              f"{list(wire.shape)}", code=ErrorCode.INVALID_REQUEST)
+    def _decode(self, wire: WireTensor) -> torch.Tensor:
+        """A checked input as the span computes it (its device and dtype)."""
         return decode_tensor(wire, limits=self.host.limits, device=self.executor.device, out_dtype=self.executor.dtype)
 
     async def _compute_step(self, requester: PeerConnection, span: tuple[int, int], n_tokens: int,

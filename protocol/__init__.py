@@ -66,7 +66,23 @@ from ._messages import (
     decode_message,
     encode_message,
 )
-from ._session import SESSION_TRANSITIONS, SessionEvent, SessionPhase, SessionState
+from ._exchange import (
+    accept_forward_once_result,
+    accept_result,
+    check_forward,
+    check_forward_once,
+    check_input,
+    check_result_signature,
+    forward_once_state,
+    replay_requests,
+    request_statement,
+    result_statement,
+    sign_forward,
+    sign_forward_once,
+    sign_forward_once_result,
+    sign_result,
+)
+from ._session import SESSION_TRANSITIONS, SessionEvent, SessionPhase, SessionState, SignedStep
 from ._statements import (
     DOMAIN_FORWARD_REQUEST,
     DOMAIN_FORWARD_RESULT,
@@ -165,11 +181,26 @@ __all__ = [
     "forward_result_statement",
     "record_statement",
     "receipt_statement",
-    # sessions
+    # sessions and the forward exchange
     "SESSION_TRANSITIONS",
     "SessionEvent",
     "SessionPhase",
     "SessionState",
+    "SignedStep",
+    "sign_forward",
+    "check_forward",
+    "sign_result",
+    "accept_result",
+    "sign_forward_once",
+    "forward_once_state",
+    "check_forward_once",
+    "sign_forward_once_result",
+    "accept_forward_once_result",
+    "check_input",
+    "request_statement",
+    "result_statement",
+    "replay_requests",
+    "check_result_signature",
     # identities
     "Identity",
     "peer_id_of",

@@ -34,19 +34,18 @@ import torch
 
 from protocol import (
     DEFAULT_LIMITS,
-    EMPTY_HISTORY,
     ForwardEvidence,
     FraudProof,
     Limits,
+    SessionState,
+    SignedStep,
     WireTensor,
     cbor_decode,
     cbor_encode,
+    check_result_signature,
     decode_tensor,
-    extend_history,
-    forward_request_statement,
-    forward_result_statement,
     peer_id_of,
-    verify_signature,
+    replay_requests,
 )
 from protocol.errors import BadSignature, ErrorCode, SwarmError
 
@@ -55,7 +54,6 @@ from ._compare import Comparison, compare, tolerance_for
 __all__ = [
     "InvalidProof",
     "SpanRecompute",
-    "TranscriptStep",
     "check_proof",
     "proof_digest",
     "proof_from_bytes",
@@ -71,17 +69,6 @@ class InvalidProof(SwarmError):
     """A fraud proof that does not verify; the message says which check failed."""
 
     code = ErrorCode.INVALID_PROOF
-
-
-class TranscriptStep(Protocol):
-    """One signed exchange of a session (``peer._chain.StepRecord`` has this shape)."""
-
-    step: int
-    position: int
-    input: WireTensor
-    request_signature: bytes
-    output: WireTensor
-    result_signature: bytes
 
 
 class SpanRecompute(Protocol):
@@ -101,17 +88,16 @@ class SpanRecompute(Protocol):
 
 
 def proof_from_transcript(*, accused: bytes, client: bytes, model: str, span: tuple[int, int], session: bytes,
-                          transcript: Sequence[TranscriptStep], index: int) -> FraudProof:
+                          transcript: Sequence[SignedStep], index: int) -> FraudProof:
     """The proof that the output of ``transcript[index]`` is wrong.
 
     Args:
         accused, client: Ed25519 public keys of the hop's server and of the client.
-        transcript: the hop's signed exchanges from step 0.
+        transcript: the hop's signed steps from step 0 (a client's ``SessionState``'s).
     """
     if not 0 <= index < len(transcript):
         raise IndexError(f"step index {index} is outside the transcript of {len(transcript)} steps")
-    requests = tuple(ForwardEvidence(step=r.step, position=r.position, hidden=r.input,
-                                       signature=r.request_signature) for r in transcript[:index + 1])
+    requests = tuple(step.evidence() for step in transcript[:index + 1])
     disputed = transcript[index]
     return FraudProof(accused=accused, client=client, model=model, span=span, session=session, requests=requests,
                         output=disputed.output, output_signature=disputed.result_signature)
@@ -169,23 +155,20 @@ def check_proof(proof: FraudProof) -> None:
     if tuple(proof.output.shape) != tuple(requests[-1].hidden.shape):
         raise InvalidProof(f"output shape {list(proof.output.shape)} differs from the last input's "
                            f"{list(requests[-1].hidden.shape)}")
-    client_id, accused_id = peer_id_of(proof.client), peer_id_of(proof.accused)
+    # 2-3: the proof is a session replayed: the client's signatures in step order,
+    # then the accused's over the history digest of exactly these inputs
+    state = SessionState(client=peer_id_of(proof.client), server=peer_id_of(proof.accused), session=proof.session,
+                         model=proof.model, span=proof.span, max_length=position, wire_dtype=dtype)
+    state.open()
     try:
-        for request in requests:
-            verify_signature(proof.client, forward_request_statement(
-                client=client_id, server=accused_id, session=proof.session, step=request.step, model=proof.model,
-                span=proof.span, position=request.position, input_digest=request.hidden.digest()),
-                request.signature)
+        replay_requests(state, requests, client_public_key=proof.client)
     except BadSignature:
-        raise InvalidProof(f"the client's signature on step {request.step} does not verify") from None
-    history = EMPTY_HISTORY
-    for request in requests:  # the accused signed the digest of exactly these inputs
-        history = extend_history(history, request.hidden.digest())
+        raise InvalidProof(f"the client's signature on step {state.next_step} does not verify") from None
+    last = requests[-1]
     try:
-        verify_signature(proof.accused, forward_result_statement(
-            server=accused_id, session=proof.session, step=requests[-1].step, model=proof.model, span=proof.span,
-            input_digest=requests[-1].hidden.digest(), output_digest=proof.output.digest(), history=history),
-            proof.output_signature)
+        check_result_signature(state, step=last.step, input_digest=last.hidden.digest(), output=proof.output,
+                               signature=proof.output_signature, history=state.history,
+                               server_public_key=proof.accused)
     except BadSignature:
         raise InvalidProof("the accused's signature on the output does not verify") from None
 

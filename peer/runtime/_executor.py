@@ -11,6 +11,13 @@ of the served blocks (a route may use only part of a peer's span): such a sessio
 cache has one slot per block it runs, and the attention modules are pointed at their
 slot before each run.
 
+A session here is compute only: a KV cache, the tokens it holds and the memory
+reserved for it. The protocol's account of a session (steps, positions, the history
+digest, the signed transcript) is ``protocol.SessionState``, which the server checks
+before it calls ``forward``; the position and length checks here guard the cache
+itself (a cache fed out of order or past its reservation would compute garbage), and
+serve local callers (``generate_local``) that use no protocol at all.
+
 Memory: each open session reserves ``max_length * per_token_cache_bytes`` against
 ``cache_bytes`` when it opens (an upper bound: the cache grows lazily, but a session
 admitted must never fail for memory halfway through). Sessions remember when they

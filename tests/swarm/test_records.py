@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from protocol import Announcement, Identity, Limits, SignedRecord, cbor_encode
+from protocol import Announcement, Identity, Limits, SignedRecord, cbor_encode, record_statement
 from protocol.errors import ErrorCode
 from swarm.announce import RECORD_KINDS, announcement_records, block_key, encode_block_value
 from swarm.dht import RecordRejected, RecordStore, check_record, is_tombstone, merge_records, record_size
@@ -53,8 +53,12 @@ def test_forged_signature_is_rejected():
     good = record()
     forged = dataclasses.replace(good, signature=BOB.sign(b"something else"))
     rejected(ErrorCode.BAD_SIGNATURE, check_record, forged, now=NOW, kinds=RECORD_KINDS)
-    # a record signed by Bob but claiming Alice as publisher
-    stolen = dataclasses.replace(good, signature=BOB.sign(b"x" * 10))
+    # Bob signs exactly the statement Alice signed, and the record still names Alice as
+    # its publisher: the signature is valid, but Bob's, so it does not make the record Alice's
+    statement = record_statement(key=good.key, publisher=ALICE.public_key, seq=good.seq, expires=good.expires,
+                                 value=good.value)
+    assert ALICE.sign(statement) == good.signature
+    stolen = dataclasses.replace(good, signature=BOB.sign(statement))
     rejected(ErrorCode.BAD_SIGNATURE, check_record, stolen, now=NOW, kinds=RECORD_KINDS)
 
 
