@@ -201,7 +201,7 @@ class Chain:
         record.latency += time.perf_counter() - t0
         accept_result(record.state, request, result, server_public_key=record.conn.public_key)
         if self.credit is not None:
-            await self.credit.received(record.conn, wire.shape[1] * (record.span[1] - record.span[0]))
+            self.credit.received(record.conn, wire.shape[1] * record.state.blocks)
         return decode_tensor(result.hidden, out_dtype=x.dtype)
 
     async def _replace_cheater(self, index: int, cheater: HopRecord, position: int) -> None:

@@ -1,14 +1,16 @@
 """The serving side of a peer: inference sessions over the swarm transport.
 
 Theory of operation. ``SpanServer`` registers handlers for OPEN_SESSION, FORWARD,
-FORWARD_ONCE and CLOSE_SESSION on a ``swarm.transport.Host`` and runs the span's
-compute on one worker thread (the runtime is not thread-safe, and one thread keeps
-the CPU's cores for torch). Every request is checked before any compute: the
-client's signature over the forward request statement (spec section 9), the session's
-owner (sessions belong to the connection that opened them) and the session state
-table (``protocol.SessionState``). Every result is signed over the forward result
-statement. The server keeps each session's signed requests, so a false accusation
-can be refuted with the client's own signatures (spec section 13).
+FORWARD_ONCE and CLOSE_SESSION on a ``swarm.transport.Host``. Every request is
+checked before any compute: the session's owner (sessions belong to the connection
+that opened them), then the protocol's forward exchange (``protocol.check_forward``:
+the input, the session state table, the client's signature over the forward request
+statement, spec sections 9 and 11). The compute itself goes to the peer's one
+``Scheduler`` (``peer.scheduler``), which grants slots in credit order and runs the
+step in one of its worker threads; a session computes one step at a time. Every
+result is signed over the forward result statement (``protocol.sign_result``), and
+the session's ``SessionState`` keeps the client-signed requests, so a false
+accusation can be refuted with the client's own signatures (spec section 13).
 
 Shutdown (``drain``): new sessions are refused with SHUTTING_DOWN, in-flight steps
 finish (up to a grace period), then the caller cancels the server's scope, which
@@ -17,6 +19,7 @@ withdraws the announcement (``swarm.announce.Announcer``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -47,10 +50,11 @@ from protocol import (
     sign_forward_once_result,
     sign_result,
 )
-from protocol.errors import ErrorCode, RemoteError, SwarmError
+from protocol.errors import ErrorCode, RemoteError, SwarmError, UnexpectedMessage
 from swarm.transport import Host, PeerConnection
 
 from .runtime import SpanExecutor
+from .scheduler import Scheduler
 
 __all__ = ["SpanServer", "ServerStats"]
 
@@ -79,6 +83,7 @@ class _Served:
 
     owner: PeerConnection
     state: SessionState
+    computing: bool = False  # a step is in a worker thread: the cache is not to be touched
 
 
 class SpanServer:
@@ -90,8 +95,8 @@ class SpanServer:
         max_sessions: sessions open at once; beyond it OPEN_SESSION gets BUSY.
         on_work: called with (requester's connection, work units) after every served
             step; the credit ledger hooks in here.
-        admit: an async context manager factory ``admit(requester_peer_id)`` that
-            grants a compute slot (the credit scheduler); default: first come, first served.
+        compute: the peer's compute scheduler (shared with fraud proof verification);
+            default: a one-slot scheduler that knows no credit (first come, first served).
         banned: requesters answered BANNED (a live set: the fraud proof service adds to it).
     """
 
@@ -103,7 +108,7 @@ class SpanServer:
         max_sessions: int = 16,
         drain_grace: float = 30.0,
         on_work: Callable[[PeerConnection, int], None] | None = None,
-        admit: Callable[[bytes], object] | None = None,
+        compute: Scheduler | None = None,
         banned: Collection[bytes] = frozenset(),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -119,11 +124,10 @@ class SpanServer:
         self.stats = ServerStats()
         self.draining = False
         self._on_work = on_work
-        self._admit = admit
+        self.compute = compute or Scheduler(1)
         self.banned = banned  # peers refused with BANNED (verify.Reputation.banned, shared)
         self._clock = clock
         self._sessions: dict[bytes, _Served] = {}
-        self._compute = trio.CapacityLimiter(1)
         self._in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -225,12 +229,18 @@ class SpanServer:
         if served is None or served.owner is not conn:
             raise RemoteError("unknown session (closed, evicted, or opened on another connection); open a new one",
                               code=ErrorCode.UNKNOWN_SESSION)
+        if served.computing:  # one step at a time: the executor runs a session in one thread
+            raise UnexpectedMessage("the session's previous step is still being computed; wait for its result")
         state = served.state
         n_tokens = check_forward(state, msg, client_public_key=conn.public_key,
                                  hidden_size=self.executor.hidden_size)
         hidden = self._decode(msg.hidden)
-        output = await self._compute_step(conn, state.span, n_tokens,
-                                          lambda: self.executor.forward(msg.session, hidden, msg.position))
+        served.computing = True
+        try:
+            output = await self._compute_step(conn, state.span, n_tokens,
+                                              lambda: self.executor.forward(msg.session, hidden, msg.position))
+        finally:
+            served.computing = False
         if self._sessions.get(msg.session) is not served:  # closed while computing
             raise RemoteError("the session was closed during the step", code=ErrorCode.UNKNOWN_SESSION)
         return sign_result(self.identity, state, msg, encode_tensor(output, state.wire_dtype))
@@ -274,11 +284,7 @@ class SpanServer:
         self._in_flight += 1
         self._idle = trio.Event() if self._in_flight == 1 else self._idle
         try:
-            if self._admit is not None:
-                async with self._admit(requester.peer_id):
-                    output, seconds = await self._run_compute(fn)
-            else:
-                output, seconds = await self._run_compute(fn)
+            output, seconds = await self.compute.run(requester.peer_id, functools.partial(_timed, fn))
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
@@ -291,15 +297,10 @@ class SpanServer:
             self._on_work(requester, work)
         return output
 
-    async def _run_compute(self, fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
-        def timed() -> tuple[torch.Tensor, float]:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = fn()
-            return out, time.perf_counter() - t0
 
-        # abandon_on_cancel=False: a step in the worker thread always finishes before
-        # its session is touched again, so cancellation never leaves a cache half-updated.
-        return await trio.to_thread.run_sync(timed, limiter=self._compute)
-
-
+def _timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """``fn()`` and its duration: runs in a compute worker thread."""
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = fn()
+    return out, time.perf_counter() - t0

@@ -33,7 +33,7 @@ from ._proofs import (
     verify_proof,
 )
 from ._reputation import Ban, PeerStanding, Reputation, ReputationFileError
-from ._service import FraudProofService
+from ._service import Compute, FraudProofService
 from ._store import (
     FRAUD_KIND,
     FRAUD_PART_KIND,
@@ -75,6 +75,7 @@ __all__ = [
     "PeerStanding",
     "Reputation",
     "ReputationFileError",
+    "Compute",
     "FraudProofService",
     "FRAUD_KIND",
     "FRAUD_PART_KIND",

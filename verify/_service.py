@@ -7,7 +7,8 @@ the DHT (``check_peer``), or from this peer's own auditor (``submit``). The serv
 verifies it once (results are cached by proof digest):
 
 - a peer serving the proof's span runs ``verify_proof`` (signatures, then recompute
-  on its own executor, in a worker thread under the server's compute limiter);
+  on its own executor), through the peer's compute scheduler like any step, so
+  verification takes its turn in the same credit order;
 - any other peer checks the signatures and asks up to ``endorsers`` independent
   holders of the span (found in the DHT; never the accused, the sender or the
   submitter) to verify it, and accepts it if more of them accept than reject.
@@ -25,6 +26,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import trio
 
@@ -38,9 +40,19 @@ from ._proofs import InvalidProof, SpanRecompute, check_proof, proof_digest, ver
 from ._reputation import Reputation
 from ._store import MAX_STORED_PROOF, fetch_proofs, proof_to_bytes, publish_proof
 
-__all__ = ["FraudProofService"]
+__all__ = ["Compute", "FraudProofService"]
 
 log = logging.getLogger("swarm.verify")
+
+T = TypeVar("T")
+
+
+class Compute(Protocol):
+    """The peer's compute, as verification uses it (``peer.scheduler.Scheduler``)."""
+
+    async def run(self, requester: bytes, fn: Callable[[], T]) -> T:
+        """``fn()`` in a worker thread, once ``requester`` is granted a compute slot."""
+        ...
 
 
 class FraudProofService:
@@ -50,16 +62,19 @@ class FraudProofService:
         host, dht: the peer's transport and DHT node (running).
         reputation: where bans and penalties go (shared with routing and the server).
         executor: the span this peer serves, if any (it then verifies by recomputing).
-        compute_limiter: the server's compute limiter, so verification queues with steps.
+        compute: the peer's compute scheduler; required with ``executor``: verification
+            queues with the steps the peer serves, in the same order.
         reputation_path: if given, the reputation is saved there after every ban.
         endorsers: independent holders a non-holder asks.
         timeout: seconds for one notice to a peer.
     """
 
     def __init__(self, host: Host, dht: DhtNode, reputation: Reputation, *, executor: SpanRecompute | None = None,
-                 compute_limiter: trio.CapacityLimiter | None = None, compute_dtype: str = "f32",
+                 compute: Compute | None = None, compute_dtype: str = "f32",
                  reputation_path: str | Path | None = None, endorsers: int = 3, timeout: float = 30.0,
                  store: bool = True, clock: Callable[[], float] = time.time) -> None:
+        if executor is not None and compute is None:
+            raise ValueError("a FraudProofService that recomputes needs the peer's compute scheduler")
         self.host = host
         self.dht = dht
         self.reputation = reputation
@@ -73,7 +88,7 @@ class FraudProofService:
         self.accepted: dict[bytes, FraudProof] = {}  # digest -> verified proof
         self.rejected: set[bytes] = set()
         self.stored: dict[bytes, int] = {}  # digest -> DHT nodes holding the index
-        self._limiter = compute_limiter or trio.CapacityLimiter(1)
+        self.compute = compute
         self._pending: dict[bytes, trio.Event] = {}
         self._seen_by: dict[bytes, set[bytes]] = {}  # digest -> peers known to have it
         self._send, self._receive = trio.open_memory_channel[tuple[Callable[..., Awaitable[object]], tuple]](64)
@@ -109,9 +124,10 @@ class FraudProofService:
         self._pending[digest] = done = trio.Event()
         try:
             if self.holds(proof):
-                async with self._limiter:
-                    verdict = await trio.to_thread.run_sync(
-                        lambda: verify_proof(proof, self.executor, compute_dtype=self.compute_dtype))
+                executor, compute = self.executor, self.compute
+                assert executor is not None and compute is not None  # holds() and the constructor
+                verdict = await compute.run(sender or self.host.peer_id,
+                                            lambda: verify_proof(proof, executor, compute_dtype=self.compute_dtype))
                 log.warning("verified fraud proof against %s: %s", peer_id_of(proof.accused).hex()[:12], verdict)
             else:
                 check_proof(proof)

@@ -79,7 +79,7 @@ async def test_contributors_wait_less_than_free_riders(model_dir, tmp_path):
 
         # No contention: a lone newcomer is served at once.
         await riders[0].generate(PROMPT, max_new_tokens=16)
-        lone = [w for _, w in server.credit.waits[riders[0].client.host.peer_id]]
+        lone = [w for _, w in server.compute.waits[riders[0].client.host.peer_id]]
         assert statistics.median(lone) < 0.005, lone
 
         # First contact makes the server fetch the contributors' receipts (signed by its owner).
@@ -88,7 +88,7 @@ async def test_contributors_wait_less_than_free_riders(model_dir, tmp_path):
         await wait_for(lambda: all(server.credit.credit_of(c.identity.peer_id).total > 0 for c in contributors))
         assert server.credit.credit_of(riders[0].client.host.peer_id).total == 0
 
-        server.credit.waits.clear()
+        server.compute.waits.clear()
         results, finished = {}, []
 
         async def job(name, swarm):
@@ -102,7 +102,7 @@ async def test_contributors_wait_less_than_free_riders(model_dir, tmp_path):
         assert len({tuple(r.token_ids) for r in results.values()}) == 1  # same prompt, same greedy text
 
         def median_wait(swarms):  # while all four contended: after the first finished, riders run alone
-            return statistics.median(w for s in swarms for t, w in server.credit.waits[s.client.host.peer_id]
+            return statistics.median(w for s in swarms for t, w in server.compute.waits[s.client.host.peer_id]
                                      if t < finished[0])
 
         contributor_wait, rider_wait = median_wait(helpers), median_wait(riders)

@@ -17,7 +17,16 @@ from peer.client import ModelNotServed, PromptTooLong
 from peer.node import ServeOptions, run_server
 from peer.runtime import InvalidArgument
 from peer.server import SpanServer
-from protocol import CloseSession, Forward, Identity, OpenSession, encode_tensor
+from protocol import (
+    CloseSession,
+    Forward,
+    Identity,
+    OpenSession,
+    SessionState,
+    accept_result,
+    encode_tensor,
+    sign_forward,
+)
 from protocol.errors import ErrorCode, RemoteError
 from swarm.dht import BootstrapFailed
 from swarm.errors import NoRoute
@@ -218,6 +227,36 @@ async def test_server_rejects_bad_requests(tiny):
             await intruder.request(node.address, CloseSession(session=opened.session))
         assert info.value.code == ErrorCode.UNKNOWN_SESSION
         await conn.request(CloseSession(session=opened.session))
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_session_computes_one_step_at_a_time(tiny):
+    path, _ = tiny
+    async with trio.open_nursery() as nursery:
+        node = await start(nursery, path, (0, 3))
+        swarm = await Swarm.connect(nursery, bootstrap=[node.address], model=path)
+        host = swarm.client.host
+        conn = await host.connect(node.address, peer_id=node.identity.peer_id)
+        opened = await conn.request(OpenSession(model=node.server.model, span=(0, 3), max_length=8))
+        state = SessionState(client=host.peer_id, server=node.identity.peer_id, session=opened.session,
+                             model=node.server.model, span=(0, 3), max_length=8)
+        state.open()
+        request = sign_forward(host.identity, state, encode_tensor(torch.randn(1, 2, 64)))
+        answers = []
+
+        async def first():
+            answers.append(await conn.request(request))
+
+        async with trio.open_nursery() as steps:
+            async with node.compute.slot(b"another requester"):  # the one compute slot is taken
+                steps.start_soon(first)
+                with trio.fail_after(10):
+                    while node.compute.waiting == 0:  # the step waits for the slot
+                        await trio.sleep(0.01)
+                with pytest.raises(RemoteError) as info:  # the same step again, while the first waits
+                    await conn.request(request)
+                assert info.value.code == ErrorCode.BAD_STATE and "still being computed" in info.value.message
+        accept_result(state, request, answers[0], server_public_key=conn.public_key)  # the first one is fine
         nursery.cancel_scope.cancel()
 
 
