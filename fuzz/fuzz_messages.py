@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import protocol as M
 from protocol import Limits, ProtocolError, cbor_decode, cbor_encode
-from protocol import _messages as M
 
 from strategies import STRATEGIES, cbor_values, messages, request_ids
 

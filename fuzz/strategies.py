@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
+import protocol as M
 from protocol import Identity
-from protocol import _messages as M
 from protocol._fields import Bool, Bytes, Float, ListOf, Span, Struct, TensorCodec, Text, UInt
 
 IDENTITIES = [Identity.from_seed(bytes([i]) * 32) for i in range(4)]

@@ -116,40 +116,42 @@ async def test_sybil_receipts_buy_nothing_and_bad_receipts_are_refused(model_dir
     ledger = tmp_path / "server.ledger"
     identity = Identity.generate()
     async with trio.open_nursery() as nursery:
-        server = await serve(nursery, model_dir, identity=identity, ledger_path=str(ledger))
-        attacker = await client(nursery, model_dir, server.address)
-        me = attacker.client.host.identity
-        sybils = [Identity.generate() for _ in range(10)]
-        wallet = attacker.client.credit.ledger
-        for i, a in enumerate(sybils):  # a dense web of fake work among the Sybils and the attacker
-            for b in sybils[i + 1:] + [me]:
-                record = countersign(b, make_receipt(a, b.public_key, bytes(32), 1, 10**9))
-                if b is me:
-                    wallet.store(record)
-                else:
-                    wallet.merge_remote([record])
-        await attacker.generate(PROMPT, max_new_tokens=4)  # first contact: the server fetches the records
-        await wait_for(lambda: me.peer_id in server.credit._asked)
-        await trio.sleep(0.5)
-        assert server.credit.credit_of(me.peer_id).total == 0
+        async with trio.open_nursery() as first_life:  # the server's first run, until it stops
+            server = await serve(first_life, model_dir, identity=identity, ledger_path=str(ledger))
+            attacker = await client(nursery, model_dir, server.address)
+            me = attacker.client.host.identity
+            sybils = [Identity.generate() for _ in range(10)]
+            wallet = attacker.client.credit.ledger
+            for i, a in enumerate(sybils):  # a dense web of fake work among the Sybils and the attacker
+                for b in sybils[i + 1:] + [me]:
+                    record = countersign(b, make_receipt(a, b.public_key, bytes(32), 1, 10**9))
+                    if b is me:
+                        wallet.store(record)
+                    else:
+                        wallet.merge_remote([record])
+            await attacker.generate(PROMPT, max_new_tokens=4)  # first contact: the server fetches the records
+            await wait_for(lambda: me.peer_id in server.credit._asked)
+            # the same fetch again, awaited here: once the server holds all the attacker can
+            # show, the attacker still has no credit with it
+            await server.credit.exchange(server.host.connections[me.peer_id])
+            assert server.credit.credit_of(me.peer_id).total == 0
 
-        # Receipts over the wire: a forged one and a replayed one are refused with typed errors.
-        conn = await attacker.client.host.connect(server.address, peer_id=identity.peer_id)
-        server.credit.desk.served(me.public_key, 100)
-        good = make_receipt(me, identity.public_key, conn.handshake_hash, 1000, 80)
-        ack = await conn.request(Receipt(receipt=good))
-        assert ack.receipt.server_signature is not None
-        with pytest.raises(RemoteError) as info:
-            await conn.request(Receipt(receipt=dataclasses.replace(good, work=90)))
-        assert info.value.code == ErrorCode.BAD_SIGNATURE
-        with pytest.raises(RemoteError) as info:
-            await conn.request(Receipt(receipt=good))
-        assert info.value.code == ErrorCode.STALE_RECORD
-        with pytest.raises(RemoteError):  # claims more work than was served
-            await conn.request(Receipt(receipt=make_receipt(me, identity.public_key, conn.handshake_hash,
-                                                                     1001, 10**6)))
-        server.cancel_scope.cancel()
-        await trio.sleep(0.2)
+            # Receipts over the wire: a forged one and a replayed one are refused with typed errors.
+            conn = await attacker.client.host.connect(server.address, peer_id=identity.peer_id)
+            server.credit.desk.served(me.public_key, 100)
+            good = make_receipt(me, identity.public_key, conn.handshake_hash, 1000, 80)
+            ack = await conn.request(Receipt(receipt=good))
+            assert ack.receipt.server_signature is not None
+            with pytest.raises(RemoteError) as info:
+                await conn.request(Receipt(receipt=dataclasses.replace(good, work=90)))
+            assert info.value.code == ErrorCode.BAD_SIGNATURE
+            with pytest.raises(RemoteError) as info:
+                await conn.request(Receipt(receipt=good))
+            assert info.value.code == ErrorCode.STALE_RECORD
+            with pytest.raises(RemoteError):  # claims more work than was served
+                await conn.request(Receipt(receipt=make_receipt(me, identity.public_key, conn.handshake_hash,
+                                                                1001, 10**6)))
+            server.cancel_scope.cancel()  # first_life ends when the server has stopped and saved
 
         # A restart keeps the ledger: the double-signed record is still there.
         again = await serve(nursery, model_dir, identity=identity, ledger_path=str(ledger))

@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 
+import protocol as M
 from protocol import DecodeError, Identity, LimitExceeded, Limits, LocalProtocolError, UnexpectedMessage, cbor_encode
-from protocol import _messages as M
 from protocol.errors import BadSignature, ErrorCode
 
 ALICE = Identity.from_seed(b"a" * 32)
