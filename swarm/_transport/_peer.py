@@ -99,6 +99,8 @@ class PeerConnection:
         on_close: called once with this connection as it closes.
         address: the remote socket address, ``host:port``.
         inbound: whether the peer dialled us.
+        limits: the protocol limits of both directions.
+        default_timeout: seconds ``request`` waits when not told.
 
     Attributes:
         peer_id, public_key: the peer's proven identity (from the handshake).
