@@ -51,6 +51,27 @@ async def wait_for(predicate, timeout=60.0):
             await trio.sleep(0.05)
 
 
+async def test_receipts_go_out_during_a_generation_not_only_at_its_end(model_dir):
+    async with trio.open_nursery() as nursery:
+        server = await serve(nursery, model_dir)
+        swarm = await client(nursery, model_dir, server.address)
+        me, it = swarm.client.host.identity.public_key, server.identity.public_key
+        sent = []
+        credit = swarm.client.credit
+        send_receipt = credit.send_receipt
+
+        async def spy(conn):  # what the client's background sender (and the last receipt) send
+            sent.append(credit.wallet.pending(conn.public_key))
+            return await send_receipt(conn)
+
+        credit.send_receipt = spy
+        await swarm.generate(PROMPT, max_new_tokens=24)  # a prefill and 23 steps: receipts every 8
+        record = server.credit.ledger.latest(me, it)
+        assert record is not None and record.work == (len(PROMPT) + 23) * LAYERS  # all of it receipted at the end
+        assert len(sent) >= 3 and record.seq == len([p for p in sent if p > 0]), sent
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.slow
 async def test_contributors_wait_less_than_free_riders(model_dir, tmp_path):
     async with trio.open_nursery() as nursery:
