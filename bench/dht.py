@@ -42,8 +42,7 @@ from dataclasses import dataclass
 
 import trio
 
-from protocol import Identity
-from protocol._messages import Announcement, NodeInfo
+from protocol import Announcement, Identity, NodeInfo
 from swarm.announce import RECORD_KINDS, announcement_records
 from swarm.dht import ALPHA, BETA, K, PATHS, Contact, DisjointLookup
 from swarm.dht._local import start_local_swarm

@@ -41,17 +41,23 @@ from collections.abc import Callable
 
 import torch
 
-from protocol._connection import Connection, MessageReceived, Role
-from protocol._identity import Identity
-from protocol._messages import Forward, ForwardResult, decode_message, encode_message
-from protocol._statements import (
+from protocol import (
     EMPTY_HISTORY,
+    Connection,
+    Forward,
+    ForwardResult,
+    Identity,
+    MessageReceived,
+    Role,
+    decode_message,
+    decode_tensor,
+    encode_message,
+    encode_tensor,
     extend_history,
     forward_request_statement,
     forward_result_statement,
-    verify,
+    verify_signature,
 )
-from protocol._tensor import decode_tensor, encode_tensor
 
 MODEL = "bench/protocol-overhead"
 SPAN = (0, 10)
@@ -128,10 +134,10 @@ class Hop:
             client=me.peer_id, server=srv.peer_id, session=session, step=step, model=MODEL, span=SPAN,
             position=position, input_digest=input_digest))
         mark()
-        request = Forward(id=7, session=session, step=step, position=position, hidden=wire,
+        request = Forward(session=session, step=step, position=position, hidden=wire,
                           signature=request_signature)
         mark()
-        payload = encode_message(request)
+        payload = encode_message(request, 1)
         mark()
         data = self.client.send(payload)
         mark()
@@ -140,12 +146,12 @@ class Hop:
         event = self.server.next_event()
         mark()
         assert isinstance(event, MessageReceived)
-        msg = decode_message(event.payload)
+        _, msg = decode_message(event.payload)
         mark()
         assert isinstance(msg, Forward)
         server_input_digest = msg.hidden.digest()
         mark()
-        verify(me.public_key, forward_request_statement(
+        verify_signature(me.public_key, forward_request_statement(
             client=me.peer_id, server=srv.peer_id, session=msg.session, step=msg.step, model=MODEL, span=SPAN,
             position=msg.position, input_digest=server_input_digest), msg.signature)
         mark()
@@ -162,8 +168,8 @@ class Hop:
             server=srv.peer_id, session=msg.session, step=msg.step, model=MODEL, span=SPAN,
             input_digest=server_input_digest, output_digest=output_digest, history=self.server_history))
         mark()
-        payload = encode_message(ForwardResult(id=msg.id, session=msg.session, step=msg.step, hidden=out,
-                                               signature=result_signature))
+        payload = encode_message(ForwardResult(session=msg.session, step=msg.step, hidden=out,
+                                               signature=result_signature), 1)
         mark()
         data = self.server.send(payload)
         mark()
@@ -172,13 +178,13 @@ class Hop:
         event = self.client.next_event()
         mark()
         assert isinstance(event, MessageReceived)
-        result = decode_message(event.payload)
+        _, result = decode_message(event.payload)
         mark()
         assert isinstance(result, ForwardResult)
         result_digest = result.hidden.digest()
         mark()
         self.client_history = extend_history(self.client_history, input_digest)
-        verify(srv.public_key, forward_result_statement(
+        verify_signature(srv.public_key, forward_result_statement(
             server=srv.peer_id, session=session, step=step, model=MODEL, span=SPAN, input_digest=input_digest,
             output_digest=result_digest, history=self.client_history), result.signature)
         mark()
@@ -233,7 +239,7 @@ def primitive_floor(x: torch.Tensor, wire_dtype: str, iterations: int) -> dict[s
     narrow = decode_tensor(wire)
     return {
         "Ed25519 sign (200 B)": (2, _median_time(lambda: identity.sign(statement), iterations)),
-        "Ed25519 verify (200 B)": (2, _median_time(lambda: verify(identity.public_key, statement, signature),
+        "Ed25519 verify (200 B)": (2, _median_time(lambda: verify_signature(identity.public_key, statement, signature),
                                                    iterations)),
         "BLAKE2b-256 of the wire bytes": (4, _median_time(
             lambda: hashlib.blake2b(data, digest_size=32).digest(), iterations)),

@@ -24,10 +24,18 @@ from functools import partial
 
 import trio
 
-from protocol._connection import Connection, Role
-from protocol._identity import Identity
-from protocol._messages import Forward, ForwardResult, Ping, Pong, decode_message, encode_message
-from protocol._tensor import WireTensor
+from protocol import (
+    Connection,
+    Forward,
+    ForwardResult,
+    Identity,
+    Ping,
+    Pong,
+    Role,
+    WireTensor,
+    decode_message,
+    encode_message,
+)
 from swarm.transport import Host
 
 HIDDEN = 4096  # f32 elements: 16 KiB, one decode step of a 4096-wide model
@@ -35,7 +43,7 @@ clock = time.perf_counter  # --clock cpu: time.process_time, steadier on a loade
 
 
 def forward_request(hidden: WireTensor) -> Forward:
-    return Forward(id=0, session=bytes(16), step=0, position=0, hidden=hidden, signature=bytes(64))
+    return Forward(session=bytes(16), step=0, position=0, hidden=hidden, signature=bytes(64))
 
 
 async def raw_echo_rtt(size: int, rounds: int) -> float:
@@ -113,10 +121,10 @@ async def swarm_rtts(rounds: int) -> tuple[float, float]:
     server, client = Host(Identity.generate()), Host(Identity.generate())
 
     async def pong(conn, request):
-        return Pong(id=request.id)
+        return Pong()
 
     async def forward(conn, request):
-        return ForwardResult(id=request.id, session=request.session, step=request.step, hidden=request.hidden,
+        return ForwardResult(session=request.session, step=request.step, hidden=request.hidden,
                              signature=bytes(64))
 
     server.add_handler(Ping, pong)
@@ -126,7 +134,7 @@ async def swarm_rtts(rounds: int) -> tuple[float, float]:
         await nursery.start(client.run)
         conn = await client.connect(server.listen_addrs[0], peer_id=server.peer_id)
         results = []
-        for request in (Ping(id=0), forward_request(hidden)):
+        for request in (Ping(), forward_request(hidden)):
             for _ in range(rounds // 10):  # warm-up
                 await conn.request(request)
             start = clock()
@@ -150,7 +158,7 @@ def sansio_rtt(request, response, rounds: int) -> float:
     start = clock()
     for _ in range(rounds):
         for src, dst, message in ((a, b, request), (b, a, response)):
-            dst.receive_data(src.send(encode_message(message)))
+            dst.receive_data(src.send(encode_message(message, 1)))
             decode_message(dst.next_event().payload)
     return (clock() - start) / rounds
 
@@ -159,9 +167,9 @@ async def main(rounds: int, repeats: int) -> None:
     raw_small, raw_big, ping, fwd, sans_ping, sans_fwd = [], [], [], [], [], []
     model_small, model_big = [], []
     hidden = WireTensor(dtype="f32", shape=(1, 1, HIDDEN), data=bytes(4 * HIDDEN))
-    result = ForwardResult(id=1, session=bytes(16), step=0, hidden=hidden, signature=bytes(64))
+    result = ForwardResult(session=bytes(16), step=0, hidden=hidden, signature=bytes(64))
     for _ in range(repeats):
-        sans_ping.append(sansio_rtt(Ping(id=1), Pong(id=1), rounds))
+        sans_ping.append(sansio_rtt(Ping(), Pong(), rounds))
         sans_fwd.append(sansio_rtt(forward_request(hidden), result, rounds))
         raw_small.append(await raw_echo_rtt(40, rounds))
         raw_big.append(await raw_echo_rtt(4 * HIDDEN + 200, rounds))

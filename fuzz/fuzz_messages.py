@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import protocol as M
 from protocol import Limits, ProtocolError, cbor_decode, cbor_encode
-from protocol import _messages as M
 
-from strategies import STRATEGIES, cbor_values, messages
+from strategies import STRATEGIES, cbor_values, messages, request_ids
 
 SMALL = Limits(max_message_size=4096, max_tensor_elements=64)
 
@@ -17,18 +17,19 @@ SMALL = Limits(max_message_size=4096, max_tensor_elements=64)
 @pytest.mark.parametrize("cls", list(STRATEGIES), ids=lambda c: c.__name__)
 def test_round_trip_every_message_type(cls):
     @settings(max_examples=40)
-    @given(STRATEGIES[cls])
-    def check(msg):
-        wire = M.encode_message(msg)
-        assert M.decode_message(wire) == msg
-        assert M.encode_message(M.decode_message(wire)) == wire
+    @given(STRATEGIES[cls], request_ids)
+    def check(msg, request_id):
+        wire = M.encode_message(msg, request_id)
+        assert M.decode_message(wire) == (request_id, msg)
+        decoded_id, decoded = M.decode_message(wire)
+        assert M.encode_message(decoded, decoded_id) == wire
 
     check()
 
 
 def _oracle(data: bytes, limits: Limits = SMALL) -> None:
     try:
-        msg = M.decode_message(data, limits=limits)
+        _, msg = M.decode_message(data, limits=limits)
     except ProtocolError:
         return
     assert isinstance(msg, M.Message)
@@ -47,9 +48,9 @@ def test_arbitrary_bodies(type_, id_, body):
     _oracle(cbor_encode([type_, id_, body]))
 
 
-@given(messages, st.data())
-def test_mutated_valid_messages(msg, data):
-    wire = bytearray(M.encode_message(msg))
+@given(messages, request_ids, st.data())
+def test_mutated_valid_messages(msg, request_id, data):
+    wire = bytearray(M.encode_message(msg, request_id))
     for _ in range(data.draw(st.integers(1, 4))):
         pos = data.draw(st.integers(0, len(wire) - 1))
         wire[pos] = data.draw(st.integers(0, 255))
@@ -86,3 +87,17 @@ def test_the_signed_history_binds_every_input(digests, data):
                                          span=(0, 2), input_digest=digests[-1], output_digest=bytes(32),
                                          history=_fold(digests))
     assert cbor_decode(statement, max_size=len(statement))[-1] == _fold(digests)  # canonical, history last
+
+
+@given(st.integers(0, 30), st.integers(0, 3), cbor_values)
+def test_the_channel_turns_any_message_into_an_event_or_a_protocol_error(type_, id_, body):
+    from protocol import Channel, ChannelEvent, Ping
+
+    channel = Channel(limits=SMALL)
+    channel.send_request(Ping(), "token")  # id 1 is outstanding: responses to it are matched
+    try:
+        event = channel.receive(cbor_encode([type_, id_, body]))
+    except ProtocolError:
+        return
+    assert event is None or isinstance(event, ChannelEvent)
+    assert channel.outstanding + channel.incoming in (1, 0, 2)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
+import protocol as M
 from protocol import Identity
-from protocol import _messages as M
 from protocol._fields import Bool, Bytes, Float, ListOf, Span, Struct, TensorCodec, Text, UInt
 
 IDENTITIES = [Identity.derive(bytes([i]) * 32) for i in range(4)]
@@ -81,9 +81,12 @@ def structures(cls):
 
 
 def message_strategy(cls):
-    return st.builds(cls, id=st.integers(0, 2**64 - 1),
-                     **{f.name: (st.none() | for_codec(f.codec)) if f.optional else for_codec(f.codec)
-                        for f in cls.FIELDS})
+    return st.builds(cls, **{f.name: (st.none() | for_codec(f.codec)) if f.optional else for_codec(f.codec)
+                             for f in cls.FIELDS})
+
+
+#: Envelope ids (request ids, echoed by responses).
+request_ids = st.integers(0, 2**64 - 1)
 
 
 #: One strategy per message type.

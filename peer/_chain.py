@@ -1,9 +1,11 @@
 """An open relay chain for one generation: sessions on hops that cover [0, L).
 
 Theory of operation. ``Chain.step(hidden)`` sends the hidden states of the new tokens
-through every hop in order. Each hop signs its output; the chain verifies the
-signature before using it (a bad one is a failure of that hop). Every hop keeps the
-signed inputs it was sent (its history). When a hop fails (connection lost,
+through every hop in order. Each step is the protocol's forward exchange
+(``protocol.sign_forward`` / ``accept_result``) on the hop's ``SessionState``, which
+keeps the session's signed transcript and history digest exactly as the server
+keeps them: the chain verifies every output's signature before using it (a bad one
+is a failure of that hop). When a hop fails (connection lost,
 timeout, ERROR, bad signature, malformed answer) the chain marks the peer as failed,
 asks ``replan`` for a new route of that hop's blocks that avoids every failed peer,
 opens sessions there, replays the hop's whole history to the replacement as one
@@ -17,21 +19,22 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from protocol import _messages as M
-from protocol._statements import (
-    EMPTY_HISTORY,
-    extend_history,
-    forward_request_statement,
-    forward_result_statement,
-    verify,
+from protocol import (
+    CloseSession,
+    OpenSession,
+    SessionState,
+    SignedStep,
+    accept_result,
+    decode_tensor,
+    encode_tensor,
+    sign_forward,
 )
-from protocol._tensor import WireTensor, decode_tensor, encode_tensor
-from protocol.errors import ProtocolError, RemoteError, SwarmError
+from protocol.errors import LocalProtocolError, ProtocolError, RemoteError, SwarmError
 from swarm.errors import PeerUnreachable, RequestTimeout
 from swarm.planning import Hop, Route
 from swarm.transport import Host, PeerConnection
@@ -41,7 +44,7 @@ from .credit import CreditService
 if TYPE_CHECKING:
     from verify import Auditor
 
-__all__ = ["Chain", "HopRecord", "AllCandidatesFailed", "StepRecord", "CheatDetected", "RollbackRequired"]
+__all__ = ["Chain", "HopRecord", "AllCandidatesFailed", "CheatDetected", "RollbackRequired"]
 
 log = logging.getLogger("swarm.client")
 
@@ -72,35 +75,30 @@ class AllCandidatesFailed(SwarmError):
 
 
 @dataclass(slots=True)
-class StepRecord:
-    """One signed exchange with a hop: what the client sent and what the server signed."""
-
-    step: int
-    position: int
-    input: WireTensor
-    request_signature: bytes
-    output: WireTensor
-    result_signature: bytes
-
-
-@dataclass(slots=True)
 class HopRecord:
-    """A hop's open session and its signed transcript."""
+    """A hop's open session: the connection, and the session as the protocol keeps it
+    (its signed transcript and history digest; the server keeps the same)."""
 
     hop: Hop
     conn: PeerConnection
-    session: bytes
-    transcript: list[StepRecord] = field(default_factory=list)
+    state: SessionState
     latency: float = 0.0  # seconds spent waiting on this hop in total
-    history: bytes = EMPTY_HISTORY  # running digest of the inputs sent (the server signs it)
+
+    @property
+    def session(self) -> bytes:
+        return self.state.session
 
     @property
     def span(self) -> tuple[int, int]:
         return self.hop.span
 
     @property
+    def transcript(self) -> list[SignedStep]:
+        return self.state.transcript
+
+    @property
     def length(self) -> int:
-        return sum(r.input.shape[1] for r in self.transcript)
+        return self.state.length
 
 
 class Chain:
@@ -146,8 +144,10 @@ class Chain:
         i = 0
         while i < len(self.hops):
             record = self.hops[i]
+            if record.length != position:
+                raise LocalProtocolError(f"hop session at {record.length} tokens, asked to step at {position}")
             try:
-                out = await self._forward(record, x, position)
+                out = await self._forward(record, x)
             except HOP_FAILURES as exc:
                 await self._fail_over(i, exc)
                 continue
@@ -157,8 +157,7 @@ class Chain:
                     hop_public_key=record.conn.public_key, hop_addrs=record.hop.addrs, session=record.session,
                     transcript=record.transcript, index=len(record.transcript) - 1)
                 if result.hop_cheated:
-                    record.transcript.pop()  # the disputed step is redone on the replacement
-                    await self._replace_cheater(i, record, position)
+                    await self._replace_cheater(i, record, position)  # the disputed step is redone there
                     continue
             x = out
             i += 1
@@ -177,9 +176,12 @@ class Chain:
 
     async def _open_hop(self, hop: Hop) -> HopRecord:
         conn = await self._connect(hop)
-        opened = await conn.request(M.OpenSession(id=0, model=self.model, span=hop.span, max_length=self.max_length,
-                                                  wire_dtype=self.wire_dtype), timeout=self.step_timeout)
-        return HopRecord(hop=hop, conn=conn, session=opened.session)
+        opened = await conn.request(OpenSession(model=self.model, span=hop.span, max_length=self.max_length,
+                                                wire_dtype=self.wire_dtype), timeout=self.step_timeout)
+        state = SessionState(client=self.host.peer_id, server=conn.peer_id, session=opened.session, model=self.model,
+                             span=hop.span, max_length=self.max_length, wire_dtype=self.wire_dtype)
+        state.open()
+        return HopRecord(hop=hop, conn=conn, state=state)
 
     async def _connect(self, hop: Hop) -> PeerConnection:
         last: BaseException | None = None
@@ -190,61 +192,47 @@ class Chain:
                 last = exc
         raise PeerUnreachable(",".join(hop.addrs) or "?", f"no address answered ({last})", peer_id=hop.peer_id)
 
-    async def _forward(self, record: HopRecord, x: torch.Tensor, position: int) -> torch.Tensor:
+    async def _forward(self, record: HopRecord, x: torch.Tensor) -> torch.Tensor:
+        """One step of ``x`` on the hop (at the position its session has reached)."""
         wire = encode_tensor(x, self.wire_dtype)
-        step = len(record.transcript)
-        input_digest = wire.digest()
-        me, server = self.host.identity, record.conn.peer_id
-        request_signature = me.sign(forward_request_statement(
-            client=me.peer_id, server=server, session=record.session, step=step, model=self.model, span=record.span,
-            position=position, input_digest=input_digest))
+        request = sign_forward(self.host.identity, record.state, wire)
         t0 = time.perf_counter()
-        result = await record.conn.request(M.Forward(id=0, session=record.session, step=step, position=position,
-                                                     hidden=wire, signature=request_signature),
-                                           timeout=self.step_timeout)
+        result = await record.conn.request(request, timeout=self.step_timeout)
         record.latency += time.perf_counter() - t0
-        if result.session != record.session or result.step != step:
-            raise _BadAnswer(f"answered session/step {result.session.hex()}/{result.step}, asked {step}")
-        expected_shape = tuple(wire.shape)
-        if tuple(result.hidden.shape) != expected_shape:
-            raise _BadAnswer(f"returned shape {list(result.hidden.shape)}, expected {list(expected_shape)}")
-        history = extend_history(record.history, input_digest)
-        verify(record.conn.public_key, forward_result_statement(
-            server=server, session=record.session, step=step, model=self.model, span=record.span,
-            input_digest=input_digest, output_digest=result.hidden.digest(), history=history), result.signature)
-        record.history = history
-        record.transcript.append(StepRecord(step=step, position=position, input=wire,
-                                            request_signature=request_signature, output=result.hidden,
-                                            result_signature=result.signature))
+        accept_result(record.state, request, result, server_public_key=record.conn.public_key)
         if self.credit is not None:
-            await self.credit.received(record.conn, wire.shape[1] * (record.span[1] - record.span[0]))
+            self.credit.received(record.conn, wire.shape[1] * record.state.blocks)
         return decode_tensor(result.hidden, out_dtype=x.dtype)
 
     async def _replace_cheater(self, index: int, cheater: HopRecord, position: int) -> None:
         """Fail over a convicted hop, then check its earlier (unaudited) outputs against
         the replacement's replay of the same inputs: if they diverge before ``position``,
         tokens already sampled from them are wrong and the generation must roll back."""
-        await self._fail_over(index, CheatDetected(f"{cheater.hop.peer_id.hex()[:12]} lost an audit vote"))
+        earlier = cheater.transcript[:-1]  # the last step is the disputed one: redone, not replayed
+        await self._fail_over(index, CheatDetected(f"{cheater.hop.peer_id.hex()[:12]} lost an audit vote"),
+                              replay=earlier)
         replay = self._replayed
-        if replay is None or not cheater.transcript:
+        if replay is None or not earlier:
             return
         from verify import first_mismatch, tolerance_for
 
-        claimed = torch.cat([decode_tensor(r.output, out_dtype=torch.float32) for r in cheater.transcript], dim=1)
+        claimed = torch.cat([decode_tensor(r.output, out_dtype=torch.float32) for r in earlier], dim=1)
         tolerance = tolerance_for(self.auditor.policy.compute_dtype if self.auditor else "f32", self.wire_dtype)
         row = first_mismatch(claimed, replay.to(torch.float32), tolerance=tolerance,
                              depth=cheater.span[1] - cheater.span[0])
         if row is not None:
             raise RollbackRequired(row)
 
-    async def _fail_over(self, index: int, exc: BaseException) -> None:
+    async def _fail_over(self, index: int, exc: BaseException, *, replay: Sequence[SignedStep] | None = None) -> None:
+        """Replace hop ``index`` by a new route of its blocks, replaying to it the inputs of
+        ``replay`` (default: every step of the old hop's transcript)."""
         old = self.hops[index]
         self.failed.add(old.hop.peer_id)
         self.failovers += 1
         log.warning("hop %s [%d, %d) failed: %s; re-routing", old.hop.peer_id.hex()[:12], *old.span, exc)
         if self.on_failover is not None:
             self.on_failover(old.hop, exc)
-        history = [r.input for r in old.transcript]
+        history = [r.input for r in (old.transcript if replay is None else replay)]
         last: BaseException = exc
         while self.failovers <= self.max_failovers:
             try:
@@ -262,7 +250,7 @@ class Chain:
                     x = torch.cat([decode_tensor(w, out_dtype=torch.float32) for w in history], dim=1)
                     for record in replacement:
                         current = record.hop
-                        x = await self._forward(record, x, 0)
+                        x = await self._forward(record, x)
                 self._replayed = x
             except HOP_FAILURES as again:
                 last = again
@@ -280,10 +268,6 @@ async def _close_quietly(records: Sequence[HopRecord]) -> None:
     for record in records:
         if record.conn.is_open:
             try:
-                await record.conn.request(M.CloseSession(id=0, session=record.session), timeout=5.0)
+                await record.conn.request(CloseSession(session=record.session), timeout=5.0)
             except SwarmError:
                 pass
-
-
-class _BadAnswer(ProtocolError):
-    """A server's answer that is well-formed but does not answer what was asked."""

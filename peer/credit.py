@@ -1,14 +1,17 @@
 """A peer's tit-for-tat credit, wired to the network (spec section 12; DESIGN.md "Credit").
 
 Theory of operation. The pure core lives in ``swarm.credit`` (ledger, receipts,
-max-flow credit) and ``peer.scheduler`` (the policy). ``CreditService`` is the thin
-trio shell around them, shared by the serving and the generating side of one peer:
+max-flow credit). ``CreditService`` is the thin trio shell around it, shared by the
+serving and the generating side of one peer:
 
 - as a server it counts work served per client (``served``), answers RECEIPT by
-  checking and countersigning (``ReceiptDesk``), and grants compute slots in credit
-  order (``admit``: the scheduler; idle capacity serves anyone at once);
-- as a client it counts work received per server (``received``) and sends a
-  cumulative receipt every ``receipt_every`` steps and when a generation ends;
+  checking and countersigning (``ReceiptDesk``), and tells the compute scheduler
+  (``peer.scheduler``) each requester's credit (``credit_total``) and whether it is
+  delinquent (``delinquent``);
+- as a client it counts work received per server (``received``, which never waits)
+  and has ``run``'s sender task send a cumulative receipt every ``receipt_every``
+  steps, or once half the server's grace is unreceipted; the relay sends a last one
+  when a generation ends (``send_receipt``);
 - it answers CREDIT_QUERY with its latest records, asks every new requester for its
   records on first contact (so work a peer did for us while we generated from another
   process counts at once: that peer holds the receipts we signed) and periodically
@@ -21,18 +24,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Hashable
-from contextlib import asynccontextmanager
+from collections.abc import Hashable
 from pathlib import Path
 
 import trio
 
-from protocol import _messages as M
+from protocol import CreditQuery, CreditReport, Receipt, ReceiptAck
 from protocol.errors import SwarmError
 from swarm.credit import DEFAULT_GRACE_UNITS, Credit, Ledger, ReceiptDesk, ReceiptWallet
 from swarm.transport import Host, PeerConnection
-
-from .scheduler import Scheduler, SchedulerConfig
 
 __all__ = ["CreditService", "ledger_path_for", "neighbour_rows"]
 
@@ -63,13 +63,11 @@ class CreditService:
     Args:
         host: the peer's transport (handlers for RECEIPT and CREDIT_QUERY are added).
         ledger_path: where the ledger persists (None: in memory only).
-        capacity: concurrent compute slots the scheduler grants.
         receipt_every: steps between receipts a client sends each server.
     """
 
-    def __init__(self, host: Host, *, ledger_path: str | os.PathLike[str] | None = None, capacity: int = 1,
-                 receipt_every: int = 8, save_interval: float = 10.0, exchange_interval: float = 30.0,
-                 scheduler_config: SchedulerConfig | None = None) -> None:
+    def __init__(self, host: Host, *, ledger_path: str | os.PathLike[str] | None = None, receipt_every: int = 8,
+                 save_interval: float = 10.0, exchange_interval: float = 30.0) -> None:
         self.host = host
         self.identity = host.identity
         owner = self.identity.public_key
@@ -78,18 +76,16 @@ class CreditService:
         self.desk = ReceiptDesk(self.identity, self.ledger)
         self.wallet = ReceiptWallet(self.identity, self.ledger)
         self._keys: dict[Hashable, bytes] = {}  # peer id -> public key of requesters seen
-        self.scheduler = Scheduler(capacity, credit_of=self.credit_total, delinquent_of=self._delinquent,
-                                   config=scheduler_config)
         self.receipt_every = receipt_every
         self.save_interval = save_interval
         self.exchange_interval = exchange_interval
         self._steps: dict[bytes, int] = {}  # server public key -> steps since the last receipt
-        # requester peer id -> (trio time granted, seconds waited) per compute slot
-        self.waits: dict[bytes, list[tuple[float, float]]] = {}
+        self._due: dict[bytes, PeerConnection] = {}  # server public key -> where a receipt is due
+        self._receipts_due = trio.Event()  # set when _due gains an entry; the sender waits on it
         self._asked: set[bytes] = set()  # requesters whose records we fetched
         self._nursery: trio.Nursery | None = None
-        host.add_handler(M.Receipt, self._on_receipt)
-        host.add_handler(M.CreditQuery, self._on_credit_query)
+        host.add_handler(Receipt, self._on_receipt)
+        host.add_handler(CreditQuery, self._on_credit_query)
 
     # -- what the scheduler asks ------------------------------------------------------------
 
@@ -100,7 +96,8 @@ class CreditService:
     def credit_total(self, peer_id: Hashable) -> float:
         return float(self.ledger.credit_of_peer(peer_id).total) if isinstance(peer_id, bytes) else 0.0
 
-    def _delinquent(self, peer_id: Hashable) -> bool:
+    def delinquent(self, peer_id: Hashable) -> bool:
+        """Whether ``peer_id`` owes receipts beyond the grace (served only with idle capacity)."""
         key = self._keys.get(peer_id)
         return key is not None and self.desk.delinquent(key)
 
@@ -110,17 +107,6 @@ class CreditService:
 
     # -- server side ----------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def admit(self, peer_id: bytes) -> AsyncIterator[None]:
-        """A compute slot for ``peer_id``'s step, in credit order under contention."""
-        t0 = trio.current_time()
-        async with self.scheduler.slot(peer_id):
-            now = trio.current_time()
-            waits = self.waits.setdefault(peer_id, [])
-            waits.append((now, now - t0))
-            del waits[:-1024]  # recent history only: this is for status and tests
-            yield
-
     def served(self, client: PeerConnection, units: int) -> None:
         self._keys[client.peer_id] = client.public_key
         self.desk.served(client.public_key, units)
@@ -128,44 +114,43 @@ class CreditService:
             self._asked.add(client.peer_id)
             self._nursery.start_soon(self._exchange_quietly, client)
 
-    async def _on_receipt(self, conn: PeerConnection, msg: M.Receipt) -> M.ReceiptAck:
+    async def _on_receipt(self, conn: PeerConnection, msg: Receipt) -> ReceiptAck:
         if msg.receipt.client != conn.public_key:
             from swarm.credit import InvalidReceipt
 
             raise InvalidReceipt("a receipt must be signed by the peer that sends it")
         record = self.desk.accept(msg.receipt, handshake_hash=conn.handshake_hash)
-        return M.ReceiptAck(id=msg.id, receipt=record)
+        return ReceiptAck(receipt=record)
 
-    async def _on_credit_query(self, conn: PeerConnection, msg: M.CreditQuery) -> M.CreditReport:
-        return M.CreditReport(id=msg.id, records=self.ledger.records_for_exchange())
+    async def _on_credit_query(self, conn: PeerConnection, msg: CreditQuery) -> CreditReport:
+        return CreditReport(records=self.ledger.records_for_exchange())
 
     # -- client side ----------------------------------------------------------------------
 
-    async def received(self, server: PeerConnection, units: int, *, final: bool = False) -> None:
-        """Count work received from ``server``; send a receipt every ``receipt_every``
-        steps or once half the server's grace is unreceipted (in the background while
-        ``run`` runs: the relay does not wait for it), and when ``final`` (awaited). A
-        failed receipt is logged, never fatal."""
+    def received(self, server: PeerConnection, units: int) -> None:
+        """Count work received from ``server``. A receipt is due every ``receipt_every``
+        steps, or once half the server's grace is unreceipted (well within it: spec
+        section 12, rule 6); ``run`` sends it in the background, so the relay never
+        waits for a receipt. A failed receipt is logged, never fatal."""
         key = server.public_key
         self.wallet.received(key, units)
         steps = self._steps.get(key, 0) + 1
         self._steps[key] = steps
-        due = steps >= self.receipt_every or self.wallet.pending(key) >= DEFAULT_GRACE_UNITS // 2
-        if final or self._nursery is None:
-            if final or due:
-                await self.send_receipt(server)
-        elif due:  # well within the server's grace (spec section 12, rule 6)
+        if steps >= self.receipt_every or self.wallet.pending(key) >= DEFAULT_GRACE_UNITS // 2:
             self._steps[key] = 0
-            self._nursery.start_soon(self.send_receipt, server)
+            self._due[key] = server
+            self._receipts_due.set()
 
     async def send_receipt(self, server: PeerConnection) -> bool:
+        """Send ``server`` a receipt for everything received and not yet receipted
+        (nothing if that is nothing); True if it was countersigned."""
         key = server.public_key
         if self.wallet.pending(key) <= 0:
             return False
         self._steps[key] = 0
         receipt = self.wallet.issue(key, server.handshake_hash)
         try:
-            ack = await server.request(M.Receipt(id=0, receipt=receipt), timeout=10.0)
+            ack = await server.request(Receipt(receipt=receipt), timeout=10.0)
             return self.wallet.acknowledged(ack.receipt)
         except SwarmError as exc:
             log.info("receipt to %s not acknowledged: %s", server.peer_id.hex()[:12], exc)
@@ -175,7 +160,7 @@ class CreditService:
 
     async def exchange(self, conn: PeerConnection) -> None:
         """Fetch ``conn``'s records (for transitive credit) and merge the valid ones."""
-        report = await conn.request(M.CreditQuery(id=0), timeout=10.0)
+        report = await conn.request(CreditQuery(), timeout=10.0)
         self.ledger.merge_remote(report.records)
 
     async def _exchange_quietly(self, conn: PeerConnection) -> None:
@@ -188,11 +173,23 @@ class CreditService:
         if self.ledger_path is not None and self.ledger.dirty:
             self.ledger.save()
 
+    async def _send_due_receipts(self) -> None:
+        assert self._nursery is not None
+        while True:
+            await self._receipts_due.wait()
+            self._receipts_due = trio.Event()
+            due, self._due = self._due, {}
+            for server in due.values():
+                if server.is_open:
+                    self._nursery.start_soon(self.send_receipt, server)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Save the ledger when it changed and exchange records with connected peers, until cancelled."""
+        """Send due receipts, save the ledger when it changed and exchange records with
+        connected peers, until cancelled."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._send_due_receipts)
                 task_status.started()
                 since_exchange = 0.0
                 while True:

@@ -29,6 +29,7 @@ from .runtime import DEFAULT_MODEL, SpanExecutor, load_span, measure_throughput,
 from .credit import CreditService
 from . import _progress
 from .runtime._errors import InvalidArgument
+from .scheduler import Scheduler
 from .server import SpanServer
 
 __all__ = ["ServeOptions", "ServerNode", "run_server", "parse_blocks", "span_reason"]
@@ -108,6 +109,7 @@ class ServerNode:
     server: SpanServer
     announcer: Announcer
     credit: CreditService
+    compute: Scheduler  # the one owner of compute: served steps and proof verification
     fraud: FraudProofService
     executor: SpanExecutor
     throughput: float
@@ -175,21 +177,25 @@ async def run_server(identity: Identity, options: ServeOptions, *,
                 quant=options.quant, cache_bytes=options.cache_bytes))
             _progress.note(f"measuring the throughput of blocks {span[0]}:{span[1]} ...")
             throughput = await trio.to_thread.run_sync(measure_throughput, executor)
-            credit = CreditService(host, ledger_path=options.ledger_path, capacity=options.compute_slots)
+            credit = CreditService(host, ledger_path=options.ledger_path)
             await nursery.start(credit.run)
+            # The one owner of this peer's compute: served steps and fraud proof
+            # verification alike wait here for a slot, in credit order.
+            compute = Scheduler(options.compute_slots, credit_of=credit.credit_total,
+                                delinquent_of=credit.delinquent)
             reputation = (Reputation.load(options.reputation_path) if options.reputation_path is not None
                           else Reputation())
             server = SpanServer(host, executor, max_sessions=options.max_sessions, drain_grace=options.drain_grace,
-                                admit=credit.admit, on_work=credit.served, banned=reputation.banned)
+                                compute=compute, on_work=credit.served, banned=reputation.banned)
             nursery.start_soon(server.run)
-            fraud = FraudProofService(host, dht, reputation, executor=executor, compute_limiter=server._compute,
+            fraud = FraudProofService(host, dht, reputation, executor=executor, compute=compute,
                                       reputation_path=options.reputation_path)
             await nursery.start(fraud.run)
             announcer = Announcer(dht, identity, lambda expires: server.make_announcement(expires, node.throughput),
                                   ttl=options.announce_ttl)
             node = ServerNode(identity=identity, host=host, dht=dht, server=server, announcer=announcer,
-                              credit=credit, fraud=fraud, executor=executor, throughput=throughput, cancel_scope=scope,
-                              span_reason=reason)
+                              credit=credit, compute=compute, fraud=fraud, executor=executor, throughput=throughput,
+                              cancel_scope=scope, span_reason=reason)
             await nursery.start(announcer.run)
             if status_stream is not None:
                 nursery.start_soon(_show_status, node, status_stream, status_interval)

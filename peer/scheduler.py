@@ -24,9 +24,12 @@ waiter. It takes ``now`` as an argument and never reads a clock.
 - Delinquent requesters (they owe receipts beyond the grace) are served only when no
   one else waits.
 
-``Scheduler`` is the thin trio shell: ``async with scheduler.slot(requester):``
-waits for a slot granted by the policy and releases it on exit. A cancelled waiter
-leaves the queue; a slot granted to a waiter cancelled at the same moment is passed on.
+``Scheduler`` is the thin trio shell, and the one owner of a peer's compute: every
+step a server computes and every fraud proof it verifies goes through
+``await scheduler.run(requester, fn)``, which waits for a slot granted by the policy
+(``slot``) and runs ``fn`` in a worker thread; ``capacity`` threads compute at once,
+so the grant order is the order compute starts in. A cancelled waiter leaves the
+queue; a slot granted to a waiter cancelled at the same moment is passed on.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import trio
 
@@ -44,6 +48,9 @@ from swarm.credit import normalized_credit
 __all__ = ["SchedulerConfig", "SchedulingPolicy", "Scheduler"]
 
 _SWEEP_AT = 1024  # idle requester states kept before a sweep
+_WAITS_KEPT = 1024  # recent waits kept per requester (status and tests)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -227,13 +234,17 @@ class SchedulingPolicy:
 
 
 class Scheduler:
-    """Trio shell over ``SchedulingPolicy``: ``async with scheduler.slot(peer_id): compute()``.
+    """A peer's compute: ``await scheduler.run(peer_id, fn)`` runs ``fn`` in a worker
+    thread once ``SchedulingPolicy`` grants ``peer_id`` a slot.
 
     Args:
-        capacity: concurrent compute slots (overrides ``config.capacity``).
+        capacity: concurrent compute slots, each a worker thread (overrides ``config.capacity``).
         credit_of: requester -> credit in work units (e.g. ``ledger.credit_of_peer(p).total``).
         delinquent_of: requester -> True if it owes receipts beyond the grace.
         config: policy parameters.
+
+    Attributes:
+        waits: requester -> recent (trio time granted, seconds waited) per slot.
     """
 
     def __init__(
@@ -248,12 +259,33 @@ class Scheduler:
         self._credit_of = credit_of or (lambda _requester: 0.0)
         self._delinquent_of = delinquent_of or (lambda _requester: False)
         self._events: dict[int, trio.Event] = {}
+        # The policy never grants more than ``capacity`` slots, so this limiter never
+        # makes anyone wait (and so never reorders grants); it only keeps trio's
+        # default thread limiter, shared with everything else, out of the way.
+        self._threads = trio.CapacityLimiter(self.policy.config.capacity)
+        self.waits: dict[Hashable, list[tuple[float, float]]] = {}
+
+    @property
+    def capacity(self) -> int:
+        return self.policy.config.capacity
+
+    async def run(self, requester: Hashable, fn: Callable[[], T]) -> T:
+        """``fn()`` computed for ``requester`` in a worker thread, once the policy grants
+        it a slot (at once if one is free).
+
+        Cancellation: a waiter leaves the queue; once ``fn`` runs, it runs to the end
+        (a worker thread cannot be interrupted; its slot is held until it returns) and
+        the caller's cancellation is delivered after.
+        """
+        async with self.slot(requester):
+            return await trio.to_thread.run_sync(fn, limiter=self._threads)
 
     @asynccontextmanager
     async def slot(
         self, requester: Hashable, *, now: float | None = None, credit: float | None = None
     ) -> AsyncIterator[None]:
-        """Wait for a compute slot, hold it for the body, release it on exit.
+        """Wait for a compute slot, hold it for the body, release it on exit (``run`` is
+        this around a worker thread; compute goes through ``run``).
 
         ``credit`` overrides ``credit_of(requester)``; ``now`` defaults to trio's clock.
         Cancellation: a cancelled waiter leaves the queue (and hands a slot it was just
@@ -261,7 +293,8 @@ class Scheduler:
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         policy = self.policy
-        when = trio.current_time() if now is None else now
+        asked = trio.current_time()
+        when = asked if now is None else now
         ticket = policy.submit(
             requester,
             now=when,
@@ -282,6 +315,10 @@ class Scheduler:
             self._dispatch(trio.current_time())
             raise
         self._events.pop(ticket, None)
+        granted = trio.current_time()
+        waits = self.waits.setdefault(requester, [])
+        waits.append((granted, granted - asked))
+        del waits[:-_WAITS_KEPT]
         try:
             yield
         finally:

@@ -1,14 +1,16 @@
 """The serving side of a peer: inference sessions over the swarm transport.
 
 Theory of operation. ``SpanServer`` registers handlers for OPEN_SESSION, FORWARD,
-FORWARD_ONCE and CLOSE_SESSION on a ``swarm.transport.Host`` and runs the span's
-compute on one worker thread (the runtime is not thread-safe, and one thread keeps
-the CPU's cores for torch). Every request is checked before any compute: the
-client's signature over the forward request statement (spec section 9), the session's
-owner (sessions belong to the connection that opened them) and the session state
-table (``protocol._session``). Every result is signed over the forward result
-statement. The server keeps each session's signed requests, so a false accusation
-can be refuted with the client's own signatures (spec section 13).
+FORWARD_ONCE and CLOSE_SESSION on a ``swarm.transport.Host``. Every request is
+checked before any compute: the session's owner (sessions belong to the connection
+that opened them), then the protocol's forward exchange (``protocol.check_forward``:
+the input, the session state table, the client's signature over the forward request
+statement, spec sections 9 and 11). The compute itself goes to the peer's one
+``Scheduler`` (``peer.scheduler``), which grants slots in credit order and runs the
+step in one of its worker threads; a session computes one step at a time. Every
+result is signed over the forward result statement (``protocol.sign_result``), and
+the session's ``SessionState`` keeps the client-signed requests, so a false
+accusation can be refuted with the client's own signatures (spec section 13).
 
 Shutdown (``drain``): new sessions are refused with SHUTTING_DOWN, in-flight steps
 finish (up to a grace period), then the caller cancels the server's scope, which
@@ -17,6 +19,7 @@ withdraws the announcement (``swarm.announce.Announcer``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -25,21 +28,33 @@ from dataclasses import dataclass, field
 import torch
 import trio
 
-from protocol import _messages as M
-from protocol._identity import Identity
-from protocol._session import SessionState
-from protocol._statements import (
-    EMPTY_HISTORY,
-    extend_history,
-    forward_request_statement,
-    forward_result_statement,
-    verify,
+from protocol import (
+    DTYPES,
+    Announcement,
+    CloseSession,
+    Forward,
+    ForwardOnce,
+    ForwardOnceResult,
+    ForwardResult,
+    Identity,
+    OpenSession,
+    SessionClosed,
+    SessionOpened,
+    SessionPhase,
+    SessionState,
+    WireTensor,
+    check_forward,
+    check_forward_once,
+    decode_tensor,
+    encode_tensor,
+    sign_forward_once_result,
+    sign_result,
 )
-from protocol._tensor import DTYPES, WireTensor, decode_tensor, encode_tensor
-from protocol.errors import ErrorCode, RemoteError, SwarmError
+from protocol.errors import ErrorCode, RemoteError, SwarmError, UnexpectedMessage
 from swarm.transport import Host, PeerConnection
 
 from .runtime import SpanExecutor
+from .scheduler import Scheduler
 
 __all__ = ["SpanServer", "ServerStats"]
 
@@ -63,16 +78,12 @@ class ServerStats:
 
 @dataclass(slots=True)
 class _Served:
-    """A session as the server keeps it."""
+    """A session as the server keeps it: the connection that owns it, and its protocol
+    state (the client-signed transcript included). The KV cache is the executor's."""
 
     owner: PeerConnection
-    client: bytes  # the client's peer id
-    span: tuple[int, int]
-    wire_dtype: str
     state: SessionState
-    evidence: list[M.ForwardEvidence] = field(default_factory=list)  # client-signed requests
-    history: bytes = EMPTY_HISTORY  # running digest of the inputs (signed with every result)
-    work: int = 0  # blocks x tokens served in this session
+    computing: bool = False  # a step is in a worker thread: the cache is not to be touched
 
 
 class SpanServer:
@@ -84,8 +95,8 @@ class SpanServer:
         max_sessions: sessions open at once; beyond it OPEN_SESSION gets BUSY.
         on_work: called with (requester's connection, work units) after every served
             step; the credit ledger hooks in here.
-        admit: an async context manager factory ``admit(requester_peer_id)`` that
-            grants a compute slot (the credit scheduler); default: first come, first served.
+        compute: the peer's compute scheduler (shared with fraud proof verification);
+            default: a one-slot scheduler that knows no credit (first come, first served).
         banned: requesters answered BANNED (a live set: the fraud proof service adds to it).
     """
 
@@ -97,7 +108,7 @@ class SpanServer:
         max_sessions: int = 16,
         drain_grace: float = 30.0,
         on_work: Callable[[PeerConnection, int], None] | None = None,
-        admit: Callable[[bytes], object] | None = None,
+        compute: Scheduler | None = None,
         banned: Collection[bytes] = frozenset(),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -113,19 +124,18 @@ class SpanServer:
         self.stats = ServerStats()
         self.draining = False
         self._on_work = on_work
-        self._admit = admit
+        self.compute = compute or Scheduler(1)
         self.banned = banned  # peers refused with BANNED (verify.Reputation.banned, shared)
         self._clock = clock
         self._sessions: dict[bytes, _Served] = {}
-        self._compute = trio.CapacityLimiter(1)
         self._in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
         for request_type, handler in (
-            (M.OpenSession, self._open_session),
-            (M.Forward, self._forward),
-            (M.ForwardOnce, self._forward_once),
-            (M.CloseSession, self._close_session),
+            (OpenSession, self._open_session),
+            (Forward, self._forward),
+            (ForwardOnce, self._forward_once),
+            (CloseSession, self._close_session),
         ):
             host.add_handler(request_type, handler)
 
@@ -148,8 +158,8 @@ class SpanServer:
         self.executor = executor
         self.span = (executor.start, executor.end)
 
-    def make_announcement(self, expires: int, throughput: float) -> M.Announcement:
-        return M.Announcement(peer_id=self.identity.peer_id, addrs=tuple(self.host.listen_addrs), model=self.model,
+    def make_announcement(self, expires: int, throughput: float) -> Announcement:
+        return Announcement(peer_id=self.identity.peer_id, addrs=tuple(self.host.listen_addrs), model=self.model,
                               span=self.span, throughput=throughput, free_sessions=self.free_sessions,
                               expires=expires)
 
@@ -181,7 +191,7 @@ class SpanServer:
         served = self._sessions.pop(sid, None)
         if served is None:
             return
-        if served.state.phase.name == "OPEN":
+        if served.state.phase is SessionPhase.OPEN:
             served.state.evict()
         try:
             self.executor.close_session(sid)
@@ -190,7 +200,7 @@ class SpanServer:
 
     # -- handlers -------------------------------------------------------------------------
 
-    async def _open_session(self, conn: PeerConnection, msg: M.OpenSession) -> M.SessionOpened:
+    async def _open_session(self, conn: PeerConnection, msg: OpenSession) -> SessionOpened:
         if conn.peer_id in self.banned:
             raise RemoteError("you are banned by this peer (a verified fraud proof)", code=ErrorCode.BANNED)
         if self.draining:
@@ -204,71 +214,57 @@ class SpanServer:
             if len(self._sessions) >= self.max_sessions:
                 raise RemoteError(f"all {self.max_sessions} session slots are taken", code=ErrorCode.BUSY,
                                   retry_after=1.0)
-        state = SessionState(max_length=msg.max_length)
         sid = self.executor.open_session(msg.max_length, start=msg.span[0], end=msg.span[1])
+        state = SessionState(client=conn.peer_id, server=self.identity.peer_id, session=sid, model=self.model,
+                             span=msg.span, max_length=msg.max_length, wire_dtype=msg.wire_dtype)
         state.open()
-        self._sessions[sid] = _Served(owner=conn, client=conn.peer_id, span=msg.span, wire_dtype=msg.wire_dtype,
-                                      state=state)
+        self._sessions[sid] = _Served(owner=conn, state=state)
         self.stats.sessions_opened += 1
-        return M.SessionOpened(id=msg.id, session=sid)
+        return SessionOpened(session=sid)
 
-    async def _forward(self, conn: PeerConnection, msg: M.Forward) -> M.ForwardResult:
+    async def _forward(self, conn: PeerConnection, msg: Forward) -> ForwardResult:
         if conn.peer_id in self.banned:
             raise RemoteError("you are banned by this peer (a verified fraud proof)", code=ErrorCode.BANNED)
         served = self._sessions.get(msg.session)
         if served is None or served.owner is not conn:
             raise RemoteError("unknown session (closed, evicted, or opened on another connection); open a new one",
                               code=ErrorCode.UNKNOWN_SESSION)
-        hidden = self._check_input(msg.hidden, served.wire_dtype)
-        n_tokens = hidden.shape[1]
-        served.state.check_forward(step=msg.step, position=msg.position, n_tokens=n_tokens)
-        input_digest = msg.hidden.digest()
-        verify(conn.public_key, forward_request_statement(
-            client=conn.peer_id, server=self.identity.peer_id, session=msg.session, step=msg.step, model=self.model,
-            span=served.span, position=msg.position, input_digest=input_digest), msg.signature)
-        output = await self._compute_step(conn, served.span, n_tokens,
-                                          lambda: self.executor.forward(msg.session, hidden, msg.position))
+        if served.computing:  # one step at a time: the executor runs a session in one thread
+            raise UnexpectedMessage("the session's previous step is still being computed; wait for its result")
+        state = served.state
+        n_tokens = check_forward(state, msg, client_public_key=conn.public_key,
+                                 hidden_size=self.executor.hidden_size)
+        hidden = self._decode(msg.hidden)
+        served.computing = True
+        try:
+            output = await self._compute_step(conn, state.span, n_tokens,
+                                              lambda: self.executor.forward(msg.session, hidden, msg.position))
+        finally:
+            served.computing = False
         if self._sessions.get(msg.session) is not served:  # closed while computing
             raise RemoteError("the session was closed during the step", code=ErrorCode.UNKNOWN_SESSION)
-        served.state.forward(step=msg.step, position=msg.position, n_tokens=n_tokens)
-        served.evidence.append(M.ForwardEvidence(step=msg.step, position=msg.position, hidden=msg.hidden,
-                                                 signature=msg.signature))
-        out = encode_tensor(output, served.wire_dtype)
-        history = extend_history(served.history, input_digest)
-        signature = self.identity.sign(forward_result_statement(
-            server=self.identity.peer_id, session=msg.session, step=msg.step, model=self.model, span=served.span,
-            input_digest=input_digest, output_digest=out.digest(), history=history))
-        served.history = history
-        served.work += n_tokens * (served.span[1] - served.span[0])
-        return M.ForwardResult(id=msg.id, session=msg.session, step=msg.step, hidden=out, signature=signature)
+        return sign_result(self.identity, state, msg, encode_tensor(output, state.wire_dtype))
 
-    async def _forward_once(self, conn: PeerConnection, msg: M.ForwardOnce) -> M.ForwardOnceResult:
+    async def _forward_once(self, conn: PeerConnection, msg: ForwardOnce) -> ForwardOnceResult:
         if conn.peer_id in self.banned:
             raise RemoteError("you are banned by this peer (a verified fraud proof)", code=ErrorCode.BANNED)
         self._check_target(msg.model, msg.span)
-        hidden = self._check_input(msg.hidden, msg.hidden.dtype)
-        input_digest = msg.hidden.digest()
-        verify(conn.public_key, forward_request_statement(
-            client=conn.peer_id, server=self.identity.peer_id, session=msg.nonce, step=0, model=self.model,
-            span=msg.span, position=0, input_digest=input_digest), msg.signature)
+        state = check_forward_once(msg, client=conn.peer_id, client_public_key=conn.public_key,
+                                   server=self.identity.peer_id, hidden_size=self.executor.hidden_size)
+        hidden = self._decode(msg.hidden)
         output = await self._compute_step(conn, msg.span, hidden.shape[1],
                                           lambda: self.executor.forward_once(hidden, start=msg.span[0],
                                                                              end=msg.span[1]))
-        out = encode_tensor(output, msg.hidden.dtype)
-        signature = self.identity.sign(forward_result_statement(
-            server=self.identity.peer_id, session=msg.nonce, step=0, model=self.model, span=msg.span,
-            input_digest=input_digest, output_digest=out.digest(),
-            history=extend_history(EMPTY_HISTORY, input_digest)))
-        return M.ForwardOnceResult(id=msg.id, hidden=out, signature=signature)
+        return sign_forward_once_result(self.identity, state, msg, encode_tensor(output, state.wire_dtype))
 
-    async def _close_session(self, conn: PeerConnection, msg: M.CloseSession) -> M.SessionClosed:
+    async def _close_session(self, conn: PeerConnection, msg: CloseSession) -> SessionClosed:
         served = self._sessions.get(msg.session)
         if served is None or served.owner is not conn:
             raise RemoteError("unknown session", code=ErrorCode.UNKNOWN_SESSION)
         self._sessions.pop(msg.session)
         served.state.close()
         self.executor.close_session(msg.session)
-        return M.SessionClosed(id=msg.id)
+        return SessionClosed()
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -279,13 +275,8 @@ class SpanServer:
             raise RemoteError(f"blocks [{span[0]}, {span[1]}) are not inside the served span "
                               f"[{self.span[0]}, {self.span[1]})", code=ErrorCode.SPAN_NOT_SERVED)
 
-    def _check_input(self, wire: WireTensor, wire_dtype: str) -> torch.Tensor:
-        if wire.dtype != wire_dtype:
-            raise RemoteError(f"hidden states must be sent as {wire_dtype}, got {wire.dtype}",
-                              code=ErrorCode.INVALID_REQUEST)
-        if len(wire.shape) != 3 or wire.shape[0] != 1 or wire.shape[1] < 1 or wire.shape[2] != self.executor.hidden_size:
-            raise RemoteError(f"hidden states must have shape [1, n, {self.executor.hidden_size}], got "
-                              f"{list(wire.shape)}", code=ErrorCode.INVALID_REQUEST)
+    def _decode(self, wire: WireTensor) -> torch.Tensor:
+        """A checked input as the span computes it (its device and dtype)."""
         return decode_tensor(wire, limits=self.host.limits, device=self.executor.device, out_dtype=self.executor.dtype)
 
     async def _compute_step(self, requester: PeerConnection, span: tuple[int, int], n_tokens: int,
@@ -293,11 +284,7 @@ class SpanServer:
         self._in_flight += 1
         self._idle = trio.Event() if self._in_flight == 1 else self._idle
         try:
-            if self._admit is not None:
-                async with self._admit(requester.peer_id):
-                    output, seconds = await self._run_compute(fn)
-            else:
-                output, seconds = await self._run_compute(fn)
+            output, seconds = await self.compute.run(requester.peer_id, functools.partial(_timed, fn))
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
@@ -310,15 +297,10 @@ class SpanServer:
             self._on_work(requester, work)
         return output
 
-    async def _run_compute(self, fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
-        def timed() -> tuple[torch.Tensor, float]:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = fn()
-            return out, time.perf_counter() - t0
 
-        # abandon_on_cancel=False: a step in the worker thread always finishes before
-        # its session is touched again, so cancellation never leaves a cache half-updated.
-        return await trio.to_thread.run_sync(timed, limiter=self._compute)
-
-
+def _timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """``fn()`` and its duration: runs in a compute worker thread."""
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = fn()
+    return out, time.perf_counter() - t0

@@ -2,9 +2,17 @@
 
 No sockets, no clocks, no trio (a test checks it); torch only in the tensor codec.
 Normative description: spec/SPEC.md.
+
+This is the package's public surface; its modules are private (``_x.py``) and nothing
+outside ``protocol/`` imports them (a test checks that too). The tensor codec
+(``WireTensor``, ``encode_tensor``, ``decode_tensor``, ``DTYPES``, ...) is loaded on
+first use, so ``import protocol`` does not import torch.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._cbor import decode as cbor_decode, encode as cbor_encode
+from ._channel import Channel, ChannelEvent, RequestReceived, RequestRefused, ResponseReceived, error_for
 from ._connection import (
     NEED_DATA,
     Connection,
@@ -15,25 +23,106 @@ from ._connection import (
     MessageReceived,
 )
 from ._handshake import HANDSHAKE_TRANSITIONS, PROTOCOL_VERSION, Role
-from ._messages import MESSAGE_TYPES, RESPONSES, Message, decode_message, encode_message
-from ._session import SESSION_TRANSITIONS, SessionState
 from ._identity import (
     PEER_ID_SIZE,
     PUBLIC_KEY_SIZE,
     PUZZLE_BITS,
+    PUZZLE_DOMAIN,
     Identity,
     atomic_write,
+    derive_counter,
+    derive_seed,
     peer_id_of,
+    puzzle_hash,
     satisfies_puzzle,
     verify_signature,
 )
 from ._limits import DEFAULT_LIMITS, NOISE_MAX_MESSAGE, Limits
+from ._messages import (
+    MAX_NODES,
+    MAX_RECORD_VALUE,
+    MAX_RECORDS,
+    MESSAGE_TYPES,
+    RESPONSES,
+    Announcement,
+    CloseSession,
+    CreditQuery,
+    CreditReport,
+    Error,
+    FindNode,
+    FindValue,
+    Forward,
+    ForwardEvidence,
+    ForwardOnce,
+    ForwardOnceResult,
+    ForwardResult,
+    FraudProof,
+    FraudProofAck,
+    FraudProofNotice,
+    Message,
+    NodeInfo,
+    Nodes,
+    OpenSession,
+    Ping,
+    Pong,
+    Receipt,
+    ReceiptAck,
+    ReceiptRecord,
+    SessionClosed,
+    SessionOpened,
+    SignedRecord,
+    Store,
+    Stored,
+    Structure,
+    Value,
+    decode_envelope,
+    decode_message,
+    encode_message,
+)
+from ._exchange import (
+    accept_forward_once_result,
+    accept_result,
+    check_forward,
+    check_forward_once,
+    check_input,
+    check_result_signature,
+    forward_once_state,
+    replay_requests,
+    request_statement,
+    result_statement,
+    sign_forward,
+    sign_forward_once,
+    sign_forward_once_result,
+    sign_result,
+)
+from ._session import SESSION_TRANSITIONS, SessionEvent, SessionPhase, SessionState, SignedStep
+from ._statements import (
+    DOMAIN_FORWARD_REQUEST,
+    DOMAIN_FORWARD_RESULT,
+    DOMAIN_RECEIPT,
+    DOMAIN_RECEIPT_COUNTERSIGN,
+    DOMAIN_RECORD,
+    EMPTY_HISTORY,
+    extend_history,
+    forward_request_statement,
+    forward_result_statement,
+    receipt_statement,
+    record_statement,
+)
 from .errors import *  # noqa: F403
 from .errors import __all__ as _errors_all
 
+if TYPE_CHECKING:
+    from ._tensor import BLOCKSIZES, DTYPES, LOSSLESS, QUANTIZED, WireTensor, decode_tensor, encode_tensor
+
+#: Names of the tensor codec, imported from ``_tensor`` (and torch) on first access.
+_TENSOR_NAMES = ("WireTensor", "encode_tensor", "decode_tensor", "DTYPES", "LOSSLESS", "QUANTIZED", "BLOCKSIZES")
+
 __all__ = [
+    # CBOR
     "cbor_decode",
     "cbor_encode",
+    # the connection (handshake and transport)
     "Connection",
     "ConnectionState",
     "ConnectionEnded",
@@ -44,23 +133,118 @@ __all__ = [
     "Role",
     "HANDSHAKE_TRANSITIONS",
     "PROTOCOL_VERSION",
+    # requests and responses over a connection
+    "Channel",
+    "ChannelEvent",
+    "RequestReceived",
+    "RequestRefused",
+    "ResponseReceived",
+    "error_for",
+    # messages and the structures they carry
     "Message",
+    "Structure",
     "MESSAGE_TYPES",
     "RESPONSES",
+    "MAX_RECORD_VALUE",
+    "MAX_RECORDS",
+    "MAX_NODES",
     "encode_message",
+    "decode_envelope",
     "decode_message",
+    "NodeInfo",
+    "SignedRecord",
+    "Announcement",
+    "ReceiptRecord",
+    "ForwardEvidence",
+    "FraudProof",
+    "Error",
+    "Ping",
+    "Pong",
+    "FindNode",
+    "Nodes",
+    "FindValue",
+    "Value",
+    "Store",
+    "Stored",
+    "OpenSession",
+    "SessionOpened",
+    "Forward",
+    "ForwardResult",
+    "ForwardOnce",
+    "ForwardOnceResult",
+    "CloseSession",
+    "SessionClosed",
+    "Receipt",
+    "ReceiptAck",
+    "CreditQuery",
+    "CreditReport",
+    "FraudProofNotice",
+    "FraudProofAck",
+    # tensors (lazy)
+    *_TENSOR_NAMES,
+    # signed statements
+    "DOMAIN_FORWARD_REQUEST",
+    "DOMAIN_FORWARD_RESULT",
+    "DOMAIN_RECORD",
+    "DOMAIN_RECEIPT",
+    "DOMAIN_RECEIPT_COUNTERSIGN",
+    "EMPTY_HISTORY",
+    "extend_history",
+    "forward_request_statement",
+    "forward_result_statement",
+    "record_statement",
+    "receipt_statement",
+    # sessions and the forward exchange
     "SESSION_TRANSITIONS",
+    "SessionEvent",
+    "SessionPhase",
     "SessionState",
+    "SignedStep",
+    "sign_forward",
+    "check_forward",
+    "sign_result",
+    "accept_result",
+    "sign_forward_once",
+    "forward_once_state",
+    "check_forward_once",
+    "sign_forward_once_result",
+    "accept_forward_once_result",
+    "check_input",
+    "request_statement",
+    "result_statement",
+    "replay_requests",
+    "check_result_signature",
+    # identities
     "Identity",
     "peer_id_of",
     "verify_signature",
     "satisfies_puzzle",
     "PUZZLE_BITS",
+    "PUZZLE_DOMAIN",
+    "puzzle_hash",
+    "derive_seed",
+    "derive_counter",
     "atomic_write",
     "PEER_ID_SIZE",
     "PUBLIC_KEY_SIZE",
+    # limits
     "Limits",
     "DEFAULT_LIMITS",
     "NOISE_MAX_MESSAGE",
+    # errors
     *_errors_all,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TENSOR_NAMES:
+        from . import _tensor
+
+        value = getattr(_tensor, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'protocol' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -37,7 +37,6 @@ from ._identity import (
     PUZZLE_BITS,
     SIGNATURE_SIZE,
     Identity,
-    derive_seed,
     peer_id_of,
     satisfies_puzzle,
     verify_signature,
@@ -69,7 +68,6 @@ __all__ = [
     "Role",
     "decode_handshake_payload",
     "encode_handshake_payload",
-    "make_handshake_vectors",
     "next_handshake_state",
     "validate_listen_addr",
 ]
@@ -375,97 +373,3 @@ class Handshake:
             recv_cipher=recv_cipher,
         )
 
-
-# -- test vectors (spec/vectors/handshake.json) --------------------------------
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _VectorParty:
-    ed25519_seed: bytes
-    x25519_static_private: bytes
-    x25519_ephemeral_private: bytes
-    listen_addrs: tuple[str, ...]
-
-
-# The seeds are Identity.derive(label) of these labels (counters found by derive_counter),
-# so that both peer ids solve the identity puzzle.
-_VECTOR_PARTIES = {
-    "initiator": _VectorParty(
-        ed25519_seed=derive_seed(bytes([0x01]) * 32, 4934),
-        x25519_static_private=bytes([0x11]) * 32,
-        x25519_ephemeral_private=bytes([0x21]) * 32,
-        listen_addrs=("192.0.2.10:4001",),
-    ),
-    "responder": _VectorParty(
-        ed25519_seed=derive_seed(bytes([0x02]) * 32, 1207),
-        x25519_static_private=bytes([0x12]) * 32,
-        x25519_ephemeral_private=bytes([0x22]) * 32,
-        listen_addrs=("198.51.100.7:31337", "[2001:db8::7]:31337"),
-    ),
-}
-_VECTOR_TRANSPORT = (
-    ("initiator", _cbor.encode(["swarm/1 test vector", "from the initiator", 1])),
-    ("responder", _cbor.encode(["swarm/1 test vector", "from the responder", 2])),
-)
-
-
-def make_handshake_vectors() -> dict[str, Any]:
-    """A complete handshake transcript with fixed keys, as written to
-    spec/vectors/handshake.json (hex for bytes)."""
-    from ._noise import public_key_of
-    from ._transport import MessageEncoder, frame
-
-    sides: dict[str, Handshake] = {}
-    parties: dict[str, dict[str, Any]] = {}
-    for name, role in (("initiator", Role.INITIATOR), ("responder", Role.RESPONDER)):
-        p = _VECTOR_PARTIES[name]
-        identity = Identity.from_seed(p.ed25519_seed)
-        sides[name] = Handshake(
-            identity,
-            role,
-            listen_addrs=p.listen_addrs,
-            static_private_key=p.x25519_static_private,
-            ephemeral_private_key=p.x25519_ephemeral_private,
-        )
-        parties[name] = {
-            "ed25519_seed": p.ed25519_seed.hex(),
-            "ed25519_public_key": identity.public_key.hex(),
-            "peer_id": identity.peer_id.hex(),
-            "x25519_static_private": p.x25519_static_private.hex(),
-            "x25519_static_public": public_key_of(p.x25519_static_private).hex(),
-            "x25519_ephemeral_private": p.x25519_ephemeral_private.hex(),
-            "x25519_ephemeral_public": public_key_of(p.x25519_ephemeral_private).hex(),
-            "listen_addrs": list(p.listen_addrs),
-            "handshake_payload": sides[name]._payload.hex(),
-        }
-    messages = []
-    for sender, receiver in (("initiator", "responder"), ("responder", "initiator"), ("initiator", "responder")):
-        noise_message = sides[sender].write_message()
-        sides[receiver].read_message(noise_message)
-        messages.append({"from": sender, "noise_message": noise_message.hex(), "wire": frame(noise_message).hex()})
-    results = {name: side.result for name, side in sides.items()}
-    assert results["initiator"] is not None and results["responder"] is not None
-    assert results["initiator"].handshake_hash == results["responder"].handshake_hash
-    transport = []
-    for sender, payload in _VECTOR_TRANSPORT:
-        result = results[sender]
-        assert result is not None
-        wire = MessageEncoder(result.send_cipher).encode(payload)
-        transport.append({"from": sender, "payload": payload.hex(), "wire": wire.hex()})
-    return {
-        "description": (
-            "A swarm/1 handshake (Noise_XX_25519_ChaChaPoly_SHA256, prologue 'swarm/1') between two "
-            "peers with fixed keys, then one application message each way. 'wire' is what goes on "
-            "TCP: 2-byte big-endian length + Noise message; each side's handshake_payload is the "
-            "plaintext CBOR payload it sends in message 2 (responder) or 3 (initiator). Transport "
-            "wire = frames of 2-byte length + ChaCha20-Poly1305 ciphertext of (4-byte big-endian "
-            "length + payload)."
-        ),
-        "protocol_name": "Noise_XX_25519_ChaChaPoly_SHA256",
-        "prologue": PROLOGUE.hex(),
-        "binding_prefix": BINDING_PREFIX.hex(),
-        "initiator": parties["initiator"],
-        "responder": parties["responder"],
-        "messages": messages,
-        "handshake_hash": results["initiator"].handshake_hash.hex(),
-        "transport": transport,
-    }

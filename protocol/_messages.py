@@ -6,6 +6,9 @@ request's), ``body`` a map with small-integer keys declared by the class's
 ``FIELDS``. Classes are frozen, slotted, keyword-only dataclasses validated on
 construction; the registry below is the only dispatch from type numbers to
 classes. Unknown body keys are ignored; an unknown type is ``UNKNOWN_MESSAGE``.
+
+A message class holds the body only: the id belongs to the envelope, and the
+request multiplexer (``_channel``) is what numbers requests and matches responses.
 """
 
 from __future__ import annotations
@@ -35,9 +38,12 @@ from ._statements import record_statement, receipt_statement, verify
 from .errors import DecodeError, ErrorCode, LocalProtocolError, ProtocolError, UnexpectedMessage
 
 __all__ = [
+    "Structure",
     "Message",
     "MESSAGE_TYPES",
+    "RESPONSES",
     "encode_message",
+    "decode_envelope",
     "decode_message",
     "NodeInfo",
     "SignedRecord",
@@ -86,8 +92,9 @@ MAX_NODES = 20  # k
 MAX_RECORDS = 64
 
 
-class _Validated:
-    """Mixin: validate every declared field on construction."""
+class Structure:
+    """Base of every structure and message body: a map with small-integer keys, one
+    per entry of ``FIELDS``, validated on construction."""
 
     __slots__ = ()
     FIELDS: ClassVar[tuple[Field, ...]] = ()
@@ -95,12 +102,26 @@ class _Validated:
     def __post_init__(self) -> None:
         validate_fields(self)
 
+    def to_cbor(self) -> dict[int, Any]:
+        """The structure as the CBOR data model (the map the wire carries)."""
+        return fields_to_cbor(self, self.FIELDS)
+
+    @classmethod
+    def from_cbor(cls, obj: Any, *, limits: Limits = DEFAULT_LIMITS) -> Any:
+        """The structure from the CBOR data model, checked strictly.
+
+        Raises:
+            DecodeError: not a map of the declared fields, or fields invalid together.
+            LimitExceeded: a tensor in it exceeds ``limits``.
+        """
+        return _construct(cls, fields_from_cbor(obj, cls.FIELDS, limits))
+
 
 # --- structures carried inside messages ----------------------------------------------
 
 
 @dataclass(**_STRUCT)
-class NodeInfo(_Validated):
+class NodeInfo(Structure):
     """A DHT contact. The peer id must be the hash of the public key."""
 
     peer_id: bytes
@@ -113,13 +134,13 @@ class NodeInfo(_Validated):
     )
 
     def __post_init__(self) -> None:
-        _Validated.__post_init__(self)
+        Structure.__post_init__(self)
         if peer_id_of(self.public_key) != self.peer_id:
             raise LocalProtocolError("NodeInfo.peer_id is not the hash of its public key")
 
 
 @dataclass(**_STRUCT)
-class SignedRecord(_Validated):
+class SignedRecord(Structure):
     """A DHT value, signed by its publisher; see record_statement for the signed bytes."""
 
     key: bytes
@@ -155,7 +176,7 @@ class SignedRecord(_Validated):
 
 
 @dataclass(**_STRUCT)
-class Announcement(_Validated):
+class Announcement(Structure):
     """The value of a block record: a server announcing the span it serves."""
 
     peer_id: bytes
@@ -176,15 +197,15 @@ class Announcement(_Validated):
     )
 
     def to_bytes(self) -> bytes:
-        return cbor_encode(fields_to_cbor(self, self.FIELDS))
+        return cbor_encode(self.to_cbor())
 
     @classmethod
     def from_bytes(cls, data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Announcement:
-        return _construct(cls, fields_from_cbor(cbor_decode(data, max_size=MAX_RECORD_VALUE), cls.FIELDS, limits))
+        return cls.from_cbor(cbor_decode(data, max_size=MAX_RECORD_VALUE), limits=limits)
 
 
 @dataclass(**_STRUCT)
-class ReceiptRecord(_Validated):
+class ReceiptRecord(Structure):
     """A client's signed acknowledgement of cumulative work received from a server,
     countersigned by the server (a double-signed bilateral record)."""
 
@@ -219,7 +240,7 @@ class ReceiptRecord(_Validated):
 
 
 @dataclass(**_STRUCT)
-class ForwardEvidence(_Validated):
+class ForwardEvidence(Structure):
     """One client-signed FORWARD request of a session, as kept for audits and proofs."""
 
     step: int
@@ -235,7 +256,7 @@ class ForwardEvidence(_Validated):
 
 
 @dataclass(**_STRUCT)
-class FraudProof(_Validated):
+class FraudProof(Structure):
     """Evidence that ``accused`` signed a wrong output: the client-signed inputs of the
     session up to the disputed step and the accused's signed output for that step.
     Anyone holding the span recomputes and compares (spec "Fraud proofs")."""
@@ -263,19 +284,12 @@ class FraudProof(_Validated):
 # --- messages -----------------------------------------------------------------------
 
 
-class Message(_Validated):
+class Message(Structure):
     """Base of all messages. ``TYPE`` is the registry number, ``KIND`` request/response."""
 
     __slots__ = ()
     TYPE: ClassVar[int]
     KIND: ClassVar[str]
-    id: int
-
-    def __post_init__(self) -> None:
-        if type(self.id) is not int or not 0 <= self.id < 2**64:
-            raise LocalProtocolError(f"{type(self).__name__}.id must be an unsigned 64-bit integer, got {self.id!r}")
-        validate_fields(self)
-
 
 
 
@@ -291,7 +305,6 @@ def _message(type_: int, kind: str):
 @_message(1, "response")
 @dataclass(**_STRUCT)
 class Error(Message):
-    id: int
     code: int
     message: str
     retry_after: float | None = None
@@ -309,21 +322,18 @@ class Error(Message):
 @_message(2, "request")
 @dataclass(**_STRUCT)
 class Ping(Message):
-    id: int
     FIELDS: ClassVar = ()
 
 
 @_message(3, "response")
 @dataclass(**_STRUCT)
 class Pong(Message):
-    id: int
     FIELDS: ClassVar = ()
 
 
 @_message(4, "request")
 @dataclass(**_STRUCT)
 class FindNode(Message):
-    id: int
     target: bytes
     FIELDS: ClassVar = (Field(0, "target", PEER_ID),)
 
@@ -331,7 +341,6 @@ class FindNode(Message):
 @_message(5, "response")
 @dataclass(**_STRUCT)
 class Nodes(Message):
-    id: int
     nodes: tuple[NodeInfo, ...]
     FIELDS: ClassVar = (Field(0, "nodes", ListOf(Struct(NodeInfo), max=MAX_NODES)),)
 
@@ -339,7 +348,6 @@ class Nodes(Message):
 @_message(6, "request")
 @dataclass(**_STRUCT)
 class FindValue(Message):
-    id: int
     key: bytes
     FIELDS: ClassVar = (Field(0, "key", DIGEST),)
 
@@ -347,7 +355,6 @@ class FindValue(Message):
 @_message(7, "response")
 @dataclass(**_STRUCT)
 class Value(Message):
-    id: int
     records: tuple[SignedRecord, ...]
     nodes: tuple[NodeInfo, ...]
     FIELDS: ClassVar = (Field(0, "records", ListOf(Struct(SignedRecord), max=MAX_RECORDS)),
@@ -357,7 +364,6 @@ class Value(Message):
 @_message(8, "request")
 @dataclass(**_STRUCT)
 class Store(Message):
-    id: int
     record: SignedRecord
     FIELDS: ClassVar = (Field(0, "record", Struct(SignedRecord)),)
 
@@ -365,14 +371,12 @@ class Store(Message):
 @_message(9, "response")
 @dataclass(**_STRUCT)
 class Stored(Message):
-    id: int
     FIELDS: ClassVar = ()
 
 
 @_message(10, "request")
 @dataclass(**_STRUCT)
 class OpenSession(Message):
-    id: int
     model: str
     span: tuple[int, int]
     max_length: int
@@ -384,7 +388,6 @@ class OpenSession(Message):
 @_message(11, "response")
 @dataclass(**_STRUCT)
 class SessionOpened(Message):
-    id: int
     session: bytes
     FIELDS: ClassVar = (Field(0, "session", SESSION_ID),)
 
@@ -394,7 +397,6 @@ class SessionOpened(Message):
 class Forward(Message):
     """One step of a session: hidden states of ``n`` tokens starting at ``position``."""
 
-    id: int
     session: bytes
     step: int
     position: int
@@ -407,7 +409,6 @@ class Forward(Message):
 @_message(13, "response")
 @dataclass(**_STRUCT)
 class ForwardResult(Message):
-    id: int
     session: bytes
     step: int
     hidden: Any  # WireTensor
@@ -421,7 +422,6 @@ class ForwardResult(Message):
 class ForwardOnce(Message):
     """Stateless forward of a whole sequence from position 0 (replays and audits)."""
 
-    id: int
     nonce: bytes  # stands in for the session id in the signed statements
     model: str
     span: tuple[int, int]
@@ -434,7 +434,6 @@ class ForwardOnce(Message):
 @_message(15, "response")
 @dataclass(**_STRUCT)
 class ForwardOnceResult(Message):
-    id: int
     hidden: Any  # WireTensor
     signature: bytes
     FIELDS: ClassVar = (Field(0, "hidden", TENSOR), Field(1, "signature", SIGNATURE))
@@ -443,7 +442,6 @@ class ForwardOnceResult(Message):
 @_message(16, "request")
 @dataclass(**_STRUCT)
 class CloseSession(Message):
-    id: int
     session: bytes
     FIELDS: ClassVar = (Field(0, "session", SESSION_ID),)
 
@@ -451,14 +449,12 @@ class CloseSession(Message):
 @_message(17, "response")
 @dataclass(**_STRUCT)
 class SessionClosed(Message):
-    id: int
     FIELDS: ClassVar = ()
 
 
 @_message(18, "request")
 @dataclass(**_STRUCT)
 class Receipt(Message):
-    id: int
     receipt: ReceiptRecord  # signed by the client; the server countersigns in ReceiptAck
     FIELDS: ClassVar = (Field(0, "receipt", Struct(ReceiptRecord)),)
 
@@ -466,7 +462,6 @@ class Receipt(Message):
 @_message(19, "response")
 @dataclass(**_STRUCT)
 class ReceiptAck(Message):
-    id: int
     receipt: ReceiptRecord  # double-signed
     FIELDS: ClassVar = (Field(0, "receipt", Struct(ReceiptRecord)),)
 
@@ -474,14 +469,12 @@ class ReceiptAck(Message):
 @_message(20, "request")
 @dataclass(**_STRUCT)
 class CreditQuery(Message):
-    id: int
     FIELDS: ClassVar = ()
 
 
 @_message(21, "response")
 @dataclass(**_STRUCT)
 class CreditReport(Message):
-    id: int
     records: tuple[ReceiptRecord, ...]  # the latest double-signed record per pair the answerer holds
     FIELDS: ClassVar = (Field(0, "records", ListOf(Struct(ReceiptRecord), max=1024)),)
 
@@ -489,7 +482,6 @@ class CreditReport(Message):
 @_message(22, "request")
 @dataclass(**_STRUCT)
 class FraudProofNotice(Message):
-    id: int
     proof: FraudProof
     FIELDS: ClassVar = (Field(0, "proof", Struct(FraudProof)),)
 
@@ -497,7 +489,6 @@ class FraudProofNotice(Message):
 @_message(23, "response")
 @dataclass(**_STRUCT)
 class FraudProofAck(Message):
-    id: int
     accepted: bool
     FIELDS: ClassVar = (Field(0, "accepted", Bool()),)
 
@@ -517,19 +508,23 @@ RESPONSES: dict[type[Message], type[Message]] = {
 }
 
 
-def encode_message(message: Message) -> bytes:
-    """The deterministic CBOR envelope ``[type, id, body]`` of ``message``."""
-    return cbor_encode([message.TYPE, message.id, fields_to_cbor(message, message.FIELDS)])
-
-
-def decode_message(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Message:
-    """Decode one envelope strictly.
+def encode_message(message: Message, request_id: int) -> bytes:
+    """The deterministic CBOR envelope ``[type, id, body]`` of ``message``.
 
     Raises:
-        LimitExceeded: the bytes or a tensor in them exceed ``limits``.
-        UnexpectedMessage: an unknown message type (code UNKNOWN_MESSAGE); ``.request_id``
-            holds the id when it could be read, so the caller can answer ERROR.
-        DecodeError: anything else malformed.
+        LocalProtocolError: ``request_id`` is not an unsigned 64-bit integer.
+    """
+    if type(request_id) is not int or not 0 <= request_id < 2**64:
+        raise LocalProtocolError(f"a request id is an unsigned 64-bit integer, got {request_id!r}")
+    return cbor_encode([message.TYPE, request_id, fields_to_cbor(message, message.FIELDS)])
+
+
+def decode_envelope(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> tuple[int, int, Any]:
+    """``(type, id, body)`` of one envelope, the body not yet decoded.
+
+    Raises:
+        LimitExceeded: the bytes exceed ``limits.max_message_size``.
+        DecodeError: not the array ``[type, id, body]`` of unsigned type and id.
     """
     obj = cbor_decode(data, max_size=limits.max_message_size)
     if type(obj) is not list or len(obj) != 3:
@@ -537,12 +532,22 @@ def decode_message(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Message:
     type_, id_, body = obj
     if type(type_) is not int or type(id_) is not int or not 0 <= id_ < 2**64 or type_ < 0:
         raise DecodeError("message type and id must be unsigned integers")
+    return type_, id_, body
+
+
+def decode_message(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> tuple[int, Message]:
+    """Decode one envelope strictly into ``(id, message)``.
+
+    Raises:
+        LimitExceeded: the bytes or a tensor in them exceed ``limits``.
+        UnexpectedMessage: an unknown message type (code UNKNOWN_MESSAGE).
+        DecodeError: anything else malformed.
+    """
+    type_, id_, body = decode_envelope(data, limits=limits)
     cls = MESSAGE_TYPES.get(type_)
     if cls is None:
-        err = UnexpectedMessage(f"unknown message type {type_}", code=ErrorCode.UNKNOWN_MESSAGE)
-        err.request_id = id_  # type: ignore[attr-defined]
-        raise err
-    return _construct(cls, {"id": id_, **fields_from_cbor(body, cls.FIELDS, limits)})
+        raise UnexpectedMessage(f"unknown message type {type_}", code=ErrorCode.UNKNOWN_MESSAGE)
+    return id_, cls.from_cbor(body, limits=limits)
 
 
 def _construct(cls: type, kwargs: dict[str, Any]) -> Any:

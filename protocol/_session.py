@@ -1,22 +1,32 @@
-"""Inference session state, sans-IO (spec/SPEC.md, "Inference sessions").
+"""Inference session state, sans-IO (spec/SPEC.md, "Inference sessions" and "Signed
+statements").
 
-A server keeps one ``SessionState`` per open session. ``SESSION_TRANSITIONS`` is the
-whole state machine: a (state, event) pair missing from it is rejected with
-``UnexpectedMessage`` (code BAD_STATE), and the session state does not change.
-Beyond the table, FORWARD carries arguments that must line up with the session:
-steps are numbered 0, 1, 2, ... without gaps, each step's ``position`` equals the
-number of tokens already processed, and no step may take the session past
-``max_length``. The client keeps the same object to know what to send next.
+A session's server and its client each keep one ``SessionState``: who the two parties
+are, what the session runs (model, span, wire dtype, ``max_length``), where it stands
+(phase, next step, tokens so far), the running history digest that every result is
+signed over, and the signed transcript. Both sides check and advance it the same way
+(``protocol._exchange`` drives it for both), so there is one account of a session,
+not one per layer.
+
+``SESSION_TRANSITIONS`` is the whole state machine: a (state, event) pair missing from
+it is rejected with ``UnexpectedMessage`` (code BAD_STATE), and the session state does
+not change. Beyond the table, FORWARD carries arguments that must line up with the
+session: steps are numbered 0, 1, 2, ... without gaps, each step's ``position`` equals
+the number of tokens already processed, and no step may take the session past
+``max_length``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
+from ._messages import ForwardEvidence
+from ._statements import EMPTY_HISTORY, extend_history
 from .errors import ErrorCode, LocalProtocolError, UnexpectedMessage
 
-__all__ = ["SessionPhase", "SessionEvent", "SESSION_TRANSITIONS", "SessionState"]
+__all__ = ["SessionPhase", "SessionEvent", "SESSION_TRANSITIONS", "SessionState", "SignedStep"]
 
 
 class SessionPhase(Enum):
@@ -40,19 +50,61 @@ SESSION_TRANSITIONS: dict[tuple[SessionPhase, SessionEvent], SessionPhase] = {
 }
 
 
-@dataclass(slots=True)
-class SessionState:
-    """Bookkeeping for one session; raises instead of moving to an illegal state."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SignedStep:
+    """One step of a session's signed transcript: the client-signed input and, where
+    the keeper holds it (a client does, a server does not), the server-signed output."""
 
+    step: int
+    position: int
+    input: Any  # WireTensor
+    request_signature: bytes  # the client's, over forward_request_statement
+    output: Any = None  # WireTensor
+    result_signature: bytes | None = None  # the server's, over forward_result_statement
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.input.shape[1])
+
+    def evidence(self) -> ForwardEvidence:
+        """The client-signed request, as a fraud proof carries it."""
+        return ForwardEvidence(step=self.step, position=self.position, hidden=self.input,
+                               signature=self.request_signature)
+
+
+@dataclass(slots=True, kw_only=True)
+class SessionState:
+    """One session as both of its parties keep it; raises instead of moving to an
+    illegal state. A FORWARD_ONCE is a session of one step whose id is its nonce.
+
+    Args:
+        client, server: peer ids of the party that signs the requests and of the one
+            that signs the results.
+        session: the session id (a FORWARD_ONCE's nonce).
+        model, span, max_length, wire_dtype: what OPEN_SESSION asked for.
+    """
+
+    client: bytes
+    server: bytes
+    session: bytes
+    model: str
+    span: tuple[int, int]
     max_length: int
+    wire_dtype: str = "f32"
     phase: SessionPhase = SessionPhase.NEW
     next_step: int = 0
     length: int = 0  # tokens processed so far (the next position)
-    history: list[tuple[int, int]] = field(default_factory=list)  # (position, n_tokens) per step
+    history: bytes = EMPTY_HISTORY  # the running digest of every input so far (signed with every result)
+    transcript: list[SignedStep] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if type(self.max_length) is not int or self.max_length <= 0:
             raise LocalProtocolError(f"max_length must be a positive integer, got {self.max_length!r}")
+
+    @property
+    def blocks(self) -> int:
+        """Blocks the session runs: work units per token (spec section 12)."""
+        return self.span[1] - self.span[0]
 
     def _advance(self, event: SessionEvent) -> None:
         nxt = SESSION_TRANSITIONS.get((self.phase, event))
@@ -81,12 +133,19 @@ class SessionState:
             )
 
     def forward(self, *, step: int, position: int, n_tokens: int) -> None:
-        """Record a FORWARD step (call after the compute succeeded)."""
+        """Move past a FORWARD step (the state table and the counters only)."""
         self.check_forward(step=step, position=position, n_tokens=n_tokens)
         self._advance(SessionEvent.FORWARD)
         self.next_step += 1
         self.length += n_tokens
-        self.history.append((position, n_tokens))
+
+    def record(self, step: SignedStep) -> bytes:
+        """Move past ``step``: the counters, the history digest (which now covers its
+        input: the digest its result is signed over, returned) and the transcript."""
+        self.forward(step=step.step, position=step.position, n_tokens=step.n_tokens)
+        self.history = extend_history(self.history, step.input.digest())
+        self.transcript.append(step)
+        return self.history
 
     def close(self) -> None:
         self._advance(SessionEvent.CLOSE)

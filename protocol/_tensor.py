@@ -49,7 +49,6 @@ __all__ = [
     "WireTensor",
     "encode_tensor",
     "decode_tensor",
-    "make_tensor_vectors",
 ]
 
 DTYPES = ("f32", "f16", "bf16", "q8", "nf4")
@@ -520,10 +519,3 @@ def _dequantize(wt: WireTensor, n: int, device: torch.device) -> torch.Tensor:
     if n > full * bs:
         out[full * bs :].mul_(absmax[full])
     return out
-
-
-def make_tensor_vectors() -> list[dict[str, Any]]:
-    """The spec's tensor test vectors (spec/vectors/tensors.json); see _tensor_vectors."""
-    from ._tensor_vectors import make_tensor_vectors as make  # it imports this module
-
-    return make()

@@ -29,6 +29,7 @@ __all__ = [
     "UnexpectedMessage",
     "ConnectionClosed",
     "IdentityError",
+    "InvalidRequest",
     "RemoteError",
     "swarm_error_in",
 ]
@@ -131,6 +132,13 @@ class ConnectionClosed(RemoteProtocolError):
     """The byte stream ended, possibly in the middle of a frame."""
 
     code = ErrorCode.CONNECTION_CLOSED
+
+
+class InvalidRequest(SwarmError):
+    """A well-formed request whose arguments this peer does not accept (wrong dtype or
+    shape, say); it is answered ``ERROR`` and the connection stays open."""
+
+    code = ErrorCode.INVALID_REQUEST
 
 
 class IdentityError(SwarmError):

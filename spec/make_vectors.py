@@ -14,24 +14,63 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import struct
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from protocol import _messages as M  # noqa: E402
-from protocol._cbor import encode  # noqa: E402
-from protocol._fields import Bytes, Field, Float, ListOf, Span, Struct, TensorCodec  # noqa: E402
-from protocol._identity import Identity, derive_seed  # noqa: E402
-from protocol._statements import (  # noqa: E402
+from protocol import (  # noqa: E402
+    derive_seed,
     EMPTY_HISTORY,
+    MESSAGE_TYPES,
+    SESSION_TRANSITIONS,
+    Announcement,
+    CloseSession,
+    CreditQuery,
+    CreditReport,
+    Error,
+    FindNode,
+    FindValue,
+    Forward,
+    ForwardEvidence,
+    ForwardOnce,
+    ForwardOnceResult,
+    ForwardResult,
+    FraudProof,
+    FraudProofAck,
+    FraudProofNotice,
+    Identity,
+    Message,
+    NodeInfo,
+    Nodes,
+    OpenSession,
+    Ping,
+    Pong,
+    Receipt,
+    ReceiptAck,
+    ReceiptRecord,
+    Role,
+    SessionClosed,
+    SessionOpened,
+    SignedRecord,
+    Store,
+    Stored,
+    Value,
+    cbor_encode as encode,
+    encode_message,
     extend_history,
     forward_request_statement,
     forward_result_statement,
     receipt_statement,
 )
+# The generator also reads codec internals (field codecs, codebooks, the Noise layer):
+# it writes the spec's generated tables and byte-exact transcripts, which no public API
+# exposes.
+from protocol._fields import Bytes, Field, Float, ListOf, Span, Struct, TensorCodec  # noqa: E402
 
 VECTORS = ROOT / "spec" / "vectors"
 
@@ -72,7 +111,7 @@ def value_from_json(obj: Any, codec: Any) -> Any:
     if isinstance(codec, Span):
         return tuple(obj)
     if isinstance(codec, TensorCodec):
-        from protocol._tensor import WireTensor
+        from protocol import WireTensor
 
         absmax = bytes.fromhex(obj["absmax"]) if "absmax" in obj else None
         return WireTensor(dtype=obj["dtype"], shape=tuple(obj["shape"]), data=bytes.fromhex(obj["data"]),
@@ -95,9 +134,10 @@ def fields_from_json(obj: dict[str, Any], fields: tuple[Field, ...]) -> dict[str
     return {f.name: value_from_json(obj[f.name], f.codec) if f.name in obj else None for f in fields}
 
 
-def message_from_json(entry: dict[str, Any]) -> M.Message:
-    cls = M.MESSAGE_TYPES[entry["type"]]
-    return cls(id=entry["id"], **fields_from_json(entry["fields"], cls.FIELDS))
+def message_from_json(entry: dict[str, Any]) -> tuple[int, Message]:
+    """(envelope id, message) of one entry of messages.json."""
+    cls = MESSAGE_TYPES[entry["type"]]
+    return entry["id"], cls(**fields_from_json(entry["fields"], cls.FIELDS))
 
 
 # --- sample messages ------------------------------------------------------------------
@@ -106,20 +146,21 @@ def message_from_json(entry: dict[str, Any]) -> M.Message:
 def _tensor(values: list[float], shape: tuple[int, ...], dtype: str = "f32") -> Any:
     import torch
 
-    from protocol._tensor import encode_tensor
+    from protocol import encode_tensor
 
     return encode_tensor(torch.tensor(values, dtype=torch.float32).reshape(shape), dtype)
 
 
-def sample_messages() -> list[M.Message]:
+def sample_messages() -> list[tuple[int, Message]]:
+    """(envelope id, message): one of every type, each response with its request's id."""
     session = bytes(range(16))
     model = "tiny-llama@00112233aabbccdd"
     span = (0, 4)
-    client_node = M.NodeInfo(peer_id=CLIENT.peer_id, public_key=CLIENT.public_key, addrs=("127.0.0.1:31337",))
-    server_node = M.NodeInfo(peer_id=SERVER.peer_id, public_key=SERVER.public_key, addrs=("[::1]:4000", "10.0.0.2:4000"))
-    announcement = M.Announcement(peer_id=SERVER.peer_id, addrs=("[::1]:4000",), model=model, span=span,
+    client_node = NodeInfo(peer_id=CLIENT.peer_id, public_key=CLIENT.public_key, addrs=("127.0.0.1:31337",))
+    server_node = NodeInfo(peer_id=SERVER.peer_id, public_key=SERVER.public_key, addrs=("[::1]:4000", "10.0.0.2:4000"))
+    announcement = Announcement(peer_id=SERVER.peer_id, addrs=("[::1]:4000",), model=model, span=span,
                                   throughput=123.5, free_sessions=7, expires=1_900_000_000)
-    record = M.SignedRecord.create(SERVER, key=bytes(32), seq=3, expires=1_900_000_000, value=announcement.to_bytes())
+    record = SignedRecord.create(SERVER, key=bytes(32), seq=3, expires=1_900_000_000, value=announcement.to_bytes())
     hidden = _tensor([0.5, -1.0, 2.0, 0.0], (1, 1, 4))
     out = _tensor([1.5, -0.25, 0.125, 3.0], (1, 1, 4))
     req_sig = CLIENT.sign(forward_request_statement(
@@ -130,46 +171,46 @@ def sample_messages() -> list[M.Message]:
         input_digest=hidden.digest(), output_digest=out.digest(),
         history=extend_history(EMPTY_HISTORY, hidden.digest())))
     hh = bytes(range(32))
-    receipt = M.ReceiptRecord(client=CLIENT.public_key, server=SERVER.public_key, handshake_hash=hh, seq=5, work=40,
+    receipt = ReceiptRecord(client=CLIENT.public_key, server=SERVER.public_key, handshake_hash=hh, seq=5, work=40,
                               client_signature=CLIENT.sign(receipt_statement(
                                   client=CLIENT.public_key, server=SERVER.public_key, handshake_hash=hh,
                                   seq=5, work=40)))
     signed = dataclasses.replace(receipt, server_signature=SERVER.sign(receipt.statement(countersign=True)))
-    proof = M.FraudProof(accused=SERVER.public_key, client=CLIENT.public_key, model=model, span=span, session=session,
-                         requests=(M.ForwardEvidence(step=0, position=0, hidden=hidden, signature=req_sig),),
+    proof = FraudProof(accused=SERVER.public_key, client=CLIENT.public_key, model=model, span=span, session=session,
+                         requests=(ForwardEvidence(step=0, position=0, hidden=hidden, signature=req_sig),),
                          output=out, output_signature=res_sig)
     return [
-        M.Error(id=7, code=202, message="busy: 3 sessions queued", retry_after=0.5),
-        M.Ping(id=1),
-        M.Pong(id=1),
-        M.FindNode(id=2, target=SERVER.peer_id),
-        M.Nodes(id=2, nodes=(client_node, server_node)),
-        M.FindValue(id=3, key=bytes(32)),
-        M.Value(id=3, records=(record,), nodes=(server_node,)),
-        M.Store(id=4, record=record),
-        M.Stored(id=4),
-        M.OpenSession(id=5, model=model, span=span, max_length=2048, wire_dtype="f32"),
-        M.SessionOpened(id=5, session=session),
-        M.Forward(id=6, session=session, step=0, position=0, hidden=hidden, signature=req_sig),
-        M.ForwardResult(id=6, session=session, step=0, hidden=out, signature=res_sig),
-        M.ForwardOnce(id=8, nonce=session, model=model, span=span, hidden=hidden, signature=req_sig),
-        M.ForwardOnceResult(id=8, hidden=out, signature=res_sig),
-        M.CloseSession(id=9, session=session),
-        M.SessionClosed(id=9),
-        M.Receipt(id=10, receipt=receipt),
-        M.ReceiptAck(id=10, receipt=signed),
-        M.CreditQuery(id=11),
-        M.CreditReport(id=11, records=(signed,)),
-        M.FraudProofNotice(id=12, proof=proof),
-        M.FraudProofAck(id=12, accepted=True),
+        (7, Error(code=202, message="busy: 3 sessions queued", retry_after=0.5)),
+        (1, Ping()),
+        (1, Pong()),
+        (2, FindNode(target=SERVER.peer_id)),
+        (2, Nodes(nodes=(client_node, server_node))),
+        (3, FindValue(key=bytes(32))),
+        (3, Value(records=(record,), nodes=(server_node,))),
+        (4, Store(record=record)),
+        (4, Stored()),
+        (5, OpenSession(model=model, span=span, max_length=2048, wire_dtype="f32")),
+        (5, SessionOpened(session=session)),
+        (6, Forward(session=session, step=0, position=0, hidden=hidden, signature=req_sig)),
+        (6, ForwardResult(session=session, step=0, hidden=out, signature=res_sig)),
+        (8, ForwardOnce(nonce=session, model=model, span=span, hidden=hidden, signature=req_sig)),
+        (8, ForwardOnceResult(hidden=out, signature=res_sig)),
+        (9, CloseSession(session=session)),
+        (9, SessionClosed()),
+        (10, Receipt(receipt=receipt)),
+        (10, ReceiptAck(receipt=signed)),
+        (11, CreditQuery()),
+        (11, CreditReport(records=(signed,))),
+        (12, FraudProofNotice(proof=proof)),
+        (12, FraudProofAck(accepted=True)),
     ]
 
 
 def message_vectors() -> dict[str, Any]:
     entries = []
-    for msg in sample_messages():
-        entries.append({"name": type(msg).__name__, "type": msg.TYPE, "id": msg.id,
-                        "fields": fields_to_json(msg, msg.FIELDS), "cbor_hex": M.encode_message(msg).hex()})
+    for request_id, msg in sample_messages():
+        entries.append({"name": type(msg).__name__, "type": msg.TYPE, "id": request_id,
+                        "fields": fields_to_json(msg, msg.FIELDS), "cbor_hex": encode_message(msg, request_id).hex()})
     return {"description": "One encoded example of every message type; decode(cbor_hex) must equal fields, "
                            "encode(fields) must equal cbor_hex.", "messages": entries}
 
@@ -209,8 +250,7 @@ def statement_vectors() -> dict[str, Any]:
 
 def identity_vectors() -> dict[str, Any]:
     """The identity puzzle (spec section 3): derived seeds, peer ids, puzzle hashes."""
-    from protocol._identity import PUZZLE_BITS, PUZZLE_DOMAIN, derive_counter, peer_id_of, puzzle_hash, \
-        satisfies_puzzle
+    from protocol import PUZZLE_BITS, PUZZLE_DOMAIN, derive_counter, peer_id_of, puzzle_hash, satisfies_puzzle
 
     entries = []
     for label in (bytes(range(32)), bytes(range(32, 64)), bytes([0x01]) * 32, bytes([0x02]) * 32):
@@ -250,6 +290,198 @@ def strict_cbor_vectors() -> dict[str, Any]:
             "reject": [{"name": n, "input_hex": h, "canonical_hex": c} for n, h, c in cases]}
 
 
+# --- tensors (spec/vectors/tensors.json) ---------------------------------------------
+#
+# Each vector names a small float32 input, the wire dtype (and blocksize) it is encoded
+# in, the deterministic CBOR of the resulting map, its digest and the exact decoded
+# values. Inputs are chosen to hit the edges of the spec: negative zero, subnormals,
+# rounding ties of f16 and bf16, values exactly on a quantization threshold (which take
+# the lower code), a short last block, an all-zero block, an odd nf4 element count
+# (padding nibble), a scalar and empty tensors.
+
+
+def _ramp(n: int, modulus: int, denominator: float) -> list[float]:
+    """Deterministic mixed-sign values, exact in float32 (small multiples of 1/denominator)."""
+    return [((i * 37) % modulus - modulus // 2) / denominator for i in range(n)]
+
+
+def _q8_input() -> list[float]:
+    from protocol._tensor import Q8_CODEBOOK, _thresholds
+
+    cuts = _thresholds(Q8_CODEBOOK)
+    block0 = _ramp(64, 41, 32.0)
+    # Block 0 has absmax 1.0, so these scale to themselves: exact ties, lower code wins.
+    block0[:6] = [1.0, 0.0, -0.0, cuts[127], cuts[200], cuts[30]]
+    block1 = _ramp(36, 29, 4.0)
+    block1[0] = -3.75  # the block's largest magnitude is negative: scales to -1
+    return block0 + block1
+
+
+def _nf4_input() -> list[float]:
+    from protocol._tensor import NF4_CODEBOOK, _thresholds
+
+    cuts = _thresholds(NF4_CODEBOOK)
+    block0 = _ramp(64, 23, 8.0)
+    # absmax -2.0: doubling is exact, so these three scale back to exact threshold ties.
+    block0[:5] = [-2.0, 0.0, 2 * cuts[7], 2 * cuts[3], 2 * cuts[12]]
+    block1 = _ramp(11, 13, 2.0)  # 75 elements in all: a short block and a padding nibble
+    return block0 + block1
+
+
+# (name, dtype, blocksize or None, shape, input)
+_CASES: list[tuple[str, str, int | None, list[int], list[float]]] = [
+    # -0.0, the largest finite float32 and the smallest subnormal
+    ("f32_specials", "f32", None, [2, 3], [0.0, -0.0, 1.5, -2.25, 3.4028234663852886e38, 1.4e-45]),
+    ("f32_scalar", "f32", None, [], [-7.5]),
+    ("f32_empty", "f32", None, [0, 4], []),
+    ("f16_exact", "f16", None, [4], [0.0, -1.0, 0.5, 65504.0]),
+    # f32 -> f16 rounds to nearest, ties to even: 2049 -> 2048, 2051 -> 2052; 1e-6 -> subnormal.
+    ("f16_rounded", "f16", None, [2, 3], [0.1, -1 / 3, 1e-6, 2049.0, 2051.0, -0.0]),
+    # f32 -> bf16 likewise: 1 + 2**-8 -> 1.0, 1 + 3 * 2**-8 -> 1 + 2**-6.
+    ("bf16_rounded", "bf16", None, [5], [0.1, -1 / 3, 1.00390625, 1.01171875, -0.0]),
+    ("bf16_scalar", "bf16", None, [], [3.140625]),
+    ("q8_two_blocks", "q8", 64, [2, 50], _q8_input()),
+    ("q8_zero_block", "q8", 64, [3], [0.0, -0.0, 0.0]),
+    ("q8_empty", "q8", 64, [0], []),
+    ("nf4_odd", "nf4", 64, [75], _nf4_input()),
+    ("nf4_single", "nf4", 128, [1, 1], [-0.5]),
+]
+
+
+def _f32(x: float) -> float:
+    """x rounded to the nearest float32 (ties to even), as a Python float."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def _floats(t: Any) -> list[float]:
+    # float() of a float32/f16/bf16 element is exact; repr of it round-trips as binary64.
+    return [float(v) for v in t.reshape(-1).tolist()]
+
+
+def make_tensor_vectors() -> list[dict[str, Any]]:
+    """The tensor test vectors as JSON-able dicts (written to spec/vectors/tensors.json)."""
+    import torch
+
+    from protocol import decode_tensor, encode_tensor
+
+    vectors = []
+    for name, dtype, blocksize, shape, values in _CASES:
+        values = [_f32(v) for v in values]  # inputs are float32 by definition
+        t = torch.tensor(values, dtype=torch.float32).reshape(shape)
+        wt = encode_tensor(t, dtype, blocksize=blocksize or 4096)
+        entry: dict[str, Any] = {
+            "name": name,
+            "dtype": dtype,
+            "shape": shape,
+            "input": values,
+            "cbor_hex": encode(wt.to_cbor()).hex(),
+            "digest_hex": wt.digest().hex(),
+            "decoded": _floats(decode_tensor(wt)),
+        }
+        if blocksize is not None:
+            entry["blocksize"] = blocksize
+        vectors.append(entry)
+    return vectors
+
+
+# --- the handshake (spec/vectors/handshake.json) ---------------------------------------
+#
+# Fixed keys on both sides (the ephemeral keys too: test vectors only) give one
+# complete, byte-identical transcript.
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _VectorParty:
+    ed25519_seed: bytes
+    x25519_static_private: bytes
+    x25519_ephemeral_private: bytes
+    listen_addrs: tuple[str, ...]
+
+
+_VECTOR_PARTIES = {
+    "initiator": _VectorParty(
+        ed25519_seed=derive_seed(bytes([0x01]) * 32, 4934),
+        x25519_static_private=bytes([0x11]) * 32,
+        x25519_ephemeral_private=bytes([0x21]) * 32,
+        listen_addrs=("192.0.2.10:4001",),
+    ),
+    "responder": _VectorParty(
+        ed25519_seed=derive_seed(bytes([0x02]) * 32, 1207),
+        x25519_static_private=bytes([0x12]) * 32,
+        x25519_ephemeral_private=bytes([0x22]) * 32,
+        listen_addrs=("198.51.100.7:31337", "[2001:db8::7]:31337"),
+    ),
+}
+_VECTOR_TRANSPORT = (
+    ("initiator", encode(["swarm/1 test vector", "from the initiator", 1])),
+    ("responder", encode(["swarm/1 test vector", "from the responder", 2])),
+)
+
+
+def make_handshake_vectors() -> dict[str, Any]:
+    """A complete handshake transcript with fixed keys, as written to
+    spec/vectors/handshake.json (hex for bytes)."""
+    from protocol._handshake import BINDING_PREFIX, PROLOGUE, Handshake
+    from protocol._noise import public_key_of
+    from protocol._transport import MessageEncoder, frame
+
+    sides: dict[str, Handshake] = {}
+    parties: dict[str, dict[str, Any]] = {}
+    for name, role in (("initiator", Role.INITIATOR), ("responder", Role.RESPONDER)):
+        p = _VECTOR_PARTIES[name]
+        identity = Identity.from_seed(p.ed25519_seed)
+        sides[name] = Handshake(
+            identity,
+            role,
+            listen_addrs=p.listen_addrs,
+            static_private_key=p.x25519_static_private,
+            ephemeral_private_key=p.x25519_ephemeral_private,
+        )
+        parties[name] = {
+            "ed25519_seed": p.ed25519_seed.hex(),
+            "ed25519_public_key": identity.public_key.hex(),
+            "peer_id": identity.peer_id.hex(),
+            "x25519_static_private": p.x25519_static_private.hex(),
+            "x25519_static_public": public_key_of(p.x25519_static_private).hex(),
+            "x25519_ephemeral_private": p.x25519_ephemeral_private.hex(),
+            "x25519_ephemeral_public": public_key_of(p.x25519_ephemeral_private).hex(),
+            "listen_addrs": list(p.listen_addrs),
+            "handshake_payload": sides[name]._payload.hex(),
+        }
+    messages = []
+    for sender, receiver in (("initiator", "responder"), ("responder", "initiator"), ("initiator", "responder")):
+        noise_message = sides[sender].write_message()
+        sides[receiver].read_message(noise_message)
+        messages.append({"from": sender, "noise_message": noise_message.hex(), "wire": frame(noise_message).hex()})
+    results = {name: side.result for name, side in sides.items()}
+    assert results["initiator"] is not None and results["responder"] is not None
+    assert results["initiator"].handshake_hash == results["responder"].handshake_hash
+    transport = []
+    for sender, payload in _VECTOR_TRANSPORT:
+        result = results[sender]
+        assert result is not None
+        wire = MessageEncoder(result.send_cipher).encode(payload)
+        transport.append({"from": sender, "payload": payload.hex(), "wire": wire.hex()})
+    return {
+        "description": (
+            "A swarm/1 handshake (Noise_XX_25519_ChaChaPoly_SHA256, prologue 'swarm/1') between two "
+            "peers with fixed keys, then one application message each way. 'wire' is what goes on "
+            "TCP: 2-byte big-endian length + Noise message; each side's handshake_payload is the "
+            "plaintext CBOR payload it sends in message 2 (responder) or 3 (initiator). Transport "
+            "wire = frames of 2-byte length + ChaCha20-Poly1305 ciphertext of (4-byte big-endian "
+            "length + payload)."
+        ),
+        "protocol_name": "Noise_XX_25519_ChaChaPoly_SHA256",
+        "prologue": PROLOGUE.hex(),
+        "binding_prefix": BINDING_PREFIX.hex(),
+        "initiator": parties["initiator"],
+        "responder": parties["responder"],
+        "messages": messages,
+        "handshake_hash": results["initiator"].handshake_hash.hex(),
+        "transport": transport,
+    }
+
+
 # --- generated spec tables ------------------------------------------------------------
 
 
@@ -259,11 +491,11 @@ def _field_rows(fields: tuple[Field, ...]) -> list[str]:
 
 def registry_markdown() -> str:
     lines = ["| type | name | kind | body fields (key: name (CBOR type)) |", "|---|---|---|---|"]
-    for type_, cls in sorted(M.MESSAGE_TYPES.items()):
+    for type_, cls in sorted(MESSAGE_TYPES.items()):
         body = "; ".join(_field_rows(cls.FIELDS)) or "(empty map)"
         lines.append(f"| {type_} | {_wire_name(cls)} | {cls.KIND} | {body} |")
     lines += ["", "| structure | fields (key: name (CBOR type)) |", "|---|---|"]
-    for cls in (M.NodeInfo, M.SignedRecord, M.Announcement, M.ReceiptRecord, M.ForwardEvidence, M.FraudProof):
+    for cls in (NodeInfo, SignedRecord, Announcement, ReceiptRecord, ForwardEvidence, FraudProof):
         lines.append(f"| {cls.__name__} | {'; '.join(_field_rows(cls.FIELDS))} |")
     return "\n".join(lines)
 
@@ -275,17 +507,12 @@ def _wire_name(cls: type) -> str:
 
 
 def session_table_markdown() -> str:
-    from protocol._session import SESSION_TRANSITIONS
-
     lines = ["| state | event | next state |", "|---|---|---|"]
     lines += [f"| {s.name} | {e.name} | {n.name} |" for (s, e), n in SESSION_TRANSITIONS.items()]
     return "\n".join(lines)
 
 
 def all_vectors() -> dict[str, Any]:
-    from protocol._handshake import make_handshake_vectors
-    from protocol._tensor import make_tensor_vectors
-
     return {
         "messages.json": message_vectors(),
         "statements.json": statement_vectors(),

@@ -38,9 +38,14 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from protocol import DEFAULT_LIMITS, Identity, cbor_decode, cbor_encode
-from protocol._fields import fields_from_cbor, fields_to_cbor
-from protocol._messages import Announcement, SignedRecord
+from protocol import (
+    DEFAULT_LIMITS,
+    Announcement,
+    Identity,
+    SignedRecord,
+    cbor_decode,
+    cbor_encode,
+)
 from protocol.errors import ErrorCode, ProtocolError, SwarmError
 
 from .dht._records import RecordRejected
@@ -85,7 +90,7 @@ def encode_block_value(block: int, announcement: Announcement) -> bytes:
     """The value of ``announcement``'s record under ``block_key(model, block)``."""
     if not announcement.span[0] <= block < announcement.span[1]:
         raise ValueError(f"block {block} is outside the announced span {announcement.span}")
-    return cbor_encode([BLOCK_KIND, block, fields_to_cbor(announcement, Announcement.FIELDS)])
+    return cbor_encode([BLOCK_KIND, block, announcement.to_cbor()])
 
 
 def decode_block_value(items: list[Any]) -> tuple[int, Announcement]:
@@ -98,7 +103,7 @@ def decode_block_value(items: list[Any]) -> tuple[int, Announcement]:
         raise RecordRejected(f"announcement has unknown keys {', '.join(unknown)[:80]}",
                              code=ErrorCode.INVALID_REQUEST)
     try:
-        announcement = Announcement(**fields_from_cbor(items[2], Announcement.FIELDS, DEFAULT_LIMITS))
+        announcement = Announcement.from_cbor(items[2], limits=DEFAULT_LIMITS)
     except ProtocolError as exc:
         raise RecordRejected(f"invalid announcement: {exc}", code=ErrorCode.INVALID_REQUEST) from None
     return items[1], announcement

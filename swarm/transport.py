@@ -6,7 +6,10 @@ Theory of operation. A ``Host`` listens (``run``), accepts and dials connections
 and owns every connection's task in its nursery, so a connection outlives the task
 that dialled it and ends when the host stops. The handshake runs in the accepting
 task or the dialling caller under ``limits.handshake_timeout``; then a
-``PeerConnection`` (``swarm/_transport/_peer.py``) reads, dispatches and multiplexes.
+``PeerConnection`` (``swarm/_transport/_peer.py``, a trio adapter over the sans-IO
+``protocol.Channel``) reads, dispatches and multiplexes. A connection is given the
+host's handler table and its ``_forget`` as close callback; it knows nothing else of
+the host.
 
 Connection reuse: ``connect`` returns an open connection to the peer id if one
 exists (whichever side dialled it), else one dialled to that exact address. Inbound
@@ -30,10 +33,16 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from protocol._connection import NEED_DATA, Connection, HandshakeComplete, Role
-from protocol._identity import Identity
-from protocol._limits import DEFAULT_LIMITS, Limits
-from protocol._messages import Message
+from protocol import (
+    DEFAULT_LIMITS,
+    NEED_DATA,
+    Connection,
+    HandshakeComplete,
+    Identity,
+    Limits,
+    Message,
+    Role,
+)
 from protocol.errors import HandshakeError, LocalProtocolError, RemoteProtocolError
 
 from ._address import PeerAddress, format_sockaddr
@@ -112,7 +121,7 @@ class Host:
     def add_handler(self, request_type: type[Message], handler: Handler) -> None:
         """Serve ``request_type`` with ``handler(connection, request) -> response``.
 
-        The handler's response id is set to the request's. A ``SwarmError`` it raises
+        Connections already open serve it too. A ``SwarmError`` the handler raises
         is answered as ``ERROR`` with its code (a ``RemoteError`` keeps its
         retry_after); any other exception as ``ERROR INTERNAL``, with its traceback logged.
         """
@@ -185,7 +194,7 @@ class Host:
             await trio.aclose_forcefully(stream)
             raise
         connection = self._adopt(stream, conn, info, address=address, inbound=True)
-        await connection._run()
+        await connection.run()
 
     # -- dialling ---------------------------------------------------------------------
 
@@ -268,7 +277,7 @@ class Host:
             raise LocalProtocolError("Host.run() stopped while connecting")
         connection = self._adopt(stream, conn, info, address=str(address), inbound=False)
         self._by_addr[str(address)] = connection
-        self._nursery.start_soon(connection._run)
+        self._nursery.start_soon(connection.run)
         return connection
 
     async def request(self, addr: str | PeerAddress, message: Message, *, peer_id: bytes | None = None,
@@ -308,8 +317,9 @@ class Host:
 
     def _adopt(self, stream: trio.SocketStream, conn: Connection, info: HandshakeComplete, *, address: str,
                inbound: bool) -> PeerConnection:
-        connection = PeerConnection(self, stream, conn, info, address=address, inbound=inbound,
-                                    limits=self.limits, default_timeout=self.default_timeout)
+        connection = PeerConnection(stream, conn, info, handlers=self._handlers, on_close=self._forget,
+                                    address=address, inbound=inbound, limits=self.limits,
+                                    default_timeout=self.default_timeout)
         self._all.add(connection)
         self.connections.setdefault(connection.peer_id, connection)
         log.debug("connected %r", connection)
@@ -321,7 +331,7 @@ class Host:
         return connection
 
     def _forget(self, connection: PeerConnection) -> None:
-        """Called by a connection as it closes."""
+        """A connection's close callback: it is no longer reachable through this host."""
         self._all.discard(connection)
         if self.connections.get(connection.peer_id) is connection:
             del self.connections[connection.peer_id]

@@ -4,7 +4,7 @@ spec/SPEC.md "Verification").
 
 - ``Auditor`` / ``AuditPolicy`` / ``PARANOID``: the client side (``verify._audit``).
 - ``compare`` / ``tolerance_for``: the statistics and calibrated thresholds
-  (``verify._compare``; ``python -m verify.calibrate`` measures them).
+  (``verify._compare``; ``python bench/calibrate.py`` measures them).
 - ``verify_proof`` and the proof builders (``verify._proofs``).
 - ``FraudProofService``: FRAUD_PROOF handling, gossip and DHT storage.
 - ``Reputation``: per-peer standings with decay, bans, persistence.
@@ -33,7 +33,7 @@ from ._proofs import (
     verify_proof,
 )
 from ._reputation import Ban, PeerStanding, Reputation, ReputationFileError
-from ._service import FraudProofService
+from ._service import Compute, FraudProofService
 from ._store import (
     FRAUD_KIND,
     FRAUD_PART_KIND,
@@ -75,6 +75,7 @@ __all__ = [
     "PeerStanding",
     "Reputation",
     "ReputationFileError",
+    "Compute",
     "FraudProofService",
     "FRAUD_KIND",
     "FRAUD_PART_KIND",

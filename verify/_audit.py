@@ -35,20 +35,20 @@ from enum import Enum
 
 import torch
 
-from protocol import _messages as M
-from protocol._statements import (
-    EMPTY_HISTORY,
-    extend_history,
-    forward_request_statement,
-    forward_result_statement,
-    verify,
+from protocol import (
+    FraudProof,
+    SignedStep,
+    WireTensor,
+    accept_forward_once_result,
+    decode_tensor,
+    encode_tensor,
+    sign_forward_once,
 )
-from protocol._tensor import WireTensor, decode_tensor, encode_tensor
 from protocol.errors import SwarmError
 from swarm.transport import Host
 
 from ._compare import Comparison, compare, tolerance_for
-from ._proofs import TranscriptStep, proof_digest, proof_from_forward_once, proof_from_transcript
+from ._proofs import proof_digest, proof_from_forward_once, proof_from_transcript
 from ._reputation import Reputation
 from ._service import FraudProofService
 
@@ -108,7 +108,7 @@ class AuditOutcome(Enum):
 class AuditResult:
     outcome: AuditOutcome
     suspect: bytes | None = None
-    proof: M.FraudProof | None = None
+    proof: FraudProof | None = None
     comparisons: tuple[Comparison, ...] = ()
 
     @property
@@ -161,7 +161,7 @@ class Auditor:
         self.policy = policy
         self.clock = clock
         self.stats = AuditStats()
-        self.proofs: list[M.FraudProof] = []
+        self.proofs: list[FraudProof] = []
         self._addrs: dict[bytes, tuple[str, ...]] = {}
         self._rng: random.Random = random.Random(policy.seed) if policy.seed is not None else random.SystemRandom()
 
@@ -172,7 +172,7 @@ class Auditor:
         return rate >= 1.0 or (rate > 0.0 and self._rng.random() < rate)
 
     async def audit(self, *, model: str, span: tuple[int, int], hop_peer: bytes, hop_public_key: bytes,
-                    hop_addrs: Sequence[str], session: bytes, transcript: Sequence[TranscriptStep],
+                    hop_addrs: Sequence[str], session: bytes, transcript: Sequence[SignedStep],
                     index: int) -> AuditResult:
         """Audit step ``transcript[index]`` of a hop; see the module docstring."""
         t0 = time.perf_counter()
@@ -185,7 +185,7 @@ class Auditor:
         return result
 
     async def _audit(self, model: str, span: tuple[int, int], hop_peer: bytes, hop_public_key: bytes,
-                     hop_addrs: Sequence[str], session: bytes, transcript: Sequence[TranscriptStep],
+                     hop_addrs: Sequence[str], session: bytes, transcript: Sequence[SignedStep],
                      index: int) -> AuditResult:
         disputed = transcript[index]
         try:
@@ -230,7 +230,7 @@ class Auditor:
                                comparisons=comparisons)
         return AuditResult(outcome=AuditOutcome.INCONCLUSIVE, comparisons=comparisons)
 
-    def _convict(self, suspect: bytes, proof: M.FraudProof, witnesses: list[_Answer]) -> None:
+    def _convict(self, suspect: bytes, proof: FraudProof, witnesses: list[_Answer]) -> None:
         now = self.clock()
         self.reputation.record_mismatch(suspect, now)
         self.reputation.ban(suspect, now, reason="lost a 2-vs-1 audit vote", proof=proof_digest(proof))
@@ -277,22 +277,14 @@ class Auditor:
                 last = exc
         if conn is None:
             raise last or SwarmError("no address to reach the auditor")
-        me = self.host.identity
-        nonce = secrets.token_bytes(16)
-        digest = wire.digest()
-        signature = me.sign(forward_request_statement(client=me.peer_id, server=peer_id, session=nonce, step=0,
-                                                      model=model, span=span, position=0, input_digest=digest))
-        result = await conn.request(M.ForwardOnce(id=0, nonce=nonce, model=model, span=span, hidden=wire,
-                                                  signature=signature), timeout=self.policy.timeout)
-        if tuple(result.hidden.shape) != tuple(wire.shape):
-            raise SwarmError(f"auditor returned shape {list(result.hidden.shape)} for {list(wire.shape)}")
-        verify(conn.public_key, forward_result_statement(server=peer_id, session=nonce, step=0, model=model, span=span,
-                                                         input_digest=digest, output_digest=result.hidden.digest(),
-                                                         history=extend_history(EMPTY_HISTORY, digest)),
-               result.signature)
+        request, state = sign_forward_once(self.host.identity, server=peer_id, nonce=secrets.token_bytes(16),
+                                           model=model, span=span, hidden=wire)
+        result = await conn.request(request, timeout=self.policy.timeout)
+        accept_forward_once_result(state, request, result, server_public_key=conn.public_key)
         out = decode_tensor(result.hidden, out_dtype=torch.float32)
-        return _Answer(peer_id=peer_id, public_key=conn.public_key, nonce=nonce, request_signature=signature,
-                       output=result.hidden, output_signature=result.signature, rows=out[:, -rows:])
+        return _Answer(peer_id=peer_id, public_key=conn.public_key, nonce=request.nonce,
+                       request_signature=request.signature, output=result.hidden, output_signature=result.signature,
+                       rows=out[:, -rows:])
 
 
 def _host_of(addr: str) -> str:

@@ -20,7 +20,7 @@ A row mismatches if any statistic is outside its threshold; a step mismatches if
 of its rows does. Thresholds depend on the precision class (the coarser of the compute
 dtype the swarm expects and the session's wire dtype) and grow with span depth
 (rounding differences compound through the residual stream, roughly linearly in the
-measurements). The numbers below come from ``python -m verify.calibrate`` (see that
+measurements). The numbers below come from ``python bench/calibrate.py`` (see that
 module and the spec for the measured maxima); each threshold is the largest honest
 value measured times ``MARGIN`` (see the constants for the exceptions and why).
 """
@@ -72,7 +72,7 @@ class Tolerance:
         return self.cos_gap_base + self.cos_gap_per_block * depth
 
 
-# Calibrated by ``python -m verify.calibrate --smollm`` (fp32 on CPU, 2 threads; the
+# Calibrated by ``python bench/calibrate.py --smollm`` (fp32 on CPU, 2 threads; the
 # run is recorded in the spec, "Verification", "Calibration"). Largest honest values
 # over the tiny random Llamas (hidden 64 and 256, depth 1-6) and SmolLM2-135M spans
 # (depth 1, 3, 10, 30; 24 decode steps after a 12-token prefill), incremental decode

@@ -32,26 +32,28 @@ from typing import Any, Protocol
 
 import torch
 
-from protocol import cbor_decode, cbor_encode, peer_id_of
-from protocol import _messages as M
-from protocol._fields import fields_from_cbor, fields_to_cbor
-from protocol._limits import DEFAULT_LIMITS, Limits
-from protocol._statements import (
-    EMPTY_HISTORY,
-    extend_history,
-    forward_request_statement,
-    forward_result_statement,
-    verify,
+from protocol import (
+    DEFAULT_LIMITS,
+    ForwardEvidence,
+    FraudProof,
+    Limits,
+    SessionState,
+    SignedStep,
+    WireTensor,
+    cbor_decode,
+    cbor_encode,
+    check_result_signature,
+    decode_tensor,
+    peer_id_of,
+    replay_requests,
 )
-from protocol._tensor import WireTensor, decode_tensor
-from protocol.errors import BadSignature, DecodeError, ErrorCode, ProtocolError, SwarmError
+from protocol.errors import BadSignature, ErrorCode, SwarmError
 
 from ._compare import Comparison, compare, tolerance_for
 
 __all__ = [
     "InvalidProof",
     "SpanRecompute",
-    "TranscriptStep",
     "check_proof",
     "proof_digest",
     "proof_from_bytes",
@@ -67,17 +69,6 @@ class InvalidProof(SwarmError):
     """A fraud proof that does not verify; the message says which check failed."""
 
     code = ErrorCode.INVALID_PROOF
-
-
-class TranscriptStep(Protocol):
-    """One signed exchange of a session (``peer._chain.StepRecord`` has this shape)."""
-
-    step: int
-    position: int
-    input: WireTensor
-    request_signature: bytes
-    output: WireTensor
-    result_signature: bytes
 
 
 class SpanRecompute(Protocol):
@@ -97,46 +88,41 @@ class SpanRecompute(Protocol):
 
 
 def proof_from_transcript(*, accused: bytes, client: bytes, model: str, span: tuple[int, int], session: bytes,
-                          transcript: Sequence[TranscriptStep], index: int) -> M.FraudProof:
+                          transcript: Sequence[SignedStep], index: int) -> FraudProof:
     """The proof that the output of ``transcript[index]`` is wrong.
 
     Args:
         accused, client: Ed25519 public keys of the hop's server and of the client.
-        transcript: the hop's signed exchanges from step 0.
+        transcript: the hop's signed steps from step 0 (a client's ``SessionState``'s).
     """
     if not 0 <= index < len(transcript):
         raise IndexError(f"step index {index} is outside the transcript of {len(transcript)} steps")
-    requests = tuple(M.ForwardEvidence(step=r.step, position=r.position, hidden=r.input,
-                                       signature=r.request_signature) for r in transcript[:index + 1])
+    requests = tuple(step.evidence() for step in transcript[:index + 1])
     disputed = transcript[index]
-    return M.FraudProof(accused=accused, client=client, model=model, span=span, session=session, requests=requests,
+    return FraudProof(accused=accused, client=client, model=model, span=span, session=session, requests=requests,
                         output=disputed.output, output_signature=disputed.result_signature)
 
 
 def proof_from_forward_once(*, accused: bytes, client: bytes, model: str, span: tuple[int, int], nonce: bytes,
                             hidden: WireTensor, request_signature: bytes, output: WireTensor,
-                            output_signature: bytes) -> M.FraudProof:
+                            output_signature: bytes) -> FraudProof:
     """The proof that a FORWARD_ONCE answer is wrong (one request: step 0, position 0)."""
-    request = M.ForwardEvidence(step=0, position=0, hidden=hidden, signature=request_signature)
-    return M.FraudProof(accused=accused, client=client, model=model, span=span, session=nonce, requests=(request,),
+    request = ForwardEvidence(step=0, position=0, hidden=hidden, signature=request_signature)
+    return FraudProof(accused=accused, client=client, model=model, span=span, session=nonce, requests=(request,),
                         output=output, output_signature=output_signature)
 
 
-def proof_to_bytes(proof: M.FraudProof) -> bytes:
+def proof_to_bytes(proof: FraudProof) -> bytes:
     """The proof's deterministic CBOR (its body map), as stored in the DHT."""
-    return cbor_encode(fields_to_cbor(proof, M.FraudProof.FIELDS))
+    return cbor_encode(proof.to_cbor())
 
 
-def proof_from_bytes(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> M.FraudProof:
+def proof_from_bytes(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> FraudProof:
     """Raises DecodeError/LimitExceeded on malformed bytes."""
-    fields = fields_from_cbor(cbor_decode(data, max_size=limits.max_message_size), M.FraudProof.FIELDS, limits)
-    try:
-        return M.FraudProof(**fields)
-    except ProtocolError as exc:
-        raise DecodeError(str(exc)) from None
+    return FraudProof.from_cbor(cbor_decode(data, max_size=limits.max_message_size), limits=limits)
 
 
-def proof_digest(proof: M.FraudProof) -> bytes:
+def proof_digest(proof: FraudProof) -> bytes:
     """BLAKE2b-256 of ``proof_to_bytes``: the proof's identity for dedup and storage."""
     return hashlib.blake2b(proof_to_bytes(proof), digest_size=32).digest()
 
@@ -144,7 +130,7 @@ def proof_digest(proof: M.FraudProof) -> bytes:
 # -- verifying -------------------------------------------------------------------------
 
 
-def check_proof(proof: M.FraudProof) -> None:
+def check_proof(proof: FraudProof) -> None:
     """Checks 1-3 of the module docstring (no compute). Raises InvalidProof."""
     if proof.accused == proof.client:
         raise InvalidProof("the accused and the client are the same key")
@@ -169,23 +155,20 @@ def check_proof(proof: M.FraudProof) -> None:
     if tuple(proof.output.shape) != tuple(requests[-1].hidden.shape):
         raise InvalidProof(f"output shape {list(proof.output.shape)} differs from the last input's "
                            f"{list(requests[-1].hidden.shape)}")
-    client_id, accused_id = peer_id_of(proof.client), peer_id_of(proof.accused)
+    # 2-3: the proof is a session replayed: the client's signatures in step order,
+    # then the accused's over the history digest of exactly these inputs
+    state = SessionState(client=peer_id_of(proof.client), server=peer_id_of(proof.accused), session=proof.session,
+                         model=proof.model, span=proof.span, max_length=position, wire_dtype=dtype)
+    state.open()
     try:
-        for request in requests:
-            verify(proof.client, forward_request_statement(
-                client=client_id, server=accused_id, session=proof.session, step=request.step, model=proof.model,
-                span=proof.span, position=request.position, input_digest=request.hidden.digest()),
-                request.signature)
+        replay_requests(state, requests, client_public_key=proof.client)
     except BadSignature:
-        raise InvalidProof(f"the client's signature on step {request.step} does not verify") from None
-    history = EMPTY_HISTORY
-    for request in requests:  # the accused signed the digest of exactly these inputs
-        history = extend_history(history, request.hidden.digest())
+        raise InvalidProof(f"the client's signature on step {state.next_step} does not verify") from None
+    last = requests[-1]
     try:
-        verify(proof.accused, forward_result_statement(
-            server=accused_id, session=proof.session, step=requests[-1].step, model=proof.model, span=proof.span,
-            input_digest=requests[-1].hidden.digest(), output_digest=proof.output.digest(), history=history),
-            proof.output_signature)
+        check_result_signature(state, step=last.step, input_digest=last.hidden.digest(), output=proof.output,
+                               signature=proof.output_signature, history=state.history,
+                               server_public_key=proof.accused)
     except BadSignature:
         raise InvalidProof("the accused's signature on the output does not verify") from None
 
@@ -199,7 +182,7 @@ def recompute_prefix(executor: SpanRecompute, inputs: Sequence[WireTensor], span
     return out.to(device="cpu", dtype=torch.float32)
 
 
-def verify_proof(proof: M.FraudProof, executor: SpanRecompute, *, compute_dtype: str = "f32",
+def verify_proof(proof: FraudProof, executor: SpanRecompute, *, compute_dtype: str = "f32",
                  limits: Limits = DEFAULT_LIMITS) -> Comparison:
     """All five checks of the module docstring. Returns the (failed) comparison that
     convicts the accused.

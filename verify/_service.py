@@ -7,7 +7,8 @@ the DHT (``check_peer``), or from this peer's own auditor (``submit``). The serv
 verifies it once (results are cached by proof digest):
 
 - a peer serving the proof's span runs ``verify_proof`` (signatures, then recompute
-  on its own executor, in a worker thread under the server's compute limiter);
+  on its own executor), through the peer's compute scheduler like any step, so
+  verification takes its turn in the same credit order;
 - any other peer checks the signatures and asks up to ``endorsers`` independent
   holders of the span (found in the DHT; never the accused, the sender or the
   submitter) to verify it, and accepts it if more of them accept than reject.
@@ -25,11 +26,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import trio
 
-from protocol import cbor_decode, peer_id_of
-from protocol import _messages as M
+from protocol import FraudProof, FraudProofAck, FraudProofNotice, cbor_decode, peer_id_of
 from protocol.errors import ErrorCode, ProtocolError, RemoteError, SwarmError
 from swarm.announce import block_key, decode_block_value
 from swarm.dht import DhtNode
@@ -39,9 +40,19 @@ from ._proofs import InvalidProof, SpanRecompute, check_proof, proof_digest, ver
 from ._reputation import Reputation
 from ._store import MAX_STORED_PROOF, fetch_proofs, proof_to_bytes, publish_proof
 
-__all__ = ["FraudProofService"]
+__all__ = ["Compute", "FraudProofService"]
 
 log = logging.getLogger("swarm.verify")
+
+T = TypeVar("T")
+
+
+class Compute(Protocol):
+    """The peer's compute, as verification uses it (``peer.scheduler.Scheduler``)."""
+
+    async def run(self, requester: bytes, fn: Callable[[], T]) -> T:
+        """``fn()`` in a worker thread, once ``requester`` is granted a compute slot."""
+        ...
 
 
 class FraudProofService:
@@ -51,16 +62,19 @@ class FraudProofService:
         host, dht: the peer's transport and DHT node (running).
         reputation: where bans and penalties go (shared with routing and the server).
         executor: the span this peer serves, if any (it then verifies by recomputing).
-        compute_limiter: the server's compute limiter, so verification queues with steps.
+        compute: the peer's compute scheduler; required with ``executor``: verification
+            queues with the steps the peer serves, in the same order.
         reputation_path: if given, the reputation is saved there after every ban.
         endorsers: independent holders a non-holder asks.
         timeout: seconds for one notice to a peer.
     """
 
     def __init__(self, host: Host, dht: DhtNode, reputation: Reputation, *, executor: SpanRecompute | None = None,
-                 compute_limiter: trio.CapacityLimiter | None = None, compute_dtype: str = "f32",
+                 compute: Compute | None = None, compute_dtype: str = "f32",
                  reputation_path: str | Path | None = None, endorsers: int = 3, timeout: float = 30.0,
                  store: bool = True, clock: Callable[[], float] = time.time) -> None:
+        if executor is not None and compute is None:
+            raise ValueError("a FraudProofService that recomputes needs the peer's compute scheduler")
         self.host = host
         self.dht = dht
         self.reputation = reputation
@@ -71,14 +85,14 @@ class FraudProofService:
         self.timeout = timeout
         self.store = store
         self.clock = clock
-        self.accepted: dict[bytes, M.FraudProof] = {}  # digest -> verified proof
+        self.accepted: dict[bytes, FraudProof] = {}  # digest -> verified proof
         self.rejected: set[bytes] = set()
         self.stored: dict[bytes, int] = {}  # digest -> DHT nodes holding the index
-        self._limiter = compute_limiter or trio.CapacityLimiter(1)
+        self.compute = compute
         self._pending: dict[bytes, trio.Event] = {}
         self._seen_by: dict[bytes, set[bytes]] = {}  # digest -> peers known to have it
         self._send, self._receive = trio.open_memory_channel[tuple[Callable[..., Awaitable[object]], tuple]](64)
-        host.add_handler(M.FraudProofNotice, self._on_notice)
+        host.add_handler(FraudProofNotice, self._on_notice)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Gossip, store and submit proofs in the background until cancelled."""
@@ -87,14 +101,14 @@ class FraudProofService:
             async for job, args in self._receive:
                 nursery.start_soon(job, *args)
 
-    def holds(self, proof: M.FraudProof) -> bool:
+    def holds(self, proof: FraudProof) -> bool:
         """Whether this peer can verify ``proof`` by recomputing."""
         ex = self.executor
         return ex is not None and proof.model == ex.model_id and ex.start <= proof.span[0] < proof.span[1] <= ex.end
 
     # -- entry points ---------------------------------------------------------------------
 
-    async def verify(self, proof: M.FraudProof, *, sender: bytes | None = None) -> bytes:
+    async def verify(self, proof: FraudProof, *, sender: bytes | None = None) -> bytes:
         """Verify ``proof`` (once per digest), ban the accused and spread it. Returns the digest.
 
         Raises:
@@ -110,9 +124,10 @@ class FraudProofService:
         self._pending[digest] = done = trio.Event()
         try:
             if self.holds(proof):
-                async with self._limiter:
-                    verdict = await trio.to_thread.run_sync(
-                        lambda: verify_proof(proof, self.executor, compute_dtype=self.compute_dtype))
+                executor, compute = self.executor, self.compute
+                assert executor is not None and compute is not None  # holds() and the constructor
+                verdict = await compute.run(sender or self.host.peer_id,
+                                            lambda: verify_proof(proof, executor, compute_dtype=self.compute_dtype))
                 log.warning("verified fraud proof against %s: %s", peer_id_of(proof.accused).hex()[:12], verdict)
             else:
                 check_proof(proof)
@@ -126,7 +141,7 @@ class FraudProofService:
         self._accept(digest, proof, sender)
         return digest
 
-    async def submit(self, proof: M.FraudProof, holders: list[tuple[bytes, tuple[str, ...]]]) -> bool:
+    async def submit(self, proof: FraudProof, holders: list[tuple[bytes, tuple[str, ...]]]) -> bool:
         """Send this peer's own proof to ``holders`` ((peer id, addrs)) until one accepts it.
         The accused is banned locally by the caller's own evidence; a holder that accepts
         bans, stores and gossips it. Returns whether any holder accepted."""
@@ -140,7 +155,7 @@ class FraudProofService:
                     peer_id_of(proof.accused).hex()[:12])
         return False
 
-    def submit_soon(self, proof: M.FraudProof, holders: list[tuple[bytes, tuple[str, ...]]]) -> None:
+    def submit_soon(self, proof: FraudProof, holders: list[tuple[bytes, tuple[str, ...]]]) -> None:
         """``submit`` in the background (``run`` must be running), so a generation does
         not wait for a holder to recompute the proof."""
         self._queue(self.submit, proof, holders)
@@ -169,7 +184,7 @@ class FraudProofService:
 
     # -- internals ------------------------------------------------------------------------
 
-    async def _on_notice(self, conn: PeerConnection, msg: M.FraudProofNotice) -> M.FraudProofAck:
+    async def _on_notice(self, conn: PeerConnection, msg: FraudProofNotice) -> FraudProofAck:
         self._seen_by.setdefault(proof_digest(msg.proof), set()).add(conn.peer_id)
         try:
             await self.verify(msg.proof, sender=conn.peer_id)
@@ -177,9 +192,9 @@ class FraudProofService:
             self.reputation.record_invalid_proof(conn.peer_id, self.clock())
             self._save()
             raise RemoteError(str(exc), code=ErrorCode.INVALID_PROOF) from None
-        return M.FraudProofAck(id=msg.id, accepted=True)
+        return FraudProofAck(accepted=True)
 
-    def _accept(self, digest: bytes, proof: M.FraudProof, sender: bytes | None, *, spread: bool = True) -> None:
+    def _accept(self, digest: bytes, proof: FraudProof, sender: bytes | None, *, spread: bool = True) -> None:
         accused = peer_id_of(proof.accused)
         self.accepted[digest] = proof
         if self.reputation.ban(accused, self.clock(), reason="verified fraud proof", proof=digest):
@@ -190,7 +205,7 @@ class FraudProofService:
         if spread:
             self._queue(self._spread, digest, proof)
 
-    async def _spread(self, digest: bytes, proof: M.FraudProof) -> None:
+    async def _spread(self, digest: bytes, proof: FraudProof) -> None:
         accused = peer_id_of(proof.accused)
         seen = self._seen_by.setdefault(digest, set())
         async with trio.open_nursery() as nursery:
@@ -202,24 +217,24 @@ class FraudProofService:
             if self.store and self.holds(proof) and len(proof_to_bytes(proof)) <= MAX_STORED_PROOF:
                 nursery.start_soon(self._publish, digest, proof)
 
-    async def _notify(self, conn: PeerConnection, proof: M.FraudProof) -> None:
+    async def _notify(self, conn: PeerConnection, proof: FraudProof) -> None:
         try:
-            await conn.request(M.FraudProofNotice(id=0, proof=proof), timeout=self.timeout)
+            await conn.request(FraudProofNotice(proof=proof), timeout=self.timeout)
         except SwarmError as exc:
             log.debug("gossip to %s: %s", conn.peer_id.hex()[:12], exc)
 
-    async def _publish(self, digest: bytes, proof: M.FraudProof) -> None:
+    async def _publish(self, digest: bytes, proof: FraudProof) -> None:
         try:
             self.stored[digest] = await publish_proof(self.dht, proof, now=self.clock())
         except SwarmError as exc:
             log.warning("storing fraud proof %s in the DHT failed: %s", digest.hex()[:12], exc)
 
-    async def _ask(self, peer_id: bytes, addrs: tuple[str, ...], proof: M.FraudProof) -> bool | None:
+    async def _ask(self, peer_id: bytes, addrs: tuple[str, ...], proof: FraudProof) -> bool | None:
         """A holder's verdict on ``proof``: True, False (INVALID_PROOF) or None (no answer)."""
         for addr in addrs:
             try:
                 conn = await self.host.connect(addr, peer_id=peer_id, timeout=min(self.timeout, 10.0))
-                ack = await conn.request(M.FraudProofNotice(id=0, proof=proof), timeout=self.timeout)
+                ack = await conn.request(FraudProofNotice(proof=proof), timeout=self.timeout)
                 return bool(ack.accepted)
             except RemoteError as exc:
                 return False if exc.code == ErrorCode.INVALID_PROOF else None
@@ -227,7 +242,7 @@ class FraudProofService:
                 continue
         return None
 
-    async def _endorse(self, proof: M.FraudProof, sender: bytes | None) -> None:
+    async def _endorse(self, proof: FraudProof, sender: bytes | None) -> None:
         exclude = {peer_id_of(proof.accused), peer_id_of(proof.client), self.host.peer_id}
         if sender is not None:
             exclude.add(sender)
@@ -248,7 +263,7 @@ class FraudProofService:
             raise InvalidProof(f"independent holders of the span did not vouch for the proof ({yes} for, {no} "
                                f"against, {len(holders)} asked)")
 
-    async def _holders(self, proof: M.FraudProof) -> list[tuple[bytes, tuple[str, ...]]]:
+    async def _holders(self, proof: FraudProof) -> list[tuple[bytes, tuple[str, ...]]]:
         """Peers announcing a span that covers the proof's, from the DHT."""
         found: dict[bytes, tuple[str, ...]] = {}
         now = self.clock()

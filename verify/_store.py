@@ -29,9 +29,16 @@ from typing import Any
 
 import trio
 
-from protocol import Identity, cbor_decode, cbor_encode, peer_id_of
-from protocol import _messages as M
-from protocol._limits import DEFAULT_LIMITS, Limits
+from protocol import (
+    DEFAULT_LIMITS,
+    FraudProof,
+    Identity,
+    Limits,
+    SignedRecord,
+    cbor_decode,
+    cbor_encode,
+    peer_id_of,
+)
 from protocol.errors import ErrorCode, ProtocolError, SwarmError
 from swarm.announce import RECORD_KINDS
 from swarm.dht import DhtNode, RecordRejected
@@ -85,7 +92,7 @@ class _FraudIndex:
     max_ttl = PROOF_MAX_TTL
     reserved = True
 
-    def check(self, record: M.SignedRecord, value: list[Any]) -> None:
+    def check(self, record: SignedRecord, value: list[Any]) -> None:
         if len(value) != 5:
             raise _rejected('a fraud index is ["swarm/1/fraud", accused, digest, size, parts]')
         _, accused, digest, size, parts = value
@@ -102,7 +109,7 @@ class _FraudPart:
     max_ttl = PROOF_MAX_TTL
     reserved = True
 
-    def check(self, record: M.SignedRecord, value: list[Any]) -> None:
+    def check(self, record: SignedRecord, value: list[Any]) -> None:
         if len(value) != 4:
             raise _rejected('a fraud part is ["swarm/1/fraud-part", digest, index, bytes]')
         _, digest, index, data = value
@@ -124,8 +131,8 @@ def record_kinds(base: Mapping[str, Any] = RECORD_KINDS) -> dict[str, Any]:
     return {**base, **FRAUD_RECORD_KINDS}
 
 
-def proof_records(identity: Identity, proof: M.FraudProof, *, now: float, ttl: float = PROOF_TTL
-                  ) -> list[M.SignedRecord]:
+def proof_records(identity: Identity, proof: FraudProof, *, now: float, ttl: float = PROOF_TTL
+                  ) -> list[SignedRecord]:
     """The index and part records of ``proof``, signed by ``identity``.
 
     Raises:
@@ -137,23 +144,23 @@ def proof_records(identity: Identity, proof: M.FraudProof, *, now: float, ttl: f
     digest = hashlib.blake2b(data, digest_size=32).digest()
     seq, expires = int(now * 1000), int(now + ttl)
     parts = [data[i:i + PART_SIZE] for i in range(0, len(data), PART_SIZE)]
-    records = [M.SignedRecord.create(identity, key=fraud_key(peer_id_of(proof.accused)), seq=seq, expires=expires,
+    records = [SignedRecord.create(identity, key=fraud_key(peer_id_of(proof.accused)), seq=seq, expires=expires,
                                      value=cbor_encode([FRAUD_KIND, peer_id_of(proof.accused), digest, len(data),
                                                         len(parts)]))]
-    records += [M.SignedRecord.create(identity, key=part_key(digest, i), seq=seq, expires=expires,
+    records += [SignedRecord.create(identity, key=part_key(digest, i), seq=seq, expires=expires,
                                       value=cbor_encode([FRAUD_PART_KIND, digest, i, part]))
                 for i, part in enumerate(parts)]
     return records
 
 
-async def publish_proof(dht: DhtNode, proof: M.FraudProof, *, now: float | None = None, ttl: float = PROOF_TTL,
+async def publish_proof(dht: DhtNode, proof: FraudProof, *, now: float | None = None, ttl: float = PROOF_TTL,
                         concurrency: int = 8) -> int:
     """Publish ``proof`` (parts first, then the index). Returns how many nodes hold the index."""
     now = time.time() if now is None else now
     index, *parts = proof_records(dht.host.identity, proof, now=now, ttl=ttl)
     limiter = trio.CapacityLimiter(concurrency)
 
-    async def one(record: M.SignedRecord) -> None:
+    async def one(record: SignedRecord) -> None:
         async with limiter:
             await dht.publish(record)
 
@@ -164,7 +171,7 @@ async def publish_proof(dht: DhtNode, proof: M.FraudProof, *, now: float | None 
 
 
 async def fetch_proofs(dht: DhtNode, accused_peer_id: bytes, *, limits: Limits = DEFAULT_LIMITS,
-                       concurrency: int = 8) -> list[M.FraudProof]:
+                       concurrency: int = 8) -> list[FraudProof]:
     """Every proof against ``accused_peer_id`` stored in the DHT that reassembles to its
     digest (not yet verified: the caller verifies)."""
     indexes: dict[bytes, tuple[bytes, int, int]] = {}  # digest -> (publisher, size, parts)
@@ -175,7 +182,7 @@ async def fetch_proofs(dht: DhtNode, accused_peer_id: bytes, *, limits: Limits =
             continue
         if accused == accused_peer_id and digest not in indexes:
             indexes[digest] = (record.publisher, size, parts)
-    proofs: list[M.FraudProof] = []
+    proofs: list[FraudProof] = []
     limiter = trio.CapacityLimiter(concurrency)
 
     async def one(digest: bytes, publisher: bytes, size: int, count: int) -> None:

@@ -6,7 +6,8 @@ sessions (``SpanExecutor``); hold the client side (``ClientHead``: tokenizer,
 embeddings, final norm, LM head) and sample (``SamplingParams``, ``Sampler``,
 ``TokenStream``). ``generate_local`` runs the whole relay in-process.
 
-Nothing here is thread-safe: a server runs all compute on one worker thread.
+A ``SpanExecutor`` computes different sessions in several threads at once (see its
+module for what that requires); everything else here belongs to one thread.
 """
 
 from ._api import load_head, load_span

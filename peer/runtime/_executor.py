@@ -11,22 +11,38 @@ of the served blocks (a route may use only part of a peer's span): such a sessio
 cache has one slot per block it runs, and the attention modules are pointed at their
 slot before each run.
 
+A session here is compute only: a KV cache, the tokens it holds and the memory
+reserved for it. The protocol's account of a session (steps, positions, the history
+digest, the signed transcript) is ``protocol.SessionState``, which the server checks
+before it calls ``forward``; the position and length checks here guard the cache
+itself (a cache fed out of order or past its reservation would compute garbage), and
+serve local callers (``generate_local``) that use no protocol at all.
+
 Memory: each open session reserves ``max_length * per_token_cache_bytes`` against
 ``cache_bytes`` when it opens (an upper bound: the cache grows lazily, but a session
 admitted must never fail for memory halfway through). Sessions remember when they
 were last used, read from ``clock`` (``time.monotonic`` by default); ``evict_idle(now)``
 is pure in the time it is given.
 
-Thread-safety: none. Calls must not run concurrently; the server serializes all
-compute through one worker thread.
+Thread-safety: ``forward`` and ``forward_once`` may run in several threads at once
+(a server computes up to ``--compute-slots`` steps concurrently) provided no two calls
+for one session overlap (the server refuses a step of a session that is still
+computing). What the calls share is guarded: the span's attention modules are told
+which cache slot they write (``layer_idx``) before a session's run, so runs whose
+sessions start at different blocks take turns (``_SlotGate``; runs of whole-span
+sessions, the common case, all number the slots alike and overlap freely), and the
+rotary embedding, which some rope types update in place, runs under a lock.
+Opening, closing and evicting sessions happen on one thread (the server's).
 """
 
 from __future__ import annotations
 
 import copy
 import secrets
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +81,40 @@ class _Session:
     lo: int  # the session's blocks, as local indices into the span's layers
     hi: int
     last_used: float
+
+
+class _SlotGate:
+    """Lets runs share the span's layers while they number the cache slots alike.
+
+    A run of a session whose blocks start ``offset`` blocks into the span points every
+    layer's attention at slot ``layer - offset``; runs with one offset write the same
+    numbers and may overlap, a run with another offset waits until they are done. Once
+    one waits, no new run of the current offset joins, so nobody waits for ever.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._offset = 0
+        self._running = 0
+        self._draining = False
+
+    @contextmanager
+    def hold(self, offset: int) -> Iterator[None]:
+        with self._cond:
+            while self._running and (self._offset != offset or self._draining):
+                if self._offset != offset:
+                    self._draining = True
+                self._cond.wait()
+            self._offset = offset
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                if not self._running:
+                    self._draining = False
+                    self._cond.notify_all()
 
 
 class SpanExecutor:
@@ -107,6 +157,8 @@ class SpanExecutor:
         self._config = modules.config
         self._layer_types = _layer_types(modules.config)
         self._sessions: dict[bytes, _Session] = {}
+        self._gate = _SlotGate()
+        self._rotary_lock = threading.Lock()
         self.per_token_cache_bytes = _per_token_bytes(modules.config, dtype)
 
     # -- sessions ------------------------------------------------------------------------
@@ -214,7 +266,8 @@ class SpanExecutor:
                 f"{session.length} + {n} tokens exceed the session's max_length {session.max_length}; "
                 "open a new session with a larger max_length"
             )
-        out = self._run(hidden, position, session.cache, session.lo, session.hi)
+        with self._gate.hold(session.lo):
+            out = self._run(hidden, position, session.cache, session.lo, session.hi)
         session.length += n
         session.last_used = self._clock()
         return out
@@ -244,16 +297,19 @@ class SpanExecutor:
                 "position_ids": position_ids,
             }
             layers, kinds = self._layers[lo:hi], self._layer_types[lo:hi]
-            # A session's cache has one slot per block it runs, numbered from 0: point
-            # each layer's attention at its slot (the span's own numbering when lo == 0).
-            for slot, layer in enumerate(layers):
-                layer.self_attn.layer_idx = slot
+            if cache is not None:
+                # A session's cache has one slot per block it runs, numbered from 0: point
+                # each layer's attention at its slot (the span's own numbering when lo == 0).
+                # Without a cache the attention never reads it. The caller holds the gate.
+                for slot, layer in enumerate(layers):
+                    layer.self_attn.layer_idx = slot
             masks = {}
             if "full_attention" in kinds:
                 masks["full_attention"] = create_causal_mask(**mask_args)
             if "sliding_attention" in kinds:
                 masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_args)
-            position_embeddings = self._rotary(x, position_ids)
+            with self._rotary_lock:  # dynamic rope types update the module in place
+                position_embeddings = self._rotary(x, position_ids)
             for layer, kind in zip(layers, kinds, strict=True):
                 x = layer(
                     x,

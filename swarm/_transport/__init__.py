@@ -1,5 +1,5 @@
-"""Internals of ``swarm.transport``: the per-connection request multiplexer."""
+"""Internals of ``swarm.transport``: the per-connection trio adapter."""
 
-from ._peer import RECEIVE_SIZE, Handler, PeerConnection, error_response
+from ._peer import RECEIVE_SIZE, Handler, PeerConnection
 
-__all__ = ["PeerConnection", "Handler", "RECEIVE_SIZE", "error_response"]
+__all__ = ["PeerConnection", "Handler", "RECEIVE_SIZE"]

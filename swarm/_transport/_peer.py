@@ -1,15 +1,18 @@
-"""One open, authenticated connection to a peer: request multiplexing over a
-``protocol.Connection`` (spec/SPEC.md, "Transport" and "Requests and responses").
+"""One open, authenticated connection to a peer: a thin trio adapter over the sans-IO
+``protocol.Connection`` (bytes) and ``protocol.Channel`` (requests and responses)
+(spec/SPEC.md, "Transport" and "Requests and responses").
 
-Theory of operation. A ``PeerConnection`` is created by ``Host`` after a completed
-handshake and lives in the host's nursery (``_run``). Its one reader task pulls
-events from the sans-IO connection and dispatches each message by kind:
+Theory of operation. Whoever creates a ``PeerConnection`` (``Host``, after a completed
+handshake) gives it the handlers it serves and a callback to call when it closes, and
+runs ``run`` in its own nursery. ``run``'s one reader task feeds received bytes to the
+connection and each message to the channel, then acts on what the channel says:
 
-* a response is matched by id with one of *our* outstanding requests (ids are
-  per direction: each side numbers its own requests) and handed to the waiting
-  requester through its ``_Waiter`` (an Event plus a slot), with no task spawned;
+* a response to one of *our* requests is handed to the waiting requester through its
+  ``_Waiter`` (an Event plus a slot, the channel's token for the request), with no
+  task spawned;
 * a request starts a handler task in the connection's nursery; the handler's
-  return value, or the ``ERROR`` its exception maps to, is sent back.
+  return value, or the ``ERROR`` its exception maps to, is sent back; a request of a
+  type nobody serves is answered ``ERROR UNKNOWN_MESSAGE`` the same way.
 
 Sends are serialised by a ``StrictFIFOLock`` held across encrypt-and-write, so the
 Noise nonce order is the write order. A write interrupted half-way (cancelled or
@@ -18,41 +21,39 @@ failed) leaves a partial frame on the stream, so it closes the connection.
 Outgoing requests take a slot of a semaphore sized ``limits.max_concurrent_requests``,
 so this side never trips the peer's limit; a slot is released when the response
 arrives, not when the requester gives up (a timed-out request still occupies the
-peer until it answers). Incoming requests beyond the limit drop the connection.
+peer until it answers). Incoming requests beyond the limit drop the connection (the
+channel raises).
 
 A watchdog task closes the connection after ``limits.idle_timeout`` without traffic
 while nothing is outstanding either way, or when one write has been stuck that long
-(the peer stopped reading).
+(the peer stopped reading). Closing is immediate and synchronous (``_close``): the
+requesters waiting are failed and the close callback runs before anything else can
+see the connection, so a closed connection is never found among the owner's open ones.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 
-from protocol._cbor import decode as cbor_decode
-from protocol._connection import NEED_DATA, Connection, ConnectionEnded, HandshakeComplete, MessageReceived
-from protocol._limits import Limits
-from protocol._messages import RESPONSES, Error, Message, decode_message, encode_message
-from protocol.errors import (
-    ErrorCode,
-    LimitExceeded,
-    LocalProtocolError,
-    RemoteError,
-    RemoteProtocolError,
-    SwarmError,
-    UnexpectedMessage,
+from protocol import (
+    NEED_DATA,
+    Channel,
+    Connection,
+    ConnectionEnded,
+    HandshakeComplete,
+    Limits,
+    Message,
+    MessageReceived,
+    RequestReceived,
+    RequestRefused,
+    ResponseReceived,
 )
+from protocol.errors import LocalProtocolError, RemoteProtocolError, SwarmError, UnexpectedMessage
 
 from ..errors import PeerUnreachable, RequestTimeout
-
-if TYPE_CHECKING:
-    from ..transport import Host
 
 __all__ = ["PeerConnection", "Handler", "RECEIVE_SIZE"]
 
@@ -65,7 +66,6 @@ Handler = Callable[["PeerConnection", Message], Awaitable[Message]]
 #: (measured), so reads start small and grow only while they come back full.
 RECEIVE_SIZE = 64 * 1024
 MAX_RECEIVE_SIZE = 1024 * 1024
-_MAX_ERROR_TEXT = 1024  # bytes; Error.message's limit
 
 
 async def _acquire(lock: trio.StrictFIFOLock | trio.Semaphore) -> None:
@@ -80,42 +80,37 @@ async def _acquire(lock: trio.StrictFIFOLock | trio.Semaphore) -> None:
 class _Waiter:
     """The rendezvous of one outstanding request with the reader task."""
 
-    __slots__ = ("event", "response", "error", "orphan")
+    __slots__ = ("event", "outcome")
 
     def __init__(self) -> None:
         self.event = trio.Event()
-        self.response: Message | None = None
-        self.error: BaseException | None = None
-        self.orphan = False  # the requester gave up; only the peer's slot is still held
-
-
-def error_response(request_id: int, exc: BaseException) -> Error:
-    """The ``ERROR`` a handler's exception becomes (RemoteError keeps code and retry_after)."""
-    if isinstance(exc, SwarmError):
-        code, text = int(exc.code), str(exc)
-    else:
-        code, text = int(ErrorCode.INTERNAL), "internal error"
-    retry_after = getattr(exc, "retry_after", None) if isinstance(exc, RemoteError) else None
-    if retry_after is not None and not (isinstance(retry_after, (int, float)) and math.isfinite(retry_after)
-                                        and retry_after >= 0):
-        retry_after = None
-    text = text.encode("utf-8", "replace")[:_MAX_ERROR_TEXT].decode("utf-8", "ignore")
-    return Error(id=request_id, code=code if 0 <= code <= 65535 else int(ErrorCode.INTERNAL), message=text,
-                 retry_after=None if retry_after is None else float(retry_after))
+        self.outcome: ResponseReceived | BaseException | None = None
 
 
 class PeerConnection:
     """An open connection to an authenticated peer, shared by everything that talks to it.
 
+    Args:
+        stream: the TCP stream the handshake ran on.
+        conn: the sans-IO connection, its handshake complete.
+        info: what the handshake proved.
+        handlers: request type -> handler; read when each request arrives (a live
+            mapping: handlers added later are served).
+        on_close: called once with this connection as it closes.
+        address: the remote socket address, ``host:port``.
+        inbound: whether the peer dialled us.
+        limits: the protocol limits of both directions.
+        default_timeout: seconds ``request`` waits when not told.
+
     Attributes:
         peer_id, public_key: the peer's proven identity (from the handshake).
         listen_addrs: the addresses the peer says it listens on (unverified claims).
         handshake_hash: the Noise handshake hash, unique to this connection.
-        address: the remote socket address, ``host:port``.
-        inbound: whether the peer dialled us.
+        channel: the request multiplexer's state (read it, do not drive it).
     """
 
-    def __init__(self, host: Host, stream: trio.SocketStream, conn: Connection, info: HandshakeComplete, *,
+    def __init__(self, stream: trio.SocketStream, conn: Connection, info: HandshakeComplete, *,
+                 handlers: Mapping[type[Message], Handler], on_close: Callable[[PeerConnection], None],
                  address: str, inbound: bool, limits: Limits, default_timeout: float) -> None:
         self.peer_id = info.peer_id
         self.public_key = info.public_key
@@ -123,22 +118,22 @@ class PeerConnection:
         self.handshake_hash = info.handshake_hash
         self.address = address
         self.inbound = inbound
-        self._host = host
+        self.channel = Channel(limits=limits, serves=lambda request_type: request_type in handlers)
+        self._handlers = handlers
+        self._on_close = on_close
         self._stream = stream
         self._conn = conn
         self._limits = limits
         self._default_timeout = default_timeout
         self._send_lock = trio.StrictFIFOLock()
         self._slots = trio.Semaphore(limits.max_concurrent_requests)
-        self._pending: dict[int, _Waiter] = {}
-        self._next_id = 1
-        self._incoming = 0  # unanswered requests the peer has open on us
         self._last_activity = trio.current_time()
         self._writing_since: float | None = None  # when the write in progress started
         self._open = True
         self._closed_reason = "closed"
+        self._closed = trio.Event()
         self._cancel_scope = trio.CancelScope()
-        self._nursery: trio.Nursery | None = None  # handler tasks; set by _run
+        self._nursery: trio.Nursery | None = None  # handler tasks; set by run
         self._finished = trio.Event()
 
     def __repr__(self) -> str:
@@ -149,14 +144,22 @@ class PeerConnection:
     def is_open(self) -> bool:
         return self._open
 
+    @property
+    def free_slots(self) -> int:
+        """Requests this side may still send before waiting for a response."""
+        return self._slots.value
+
+    async def wait_closed(self) -> None:
+        """Return once the connection is closed (by either side, or failed)."""
+        await self._closed.wait()
+
     # -- requests we make ---------------------------------------------------------
 
     async def request(self, message: Message, *, timeout: float | None = None) -> Message:
         """Send ``message`` (a request) and return the peer's response.
 
-        The message's id is replaced by a fresh one of this connection. Cancellation
-        (or the timeout) abandons the wait; the connection stays usable unless the
-        request was being written at that moment.
+        Cancellation (or the timeout) abandons the wait; the connection stays usable
+        unless the request was being written at that moment.
 
         Raises:
             RemoteError: the peer answered ``ERROR`` (its code, message, retry_after).
@@ -171,13 +174,8 @@ class PeerConnection:
             raise PeerUnreachable(self.address, f"connection {self._closed_reason}", peer_id=self.peer_id)
         if timeout is None:
             timeout = self._default_timeout
-        request_id = self._next_id
-        self._next_id = request_id + 1 if request_id + 1 < 2**64 else 1
-        if message.id != request_id:
-            message = dataclasses.replace(message, id=request_id)
-        payload = encode_message(message)
         waiter = _Waiter()
-        registered = False
+        request_id: int | None = None
         # A bare CancelScope rather than fail_after: the same deadline without a
         # generator-based context manager on every request.
         scope = trio.CancelScope(deadline=trio.current_time() + timeout)
@@ -193,37 +191,32 @@ class PeerConnection:
                         # (no scheduling in between): a cancelled request never
                         # half-writes a frame unless the write itself blocks.
                         await trio.lowlevel.checkpoint_if_cancelled()
-                        data = self._conn.send(payload)
-                        self._pending[request_id] = waiter
-                        registered = True
-                        await self._write(data)
+                        request_id, payload = self.channel.send_request(message, waiter)
+                        await self._write(self._conn.send(payload))
                     finally:
                         self._send_lock.release()
                 finally:
-                    if not registered:
+                    if request_id is None:
                         self._slots.release()
                 await waiter.event.wait()
         finally:
-            if not waiter.event.is_set():
-                waiter.orphan = True  # the reader releases the slot when the late answer comes
+            if request_id is not None and not waiter.event.is_set():
+                self.channel.abandon(request_id)  # the reader releases the slot when the late answer comes
         if scope.cancelled_caught and not waiter.event.is_set():
             raise RequestTimeout(type(message).__name__, self.address, timeout, peer_id=self.peer_id)
-        return self._result(message, waiter)
+        return self._result(waiter)
 
-    def _result(self, request: Message, waiter: _Waiter) -> Message:
-        if isinstance(waiter.error, UnexpectedMessage):
-            raise waiter.error
-        if waiter.error is not None:
-            raise PeerUnreachable(self.address, f"connection {self._closed_reason}",
-                                  peer_id=self.peer_id) from waiter.error
-        response = waiter.response
-        assert response is not None
-        if type(response) is Error:
-            raise RemoteError(response.message, code=response.code, retry_after=response.retry_after)
-        if type(response) is not RESPONSES.get(type(request)):
-            raise UnexpectedMessage(f"peer {self.peer_id.hex()[:12]} answered {type(request).__name__} "
-                                    f"with {type(response).__name__}")
-        return response
+    def _result(self, waiter: _Waiter) -> Message:
+        outcome = waiter.outcome
+        if isinstance(outcome, ResponseReceived):
+            if outcome.error is None:
+                assert outcome.response is not None
+                return outcome.response
+            if isinstance(outcome.error, UnexpectedMessage):
+                raise UnexpectedMessage(f"peer {self.peer_id.hex()[:12]} {outcome.error}",
+                                        code=outcome.error.code) from None
+            raise outcome.error
+        raise PeerUnreachable(self.address, f"connection {self._closed_reason}", peer_id=self.peer_id) from outcome
 
     def _check_open(self) -> None:
         if not self._open:
@@ -258,11 +251,12 @@ class PeerConnection:
 
     # -- the reader -----------------------------------------------------------------
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
         """Read and dispatch until the peer leaves, the connection fails or is closed.
 
-        Every failure is handled inside the nursery (handlers catch their own), so
-        nothing but cancellation leaves it and no exception group needs unwrapping.
+        Run it once, in the owner's nursery (the connection outlives whoever dialled
+        it). Every failure is handled inside (handlers catch their own), so nothing but
+        cancellation leaves it and no exception group needs unwrapping.
         """
         try:
             with self._cancel_scope:
@@ -283,7 +277,6 @@ class PeerConnection:
                     nursery.cancel_scope.cancel()  # handlers cannot answer a closed stream
         finally:
             self._close("closed")
-            self._host._forget(self)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self._stream)
             self._finished.set()
@@ -314,7 +307,7 @@ class PeerConnection:
                 return
 
     async def _read_loop(self) -> None:
-        conn = self._conn
+        conn, channel = self._conn, self.channel
         size = RECEIVE_SIZE
         while True:
             event = conn.next_event()
@@ -324,116 +317,72 @@ class PeerConnection:
                 self._last_activity = trio.current_time()
                 conn.receive_data(data)
             elif type(event) is MessageReceived:
-                self._dispatch(event.payload)
+                received = channel.receive(event.payload)
+                if type(received) is ResponseReceived:
+                    self._slots.release()
+                    waiter = received.token
+                    if waiter is not None:
+                        waiter.outcome = received
+                        waiter.event.set()
+                elif received is not None:
+                    assert self._nursery is not None  # only the reader, inside run, gets here
+                    self._nursery.start_soon(self._answer, received)
             elif type(event) is ConnectionEnded:
                 log.debug("peer closed connection %s", self)
                 self._close("closed by the peer")
                 return
 
     def _busy(self) -> bool:
-        return self._incoming > 0 or any(not w.orphan for w in self._pending.values())
+        return self.channel.incoming > 0 or self.channel.awaited > 0
 
-    def _dispatch(self, payload: bytes) -> None:
+    async def _answer(self, event: RequestReceived | RequestRefused) -> None:
         try:
-            message = decode_message(payload, limits=self._limits)
-        except UnexpectedMessage as exc:
-            if exc.code != ErrorCode.UNKNOWN_MESSAGE:
-                raise
-            self._unknown_type(payload, exc.request_id)  # type: ignore[attr-defined]
-            return
-        if message.KIND == "response":
-            waiter = self._pending.pop(message.id, None)
-            if waiter is None:
-                log.debug("ignoring %s with id %d from %s: no such request outstanding",
-                          type(message).__name__, message.id, self)
-                return
-            self._slots.release()
-            waiter.response = message
-            waiter.event.set()
-        else:
-            self._start_handler(message.id, message)
-
-    def _unknown_type(self, payload: bytes, request_id: int) -> None:
-        """Request types are even, response types odd (spec "Message registry")."""
-        type_number = cbor_decode(payload, max_size=self._limits.max_message_size)[0]
-        if type_number % 2 == 0:
-            self._start_handler(request_id, None, type_number)
-            return
-        waiter = self._pending.pop(request_id, None)
-        if waiter is None:
-            log.debug("ignoring unknown response type %d from %s", type_number, self)
-            return
-        self._slots.release()
-        waiter.error = UnexpectedMessage(f"peer {self.peer_id.hex()[:12]} answered with unknown message type "
-                                         f"{type_number}", code=ErrorCode.UNKNOWN_MESSAGE)
-        waiter.event.set()
-
-    def _start_handler(self, request_id: int, request: Message | None, type_number: int = 0) -> None:
-        if self._incoming >= self._limits.max_concurrent_requests:
-            raise LimitExceeded(f"more than {self._limits.max_concurrent_requests} concurrent requests")
-        self._incoming += 1
-        assert self._nursery is not None  # only the reader, inside _run, gets here
-        self._nursery.start_soon(self._handle, request_id, request, type_number)
-
-    async def _handle(self, request_id: int, request: Message | None, type_number: int) -> None:
-        try:
-            response = await self._respond(request_id, request, type_number)
-            try:
-                payload = encode_message(response)
-                if len(payload) > self._limits.max_message_size:
-                    raise LocalProtocolError(f"response of {len(payload)} bytes exceeds the message size limit")
-            except SwarmError as exc:
-                log.error("cannot send the %s answering %s from %s: %s", type(response).__name__,
-                          type(request).__name__, self, exc)
-                payload = encode_message(error_response(request_id, Exception()))
+            if type(event) is RequestRefused:
+                payload = event.payload
+            else:
+                payload, problem = self.channel.answer(event, await self._serve(event.request))
+                if problem is not None:
+                    log.error("answering %s from %s: %s", type(event.request).__name__, self, problem)
             await self._send_payload(payload)
         except PeerUnreachable:
             pass  # the connection closed while the handler ran; nobody to answer
-        except Exception:  # a bug of ours (the handler's own errors are answered in _respond)
-            log.exception("answering %s from %s failed; closing the connection", type(request).__name__, self)
+        except Exception:  # a bug of ours (the handler's own errors are answered by _serve)
+            log.exception("answering a request from %s failed; closing the connection", self)
             self._close("failed while answering a request")
         finally:
-            self._incoming -= 1
+            self.channel.answered()
 
-    async def _respond(self, request_id: int, request: Message | None, type_number: int) -> Message:
-        if request is None:
-            return Error(id=request_id, code=int(ErrorCode.UNKNOWN_MESSAGE),
-                         message=f"unknown message type {type_number}")
-        handler = self._host._handlers.get(type(request))
-        if handler is None:
-            return Error(id=request_id, code=int(ErrorCode.UNKNOWN_MESSAGE),
-                         message=f"{type(request).__name__} is not served by this peer")
+    async def _serve(self, request: Message) -> Message | BaseException:
+        """The handler's response, or the exception it raised (answered as ``ERROR``)."""
         try:
-            response = await handler(self, request)
+            return await self._handlers[type(request)](self, request)
         except SwarmError as exc:
-            return error_response(request_id, exc)
+            return exc
         except Exception as exc:
             log.exception("handler for %s from %s failed", type(request).__name__, self)
-            return error_response(request_id, exc)
-        if not isinstance(response, Message) or (type(response) is not Error
-                                                 and type(response) is not RESPONSES.get(type(request))):
-            log.error("handler for %s returned %r, not a %s", type(request).__name__, type(response).__name__,
-                      RESPONSES[type(request)].__name__)
-            return error_response(request_id, Exception())
-        return response if response.id == request_id else dataclasses.replace(response, id=request_id)
+            return exc
 
     # -- closing --------------------------------------------------------------------
 
     def _close(self, reason: str, cause: BaseException | None = None) -> None:
-        """Mark closed, fail every waiting requester, and stop the reader (idempotent)."""
+        """Mark closed, fail every waiting requester, tell the owner, and stop the
+        reader (idempotent)."""
         if not self._open:
             return
         self._open = False
         self._closed_reason = reason
         error = cause if cause is not None else trio.ClosedResourceError(reason)
-        for waiter in self._pending.values():
-            waiter.error = error
+        for waiter in self.channel.close():
+            waiter.outcome = error
             waiter.event.set()
-        self._pending.clear()
         self._cancel_scope.cancel()
+        self._closed.set()
+        try:
+            self._on_close(self)
+        except Exception:
+            log.exception("close callback of %s failed", self)
 
     async def aclose(self) -> None:
         """Close the connection: outstanding requests on both sides fail. Idempotent."""
         self._close("closed by us")
         await self._finished.wait()
-

@@ -31,10 +31,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol import PUBLIC_KEY_SIZE, atomic_write, cbor_decode, cbor_encode, peer_id_of
-from protocol._fields import fields_from_cbor, fields_to_cbor
-from protocol._limits import DEFAULT_LIMITS
-from protocol._messages import ReceiptRecord
+from protocol import (
+    DEFAULT_LIMITS,
+    PUBLIC_KEY_SIZE,
+    ReceiptRecord,
+    atomic_write,
+    cbor_decode,
+    cbor_encode,
+    peer_id_of,
+)
 from protocol.errors import ErrorCode, ProtocolError, SwarmError
 
 from ._flow import Credit, WorkGraph, credit_of
@@ -249,7 +254,7 @@ class Ledger:
             {
                 "format": LEDGER_FORMAT,
                 "owner": self.owner,
-                "records": [fields_to_cbor(r, ReceiptRecord.FIELDS) for r in records],
+                "records": [r.to_cbor() for r in records],
             }
         )
 
@@ -281,7 +286,7 @@ class Ledger:
         ledger = cls(owner, path=path, max_records=max_records)
         for i, item in enumerate(raw):
             try:
-                record = ReceiptRecord(**fields_from_cbor(item, ReceiptRecord.FIELDS, DEFAULT_LIMITS))
+                record = ReceiptRecord.from_cbor(item, limits=DEFAULT_LIMITS)
             except ProtocolError as exc:
                 raise LedgerError(f"ledger file is corrupt: record {i}: {exc}") from None
             if record.server_signature is None:

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from protocol import Identity
-from protocol._messages import ReceiptRecord
-from protocol._statements import receipt_statement
+from protocol import Identity, ReceiptRecord, receipt_statement
 
 from ._ledger import InvalidReceipt, Ledger, StaleReceipt
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import trio
 
 from protocol import satisfies_puzzle
-from protocol._messages import NodeInfo, Ping
+from protocol import NodeInfo, Ping
 from protocol.errors import ProtocolError, RemoteError, SwarmError
 
 from .._address import PeerAddress
@@ -133,7 +133,7 @@ class ContactKeeper:
         """PING a peer we dialled, over ``conn``, and add it if it answers (bootstrap)."""
         try:
             with trio.fail_after(self.query_timeout):
-                await conn.request(Ping(id=0), timeout=self.query_timeout)
+                await conn.request(Ping(), timeout=self.query_timeout)
         except (SwarmError, trio.TooSlowError):
             return False
         if not conn.inbound:
@@ -164,7 +164,7 @@ class ContactKeeper:
                     if conn.peer_id != candidate.peer_id:
                         log.debug("%s claims %s, another peer's address", candidate.peer_id.hex()[:12], addr)
                         continue
-                    await conn.request(Ping(id=0), timeout=self.query_timeout)
+                    await conn.request(Ping(), timeout=self.query_timeout)
             except (SwarmError, trio.TooSlowError) as exc:
                 log.debug("%s did not answer at its claimed address %s: %s", candidate.peer_id.hex()[:12], addr, exc)
                 if not isinstance(exc, RemoteError):  # it answered, if with an error: alive, not ours
@@ -191,7 +191,7 @@ class ContactKeeper:
         try:
             with trio.fail_after(self.query_timeout):
                 conn = await self.host.connect(contact.addrs[0], peer_id=contact.id, timeout=self.query_timeout)
-                await conn.request(Ping(id=0), timeout=self.query_timeout)
+                await conn.request(Ping(), timeout=self.query_timeout)
         except RemoteError:
             pass  # it answered, if only with ERROR
         except (SwarmError, trio.TooSlowError):

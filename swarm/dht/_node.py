@@ -44,11 +44,10 @@ from dataclasses import dataclass, field
 
 import trio
 
-from protocol import satisfies_puzzle
-from protocol._messages import (
+from protocol import (
+    MAX_RECORDS,
     FindNode,
     FindValue,
-    MAX_RECORDS,
     Message,
     NodeInfo,
     Nodes,
@@ -58,6 +57,7 @@ from protocol._messages import (
     Store,
     Stored,
     Value,
+    satisfies_puzzle,
 )
 from protocol.errors import ErrorCode, RemoteError, SwarmError
 
@@ -249,11 +249,11 @@ class DhtNode:
         """A bootstrap peer with our own id (this identity's server, when its owner
         generates from another process) is never a contact: ask it for its
         neighbours and dial them, so that they become our contacts."""
-        answer = await conn.request(FindNode(id=0, target=self.peer_id), timeout=self.query_timeout)
+        answer = await conn.request(FindNode(target=self.peer_id), timeout=self.query_timeout)
         async with trio.open_nursery() as nursery:
             for info in answer.nodes:
                 if info.peer_id != self.peer_id:
-                    nursery.start_soon(self._quietly, self._request(info, Ping(id=0)))
+                    nursery.start_soon(self._quietly, self._request(info, Ping()))
 
     # -- public operations ----------------------------------------------------------
 
@@ -292,7 +292,7 @@ class DhtNode:
         async def one(info: NodeInfo) -> None:
             try:
                 with trio.fail_after(self.query_timeout):
-                    await self._request(info, Store(id=0, record=record))
+                    await self._request(info, Store(record=record))
                 outcomes.append(True)
             except RemoteError as exc:
                 log.debug("%s refused STORE: %s", info.peer_id.hex()[:12], exc)
@@ -345,13 +345,13 @@ class DhtNode:
         closest peers must answer in all; each of the ``paths`` disjoint paths gets its share."""
         paths = paths or self.paths
         per_path = math.ceil((beta or self.beta * paths) / paths)
-        return await self._drive(target, lambda: FindNode(id=0, target=target), beta=per_path, paths=paths)
+        return await self._drive(target, lambda: FindNode(target=target), beta=per_path, paths=paths)
 
     async def lookup_value(self, key: bytes, *, paths: int | None = None) -> LookupResult:
         """An iterative FIND_VALUE lookup for ``key`` over ``paths`` disjoint paths that
         ends when the beta closest peers of each path answered; ``records`` holds
         every valid record the queried nodes returned (not merged)."""
-        return await self._drive(key_target(key), lambda: FindValue(id=0, key=key), beta=self.beta,
+        return await self._drive(key_target(key), lambda: FindValue(key=key), beta=self.beta,
                                  paths=paths or self.paths, key=key)
 
     async def flush_write_backs(self) -> None:
@@ -510,7 +510,7 @@ class DhtNode:
         async for info, record in self._write_receive:
             try:
                 with trio.fail_after(self.query_timeout):
-                    await self._request(info, Store(id=0, record=record))
+                    await self._request(info, Store(record=record))
             except RemoteError as exc:
                 log.debug("%s refused a write-back: %s", info.peer_id.hex()[:12], exc)
             except (SwarmError, trio.TooSlowError):
@@ -545,18 +545,18 @@ class DhtNode:
 
     async def _on_ping(self, conn: PeerConnection, msg: Ping) -> Pong:
         self.contacts.queried(conn.peer_id)
-        return Pong(id=msg.id)
+        return Pong()
 
     async def _on_find_node(self, conn: PeerConnection, msg: FindNode) -> Nodes:
         self.contacts.queried(conn.peer_id)
-        return Nodes(id=msg.id, nodes=tuple(c.info for c in self.routing.closest(msg.target, self.k,
+        return Nodes(nodes=tuple(c.info for c in self.routing.closest(msg.target, self.k,
                                                                                    exclude=conn.peer_id)))
 
     async def _on_find_value(self, conn: PeerConnection, msg: FindValue) -> Value:
         self.contacts.queried(conn.peer_id)
         records = self.records.get(msg.key, now=self.clock())[:MAX_RECORDS]
         nodes = self.routing.closest(key_target(msg.key), self.k, exclude=conn.peer_id)
-        return Value(id=msg.id, records=tuple(records), nodes=tuple(c.info for c in nodes))
+        return Value(records=tuple(records), nodes=tuple(c.info for c in nodes))
 
     async def _on_store(self, conn: PeerConnection, msg: Store) -> Stored:
         self.contacts.queried(conn.peer_id)
@@ -564,4 +564,4 @@ class DhtNode:
         # RecordRejected is answered as ERROR with its code.
         self.records.put(msg.record, now=self.clock(), group=address_group(conn.address),
                          proven=lambda peer_id: self.routing.is_good(peer_id, now=now))
-        return Stored(id=msg.id)
+        return Stored()

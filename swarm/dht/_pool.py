@@ -12,7 +12,7 @@ import functools
 import sys
 
 from protocol import Identity
-from protocol._identity import derive_counter
+from protocol import derive_counter
 
 __all__ = ["COUNTERS", "POOL_SIZE", "pool_identity", "pool_label"]
 

@@ -41,9 +41,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
-from protocol import DEFAULT_LIMITS, PUZZLE_BITS, Limits, cbor_decode, cbor_encode, satisfies_puzzle
-from protocol._fields import fields_to_cbor
-from protocol._messages import MAX_RECORD_VALUE, SignedRecord
+from protocol import (
+    DEFAULT_LIMITS,
+    MAX_RECORD_VALUE,
+    PUZZLE_BITS,
+    Limits,
+    SignedRecord,
+    cbor_decode,
+    cbor_encode,
+    satisfies_puzzle,
+)
 from protocol.errors import BadSignature, ErrorCode, ProtocolError, SwarmError
 
 __all__ = [
@@ -90,7 +97,7 @@ def is_tombstone(record: SignedRecord) -> bool:
 
 def record_size(record: SignedRecord) -> int:
     """Bytes of the record's deterministic CBOR encoding (the body map)."""
-    return len(cbor_encode(fields_to_cbor(record, SignedRecord.FIELDS)))
+    return len(cbor_encode(record.to_cbor()))
 
 
 def check_record(

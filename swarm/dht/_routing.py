@@ -42,8 +42,7 @@ from collections.abc import Iterable
 from kademlia.node import Node
 from kademlia.routing import KBucket, RoutingTable as _PackageRoutingTable
 
-from protocol._identity import PEER_ID_SIZE
-from protocol._messages import NodeInfo
+from protocol import PEER_ID_SIZE, NodeInfo
 
 from ._groups import address_group
 

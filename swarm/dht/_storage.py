@@ -48,7 +48,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from protocol import DEFAULT_LIMITS, Limits
-from protocol._messages import SignedRecord
+from protocol import SignedRecord
 from protocol.errors import ErrorCode
 
 from ._records import RecordKind, RecordRejected, check_record, record_size

@@ -15,8 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from peer.api import Swarm
 from peer.node import ServeOptions, run_server
-from protocol import Identity
-from protocol import _messages as M
+from protocol import Identity, Receipt
 from protocol.errors import ErrorCode, RemoteError
 from swarm.credit import countersign, make_receipt
 
@@ -52,6 +51,27 @@ async def wait_for(predicate, timeout=60.0):
             await trio.sleep(0.05)
 
 
+async def test_receipts_go_out_during_a_generation_not_only_at_its_end(model_dir):
+    async with trio.open_nursery() as nursery:
+        server = await serve(nursery, model_dir)
+        swarm = await client(nursery, model_dir, server.address)
+        me, it = swarm.client.host.identity.public_key, server.identity.public_key
+        sent = []
+        credit = swarm.client.credit
+        send_receipt = credit.send_receipt
+
+        async def spy(conn):  # what the client's background sender (and the last receipt) send
+            sent.append(credit.wallet.pending(conn.public_key))
+            return await send_receipt(conn)
+
+        credit.send_receipt = spy
+        await swarm.generate(PROMPT, max_new_tokens=24)  # a prefill and 23 steps: receipts every 8
+        record = server.credit.ledger.latest(me, it)
+        assert record is not None and record.work == (len(PROMPT) + 23) * LAYERS  # all of it receipted at the end
+        assert len(sent) >= 3 and record.seq == len([p for p in sent if p > 0]), sent
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.slow
 async def test_contributors_wait_less_than_free_riders(model_dir, tmp_path):
     async with trio.open_nursery() as nursery:
@@ -80,7 +100,7 @@ async def test_contributors_wait_less_than_free_riders(model_dir, tmp_path):
 
         # No contention: a lone newcomer is served at once.
         await riders[0].generate(PROMPT, max_new_tokens=16)
-        lone = [w for _, w in server.credit.waits[riders[0].client.host.peer_id]]
+        lone = [w for _, w in server.compute.waits[riders[0].client.host.peer_id]]
         assert statistics.median(lone) < 0.005, lone
 
         # First contact makes the server fetch the contributors' receipts (signed by its owner).
@@ -89,7 +109,7 @@ async def test_contributors_wait_less_than_free_riders(model_dir, tmp_path):
         await wait_for(lambda: all(server.credit.credit_of(c.identity.peer_id).total > 0 for c in contributors))
         assert server.credit.credit_of(riders[0].client.host.peer_id).total == 0
 
-        server.credit.waits.clear()
+        server.compute.waits.clear()
         results, finished = {}, []
 
         async def job(name, swarm):
@@ -103,7 +123,7 @@ async def test_contributors_wait_less_than_free_riders(model_dir, tmp_path):
         assert len({tuple(r.token_ids) for r in results.values()}) == 1  # same prompt, same greedy text
 
         def median_wait(swarms):  # while all four contended: after the first finished, riders run alone
-            return statistics.median(w for s in swarms for t, w in server.credit.waits[s.client.host.peer_id]
+            return statistics.median(w for s in swarms for t, w in server.compute.waits[s.client.host.peer_id]
                                      if t < finished[0])
 
         contributor_wait, rider_wait = median_wait(helpers), median_wait(riders)
@@ -117,40 +137,42 @@ async def test_sybil_receipts_buy_nothing_and_bad_receipts_are_refused(model_dir
     ledger = tmp_path / "server.ledger"
     identity = Identity.generate()
     async with trio.open_nursery() as nursery:
-        server = await serve(nursery, model_dir, identity=identity, ledger_path=str(ledger))
-        attacker = await client(nursery, model_dir, server.address)
-        me = attacker.client.host.identity
-        sybils = [Identity.generate() for _ in range(10)]
-        wallet = attacker.client.credit.ledger
-        for i, a in enumerate(sybils):  # a dense web of fake work among the Sybils and the attacker
-            for b in sybils[i + 1:] + [me]:
-                record = countersign(b, make_receipt(a, b.public_key, bytes(32), 1, 10**9))
-                if b is me:
-                    wallet.store(record)
-                else:
-                    wallet.merge_remote([record])
-        await attacker.generate(PROMPT, max_new_tokens=4)  # first contact: the server fetches the records
-        await wait_for(lambda: me.peer_id in server.credit._asked)
-        await trio.sleep(0.5)
-        assert server.credit.credit_of(me.peer_id).total == 0
+        async with trio.open_nursery() as first_life:  # the server's first run, until it stops
+            server = await serve(first_life, model_dir, identity=identity, ledger_path=str(ledger))
+            attacker = await client(nursery, model_dir, server.address)
+            me = attacker.client.host.identity
+            sybils = [Identity.generate() for _ in range(10)]
+            wallet = attacker.client.credit.ledger
+            for i, a in enumerate(sybils):  # a dense web of fake work among the Sybils and the attacker
+                for b in sybils[i + 1:] + [me]:
+                    record = countersign(b, make_receipt(a, b.public_key, bytes(32), 1, 10**9))
+                    if b is me:
+                        wallet.store(record)
+                    else:
+                        wallet.merge_remote([record])
+            await attacker.generate(PROMPT, max_new_tokens=4)  # first contact: the server fetches the records
+            await wait_for(lambda: me.peer_id in server.credit._asked)
+            # the same fetch again, awaited here: once the server holds all the attacker can
+            # show, the attacker still has no credit with it
+            await server.credit.exchange(server.host.connections[me.peer_id])
+            assert server.credit.credit_of(me.peer_id).total == 0
 
-        # Receipts over the wire: a forged one and a replayed one are refused with typed errors.
-        conn = await attacker.client.host.connect(server.address, peer_id=identity.peer_id)
-        server.credit.desk.served(me.public_key, 100)
-        good = make_receipt(me, identity.public_key, conn.handshake_hash, 1000, 80)
-        ack = await conn.request(M.Receipt(id=0, receipt=good))
-        assert ack.receipt.server_signature is not None
-        with pytest.raises(RemoteError) as info:
-            await conn.request(M.Receipt(id=0, receipt=dataclasses.replace(good, work=90)))
-        assert info.value.code == ErrorCode.BAD_SIGNATURE
-        with pytest.raises(RemoteError) as info:
-            await conn.request(M.Receipt(id=0, receipt=good))
-        assert info.value.code == ErrorCode.STALE_RECORD
-        with pytest.raises(RemoteError):  # claims more work than was served
-            await conn.request(M.Receipt(id=0, receipt=make_receipt(me, identity.public_key, conn.handshake_hash,
-                                                                     1001, 10**6)))
-        server.cancel_scope.cancel()
-        await trio.sleep(0.2)
+            # Receipts over the wire: a forged one and a replayed one are refused with typed errors.
+            conn = await attacker.client.host.connect(server.address, peer_id=identity.peer_id)
+            server.credit.desk.served(me.public_key, 100)
+            good = make_receipt(me, identity.public_key, conn.handshake_hash, 1000, 80)
+            ack = await conn.request(Receipt(receipt=good))
+            assert ack.receipt.server_signature is not None
+            with pytest.raises(RemoteError) as info:
+                await conn.request(Receipt(receipt=dataclasses.replace(good, work=90)))
+            assert info.value.code == ErrorCode.BAD_SIGNATURE
+            with pytest.raises(RemoteError) as info:
+                await conn.request(Receipt(receipt=good))
+            assert info.value.code == ErrorCode.STALE_RECORD
+            with pytest.raises(RemoteError):  # claims more work than was served
+                await conn.request(Receipt(receipt=make_receipt(me, identity.public_key, conn.handshake_hash,
+                                                                1001, 10**6)))
+            server.cancel_scope.cancel()  # first_life ends when the server has stopped and saved
 
         # A restart keeps the ledger: the double-signed record is still there.
         again = await serve(nursery, model_dir, identity=identity, ledger_path=str(ledger))

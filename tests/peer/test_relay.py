@@ -17,9 +17,16 @@ from peer.client import ModelNotServed, PromptTooLong
 from peer.node import ServeOptions, run_server
 from peer.runtime import InvalidArgument
 from peer.server import SpanServer
-from protocol import Identity
-from protocol import _messages as M
-from protocol._tensor import encode_tensor
+from protocol import (
+    CloseSession,
+    Forward,
+    Identity,
+    OpenSession,
+    SessionState,
+    accept_result,
+    encode_tensor,
+    sign_forward,
+)
 from protocol.errors import ErrorCode, RemoteError
 from swarm.dht import BootstrapFailed
 from swarm.errors import NoRoute
@@ -198,18 +205,18 @@ async def test_server_rejects_bad_requests(tiny):
                 await conn.request(msg)
             return info.value.code
 
-        assert await code_of(M.OpenSession(id=0, model="other@0", span=(0, 3), max_length=8)) == ErrorCode.MODEL_MISMATCH
-        assert await code_of(M.OpenSession(id=0, model=model_id, span=(2, 5), max_length=8)) == ErrorCode.SPAN_NOT_SERVED
-        opened = await conn.request(M.OpenSession(id=0, model=model_id, span=(0, 3), max_length=8))
+        assert await code_of(OpenSession(model="other@0", span=(0, 3), max_length=8)) == ErrorCode.MODEL_MISMATCH
+        assert await code_of(OpenSession(model=model_id, span=(2, 5), max_length=8)) == ErrorCode.SPAN_NOT_SERVED
+        opened = await conn.request(OpenSession(model=model_id, span=(0, 3), max_length=8))
         hidden = encode_tensor(torch.zeros(1, 2, 64))
-        forged = M.Forward(id=0, session=opened.session, step=0, position=0, hidden=hidden, signature=bytes(64))
+        forged = Forward(session=opened.session, step=0, position=0, hidden=hidden, signature=bytes(64))
         assert await code_of(forged) == ErrorCode.BAD_SIGNATURE
         assert await code_of(dataclasses.replace(forged, step=3)) == ErrorCode.BAD_STATE
         assert await code_of(dataclasses.replace(forged, hidden=encode_tensor(torch.zeros(1, 9, 64)))) \
             == ErrorCode.MAX_LENGTH_EXCEEDED
         assert await code_of(dataclasses.replace(forged, hidden=encode_tensor(torch.zeros(1, 2, 32)))) \
             == ErrorCode.INVALID_REQUEST
-        assert await code_of(M.CloseSession(id=0, session=bytes(16))) == ErrorCode.UNKNOWN_SESSION
+        assert await code_of(CloseSession(session=bytes(16))) == ErrorCode.UNKNOWN_SESSION
         # sessions belong to the connection that opened them
         other = Identity.generate()
         from swarm.transport import Host
@@ -217,9 +224,39 @@ async def test_server_rejects_bad_requests(tiny):
         intruder = Host(other)
         await nursery.start(intruder.run)
         with pytest.raises(RemoteError) as info:
-            await intruder.request(node.address, M.CloseSession(id=0, session=opened.session))
+            await intruder.request(node.address, CloseSession(session=opened.session))
         assert info.value.code == ErrorCode.UNKNOWN_SESSION
-        await conn.request(M.CloseSession(id=0, session=opened.session))
+        await conn.request(CloseSession(session=opened.session))
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_session_computes_one_step_at_a_time(tiny):
+    path, _ = tiny
+    async with trio.open_nursery() as nursery:
+        node = await start(nursery, path, (0, 3))
+        swarm = await Swarm.connect(nursery, bootstrap=[node.address], model=path)
+        host = swarm.client.host
+        conn = await host.connect(node.address, peer_id=node.identity.peer_id)
+        opened = await conn.request(OpenSession(model=node.server.model, span=(0, 3), max_length=8))
+        state = SessionState(client=host.peer_id, server=node.identity.peer_id, session=opened.session,
+                             model=node.server.model, span=(0, 3), max_length=8)
+        state.open()
+        request = sign_forward(host.identity, state, encode_tensor(torch.randn(1, 2, 64)))
+        answers = []
+
+        async def first():
+            answers.append(await conn.request(request))
+
+        async with trio.open_nursery() as steps:
+            async with node.compute.slot(b"another requester"):  # the one compute slot is taken
+                steps.start_soon(first)
+                with trio.fail_after(10):
+                    while node.compute.waiting == 0:  # the step waits for the slot
+                        await trio.sleep(0.01)
+                with pytest.raises(RemoteError) as info:  # the same step again, while the first waits
+                    await conn.request(request)
+                assert info.value.code == ErrorCode.BAD_STATE and "still being computed" in info.value.message
+        accept_result(state, request, answers[0], server_public_key=conn.public_key)  # the first one is fine
         nursery.cancel_scope.cancel()
 
 

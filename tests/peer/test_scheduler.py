@@ -252,3 +252,65 @@ async def test_slot_granted_to_a_cancelled_waiter_is_passed_on(autojump_clock: t
                 doomed.cancel()
     assert "first" not in got and sorted(got) == ["second", "third"]
     assert (scheduler.running, scheduler.waiting) == (0, 0)
+
+
+# -- the one owner of compute -------------------------------------------------------------
+
+
+async def test_run_computes_in_as_many_threads_as_slots() -> None:
+    import threading
+
+    scheduler = Scheduler(capacity=3)
+    meet = threading.Barrier(3, timeout=30.0)  # passes only if three threads wait at once
+    threads: set[int] = set()
+
+    def step() -> str:
+        meet.wait()
+        threads.add(threading.get_ident())
+        return "done"
+
+    results: list[str] = []
+
+    async def ask(requester: str) -> None:
+        results.append(await scheduler.run(requester, step))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(3):
+            nursery.start_soon(ask, f"p{i}")
+    assert results == ["done"] * 3 and len(threads) == 3
+    assert (scheduler.running, scheduler.waiting) == (0, 0)
+
+
+async def test_run_starts_compute_in_credit_order() -> None:
+    """Compute starts in the order the policy grants: under contention contributors'
+    steps start far more often than free-riders' (no limiter behind the scheduler
+    reorders them)."""
+    import threading
+
+    credits = {"holder": 0.0, "contributor": HIGH, "free": 0.0}
+    scheduler = Scheduler(capacity=1, credit_of=credits.__getitem__)
+    release = threading.Event()
+    holding = trio.Event()
+    started: list[str] = []
+
+    def compute(name: str) -> None:
+        started.append(name)
+        if name == "holder":
+            trio.from_thread.run_sync(holding.set)
+            assert release.wait(timeout=30.0)
+
+    async def steps(name: str) -> None:
+        for _ in range(5):
+            await scheduler.run(name, lambda: compute(name))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(scheduler.run, "holder", lambda: compute("holder"))
+        await holding.wait()
+        for name in ("free", "contributor") * 3:  # the free-riders ask first
+            nursery.start_soon(steps, name)
+        await trio.testing.wait_all_tasks_blocked()
+        assert scheduler.waiting == 6 and started == ["holder"]
+        release.set()
+    contended = Counter(started[1:13])  # six requesters kept the queue full all along these
+    assert contended["contributor"] > 2 * contended["free"] > 0, started
+    assert len(started) == 31 and (scheduler.running, scheduler.waiting) == (0, 0)

@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 
+import protocol as M
 from protocol import DecodeError, Identity, LimitExceeded, Limits, LocalProtocolError, UnexpectedMessage, cbor_encode
-from protocol import _messages as M
 from protocol.errors import BadSignature, ErrorCode
 
 ALICE = Identity.from_seed(b"a" * 32)
@@ -20,22 +20,23 @@ def test_every_registered_type_is_distinct_and_has_a_kind():
 
 
 def test_envelope_layout_is_type_id_body():
-    assert M.encode_message(M.Ping(id=5)).hex() == "830205a0"
-    assert M.encode_message(M.FindNode(id=1, target=b"\x01" * 20)).hex() == "830401a10054" + "01" * 20
+    assert M.encode_message(M.Ping(), 5).hex() == "830205a0"
+    assert M.encode_message(M.FindNode(target=b"\x01" * 20), 1).hex() == "830401a10054" + "01" * 20
+    for bad_id in (-1, True, 2**64, 1.0):
+        with pytest.raises(LocalProtocolError):
+            M.encode_message(M.Ping(), bad_id)
 
 
 def test_constructor_validates_and_normalizes():
-    assert M.Nodes(id=1, nodes=[_node()]).nodes == (_node(),)
+    assert M.Nodes(nodes=[_node()]).nodes == (_node(),)
     bad = [
-        lambda: M.Ping(id=-1),
-        lambda: M.Ping(id=True),
-        lambda: M.FindNode(id=1, target=b"short"),
-        lambda: M.OpenSession(id=1, model="m", span=(2, 2), max_length=10),
-        lambda: M.OpenSession(id=1, model="m" * 129, span=(0, 2), max_length=10),
-        lambda: M.Error(id=1, code=1, message="x", retry_after=float("inf")),
+        lambda: M.FindNode(target=b"short"),
+        lambda: M.OpenSession(model="m", span=(2, 2), max_length=10),
+        lambda: M.OpenSession(model="m" * 129, span=(0, 2), max_length=10),
+        lambda: M.Error(code=1, message="x", retry_after=float("inf")),
         lambda: M.NodeInfo(peer_id=b"\x00" * 20, public_key=ALICE.public_key, addrs=()),
-        lambda: M.Nodes(id=1, nodes=[_node()] * 21),
-        lambda: M.Store(id=1, record="not a record"),
+        lambda: M.Nodes(nodes=[_node()] * 21),
+        lambda: M.Store(record="not a record"),
     ]
     for make in bad:
         with pytest.raises(LocalProtocolError):
@@ -53,13 +54,14 @@ def test_decoding_errors_are_typed():
         M.decode_message(cbor_encode([5, 1, {0: [{0: b"\x00" * 20, 1: ALICE.public_key, 2: []}]}]))  # id != H(key)
     with pytest.raises(UnexpectedMessage) as info:
         M.decode_message(cbor_encode([99, 7, {}]))
-    assert info.value.code == ErrorCode.UNKNOWN_MESSAGE and info.value.request_id == 7
+    assert info.value.code == ErrorCode.UNKNOWN_MESSAGE
+    assert M.decode_envelope(cbor_encode([99, 7, {}])) == (99, 7, {})  # what a receiver answers by
     with pytest.raises(LimitExceeded):
-        M.decode_message(M.encode_message(M.Error(id=1, code=1, message="x" * 500)), limits=Limits(max_message_size=100))
+        M.decode_message(M.encode_message(M.Error(code=1, message="x" * 500), 1), limits=Limits(max_message_size=100))
 
 
 def test_unknown_body_keys_are_ignored():
-    assert M.decode_message(cbor_encode([2, 3, {9: "future field"}])) == M.Ping(id=3)
+    assert M.decode_message(cbor_encode([2, 3, {9: "future field"}])) == (3, M.Ping())
 
 
 def test_signed_record_binds_every_field():

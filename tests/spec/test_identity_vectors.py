@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from protocol import PUZZLE_BITS, Identity, satisfies_puzzle
-from protocol._identity import PUZZLE_DOMAIN, derive_seed, puzzle_hash
+from protocol import PUZZLE_DOMAIN, derive_seed, puzzle_hash
 
 VECTORS = Path(__file__).resolve().parents[2] / "spec" / "vectors" / "identity.json"
 

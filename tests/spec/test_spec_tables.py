@@ -28,7 +28,7 @@ def _table_after(header: str) -> set[tuple[str, ...]]:
 
 
 def test_handshake_state_table_matches_code():
-    from protocol._handshake import HANDSHAKE_TRANSITIONS
+    from protocol import HANDSHAKE_TRANSITIONS
 
     expected = {(r.name, s.name, e.name, n.name) for (r, s, e), n in HANDSHAKE_TRANSITIONS.items()}
     assert _table_after("| role | state | event | next state |") == expected

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from protocol import Identity
+from protocol import CreditReport, Identity, decode_message, encode_message
 from protocol.errors import BadSignature, DecodeError, ErrorCode, RemoteProtocolError
-from protocol._messages import CreditReport, decode_message, encode_message
 from swarm.credit import (
     LEDGER_FORMAT,
     Ledger,
@@ -81,8 +80,8 @@ def test_exchange_round_trip_through_credit_report() -> None:
     x_ledger = Ledger(X.public_key)
     x_ledger.store(rec(S, X, 1, 50))
     x_ledger.store(rec(X, C, 3, 30))
-    report = CreditReport(id=7, records=x_ledger.records_for_exchange())
-    decoded = decode_message(encode_message(report))
+    report = CreditReport(records=x_ledger.records_for_exchange())
+    _, decoded = decode_message(encode_message(report, 1))
     s_ledger = Ledger(S.public_key)
     result = s_ledger.merge_remote(decoded.records)
     assert (result.accepted, result.rejected) == (2, ())

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol import Identity
-from protocol._messages import Receipt, ReceiptAck, decode_message, encode_message
+from protocol import Identity, Receipt, ReceiptAck, decode_message, encode_message
 from protocol.errors import BadSignature
 from swarm.credit import InvalidReceipt, Ledger, ReceiptDesk, ReceiptWallet, StaleReceipt, make_receipt
 
@@ -36,9 +35,9 @@ def step(wallet: ReceiptWallet, desk: ReceiptDesk, units: int, hh: bytes = HH1):
     """One served step and its receipt round trip, through the wire encoding."""
     desk.served(CLIENT.public_key, units)
     wallet.received(SERVER.public_key, units)
-    request = decode_message(encode_message(Receipt(id=1, receipt=wallet.issue(SERVER.public_key, hh))))
-    ack = ReceiptAck(id=1, receipt=desk.accept(request.receipt, handshake_hash=hh))
-    record = decode_message(encode_message(ack)).receipt
+    _, request = decode_message(encode_message(Receipt(receipt=wallet.issue(SERVER.public_key, hh)), 1))
+    ack = ReceiptAck(receipt=desk.accept(request.receipt, handshake_hash=hh))
+    record = decode_message(encode_message(ack, 1))[1].receipt
     assert wallet.acknowledged(record)
     return record
 

@@ -24,8 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from peer.api import Swarm
 from peer.node import ServeOptions, run_server
 from protocol import Identity, cbor_encode
-from protocol._fields import fields_to_cbor
-from protocol._messages import Announcement, FindNode, Nodes, NodeInfo, SignedRecord, Store, Value
+from protocol import Announcement, FindNode, NodeInfo, Nodes, SignedRecord, Store, Value
 from protocol.errors import ErrorCode, RemoteError
 from swarm.announce import BLOCK_KIND, block_key, encode_block_value, fetch_swarm_view
 from swarm.dht import DhtNode, StorageLimits, address_group
@@ -91,7 +90,7 @@ def block_record(identity, addr, model, block, *, seq=1, **kw):
 async def store(host: Host, addr: str, record: SignedRecord) -> ErrorCode | None:
     """STORE ``record`` at ``addr``; the error code it was refused with, or None."""
     try:
-        await host.request(addr, Store(id=0, record=record), timeout=10)
+        await host.request(addr, Store(record=record), timeout=10)
     except RemoteError as exc:
         return ErrorCode(exc.code)
     return None
@@ -145,7 +144,7 @@ async def test_floods_of_padded_long_lived_and_many_records_stay_within_quotas(t
             first = sybils[0]
             # padded with an unknown key, and living a day: refused outright
             ann = announcement(first.identity, first.listen_addrs[0], model, 0)
-            body = {**fields_to_cbor(ann, Announcement.FIELDS), 9: b"\x00" * 1500}
+            body = {**ann.to_cbor(), 9: b"\x00" * 1500}
             padded = SignedRecord.create(first.identity, key=block_key(model, 0), seq=1, expires=ann.expires,
                                          value=cbor_encode([BLOCK_KIND, 0, body]))
             assert await store(first, victim.address, padded) is ErrorCode.INVALID_REQUEST
@@ -212,10 +211,10 @@ class TarpitNamer(DhtNode):
     tarpits: tuple[NodeInfo, ...] = ()
 
     async def _on_find_node(self, conn, msg):
-        return Nodes(id=msg.id, nodes=self.tarpits)
+        return Nodes(nodes=self.tarpits)
 
     async def _on_find_value(self, conn, msg):
-        return Value(id=msg.id, records=(), nodes=self.tarpits)
+        return Value(records=(), nodes=self.tarpits)
 
 
 async def test_tarpit_contacts_never_enter_tables_and_cost_lookups_little(tiny):
@@ -239,7 +238,7 @@ async def test_tarpit_contacts_never_enter_tables_and_cost_lookups_little(tiny):
             sybils = []
             for i in range(60):
                 sybil = await attacker(nursery, i, announce=pit)
-                await sybil.request(victim.address, FindNode(id=0, target=sybil.peer_id))
+                await sybil.request(victim.address, FindNode(target=sybil.peer_id))
                 sybils.append(sybil)
             for sybil in sybils:  # ... and leave
                 for conn in list(sybil.connections.values()):
@@ -251,7 +250,7 @@ async def test_tarpit_contacts_never_enter_tables_and_cost_lookups_little(tiny):
             assert not ids & {c.id for c in victim.dht.routing.contacts()}
             dials = len(accepted)
             assert dials <= 2, "one tarpit address is dialled once, not once per identity"
-            answer = await sybils[0].request(victim.address, FindNode(id=0, target=bytes(20)))
+            answer = await sybils[0].request(victim.address, FindNode(target=bytes(20)))
             assert answer.nodes and pit not in {a for n in answer.nodes for a in n.addrs}
             # a DHT peer that names 20 tarpit contacts in every answer
             namer_host = Host(pool_identity(70), host=loopback_host(4), source_host=loopback_host(4))

@@ -10,7 +10,7 @@ import hashlib
 import pytest
 
 from protocol import Limits, cbor_encode
-from protocol._messages import Announcement, SignedRecord
+from protocol import Announcement, SignedRecord
 from protocol.errors import ErrorCode
 from swarm.announce import RECORD_KINDS, block_key, encode_block_value
 from swarm.dht import RecordRejected, RecordStore, StorageLimits, record_size

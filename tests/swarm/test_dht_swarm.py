@@ -9,7 +9,7 @@ import time
 import pytest
 import trio
 
-from protocol._messages import Announcement
+from protocol import Announcement
 from swarm.announce import RECORD_KINDS, announcement_records
 from swarm.dht import K, distance, key_target
 from swarm.dht._local import start_local_peer, start_local_swarm

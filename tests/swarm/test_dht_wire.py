@@ -10,8 +10,17 @@ import time
 import pytest
 import trio
 
-from protocol import Identity, Limits, cbor_encode
-from protocol._messages import Announcement, FindNode, Nodes, SignedRecord, Store, decode_message
+from protocol import (
+    Announcement,
+    FindNode,
+    Identity,
+    Limits,
+    Nodes,
+    SignedRecord,
+    Store,
+    cbor_encode,
+    decode_message,
+)
 from protocol.errors import DecodeError, ErrorCode, HandshakeError, RemoteError
 from swarm.announce import (
     RECORD_KINDS,
@@ -57,7 +66,7 @@ async def test_store_refuses_bad_records_over_the_wire(nursery):
                                value=encode_block_value(1, ann))
 
     async def store(record):
-        return await client.host.request(storer.addr, Store(id=0, record=record), peer_id=storer.peer_id)
+        return await client.host.request(storer.addr, Store(record=record), peer_id=storer.peer_id)
 
     async def refused(record, code):
         with pytest.raises(RemoteError) as info:
@@ -97,7 +106,7 @@ async def test_wrong_peer_id_is_refused_at_the_handshake(nursery):
 def test_node_info_with_mismatched_id_and_key_is_rejected_by_the_decoder():
     alice, bob = Identity.generate(), Identity.generate()
     honest = cbor_encode([Nodes.TYPE, 1, {0: [{0: alice.peer_id, 1: alice.public_key, 2: ["127.0.0.1:9"]}]}])
-    assert decode_message(honest).nodes[0].peer_id == alice.peer_id
+    assert decode_message(honest)[1].nodes[0].peer_id == alice.peer_id
     lying = cbor_encode([Nodes.TYPE, 1, {0: [{0: alice.peer_id, 1: bob.public_key, 2: ["127.0.0.1:9"]}]}])
     with pytest.raises(DecodeError, match="hash of its public key"):
         decode_message(lying)
@@ -114,7 +123,7 @@ async def test_find_node_returns_a_new_peer_and_contacts_come_from_handshakes(nu
         for contact in peer.dht.routing.contacts():
             assert contact.id in peer.host.connections or any(
                 c.peer_id == contact.id for c in peer.host._all)
-    reply = await peers[0].host.request(peers[1].addr, FindNode(id=0, target=newcomer.peer_id))
+    reply = await peers[0].host.request(peers[1].addr, FindNode(target=newcomer.peer_id))
     assert newcomer.peer_id in [n.peer_id for n in reply.nodes]
 
 
@@ -146,7 +155,7 @@ async def test_announcer_renews_and_withdraws_on_shutdown(nursery):
     # a replica of the withdrawn record re-stored later is refused by the holders
     holder = next(p for p in peers if p.dht.records.get(renewed.key, now=time.time()))
     with pytest.raises(RemoteError) as info:
-        await peers[0].host.request(holder.addr, Store(id=0, record=renewed))
+        await peers[0].host.request(holder.addr, Store(record=renewed))
     assert info.value.code == ErrorCode.STALE_RECORD
     assert (await fetch_swarm_view(peers[1].dht, "tiny", 4)).servers == {}
 

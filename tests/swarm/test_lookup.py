@@ -9,8 +9,7 @@ import time
 
 import pytest
 
-from protocol import Identity
-from protocol._messages import NodeInfo
+from protocol import Identity, NodeInfo
 from swarm.dht import Contact, ContactState, DisjointLookup, Lookup, PeerState, RoutingTable, Termination, distance
 from swarm.dht._routing import GOOD_FOR
 

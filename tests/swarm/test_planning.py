@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from protocol._messages import Announcement
+from protocol import Announcement
 from swarm.errors import NoRoute
 from swarm.planning import (
     RouteCosts,

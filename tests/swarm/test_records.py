@@ -6,8 +6,7 @@ import dataclasses
 
 import pytest
 
-from protocol import Identity, Limits, cbor_encode, satisfies_puzzle
-from protocol._messages import Announcement, SignedRecord
+from protocol import Announcement, Identity, Limits, SignedRecord, cbor_encode, record_statement, satisfies_puzzle
 from protocol.errors import ErrorCode
 from swarm.announce import BLOCK_MAX_TTL, DEFAULT_TTL, RECORD_KINDS, announcement_records, block_key, \
     encode_block_value
@@ -55,8 +54,12 @@ def test_forged_signature_is_rejected():
     good = record()
     forged = dataclasses.replace(good, signature=BOB.sign(b"something else"))
     rejected(ErrorCode.BAD_SIGNATURE, check_record, forged, now=NOW, kinds=RECORD_KINDS)
-    # a record signed by Bob but claiming Alice as publisher
-    stolen = dataclasses.replace(good, signature=BOB.sign(b"x" * 10))
+    # Bob signs exactly the statement Alice signed, and the record still names Alice as
+    # its publisher: the signature is valid, but Bob's, so it does not make the record Alice's
+    statement = record_statement(key=good.key, publisher=ALICE.public_key, seq=good.seq, expires=good.expires,
+                                 value=good.value)
+    assert ALICE.sign(statement) == good.signature
+    stolen = dataclasses.replace(good, signature=BOB.sign(statement))
     rejected(ErrorCode.BAD_SIGNATURE, check_record, stolen, now=NOW, kinds=RECORD_KINDS)
 
 
@@ -90,10 +93,9 @@ def test_announcements_may_not_live_longer_than_their_cap():
 
 def test_announcements_with_unknown_keys_are_refused():
     """Issue 10 item 5: padding under an unknown announcement key was stored."""
-    from protocol._fields import fields_to_cbor
 
     ann = announcement()
-    body = {**fields_to_cbor(ann, Announcement.FIELDS), 7: b"\x00" * 1500}
+    body = {**ann.to_cbor(), 7: b"\x00" * 1500}
     padded = SignedRecord.create(ALICE, key=block_key("tiny", 3), seq=1, expires=ann.expires,
                                  value=cbor_encode(["swarm/1/block", 3, body]))
     assert "unknown keys 7" in rejected(ErrorCode.INVALID_REQUEST, check_record, padded, now=NOW,
@@ -121,9 +123,7 @@ def test_key_derivation_rules():
                                     value=encode_block_value(3, ann))
     rejected(ErrorCode.INVALID_REQUEST, check_record, wrong_key, now=NOW, kinds=RECORD_KINDS)
     # block index outside the announced span (value built by hand)
-    from protocol._fields import fields_to_cbor
-
-    outside = cbor_encode(["swarm/1/block", 7, fields_to_cbor(ann, Announcement.FIELDS)])
+    outside = cbor_encode(["swarm/1/block", 7, ann.to_cbor()])
     r = SignedRecord.create(ALICE, key=block_key("tiny", 7), seq=1, expires=ann.expires, value=outside)
     assert "outside" in rejected(ErrorCode.INVALID_REQUEST, check_record, r, now=NOW, kinds=RECORD_KINDS).message
     # Bob publishing Alice's announcement

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from protocol._identity import Identity
-from protocol._messages import Ping, Pong
+from protocol import Identity, Ping, Pong
 from swarm.errors import PeerUnreachable
 from swarm.transport import Host, PeerConnection
 
@@ -15,7 +14,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 async def pong(conn: PeerConnection, request: Ping) -> Pong:
-    return Pong(id=request.id)
+    return Pong()
 
 
 async def test_outgoing_connection_binds_the_source_address() -> None:
@@ -28,8 +27,8 @@ async def test_outgoing_connection_binds_the_source_address() -> None:
     async with trio.open_nursery() as nursery:
         for host in (server, client, default):
             await nursery.start(host.run)
-        assert isinstance(await client.request(server.listen_addrs[0], Ping(id=0)), Pong)
-        assert isinstance(await default.request(server.listen_addrs[0], Ping(id=0)), Pong)
+        assert isinstance(await client.request(server.listen_addrs[0], Ping()), Pong)
+        assert isinstance(await default.request(server.listen_addrs[0], Ping()), Pong)
         nursery.cancel_scope.cancel()
     assert seen[0].startswith("127.0.0.31:")
     assert seen[1].startswith("127.0.0.1:")  # default unchanged: the kernel's choice

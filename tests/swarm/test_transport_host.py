@@ -12,17 +12,22 @@ import pytest
 import trio
 import trio.testing
 
-from protocol._cbor import encode as cbor_encode
-from protocol._connection import NEED_DATA, Connection, ConnectionEnded, HandshakeComplete, MessageReceived, Role
-from protocol._identity import Identity
-from protocol._limits import Limits
-from protocol._messages import (
+from protocol import (
+    NEED_DATA,
+    Connection,
+    ConnectionEnded,
     Error,
     FindNode,
+    HandshakeComplete,
+    Identity,
+    Limits,
+    MessageReceived,
     Nodes,
     Ping,
     Pong,
+    Role,
     Stored,
+    cbor_encode,
     decode_message,
     encode_message,
 )
@@ -34,7 +39,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 async def pong(conn: PeerConnection, request: Ping) -> Pong:
-    return Pong(id=request.id)
+    return Pong()
 
 
 @asynccontextmanager
@@ -75,14 +80,14 @@ class RawPeer:
                 assert isinstance(event, HandshakeComplete)
                 return cls(stream, conn, identity)
 
-    async def send(self, message) -> None:
-        await self.send_payload(encode_message(message))
+    async def send(self, message, request_id: int) -> None:
+        await self.send_payload(encode_message(message, request_id))
 
     async def send_payload(self, payload: bytes) -> None:
         await self.stream.send_all(self.conn.send(payload))
 
     async def receive(self):
-        """The next message, or None when the host closes the connection."""
+        """The next (id, message), or None when the host closes the connection."""
         while True:
             event = self.conn.next_event()
             if event is NEED_DATA:
@@ -96,6 +101,16 @@ class RawPeer:
             else:
                 assert isinstance(event, ConnectionEnded)
                 return None
+
+
+async def until(predicate, timeout: float = 10.0) -> None:
+    """Return once ``predicate()`` holds: what a peer sent has been read by the other.
+
+    Not ``wait_all_tasks_blocked``: a task waiting for bytes the kernel has not handed
+    over yet counts as blocked, so with real sockets it can return too early."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.001)
 
 
 async def read_until_closed(stream: trio.SocketStream) -> None:
@@ -117,14 +132,17 @@ async def test_handshake_and_ping_both_directions():
         conn = await a.connect(b.listen_addrs[0], peer_id=b.peer_id)
         assert conn.peer_id == b.peer_id and conn.public_key == b.identity.public_key
         assert conn.listen_addrs == tuple(b.listen_addrs) and not conn.inbound
-        assert await conn.request(Ping(id=123)) == Pong(id=1)  # the id is the connection's own
+        assert conn.channel.next_id == 1
+        assert await conn.request(Ping()) == Pong()
 
         back = b.connections[a.peer_id]
         assert seen == [back] and back.inbound
         assert back.peer_id == a.peer_id and back.listen_addrs == tuple(a.listen_addrs)
         assert back.handshake_hash == conn.handshake_hash
-        assert await back.request(Ping(id=0)) == Pong(id=1)  # ids are per direction
-        assert await a.request(b.listen_addrs[0], Ping(id=0)) == Pong(id=2)
+        assert await back.request(Ping()) == Pong()
+        assert back.channel.next_id == 2  # ids are per direction: each side numbers its own
+        assert await a.request(b.listen_addrs[0], Ping()) == Pong()
+        assert conn.channel.next_id == 3
 
 
 async def test_concurrent_requests_are_multiplexed_and_answered_out_of_order():
@@ -133,35 +151,33 @@ async def test_concurrent_requests_are_multiplexed_and_answered_out_of_order():
 
     async def find_node(conn, request: FindNode) -> Nodes:
         await release[request.target[0]].wait()
-        return Nodes(id=request.id, nodes=())
+        return Nodes(nodes=())
 
     async with hosts({}, {}) as (a, b):
         b.add_handler(FindNode, find_node)
         conn = await a.connect(b.listen_addrs[0])
 
         async def ask(i: int) -> None:
-            response = await conn.request(FindNode(id=0, target=bytes([i]) * 20))
+            response = await conn.request(FindNode(target=bytes([i]) * 20))
             assert isinstance(response, Nodes)
             answered.append(i)
 
         async with trio.open_nursery() as nursery:
             for i in range(5):
                 nursery.start_soon(ask, i)
-            await trio.testing.wait_all_tasks_blocked()
-            assert b.connections[a.peer_id]._incoming == 5  # all five in flight at once
-            for i in (3, 0, 4, 2, 1):
+            await until(lambda: a.peer_id in b.connections and b.connections[a.peer_id].channel.incoming == 5)
+            for done, i in enumerate((3, 0, 4, 2, 1), start=1):  # all five in flight, answered out of order
                 release[i].set()
-                await trio.testing.wait_all_tasks_blocked()
+                await until(lambda done=done: len(answered) == done)
         assert answered == [3, 0, 4, 2, 1]
         assert len(b._all) == 1
 
 
 async def test_large_messages_span_many_frames():
-    from protocol._messages import Forward, ForwardResult
-    from protocol._tensor import WireTensor
+    from protocol import Forward, ForwardResult, WireTensor
 
     async def echo(conn, request: Forward) -> ForwardResult:
-        return ForwardResult(id=request.id, session=request.session, step=request.step, hidden=request.hidden,
+        return ForwardResult(session=request.session, step=request.step, hidden=request.hidden,
                              signature=bytes(64))
 
     data = (bytes(range(256)) * 4700)[: 4 * 300_000]
@@ -170,7 +186,7 @@ async def test_large_messages_span_many_frames():
         b.add_handler(Forward, echo)
         conn = await a.connect(b.listen_addrs[0])
         for _ in range(3):
-            request = Forward(id=0, session=bytes(16), step=1, position=0, hidden=hidden, signature=bytes(64))
+            request = Forward(session=bytes(16), step=1, position=0, hidden=hidden, signature=bytes(64))
             response = await conn.request(request)
             assert response.hidden.data == data and response.step == 1
 
@@ -181,14 +197,14 @@ async def test_one_connection_is_reused_in_both_directions():
         assert await a.connect(b.listen_addrs[0]) is first
         assert await a.connect(b.listen_addrs[0], peer_id=b.peer_id) is first
         for _ in range(20):
-            await a.request(b.listen_addrs[0], Ping(id=0), peer_id=b.peer_id)
+            await a.request(b.listen_addrs[0], Ping(), peer_id=b.peer_id)
         inbound = b.connections[a.peer_id]
         # b reaches a over the connection a opened, whatever address it names
         assert await b.connect(a.listen_addrs[0], peer_id=a.peer_id) is inbound
         for _ in range(20):
-            await b.request(a.listen_addrs[0], Ping(id=0), peer_id=a.peer_id)
+            await b.request(a.listen_addrs[0], Ping(), peer_id=a.peer_id)
         assert len(a._all) == len(b._all) == 1
-        assert first._next_id == 21 and inbound._next_id == 21
+        assert first.channel.next_id == 21 and inbound.channel.next_id == 21
 
 
 async def test_concurrent_connects_share_one_dial():
@@ -215,8 +231,8 @@ async def test_simultaneous_dial_keeps_both_connections_usable():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(dial, a, b)
             nursery.start_soon(dial, b, a)
-        assert await conns[a.peer_id].request(Ping(id=0)) == Pong(id=1)
-        assert await conns[b.peer_id].request(Ping(id=0)) == Pong(id=1)
+        assert await conns[a.peer_id].request(Ping()) == Pong()
+        assert await conns[b.peer_id].request(Ping()) == Pong()
         # each side keeps one entry per peer; later connects return it
         assert list(a.connections) == [b.peer_id] and list(b.connections) == [a.peer_id]
         assert await a.connect(b.listen_addrs[0], peer_id=b.peer_id) is a.connections[b.peer_id]
@@ -230,8 +246,8 @@ async def test_ipv6_loopback():
         pytest.skip(f"cannot bind ::1 on this machine: {exc}")
     async with hosts({"host": "::1"}, {"host": "::1"}) as (a, b):
         assert b.listen_addrs[0].startswith("[::1]:")
-        assert await a.request(b.listen_addrs[0], Ping(id=0), peer_id=b.peer_id) == Pong(id=1)
-        assert await b.connections[a.peer_id].request(Ping(id=0)) == Pong(id=1)
+        assert await a.request(b.listen_addrs[0], Ping(), peer_id=b.peer_id) == Pong()
+        assert await b.connections[a.peer_id].request(Ping()) == Pong()
 
 
 async def test_announce_addrs_are_told_in_the_handshake():
@@ -252,7 +268,7 @@ async def test_wrong_peer_id_fails_the_handshake():
             await a.connect(b.listen_addrs[0], peer_id=bytes(20))
         assert isinstance(info.value.__cause__, HandshakeError)
         assert not a.connections
-        assert await a.request(b.listen_addrs[0], Ping(id=0), peer_id=b.peer_id) == Pong(id=1)
+        assert await a.request(b.listen_addrs[0], Ping(), peer_id=b.peer_id) == Pong()
 
 
 async def test_connection_refused():
@@ -261,7 +277,7 @@ async def test_connection_refused():
         port = probe.getsockname()[1]  # closed again: nothing listens there
     async with hosts({}) as (a,):
         with pytest.raises(PeerUnreachable, match=f"127.0.0.1:{port}") as info:
-            await a.request(f"127.0.0.1:{port}", Ping(id=0))
+            await a.request(f"127.0.0.1:{port}", Ping())
         assert isinstance(info.value.__cause__, OSError)
         assert "check that it is running" in str(info.value)
 
@@ -271,18 +287,19 @@ async def test_request_timeout_leaves_the_connection_usable():
 
     async def slow(conn, request):
         await release.wait()
-        return Nodes(id=request.id, nodes=())
+        return Nodes(nodes=())
 
     async with hosts({}, {}) as (a, b):
         b.add_handler(FindNode, slow)
         conn = await a.connect(b.listen_addrs[0])
         with pytest.raises(RequestTimeout, match="FindNode") as info:
-            await conn.request(FindNode(id=0, target=bytes(20)), timeout=0.05)
+            await conn.request(FindNode(target=bytes(20)), timeout=0.05)
         assert info.value.timeout == 0.05
-        assert conn._slots.value == a.limits.max_concurrent_requests - 1  # b still works on it
+        assert conn.free_slots == a.limits.max_concurrent_requests - 1  # b still works on it
+        assert conn.channel.outstanding == 1 and conn.channel.awaited == 0
         release.set()
-        assert await conn.request(Ping(id=0)) == Pong(id=2)  # the late Nodes is dropped
-        assert conn._slots.value == a.limits.max_concurrent_requests
+        assert await conn.request(Ping()) == Pong()  # the late Nodes is dropped
+        assert conn.free_slots == a.limits.max_concurrent_requests and conn.channel.outstanding == 0
         assert conn.is_open
 
 
@@ -296,7 +313,7 @@ async def test_handler_errors_become_remote_errors(caplog):
         if kind == 2:
             raise RemoteError("from the future", code=4242)
         if kind == 3:
-            return Stored(id=request.id)  # the wrong response type
+            return Stored()  # the wrong response type
         raise ValueError("bug in the handler")
 
     async with hosts({}, {}) as (a, b):
@@ -305,7 +322,7 @@ async def test_handler_errors_become_remote_errors(caplog):
 
         async def ask(kind: int) -> RemoteError:
             with pytest.raises(RemoteError) as info:
-                await conn.request(FindNode(id=0, target=bytes([kind]) * 20))
+                await conn.request(FindNode(target=bytes([kind]) * 20))
             return info.value
 
         error = await ask(0)
@@ -318,13 +335,13 @@ async def test_handler_errors_become_remote_errors(caplog):
             error = await ask(4)
         assert error.code == ErrorCode.INTERNAL and error.message == "internal error"  # no internals leak
         assert any(r.exc_info and "bug in the handler" in str(r.exc_info[1]) for r in caplog.records)
-        assert await conn.request(Ping(id=0)) == Pong(id=6)  # the peer keeps serving
+        assert await conn.request(Ping()) == Pong()  # the peer keeps serving
 
 
 async def test_unhandled_request_type_is_unknown_message():
     async with hosts({}, {}) as (a, b):
         with pytest.raises(RemoteError) as info:
-            await a.request(b.listen_addrs[0], FindNode(id=0, target=bytes(20)))
+            await a.request(b.listen_addrs[0], FindNode(target=bytes(20)))
         assert info.value.code == ErrorCode.UNKNOWN_MESSAGE
 
 
@@ -332,27 +349,27 @@ async def test_unknown_message_types_on_the_wire():
     async with hosts({}) as (b,):
         raw = await RawPeer.connect(b.listen_addrs[0], b.peer_id)
         await raw.send_payload(cbor_encode([98, 7, {0: "from a later version"}]))  # even: a request
-        answer = await raw.receive()
-        assert isinstance(answer, Error) and answer.id == 7 and answer.code == ErrorCode.UNKNOWN_MESSAGE
+        answer_id, answer = await raw.receive()
+        assert isinstance(answer, Error) and answer_id == 7 and answer.code == ErrorCode.UNKNOWN_MESSAGE
         await raw.send_payload(cbor_encode([99, 8, {}]))  # odd: a response nobody asked for, ignored
-        await raw.send(Pong(id=55))  # a known response nobody asked for, ignored
-        await raw.send(Ping(id=9))
-        assert await raw.receive() == Pong(id=9)
+        await raw.send(Pong(), 55)  # a known response nobody asked for, ignored
+        await raw.send(Ping(), 9)
+        assert await raw.receive() == (9, Pong())
 
         # answers to b's own requests: an unknown type, then a type that does not fit
         back = b.connections[raw.peer_id]
         async with trio.open_nursery() as nursery:
             async def expect_unexpected():
                 with pytest.raises(UnexpectedMessage, match="unknown message type 99"):
-                    await back.request(Ping(id=0))
+                    await back.request(Ping())
                 with pytest.raises(UnexpectedMessage, match="Stored"):
-                    await back.request(Ping(id=0))
+                    await back.request(Ping())
 
             nursery.start_soon(expect_unexpected)
-            request = await raw.receive()
-            await raw.send_payload(cbor_encode([99, request.id, {}]))
-            request = await raw.receive()
-            await raw.send(Stored(id=request.id))
+            request_id, _ = await raw.receive()
+            await raw.send_payload(cbor_encode([99, request_id, {}]))
+            request_id, _ = await raw.receive()
+            await raw.send(Stored(), request_id)
         assert back.is_open
 
 
@@ -366,31 +383,32 @@ async def test_closing_fails_outstanding_requests_on_both_sides():
         async with trio.open_nursery() as nursery:
             async def ask():
                 with pytest.raises(PeerUnreachable, match="closed by us"):
-                    await conn.request(FindNode(id=0, target=bytes(20)))
+                    await conn.request(FindNode(target=bytes(20)))
 
             nursery.start_soon(ask)
-            await trio.testing.wait_all_tasks_blocked()
+            await until(lambda: a.peer_id in b.connections and b.connections[a.peer_id].channel.incoming == 1)
+            back = b.connections[a.peer_id]
             await conn.aclose()
         assert not conn.is_open and b.peer_id not in a.connections
         with pytest.raises(PeerUnreachable):
-            await conn.request(Ping(id=0))
+            await conn.request(Ping())
         with trio.fail_after(5):
-            while a.peer_id in b.connections:  # b sees EOF and forgets a
-                await trio.sleep(0.01)
-        assert await a.request(b.listen_addrs[0], Ping(id=0)) == Pong(id=1)  # a fresh connection
+            await back.wait_closed()  # b sees EOF: its handler is cancelled and a forgotten
+        assert a.peer_id not in b.connections
+        assert await a.request(b.listen_addrs[0], Ping()) == Pong()  # a fresh connection
 
 
 async def test_stopping_a_host_closes_its_connections():
     async with hosts({}) as (a,):
         async with hosts({}) as (b,):
             conn = await a.connect(b.listen_addrs[0])
-            assert await conn.request(Ping(id=0)) == Pong(id=1)
+            assert await conn.request(Ping()) == Pong()
         assert not b.connections
         with trio.fail_after(5):
-            while conn.is_open:
-                await trio.sleep(0.01)
+            await conn.wait_closed()
+        assert not a.connections
         with pytest.raises(PeerUnreachable):
-            await conn.request(Ping(id=0))
+            await conn.request(Ping())
 
 
 # -- hostile peers and limits ------------------------------------------------------------
@@ -404,7 +422,7 @@ async def test_garbage_before_the_handshake(caplog):
             with trio.fail_after(5):
                 await read_until_closed(stream)
         assert any("handshake with" in r.getMessage() for r in caplog.records)
-        assert await a.request(b.listen_addrs[0], Ping(id=0)) == Pong(id=1)
+        assert await a.request(b.listen_addrs[0], Ping()) == Pong()
 
 
 @pytest.mark.parametrize("attack", ["garbage frame", "malformed message", "oversized message"])
@@ -412,8 +430,8 @@ async def test_hostile_bytes_after_the_handshake_close_that_connection_only(atta
     async with hosts({}, {"limits": Limits(max_message_size=4096)}) as (a, b):
         good = await a.connect(b.listen_addrs[0])
         raw = await RawPeer.connect(b.listen_addrs[0], b.peer_id)
-        await raw.send(Ping(id=1))
-        assert await raw.receive() == Pong(id=1)
+        await raw.send(Ping(), 1)
+        assert await raw.receive() == (1, Pong())
         with caplog.at_level(logging.WARNING, logger="swarm.transport"):
             if attack == "garbage frame":
                 await raw.stream.send_all(b"\x00\x20" + bytes(range(32)))
@@ -425,7 +443,7 @@ async def test_hostile_bytes_after_the_handshake_close_that_connection_only(atta
                 assert await raw.receive() is None
         assert [r for r in caplog.records if "dropping connection" in r.getMessage()]
         assert raw.peer_id not in b.connections
-        assert await good.request(Ping(id=0)) == Pong(id=1)
+        assert await good.request(Ping()) == Pong()
 
 
 async def test_too_many_concurrent_requests_drop_the_connection():
@@ -436,7 +454,7 @@ async def test_too_many_concurrent_requests_drop_the_connection():
         b.add_handler(FindNode, never)
         raw = await RawPeer.connect(b.listen_addrs[0])
         for i in range(3):
-            await raw.send(FindNode(id=i, target=bytes(20)))
+            await raw.send(FindNode(target=bytes(20)), i)
         with trio.fail_after(5):
             assert await raw.receive() is None
 
@@ -446,7 +464,7 @@ async def test_outgoing_requests_wait_for_a_slot_instead_of_tripping_the_limit()
 
     async def gated(conn, request):
         await release.wait()
-        return Nodes(id=request.id, nodes=())
+        return Nodes(nodes=())
 
     limits = Limits(max_concurrent_requests=2)
     async with hosts({"limits": limits}, {"limits": limits}) as (a, b):
@@ -454,34 +472,36 @@ async def test_outgoing_requests_wait_for_a_slot_instead_of_tripping_the_limit()
         conn = await a.connect(b.listen_addrs[0])
         async with trio.open_nursery() as nursery:
             for _ in range(5):
-                nursery.start_soon(conn.request, FindNode(id=0, target=bytes(20)))
-            await trio.testing.wait_all_tasks_blocked()
-            assert b.connections[a.peer_id]._incoming == 2
+                nursery.start_soon(conn.request, FindNode(target=bytes(20)))
+            await until(lambda: a.peer_id in b.connections and b.connections[a.peer_id].channel.incoming == 2)
+            await trio.testing.wait_all_tasks_blocked()  # the other three wait here, not there
+            assert conn.free_slots == 0 and conn.channel.outstanding == 2
             release.set()
-        assert conn.is_open and conn._next_id == 6
+        assert conn.is_open and conn.channel.next_id == 6
 
 
 async def test_a_peer_that_stops_reading_loses_the_connection(caplog):
-    from protocol._messages import Forward, ForwardResult
-    from protocol._tensor import WireTensor
+    from protocol import Forward, ForwardResult, WireTensor
 
     async def echo(conn, request: Forward) -> ForwardResult:
-        return ForwardResult(id=request.id, session=request.session, step=request.step, hidden=request.hidden,
+        return ForwardResult(session=request.session, step=request.step, hidden=request.hidden,
                              signature=bytes(64))
 
     elements = 4 << 20  # 16 MiB answers: more than both socket buffers hold
     hidden = WireTensor(dtype="f32", shape=(1, 1, elements), data=bytes(4 * elements))
     async with hosts({"limits": Limits(idle_timeout=0.3)}) as (b,):
         b.add_handler(Forward, echo)
+        adopted: list[PeerConnection] = []
+        handshaken = trio.Event()
+        b.on_connection.append(lambda conn: (adopted.append(conn), handshaken.set()))
         raw = await RawPeer.connect(b.listen_addrs[0])
         raw.stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         with caplog.at_level(logging.WARNING, logger="swarm.transport"):
-            await raw.send(Forward(id=1, session=bytes(16), step=0, position=0, hidden=hidden, signature=bytes(64)))
+            await raw.send(Forward(session=bytes(16), step=0, position=0, hidden=hidden, signature=bytes(64)), 1)
             with trio.fail_after(10):  # and never read the answer
-                while raw.peer_id not in b.connections:
-                    await trio.sleep(0.01)
-                while raw.peer_id in b.connections:
-                    await trio.sleep(0.05)
+                await handshaken.wait()
+                await adopted[0].wait_closed()
+        assert raw.peer_id not in b.connections
         assert any("read nothing" in r.getMessage() for r in caplog.records)
 
 
@@ -507,30 +527,35 @@ async def test_handshake_timeout():
 async def test_idle_connections_are_closed_and_redialled():
     async with hosts({"limits": Limits(idle_timeout=0.2)}, {}) as (a, b):
         conn = await a.connect(b.listen_addrs[0])
-        assert await conn.request(Ping(id=0)) == Pong(id=1)
+        assert await conn.request(Ping()) == Pong()
         with trio.fail_after(5):
-            while conn.is_open:
-                await trio.sleep(0.05)
-        assert not a.connections
+            await conn.wait_closed()
+        assert not a.connections  # forgotten as it closed, not some time later
         fresh = await a.connect(b.listen_addrs[0])
-        assert fresh is not conn and await fresh.request(Ping(id=0)) == Pong(id=1)
+        assert fresh is not conn and await fresh.request(Ping()) == Pong()
 
 
-async def test_a_busy_connection_is_not_idle():
+async def test_a_busy_connection_is_not_idle(mock_clock):
+    # Virtual time: the clock stands still while anything runs and jumps to the next
+    # deadline once every task has waited 50 ms of real time (loopback I/O is quicker),
+    # so the watchdog certainly wakes up, three times, while the request is outstanding.
+    mock_clock.autojump_threshold = 0.05
     release = trio.Event()
 
     async def slow(conn, request):
         await release.wait()
-        return Nodes(id=request.id, nodes=())
+        return Nodes(nodes=())
 
     async with hosts({"limits": Limits(idle_timeout=0.1)}, {}) as (a, b):
         b.add_handler(FindNode, slow)
         conn = await a.connect(b.listen_addrs[0])
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(conn.request, FindNode(id=0, target=bytes(20)))
-            await trio.sleep(0.35)  # several idle periods with a request outstanding
+            nursery.start_soon(conn.request, FindNode(target=bytes(20)))
+            await trio.sleep(0.35)  # three idle periods with a request outstanding
             assert conn.is_open
             release.set()
+        with trio.fail_after(1):  # idle at last: closed after one more period
+            await conn.wait_closed()
 
 
 def test_errors_are_swarm_errors_with_one_line_messages():

@@ -10,9 +10,17 @@ import pytest
 import torch
 
 from peer.runtime import load_span
-from protocol import Identity, peer_id_of
-from protocol._statements import EMPTY_HISTORY, extend_history, forward_request_statement, forward_result_statement
-from protocol._tensor import encode_tensor
+from protocol import (
+    Identity,
+    SessionState,
+    accept_result,
+    check_forward,
+    encode_tensor,
+    forward_request_statement,
+    peer_id_of,
+    sign_forward,
+    sign_result,
+)
 from swarm.dht import RecordRejected, check_record
 from verify import (
     InvalidProof,
@@ -142,35 +150,29 @@ def span(tiny_verify):
 
 
 def _session_proof(span, *, tamper: bool, steps: int = 4, client=None):
-    """A client and a server identity run a real session on ``span`` and sign it like
-    the relay does; the server's output of the last step is tampered with if asked."""
+    """A client and a server identity run a real session on ``span`` through the forward
+    exchange, as the relay and the server do; the server's output of the last step is
+    tampered with if asked."""
     client, server = client or Identity.generate(), Identity.generate()
     sid = span.open_session(32)
-    session = bytes(16)
+    kept = [SessionState(client=client.peer_id, server=server.peer_id, session=sid, model=span.model_id,
+                         span=(0, 3), max_length=32) for _ in range(2)]
+    for state in kept:
+        state.open()
+    client_state, server_state = kept
     torch.manual_seed(1)
-    history = EMPTY_HISTORY
-    transcript = []
-    position = 0
     for step in range(steps):
         x = torch.randn(1, 3 if step == 0 else 1, span.hidden_size)
-        out = span.forward(sid, x, position)
+        request = sign_forward(client, client_state, encode_tensor(x))
+        check_forward(server_state, request, client_public_key=client.public_key, hidden_size=span.hidden_size)
+        out = span.forward(sid, x, request.position)
         if tamper and step == steps - 1:
             out = out + 0.05 * torch.randn_like(out)
-        wire_in, wire_out = encode_tensor(x), encode_tensor(out)
-        request_sig = client.sign(forward_request_statement(
-            client=client.peer_id, server=server.peer_id, session=session, step=step, model=span.model_id,
-            span=(0, 3), position=position, input_digest=wire_in.digest()))
-        history = extend_history(history, wire_in.digest())
-        result_sig = server.sign(forward_result_statement(
-            server=server.peer_id, session=session, step=step, model=span.model_id, span=(0, 3),
-            input_digest=wire_in.digest(), output_digest=wire_out.digest(), history=history))
-        transcript.append(type("Step", (), dict(step=step, position=position, input=wire_in,
-                                                request_signature=request_sig, output=wire_out,
-                                                result_signature=result_sig)))
-        position += x.shape[1]
+        result = sign_result(server, server_state, request, encode_tensor(out))
+        accept_result(client_state, request, result, server_public_key=server.public_key)
     span.close_session(sid)
     return proof_from_transcript(accused=server.public_key, client=client.public_key, model=span.model_id,
-                                 span=(0, 3), session=session, transcript=transcript, index=steps - 1)
+                                 span=(0, 3), session=sid, transcript=client_state.transcript, index=steps - 1)
 
 
 def test_a_true_proof_verifies_and_round_trips(span):

@@ -11,8 +11,7 @@ import trio
 
 from peer._chain import Chain
 from peer.api import Swarm
-from protocol import _messages as M
-from protocol._tensor import encode_tensor
+from protocol import FraudProofNotice, encode_tensor
 from protocol.errors import ErrorCode, RemoteError
 from verify import PARANOID, proof_from_transcript
 from verify_helpers import reference, start
@@ -43,7 +42,7 @@ async def test_forged_fraud_proofs_against_an_honest_peer_are_rejected(tiny_veri
         async def submit(node, forged):
             conn = await client.host.connect(node.address, peer_id=node.identity.peer_id)
             with pytest.raises(RemoteError) as info:
-                await conn.request(M.FraudProofNotice(id=0, proof=forged))
+                await conn.request(FraudProofNotice(proof=forged))
             return info.value.code
 
         # a holder recomputes and finds the accused honest; a bad signature fails before compute

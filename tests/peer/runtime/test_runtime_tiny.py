@@ -291,3 +291,35 @@ def test_sub_range_sessions(tiny_models: dict[str, Path]) -> None:
                                atol=1e-5, rtol=1e-5)
     with pytest.raises(rt.InvalidArgument, match="sub-range"):
         ex.open_session(4, start=0, end=3)
+
+
+def test_sessions_compute_concurrently_in_threads(tiny_models: dict[str, Path]) -> None:
+    """Several sessions, whole-span and sub-range ones, stepping in several threads at
+    once (a server with --compute-slots > 1) compute what they compute one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = str(tiny_models["qwen2"])
+    ex = rt.load_span(path, 1, 6)
+    ranges = [(1, 6), (1, 6), (3, 6), (1, 3), (1, 6), (3, 6)]
+    inputs = [torch.randn(1, 10, 64, generator=torch.Generator().manual_seed(i)) for i in range(len(ranges))]
+
+    def steps(sid: bytes, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([ex.forward(sid, x[:, :4], 0)] + [ex.forward(sid, x[:, t:t + 1], t) for t in range(4, 10)], 1)
+
+    def run_all(pool: ThreadPoolExecutor | None) -> list[torch.Tensor]:
+        # sessions open and close on this thread (the server's); only their steps run elsewhere
+        sids = [ex.open_session(10, start=a, end=b) for a, b in ranges]
+        if pool is None:
+            outs = [steps(sid, x) for sid, x in zip(sids, inputs, strict=True)]
+        else:
+            outs = list(pool.map(steps, sids, inputs))
+        for sid in sids:
+            ex.close_session(sid)
+        return outs
+
+    alone = run_all(None)
+    with ThreadPoolExecutor(max_workers=len(ranges)) as pool:
+        for _ in range(3):
+            for a, b in zip(alone, run_all(pool), strict=True):
+                torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert ex.sessions.count == 0

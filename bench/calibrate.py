@@ -1,6 +1,7 @@
 """Measure honest disagreement between peers and print calibrated audit thresholds.
 
-    python -m verify.calibrate [--smollm] [--steps 24] [--json out.json]
+    python bench/calibrate.py [--smollm] [--steps 24] [--json out.json]
+    python -m bench.calibrate ...           (the same, from the repository root)
 
 Theory of operation. An audit compares a hop's signed output for one step of a
 KV-cache session with an independent peer's FORWARD_ONCE of the hop's whole input
@@ -18,7 +19,7 @@ For contrast it also measures two cheats: int8 weights (bitsandbytes, announced 
 fp32) and a skipped block, to show the margin between the thresholds and the smallest
 cheat. Models: tiny random Llamas built from a config (the tests' and the design's
 bench model) and, with ``--smollm``, spans of SmolLM2-135M-Instruct. fp32 on CPU only:
-fp16/bf16 *compute* needs a GPU run (none on the build machines), see ``_compare``.
+fp16/bf16 *compute* needs a GPU run (none on the build machines), see ``verify._compare``.
 """
 
 from __future__ import annotations
@@ -33,9 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from protocol._tensor import decode_tensor, encode_tensor
-
-from ._compare import MARGIN, row_statistics
+from protocol import decode_tensor, encode_tensor
+from verify import MARGIN, row_statistics
 
 __all__ = ["Worst", "measure_model", "main"]
 

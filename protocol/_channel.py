@@ -1,0 +1,265 @@
+"""Request multiplexing over one connection, sans-IO (spec/SPEC.md section 6,
+"Connections and requests", and section 7.1).
+
+Theory of operation. A ``Channel`` sits on top of a ``Connection``'s application
+messages (payload bytes in, payload bytes out) and owns everything about requests
+and responses: the envelope ids, the map of requests this side has outstanding, the
+check that a response has the type its request calls for, the count of requests the
+peer has open on us and its limit, and the answers to types nobody can serve.
+
+- ``send_request(request, token)`` numbers the request (1, 2, 3, ... per connection),
+  records it as outstanding with the caller's opaque ``token`` and returns the
+  payload to write. ``abandon(id)`` records that the requester stopped waiting: the
+  request still counts against the peer's limit until its response arrives.
+- ``receive(payload)`` returns what a received message means: ``RequestReceived``
+  (a request to serve), ``RequestRefused`` (a request of a type that is unknown or
+  not served here, with its ``ERROR`` already encoded), ``ResponseReceived`` (the
+  outcome of one of our requests, carrying its token) or None (a response that
+  matches nothing outstanding: ignored). Request types are even and response types
+  odd, so a message of an unknown type is still known to be one or the other.
+- ``answer(event, result)`` encodes the response to a ``RequestReceived`` (a
+  handler's return value, or the ``ERROR`` its exception maps to) and
+  ``answered()`` says it was written, freeing one of the peer's request slots.
+- ``close()`` ends the channel and hands back the tokens of requests still awaited.
+
+What is left to the caller (``swarm.transport``): writing, waiting, timeouts, and
+waiting for a free slot before ``send_request`` (``can_request``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ._limits import DEFAULT_LIMITS, Limits
+from ._messages import MESSAGE_TYPES, RESPONSES, Error, Message, decode_envelope, encode_message
+from .errors import ErrorCode, LimitExceeded, LocalProtocolError, RemoteError, SwarmError, UnexpectedMessage
+
+__all__ = [
+    "Channel",
+    "ChannelEvent",
+    "RequestReceived",
+    "RequestRefused",
+    "ResponseReceived",
+    "error_for",
+]
+
+_MAX_ERROR_TEXT = 1024  # bytes; Error.message's limit
+_ID_SPACE = 2**64
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelEvent:
+    """Base class of what ``Channel.receive`` returns."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived(ChannelEvent):
+    """A request to serve: answer it with ``Channel.answer`` exactly once."""
+
+    request_id: int
+    request: Message
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRefused(ChannelEvent):
+    """A request of a type unknown or not served here; write ``payload`` (its
+    ``ERROR UNKNOWN_MESSAGE``) and call ``Channel.answered``."""
+
+    request_id: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseReceived(ChannelEvent):
+    """The outcome of one of our requests: ``response`` of the right type, or ``error``
+    (``RemoteError`` for ``ERROR``, ``UnexpectedMessage`` for a type that does not fit).
+    ``token`` is what ``send_request`` was given, None if the requester abandoned it."""
+
+    request_id: int
+    token: Any
+    response: Message | None = None
+    error: SwarmError | None = None
+
+
+@dataclass(slots=True)
+class _Outstanding:
+    request_type: type[Message]
+    token: Any  # None once abandoned
+
+
+def error_for(exc: BaseException) -> Error:
+    """The ``ERROR`` an exception raised while serving a request becomes: a
+    ``SwarmError`` keeps its code and message (a ``RemoteError`` its retry_after too);
+    anything else is ``INTERNAL`` with a generic message, so no internals leak."""
+    if isinstance(exc, SwarmError):
+        code, text = int(exc.code), str(exc)
+    else:
+        code, text = int(ErrorCode.INTERNAL), "internal error"
+    retry_after = getattr(exc, "retry_after", None) if isinstance(exc, RemoteError) else None
+    if retry_after is not None and not (isinstance(retry_after, (int, float)) and math.isfinite(retry_after)
+                                        and retry_after >= 0):
+        retry_after = None
+    text = text.encode("utf-8", "replace")[:_MAX_ERROR_TEXT].decode("utf-8", "ignore")
+    return Error(code=code if 0 <= code <= 65535 else int(ErrorCode.INTERNAL), message=text,
+                 retry_after=None if retry_after is None else float(retry_after))
+
+
+class Channel:
+    """See the module docstring.
+
+    Args:
+        limits: ``max_concurrent_requests`` bounds both directions, ``max_message_size``
+            what is received and answered.
+        serves: whether this side serves a request type (checked when a request
+            arrives, so handlers may be added while the channel is open); default all.
+    """
+
+    def __init__(self, *, limits: Limits = DEFAULT_LIMITS,
+                 serves: Callable[[type[Message]], bool] | None = None) -> None:
+        self.limits = limits
+        self._serves = serves or (lambda _type: True)
+        self._outstanding: dict[int, _Outstanding] = {}
+        self._next_id = 1
+        self._incoming = 0
+        self._closed = False
+
+    # -- inspection -----------------------------------------------------------------
+
+    @property
+    def next_id(self) -> int:
+        """The id the next request will get."""
+        return self._next_id
+
+    @property
+    def outstanding(self) -> int:
+        """Our requests whose responses have not arrived (abandoned ones included: the
+        peer still counts them)."""
+        return len(self._outstanding)
+
+    @property
+    def awaited(self) -> int:
+        """Outstanding requests whose requester still waits."""
+        return sum(1 for o in self._outstanding.values() if o.token is not None)
+
+    @property
+    def incoming(self) -> int:
+        """Requests the peer has open on us (received, answer not yet written)."""
+        return self._incoming
+
+    @property
+    def can_request(self) -> bool:
+        """Whether ``send_request`` stays within the peer's concurrency limit."""
+        return len(self._outstanding) < self.limits.max_concurrent_requests
+
+    # -- our requests ---------------------------------------------------------------
+
+    def send_request(self, request: Message, token: Any) -> tuple[int, bytes]:
+        """Number ``request`` and return ``(id, payload)``; the payload must be written.
+
+        ``token`` (not None) comes back in the ``ResponseReceived`` that answers it.
+
+        Raises:
+            LocalProtocolError: not a request, the channel is closed, or
+                ``max_concurrent_requests`` are outstanding (wait for ``can_request``).
+        """
+        if request.KIND != "request":
+            raise LocalProtocolError(f"{type(request).__name__} is not a request")
+        if token is None:
+            raise LocalProtocolError("a request needs a token to match its response to")
+        if self._closed:
+            raise LocalProtocolError("the channel is closed")
+        if not self.can_request:
+            raise LocalProtocolError(f"{self.limits.max_concurrent_requests} requests are already outstanding")
+        request_id = self._next_id
+        self._next_id = request_id + 1 if request_id + 1 < _ID_SPACE else 1
+        payload = encode_message(request, request_id)
+        self._outstanding[request_id] = _Outstanding(type(request), token)
+        return request_id, payload
+
+    def abandon(self, request_id: int) -> None:
+        """The requester stopped waiting; its slot stays taken until the response comes."""
+        outstanding = self._outstanding.get(request_id)
+        if outstanding is not None:
+            outstanding.token = None
+
+    # -- receiving ------------------------------------------------------------------
+
+    def receive(self, payload: bytes) -> ChannelEvent | None:
+        """What one received application message means (see the module docstring).
+
+        Raises:
+            DecodeError, LimitExceeded: the message does not decode or validate, or the
+                peer has more than ``max_concurrent_requests`` requests open on us; the
+                connection must end (spec section 6, "Unknown and malformed messages").
+        """
+        type_, request_id, body = decode_envelope(payload, limits=self.limits)
+        cls = MESSAGE_TYPES.get(type_)
+        if type_ % 2 == 0:  # a request, known or not
+            if self._incoming >= self.limits.max_concurrent_requests:
+                raise LimitExceeded(f"more than {self.limits.max_concurrent_requests} concurrent requests")
+            request = cls.from_cbor(body, limits=self.limits) if cls is not None else None
+            self._incoming += 1
+            if request is None or not self._serves(cls):
+                what = f"unknown message type {type_}" if request is None else f"{cls.__name__} is not served by this peer"
+                refusal = Error(code=int(ErrorCode.UNKNOWN_MESSAGE), message=what)
+                return RequestRefused(request_id, encode_message(refusal, request_id))
+            return RequestReceived(request_id, request)
+        response = cls.from_cbor(body, limits=self.limits) if cls is not None else None
+        outstanding = self._outstanding.pop(request_id, None)
+        if outstanding is None:
+            return None  # nothing outstanding has that id (e.g. we answered it by closing)
+        asked = outstanding.request_type.__name__
+        if response is None:
+            error: SwarmError | None = UnexpectedMessage(f"answered {asked} with unknown message type {type_}",
+                                                         code=ErrorCode.UNKNOWN_MESSAGE)
+        elif type(response) is Error:
+            error = RemoteError(response.message, code=response.code, retry_after=response.retry_after)
+        elif type(response) is not RESPONSES.get(outstanding.request_type):
+            error = UnexpectedMessage(f"answered {asked} with {type(response).__name__}")
+        else:
+            return ResponseReceived(request_id, outstanding.token, response=response)
+        return ResponseReceived(request_id, outstanding.token, error=error)
+
+    # -- answering ------------------------------------------------------------------
+
+    def answer(self, event: RequestReceived, result: Message | BaseException) -> tuple[bytes, str | None]:
+        """The payload answering ``event``: ``result`` if it is the request's response
+        type or ``ERROR``; the ``ERROR`` for an exception (``error_for``). A response of
+        the wrong type, or too large to send, is answered ``ERROR INTERNAL`` instead.
+
+        Returns ``(payload, problem)``: ``problem`` says what was wrong with ``result``
+        (for the log), None if nothing. Call ``answered`` once the payload is written.
+        """
+        problem = None
+        if isinstance(result, BaseException):
+            response = error_for(result)
+        elif not isinstance(result, Message) or (type(result) is not Error
+                                                 and type(result) is not RESPONSES.get(type(event.request))):
+            problem = (f"the handler for {type(event.request).__name__} returned {type(result).__name__}, "
+                       f"not {RESPONSES[type(event.request)].__name__}")
+            response = error_for(Exception())
+        else:
+            response = result
+        payload = encode_message(response, event.request_id)
+        if len(payload) > self.limits.max_message_size:
+            problem = f"the {type(response).__name__} of {len(payload)} bytes exceeds the message size limit"
+            payload = encode_message(error_for(Exception()), event.request_id)
+        return payload, problem
+
+    def answered(self) -> None:
+        """One request of the peer's was answered (or cannot be: the connection closed)."""
+        if self._incoming <= 0:
+            raise LocalProtocolError("answered() without a request to answer")
+        self._incoming -= 1
+
+    # -- closing --------------------------------------------------------------------
+
+    def close(self) -> list[Any]:
+        """End the channel; the tokens of our requests still awaited, to fail them."""
+        self._closed = True
+        tokens = [o.token for o in self._outstanding.values() if o.token is not None]
+        self._outstanding.clear()
+        return tokens

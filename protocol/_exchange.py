@@ -1,0 +1,258 @@
+"""The forward exchange, both sides of it (spec/SPEC.md section 9, "Signed statements",
+and section 11, "Inference sessions").
+
+Theory of operation. One FORWARD step is four moves, each made here and nowhere else:
+
+1. the client builds and signs the request (``sign_forward``): step and position come
+   from its ``SessionState``, the signature covers the forward request statement;
+2. the server checks it (``check_forward``): the input tensor (the session's wire
+   dtype, shape ``[1, n, H]``), the session state (step, position, ``max_length``) and
+   the client's signature, in that order, before any compute;
+3. the server signs its result (``sign_result``): its ``SessionState`` records the
+   step (the history digest now covers this input) and the result statement is
+   signed over that digest;
+4. the client checks the result (``accept_result``): the session and step echo, the
+   shape, and the server's signature over the history digest the client computed
+   itself; then its ``SessionState`` records the step, output included.
+
+Both parties advance the same ``SessionState`` with the same rule, so their history
+digests agree step by step, and a signed output can only be paired with the inputs
+that produced it. FORWARD_ONCE is the same exchange on a session of one step whose id
+is the request's nonce (``forward_once_state``). A fraud proof is checked by replaying
+the client-signed requests into a fresh state (``replay_requests``) and checking the
+accused's signature over the digest that results (``check_result_signature``).
+
+Failures are typed: ``InvalidRequest`` (dtype, shape), ``UnexpectedMessage`` (session
+state, or an answer that does not answer), ``BadSignature``; ``LocalProtocolError``
+for this side's own misuse.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._identity import Identity, verify_signature
+from ._messages import Forward, ForwardEvidence, ForwardOnce, ForwardOnceResult, ForwardResult
+from ._session import SessionPhase, SessionState, SignedStep
+from ._statements import extend_history, forward_request_statement, forward_result_statement
+from .errors import InvalidRequest, LocalProtocolError, UnexpectedMessage
+
+__all__ = [
+    "sign_forward",
+    "check_forward",
+    "sign_result",
+    "accept_result",
+    "sign_forward_once",
+    "forward_once_state",
+    "check_forward_once",
+    "sign_forward_once_result",
+    "accept_forward_once_result",
+    "check_input",
+    "request_statement",
+    "result_statement",
+    "replay_requests",
+    "check_result_signature",
+]
+
+
+# -- the statements of a session ----------------------------------------------------------
+
+
+def request_statement(state: SessionState, *, step: int, position: int, input_digest: bytes) -> bytes:
+    """The forward request statement of one step of ``state``'s session."""
+    return forward_request_statement(client=state.client, server=state.server, session=state.session, step=step,
+                                     model=state.model, span=state.span, position=position,
+                                     input_digest=input_digest)
+
+
+def result_statement(state: SessionState, *, step: int, input_digest: bytes, output_digest: bytes,
+                     history: bytes) -> bytes:
+    """The forward result statement of one step of ``state``'s session."""
+    return forward_result_statement(server=state.server, session=state.session, step=step, model=state.model,
+                                    span=state.span, input_digest=input_digest, output_digest=output_digest,
+                                    history=history)
+
+
+def check_input(hidden: Any, *, wire_dtype: str, hidden_size: int) -> int:
+    """The number of tokens in ``hidden``, a request's input; raises ``InvalidRequest``
+    unless it is a ``[1, n, hidden_size]`` tensor (n >= 1) in ``wire_dtype``."""
+    if hidden.dtype != wire_dtype:
+        raise InvalidRequest(f"hidden states must be sent as {wire_dtype}, got {hidden.dtype}")
+    shape = tuple(hidden.shape)
+    if len(shape) != 3 or shape[0] != 1 or shape[1] < 1 or shape[2] != hidden_size:
+        raise InvalidRequest(f"hidden states must have shape [1, n, {hidden_size}], got {list(shape)}")
+    return shape[1]
+
+
+def _check_request(state: SessionState, *, step: int, position: int, hidden: Any, signature: bytes,
+                   client_public_key: bytes, hidden_size: int | None) -> int:
+    n_tokens = (check_input(hidden, wire_dtype=state.wire_dtype, hidden_size=hidden_size)
+                if hidden_size is not None else int(hidden.shape[1]))
+    state.check_forward(step=step, position=position, n_tokens=n_tokens)
+    verify_signature(client_public_key, request_statement(state, step=step, position=position,
+                                                          input_digest=hidden.digest()), signature)
+    return n_tokens
+
+
+def check_result_signature(state: SessionState, *, step: int, input_digest: bytes, output: Any, signature: bytes,
+                           history: bytes, server_public_key: bytes) -> None:
+    """Raises ``BadSignature`` unless the server signed ``output`` as step ``step``'s
+    result, over ``history`` (the digest of the inputs up to and including this one)."""
+    verify_signature(server_public_key, result_statement(state, step=step, input_digest=input_digest,
+                                                         output_digest=output.digest(), history=history), signature)
+
+
+def _check_answer_shape(request_hidden: Any, output: Any) -> None:
+    if tuple(output.shape) != tuple(request_hidden.shape):
+        raise UnexpectedMessage(f"returned shape {list(output.shape)}, expected {list(request_hidden.shape)}")
+
+
+# -- FORWARD ------------------------------------------------------------------------------
+
+
+def sign_forward(identity: Identity, state: SessionState, hidden: Any) -> Forward:
+    """The client's signed FORWARD of ``hidden`` as the session's next step.
+
+    The state does not move until ``accept_result``.
+
+    Raises:
+        LocalProtocolError: ``identity`` is not the session's client, or the session
+            is not open.
+    """
+    if identity.peer_id != state.client:
+        raise LocalProtocolError("only the session's client signs its requests")
+    if state.phase is not SessionPhase.OPEN:
+        raise LocalProtocolError(f"the session is {state.phase.value}, not OPEN")
+    step, position = state.next_step, state.length
+    signature = identity.sign(request_statement(state, step=step, position=position, input_digest=hidden.digest()))
+    return Forward(session=state.session, step=step, position=position, hidden=hidden, signature=signature)
+
+
+def check_forward(state: SessionState, request: Forward, *, client_public_key: bytes, hidden_size: int) -> int:
+    """The server's checks of a FORWARD before any compute; returns its token count.
+
+    Raises:
+        InvalidRequest: not the session's wire dtype, or not ``[1, n, hidden_size]``.
+        UnexpectedMessage: the session state does not allow it (BAD_STATE, UNKNOWN_SESSION
+            or MAX_LENGTH_EXCEEDED).
+        BadSignature: the client did not sign exactly this request.
+    """
+    if request.session != state.session:
+        raise LocalProtocolError("a request of another session")
+    return _check_request(state, step=request.step, position=request.position, hidden=request.hidden,
+                          signature=request.signature, client_public_key=client_public_key, hidden_size=hidden_size)
+
+
+def sign_result(identity: Identity, state: SessionState, request: Forward, output: Any) -> ForwardResult:
+    """The server's signed result of ``request`` (checked by ``check_forward``); records
+    the step in ``state`` (the client's signed input, not the output).
+
+    Raises:
+        UnexpectedMessage: the state moved since the check (say, the session closed).
+    """
+    history = state.record(SignedStep(step=request.step, position=request.position, input=request.hidden,
+                                      request_signature=request.signature))
+    signature = identity.sign(result_statement(state, step=request.step, input_digest=request.hidden.digest(),
+                                               output_digest=output.digest(), history=history))
+    return ForwardResult(session=state.session, step=request.step, hidden=output, signature=signature)
+
+
+def accept_result(state: SessionState, request: Forward, result: ForwardResult, *,
+                  server_public_key: bytes) -> SignedStep:
+    """The client's checks of a FORWARD_RESULT; records the step and returns it.
+
+    Raises:
+        UnexpectedMessage: it answers another session or step, or has another shape.
+        BadSignature: the server did not sign this output over this session's history.
+    """
+    if result.session != request.session or result.step != request.step:
+        raise UnexpectedMessage(f"answered session/step {result.session.hex()}/{result.step}, "
+                                f"asked {request.session.hex()}/{request.step}")
+    _check_answer_shape(request.hidden, result.hidden)
+    input_digest = request.hidden.digest()
+    check_result_signature(state, step=request.step, input_digest=input_digest, output=result.hidden,
+                           signature=result.signature, history=extend_history(state.history, input_digest),
+                           server_public_key=server_public_key)
+    step = SignedStep(step=request.step, position=request.position, input=request.hidden,
+                      request_signature=request.signature, output=result.hidden, result_signature=result.signature)
+    state.record(step)
+    return step
+
+
+# -- FORWARD_ONCE: a session of one step ----------------------------------------------------
+
+
+def forward_once_state(*, client: bytes, server: bytes, nonce: bytes, model: str, span: tuple[int, int],
+                       hidden: Any) -> SessionState:
+    """The one-step session a FORWARD_ONCE of ``hidden`` is: its id is the nonce, its
+    step and position are 0, its wire dtype is the input's."""
+    state = SessionState(client=client, server=server, session=nonce, model=model, span=span,
+                         max_length=int(hidden.shape[1]), wire_dtype=hidden.dtype)
+    state.open()
+    return state
+
+
+def sign_forward_once(identity: Identity, *, server: bytes, nonce: bytes, model: str, span: tuple[int, int],
+                      hidden: Any) -> tuple[ForwardOnce, SessionState]:
+    """The client's signed FORWARD_ONCE, and its one-step session (for the answer)."""
+    state = forward_once_state(client=identity.peer_id, server=server, nonce=nonce, model=model, span=span,
+                               hidden=hidden)
+    signature = identity.sign(request_statement(state, step=0, position=0, input_digest=hidden.digest()))
+    return ForwardOnce(nonce=nonce, model=model, span=span, hidden=hidden, signature=signature), state
+
+
+def check_forward_once(request: ForwardOnce, *, client: bytes, client_public_key: bytes, server: bytes,
+                       hidden_size: int) -> SessionState:
+    """The server's checks of a FORWARD_ONCE (shape and signature; the output dtype is
+    the input's); returns its one-step session. Raises as ``check_forward``."""
+    check_input(request.hidden, wire_dtype=request.hidden.dtype, hidden_size=hidden_size)
+    state = forward_once_state(client=client, server=server, nonce=request.nonce, model=request.model,
+                               span=request.span, hidden=request.hidden)
+    _check_request(state, step=0, position=0, hidden=request.hidden, signature=request.signature,
+                   client_public_key=client_public_key, hidden_size=hidden_size)
+    return state
+
+
+def sign_forward_once_result(identity: Identity, state: SessionState, request: ForwardOnce,
+                             output: Any) -> ForwardOnceResult:
+    """The server's signed FORWARD_ONCE result."""
+    history = state.record(SignedStep(step=0, position=0, input=request.hidden,
+                                      request_signature=request.signature))
+    signature = identity.sign(result_statement(state, step=0, input_digest=request.hidden.digest(),
+                                               output_digest=output.digest(), history=history))
+    return ForwardOnceResult(hidden=output, signature=signature)
+
+
+def accept_forward_once_result(state: SessionState, request: ForwardOnce, result: ForwardOnceResult, *,
+                               server_public_key: bytes) -> SignedStep:
+    """The client's checks of a FORWARD_ONCE result (shape, the server's signature).
+    Raises as ``accept_result``."""
+    _check_answer_shape(request.hidden, result.hidden)
+    input_digest = request.hidden.digest()
+    check_result_signature(state, step=0, input_digest=input_digest, output=result.hidden,
+                           signature=result.signature, history=extend_history(state.history, input_digest),
+                           server_public_key=server_public_key)
+    step = SignedStep(step=0, position=0, input=request.hidden, request_signature=request.signature,
+                      output=result.hidden, result_signature=result.signature)
+    state.record(step)
+    return step
+
+
+# -- transcripts (fraud proofs) -------------------------------------------------------------
+
+
+def replay_requests(state: SessionState, requests: list[ForwardEvidence] | tuple[ForwardEvidence, ...], *,
+                    client_public_key: bytes) -> None:
+    """Check the client-signed requests of a session in step order, recording each in
+    ``state`` (so ``state.history`` ends as the digest the last result was signed over).
+
+    Raises:
+        UnexpectedMessage: the steps or positions do not follow the session's rule.
+        BadSignature: the client did not sign one of them (``args`` name no step: the
+            caller knows it is ``state.next_step``).
+    """
+    for request in requests:
+        _check_request(state, step=request.step, position=request.position, hidden=request.hidden,
+                       signature=request.signature, client_public_key=client_public_key, hidden_size=None)
+        state.record(SignedStep(step=request.step, position=request.position, input=request.hidden,
+                                request_signature=request.signature))
