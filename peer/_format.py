@@ -13,7 +13,7 @@ from typing import Any
 from protocol import peer_id_of
 
 __all__ = ["READY_PREFIX", "format_route", "format_status", "format_credit", "coverage_runs", "gaps",
-           "view_to_dict", "credit_to_dicts", "route_to_dicts", "ago"]
+           "view_to_dict", "credit_to_dicts", "route_to_dicts", "ago", "format_models", "models_to_dicts"]
 
 #: The first words of the line ``swarm-peer serve`` prints once it serves (the demo and
 #: tests wait for it).
@@ -74,6 +74,24 @@ def format_status(view: Any, *, now: float) -> str:
         what = f"{count} server(s), {tput:.1f} tok/s" if count else "GAP: not served by anyone"
         lines.append(f"  blocks {start}:{end}".ljust(20) + what)
     return "\n".join(lines)
+
+
+def format_models(models: Sequence[Any]) -> str:
+    """The models part of ``swarm-peer status``: every model the swarm's index lists
+    (and the one asked about), with its shape and how many servers list it."""
+    lines = [f"models the swarm serves ({len(models)}):",
+             f"  {'MODEL':<44}{'BLOCKS':>7}{'HIDDEN':>8}{'SERVERS':>9}  SOURCE"]
+    for m in models:
+        hidden = str(m.hidden_size) if m.hidden_size else "?"
+        servers = str(m.servers) if m.servers else ("-" if m.origin == "configured" else "?")
+        lines.append(f"  {m.model_id:<44}{m.num_blocks:>7}{hidden:>8}{servers:>9}  {m.source or '-'}")
+    return "\n".join(lines)
+
+
+def models_to_dicts(models: Sequence[Any]) -> list[dict[str, Any]]:
+    """``served_models`` as JSON (``status --json``)."""
+    return [{"name": m.name, "model_id": m.model_id, "num_blocks": m.num_blocks, "hidden_size": m.hidden_size,
+             "source": m.source, "servers": m.servers, "origin": m.origin} for m in models]
 
 
 def credit_to_dicts(rows: Iterable[tuple[bytes, Any, int, int]]) -> list[dict[str, Any]]:

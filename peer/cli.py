@@ -15,7 +15,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from protocol import PROTOCOL_VERSION, Identity, SwarmError
+from protocol import VERSION_TEXT, Identity, SwarmError
 from protocol.errors import swarm_error_in
 
 from ._format import READY_PREFIX
@@ -32,7 +32,7 @@ def version() -> str:
         own = metadata.version("swarm-peer")
     except metadata.PackageNotFoundError:
         own = "unknown (not installed)"
-    return f"swarm-peer {own} (wire protocol {PROTOCOL_VERSION})"
+    return f"swarm-peer {own} (wire protocol {VERSION_TEXT})"
 
 
 # --- commands ----------------------------------------------------------------------------

@@ -227,7 +227,7 @@ async def _status(args: argparse.Namespace) -> int:
     from swarm.dht import DhtNode
     from swarm.transport import Host
 
-    from ._format import format_status
+    from ._format import format_models, format_status, models_to_dicts
     from .catalog import resolve_quickly
 
     model_id, num_blocks = await trio.to_thread.run_sync(resolve_quickly, args.model)
@@ -248,12 +248,12 @@ async def _status(args: argparse.Namespace) -> int:
             ledger = Ledger.open(str(ledger_path_for(identity_path)), identity.public_key)
         if args.json:
             body = view_to_dict(view, now=now, model_name=args.model)
-            body["models"] = [{"name": m.name, "model_id": m.model_id, "num_blocks": m.num_blocks,
-                               "origin": m.origin} for m in models]
+            body["models"] = models_to_dicts(models)
             body["credit"] = credit_to_dicts(neighbour_rows(ledger)) if ledger is not None else None
             print(json.dumps(body, indent=2))
         else:
             print(format_status(view, now=now))
+            print("\n" + format_models(models))
             if ledger is not None:
                 print("\n" + format_credit(neighbour_rows(ledger), len(ledger)))
         nursery.cancel_scope.cancel()

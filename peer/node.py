@@ -27,6 +27,7 @@ from verify import FraudProofService, Reputation, record_kinds
 
 from .runtime import DEFAULT_MODEL, SpanExecutor, load_span, measure_throughput, resolve_model
 from .credit import CreditService
+from .model_info import ModelInfoService
 from . import _progress
 from .runtime._errors import InvalidArgument
 from .scheduler import Scheduler
@@ -188,11 +189,12 @@ async def run_server(identity: Identity, options: ServeOptions, *,
             server = SpanServer(host, executor, max_sessions=options.max_sessions, drain_grace=options.drain_grace,
                                 compute=compute, on_work=credit.served, banned=reputation.banned)
             nursery.start_soon(server.run)
+            model_info = ModelInfoService(host, server, source=options.model)  # answers MODEL_QUERY
             fraud = FraudProofService(host, dht, reputation, executor=executor, compute=compute,
                                       reputation_path=options.reputation_path)
             await nursery.start(fraud.run)
             announcer = Announcer(dht, identity, lambda expires: server.make_announcement(expires, node.throughput),
-                                  ttl=options.announce_ttl)
+                                  ttl=options.announce_ttl, model_entry=model_info.entry())
             node = ServerNode(identity=identity, host=host, dht=dht, server=server, announcer=announcer,
                               credit=credit, compute=compute, fraud=fraud, executor=executor, throughput=throughput,
                               cancel_scope=scope, span_reason=reason)

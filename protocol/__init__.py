@@ -22,7 +22,7 @@ from ._connection import (
     HandshakeComplete,
     MessageReceived,
 )
-from ._handshake import HANDSHAKE_TRANSITIONS, PROTOCOL_VERSION, Role
+from ._handshake import HANDSHAKE_TRANSITIONS, MINOR_VERSION, PROTOCOL_VERSION, VERSION_TEXT, Role
 from ._identity import (
     PEER_ID_SIZE,
     PUBLIC_KEY_SIZE,
@@ -38,7 +38,19 @@ from ._identity import (
     verify_signature,
 )
 from ._limits import DEFAULT_LIMITS, NOISE_MAX_MESSAGE, Limits
+from ._model_id import (
+    CONFIG_KEYS,
+    MODEL_ID_DOMAIN,
+    MODEL_ID_PATTERN,
+    json_to_cbor,
+    make_model_id,
+    model_digest,
+    model_id_document,
+)
 from ._messages import (
+    CONNECTION_ERROR_ID,
+    MAX_BLOCKS,
+    MAX_MODELS,
     MAX_NODES,
     MAX_RECORD_VALUE,
     MAX_RECORDS,
@@ -60,6 +72,10 @@ from ._messages import (
     FraudProofAck,
     FraudProofNotice,
     Message,
+    ModelDescriptor,
+    ModelEntry,
+    ModelQuery,
+    ModelReport,
     NodeInfo,
     Nodes,
     OpenSession,
@@ -80,11 +96,13 @@ from ._messages import (
     encode_message,
 )
 from ._exchange import (
+    DEFAULT_BLOCKSIZE,
     accept_forward_once_result,
     accept_result,
     check_forward,
     check_forward_once,
     check_input,
+    check_open_session,
     check_result_signature,
     forward_once_state,
     replay_requests,
@@ -133,6 +151,8 @@ __all__ = [
     "Role",
     "HANDSHAKE_TRANSITIONS",
     "PROTOCOL_VERSION",
+    "MINOR_VERSION",
+    "VERSION_TEXT",
     # requests and responses over a connection
     "Channel",
     "ChannelEvent",
@@ -148,6 +168,9 @@ __all__ = [
     "MAX_RECORD_VALUE",
     "MAX_RECORDS",
     "MAX_NODES",
+    "MAX_MODELS",
+    "MAX_BLOCKS",
+    "CONNECTION_ERROR_ID",
     "encode_message",
     "decode_envelope",
     "decode_message",
@@ -180,6 +203,10 @@ __all__ = [
     "CreditReport",
     "FraudProofNotice",
     "FraudProofAck",
+    "ModelDescriptor",
+    "ModelEntry",
+    "ModelQuery",
+    "ModelReport",
     # tensors (lazy)
     *_TENSOR_NAMES,
     # signed statements
@@ -210,6 +237,8 @@ __all__ = [
     "sign_forward_once_result",
     "accept_forward_once_result",
     "check_input",
+    "check_open_session",
+    "DEFAULT_BLOCKSIZE",
     "request_statement",
     "result_statement",
     "replay_requests",
@@ -227,6 +256,14 @@ __all__ = [
     "atomic_write",
     "PEER_ID_SIZE",
     "PUBLIC_KEY_SIZE",
+    # model ids
+    "CONFIG_KEYS",
+    "MODEL_ID_DOMAIN",
+    "MODEL_ID_PATTERN",
+    "json_to_cbor",
+    "make_model_id",
+    "model_digest",
+    "model_id_document",
     # limits
     "Limits",
     "DEFAULT_LIMITS",

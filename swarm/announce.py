@@ -20,7 +20,8 @@ unknown keys are refused (they could only pad the record).
 
 ``Announcer`` is the server side: it publishes, renews well before expiry (after a
 third of the TTL: fresh expiry, fresh free-slot count, higher seq) and withdraws on
-the way out.
+the way out; with a ``model_entry`` it keeps the model's entry in the swarm's model
+index (``swarm.models``) the same way.
 ``fetch_swarm_view`` is the client side: every block's value set, merged into the
 latest announcement per server.
 """
@@ -42,6 +43,7 @@ from protocol import (
     DEFAULT_LIMITS,
     Announcement,
     Identity,
+    ModelEntry,
     SignedRecord,
     cbor_decode,
     cbor_encode,
@@ -49,6 +51,7 @@ from protocol import (
 from protocol.errors import ErrorCode, ProtocolError, SwarmError
 
 from .dht._records import RecordRejected
+from .models import MODEL_KIND, MODEL_RECORDS, model_record, model_shard, read_shard, should_publish
 
 if TYPE_CHECKING:
     from .dht import DhtNode
@@ -132,8 +135,8 @@ class _BlockRecords:
 
 
 BLOCK_RECORDS = _BlockRecords()
-#: The record kinds a DHT node of this version accepts.
-RECORD_KINDS: Mapping[str, Any] = {BLOCK_KIND: BLOCK_RECORDS}
+#: The record kinds a DHT node of this version accepts (fraud proofs add theirs: verify).
+RECORD_KINDS: Mapping[str, Any] = {BLOCK_KIND: BLOCK_RECORDS, MODEL_KIND: MODEL_RECORDS}
 
 
 def next_seq(previous: int | None, now: float) -> int:
@@ -212,7 +215,8 @@ class Announcer:
     session slots and the span are fresh at every renewal). The records are renewed
     after ``ttl * renew_fraction`` seconds, long before they expire, and withdrawn
     (tombstones, see ``swarm.dht``) when ``run`` is cancelled, with a deadline of
-    ``withdraw_timeout`` seconds.
+    ``withdraw_timeout`` seconds. ``model_entry``, if given, is kept in the swarm's
+    model index alongside (``swarm.models.should_publish`` decides whether it is added).
     """
 
     def __init__(
@@ -225,8 +229,11 @@ class Announcer:
         renew_fraction: float = RENEW_FRACTION,
         withdraw_timeout: float = 5.0,
         clock: Callable[[], float] = time.time,
+        model_entry: ModelEntry | None = None,
     ) -> None:
         self.dht, self.identity, self.make_announcement = dht, identity, make_announcement
+        self.model_entry = model_entry
+        self._model_key: bytes | None = None  # the index key our entry is under, once published
         self.ttl, self.renew_fraction, self.withdraw_timeout = ttl, renew_fraction, withdraw_timeout
         self.clock = clock
         self.current: Announcement | None = None
@@ -252,15 +259,31 @@ class Announcer:
         async with trio.open_nursery() as nursery:
             for block, record in zip(range(*announcement.span), records):
                 nursery.start_soon(one, block, record)
+            if self.model_entry is not None:
+                nursery.start_soon(self._publish_model, self.model_entry, announcement.expires, now)
         self.current, self._keys = announcement, new_keys
         return replicas
+
+    async def _publish_model(self, entry: ModelEntry, expires: int, now: float) -> None:
+        """Add or renew our entry in the model index (section 10, "Model index")."""
+        try:
+            if self._model_key is None:
+                held = await read_shard(self.dht, model_shard(entry.model))
+                if not should_publish(held, entry, self.identity.public_key, now=now):
+                    return  # enough servers list this model already
+            assert self._seq is not None
+            record = model_record(self.identity, entry, seq=self._seq, expires=expires)
+            await self.dht.publish(record)
+            self._model_key = record.key
+        except SwarmError as exc:  # the index is a listing: the announcements matter more
+            log.warning("publishing the model index entry failed: %s", exc)
 
     async def withdraw(self) -> None:
         """Withdraw every published block record (tombstones to the k closest)."""
         async with trio.open_nursery() as nursery:
-            for key in self._keys:
+            for key in [*self._keys, *([self._model_key] if self._model_key is not None else [])]:
                 nursery.start_soon(self.dht.withdraw, key)
-        self._keys, self.current = [], None
+        self._keys, self.current, self._model_key = [], None, None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:

@@ -166,8 +166,11 @@ async def test_sybil_receipts_buy_nothing_and_bad_receipts_are_refused(model_dir
             with pytest.raises(RemoteError) as info:
                 await conn.request(Receipt(receipt=dataclasses.replace(good, work=90)))
             assert info.value.code == ErrorCode.BAD_SIGNATURE
-            with pytest.raises(RemoteError) as info:
-                await conn.request(Receipt(receipt=good))
+            again = await conn.request(Receipt(receipt=good))  # a retry after a lost ack: acknowledged again
+            assert again.receipt == ack.receipt
+            with pytest.raises(RemoteError) as info:  # the same seq with other work: a replay
+                await conn.request(Receipt(receipt=make_receipt(me, identity.public_key, conn.handshake_hash,
+                                                                1000, 70)))
             assert info.value.code == ErrorCode.STALE_RECORD
             with pytest.raises(RemoteError):  # claims more work than was served
                 await conn.request(Receipt(receipt=make_receipt(me, identity.public_key, conn.handshake_hash,

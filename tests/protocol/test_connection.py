@@ -232,10 +232,10 @@ def test_eof_during_handshake_is_handshake_error(received):
         responder.next_event()
 
 
-def test_initiator_receiving_before_initiate_is_unexpected():
+def test_initiator_receiving_before_initiate_is_a_handshake_failure():
     initiator = Connection(ALICE, Role.INITIATOR)
     initiator.receive_data(b"\x00\x01x")
-    with pytest.raises(UnexpectedMessage):
+    with pytest.raises(HandshakeError):
         initiator.next_event()
 
 

@@ -17,6 +17,7 @@ def _vectors(name):
 def test_message_vectors_replay(generator):
     entries = _vectors("messages.json")["messages"]
     assert {e["type"] for e in entries} == set(MESSAGE_TYPES)
+    assert any(e["id"] == 0 and e["name"] == "Error" for e in entries)  # the connection-level ERROR
     for entry in entries:
         wire = bytes.fromhex(entry["cbor_hex"])
         request_id, expected = generator.message_from_json(entry)
@@ -48,7 +49,8 @@ def test_history_vectors_replay():
             == step["history"]
 
 
-@pytest.mark.parametrize("name", ["messages.json", "statements.json", "cbor-strict.json", "tensors.json", "handshake.json"])
+@pytest.mark.parametrize("name", ["messages.json", "statements.json", "cbor-strict.json", "tensors.json", "handshake.json",
+                                  "model-id.json"])
 def test_generator_reproduces_the_files(name, generator):
     text = json.dumps(generator.all_vectors()[name], indent=1) + "\n"
     assert (SPEC / "vectors" / name).read_text() == text, f"run: python spec/make_vectors.py ({name} is stale)"
