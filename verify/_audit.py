@@ -98,6 +98,9 @@ class AuditPolicy:
         probation: a peer with ``n`` passed audits (long-lived, this client's history)
             is audited with probability ``max(rate, probation / (n + 1))``: new and
             unknown peers always, then less as they prove themselves. 0: ``rate`` for all.
+        quorum: independent holders (distinct operators) that must agree with the hop for
+            an audit to pass without escalating; fewer if the span has fewer. A cheater
+            goes unnoticed only if every one drawn colludes with it.
         max_voters: independent holders asked in all when an audit escalates.
         timeout: seconds one FORWARD_ONCE of an audit may take.
         max_attempts: unanswered draws tolerated per audit before giving up on voters.
@@ -108,6 +111,7 @@ class AuditPolicy:
 
     rate: float = DEFAULT_AUDIT_RATE
     probation: float = 2.0
+    quorum: int = 1
     max_voters: int = 4
     timeout: float = 30.0
     max_attempts: int = 3
@@ -117,15 +121,15 @@ class AuditPolicy:
     def __post_init__(self) -> None:
         if not 0.0 <= self.rate <= 1.0:
             raise ValueError(f"audit rate must be in [0, 1], got {self.rate}")
-        if self.timeout <= 0 or self.max_attempts < 1 or self.max_voters < 1:
-            raise ValueError("timeout must be positive, max_attempts and max_voters at least 1")
+        if self.timeout <= 0 or self.max_attempts < 1 or not 1 <= self.quorum <= self.max_voters:
+            raise ValueError("timeout must be positive, max_attempts at least 1 and 1 <= quorum <= max_voters")
         if self.probation < 0:
             raise ValueError("probation must be non-negative")
         tolerance_for(self.compute_dtype)  # raises for an unknown dtype
 
 
-#: Audit every hop-step before its output is used.
-PARANOID = AuditPolicy(rate=1.0)
+#: Audit every hop-step before its output is used, by two independent holders.
+PARANOID = AuditPolicy(rate=1.0, quorum=2)
 
 
 class AuditOutcome(Enum):
@@ -289,17 +293,19 @@ class Auditor:
                      wire=encode_tensor(prefix, "f32"),  # exact: every wire dtype decodes to float32 values
                      tolerance=tolerance, pool=self._pool(await self.candidates(span), hop_peer),
                      used={operator_of(hop_peer, hop_addrs[0] if hop_addrs else None)})
-        first = await self._next_answer(case)
-        c_first = None
-        if first is not None:
-            c_first = compare(claimed, first.rows, tolerance=tolerance, depth=case.depth)
-            if c_first.ok:
-                now = self.clock()
-                self.reputation.record_audit_pass(hop_peer, now)
-                self.reputation.record_audit_pass(first.peer_id, now)
-                return AuditResult(outcome=AuditOutcome.PASSED, comparisons=(c_first,))
-            log.warning("audit of %s [%d, %d) step %d: %s against %s", hop_peer.hex()[:12], *span, disputed.step,
-                        c_first, first.peer_id.hex()[:12])
+        comparisons = []
+        while len(case.answers) < self.policy.quorum and (answer := await self._next_answer(case)) is not None:
+            verdict = compare(claimed, answer.rows, tolerance=tolerance, depth=case.depth)
+            comparisons.append(verdict)
+            if not verdict.ok:
+                log.warning("audit of %s [%d, %d) step %d: %s against %s", hop_peer.hex()[:12], *span,
+                            disputed.step, verdict, answer.peer_id.hex()[:12])
+                break
+        if case.answers and all(c.ok for c in comparisons):
+            now = self.clock()
+            for peer in (hop_peer, *(a.peer_id for a in case.answers)):
+                self.reputation.record_audit_pass(peer, now)
+            return AuditResult(outcome=AuditOutcome.PASSED, comparisons=tuple(comparisons))
         settled = await self._settle_locally(case)
         if settled is not None:
             return settled
@@ -331,8 +337,8 @@ class Auditor:
         self.stats.local_checks += 1
         now = self.clock()
         me = self.host.identity.public_key
+        agrees = [compare(a.rows, mine, tolerance=case.tolerance, depth=case.depth).ok for a in case.answers]
         c_hop = compare(case.claimed, mine, tolerance=case.tolerance, depth=case.depth)
-        result: AuditResult | None = None
         if c_hop.ok:
             self.reputation.record_audit_pass(case.hop_peer, now)
             result = AuditResult(outcome=AuditOutcome.PASSED, comparisons=(c_hop,), checked_locally=True)
@@ -340,17 +346,16 @@ class Auditor:
             proof = proof_from_transcript(accused=case.hop_public_key, client=me, model=case.model, span=case.span,
                                           session=case.session, transcript=case.transcript, index=case.index)
             if await self._convicts(proof):
-                witnesses = [a for a in case.answers
-                             if compare(a.rows, mine, tolerance=case.tolerance, depth=case.depth).ok]
-                self._convict(case.hop_peer, proof, witnesses or case.answers, case)
-                return AuditResult(outcome=AuditOutcome.CHEAT, suspect=case.hop_peer, proof=proof,
-                                   comparisons=(c_hop,), avoid=(case.hop_peer,), checked_locally=True)
-            result = AuditResult(outcome=AuditOutcome.INCONCLUSIVE, comparisons=(c_hop,), avoid=(case.hop_peer,),
-                                 checked_locally=True)
-        # The hop's output stands (or nobody could be convicted): judge the auditors
-        # that disagreed with the client's own recomputation.
-        for answer in case.answers:
-            if compare(answer.rows, mine, tolerance=case.tolerance, depth=case.depth).ok:
+                witnesses = [a for a, ok in zip(case.answers, agrees) if ok]
+                self._convict(case.hop_peer, proof, witnesses, case)
+                result = AuditResult(outcome=AuditOutcome.CHEAT, suspect=case.hop_peer, proof=proof,
+                                     comparisons=(c_hop,), avoid=(case.hop_peer,), checked_locally=True)
+            else:  # farther than the floor, not far enough to convict: nobody is blamed
+                result = AuditResult(outcome=AuditOutcome.INCONCLUSIVE, comparisons=(c_hop,),
+                                     avoid=(case.hop_peer,), checked_locally=True)
+        # Judge the auditors by the client's own recomputation too.
+        for answer, ok in zip(case.answers, agrees):
+            if ok:
                 self.reputation.record_audit_pass(answer.peer_id, now)
                 continue
             proof = proof_from_forward_once(accused=answer.public_key, client=me, model=case.model, span=case.span,
@@ -358,7 +363,7 @@ class Auditor:
                                             request_signature=answer.request_signature, output=answer.output,
                                             output_signature=answer.output_signature)
             if await self._convicts(proof):
-                self._convict(answer.peer_id, proof, [], case)
+                self._convict(answer.peer_id, proof, [a for a, good in zip(case.answers, agrees) if good], case)
                 if result.outcome is AuditOutcome.PASSED:
                     result = AuditResult(outcome=AuditOutcome.AUDITOR_CHEAT, suspect=answer.peer_id, proof=proof,
                                          comparisons=result.comparisons, checked_locally=True)

@@ -17,6 +17,7 @@ from peer.api import Swarm
 from peer.node import ServeOptions, run_server
 from protocol import Identity, Receipt
 from protocol.errors import ErrorCode, RemoteError
+from swarm.errors import PeerUnreachable
 from swarm.credit import countersign, make_receipt
 
 LAYERS = 6
@@ -163,15 +164,21 @@ async def test_sybil_receipts_buy_nothing_and_bad_receipts_are_refused(model_dir
             good = make_receipt(me, identity.public_key, conn.handshake_hash, 1000, 80)
             ack = await conn.request(Receipt(receipt=good))
             assert ack.receipt.server_signature is not None
-            with pytest.raises(RemoteError) as info:
-                await conn.request(Receipt(receipt=dataclasses.replace(good, work=90)))
-            assert info.value.code == ErrorCode.BAD_SIGNATURE
+            # A replay and an over-claim are refusals honest peers meet too: ERROR, the
+            # connection stays open (spec section 12, "Error codes").
             with pytest.raises(RemoteError) as info:
                 await conn.request(Receipt(receipt=good))
             assert info.value.code == ErrorCode.STALE_RECORD
-            with pytest.raises(RemoteError):  # claims more work than was served
+            with pytest.raises(RemoteError) as info:  # claims more work than was served
                 await conn.request(Receipt(receipt=make_receipt(me, identity.public_key, conn.handshake_hash,
                                                                 1001, 10**6)))
+            assert info.value.code == ErrorCode.INVALID_REQUEST and conn.is_open
+            # A forged client signature (BAD_SIGNATURE, 105) is a protocol violation: the
+            # server ends the connection, and nothing forged is stored.
+            with pytest.raises(PeerUnreachable):
+                await conn.request(Receipt(receipt=dataclasses.replace(good, seq=1002, work=90)))
+            await conn.wait_closed()
+            assert server.credit.ledger.latest(me.public_key, identity.public_key).work == 80
             server.cancel_scope.cancel()  # first_life ends when the server has stopped and saved
 
         # A restart keeps the ledger: the double-signed record is still there.
