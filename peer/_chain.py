@@ -181,6 +181,7 @@ class Chain:
         self.failovers = 0
         self.verification = Verification()
         self.disputed: set[tuple[int, int]] = set()  # spans audited at every step from now on
+        self.unredoable: set[tuple[int, int]] = set()  # disputed spans no other holder could take
         self._replayed: torch.Tensor | None = None  # the last failover's replay output
 
     async def open(self, route: Route) -> None:
@@ -264,17 +265,19 @@ class Chain:
             return True
         self.disputed.add(record.span)
         self.failed.update(result.avoid)
-        try:
-            await self._replace_disputed(index, record, position, result)
-        except AllCandidatesFailed:
-            if result.hop_cheated:
-                raise
-            # Nobody else can take the span: the output stands, reported as unverified.
-            log.warning("no other holder can redo the disputed step of blocks %d:%d; keeping %s's output, "
-                        "unverified", *record.span, record.hop.peer_id.hex()[:12])
-            self.verification.used(record, result)
-            return True
-        return False
+        if record.span not in self.unredoable or result.hop_cheated:
+            try:
+                await self._replace_disputed(index, record, position, result)
+                return False
+            except AllCandidatesFailed:
+                if result.hop_cheated:
+                    raise
+                self.unredoable.add(record.span)
+                log.warning("no other holder can redo the disputed steps of blocks %d:%d; keeping %s's outputs, "
+                            "reported as unverified", *record.span, record.hop.peer_id.hex()[:12])
+        # Nobody else can take the span: the output stands, reported as unverified.
+        self.verification.used(record, result)
+        return True
 
     async def _replace_disputed(self, index: int, suspect: HopRecord, position: int, result: AuditResult) -> None:
         """Fail over a hop whose output an audit did not confirm, then check its earlier

@@ -351,7 +351,7 @@ class SwarmClient:
                       credit=self.credit, auditor=self.auditor)
         fresh.failed |= chain.failed
         fresh.failovers = chain.failovers
-        fresh.verification, fresh.disputed = chain.verification, chain.disputed
+        fresh.verification, fresh.disputed, fresh.unredoable = chain.verification, chain.disputed, chain.unredoable
         await fresh.open(await self._vet(await self.plan(fresh=True)))
         return fresh
 
