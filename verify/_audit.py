@@ -98,6 +98,9 @@ class AuditPolicy:
         probation: a peer with ``n`` passed audits (long-lived, this client's history)
             is audited with probability ``max(rate, probation / (n + 1))``: new and
             unknown peers always, then less as they prove themselves. 0: ``rate`` for all.
+        probation_passes: below this many passed audits a peer is *new*: when the client
+            can load the span, it checks the peer's audited steps itself instead of
+            asking other holders (whose vouching a new peer's friends could provide).
         quorum: independent holders (distinct operators) that must agree with the hop for
             an audit to pass without escalating; fewer if the span has fewer. A cheater
             goes unnoticed only if every one drawn colludes with it.
@@ -111,6 +114,7 @@ class AuditPolicy:
 
     rate: float = DEFAULT_AUDIT_RATE
     probation: float = 2.0
+    probation_passes: float = 20.0
     quorum: int = 1
     max_voters: int = 4
     timeout: float = 30.0
@@ -123,8 +127,8 @@ class AuditPolicy:
             raise ValueError(f"audit rate must be in [0, 1], got {self.rate}")
         if self.timeout <= 0 or self.max_attempts < 1 or not 1 <= self.quorum <= self.max_voters:
             raise ValueError("timeout must be positive, max_attempts at least 1 and 1 <= quorum <= max_voters")
-        if self.probation < 0:
-            raise ValueError("probation must be non-negative")
+        if self.probation < 0 or self.probation_passes < 0:
+            raise ValueError("probation and probation_passes must be non-negative")
         tolerance_for(self.compute_dtype)  # raises for an unknown dtype
 
 
@@ -257,6 +261,11 @@ class Auditor:
         passed = self.reputation.audits_passed(peer, self.clock())
         return max(rate, min(1.0, self.policy.probation / (passed + 1.0)))
 
+    def on_probation(self, peer: bytes) -> bool:
+        """Whether ``peer`` has passed fewer than ``policy.probation_passes`` audits here
+        (its audits are then settled on the client's own span when it has one)."""
+        return self.reputation.audits_passed(peer, self.clock()) < self.policy.probation_passes
+
     def should_audit(self, peer: bytes | None = None) -> bool:
         """Draw whether ``peer``'s next hop-step is audited (``rate_for``)."""
         self.stats.sampled += 1
@@ -293,6 +302,12 @@ class Auditor:
                      wire=encode_tensor(prefix, "f32"),  # exact: every wire dtype decodes to float32 values
                      tolerance=tolerance, pool=self._pool(await self.candidates(span), hop_peer),
                      used={operator_of(hop_peer, hop_addrs[0] if hop_addrs else None)})
+        if self.local is not None and self.on_probation(hop_peer):
+            # A peer this client has not seen prove itself is checked on the client's own
+            # copy of the span when it has one: its friends cannot vouch for it.
+            settled = await self._settle_locally(case)
+            if settled is not None:
+                return settled
         comparisons = []
         while len(case.answers) < self.policy.quorum and (answer := await self._next_answer(case)) is not None:
             verdict = compare(claimed, answer.rows, tolerance=tolerance, depth=case.depth)
@@ -303,8 +318,12 @@ class Auditor:
                 break
         if case.answers and all(c.ok for c in comparisons):
             now = self.clock()
-            for peer in (hop_peer, *(a.peer_id for a in case.answers)):
-                self.reputation.record_audit_pass(peer, now)
+            # History grows by what the confirming auditors weigh: fresh identities
+            # vouching for each other build it ten times slower than established ones.
+            vouched = max(self.reputation.weight(a.peer_id, now) for a in case.answers)
+            self.reputation.record_audit_pass(hop_peer, now, n=vouched)
+            for answer in case.answers:
+                self.reputation.record_audit_pass(answer.peer_id, now, n=self.reputation.weight(hop_peer, now))
             return AuditResult(outcome=AuditOutcome.PASSED, comparisons=tuple(comparisons))
         settled = await self._settle_locally(case)
         if settled is not None:
