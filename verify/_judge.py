@@ -12,14 +12,21 @@ hardware,
   sent (what the accused ran), and
 - ``once``: one pass over the whole prefix (what an auditor runs),
 
-and takes their disagreement, row by row, as the *honest spread* of these inputs on
-this span: how much rounding order alone moves the result. For a lossy wire dtype it
-also rounds its own session output through the wire (the *wire spread*). A row of the
-accused's output convicts only if it is farther than
+- ``exact``: when the verifier can (an unquantized span), one pass in float64: the
+  near-exact answer that honest float32 rounding scatters around,
+
+and takes, row by row, the disagreement of the two float32 recomputations and their
+distance from the float64 one as the *honest spread* of these inputs on this span:
+how much rounding alone moves the result. (Two float32 paths can share most of their
+rounding and agree closely while both sit far from the exact value; an honest peer
+with other hardware then lands elsewhere at that distance: the float64 pass catches
+what their agreement hides.) For a lossy wire dtype the verifier also rounds its own
+session output through the wire (the *wire spread*). A row of the accused's output
+convicts only if it is farther than
 
     T = max(floor, SPREAD_FACTOR * max(honest spread, wire spread))
 
-from *both* recomputations, per statistic (relative L2 with ``SPREAD_FACTOR``; the
+from *every* recomputation, per statistic (relative L2 with ``SPREAD_FACTOR``; the
 cosine gap, quadratic in the error, with ``SPREAD_FACTOR ** 2``), where ``floor`` is
 the calibrated threshold of the precision class at the span's depth. Top-k agreement
 convicts only on rows whose k-th and (k+1)-th largest magnitudes are farther apart
@@ -76,19 +83,21 @@ class Verdict:
 
 
 def judge(claimed: torch.Tensor, session: torch.Tensor, once: torch.Tensor, *, wire_dtype: str,
-          tolerance: Tolerance, depth: int) -> Verdict:
+          tolerance: Tolerance, depth: int, exact: torch.Tensor | None = None) -> Verdict:
     """Whether ``claimed`` ([1, n, H], the accused's output decoded to float32) is far
     outside what an honest peer computes for these inputs; see the module docstring.
 
     Args:
         session, once: the verifier's two recomputations of the same rows.
+        exact: its float64 recomputation of them, if it has one.
         wire_dtype: the dtype the accused's output travelled in.
         tolerance, depth: the calibrated floor (``tolerance_for``) and the span depth.
     """
-    if not claimed.shape == session.shape == once.shape:
+    if not claimed.shape == session.shape == once.shape or (exact is not None and exact.shape != claimed.shape):
         raise ValueError(f"shapes differ: {tuple(claimed.shape)}, {tuple(session.shape)}, {tuple(once.shape)}")
     y, a, b = (t.detach().reshape(-1, t.shape[-1]).to(torch.float64) for t in (claimed, session, once))
-    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+    c = None if exact is None else exact.detach().reshape(a.shape).to(torch.float64)
+    if not all(bool(torch.isfinite(t).all()) for t in (a, b) + (() if c is None else (c,))):
         return Verdict(guilty=False, inconclusive=True, reason="the span's own recomputation is not finite")
     a_wire = a
     if wire_dtype not in _LOSSLESS:
@@ -107,22 +116,24 @@ def judge(claimed: torch.Tensor, session: torch.Tensor, once: torch.Tensor, *, w
     wire_rel = _rel(a_wire, a)
     spread_cos = _cos_gap(a, b)
     wire_cos = _cos_gap(a_wire, a)
+    if c is not None:  # the float32 paths' distance from the (near-)exact answer
+        spread_rel = torch.maximum(spread_rel, torch.maximum(_rel(a, c), _rel(b, c)))
+        spread_cos = torch.maximum(spread_cos, torch.maximum(_cos_gap(a, c), _cos_gap(b, c)))
     # The step's spread: its worst row (the rows of one step share one prefix).
     scale_rel = float(torch.maximum(spread_rel, wire_rel).max())
     scale_cos = float(torch.maximum(spread_cos, wire_cos).max())
     t_rel = max(tolerance.max_rel_l2(depth), SPREAD_FACTOR * scale_rel)
     t_cos = max(tolerance.max_cos_gap(depth), SPREAD_FACTOR ** 2 * scale_cos)
-    rel_a, rel_b = _rel(y, a), _rel(y, b)
-    gap_a, gap_b = _cos_gap(y, a), _cos_gap(y, b)
-    rel = torch.minimum(rel_a, rel_b)
-    gap = torch.minimum(gap_a, gap_b)
+    refs = (a, b) if c is None else (a, b, c)
+    rel = torch.stack([_rel(y, r) for r in refs]).min(dim=0).values
+    gap = torch.stack([_cos_gap(y, r) for r in refs]).min(dim=0).values
     worst_rel, worst_gap = float(rel.max()), float(gap.max())
     reasons = []
     if worst_rel > t_rel:
         reasons.append(f"rel_l2 {worst_rel:.3g} > {t_rel:.3g}")
     if worst_gap > t_cos:
         reasons.append(f"1-cos {worst_gap:.3g} > {t_cos:.3g}")
-    topk_reason = _topk(y, a, b, a_wire, tolerance.topk_min)
+    topk_reason = _topk(y, a, b if c is None else c, a_wire, tolerance.topk_min)
     if topk_reason:
         reasons.append(topk_reason)
     return Verdict(guilty=bool(reasons), reason="; ".join(reasons), rel_l2=worst_rel, cos_gap=worst_gap,

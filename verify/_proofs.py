@@ -19,10 +19,11 @@ special case of one request (``session`` = the request's nonce, step and positio
    inputs lie within the span's activation range recorded at calibration
    (``verify._bounds``; a model without a record has no bounds): outside it the
    proof is inconclusive (``InconclusiveProof``);
-5. recomputation, twice: the requests replayed step by step through a session (as
-   the accused ran them) and one pass over the concatenated prefix; ``judge``
-   convicts only if the output is far outside both the calibrated floor and the
-   honest spread of the two recomputations (``verify._judge``). Otherwise the
+5. recomputation: the requests replayed step by step through a session (as the
+   accused ran them), one pass over the concatenated prefix, and (unquantized
+   spans) one pass in float64; ``judge`` convicts only if the output is far outside
+   both the calibrated floor and the honest spread of these recomputations
+   (``verify._judge``). Otherwise the
    accused computed honestly (the proof is invalid: it frames an honest peer) or
    the inputs are beyond judging (inconclusive).
 
@@ -235,6 +236,21 @@ def replay_session(executor: SpanRecompute, inputs: Sequence[torch.Tensor], span
     return out.to(device="cpu", dtype=torch.float32)
 
 
+def _exact(executor: SpanRecompute, inputs: Sequence[torch.Tensor], span: tuple[int, int]) -> torch.Tensor | None:
+    """The float64 recomputation (``SpanExecutor.forward_once_exact``), if the executor
+    has one (not a quantized span): verify._judge's reference for honest rounding."""
+    exact = getattr(executor, "forward_once_exact", None)
+    if exact is None:
+        return None
+    try:
+        with torch.inference_mode():
+            out = exact(torch.cat(inputs, dim=1).to(device=executor.device, dtype=torch.float64),
+                        start=span[0], end=span[1])
+    except SwarmError:
+        return None
+    return out.to(device="cpu", dtype=torch.float64)
+
+
 def verify_proof(proof: FraudProof, executor: SpanRecompute, *, compute_dtype: str = "f32",
                  bounds: NormBounds | None | bool = True, limits: Limits = DEFAULT_LIMITS) -> Verdict:
     """All five checks of the module docstring. Returns the verdict that convicts the
@@ -278,8 +294,9 @@ def verify_proof(proof: FraudProof, executor: SpanRecompute, *, compute_dtype: s
         raise InvalidProof(f"cannot recompute the proof: {exc}") from None
     rows = claimed.shape[1]
     once = once.to(device="cpu", dtype=torch.float32)[:, -rows:]
+    exact = _exact(executor, inputs, proof.span)
     verdict = judge(claimed, session[:, -rows:], once, wire_dtype=proof.output.dtype, tolerance=tolerance,
-                    depth=proof.span[1] - proof.span[0])
+                    depth=proof.span[1] - proof.span[0], exact=None if exact is None else exact[:, -rows:])
     if verdict.inconclusive:
         raise InconclusiveProof(f"the proof is inconclusive: {verdict}")
     if not verdict.guilty:

@@ -4,8 +4,10 @@ any input a client can sign"), and real cheats are still convicted.
 Property: a client and an honest server run a real session through the forward
 exchange (client-signed requests, server-signed results, in-process) on inputs of any
 scale and shape, in every auditable wire dtype; the server's output is computed
-honestly in one of three ways (its KV-cache session, a one-shot pass over the prefix,
-or float64 then rounded: three honest rounding orders); ``verify_proof`` of the proof
+honestly in one of five ways (its KV-cache session, the session fed one token at a
+time, a one-shot pass over the prefix, float64 then rounded, float64 blocks with
+float32 between them: five honest rounding orders, some of which the verifier never
+runs itself); ``verify_proof`` of the proof
 built from that genuine transcript never convicts. Spans of two tiny Llamas: the tests'
 model and one with large weights, on which such inputs push honest disagreement past
 the calibrated f32 thresholds (the framing attack)."""
@@ -68,10 +70,11 @@ def make_inputs(model: Model, span, kind: str, scale: float, lengths: list[int],
 def honest_proof(model: Model, span, x: torch.Tensor, lengths: list[int], wire: str, how: str,
                  tamper=None):
     """A genuine transcript of an honest (or ``tamper``ed) server, and the proof of its last step."""
-    client, server = Identity.generate(), Identity.generate()
+    client, server = Identity.generate(bits=0), Identity.generate(bits=0)  # no DHT: no puzzle
     executor = model.spans[span]
     total = sum(lengths)
-    sid = executor.open_session(total) if how == "session" else b"\x00" * 16
+    stateful = how in ("session", "tokenwise")
+    sid = executor.open_session(total) if stateful else b"\x00" * 16
     states = [SessionState(client=client.peer_id, server=server.peer_id, session=sid, model=executor.model_id,
                            span=span, max_length=total, wire_dtype=wire) for _ in range(2)]
     for state in states:
@@ -91,6 +94,14 @@ def honest_proof(model: Model, span, x: torch.Tensor, lengths: list[int], wire: 
                     out = executor.forward(sid, step_in, position)
                 elif how == "once":
                     out = executor.forward_once(prefix)[:, -n:]
+                elif how == "tokenwise":  # a multi-token step one token at a time (other kernels)
+                    out = torch.cat([executor.forward(sid, step_in[:, t:t + 1], position + t)
+                                     for t in range(n)], dim=1)
+                elif how == "blockwise":  # float64 blocks, float32 between them (mixed precision)
+                    out = prefix
+                    for block in range(*span):
+                        out = model.f64[span].forward_once(out.double(), start=block, end=block + 1).float()
+                    out = out[:, -n:]
                 else:  # float64, rounded to float32: the most exact honest answer
                     out = model.f64[span].forward_once(prefix.double())[:, -n:].float()
             if tamper is not None and position + n == total:
@@ -99,7 +110,7 @@ def honest_proof(model: Model, span, x: torch.Tensor, lengths: list[int], wire: 
             accept_result(client_state, request, result, server_public_key=server.public_key)
             position += n
     finally:
-        if how == "session":
+        if stateful:
             executor.close_session(sid)
     return proof_from_transcript(accused=server.public_key, client=client.public_key, model=executor.model_id,
                                  span=span, session=sid, transcript=client_state.transcript,
@@ -114,11 +125,11 @@ inputs = st.fixed_dictionaries({
     "lengths": st.lists(st.integers(1, 4), min_size=1, max_size=5).map(lambda tail: [6] + tail),
     "seed": st.integers(0, 2**31 - 1),
     "wire": st.sampled_from(WIRES),
-    "how": st.sampled_from(("session", "once", "f64")),
+    "how": st.sampled_from(("session", "tokenwise", "once", "f64", "blockwise")),
 })
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=inputs)
 def test_no_signable_input_convicts_an_honest_server(models, case):
     model = models[case["model"]]
