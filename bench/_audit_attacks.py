@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import random
 import statistics
 import time
@@ -52,17 +53,17 @@ class OffsetExecutor:
     def __init__(self, real, *, once_too: bool) -> None:
         self._real = real
         self.once_too = once_too
-        self.cheats = 0
+        self.cheats = 0  # FORWARD outputs tampered with (what a client's chain used)
         self._direction = torch.randn(real.hidden_size, generator=torch.Generator().manual_seed(1234))
 
     def __getattr__(self, name):
         return getattr(self._real, name)
 
     def _offset(self, out):
-        self.cheats += 1
         return out + 0.01 * out.pow(2).mean(dim=-1, keepdim=True).sqrt() * self._direction.to(out.dtype)
 
     def forward(self, session_id, hidden, position):
+        self.cheats += 1
         return self._offset(self._real.forward(session_id, hidden, position))
 
     def forward_once(self, hidden, *, start=None, end=None):
@@ -163,7 +164,8 @@ async def _configuration(holders: int, colluding: int, path: str, reference: dic
         colluders = [await serve((0, 3), cheater=True, once_too=True, bootstrap=[cheater.address])
                      for _ in range(colluding)]
         honest = [await serve((0, 3), bootstrap=[cheater.address]) for _ in range(holders - 1 - colluding)]
-        tail = await serve((3, 6), bootstrap=[cheater.address])
+        tails = [await serve((3, 6), bootstrap=[cheater.address]) for _ in range(2)]
+        tail = tails[0]
         dishonest = [cheater, *colluders]
         modes = [(policy_name, policy, recompute, False)
                  for policy_name, policy in (("default", AuditPolicy()), ("paranoid", AuditPolicy(rate=1.0, quorum=2)))
@@ -175,12 +177,12 @@ async def _configuration(holders: int, colluding: int, path: str, reference: dic
                      f"{'recompute' if recompute else 'votes'}" + (", established cheater" if established else ""))
             row = Row(label)
             for _ in range(trials):
-                await _trial(nursery, row, path, tail.address, reference, dishonest, honest + [tail], policy,
+                await _trial(nursery, row, path, tail.address, reference, dishonest, honest + tails, policy,
                              recompute, established, tokens)
             # honest peers banned by honest parties (servers; the clients are gone, their
             # bans are counted in Row.convicted only for dishonest peers)
-            honest_ids = {n.identity.peer_id for n in (*honest, tail)}
-            banned = sum(1 for n in (*honest, tail) for p in honest_ids if n.fraud.reputation.is_banned(p))
+            honest_ids = {n.identity.peer_id for n in (*honest, *tails)}
+            banned = sum(1 for n in (*honest, *tails) for p in honest_ids if n.fraud.reputation.is_banned(p))
             swarm_side = any(n.fraud.reputation.is_banned(cheater.identity.peer_id) for n in honest)
             rows.append((row, banned, swarm_side))
         nursery.cancel_scope.cancel()
@@ -188,6 +190,7 @@ async def _configuration(holders: int, colluding: int, path: str, reference: dic
 
 
 def collusion(tmp: str, *, trials: int, tokens: int) -> None:
+    logging.disable(logging.WARNING)  # the audits' warnings would bury the table
     path = f"{tmp}/collusion"
     model = save_tiny(path)
     reference = {}
@@ -198,12 +201,13 @@ def collusion(tmp: str, *, trials: int, tokens: int) -> None:
             ids = out[0, len(prompt):].tolist()
             reference[tuple(prompt)] = ids[:ids.index(2)] if 2 in ids else ids
     print(f"collusion on loopback: blocks 0:3 held by n servers (one cheater: +1% offset on FORWARD, honest "
-          f"FORWARD_ONCE; k colluders: the same offset on both), {trials} x {len(PROMPTS)} generations of "
-          f"{tokens} tokens per row")
-    header = (f"{'configuration':58} {'flagged':>8} {'tok->flag':>9} {'s->flag':>7} {'own conv':>8} "
+          f"FORWARD_ONCE; k colluders: the same offset on both; 3:6 by 2 honest), {trials} x {len(PROMPTS)} "
+          f"generations of {tokens} tokens per row")
+    header = (f"{'configuration':66} {'flagged':>8} {'tok->flag':>9} {'s->flag':>7} {'own conv':>8} "
               f"{'swarm ban':>9} {'wrong tok':>9} {'honest banned':>13} {'verified':>8}")
     print(header)
     t0 = time.perf_counter()
+    totals = {"wrong": 0, "banned": 0}
     for holders, colluding in ((2, 0), (3, 0), (5, 0), (3, 1), (5, 2)):
         for row, banned, swarm_side in trio.run(functools.partial(_configuration, holders, colluding, path,
                                                                   reference, trials=trials, tokens=tokens)):
@@ -211,10 +215,14 @@ def collusion(tmp: str, *, trials: int, tokens: int) -> None:
             mean = (lambda xs: f"{statistics.mean(xs):.1f}" if xs else "-")
             mean_s = (lambda xs: f"{statistics.mean(xs):.2f}" if xs else "-")
             verified = f"{statistics.mean(row.verified):.2f}" if row.verified else "-"
-            print(f"{row.label:58} {row.flagged:>3}/{row.used:<4} {mean(row.tokens_to_flag):>9} "
+            totals["wrong"] += row.wrong_tokens
+            totals["banned"] += banned
+            print(f"{row.label:66} {row.flagged:>3}/{row.used:<4} {mean(row.tokens_to_flag):>9} "
                   f"{mean_s(row.seconds_to_flag):>7} {row.convicted / used:8.2f} {'yes' if swarm_side else 'no':>9} "
                   f"{row.wrong_tokens:9d} {banned:13d} {verified:>8}")
-    print(f"({time.perf_counter() - t0:.0f} s)\n")
+    print(f"total wrong tokens {totals['wrong']} (goal 0), honest servers banned {totals['banned']} (goal 0); "
+          f"{time.perf_counter() - t0:.0f} s\n")
+    logging.disable(logging.NOTSET)
 
 
 # -- Part 3: framing -----------------------------------------------------------------------------

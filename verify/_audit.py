@@ -258,13 +258,16 @@ class Auditor:
         rate = self.policy.rate
         if peer is None or self.policy.probation <= 0:
             return rate
-        passed = self.reputation.audits_passed(peer, self.clock())
+        now = self.clock()
+        # passes count as far as the peer is otherwise in good standing (score in (0, 1])
+        passed = self.reputation.audits_passed(peer, now) * self.reputation.score(peer, now)
         return max(rate, min(1.0, self.policy.probation / (passed + 1.0)))
 
     def on_probation(self, peer: bytes) -> bool:
         """Whether ``peer`` has passed fewer than ``policy.probation_passes`` audits here
         (its audits are then settled on the client's own span when it has one)."""
-        return self.reputation.audits_passed(peer, self.clock()) < self.policy.probation_passes
+        now = self.clock()
+        return self.reputation.audits_passed(peer, now) * self.reputation.score(peer, now) < self.policy.probation_passes
 
     def should_audit(self, peer: bytes | None = None) -> bool:
         """Draw whether ``peer``'s next hop-step is audited (``rate_for``)."""
@@ -436,6 +439,14 @@ class Auditor:
                         ", ".join(f"{w:.2f}" for w in vote.weights))
             return AuditResult(outcome=AuditOutcome.OUTVOTED, suspect=case.hop_peer, proof=proof,
                                avoid=vote.losers)
+        # No majority: those outweighed by the heaviest answer get a mark (never a ban),
+        # so that a cheater disputed by an established peer does not leave probation.
+        heaviest = max(vote.clusters, key=lambda members: sum(ballots[i].weight for i in members))
+        top = sum(ballots[i].weight for i in heaviest)
+        for members in vote.clusters:
+            if sum(ballots[i].weight for i in members) < top / 2:
+                for i in members:
+                    self.reputation.record_mismatch(ballots[i].peer_id, now)
         return AuditResult(outcome=AuditOutcome.INCONCLUSIVE, avoid=(case.hop_peer,))
 
     def _convict(self, suspect: bytes, proof: FraudProof, witnesses: Sequence[_Answer], case: _Case) -> None:

@@ -90,6 +90,7 @@ class Tally:
     winners: tuple[bytes, ...]  # members of the winning cluster (empty without a majority)
     losers: tuple[bytes, ...]  # everyone else who answered
     weights: tuple[float, ...]  # weight of each cluster, heaviest first
+    clusters: tuple[tuple[int, ...], ...] = ()  # ballot indices of each group that agrees
 
 
 def tally(ballots: Sequence[Ballot], agree: Callable[[int, int], bool]) -> Tally:
@@ -108,11 +109,12 @@ def tally(ballots: Sequence[Ballot], agree: Callable[[int, int], bool]) -> Tally
     order = sorted(range(len(clusters)), key=lambda c: -weights[c])
     best = order[0]
     everyone = [b.peer_id for b in ballots]
+    groups = tuple(tuple(c) for c in clusters)
     if len(clusters[best]) < 2 or not weights[best] > total / 2:
         return Tally(result=VoteResult.NO_MAJORITY, winners=(), losers=tuple(everyone),
-                     weights=tuple(weights[c] for c in order))
+                     weights=tuple(weights[c] for c in order), clusters=groups)
     winners = tuple(ballots[i].peer_id for i in clusters[best])
     losers = tuple(p for p in everyone if p not in winners)
     hop_wins = any(ballots[i].is_hop for i in clusters[best])
     return Tally(result=VoteResult.HOP_WINS if hop_wins else VoteResult.HOP_LOSES, winners=winners, losers=losers,
-                 weights=tuple(weights[c] for c in order))
+                 weights=tuple(weights[c] for c in order), clusters=groups)
