@@ -1,25 +1,28 @@
 """The client's spot-check auditor (spec 13.2, "Audits").
 
 Theory of operation. After a hop answers a step, the relay chain asks
-``Auditor.should_audit(peer)`` (true with the peer's audit rate: ``policy.rate`` for an
-established peer, more for a new or unknown one, drawn from an unpredictable RNG unless
-seeded) and, if so, awaits ``audit`` before the step's output is used. An audit:
+``Auditor.should_audit(peer)`` (true with the peer's audit rate: ``policy.rate`` for a
+peer that passed many audits here, more for a new or unknown one: ``rate_for``; drawn
+from an unpredictable RNG unless seeded) and, if so, awaits ``audit`` before the
+step's output is used. An audit:
 
 1. replays the hop's whole input prefix (its transcript's inputs up to and including
-   the step, concatenated, sent as exact f32) as FORWARD_ONCE on a holder of the
-   hop's blocks drawn at random, weighted by long-lived reputation, among holders of
-   operators other than the hop's (``verify._voting``); never the hop, never a banned
-   peer. A timeout or refusal counts against that peer's availability and another is
-   drawn;
-2. compares the step's rows of the answer with the hop's signed output
-   (``verify._compare``); a match passes the step;
-3. otherwise (a mismatch, or nobody answered) *escalates*:
+   the step, concatenated, sent as exact f32) as FORWARD_ONCE on holders of the hop's
+   blocks drawn one at a time at random, weighted by long-lived reputation, among
+   operators other than the hop's and each other's (``verify._voting``); never the
+   hop, never a banned peer. A timeout or refusal counts against that peer's
+   availability and another is drawn;
+2. compares the step's rows of each answer with the hop's signed output
+   (``verify._compare``) until ``policy.quorum`` answers agree: the step passes;
+3. otherwise (a mismatch, or nobody answered), and at once for a *new* hop (fewer than
+   ``policy.probation_passes`` passed audits, whose friends could vouch for it),
+   *escalates*:
    - if the client can load the span itself (``LocalRecompute``: a client can always
      load blocks of the model it runs the head of, memory allowing), it recomputes.
      Its own result decides: the hop passes, or the client checks the fraud proof
      against the hop on its own span (``verify_proof``: the spread rule of
      ``verify._judge``) and, if it convicts, bans the hop on that evidence (``CHEAT``)
-     and submits the proof to holders; a first auditor whose signed answer its own
+     and submits the proof to holders; an auditor whose signed answer its own
      recomputation convicts is banned the same way (``AUDITOR_CHEAT``);
    - otherwise it draws more voters (up to ``policy.max_voters``, distinct operators)
      and takes the weighted vote (``verify._voting.tally``). The hop confirmed by a
@@ -30,8 +33,10 @@ seeded) and, if so, awaits ``audit`` before the step's output is used. An audit:
    - with no answer at all and no local span, the step is ``SKIPPED``: no independent
      check was possible (the generation reports it).
 
-The chain redoes every step whose audit did not pass on another holder (spec 13.2
-rule 7), so no disputed output is used silently.
+A pass adds to the hop's long-lived history what its confirming auditors weigh, so
+fresh identities confirming each other build history slowly. The chain redoes every
+step whose audit did not pass on another holder (spec 13.2 rule 6), so no disputed
+output is used silently.
 """
 
 from __future__ import annotations

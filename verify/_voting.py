@@ -44,7 +44,7 @@ def operator_of(peer_id: bytes, address: str | None) -> str:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return "id:" + peer_id.hex()  # a name, or nothing: no network to group by
-    if ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_unspecified:
+    if not ip.is_global:  # loopback, private, link-local, documentation, shared address space
         return "id:" + peer_id.hex()
     if ip.version == 4:
         return "v4:" + str(ipaddress.ip_network(f"{ip}/24", strict=False))

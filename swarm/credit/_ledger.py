@@ -289,7 +289,7 @@ class Ledger:
     @classmethod
     def from_bytes(
         cls, data: bytes, owner: bytes, *, path: str | os.PathLike[str] | None = None, max_records: int = 65536,
-        now: float | None = None
+        half_life: float | None = DEFAULT_HALF_LIFE, now: float | None = None
     ) -> Ledger:
         """Rebuild a ledger from ``to_bytes`` output. Raises LedgerError if corrupt or not ``owner``'s."""
         try:
@@ -304,7 +304,7 @@ class Ledger:
         if type(raw) is not list:
             raise LedgerError("ledger file is corrupt: records are not a list")
         now = _now(now)
-        ledger = cls(owner, path=path, max_records=max_records)
+        ledger = cls(owner, path=path, max_records=max_records, half_life=half_life)
         for i, item in enumerate(raw):
             try:
                 record = ReceiptRecord.from_cbor(item, limits=DEFAULT_LIMITS)
@@ -334,7 +334,8 @@ class Ledger:
         return ledger
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], owner: bytes, *, max_records: int = 65536) -> Ledger:
+    def open(cls, path: str | os.PathLike[str], owner: bytes, *, max_records: int = 65536,
+             half_life: float | None = DEFAULT_HALF_LIFE) -> Ledger:
         """Load the ledger at ``path`` (an empty one if the file does not exist).
 
         Raises:
@@ -344,10 +345,10 @@ class Ledger:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            return cls(owner, path=path, max_records=max_records)
+            return cls(owner, path=path, max_records=max_records, half_life=half_life)
         except OSError as exc:
             raise LedgerError(f"cannot read ledger file {path}: {exc}") from None
-        return cls.from_bytes(data, owner, path=path, max_records=max_records)
+        return cls.from_bytes(data, owner, path=path, max_records=max_records, half_life=half_life)
 
 
 def _now(now: float | None) -> float:
