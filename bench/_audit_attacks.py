@@ -29,6 +29,10 @@ PROMPTS = [[1, 5, 9, 33, 7, 250], [900, 3, 14, 15], [42, 42, 7]]
 #: Ways an honest server may compute a step (framing part): its session, the session
 #: one token at a time, one pass, float64 rounded, float64 blocks with float32 between.
 HONEST = ("session", "tokenwise", "once", "f64", "blockwise")
+#: The cheaters' offset, relative to the row RMS: small next to the hidden state, large
+#: enough that an undetected cheat usually changes the greedy tokens (so that "wrong
+#: tokens" measures what got through; at 1 % the tiny model's tokens rarely change).
+OFFSET = 0.2
 
 
 def save_tiny(path: str, *, hidden: int = 64, layers: int = 6, init: float = 0.02, seed: int = 0):
@@ -47,8 +51,8 @@ def save_tiny(path: str, *, hidden: int = 64, layers: int = 6, init: float = 0.0
 
 
 class OffsetExecutor:
-    """FORWARD outputs (and, for colluders, FORWARD_ONCE outputs) plus 1 % of the row
-    RMS along one fixed direction, the same for every cheater."""
+    """FORWARD outputs (and, for colluders, FORWARD_ONCE outputs) plus ``OFFSET`` times
+    the row RMS along one fixed direction, the same for every cheater."""
 
     def __init__(self, real, *, once_too: bool) -> None:
         self._real = real
@@ -60,7 +64,7 @@ class OffsetExecutor:
         return getattr(self._real, name)
 
     def _offset(self, out):
-        return out + 0.01 * out.pow(2).mean(dim=-1, keepdim=True).sqrt() * self._direction.to(out.dtype)
+        return out + OFFSET * out.pow(2).mean(dim=-1, keepdim=True).sqrt() * self._direction.to(out.dtype)
 
     def forward(self, session_id, hidden, position):
         self.cheats += 1
@@ -200,7 +204,7 @@ def collusion(tmp: str, *, trials: int, tokens: int) -> None:
                                  attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
             ids = out[0, len(prompt):].tolist()
             reference[tuple(prompt)] = ids[:ids.index(2)] if 2 in ids else ids
-    print(f"collusion on loopback: blocks 0:3 held by n servers (one cheater: +1% offset on FORWARD, honest "
+    print(f"collusion on loopback: blocks 0:3 held by n servers (one cheater: +{OFFSET:.0%} offset on FORWARD, honest "
           f"FORWARD_ONCE; k colluders: the same offset on both; 3:6 by 2 honest), {trials} x {len(PROMPTS)} "
           f"generations of {tokens} tokens per row")
     header = (f"{'configuration':66} {'flagged':>8} {'tok->flag':>9} {'s->flag':>7} {'own conv':>8} "
@@ -215,12 +219,14 @@ def collusion(tmp: str, *, trials: int, tokens: int) -> None:
             mean = (lambda xs: f"{statistics.mean(xs):.1f}" if xs else "-")
             mean_s = (lambda xs: f"{statistics.mean(xs):.2f}" if xs else "-")
             verified = f"{statistics.mean(row.verified):.2f}" if row.verified else "-"
-            totals["wrong"] += row.wrong_tokens
+            if "established" not in row.label:  # only sampling protects those: see the module docstring
+                totals["wrong"] += row.wrong_tokens
             totals["banned"] += banned
             print(f"{row.label:66} {row.flagged:>3}/{row.used:<4} {mean(row.tokens_to_flag):>9} "
                   f"{mean_s(row.seconds_to_flag):>7} {row.convicted / used:8.2f} {'yes' if swarm_side else 'no':>9} "
                   f"{row.wrong_tokens:9d} {banned:13d} {verified:>8}")
-    print(f"total wrong tokens {totals['wrong']} (goal 0), honest servers banned {totals['banned']} (goal 0); "
+    print(f"wrong tokens outside the established-cheater rows {totals['wrong']} (goal 0), honest servers banned "
+          f"{totals['banned']} (goal 0); "
           f"{time.perf_counter() - t0:.0f} s\n")
     logging.disable(logging.NOTSET)
 

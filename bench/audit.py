@@ -10,22 +10,24 @@ audited-at-rate-p steps with probability (1 - p q)^N, so detection should follow
 independent RNG. Printed: measured vs model, per (p, q, N).
 
 Part 2 (collusion). Real loopback swarms (tiny random Llama, hidden 64, 6 blocks;
-blocks 0:3 held by 2, 3 or 5 servers, 3:6 by one honest server). One cheater adds a
-small fixed offset (1 % of the row RMS) to its FORWARD outputs and answers
-FORWARD_ONCE honestly; "k colluding" holders add the same offset to FORWARD and
-FORWARD_ONCE (they back the cheater), the rest are honest. Cheaters announce 1000x
-throughput (routing picks them). For each configuration, client mode (``recompute``:
-the client may load the span itself, the default; ``votes``: it may not, and the
-honest holders are established in its history while the cheaters are fresh) and
-audit policy (``default`` p = 0.05 with probation; ``paranoid``), fresh clients
-generate greedily (fraud-proof vetting off, so each trial measures the audit and not
-the DHT). Printed per row: the share of trials where a dishonest hop was flagged and
-routed around, the tokens generated before the first flag (mean), the share where the
-client convicted it on its own evidence, whether an honest holder banned it (swarm
-side, by recomputing the proof), wrong tokens in the final outputs (against local
-``transformers`` greedy), honest servers banned by any honest peer, and the mean
-verified fraction. Rows marked "established cheater" pre-seed the cheaters as
-established too: then only the base rate p = 0.05 finds them (Part 1's law).
+blocks 0:3 held by 2, 3 or 5 servers, 3:6 by two honest servers). One cheater adds a
+fixed offset (20 % of the row RMS, so that what gets through changes the tokens) to
+its FORWARD outputs and answers FORWARD_ONCE honestly; "k colluding" holders add the
+same offset to FORWARD and FORWARD_ONCE (they back the cheater), the rest are honest.
+Cheaters announce 1000x throughput (routing picks them). For each configuration,
+client mode (``recompute``: the client may load the span itself, the default;
+``votes``: it may not, and the honest holders are established in its history while
+the cheaters are fresh) and audit policy (``default`` p = 0.05 with probation;
+``paranoid``), fresh clients generate greedily (fraud-proof vetting off, so each trial
+measures the audit and not the DHT). Printed per row: the share of trials where a
+dishonest hop served a step and was flagged and routed around, the tokens generated
+before the first flag (mean) and the seconds, the share where the client convicted it
+on its own evidence, whether an honest holder banned it (swarm side, by recomputing
+the proof), wrong tokens in the final outputs (against local ``transformers``
+greedy), honest servers banned by any honest peer, and the mean verified fraction.
+Rows marked "established cheater" pre-seed the cheaters as established too: then
+only the base rate p = 0.05 finds them (Part 1's law), and steps no audit drew can
+deliver wrong tokens; these rows are outside the goal of 0 wrong tokens.
 
 Part 3 (framing). ``--framing`` attempts (default 10,000) to convict an honest
 server with proofs of its genuine, signed outputs on inputs no model produces:

@@ -88,10 +88,11 @@ class Swarm:
             identity: this peer's identity (default: a new one). Use the identity you
                 serve with: servers prioritize peers that did work for them.
             ledger_path: where this peer's credit ledger persists (default: memory).
-            audit: the share of hop-steps spot-checked by recomputation on an independent
-                peer (``verify.DEFAULT_AUDIT_RATE`` = 0.05; 1.0 or ``verify.PARANOID``
-                audits every step before using it; 0 or None turns audits off), or a
-                full ``verify.AuditPolicy``.
+            audit: the share of an established peer's hop-steps spot-checked by
+                recomputation on an independent peer (``verify.DEFAULT_AUDIT_RATE`` =
+                0.05; new and unknown peers are checked more; 1.0 audits every step
+                before using it, ``verify.PARANOID`` also with two independent peers;
+                0 or None turns audits off), or a full ``verify.AuditPolicy``.
             reputation_path: where peer standings and bans persist (default: memory).
             local_recompute_bytes: the client loads a span of the model itself, when its
                 weights fit this many bytes (default 1 GiB), to settle a disputed audit
