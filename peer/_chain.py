@@ -12,6 +12,16 @@ opens sessions there, replays the hop's whole history to the replacement as one
 prefill step, and carries on with the step that failed. Because the replacement
 recomputes exactly what the failed hop had computed, generation continues with the
 same tokens (up to float rounding between a batched prefill and step-by-step decode).
+
+Audits (``_audit_step``, spec 13.2): a hop-step drawn for an audit is checked before
+its output is used. An output the audit did not confirm (the hop convicted, outvoted,
+or a dispute nobody could settle) is never used: the hop is replaced like a failed
+one, without the peers the audit found on the losing side, the disputed step is
+redone there, and the hop's earlier, unaudited outputs are compared with the
+replacement's replay of the same inputs (a divergence rolls the generation back).
+Every later step of that span is audited. Only when no other holder can take the
+span is the disputed output kept, and then counted as unverifiable, as is a step no
+independent peer could check (``Verification``: the client reports both).
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,9 +52,9 @@ from swarm.transport import Host, PeerConnection
 from .credit import CreditService
 
 if TYPE_CHECKING:
-    from verify import Auditor
+    from verify import Auditor, AuditResult
 
-__all__ = ["Chain", "HopRecord", "AllCandidatesFailed", "CheatDetected", "RollbackRequired"]
+__all__ = ["Chain", "HopRecord", "AllCandidatesFailed", "CheatDetected", "RollbackRequired", "Verification"]
 
 log = logging.getLogger("swarm.client")
 
@@ -53,7 +63,8 @@ HOP_FAILURES = (PeerUnreachable, RequestTimeout, RemoteError, ProtocolError)
 
 
 class CheatDetected(SwarmError):
-    """An audit convicted a hop (2-vs-1 vote); the chain replaces it."""
+    """An audit did not confirm a hop's output (convicted, outvoted or disputed); the
+    chain replaces the hop and redoes the step."""
 
 
 class RollbackRequired(SwarmError):
@@ -72,6 +83,41 @@ class AllCandidatesFailed(SwarmError):
     def __init__(self, start: int, end: int, attempts: int, last: BaseException | None) -> None:
         super().__init__(f"all candidates for blocks {start}..{end - 1} failed after {attempts} attempts "
                          f"(last: {last}); try again later or add servers for these blocks")
+
+
+@dataclass(slots=True)
+class Verification:
+    """What the audits of one generation established (spec 13.2, "Reporting").
+
+    ``audited`` counts audited hop-steps whose output was used; of those, ``verified``
+    were confirmed by an independent check and the rest were not checkable (no other
+    holder answered, or a dispute no other holder could settle): ``unverifiable``
+    maps (peer id, start, end) of such hops to how many of their steps.
+    """
+
+    hop_steps: int = 0  # every hop-step whose output was used
+    audited: int = 0
+    verified: int = 0
+    unverifiable: dict[tuple[bytes, int, int], int] = field(default_factory=dict)
+    addresses: dict[bytes, str] = field(default_factory=dict)  # of the unverifiable hops
+
+    @property
+    def verified_fraction(self) -> float | None:
+        """Share of audited hop-steps an independent check confirmed (None: no audits)."""
+        return self.verified / self.audited if self.audited else None
+
+    def used(self, record: HopRecord, result: AuditResult | None) -> None:
+        """``record``'s last step output is used, after ``result`` (None: not audited)."""
+        self.hop_steps += 1
+        if result is None:
+            return
+        self.audited += 1
+        if result.verified:
+            self.verified += 1
+        else:
+            key = (record.hop.peer_id, *record.span)
+            self.unverifiable[key] = self.unverifiable.get(key, 0) + 1
+            self.addresses[record.hop.peer_id] = record.conn.address
 
 
 @dataclass(slots=True)
@@ -133,6 +179,9 @@ class Chain:
         self.hops: list[HopRecord] = []
         self.failed: set[bytes] = set()
         self.failovers = 0
+        self.verification = Verification()
+        self.disputed: set[tuple[int, int]] = set()  # spans audited at every step from now on
+        self.unredoable: set[tuple[int, int]] = set()  # disputed spans no other holder could take
         self._replayed: torch.Tensor | None = None  # the last failover's replay output
 
     async def open(self, route: Route) -> None:
@@ -151,14 +200,8 @@ class Chain:
             except HOP_FAILURES as exc:
                 await self._fail_over(i, exc)
                 continue
-            if self.auditor is not None and self.auditor.should_audit():
-                result = await self.auditor.audit(
-                    model=self.model, span=record.span, hop_peer=record.hop.peer_id,
-                    hop_public_key=record.conn.public_key, hop_addrs=record.hop.addrs, session=record.session,
-                    transcript=record.transcript, index=len(record.transcript) - 1)
-                if result.hop_cheated:
-                    await self._replace_cheater(i, record, position)  # the disputed step is redone there
-                    continue
+            if not await self._audit_step(i, record, position):
+                continue  # the hop was replaced: the disputed step is redone there
             x = out
             i += 1
         return x
@@ -204,13 +247,47 @@ class Chain:
             self.credit.received(record.conn, wire.shape[1] * record.state.blocks)
         return decode_tensor(result.hidden, out_dtype=x.dtype)
 
-    async def _replace_cheater(self, index: int, cheater: HopRecord, position: int) -> None:
-        """Fail over a convicted hop, then check its earlier (unaudited) outputs against
-        the replacement's replay of the same inputs: if they diverge before ``position``,
-        tokens already sampled from them are wrong and the generation must roll back."""
-        earlier = cheater.transcript[:-1]  # the last step is the disputed one: redone, not replayed
-        await self._fail_over(index, CheatDetected(f"{cheater.hop.peer_id.hex()[:12]} lost an audit vote"),
-                              replay=earlier)
+    # -- the audit path (spec 13.2) -----------------------------------------------------------
+
+    async def _audit_step(self, index: int, record: HopRecord, position: int) -> bool:
+        """Audit ``record``'s last step if it is drawn (or its span is disputed). Returns
+        whether its output may be used; False: the hop was replaced, redo the step."""
+        auditor = self.auditor
+        if auditor is None or not (record.span in self.disputed or auditor.should_audit(record.hop.peer_id)):
+            self.verification.used(record, None)
+            return True
+        result = await auditor.audit(
+            model=self.model, span=record.span, hop_peer=record.hop.peer_id, hop_public_key=record.conn.public_key,
+            hop_addrs=record.hop.addrs, session=record.session, transcript=record.transcript,
+            index=len(record.transcript) - 1)
+        if not result.redo:
+            self.verification.used(record, result)
+            return True
+        self.disputed.add(record.span)
+        self.failed.update(result.avoid)
+        if record.span not in self.unredoable or result.hop_cheated:
+            try:
+                await self._replace_disputed(index, record, position, result)
+                return False
+            except AllCandidatesFailed:
+                if result.hop_cheated:
+                    raise
+                self.unredoable.add(record.span)
+                log.warning("no other holder can redo the disputed steps of blocks %d:%d; keeping %s's outputs, "
+                            "reported as unverified", *record.span, record.hop.peer_id.hex()[:12])
+        # Nobody else can take the span: the output stands, reported as unverified.
+        self.verification.used(record, result)
+        return True
+
+    async def _replace_disputed(self, index: int, suspect: HopRecord, position: int, result: AuditResult) -> None:
+        """Fail over a hop whose output an audit did not confirm, then check its earlier
+        (unaudited) outputs against the replacement's replay of the same inputs: if they
+        diverge before ``position``, tokens already sampled from them are wrong and the
+        generation must roll back."""
+        earlier = suspect.transcript[:-1]  # the last step is the disputed one: redone, not replayed
+        why = {"cheat": "was convicted by an audit", "outvoted": "was outvoted in an audit"}.get(
+            result.outcome.value, "gave an output an audit could not confirm")
+        await self._fail_over(index, CheatDetected(f"{suspect.hop.peer_id.hex()[:12]} {why}"), replay=earlier)
         replay = self._replayed
         if replay is None or not earlier:
             return
@@ -219,7 +296,7 @@ class Chain:
         claimed = torch.cat([decode_tensor(r.output, out_dtype=torch.float32) for r in earlier], dim=1)
         tolerance = tolerance_for(self.auditor.policy.compute_dtype if self.auditor else "f32", self.wire_dtype)
         row = first_mismatch(claimed, replay.to(torch.float32), tolerance=tolerance,
-                             depth=cheater.span[1] - cheater.span[0])
+                             depth=suspect.span[1] - suspect.span[0])
         if row is not None:
             raise RollbackRequired(row)
 

@@ -11,6 +11,7 @@ iterate from any task); ``generate`` drains it into a ``GenerationResult``.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ AUDIT_VIEW_TTL = 30.0
 VET_TTL = 300.0
 
 ROUTE_COSTS = RouteCosts()
+
+log = logging.getLogger("swarm.client")
 
 __all__ = ["SwarmClient", "GenerationResult", "TokenEvent", "RouteHop", "PromptTooLong", "ModelNotServed"]
 
@@ -87,6 +90,18 @@ class GenerationResult:
     time_to_first_token: float  # seconds
     total_seconds: float
     hop_latency: dict[str, float] = field(default_factory=dict)  # peer id hex -> seconds waited
+    # Verification (spec 13.2, "Reporting"): hop-steps whose output was used, how many
+    # were audited, and the share of those an independent check confirmed (None: no
+    # audits). ``unverifiable_hops``: hops with audited steps nobody could check.
+    hop_steps: int = 0
+    audited_steps: int = 0
+    verified_fraction: float | None = None
+    unverifiable_hops: list[RouteHop] = field(default_factory=list)
+
+    @property
+    def fully_verified(self) -> bool:
+        """True unless some audited hop-step could not be checked independently."""
+        return not self.unverifiable_hops
 
     @property
     def tokens_per_second(self) -> float:
@@ -101,7 +116,25 @@ class GenerationResult:
             "failovers": self.failovers,
             "timings": {"time_to_first_token": self.time_to_first_token, "total_seconds": self.total_seconds,
                         "tokens_per_second": self.tokens_per_second, "hop_latency": self.hop_latency},
+            "verification": self.verification_dict(),
         }
+
+    def verification_dict(self) -> dict:
+        """The verification facts as JSON (``--json``, the HTTP API's ``swarm`` field)."""
+        return {"hop_steps": self.hop_steps, "audited_steps": self.audited_steps,
+                "verified_fraction": self.verified_fraction,
+                "unverifiable_hops": [{"peer_id": h.peer_id, "address": h.address, "blocks": [h.start, h.end]}
+                                      for h in self.unverifiable_hops]}
+
+    def verification_warning(self) -> str | None:
+        """The one-line warning ``generate`` prints when some hop could not be checked."""
+        if not self.unverifiable_hops:
+            return None
+        hops = ", ".join(f"{h.peer_id[:12]}[{h.start}:{h.end}]" for h in self.unverifiable_hops)
+        share = f"{self.verified_fraction:.0%}" if self.verified_fraction is not None else "none"
+        return (f"only {share} of {self.audited_steps} audited hop-steps could be checked independently; "
+                f"unverified: {hops} (add servers for those blocks, or let the client recompute them: "
+                f"local_recompute_bytes)")
 
 
 class SwarmClient:
@@ -318,6 +351,7 @@ class SwarmClient:
                       credit=self.credit, auditor=self.auditor)
         fresh.failed |= chain.failed
         fresh.failovers = chain.failovers
+        fresh.verification, fresh.disputed, fresh.unredoable = chain.verification, chain.disputed, chain.unredoable
         await fresh.open(await self._vet(await self.plan(fresh=True)))
         return fresh
 
@@ -326,11 +360,20 @@ class SwarmClient:
 
     def _result(self, tokens: TokenStream, chain: Chain, t0: float, first: float, *, text: str) -> GenerationResult:
         end = time.perf_counter()
-        return GenerationResult(
+        checks = chain.verification
+        unverifiable = [RouteHop(peer_id=peer.hex(), address=checks.addresses.get(peer, ""), start=start, end=stop)
+                        for peer, start, stop in checks.unverifiable]
+        result = GenerationResult(
             text=text, token_ids=list(tokens.new_ids), prompt_tokens=len(tokens.prompt_ids),
             finish_reason=tokens.finish_reason or "length", route=[_route_hop(r.hop, r.conn.address) for r in chain.hops],
             failovers=chain.failovers, time_to_first_token=first - t0, total_seconds=end - t0,
-            hop_latency={r.hop.peer_id.hex(): r.latency for r in chain.hops})
+            hop_latency={r.hop.peer_id.hex(): r.latency for r in chain.hops}, hop_steps=checks.hop_steps,
+            audited_steps=checks.audited, verified_fraction=checks.verified_fraction,
+            unverifiable_hops=unverifiable)
+        warning = result.verification_warning()
+        if warning is not None:
+            log.warning("%s", warning)
+        return result
 
 
 def _route_hop(hop: Hop, address: str) -> RouteHop:

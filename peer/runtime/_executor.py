@@ -282,6 +282,29 @@ class SpanExecutor:
             raise MaxLengthExceeded(f"{n} tokens exceed the model's context of {limit} tokens")
         return self._run(hidden, 0, None, lo, hi)
 
+    def forward_once_exact(self, hidden: torch.Tensor, *, start: int | None = None,
+                           end: int | None = None) -> torch.Tensor:
+        """``forward_once`` computed in float64: the near-exact answer that honest
+        rounding scatters around, against which verification measures it (spec 13.3).
+
+        Each block's weights are copied to float64 only while that block runs, so this
+        needs one block's float64 copy of memory beyond the span. Returns float64.
+
+        Raises:
+            InvalidArgument: the span's weights are quantized (no float64 copy exists).
+        """
+        if self.quant is not None:
+            raise InvalidArgument(f"a {self.quant}-quantized span has no float64 reference")
+        lo, hi = self._local_range(start, end)
+        n = self._check_hidden(hidden)
+        limit = getattr(self._config, "max_position_embeddings", None)
+        if limit is not None and n > limit:
+            raise MaxLengthExceeded(f"{n} tokens exceed the model's context of {limit} tokens")
+        twin = copy.copy(self)  # shares config, rotary and locks; no session is touched
+        twin.dtype = torch.float64
+        twin._layers = _Float64Blocks(self._layers)  # type: ignore[assignment]
+        return twin._run(hidden, 0, None, lo, hi)
+
     def _run(self, hidden: torch.Tensor, position: int, cache: object | None, lo: int, hi: int) -> torch.Tensor:
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
@@ -362,6 +385,23 @@ class SpanExecutor:
         if not hidden.is_floating_point():
             raise InvalidArgument(f"hidden states must be floating point, got {hidden.dtype}")
         return int(hidden.shape[1])
+
+
+class _Float64Blocks:
+    """Blocks that are float64 copies only while iterated, one at a time (``forward_once_exact``)."""
+
+    def __init__(self, layers: torch.nn.ModuleList) -> None:
+        self._layers = layers
+
+    def __getitem__(self, index: slice) -> _Float64Blocks:
+        return _Float64Blocks(self._layers[index])
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __iter__(self) -> Iterator[torch.nn.Module]:
+        for layer in self._layers:
+            yield copy.deepcopy(layer).to(torch.float64)
 
 
 def _layer_types(config: object) -> list[str]:

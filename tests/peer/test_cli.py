@@ -78,6 +78,8 @@ async def test_generate_applies_the_chat_template_unless_raw_and_streams_json_li
         assert result["text"] == (await swarm.generate(POEM, max_new_tokens=6)).text
         assert [t["index"] for t in tokens] == list(range(len(tokens))) and tokens
         assert "".join(t["text"] for t in tokens) == result["text"]
+        # what the audits established (issue 11): one server, checked on the client's own copy
+        assert result["verification"]["hop_steps"] == 6 and result["verification"]["unverifiable_hops"] == []
         # item 3: the first token is reported from the command's start, which includes
         # loading the head and joining the swarm (the swarm's own TTFT is inside it)
         assert result["first_token_after"] > result["timings"]["time_to_first_token"] > 0
