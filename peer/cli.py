@@ -11,6 +11,7 @@ so ``--help`` and ``--version`` are instant.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -23,6 +24,12 @@ from ._paths import default_identity_path
 from .cli_output import install_cli_logging
 
 __all__ = ["main", "build_parser", "default_identity_path", "READY_PREFIX"]
+
+# A peer shares its machine (volunteer hardware, several peers per host in the demo):
+# OpenMP threads that spin while waiting for work make every other process on the cores
+# crawl (measured here: a 576-wide matmul 6x slower with two spinning threads under
+# load, no slower idle with passive waits). Set before torch is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # peer.runtime.DEFAULT_MODEL, without importing torch for --help
 
