@@ -39,6 +39,7 @@ from ._identity import (
 )
 from ._limits import DEFAULT_LIMITS, NOISE_MAX_MESSAGE, Limits
 from ._messages import (
+    MAX_NEXT_PINGS,
     MAX_NODES,
     MAX_RECORD_VALUE,
     MAX_RECORDS,
@@ -60,6 +61,7 @@ from ._messages import (
     FraudProofAck,
     FraudProofNotice,
     Message,
+    NextPing,
     NodeInfo,
     Nodes,
     OpenSession,
@@ -154,6 +156,8 @@ __all__ = [
     "NodeInfo",
     "SignedRecord",
     "Announcement",
+    "NextPing",
+    "MAX_NEXT_PINGS",
     "ReceiptRecord",
     "ForwardEvidence",
     "FraudProof",

@@ -48,6 +48,8 @@ __all__ = [
     "NodeInfo",
     "SignedRecord",
     "Announcement",
+    "NextPing",
+    "MAX_NEXT_PINGS",
     "ReceiptRecord",
     "ForwardEvidence",
     "FraudProof",
@@ -176,8 +178,26 @@ class SignedRecord(Structure):
 
 
 @dataclass(**_STRUCT)
+class NextPing(Structure):
+    """A round trip a server measured to a server of the blocks after its span."""
+
+    peer_id: bytes
+    rtt: float  # seconds
+    FIELDS: ClassVar = (
+        Field(0, "peer_id", PEER_ID),
+        Field(1, "rtt", Float()),
+    )
+
+
+#: Entries of ``Announcement.next_pings`` at most (a block record is at most 2,048 bytes).
+MAX_NEXT_PINGS = 8
+
+
+@dataclass(**_STRUCT)
 class Announcement(Structure):
-    """The value of a block record: a server announcing the span it serves."""
+    """The value of a block record: a server announcing the span it serves, and
+    (optionally, Petals' ``next_pings``) the RTTs it measured to servers of the blocks
+    that follow its span, one entry per peer, sorted by peer id."""
 
     peer_id: bytes
     addrs: tuple[str, ...]
@@ -186,6 +206,7 @@ class Announcement(Structure):
     throughput: float  # tokens/s through the whole span, measured at start-up
     free_sessions: int
     expires: int
+    next_pings: tuple[NextPing, ...] | None = None
     FIELDS: ClassVar = (
         Field(0, "peer_id", PEER_ID),
         Field(1, "addrs", ListOf(ADDRESS, max=8)),
@@ -194,7 +215,15 @@ class Announcement(Structure):
         Field(4, "throughput", Float()),
         Field(5, "free_sessions", UInt()),
         Field(6, "expires", UInt()),
+        Field(7, "next_pings", ListOf(Struct(NextPing), max=MAX_NEXT_PINGS), optional=True),
     )
+
+    def __post_init__(self) -> None:
+        Structure.__post_init__(self)
+        if self.next_pings is not None:
+            ids = [p.peer_id for p in self.next_pings]
+            if ids != sorted(set(ids)):
+                raise LocalProtocolError("Announcement.next_pings must be sorted by peer id, each peer once")
 
     def to_bytes(self) -> bytes:
         return cbor_encode(self.to_cbor())

@@ -173,12 +173,19 @@ class Auditor:
 
     async def audit(self, *, model: str, span: tuple[int, int], hop_peer: bytes, hop_public_key: bytes,
                     hop_addrs: Sequence[str], session: bytes, transcript: Sequence[SignedStep],
-                    index: int) -> AuditResult:
-        """Audit step ``transcript[index]`` of a hop; see the module docstring."""
+                    index: int, timeout: float | None = None) -> AuditResult:
+        """Audit step ``transcript[index]`` of a hop; see the module docstring.
+
+        ``timeout`` bounds each recomputation (default ``policy.timeout``): the relay
+        passes its step's deadline, so that an audit never waits longer on a hung
+        auditor than the step would have waited on the hop.
+        """
         t0 = time.perf_counter()
         self.stats.audits += 1
+        timeout = self.policy.timeout if timeout is None else min(timeout, self.policy.timeout)
         try:
-            result = await self._audit(model, span, hop_peer, hop_public_key, hop_addrs, session, transcript, index)
+            result = await self._audit(model, span, hop_peer, hop_public_key, hop_addrs, session, transcript, index,
+                                       timeout)
         finally:
             self.stats.seconds += time.perf_counter() - t0
         self.stats.outcomes[result.outcome.value] = self.stats.outcomes.get(result.outcome.value, 0) + 1
@@ -186,7 +193,7 @@ class Auditor:
 
     async def _audit(self, model: str, span: tuple[int, int], hop_peer: bytes, hop_public_key: bytes,
                      hop_addrs: Sequence[str], session: bytes, transcript: Sequence[SignedStep],
-                     index: int) -> AuditResult:
+                     index: int, timeout: float) -> AuditResult:
         disputed = transcript[index]
         try:
             tolerance = tolerance_for(self.policy.compute_dtype, disputed.output.dtype)
@@ -199,7 +206,7 @@ class Auditor:
         rows = claimed.shape[1]
         now = self.clock()
         candidates = self._ranked(await self.candidates(span), hop_peer, hop_addrs, now)
-        first = await self._recompute(candidates, model, span, wire, rows)
+        first = await self._recompute(candidates, model, span, wire, rows, timeout)
         if first is None:
             return AuditResult(outcome=AuditOutcome.SKIPPED)
         c_first = compare(claimed, first.rows, tolerance=tolerance, depth=depth)
@@ -208,7 +215,8 @@ class Auditor:
             return AuditResult(outcome=AuditOutcome.PASSED, comparisons=(c_first,))
         log.warning("audit of %s [%d, %d) step %d: %s against %s", hop_peer.hex()[:12], *span, disputed.step,
                     c_first, first.peer_id.hex()[:12])
-        second = await self._recompute([c for c in candidates if c[0] != first.peer_id], model, span, wire, rows)
+        second = await self._recompute([c for c in candidates if c[0] != first.peer_id], model, span, wire, rows,
+                                       timeout)
         if second is None:
             return AuditResult(outcome=AuditOutcome.INCONCLUSIVE, comparisons=(c_first,))
         c_hop = compare(claimed, second.rows, tolerance=tolerance, depth=depth)
@@ -252,11 +260,11 @@ class Auditor:
         return usable
 
     async def _recompute(self, candidates: Sequence[tuple[bytes, tuple[str, ...]]], model: str,
-                         span: tuple[int, int], wire: WireTensor, rows: int) -> _Answer | None:
+                         span: tuple[int, int], wire: WireTensor, rows: int, timeout: float) -> _Answer | None:
         """The first valid FORWARD_ONCE answer among ``candidates`` (up to max_attempts)."""
         for peer_id, addrs in list(candidates)[: self.policy.max_attempts]:
             try:
-                answer = await self._forward_once(peer_id, addrs, model, span, wire, rows)
+                answer = await self._forward_once(peer_id, addrs, model, span, wire, rows, timeout)
             except SwarmError as exc:
                 log.info("audit recompute on %s failed: %s", peer_id.hex()[:12], exc)
                 self.reputation.record_timeout(peer_id, self.clock())
@@ -266,12 +274,12 @@ class Auditor:
         return None
 
     async def _forward_once(self, peer_id: bytes, addrs: tuple[str, ...], model: str, span: tuple[int, int],
-                            wire: WireTensor, rows: int) -> _Answer:
+                            wire: WireTensor, rows: int, timeout: float) -> _Answer:
         conn = None
         last: SwarmError | None = None
         for addr in addrs:
             try:
-                conn = await self.host.connect(addr, peer_id=peer_id, timeout=min(self.policy.timeout, 10.0))
+                conn = await self.host.connect(addr, peer_id=peer_id, timeout=min(timeout, 10.0))
                 break
             except SwarmError as exc:
                 last = exc
@@ -279,7 +287,7 @@ class Auditor:
             raise last or SwarmError("no address to reach the auditor")
         request, state = sign_forward_once(self.host.identity, server=peer_id, nonce=secrets.token_bytes(16),
                                            model=model, span=span, hidden=wire)
-        result = await conn.request(request, timeout=self.policy.timeout)
+        result = await conn.request(request, timeout=timeout)
         accept_forward_once_result(state, request, result, server_public_key=conn.public_key)
         out = decode_tensor(result.hidden, out_dtype=torch.float32)
         return _Answer(peer_id=peer_id, public_key=conn.public_key, nonce=request.nonce,
