@@ -246,18 +246,25 @@ class Chain:
         record = self.hops[index]
         if not self.auditor.should_audit():
             return False
-        tokens = record.transcript[-1].input.shape[1] if record.transcript else 1
-        deadline = self._step_timeout(record, tokens=record.length)
+        # A recomputation replays the whole prefix: its deadline is the step's for that
+        # many tokens; the audit as a whole (two recomputations) gets twice that.
+        per_request = self._step_timeout(record, tokens=record.length)
+        reputation = self.auditor.reputation
+        now = time.time()
+        timeouts_before = {p: s.timeouts for p, s in reputation.standings.items()}
         result = None
-        with trio.move_on_after(deadline):
+        with trio.move_on_after(2 * per_request):
             result = await self.auditor.audit(
                 model=self.model, span=record.span, hop_peer=record.hop.peer_id,
                 hop_public_key=record.conn.public_key, hop_addrs=record.hop.addrs, session=record.session,
-                transcript=record.transcript, index=len(record.transcript) - 1,
-                timeout=self._step_timeout(record, tokens=max(tokens, record.length)))
+                transcript=record.transcript, index=len(record.transcript) - 1, timeout=per_request)
+        # An auditor that did not answer is a failed peer for routing too (backed off).
+        for peer in list(reputation.standings):
+            if reputation.standing(peer, now).timeouts > timeouts_before.get(peer, 0.0) + 0.5:
+                self._hop_failed(peer, RequestTimeout("FORWARD_ONCE (audit)", "?", per_request, peer_id=peer))
         if result is None:
-            log.info("audit of %s ran past the step's deadline (%.1f s); skipped",
-                     record.hop.peer_id.hex()[:12], deadline)
+            log.info("audit of %s ran past its deadline (%.1f s); skipped", record.hop.peer_id.hex()[:12],
+                     2 * per_request)
             return False
         if result.hop_cheated:
             await self._replace_cheater(index, record, position)

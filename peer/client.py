@@ -389,15 +389,23 @@ class SwarmClient:
                                  success=False)
 
     async def audit_candidates(self, span: tuple[int, int]) -> list[tuple[bytes, tuple[str, ...]]]:
-        """Peers announcing a span that covers ``span`` (the auditor filters them). A view
-        up to ``AUDIT_VIEW_TTL`` old will do: an audit only needs some independent holder."""
+        """Peers announcing, in records of their own, a span that covers ``span`` (the
+        auditor filters them), less those this client backs off (a hung auditor would
+        cost every audit its deadline). A view up to ``AUDIT_VIEW_TTL`` old will do: an
+        audit only needs some independent holder; refreshing it waits ``refresh_timeout``
+        at most."""
         cached = self._view
-        if cached is not None and trio.current_time() - cached[0] <= AUDIT_VIEW_TTL:
-            view = cached[1]
-        else:
+        if cached is None:
             view = await self.swarm_view()
+        else:
+            if trio.current_time() - cached[0] > AUDIT_VIEW_TTL:
+                await self._refresh(self.refresh_timeout)
+            assert self._view is not None
+            view = self._view[1]
+        now = trio.current_time()
         return [(a.peer_id, tuple(a.addrs)) for a in view.announcements
-                if a.span[0] <= span[0] and span[1] <= a.span[1]]
+                if not self.health.backed_off(a.peer_id, now)
+                and any(lo <= span[0] and span[1] <= hi for lo, hi in view.routable(a))]
 
     async def generate(self, prompt: str | list[dict[str, str]] | list[int], params: SamplingParams | None = None, *,
                        chat: bool = True, on_token: Callable[[TokenEvent], None] | None = None) -> GenerationResult:
