@@ -329,8 +329,15 @@ class Chain:
     async def _open_hop(self, hop: Hop) -> HopRecord:
         timeout = self.health.open_timeout(hop.peer_id, cap=self.step_timeout)
         conn = await self._connect(hop, timeout)
-        opened = await conn.request(OpenSession(model=self.model, span=hop.span, max_length=self.max_length,
-                                                wire_dtype=self.wire_dtype), timeout=timeout)
+        try:
+            opened = await conn.request(OpenSession(model=self.model, span=hop.span, max_length=self.max_length,
+                                                    wire_dtype=self.wire_dtype), timeout=timeout)
+        except RequestTimeout:
+            # A hung (say SIGSTOPped) server opens the session when it wakes and would hold
+            # it as long as this connection lives; dropping the connection frees it then.
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
+            raise
         state = SessionState(client=self.host.peer_id, server=conn.peer_id, session=opened.session, model=self.model,
                              span=hop.span, max_length=self.max_length, wire_dtype=self.wire_dtype)
         state.open()
@@ -461,7 +468,7 @@ class Chain:
         except HOP_FAILURES as exc:
             attempt.error = exc
             attempt.done.set()
-            if is_hedge:
+            if is_hedge or not attempt.wanted:  # a let-go primary's failure is nobody else's to record
                 self._hop_failed(hop.peer_id, exc)
             await self._close_records(attempt.records)
             return

@@ -279,3 +279,32 @@ async def test_lying_announcements_cost_a_probe_not_the_generation(tiny, monkeyp
         assert all(swarm.client.health.backed_off(liar.identity.peer_id, now) for liar in liars)
         assert swarm.client.max_failovers == len(liars)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_session_opened_after_the_client_gave_up_is_not_left_behind(tiny, monkeypatch):
+    """Found by bench/churn.py's SIGSTOP scenario: a hung server opens the session when it
+    wakes, after the client's open deadline; the client dropped that connection when the
+    open timed out, so the server frees the session instead of holding it for the
+    connection's life. The generation itself fails over to the other replica."""
+    path, model = tiny
+    wake = trio.Event()
+
+    class WakesLate(SpanServer):
+        async def _open_session(self, conn, msg):
+            await wake.wait()
+            return await super()._open_session(conn, msg)
+
+    async with trio.open_nursery() as nursery:
+        late = await start(nursery, path, (0, 6), server_class=WakesLate, monkeypatch=monkeypatch)
+        other = await start(nursery, path, (0, 6), bootstrap=[late.address])
+        swarm = await Swarm.connect(nursery, bootstrap=[other.address], model=path, audit=None)
+        prefer(swarm, late, over=[other])
+        result = await swarm.generate(PROMPT, max_new_tokens=4)
+        assert result.token_ids == reference(model, PROMPT, 4)
+        assert route_peers(result) == [other.identity.peer_id]
+        with trio.fail_after(20):  # the let-go open times out in the background, then backs it off
+            while not swarm.client.health.backed_off(late.identity.peer_id, trio.current_time()):
+                await trio.sleep(0.02)
+        wake.set()  # it opens the session now, on a connection the client already closed
+        await no_sessions_left(late, other)
+        nursery.cancel_scope.cancel()
