@@ -374,8 +374,10 @@ class SwarmClient:
             wire = encode_tensor(self.head.embed([0]).to("cpu"), "f32")
             request, state = sign_forward_once(self.host.identity, server=peer, nonce=secrets.token_bytes(16),
                                                model=self.model, span=(start, end), hidden=wire)
-            # No compute estimate yet: the floor, plus the RTT's share.
-            timeout = min(timeouts.floor + timeouts.slack * rtt, self.step_timeout)
+            # No compute estimate yet: the unmeasured deadline (a first step on a loaded
+            # machine can take seconds), plus the RTT's share. Probes run concurrently, so
+            # liars cost one such deadline per probe round, not one each.
+            timeout = min(timeouts.unmeasured + timeouts.slack * rtt, self.step_timeout)
             t0 = time.perf_counter()
             result = await conn.request(request, timeout=timeout)
             seconds = time.perf_counter() - t0
