@@ -115,26 +115,29 @@ class Swarm:
                             device=device) if local_recompute_bytes > 0 else None)
         fraud = FraudProofService(host, dht, reputation, local=local, reputation_path=reputation_path)
         try:
-            scope = await nursery.start(_services, host, dht, credit, fraud, bootstrap)
+            scope, background = await nursery.start(_services, host, dht, credit, fraud, bootstrap)
         except BaseExceptionGroup as group:  # e.g. BootstrapFailed inside the services' nursery
             error = swarm_error_in(group)
             if error is None:
                 raise
             raise error from None
         return cls.assemble(dht, head, credit=credit, reputation=reputation, fraud=fraud, cancel_scope=scope,
-                            wire_dtype=wire_dtype, step_timeout=step_timeout, audit=audit, local=local)
+                            wire_dtype=wire_dtype, step_timeout=step_timeout, audit=audit, local=local,
+                            spawn=background.start_soon)
 
     @classmethod
     def assemble(cls, dht: DhtNode, head: ClientHead, *, credit: CreditService, reputation: Reputation,
                  fraud: FraudProofService, cancel_scope: trio.CancelScope | None = None, wire_dtype: str = "f32",
                  step_timeout: float = 60.0, audit: AuditPolicy | float | None = DEFAULT_AUDIT_RATE,
-                 local: LocalSpans | None = None) -> Swarm:
+                 local: LocalSpans | None = None, spawn: Callable[..., None] | None = None) -> Swarm:
         """A ``Swarm`` on services that already run (a serving peer's own host, DHT, credit
         and fraud proof service: ``swarm-peer serve --api`` generates as the server).
         ``local``: the spans the auditor may load to settle disputes itself (None: votes
-        only). ``aclose`` cancels ``cancel_scope`` (default: a scope of its own, so nothing)."""
+        only). ``aclose`` cancels ``cancel_scope`` (default: a scope of its own, so nothing).
+        ``spawn`` starts tasks that outlive a generation (view refreshes, hedged requests:
+        a nursery's ``start_soon``); without it nothing is hedged."""
         client = SwarmClient(dht, head, wire_dtype=wire_dtype, step_timeout=step_timeout, credit=credit,
-                             reputation=reputation, fraud=fraud)
+                             reputation=reputation, fraud=fraud, spawn=spawn)
         policy = AuditPolicy(rate=float(audit)) if isinstance(audit, (int, float)) else audit
         if policy is not None and policy.rate > 0:
             client.auditor = Auditor(dht.host, client.audit_candidates, reputation, service=fraud, local=local,
@@ -177,20 +180,28 @@ class Swarm:
         """Who serves which blocks of the model right now."""
         return await self.client.swarm_view(fresh=True)
 
+    def health(self) -> dict[bytes, dict[str, Any]]:
+        """What this client knows of each server it dealt with: seconds since it was last
+        seen alive, backoff left and failures in a row, RTT, measured compute."""
+        return self.client.health.snapshot(trio.current_time())
+
     async def aclose(self) -> None:
         self._scope.cancel()
 
 
 async def _services(host: Host, dht: DhtNode, credit: CreditService, fraud: FraudProofService,
                     bootstrap: tuple[str, ...], *,
-                    task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED) -> None:
+                    task_status: trio.TaskStatus[tuple[trio.CancelScope, trio.Nursery]] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
             await nursery.start(functools.partial(dht.run, bootstrap=bootstrap))
             await nursery.start(credit.run)
             await nursery.start(fraud.run)
-            task_status.started(scope)
+            # The client's background tasks (view refreshes, hedges) live here too, so
+            # they end with the connection and never outlive what they use.
+            task_status.started((scope, nursery))
 
 
 _DONE = object()

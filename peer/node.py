@@ -9,6 +9,7 @@ steps finish, withdraw the announcement.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -21,6 +22,7 @@ import trio
 from protocol import Identity
 from swarm.announce import DEFAULT_TTL, Announcer, fetch_swarm_view
 from swarm.dht import DhtNode
+from swarm.latency import NextPings
 from swarm.planning import choose_blocks, should_rebalance
 from swarm.transport import Host
 from verify import FraudProofService, Reputation, record_kinds
@@ -116,6 +118,7 @@ class ServerNode:
     throughput: float
     cancel_scope: trio.CancelScope
     span_reason: str = ""  # why this span: said at start-up
+    next_pings: NextPings | None = None  # RTTs to the servers of the next block, announced
 
     @property
     def span(self) -> tuple[int, int]:
@@ -193,12 +196,15 @@ async def run_server(identity: Identity, options: ServeOptions, *,
             fraud = FraudProofService(host, dht, reputation, executor=executor, compute=compute,
                                       reputation_path=options.reputation_path)
             await nursery.start(fraud.run)
-            announcer = Announcer(dht, identity, lambda expires: server.make_announcement(expires, node.throughput),
+            pings = NextPings(host, dht, model=info.model_id, span=lambda: server.span, num_blocks=info.num_blocks)
+            announcer = Announcer(dht, identity, lambda expires: dataclasses.replace(
+                server.make_announcement(expires, node.throughput), next_pings=pings.table()),
                                   ttl=options.announce_ttl, model_entry=model_info.entry())
             node = ServerNode(identity=identity, host=host, dht=dht, server=server, announcer=announcer,
                               credit=credit, compute=compute, fraud=fraud, executor=executor, throughput=throughput,
-                              cancel_scope=scope, span_reason=reason)
+                              cancel_scope=scope, span_reason=reason, next_pings=pings)
             await nursery.start(announcer.run)
+            nursery.start_soon(pings.run)
             if status_stream is not None:
                 nursery.start_soon(_show_status, node, status_stream, status_interval)
             if options.blocks is None:

@@ -51,6 +51,8 @@ __all__ = [
     "NodeInfo",
     "SignedRecord",
     "Announcement",
+    "NextPing",
+    "MAX_NEXT_PINGS",
     "ReceiptRecord",
     "ForwardEvidence",
     "FraudProof",
@@ -191,8 +193,26 @@ class SignedRecord(Structure):
 
 
 @dataclass(**_STRUCT)
+class NextPing(Structure):
+    """A round trip a server measured to a server of the blocks after its span."""
+
+    peer_id: bytes
+    rtt: float  # seconds
+    FIELDS: ClassVar = (
+        Field(0, "peer_id", PEER_ID),
+        Field(1, "rtt", Float()),
+    )
+
+
+#: Entries of ``Announcement.next_pings`` at most (a block record is at most 2,048 bytes).
+MAX_NEXT_PINGS = 8
+
+
+@dataclass(**_STRUCT)
 class Announcement(Structure):
-    """The value of a block record: a server announcing the span it serves."""
+    """The value of a block record: a server announcing the span it serves, and
+    (optionally, Petals' ``next_pings``) the RTTs it measured to servers of the blocks
+    that follow its span, one entry per peer, sorted by peer id."""
 
     peer_id: bytes
     addrs: tuple[str, ...]
@@ -201,8 +221,9 @@ class Announcement(Structure):
     throughput: float  # tokens/s through the whole span, measured at start-up
     free_sessions: int
     expires: int
-    # Key 7 is reserved (next_pings). 8 and 9 (protocol 1.1): the model's shape, so a
-    # client can plan a chain and size its tensors from the announcements alone.
+    next_pings: tuple[NextPing, ...] | None = None
+    # 8 and 9 (protocol 1.1): the model's shape, so a client can plan a chain and size
+    # its tensors from the announcements alone.
     num_blocks: int | None = None  # L, the model's block count
     hidden_size: int | None = None  # H, the width of the hidden states between spans
     FIELDS: ClassVar = (
@@ -213,6 +234,7 @@ class Announcement(Structure):
         Field(4, "throughput", Float()),
         Field(5, "free_sessions", UInt()),
         Field(6, "expires", UInt()),
+        Field(7, "next_pings", ListOf(Struct(NextPing), max=MAX_NEXT_PINGS), optional=True),
         Field(8, "num_blocks", UInt(max=MAX_BLOCKS), optional=True),
         Field(9, "hidden_size", UInt(max=1 << 20), optional=True),
     )
@@ -223,6 +245,10 @@ class Announcement(Structure):
             raise LocalProtocolError(f"Announcement.span {list(self.span)} ends past num_blocks {self.num_blocks}")
         if self.hidden_size == 0:
             raise LocalProtocolError("Announcement.hidden_size must be at least 1")
+        if self.next_pings is not None:
+            ids = [p.peer_id for p in self.next_pings]
+            if ids != sorted(set(ids)):
+                raise LocalProtocolError("Announcement.next_pings must be sorted by peer id, each peer once")
 
     def to_bytes(self) -> bytes:
         return cbor_encode(self.to_cbor())

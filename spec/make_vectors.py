@@ -49,6 +49,7 @@ from protocol import (  # noqa: E402
     ModelEntry,
     ModelQuery,
     ModelReport,
+    NextPing,
     NodeInfo,
     Nodes,
     OpenSession,
@@ -308,10 +309,23 @@ def message_vectors() -> dict[str, Any]:
     return {"description": "One encoded example of every message type (and a connection-level ERROR, id 0); "
                            "decode(cbor_hex) must equal fields, encode(fields) must equal cbor_hex. Each signature "
                            "names its statement (section 9), the statement's inputs and its bytes; the records are "
-                           "valid at 'now' (section 10, record validation checks 1-4).",
+                           "valid at 'now' (section 10, record validation checks 1-4). structures: the same for "
+                           "structures carried in record values (a block record's value is block_value_hex).",
             "now": VECTOR_NOW, "statements": {name: {"domain": domain, "inputs": list(names)}
                                               for name, (domain, names) in STATEMENTS.items()},
-            "messages": entries}
+            "messages": entries, "structures": structure_vectors()}
+
+
+def structure_vectors() -> list[dict[str, Any]]:
+    """Structures that travel inside record values rather than as message fields."""
+    announcement = Announcement(
+        peer_id=SERVER.peer_id, addrs=("10.0.0.2:4000",), model="tiny-llama@00112233aabbccdd", span=(0, 4),
+        throughput=123.5, free_sessions=7, expires=1_900_000_000, num_blocks=8, hidden_size=64,
+        next_pings=tuple(sorted((NextPing(peer_id=CLIENT.peer_id, rtt=0.0125),
+                                 NextPing(peer_id=bytes(range(20)), rtt=0.25)), key=lambda p: p.peer_id)))
+    return [{"name": "Announcement", "fields": fields_to_json(announcement, Announcement.FIELDS),
+             "cbor_hex": announcement.to_bytes().hex(),
+             "block": 2, "block_value_hex": encode(["swarm/1/block", 2, announcement.to_cbor()]).hex()}]
 
 
 def statement_vectors() -> dict[str, Any]:
@@ -619,8 +633,8 @@ def registry_markdown() -> str:
         body = "; ".join(_field_rows(cls.FIELDS)) or "(empty map)"
         lines.append(f"| {type_} | {_wire_name(cls)} | {cls.KIND} | {body} |")
     lines += ["", "| structure | fields (key: name (CBOR type)) |", "|---|---|"]
-    for cls in (NodeInfo, SignedRecord, Announcement, ReceiptRecord, ForwardEvidence, FraudProof, ModelDescriptor,
-                ModelEntry):
+    for cls in (NodeInfo, SignedRecord, Announcement, NextPing, ReceiptRecord, ForwardEvidence, FraudProof,
+                ModelDescriptor, ModelEntry):
         lines.append(f"| {cls.__name__} | {'; '.join(_field_rows(cls.FIELDS))} |")
     return "\n".join(lines)
 

@@ -23,7 +23,8 @@ third of the TTL: fresh expiry, fresh free-slot count, higher seq) and withdraws
 the way out; with a ``model_entry`` it keeps the model's entry in the swarm's model
 index (``swarm.models``) the same way.
 ``fetch_swarm_view`` is the client side: every block's value set, merged into the
-latest announcement per server.
+latest announcement per server, with the blocks each server published records for
+itself (``SwarmView.routable``: what it may be routed for).
 """
 
 from __future__ import annotations
@@ -165,6 +166,11 @@ class SwarmView:
     # When each server last published (renewed) its announcement, unix seconds: record
     # seqs are publish times in milliseconds (``next_seq``), so stale entries show.
     published: Mapping[bytes, float] = field(default_factory=dict)
+    # The blocks of its span under which each server's own record was found. A server
+    # is routed for block b only if it published b's record itself: a record under one
+    # block claiming a wider span proves nothing about the others. Servers missing
+    # here (a view built by hand) are taken at their span.
+    blocks: Mapping[bytes, frozenset[int]] = field(default_factory=dict)
 
     @property
     def announcements(self) -> list[Announcement]:
@@ -172,6 +178,23 @@ class SwarmView:
 
     def covering(self, block: int) -> list[Announcement]:
         return [a for a in self.announcements if a.span[0] <= block < a.span[1]]
+
+    def routable(self, announcement: Announcement) -> list[tuple[int, int]]:
+        """The maximal runs [lo, hi) of ``announcement``'s span (clipped to the model)
+        that its server published records for."""
+        lo, hi = max(announcement.span[0], 0), min(announcement.span[1], self.num_blocks)
+        held = self.blocks.get(announcement.peer_id)
+        if held is None:
+            return [(lo, hi)] if lo < hi else []
+        runs: list[tuple[int, int]] = []
+        for b in range(lo, hi):
+            if b not in held:
+                continue
+            if runs and runs[-1][1] == b:
+                runs[-1] = (runs[-1][0], b + 1)
+            else:
+                runs.append((b, b + 1))
+        return runs
 
 
 async def fetch_swarm_view(
@@ -181,6 +204,7 @@ async def fetch_swarm_view(
     each server's latest announcement (highest record seq), unexpired at ``now``."""
     now = time.time() if now is None else now
     best: dict[bytes, tuple[int, Announcement]] = {}
+    found: dict[bytes, set[int]] = {}
     limiter = trio.CapacityLimiter(concurrency)
 
     async def one(block: int) -> None:
@@ -188,11 +212,12 @@ async def fetch_swarm_view(
             records = await dht.get(block_key(model, block))
         for record in records:
             try:
-                _, ann = decode_block_value(_decode(record.value))
+                b, ann = decode_block_value(_decode(record.value))
             except (RecordRejected, ProtocolError):  # another kind under this key: not ours to read
                 continue
-            if ann.model != model or ann.expires <= now:
+            if ann.model != model or ann.expires <= now or b != block or ann.peer_id != record.publisher_id:
                 continue
+            found.setdefault(ann.peer_id, set()).add(block)
             held = best.get(ann.peer_id)
             if held is None or record.seq > held[0]:
                 best[ann.peer_id] = (record.seq, ann)
@@ -201,7 +226,8 @@ async def fetch_swarm_view(
         for block in range(num_blocks):
             nursery.start_soon(one, block)
     return SwarmView(model=model, num_blocks=num_blocks, servers={p: a for p, (_, a) in best.items()},
-                     published={p: seq / 1000 for p, (seq, _) in best.items()})
+                     published={p: seq / 1000 for p, (seq, _) in best.items()},
+                     blocks={p: frozenset(found.get(p, ())) for p in best})
 
 
 def _decode(value: bytes) -> list[Any]:

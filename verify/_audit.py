@@ -218,6 +218,7 @@ class _Case:
     tolerance: Tolerance
     pool: list[tuple[bytes, str, tuple[str, ...]]]  # (peer, operator, addrs) not yet asked
     used: set[str]  # operators already represented (the hop's, the voters')
+    timeout: float  # each recomputation's deadline (the relay's step deadline, at most the policy's)
     answers: list[_Answer] = field(default_factory=list)
     failures: int = 0
 
@@ -282,12 +283,19 @@ class Auditor:
 
     async def audit(self, *, model: str, span: tuple[int, int], hop_peer: bytes, hop_public_key: bytes,
                     hop_addrs: Sequence[str], session: bytes, transcript: Sequence[SignedStep],
-                    index: int) -> AuditResult:
-        """Audit step ``transcript[index]`` of a hop; see the module docstring."""
+                    index: int, timeout: float | None = None) -> AuditResult:
+        """Audit step ``transcript[index]`` of a hop; see the module docstring.
+
+        ``timeout`` bounds each recomputation (default ``policy.timeout``): the relay
+        passes its step's deadline, so that an audit never waits longer on a hung
+        auditor than the step would have waited on the hop.
+        """
         t0 = time.perf_counter()
         self.stats.audits += 1
+        timeout = self.policy.timeout if timeout is None else min(timeout, self.policy.timeout)
         try:
-            result = await self._audit(model, span, hop_peer, hop_public_key, hop_addrs, session, transcript, index)
+            result = await self._audit(model, span, hop_peer, hop_public_key, hop_addrs, session, transcript, index,
+                                       timeout)
         finally:
             self.stats.seconds += time.perf_counter() - t0
         self.stats.outcomes[result.outcome.value] = self.stats.outcomes.get(result.outcome.value, 0) + 1
@@ -297,7 +305,7 @@ class Auditor:
 
     async def _audit(self, model: str, span: tuple[int, int], hop_peer: bytes, hop_public_key: bytes,
                      hop_addrs: Sequence[str], session: bytes, transcript: Sequence[SignedStep],
-                     index: int) -> AuditResult:
+                     index: int, timeout: float) -> AuditResult:
         disputed = transcript[index]
         try:
             tolerance = tolerance_for(self.policy.compute_dtype, disputed.output.dtype)
@@ -309,7 +317,7 @@ class Auditor:
                      transcript=transcript, index=index, claimed=claimed,
                      wire=encode_tensor(prefix, "f32"),  # exact: every wire dtype decodes to float32 values
                      tolerance=tolerance, pool=self._pool(await self.candidates(span), hop_peer),
-                     used={operator_of(hop_peer, hop_addrs[0] if hop_addrs else None)})
+                     used={operator_of(hop_peer, hop_addrs[0] if hop_addrs else None)}, timeout=timeout)
         if self.local is not None and self.on_probation(hop_peer):
             # A peer this client has not seen prove itself is checked on the client's own
             # copy of the span when it has one: its friends cannot vouch for it.
@@ -516,7 +524,7 @@ class Auditor:
         last: SwarmError | None = None
         for addr in addrs:
             try:
-                conn = await self.host.connect(addr, peer_id=peer_id, timeout=min(self.policy.timeout, 10.0))
+                conn = await self.host.connect(addr, peer_id=peer_id, timeout=min(case.timeout, 10.0))
                 break
             except SwarmError as exc:
                 last = exc
@@ -524,7 +532,7 @@ class Auditor:
             raise last or SwarmError("no address to reach the auditor")
         request, state = sign_forward_once(self.host.identity, server=peer_id, nonce=secrets.token_bytes(16),
                                            model=case.model, span=case.span, hidden=case.wire)
-        result = await conn.request(request, timeout=self.policy.timeout)
+        result = await conn.request(request, timeout=case.timeout)
         accept_forward_once_result(state, request, result, server_public_key=conn.public_key)
         out = decode_tensor(result.hidden, out_dtype=torch.float32)
         return _Answer(peer_id=peer_id, public_key=conn.public_key, nonce=request.nonce,

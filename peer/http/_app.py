@@ -386,7 +386,7 @@ class SwarmApi:
         view = await client.swarm_view()
         now = time.time()
         body = view_to_dict(view, now=now, reputation=client.reputation, latency=self.latency,
-                            model_name=model.name)
+                            model_name=model.name, health=swarm.health())
         body["peer_id"] = client.host.peer_id.hex()
         body["credit"] = credit_to_dicts(swarm.credit()) if client.credit is not None else []
         body["models"] = [m.name for m in self.models]

@@ -25,6 +25,23 @@ def test_message_vectors_replay(generator):
         assert decode_message(wire) == (request_id, expected), entry["name"]
 
 
+def test_structure_vectors_replay(generator):
+    """Structures carried in record values (an announcement with next_pings)."""
+    import protocol
+    from protocol import cbor_encode
+    from swarm.announce import decode_block_value
+
+    for entry in _vectors("messages.json")["structures"]:
+        cls = getattr(protocol, entry["name"])
+        expected = cls(**generator.fields_from_json(entry["fields"], cls.FIELDS))
+        assert expected.to_bytes().hex() == entry["cbor_hex"]
+        assert cls.from_bytes(bytes.fromhex(entry["cbor_hex"])) == expected
+        if "block_value_hex" in entry:
+            value = bytes.fromhex(entry["block_value_hex"])
+            assert decode_block_value(protocol.cbor_decode(value, max_size=len(value))) == (entry["block"], expected)
+            assert cbor_encode(["swarm/1/block", entry["block"], expected.to_cbor()]) == value
+
+
 def test_statement_vectors_replay():
     doc = _vectors("statements.json")
     keys = {}

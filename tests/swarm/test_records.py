@@ -95,10 +95,10 @@ def test_announcements_with_unknown_keys_are_refused():
     """Issue 10 item 5: padding under an unknown announcement key was stored."""
 
     ann = announcement()
-    body = {**ann.to_cbor(), 7: b"\x00" * 1500}
+    body = {**ann.to_cbor(), 23: b"\x00" * 1500}
     padded = SignedRecord.create(ALICE, key=block_key("tiny", 3), seq=1, expires=ann.expires,
                                  value=cbor_encode(["swarm/1/block", 3, body]))
-    assert "unknown keys 7" in rejected(ErrorCode.INVALID_REQUEST, check_record, padded, now=NOW,
+    assert "unknown keys 23" in rejected(ErrorCode.INVALID_REQUEST, check_record, padded, now=NOW,
                                         kinds=RECORD_KINDS).message
 
 

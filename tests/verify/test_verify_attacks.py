@@ -10,7 +10,9 @@
    thresholds: refused (INVALID_PROOF) by holders and non-holders; nobody bans.
 
 The cheaters are test-only ``SpanServer`` subclasses installed with monkeypatch (as in
-``test_verify_cheaters``); they announce a huge throughput so that routing picks them.
+``test_verify_cheaters``); they announce a huge throughput, but routing goes by what
+the client measured, so where a test needs the cheater routed first its honest
+co-holder is a slower one.
 """
 
 from __future__ import annotations
@@ -82,6 +84,39 @@ async def start_cheater(nursery, monkeypatch, path, *, once_too: bool, bootstrap
         monkeypatch.undo()
 
 
+class SlowExecutor:
+    """A real, honest executor that takes ``delay`` seconds longer per request: routing
+    goes by measured speed (issue 10 item 7), so a slower honest co-holder makes the
+    client pick the cheater first, as a cheater that is simply faster would be."""
+
+    def __init__(self, real, delay: float) -> None:
+        self._real = real
+        self.delay = delay
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def forward(self, session_id, hidden, position):
+        time.sleep(self.delay)  # runs in the compute thread, like the real work
+        return self._real.forward(session_id, hidden, position)
+
+    def forward_once(self, hidden, *, start=None, end=None):
+        time.sleep(self.delay)
+        return self._real.forward_once(hidden, start=start, end=end)
+
+
+async def start_slow(nursery, monkeypatch, path, span, *, delay: float, bootstrap=()):
+    class Slow(SpanServer):
+        def __init__(self, host, executor, **kw):
+            super().__init__(host, SlowExecutor(executor, delay), **kw)
+
+    monkeypatch.setattr("peer.node.SpanServer", Slow)
+    try:
+        return await start(nursery, path, span, bootstrap=bootstrap)
+    finally:
+        monkeypatch.undo()
+
+
 def honest_peers_ban_nobody_honest(peers, honest_ids):
     for peer in peers:
         for honest_id in honest_ids:
@@ -93,7 +128,7 @@ async def test_a_cheater_with_one_honest_co_holder_is_convicted_or_routed_around
     path, model = tiny_verify
     async with trio.open_nursery() as nursery:
         cheater = await start_cheater(nursery, monkeypatch, path, once_too=False)
-        honest = await start(nursery, path, (0, 3), bootstrap=[cheater.address])
+        honest = await start_slow(nursery, monkeypatch, path, (0, 3), delay=0.25, bootstrap=[cheater.address])
         tail = await start(nursery, path, (3, 6), bootstrap=[cheater.address])
         swarm = await Swarm.connect(nursery, bootstrap=[tail.address], model=path, audit=AuditPolicy(),
                                     local_recompute_bytes=1 << 30 if local else 0)

@@ -140,11 +140,18 @@ async def test_rollback_after_a_late_detection_gives_the_honest_text(tiny_verify
         monkeypatch.setattr("peer.node.SpanServer", cheater_class("noise", other_weights))
         cheater = await start(nursery, path, (0, 3))
         monkeypatch.undo()
-        for _ in range(2):
-            await start(nursery, path, (0, 3), bootstrap=[cheater.address])
+        honest = [await start(nursery, path, (0, 3), bootstrap=[cheater.address]) for _ in range(2)]
         tail = await start(nursery, path, (3, 6), bootstrap=[cheater.address])
         swarm = await Swarm.connect(nursery, bootstrap=[tail.address], model=path, audit=AuditPolicy(rate=0.0))
         from verify import Auditor
+
+        # The cheater's outputs must be used before audits start: make it the one this client
+        # measured fastest, so that the route goes through it (routing uses measurements).
+        now = trio.current_time()
+        for node, seconds in [(cheater, 0.0)] + [(h, 1.0) for h in honest]:
+            swarm.client.health.observe_rtt(node.identity.peer_id, 0.001, now)
+            swarm.client.health.observe_step(node.identity.peer_id, now, seconds=seconds, blocks=3, tokens=1,
+                                             success=False)
 
         class LateAuditor(Auditor):  # audits nothing for the first 6 steps, everything after
             def should_audit(self, peer=None):
