@@ -521,7 +521,7 @@ async def test_handshake_timeout():
         stream = await trio.open_tcp_stream("127.0.0.1", int(b.listen_addrs[0].rsplit(":", 1)[1]))
         with trio.fail_after(5):
             await read_until_closed(stream)  # we sent nothing; b gave up
-        assert b._handshaking == 0
+        assert b.handshaking == 0
 
 
 async def test_idle_connections_are_closed_and_redialled():
