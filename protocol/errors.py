@@ -61,6 +61,7 @@ class ErrorCode(IntEnum):
 
     INTERNAL = 500  # an unexpected failure on the server
     SHUTTING_DOWN = 501  # the server is stopping and accepts no new work
+    LOADING = 502  # the server is starting and cannot serve yet; retry_after says when to try again
 
 
 class SwarmError(Exception):
