@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on GPU)")
     serve.add_argument("--quant", choices=["int8", "nf4"], help="quantize the served blocks' weights (bitsandbytes)")
     serve.add_argument("--max-sessions", type=int, default=16, help="concurrent inference sessions (default 16)")
-    serve.add_argument("--cache-bytes", type=int, help="memory budget for KV caches in bytes (default: unlimited)")
+    serve.add_argument("--cache-bytes", type=int, help="memory budget for KV caches in bytes (default: a quarter "
+                       "of the memory available after loading, half the free GPU memory on a GPU)")
     serve.add_argument("--threads", type=int,
                        help="torch threads for compute (default: one per core; use fewer when several peers share "
                             "a machine)")

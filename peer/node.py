@@ -5,6 +5,18 @@ picks its span (``--blocks`` or the swarm's weakest blocks), loads only that spa
 measures its throughput, serves and announces it, and shows what it is doing.
 ``ServerNode.shutdown`` is the graceful exit: refuse new sessions, let in-flight
 steps finish, withdraw the announcement.
+
+Readiness (issue 12 item 4; spec section 11): the host listens before the span is
+loaded (the DHT runs over it, and choosing a span needs the DHT), so until the span
+server exists its session requests are answered ``ERROR LOADING`` with an estimate of
+the wait, and records an earlier process of the same identity left under the model's
+block keys are replaced by tombstones at once, so clients stop routing to the old
+address before the new announcement is up.
+
+The KV cache budget (``--cache-bytes``) is finite by default: ``default_cache_bytes``,
+a quarter of the memory available once the weights are loaded (half of the free
+device memory on a GPU), and no more than ``max_sessions`` sessions of the whole
+context need.
 """
 
 from __future__ import annotations
@@ -12,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import TextIO
@@ -19,9 +32,9 @@ from typing import TextIO
 import torch
 import trio
 
-from protocol import Identity
-from swarm.announce import DEFAULT_TTL, Announcer, fetch_swarm_view
-from swarm.dht import DhtNode
+from protocol import FraudProofNotice, Identity, SignedRecord, type_cap
+from swarm.announce import DEFAULT_TTL, Announcer, block_key, fetch_swarm_view
+from swarm.dht import TOMBSTONE_MAX_TTL, DhtNode
 from swarm.latency import NextPings
 from swarm.planning import choose_blocks, should_rebalance
 from swarm.transport import Host
@@ -33,9 +46,9 @@ from .model_info import ModelInfoService
 from . import _progress
 from .runtime._errors import InvalidArgument
 from .scheduler import Scheduler
-from .server import SpanServer
+from .server import ServerLimits, SpanServer, answer_loading
 
-__all__ = ["ServeOptions", "ServerNode", "run_server", "parse_blocks", "span_reason"]
+__all__ = ["ServeOptions", "ServerNode", "run_server", "parse_blocks", "span_reason", "default_cache_bytes"]
 
 log = logging.getLogger("swarm.node")
 
@@ -56,7 +69,8 @@ class ServeOptions:
     dtype: str | None = None
     quant: str | None = None
     max_sessions: int = 16
-    cache_bytes: int | None = None
+    max_sessions_per_peer: int = 4  # sessions one requester may hold
+    cache_bytes: int | None = None  # None: default_cache_bytes
     announce_ttl: float = DEFAULT_TTL
     drain_grace: float = 30.0
     ledger_path: str | None = None  # the credit ledger (None: kept in memory)
@@ -68,12 +82,61 @@ class ServeOptions:
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
             raise InvalidArgument(f"--max-sessions must be at least 1, got {self.max_sessions}")
+        if self.max_sessions_per_peer < 1:
+            raise InvalidArgument(f"--max-sessions-per-peer must be at least 1, got {self.max_sessions_per_peer}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise InvalidArgument(f"--num-blocks must be at least 1, got {self.num_blocks}")
         if self.threads is not None and self.threads < 1:
             raise InvalidArgument(f"--threads must be at least 1, got {self.threads}")
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"--port must be in 0..65535, got {self.port}")
+
+
+def default_cache_bytes(executor: SpanExecutor, *, max_sessions: int) -> int:
+    """The KV cache budget a server has unless told: a quarter of the memory available
+    now (the weights are loaded) on CPU, half the free device memory on a GPU, and no
+    more than ``max_sessions`` sessions of the model's whole context need."""
+    if executor.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(executor.device)
+        budget = free // 2
+    else:
+        budget = _available_memory() // 4
+    context = executor.context_length
+    if context:
+        budget = min(budget, max_sessions * context * executor.per_token_cache_bytes)
+    return max(int(budget), executor.per_token_cache_bytes)
+
+
+def _available_memory() -> int:
+    """Bytes of memory available to new allocations (MemAvailable), or all of it."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+async def _replace_old_records(dht: DhtNode, identity: Identity, model_id: str, num_blocks: int) -> None:
+    """Tombstones under every block key of the model: whatever records an earlier
+    process of this identity left there (pointing at its address, with its free
+    slots) are replaced at once; the new announcement replaces the tombstones."""
+    now = time.time()
+    seq = int(now * 1000)
+
+    async def one(block: int) -> None:
+        tombstone = SignedRecord.create(identity, key=block_key(model_id, block), seq=seq,
+                                        expires=int(now + TOMBSTONE_MAX_TTL), value=b"")
+        try:
+            await dht.store(tombstone)
+        except Exception as exc:  # the DHT may be empty or unreachable: nothing to replace then
+            log.debug("replacing the old record of block %d failed: %s", block, exc)
+
+    async with trio.open_nursery() as nursery:
+        for block in range(num_blocks):
+            nursery.start_soon(one, block)
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -163,11 +226,15 @@ async def run_server(identity: Identity, options: ServeOptions, *,
     info = await trio.to_thread.run_sync(resolve_model, options.model)
     host = Host(identity, host=options.host, port=options.port,
                 announce_addrs=list(options.announce_addrs) or None, source_host=options.source_addr)
+    started = time.monotonic()
+    # Until the span server exists, session requests get LOADING (never "not served").
+    answer_loading(host, retry_after=lambda: max(5.0, 2 * (time.monotonic() - started)))
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
             dht = DhtNode(host, kinds=record_kinds())
             await nursery.start(functools.partial(dht.run, bootstrap=options.bootstrap))
+            nursery.start_soon(_replace_old_records, dht, identity, info.model_id, info.num_blocks)
             if options.blocks is not None:
                 span, reason = options.blocks, "as --blocks asked"
             else:
@@ -179,6 +246,7 @@ async def run_server(identity: Identity, options: ServeOptions, *,
             executor = await trio.to_thread.run_sync(functools.partial(
                 load_span, options.model, span[0], span[1], device=options.device, dtype=options.dtype,
                 quant=options.quant, cache_bytes=options.cache_bytes))
+            _apply_cache_default(executor, options)
             _progress.note(f"measuring the throughput of blocks {span[0]}:{span[1]} ...")
             throughput = await trio.to_thread.run_sync(measure_throughput, executor)
             credit = CreditService(host, ledger_path=options.ledger_path)
@@ -189,8 +257,11 @@ async def run_server(identity: Identity, options: ServeOptions, *,
                                 delinquent_of=credit.delinquent)
             reputation = (Reputation.load(options.reputation_path) if options.reputation_path is not None
                           else Reputation())
-            server = SpanServer(host, executor, max_sessions=options.max_sessions, drain_grace=options.drain_grace,
+            limits = ServerLimits(max_sessions=options.max_sessions, max_sessions_per_peer=options.max_sessions_per_peer,
+                                  max_sessions_per_group=max(1, options.max_sessions // 2))
+            server = SpanServer(host, executor, limits=limits, drain_grace=options.drain_grace,
                                 compute=compute, on_work=credit.served, banned=reputation.banned)
+            _set_proof_cap(host, executor)
             nursery.start_soon(server.run)
             model_info = ModelInfoService(host, server, source=options.model)  # answers MODEL_QUERY
             fraud = FraudProofService(host, dht, reputation, executor=executor, compute=compute,
@@ -230,12 +301,28 @@ async def _rebalance_loop(node: ServerNode, options: ServeOptions, num_blocks: i
         executor = await trio.to_thread.run_sync(functools.partial(
             load_span, options.model, span[0], span[1], device=options.device, dtype=options.dtype,
             quant=options.quant, cache_bytes=options.cache_bytes))
+        _apply_cache_default(executor, options)
         throughput = await trio.to_thread.run_sync(measure_throughput, executor)
         if server.open_sessions or server.draining:
             continue  # a client arrived meanwhile; try again next round
         server.swap_executor(executor)
         node.executor, node.throughput, node.fraud.executor = executor, throughput, executor
         await node.announcer.publish_now()  # the new span; keys of the old blocks are withdrawn
+
+
+def _apply_cache_default(executor: SpanExecutor, options: ServeOptions) -> None:
+    if options.cache_bytes is None:
+        executor.cache_bytes = default_cache_bytes(executor, max_sessions=options.max_sessions)
+        log.info("KV cache budget: %d MiB (--cache-bytes to change it)", executor.cache_bytes >> 20)
+
+
+def _set_proof_cap(host: Host, executor: SpanExecutor) -> None:
+    """FRAUD_PROOF's size cap (spec section 7.5): a proof carries one session's inputs
+    and one output, so at most twice the model's context of hidden states."""
+    context = executor.context_length
+    if context:
+        elements = 2 * executor.hidden_size * context
+        host.set_request_cap(FraudProofNotice, type_cap(FraudProofNotice, host.limits, elements))
 
 
 async def _show_status(node: ServerNode, stream: TextIO, interval: float) -> None:

@@ -1,35 +1,49 @@
 """Credit-ordered compute scheduling (spec "Credit", "Scheduling policy").
 
 Theory of operation. A server has ``capacity`` compute slots. ``SchedulingPolicy``
-is the pure core: requests are ``submit``-ted with the requester's credit, ``grant``
-says which tickets start now, ``release`` frees a slot, ``cancel`` withdraws a
-waiter. It takes ``now`` as an argument and never reads a clock.
+is the pure core: requests are ``submit``-ted with the requester's credit and their
+*work* (tokens x blocks, the unit receipts count), ``grant`` says which tickets start
+now, ``release`` frees a slot, ``cancel`` withdraws a waiter. It takes ``now`` as an
+argument and never reads a clock.
 
 - Work-conserving: a free slot is granted at once whenever anyone waits, so without
   contention nobody waits at all.
-- Proportional share under contention (stride scheduling, Waldspurger 1995): each
-  requester has a *pass*; the waiting requester with the lowest pass is served and
-  its pass advances by ``1 / weight``, with ``weight = 1 + max_boost *
-  normalized_credit(credit)`` (BarterCast arctan, so weights lie in [1, 1 +
-  max_boost)). Over time each contending requester gets slots in proportion to its
-  weight: contributors are served more often, free-riders less, never starved. A
-  requester that becomes active joins at the current virtual time, so idling does
-  not bank priority. Ties go to the older ticket; the result is deterministic.
-- Optimistic unchoke (BitTorrent): one contended grant in ``unchoke_every`` goes to
-  the optimistic requester, chosen (seeded RNG) among waiting non-delinquent
-  requesters whose normalized credit is below one half (newcomers, low credit). The
-  choice is re-evaluated every ``reevaluate_interval`` s (a new one if the current one
-  stopped waiting) and rotated every ``rotate_interval`` s. Its grants do not advance
-  its pass: the share is reserved on top of the proportional one.
+- Proportional share of *work* under contention (stride scheduling, Waldspurger 1995,
+  charged by work and ordered by virtual finish time as in weighted fair queuing):
+  each flow has a *pass*; the waiting flow whose pass plus ``work / weight`` of its
+  next request is lowest is served and its pass advances by ``work / weight``, with
+  ``weight = 1 + max_boost * normalized_credit(credit)`` (BarterCast arctan, so
+  weights lie in [1, 1 + max_boost)). A requester asking for 2,047 tokens is charged
+  2,047 times what a decode step is, so over time each contending flow gets compute in
+  proportion to its weight, whatever the size of its requests. A flow that becomes
+  active joins at the current virtual time, so idling does not bank priority. Ties go
+  to the older ticket; the result is deterministic.
+- Every requester with credit is a flow of its own; requesters without credit
+  (newcomers, free-riders, fresh identities) share one flow of weight 1, inside which
+  they take turns by work the same way. So minting identities buys a Sybil nothing
+  against contributors: all of them together get one newcomer's share, plus the
+  optimistic slice below.
+- Optimistic unchoke (BitTorrent): a fifth (``1 / unchoke_every``) of the work granted
+  under contention goes to the optimistic requester, chosen (seeded RNG) among waiting
+  non-delinquent requesters whose normalized credit is below one half (newcomers, low
+  credit). The choice is re-evaluated every ``reevaluate_interval`` s (a new one if the
+  current one stopped waiting) and rotated every ``rotate_interval`` s. Its grants do
+  not advance its pass: the share is reserved on top of the proportional one, and what
+  it is owed does not accumulate while it is not waiting. With unit work this is one
+  contended grant in ``unchoke_every``, as before work was counted.
 - Delinquent requesters (they owe receipts beyond the grace) are served only when no
   one else waits.
 
+A request is granted as a whole; so that a big one cannot hold a slot for long, the
+server submits it in pieces of at most a quantum of work (``peer.server``), each its
+own ticket, and the honest decode step waits at most one piece.
+
 ``Scheduler`` is the thin trio shell, and the one owner of a peer's compute: every
 step a server computes and every fraud proof it verifies goes through
-``await scheduler.run(requester, fn)``, which waits for a slot granted by the policy
-(``slot``) and runs ``fn`` in a worker thread; ``capacity`` threads compute at once,
-so the grant order is the order compute starts in. A cancelled waiter leaves the
-queue; a slot granted to a waiter cancelled at the same moment is passed on.
+``await scheduler.run(requester, fn, work=...)``, which waits for a slot granted by
+the policy (``slot``) and runs ``fn`` in a worker thread; ``capacity`` threads compute
+at once, so the grant order is the order compute starts in. A cancelled waiter leaves
+the queue; a slot granted to a waiter cancelled at the same moment is passed on.
 """
 
 from __future__ import annotations
@@ -85,9 +99,21 @@ class _Requester:
     credit: float
     weight: float
     delinquent: bool
-    pass_: float
+    pass_: float  # a creditor's pass; a newcomer's turn inside the newcomers' flow
     waiting: deque[int] = field(default_factory=deque)
     running: int = 0
+
+    @property
+    def newcomer(self) -> bool:
+        return self.credit <= 0.0
+
+
+@dataclass(slots=True)
+class _Flow:
+    """The one flow all requesters without credit share."""
+
+    pass_: float = 0.0
+    vtime: float = 0.0  # turn of the last newcomer served: where newly active newcomers join
 
 
 class SchedulingPolicy:
@@ -98,10 +124,13 @@ class SchedulingPolicy:
         self._rng = random.Random(self.config.seed)
         self._requesters: dict[Hashable, _Requester] = {}
         self._owner: dict[int, _Requester] = {}  # ticket -> requester (waiting or running)
+        self._work: dict[int, int] = {}  # ticket -> its work units
         self._running: set[int] = set()
         self._next_ticket = 0
-        self._vtime = 0.0  # pass of the last stride grant: where newly active requesters join
-        self._contended = 0  # grants made while two or more requesters waited
+        self._vtime = 0.0  # pass of the last stride grant: where newly active flows join
+        self._newcomers = _Flow()
+        self._owed = 0  # optimistic work owed, times (unchoke_every - 1)
+        self._owed_cap = 1
         self._optimistic: Hashable | None = None
         self._next_evaluation = float("-inf")
         self._rotate_at = float("-inf")
@@ -126,24 +155,32 @@ class SchedulingPolicy:
 
     # -- transitions --------------------------------------------------------------
 
-    def submit(self, requester: Hashable, *, now: float, credit: float = 0.0, delinquent: bool = False) -> int:
-        """Queue one unit of work for ``requester``; returns its ticket. Call ``grant`` next."""
+    def submit(self, requester: Hashable, *, now: float, credit: float = 0.0, delinquent: bool = False,
+               work: int = 1) -> int:
+        """Queue ``work`` units (tokens x blocks, at least 1) for ``requester``; returns
+        its ticket. Call ``grant`` next."""
         if len(self._requesters) > _SWEEP_AT + 2 * len(self._owner):
             self._sweep()
+        credit = max(0.0, float(credit))
         state = self._requesters.get(requester)
+        newcomer = credit <= 0.0
         if state is None:
             state = self._requesters[requester] = _Requester(
-                key=requester, credit=0.0, weight=1.0, delinquent=False, pass_=self._vtime
-            )
-        elif not state.waiting and not state.running:
-            state.pass_ = max(state.pass_, self._vtime)  # no banking of idle time
-        state.credit = max(0.0, float(credit))
+                key=requester, credit=credit, weight=1.0, delinquent=False,
+                pass_=self._newcomers.vtime if newcomer else self._vtime)
+        elif (not state.waiting and not state.running) or state.newcomer != newcomer:
+            # no banking of idle time; a newcomer that earned credit joins the creditors now
+            state.pass_ = max(state.pass_, self._newcomers.vtime if newcomer else self._vtime)
+        if newcomer and not self._newcomers_active():
+            self._newcomers.pass_ = max(self._newcomers.pass_, self._vtime)
+        state.credit = credit
         state.weight = self.config.weight(state.credit)
         state.delinquent = delinquent
         ticket = self._next_ticket
         self._next_ticket += 1
         state.waiting.append(ticket)
         self._owner[ticket] = state
+        self._work[ticket] = max(1, int(work))
         return ticket
 
     def grant(self, *, now: float) -> list[int]:
@@ -163,6 +200,7 @@ class SchedulingPolicy:
             raise KeyError(f"ticket {ticket} is not running")
         self._running.discard(ticket)
         state = self._owner.pop(ticket)
+        self._work.pop(ticket, None)
         state.running -= 1
         self._forget_if_idle(state)
 
@@ -171,6 +209,7 @@ class SchedulingPolicy:
         if not self.is_waiting(ticket):
             return False
         state = self._owner.pop(ticket)
+        self._work.pop(ticket, None)
         state.waiting.remove(ticket)
         self._forget_if_idle(state)
         return True
@@ -184,19 +223,55 @@ class SchedulingPolicy:
             return min(active, key=lambda s: s.waiting[0])
         if len(normal) == 1:
             return self._advance(normal[0])
-        self._contended += 1
         self._evaluate_optimistic(now, normal)
         every = self.config.unchoke_every
-        if every and self._contended % every == 0 and self._optimistic is not None:
-            chosen = self._requesters.get(self._optimistic)
-            if chosen is not None and chosen.waiting and not chosen.delinquent:
+        chosen = self._requesters.get(self._optimistic) if self._optimistic is not None else None
+        if every and chosen is not None and chosen.waiting and not chosen.delinquent:
+            head = self._work[chosen.waiting[0]]
+            self._owed_cap = head
+            if self._owed >= head * (every - 1):
+                self._owed -= head * (every - 1)
                 return chosen  # reserved share: the pass is not advanced
-        return self._advance(min(normal, key=lambda s: (s.pass_, s.waiting[0])))
+        state = self._stride(normal)
+        self._owed += self._work[state.waiting[0]]
+        if every and (chosen is None or not chosen.waiting):
+            self._owed = min(self._owed, self._owed_cap * (every - 1))  # no banking while it is away
+        return self._advance(state)
+
+    def _stride(self, normal: list[_Requester]) -> _Requester:
+        """The waiting requester the proportional share serves next: the least virtual
+        finish time (pass plus the head ticket's work over the weight), so that of flows
+        at the same pass the one asking for less goes first, and a decode step that joins
+        at the virtual time never waits behind a round of big pieces."""
+        work = self._work
+        newcomers = [s for s in normal if s.newcomer]
+        creditors = [s for s in normal if not s.newcomer]
+        best = None
+        if creditors:
+            best = min(creditors, key=lambda s: (s.pass_ + work[s.waiting[0]] / s.weight, s.waiting[0]))
+            best_key = (best.pass_ + work[best.waiting[0]] / best.weight, best.waiting[0])
+        if newcomers:
+            first = min(newcomers, key=lambda s: (s.pass_ + work[s.waiting[0]], s.waiting[0]))
+            if best is None or (self._newcomers.pass_ + work[first.waiting[0]], first.waiting[0]) < best_key:
+                return first
+        assert best is not None
+        return best
 
     def _advance(self, state: _Requester) -> _Requester:
-        self._vtime = max(self._vtime, state.pass_)
-        state.pass_ += 1.0 / state.weight
+        work = self._work[state.waiting[0]]
+        if state.newcomer:
+            flow = self._newcomers
+            self._vtime = max(self._vtime, flow.pass_)
+            flow.pass_ += work  # the flow's weight is 1
+            flow.vtime = max(flow.vtime, state.pass_)
+            state.pass_ += work
+        else:
+            self._vtime = max(self._vtime, state.pass_)
+            state.pass_ += work / state.weight
         return state
+
+    def _newcomers_active(self) -> bool:
+        return any(s.waiting or s.running for s in self._requesters.values() if s.newcomer)
 
     def _evaluate_optimistic(self, now: float, normal: list[_Requester]) -> None:
         current = self._requesters.get(self._optimistic) if self._optimistic is not None else None
@@ -228,7 +303,8 @@ class SchedulingPolicy:
     def _forget_if_idle(self, state: _Requester) -> None:
         # A requester with nothing queued whose pass is not ahead would rejoin at
         # vtime anyway: dropping it bounds memory by the active requesters.
-        if not state.waiting and not state.running and state.pass_ <= self._vtime:
+        vtime = self._newcomers.vtime if state.newcomer else self._vtime
+        if not state.waiting and not state.running and state.pass_ <= vtime:
             if self._requesters.get(state.key) is state:
                 del self._requesters[state.key]
 
@@ -269,20 +345,21 @@ class Scheduler:
     def capacity(self) -> int:
         return self.policy.config.capacity
 
-    async def run(self, requester: Hashable, fn: Callable[[], T]) -> T:
+    async def run(self, requester: Hashable, fn: Callable[[], T], *, work: int = 1) -> T:
         """``fn()`` computed for ``requester`` in a worker thread, once the policy grants
-        it a slot (at once if one is free).
+        it a slot (at once if one is free); ``work`` is what it costs in work units
+        (tokens x blocks), what the policy charges.
 
         Cancellation: a waiter leaves the queue; once ``fn`` runs, it runs to the end
         (a worker thread cannot be interrupted; its slot is held until it returns) and
         the caller's cancellation is delivered after.
         """
-        async with self.slot(requester):
+        async with self.slot(requester, work=work):
             return await trio.to_thread.run_sync(fn, limiter=self._threads)
 
     @asynccontextmanager
     async def slot(
-        self, requester: Hashable, *, now: float | None = None, credit: float | None = None
+        self, requester: Hashable, *, now: float | None = None, credit: float | None = None, work: int = 1
     ) -> AsyncIterator[None]:
         """Wait for a compute slot, hold it for the body, release it on exit (``run`` is
         this around a worker thread; compute goes through ``run``).
@@ -300,6 +377,7 @@ class Scheduler:
             now=when,
             credit=self._credit_of(requester) if credit is None else credit,
             delinquent=self._delinquent_of(requester),
+            work=work,
         )
         event = self._events[ticket] = trio.Event()
         self._dispatch(when)

@@ -15,6 +15,24 @@ accusation can be refuted with the client's own signatures (spec section 13).
 Shutdown (``drain``): new sessions are refused with SHUTTING_DOWN, in-flight steps
 finish (up to a grace period), then the caller cancels the server's scope, which
 withdraws the announcement (``swarm.announce.Announcer``).
+
+What one requester can take is bounded before the work is done (``ServerLimits``;
+spec section 15, "Server limits"): sessions per requester and per address group, a
+session that never got a step expires after ``unused_session_timeout``, the KV cache
+budget (the executor's) counts sessions and the transient cache of a long
+FORWARD_ONCE alike, FORWARD_ONCE tokens are capped per request and per requester in
+flight, and the size caps of FORWARD (per connection: the largest session opened on
+it) and FORWARD_ONCE (the per-request token cap) are set on the transport so that an
+oversized message is refused from its first bytes. Compute is charged by work
+(tokens x blocks): a step is submitted to the scheduler in pieces of at most
+``quantum`` work units (``SpanExecutor.forward_job``: whole blocks for a session,
+whose output does not change; chunks of ``chunk_tokens`` tokens too for a long
+FORWARD_ONCE), so a decode step waits for at most one piece of someone else's big
+request.
+
+``answer_loading`` serves the session requests of a peer that is still loading its
+span: ``ERROR LOADING`` with a ``retry_after``, so that clients route around it
+rather than take "not served" for an answer (spec section 11).
 """
 
 from __future__ import annotations
@@ -24,6 +42,7 @@ import logging
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 import trio
@@ -49,16 +68,41 @@ from protocol import (
     encode_tensor,
     sign_forward_once_result,
     sign_result,
+    type_cap,
 )
 from protocol.errors import ErrorCode, RemoteError, SwarmError, UnexpectedMessage
 from swarm.transport import Host, PeerConnection
 
-from .runtime import SpanExecutor
+from .runtime import ForwardJob, SpanExecutor
 from .scheduler import Scheduler
 
-__all__ = ["SpanServer", "ServerStats"]
+__all__ = ["SpanServer", "ServerStats", "ServerLimits", "answer_loading"]
 
 log = logging.getLogger("swarm.server")
+
+T = TypeVar("T")
+#: Inputs larger than this are hashed, checked and decoded in a worker thread.
+OFFTHREAD_BYTES = 1 << 20
+SESSION_TAG = "sessions"  # the connection tag that keeps a connection with sessions from being trimmed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerLimits:
+    """What one requester may take of a server (spec section 15, "Server limits")."""
+
+    max_sessions: int = 16  # sessions open at once; beyond, OPEN_SESSION gets BUSY
+    max_sessions_per_peer: int = 4  # ... per requesting identity
+    max_sessions_per_group: int = 8  # ... per address group of requesters (own groups exempt)
+    unused_session_timeout: float = 15.0  # a session without a step is closed after this many seconds
+    max_forward_once_tokens: int = 8192  # tokens of one FORWARD_ONCE (and at most the model's context)
+    max_once_tokens_per_peer: int = 8192  # FORWARD_ONCE tokens one requester may have queued or computing
+    quantum: int = 512  # work units (tokens x blocks) of one compute grant
+    chunk_tokens: int = 256  # a longer FORWARD_ONCE is computed this many tokens at a time
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"server limit {name} must be positive")
 
 
 @dataclass(slots=True)
@@ -83,6 +127,7 @@ class _Served:
 
     owner: PeerConnection
     state: SessionState
+    opened: float  # the server's clock when it opened
     computing: bool = False  # a step is in a worker thread: the cache is not to be touched
 
 
@@ -92,7 +137,9 @@ class SpanServer:
     Args:
         host: the transport (not yet running, or running: handlers are added at once).
         executor: the loaded span.
-        max_sessions: sessions open at once; beyond it OPEN_SESSION gets BUSY.
+        max_sessions: sessions open at once; beyond it OPEN_SESSION gets BUSY
+            (overrides ``limits.max_sessions``).
+        limits: what one requester may take (``ServerLimits``).
         on_work: called with (requester's connection, work units) after every served
             step; the credit ledger hooks in here.
         compute: the peer's compute scheduler (shared with fraud proof verification);
@@ -105,21 +152,27 @@ class SpanServer:
         host: Host,
         executor: SpanExecutor,
         *,
-        max_sessions: int = 16,
+        max_sessions: int | None = None,
+        limits: ServerLimits | None = None,
         drain_grace: float = 30.0,
         on_work: Callable[[PeerConnection, int], None] | None = None,
         compute: Scheduler | None = None,
         banned: Collection[bytes] = frozenset(),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if max_sessions < 1:
-            raise ValueError("max_sessions must be at least 1")
+        limits = limits or ServerLimits()
+        if max_sessions is not None:
+            if max_sessions < 1:
+                raise ValueError("max_sessions must be at least 1")
+            limits = ServerLimits(**{**{f: getattr(limits, f) for f in limits.__dataclass_fields__},
+                                     "max_sessions": max_sessions})
+        self.limits = limits
         self.host = host
         self.identity: Identity = host.identity
         self.executor = executor
         self.model = executor.model_id
         self.span = (executor.start, executor.end)
-        self.max_sessions = max_sessions
+        self.max_sessions = limits.max_sessions
         self.drain_grace = drain_grace
         self.stats = ServerStats()
         self.draining = False
@@ -128,6 +181,11 @@ class SpanServer:
         self.banned = banned  # peers refused with BANNED (verify.Reputation.banned, shared)
         self._clock = clock
         self._sessions: dict[bytes, _Served] = {}
+        self._once_tokens: dict[bytes, int] = {}  # requester -> FORWARD_ONCE tokens queued or computing
+        # Long FORWARD_ONCEs in progress at once, whoever asks: each holds a cache and
+        # scratch memory of its own while its pieces run, so they take turns; decode
+        # steps still run between their pieces.
+        self._long_jobs = trio.Semaphore(self.compute.capacity)
         self._in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -138,6 +196,21 @@ class SpanServer:
             (CloseSession, self._close_session),
         ):
             host.add_handler(request_type, handler)
+        self._set_caps()
+
+    def _set_caps(self) -> None:
+        """The transport's size caps for this span's requests (spec section 7.5): a
+        FORWARD of one token until a session is opened on the connection, a FORWARD_ONCE
+        of ``max_once_tokens``."""
+        limits, hidden = self.host.limits, self.executor.hidden_size
+        self.host.set_request_cap(Forward, type_cap(Forward, limits, hidden))
+        self.host.set_request_cap(ForwardOnce, type_cap(ForwardOnce, limits, hidden * self.max_once_tokens))
+
+    @property
+    def max_once_tokens(self) -> int:
+        """Tokens one FORWARD_ONCE may carry: the limit, and at most the model's context."""
+        context = self.executor.context_length
+        return min(self.limits.max_forward_once_tokens, context) if context else self.limits.max_forward_once_tokens
 
     # -- status ---------------------------------------------------------------------------
 
@@ -157,6 +230,7 @@ class SpanServer:
             raise ValueError(f"{executor.model_id} is not the served model {self.model}")
         self.executor = executor
         self.span = (executor.start, executor.end)
+        self._set_caps()
 
     def make_announcement(self, expires: int, throughput: float) -> Announcement:
         return Announcement(peer_id=self.identity.peer_id, addrs=tuple(self.host.listen_addrs), model=self.model,
@@ -175,9 +249,14 @@ class SpanServer:
             self.sweep()
 
     def sweep(self) -> list[bytes]:
-        """Close sessions whose connection ended or that idled past the executor's timeout."""
-        gone = [sid for sid, s in self._sessions.items() if not s.owner.is_open]
-        gone += [sid for sid in self.executor.evict_idle(self._clock()) if sid in self._sessions]
+        """Close sessions whose connection ended, that never got a step within
+        ``unused_session_timeout`` (a client that failed half-way through opening its
+        route, issue 12), or that idled past the executor's timeout."""
+        now = self._clock()
+        unused = self.limits.unused_session_timeout
+        gone = [sid for sid, s in self._sessions.items() if not s.owner.is_open
+                or (s.state.length == 0 and not s.computing and now - s.opened > unused)]
+        gone += [sid for sid in self.executor.evict_idle(now) if sid in self._sessions and sid not in gone]
         for sid in gone:
             self._drop(sid)
         return gone
@@ -198,6 +277,11 @@ class SpanServer:
             self.executor.close_session(sid)
         except SwarmError:
             pass  # already evicted by the executor itself
+        self._untag(served.owner)
+
+    def _untag(self, conn: PeerConnection) -> None:
+        if not any(s.owner is conn for s in self._sessions.values()):
+            conn.unprotect(SESSION_TAG)
 
     # -- handlers -------------------------------------------------------------------------
 
@@ -213,12 +297,24 @@ class SpanServer:
             if len(self._sessions) >= self.max_sessions:
                 raise RemoteError(f"all {self.max_sessions} session slots are taken", code=ErrorCode.BUSY,
                                   retry_after=1.0)
+        mine = sum(1 for s in self._sessions.values() if s.state.client == conn.peer_id)
+        if mine >= self.limits.max_sessions_per_peer:
+            raise RemoteError(f"you have {mine} sessions open here, the most one peer may have; close one first",
+                              code=ErrorCode.BUSY, retry_after=1.0)
+        if conn.group not in self.host.manager.exempt_groups:
+            near = sum(1 for s in self._sessions.values() if s.owner.group == conn.group)
+            if near >= self.limits.max_sessions_per_group:
+                raise RemoteError(f"{near} sessions are open from {conn.group}, the most one address group may "
+                                  "have; retry later", code=ErrorCode.BUSY, retry_after=1.0)
         sid = self.executor.open_session(msg.max_length, start=msg.span[0], end=msg.span[1])
         state = SessionState(client=conn.peer_id, server=self.identity.peer_id, session=sid, model=self.model,
                              span=msg.span, max_length=msg.max_length, wire_dtype=msg.wire_dtype,
                              blocksize=blocksize)
         state.open()
-        self._sessions[sid] = _Served(owner=conn, state=state)
+        self._sessions[sid] = _Served(owner=conn, state=state, opened=self._clock())
+        # this connection may now send FORWARDs as long as the session (the cap only grows)
+        conn.allow(Forward, type_cap(Forward, self.host.limits, self.executor.hidden_size * msg.max_length))
+        conn.protect(SESSION_TAG)
         self.stats.sessions_opened += 1
         return SessionOpened(session=sid)
 
@@ -232,13 +328,17 @@ class SpanServer:
         if served.computing:  # one step at a time: the executor runs a session in one thread
             raise UnexpectedMessage("the session's previous step is still being computed; wait for its result")
         state = served.state
-        n_tokens = check_forward(state, msg, client_public_key=conn.public_key,
-                                 hidden_size=self.executor.hidden_size)
-        hidden = self._decode(msg.hidden)
         served.computing = True
+        job: ForwardJob | None = None
         try:
-            output = await self._compute_step(conn, state.span, n_tokens,
-                                              lambda: self.executor.forward(msg.session, hidden, msg.position))
+            n_tokens, hidden = await self._off_loop(len(msg.hidden.data), self._check_and_decode, state, msg,
+                                                    conn.public_key)
+            job = self.executor.forward_job(msg.session, hidden, msg.position, quantum=self.limits.quantum)
+            output = await self._compute_step(conn, state.span, n_tokens, job)
+        except BaseException:
+            if job is not None and 0 < job.pieces_done < len(job.pieces):
+                self._drop(msg.session)  # its cache holds half a step: it cannot go on
+            raise
         finally:
             served.computing = False
         if self._sessions.get(msg.session) is not served:  # closed while computing
@@ -246,18 +346,57 @@ class SpanServer:
         return sign_result(self.identity, state, msg, encode_tensor(output, state.wire_dtype,
                                                                     blocksize=state.blocksize))
 
+    def _check_and_decode(self, state: SessionState, msg: Forward, public_key: bytes) -> tuple[int, torch.Tensor]:
+        n_tokens = check_forward(state, msg, client_public_key=public_key, hidden_size=self.executor.hidden_size)
+        return n_tokens, self._decode(msg.hidden)
+
     async def _forward_once(self, conn: PeerConnection, msg: ForwardOnce) -> ForwardOnceResult:
         if conn.peer_id in self.banned:
             raise RemoteError("you are banned by this peer (a verified fraud proof)", code=ErrorCode.BANNED)
         self._check_target(msg.model, msg.span)
-        state = check_forward_once(msg, client=conn.peer_id, client_public_key=conn.public_key,
-                                   server=self.identity.peer_id, hidden_size=self.executor.hidden_size)
-        hidden = self._decode(msg.hidden)
-        output = await self._compute_step(conn, msg.span, hidden.shape[1],
-                                          lambda: self.executor.forward_once(hidden, start=msg.span[0],
-                                                                             end=msg.span[1]))
+        shape = msg.hidden.shape
+        n_tokens = shape[1] if len(shape) == 3 else 0  # a wrong shape is check_forward_once's to refuse
+        if n_tokens > self.max_once_tokens:
+            raise RemoteError(f"a FORWARD_ONCE of {n_tokens} tokens exceeds this server's limit of "
+                              f"{self.max_once_tokens}", code=ErrorCode.MAX_LENGTH_EXCEEDED)
+        queued = self._once_tokens.get(conn.peer_id, 0)
+        if queued + n_tokens > self.limits.max_once_tokens_per_peer:
+            raise RemoteError(f"you have {queued} FORWARD_ONCE tokens queued here; wait for their results",
+                              code=ErrorCode.BUSY, retry_after=1.0)
+        self._once_tokens[conn.peer_id] = queued + n_tokens
+        try:
+            state, hidden = await self._off_loop(len(msg.hidden.data), self._check_and_decode_once, conn, msg)
+            start, end = msg.span
+            job = self.executor.forward_once_job(hidden, start=start, end=end, quantum=self.limits.quantum,
+                                                 chunk_tokens=self.limits.chunk_tokens)
+            long = len(job.pieces) > 1
+            transient = self.executor.transient_bytes(n_tokens, start=start, end=end) if long else 0
+            async with self._long_jobs if long else _NO_LIMIT:
+                self.executor.reserve(transient)  # counted against the same budget as sessions
+                try:
+                    output = await self._compute_step(conn, msg.span, n_tokens, job)
+                finally:
+                    self.executor.release(transient)
+        finally:
+            left = self._once_tokens[conn.peer_id] - n_tokens
+            if left:
+                self._once_tokens[conn.peer_id] = left
+            else:
+                del self._once_tokens[conn.peer_id]
         return sign_forward_once_result(self.identity, state, msg, encode_tensor(output, state.wire_dtype,
                                                                                  blocksize=state.blocksize))
+
+    def _check_and_decode_once(self, conn: PeerConnection, msg: ForwardOnce) -> tuple[SessionState, torch.Tensor]:
+        state = check_forward_once(msg, client=conn.peer_id, client_public_key=conn.public_key,
+                                   server=self.identity.peer_id, hidden_size=self.executor.hidden_size)
+        return state, self._decode(msg.hidden)
+
+    async def _off_loop(self, size: int, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``: in a worker thread for an input over ``OFFTHREAD_BYTES`` (hashing
+        and decoding it takes milliseconds other connections would wait for), else here."""
+        if size > OFFTHREAD_BYTES:
+            return await trio.to_thread.run_sync(fn, *args)
+        return fn(*args)
 
     async def _close_session(self, conn: PeerConnection, msg: CloseSession) -> SessionClosed:
         served = self._sessions.get(msg.session)
@@ -266,6 +405,7 @@ class SpanServer:
         self._sessions.pop(msg.session)
         served.state.close()
         self.executor.close_session(msg.session)
+        self._untag(conn)
         return SessionClosed()
 
     # -- helpers --------------------------------------------------------------------------
@@ -282,15 +422,20 @@ class SpanServer:
         return decode_tensor(wire, limits=self.host.limits, device=self.executor.device, out_dtype=self.executor.dtype)
 
     async def _compute_step(self, requester: PeerConnection, span: tuple[int, int], n_tokens: int,
-                            fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+                            job: ForwardJob) -> torch.Tensor:
+        """Run ``job``'s pieces through the scheduler, each charged its work, and return
+        its output; the requester's work is counted for credit once it is done."""
         self._in_flight += 1
         self._idle = trio.Event() if self._in_flight == 1 else self._idle
+        seconds = 0.0
         try:
-            output, seconds = await self.compute.run(requester.peer_id, functools.partial(_timed, fn))
+            for work, piece in job.pieces:
+                seconds += await self.compute.run(requester.peer_id, functools.partial(_timed, piece), work=work)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+        output = job.result()
         work = n_tokens * (span[1] - span[0])
         self.stats.steps += 1
         self.stats.tokens += n_tokens
@@ -300,9 +445,34 @@ class SpanServer:
         return output
 
 
-def _timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
-    """``fn()`` and its duration: runs in a compute worker thread."""
+class _NoLimit:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LIMIT = _NoLimit()
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    """Run ``fn()`` (one piece of a forward) and return how long it took: runs in a
+    compute worker thread."""
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = fn()
-    return out, time.perf_counter() - t0
+    fn()
+    return time.perf_counter() - t0
+
+
+def answer_loading(host: Host, *, retry_after: Callable[[], float]) -> None:
+    """Answer the session requests with ``ERROR LOADING`` until a ``SpanServer``
+    replaces the handlers: a peer that listens before its span is loaded (it needs the
+    DHT to choose its span) never leaves a client with "not served" for an answer.
+    ``retry_after()`` is the estimated wait in seconds."""
+
+    async def loading(conn: PeerConnection, msg: object) -> Any:
+        raise RemoteError("this server is still loading its blocks; route around it or retry later",
+                          code=ErrorCode.LOADING, retry_after=max(0.0, retry_after()))
+
+    for request_type in (OpenSession, Forward, ForwardOnce, CloseSession):
+        host.add_handler(request_type, loading)

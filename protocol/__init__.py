@@ -12,7 +12,18 @@ first use, so ``import protocol`` does not import torch.
 from typing import TYPE_CHECKING, Any
 
 from ._cbor import decode as cbor_decode, encode as cbor_encode
-from ._channel import Channel, ChannelEvent, RequestReceived, RequestRefused, ResponseReceived, error_for
+from ._channel import (
+    UNSERVED_CAP,
+    Channel,
+    ChannelEvent,
+    Decoded,
+    RequestReceived,
+    RequestRefused,
+    ResponseReceived,
+    error_for,
+    response_cap,
+    type_cap,
+)
 from ._connection import (
     NEED_DATA,
     Connection,
@@ -157,6 +168,10 @@ __all__ = [
     "VERSION_TEXT",
     # requests and responses over a connection
     "Channel",
+    "Decoded",
+    "UNSERVED_CAP",
+    "response_cap",
+    "type_cap",
     "ChannelEvent",
     "RequestReceived",
     "RequestRefused",

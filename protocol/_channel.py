@@ -22,6 +22,20 @@ peer has open on us and its limit, and the answers to types nobody can serve.
   ``answered()`` says it was written, freeing one of the peer's request slots.
 - ``close()`` ends the channel and hands back the tokens of requests still awaited.
 
+- ``message_cap(type, id)`` is the size cap of an incoming message, which the
+  connection checks against its declared length before buffering it (spec section
+  6): a request type this side serves has its type's cap (the largest its field
+  table allows, or a lower one the application set: ``caps`` for the peer's
+  defaults, ``allow`` to raise one for this connection, e.g. FORWARD once a session
+  with its size is open); a request type not served, or unknown, is answered from
+  its envelope alone and gets ``UNSERVED_CAP``; ``ERROR`` its type's cap; any other
+  response the cap its request called for (``response_cap``: for FORWARD and
+  FORWARD_ONCE, a tensor as large as the request's in the widest dtype), and
+  ``UNSERVED_CAP`` if it answers nothing outstanding.
+- ``decode(payload)`` is the pure part of ``receive`` (strict, budgeted decoding of
+  the envelope and body, no state touched), so that the shell may run a large one in
+  a worker thread; ``accept(decoded)`` is the rest. ``receive`` is both.
+
 Connection-level errors (spec section 6, "ERROR", and section 14). Request ids start
 at 1; id 0 is reserved for an ``ERROR`` that is about the connection, not a request:
 a peer that is about to close the connection for a violation (MALFORMED,
@@ -41,6 +55,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ._fields import TensorCodec, envelope_size
 from ._limits import DEFAULT_LIMITS, Limits
 from ._messages import CONNECTION_ERROR_ID, MESSAGE_TYPES, RESPONSES, Error, Message, decode_envelope, encode_message
 from .errors import (
@@ -62,11 +77,18 @@ __all__ = [
     "RequestReceived",
     "RequestRefused",
     "ResponseReceived",
+    "Decoded",
+    "UNSERVED_CAP",
     "error_for",
+    "response_cap",
+    "type_cap",
 ]
 
 _MAX_ERROR_TEXT = 1024  # bytes; Error.message's limit
 _ID_SPACE = 2**64
+#: Size cap of a message answered or ignored from its envelope alone: a request type
+#: this side does not serve or know, a response to nothing outstanding (one Noise message).
+UNSERVED_CAP = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,10 +125,41 @@ class ResponseReceived(ChannelEvent):
     error: SwarmError | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A received message decoded (``Channel.decode``), not yet accepted: ``message``
+    is None for a type this side does not know."""
+
+    type_: int
+    request_id: int
+    message: Message | None
+
+
 @dataclass(slots=True)
 class _Outstanding:
     request_type: type[Message]
     token: Any  # None once abandoned
+    response_cap: int  # the most bytes its response may declare
+
+
+def type_cap(cls: type[Message], limits: Limits, elements: int | None = None) -> int:
+    """The most bytes a message of ``cls`` can take by its field table (tensors of at
+    most ``elements`` elements, default ``limits.max_tensor_elements``), at most
+    ``limits.max_message_size``: spec section 7.5."""
+    return envelope_size(cls.TYPE, cls.FIELDS, limits, elements)
+
+
+def response_cap(request: Message, limits: Limits) -> int:
+    """The size cap of the response ``request`` calls for: its response type's cap,
+    with tensors no larger than the request's own (FORWARD and FORWARD_ONCE answer a
+    tensor of the shape they were sent, in any dtype). ``ERROR`` has its own cap."""
+    response = RESPONSES[type(request)]
+    elements = None
+    if any(isinstance(f.codec, TensorCodec) for f in response.FIELDS):
+        tensors = [getattr(request, f.name) for f in request.FIELDS if isinstance(f.codec, TensorCodec)]
+        if tensors:
+            elements = sum(t.numel for t in tensors if t is not None)
+    return type_cap(response, limits, elements)
 
 
 def error_for(exc: BaseException) -> Error:
@@ -150,12 +203,17 @@ class Channel:
             what is received and answered.
         serves: whether this side serves a request type (checked when a request
             arrives, so handlers may be added while the channel is open); default all.
+        caps: request type -> this side's size cap for it, or None for the type's own
+            cap (read when each message arrives: a live mapping's ``get`` works).
     """
 
     def __init__(self, *, limits: Limits = DEFAULT_LIMITS,
-                 serves: Callable[[type[Message]], bool] | None = None) -> None:
+                 serves: Callable[[type[Message]], bool] | None = None,
+                 caps: Callable[[type[Message]], int | None] | None = None) -> None:
         self.limits = limits
         self._serves = serves or (lambda _type: True)
+        self._caps = caps or (lambda _type: None)
+        self._allowed: dict[type[Message], int] = {}
         self._outstanding: dict[int, _Outstanding] = {}
         self._next_id = 1
         self._incoming = 0
@@ -211,7 +269,7 @@ class Channel:
         request_id = self._next_id
         self._next_id = request_id + 1 if request_id + 1 < _ID_SPACE else 1
         payload = encode_message(request, request_id)
-        self._outstanding[request_id] = _Outstanding(type(request), token)
+        self._outstanding[request_id] = _Outstanding(type(request), token, response_cap(request, self.limits))
         return request_id, payload
 
     def abandon(self, request_id: int) -> None:
@@ -220,36 +278,81 @@ class Channel:
         if outstanding is not None:
             outstanding.token = None
 
+    # -- size caps ------------------------------------------------------------------
+
+    def allow(self, request_type: type[Message], size: int) -> None:
+        """Let this connection's peer send ``request_type`` messages of up to ``size``
+        bytes (at most ``max_message_size``); a cap is only ever raised this way."""
+        size = min(size, self.limits.max_message_size)
+        if size > self._allowed.get(request_type, 0):
+            self._allowed[request_type] = size
+
+    def message_cap(self, type_: int, request_id: int) -> int:
+        """The most bytes an incoming message with this envelope head may declare
+        (see the module docstring); ``Connection.set_message_cap`` takes this."""
+        cls = MESSAGE_TYPES.get(type_)
+        if type_ % 2 == 0:
+            if cls is None or not self._serves(cls):
+                return min(UNSERVED_CAP, self.limits.max_message_size)
+            cap = self._caps(cls)
+            cap = type_cap(cls, self.limits) if cap is None else min(cap, self.limits.max_message_size)
+            return max(cap, self._allowed.get(cls, 0))
+        if cls is Error:
+            return type_cap(Error, self.limits)
+        outstanding = self._outstanding.get(request_id)
+        if outstanding is None:
+            return min(UNSERVED_CAP, self.limits.max_message_size)
+        return outstanding.response_cap
+
     # -- receiving ------------------------------------------------------------------
+
+    def decode(self, payload: bytes) -> Decoded:
+        """Decode one received message strictly, within its type's item budget, touching
+        no state (safe in another thread). A type this side does not know decodes to
+        None (its body is not read).
+
+        Raises:
+            DecodeError, LimitExceeded: see ``receive``.
+        """
+        type_, request_id, body = decode_envelope(payload, limits=self.limits)
+        cls = MESSAGE_TYPES.get(type_)
+        return Decoded(type_, request_id, cls.from_cbor(body, limits=self.limits) if cls is not None else None)
 
     def receive(self, payload: bytes) -> ChannelEvent | None:
         """What one received application message means (see the module docstring).
 
         Raises:
-            DecodeError, LimitExceeded: the message does not decode or validate, or the
-                peer has more than ``max_concurrent_requests`` requests open on us; the
-                connection must end (spec section 6, "Unknown and malformed messages").
+            DecodeError, LimitExceeded: the message does not decode or validate, holds
+                more items than its type allows, or the peer has more than
+                ``max_concurrent_requests`` requests open on us; the connection must end
+                (spec section 6, "Unknown and malformed messages").
             ConnectionAborted: the peer sent a connection-level ``ERROR`` (id 0): it is
                 closing the connection, for the reason in the error.
         """
-        type_, request_id, body = decode_envelope(payload, limits=self.limits)
+        return self.accept(self.decode(payload))
+
+    def accept(self, decoded: Decoded) -> ChannelEvent | None:
+        """What a decoded message means (``receive`` after ``decode``). Raises
+        LimitExceeded for a request beyond ``max_concurrent_requests``."""
+        type_, request_id = decoded.type_, decoded.request_id
         cls = MESSAGE_TYPES.get(type_)
         if request_id == CONNECTION_ERROR_ID:  # decode_envelope let only ERROR through
-            notice = Error.from_cbor(body, limits=self.limits)
+            notice = decoded.message
+            assert isinstance(notice, Error)  # decode_envelope lets id 0 through on ERROR only
             name = notice.error_code.name if isinstance(notice.error_code, ErrorCode) else str(notice.code)
             raise ConnectionAborted(f"the peer is closing the connection: {name} ({notice.code}): "
                                     f"{_one_line(notice.message)}", code=notice.code)
         if type_ % 2 == 0:  # a request, known or not
             if self._incoming >= self.limits.max_concurrent_requests:
                 raise LimitExceeded(f"more than {self.limits.max_concurrent_requests} concurrent requests")
-            request = cls.from_cbor(body, limits=self.limits) if cls is not None else None
+            request = decoded.message
             self._incoming += 1
             if request is None or not self._serves(cls):
                 what = f"unknown message type {type_}" if request is None else f"{cls.__name__} is not served by this peer"
                 refusal = Error(code=int(ErrorCode.UNKNOWN_MESSAGE), message=what)
                 return RequestRefused(request_id, encode_message(refusal, request_id))
             return RequestReceived(request_id, request)
-        response = cls.from_cbor(body, limits=self.limits) if cls is not None else None
+        response = decoded.message
         outstanding = self._outstanding.pop(request_id, None)
         if outstanding is None:
             return None  # nothing outstanding has that id (e.g. we answered it by closing)

@@ -29,7 +29,7 @@ from ._handshake import Handshake, HandshakeState, Role
 from ._identity import PEER_ID_SIZE, Identity, peer_id_of
 from ._limits import DEFAULT_LIMITS, Limits
 from ._noise import NonceExhausted
-from ._transport import FrameReader, MessageDecoder, MessageEncoder, frame
+from ._transport import FrameReader, MessageCap, MessageDecoder, MessageEncoder, frame
 from .errors import ConnectionClosed, HandshakeError, LocalProtocolError, ProtocolError
 
 __all__ = [
@@ -143,10 +143,12 @@ class Connection:
         self._reader = FrameReader()
         self._encoder: MessageEncoder | None = None
         self._decoder: MessageDecoder | None = None
+        self._message_cap: MessageCap | None = None
         self._events: deque[Event] = deque()
         self._outgoing: list[bytes] = []
         self._eof = False
         self._error: ProtocolError | None = None
+        self._send_failed = False  # our sending direction failed (nonce exhausted)
         self.remote_peer_id: bytes | None = None
         self.remote_public_key: bytes | None = None
         self.remote_listen_addrs: tuple[str, ...] | None = None
@@ -166,6 +168,21 @@ class Connection:
     def buffered_bytes(self) -> int:
         """Received bytes held: undecrypted frames plus a partial application message."""
         return len(self._reader) + (self._decoder.buffered if self._decoder else 0)
+
+    @property
+    def incomplete_message(self) -> int:
+        """The declared length of the application message being received, 0 if none:
+        what the shell accounts and holds to a deadline (spec section 15)."""
+        return self._decoder.incomplete if self._decoder is not None else 0
+
+    def set_message_cap(self, cap: MessageCap | None) -> None:
+        """Check every application message's declared length against ``cap(type, id)``
+        as soon as its envelope head has arrived (``Channel.message_cap``), before the
+        rest is buffered; a message over it is ``LimitExceeded``. None: only
+        ``Limits.max_message_size``, and messages may be any bytes."""
+        self._message_cap = cap
+        if self._decoder is not None:
+            self._decoder.cap = cap
 
     # -- errors ----------------------------------------------------------------
 
@@ -208,7 +225,7 @@ class Connection:
         result = self._handshake.result
         assert result is not None
         self._encoder = MessageEncoder(result.send_cipher, self.limits)
-        self._decoder = MessageDecoder(result.recv_cipher, self.limits)
+        self._decoder = MessageDecoder(result.recv_cipher, self.limits, self._message_cap)
         self.remote_peer_id = result.peer_id
         self.remote_public_key = result.public_key
         self.remote_listen_addrs = result.listen_addrs
@@ -258,7 +275,8 @@ class Connection:
         Raises:
             RemoteProtocolError: the peer violated the protocol (HandshakeError,
                 UnexpectedMessage, DecryptError, LimitExceeded, ConnectionClosed);
-                the connection is then in ERROR for good.
+                the connection is then in ERROR for good (receiving; ``send`` still
+                works, to say why before closing).
         """
         self._check_error()
         if self._events:
@@ -311,12 +329,18 @@ class Connection:
                 ``Limits.max_message_size`` (the connection stays usable).
             NonceExhausted: 2**64-1 messages sent; the connection is in ERROR.
         """
-        self._check_error()
+        # A failure of what the peer sent (a bad frame or message) leaves our direction
+        # intact, so that the side closing for it can first say why with a
+        # connection-level ERROR (spec section 6); only a failure of our own sending
+        # direction, or one before the handshake completed, stops it.
+        if self._error is not None and (self._encoder is None or self._send_failed):
+            raise self._error
         if self._encoder is None:
             raise LocalProtocolError("send() before the handshake is complete")
         try:
             data = self._encoder.encode(payload)
         except NonceExhausted as exc:
+            self._send_failed = True
             self._fail(exc)
             raise
         if self._outgoing:

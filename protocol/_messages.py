@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ._cbor import decode as cbor_decode, encode as cbor_encode
+from ._cbor import ENVELOPE_HEAD_MAX, decode as cbor_decode, encode as cbor_encode, envelope_head
 from ._fields import (
     Bool,
     Bytes,
@@ -31,6 +31,7 @@ from ._fields import (
     TensorCodec,
     Text,
     UInt,
+    envelope_items,
     fields_from_cbor,
     fields_to_cbor,
     validate_fields,
@@ -662,11 +663,18 @@ def decode_envelope(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> tuple[in
     """``(type, id, body)`` of one envelope, the body not yet decoded.
 
     Raises:
-        LimitExceeded: the bytes exceed ``limits.max_message_size``.
+        LimitExceeded: the bytes exceed ``limits.max_message_size``, or hold more
+            data items than the type's budget (spec section 7.5).
         DecodeError: not the array ``[type, id, body]`` of unsigned type and id, or id 0
             on anything but an ``ERROR`` (a connection-level one).
     """
-    obj = cbor_decode(data, max_size=limits.max_message_size)
+    head = envelope_head(data[:ENVELOPE_HEAD_MAX])
+    if head is None:  # shorter than an envelope's head: nothing to budget, it fails below
+        budget = None
+    else:
+        cls = MESSAGE_TYPES.get(head[0])
+        budget = envelope_items(cls.FIELDS if cls is not None else None, limits)
+    obj = cbor_decode(data, max_size=limits.max_message_size, max_items=budget)
     if type(obj) is not list or len(obj) != 3:
         raise DecodeError("a message is the array [type, id, body]")
     type_, id_, body = obj

@@ -15,16 +15,26 @@ messages in one Noise message, a header split across two), checks a declared len
 against ``Limits.max_message_size`` before buffering any of its bytes, and collects
 the pieces of a long message as memoryviews joined once at the end, so a message
 costs one copy whatever its size.
+
+Per-type caps (spec section 6, "Application messages"): given a ``cap(type, id)``
+callback (the request multiplexer's, ``Channel.message_cap``), the decoder also
+reads the envelope's head, ``[type, id, ...``, from the message's first
+``ENVELOPE_HEAD_MAX`` (19) bytes, and refuses the message if its declared length is
+above that type's cap, before it buffers more than those bytes. ``incomplete``
+tells the shell the declared length of a message being collected, so that it can
+account the memory and hold the sender to a deadline (section 15).
 """
 
 from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Callable
 
+from ._cbor import ENVELOPE_HEAD_MAX, envelope_head
 from ._limits import DEFAULT_LIMITS, NOISE_MAX_MESSAGE, Limits
 from ._noise import TAGLEN, CipherState
-from .errors import DecryptError, LimitExceeded, LocalProtocolError
+from .errors import DecryptError, LimitExceeded, LocalProtocolError, RemoteProtocolError
 
 Buffer = bytes | bytearray | memoryview
 
@@ -32,6 +42,7 @@ __all__ = [
     "APP_HEADER_SIZE",
     "FRAME_HEADER_SIZE",
     "MAX_FRAME_PLAINTEXT",
+    "MessageCap",
     "FrameReader",
     "MessageDecoder",
     "MessageEncoder",
@@ -44,6 +55,9 @@ APP_HEADER_SIZE = 4
 MAX_FRAME_PLAINTEXT = NOISE_MAX_MESSAGE - TAGLEN
 #: The largest application message the 4-byte length can declare.
 MAX_APP_LENGTH = 2**32 - 1
+
+#: ``cap(type, id)``: the most bytes a message with that envelope head may declare.
+MessageCap = Callable[[int, int], int]
 
 _FRAME = struct.Struct(">H")
 _APP = struct.Struct(">I")
@@ -124,19 +138,26 @@ class MessageEncoder:
 
 
 class MessageDecoder:
-    """Decrypts frames with the receiving ``CipherState`` and reassembles messages."""
+    """Decrypts frames with the receiving ``CipherState`` and reassembles messages.
 
-    __slots__ = ("_error", "_expected", "_have", "_header", "_max_size", "_parts", "_ready", "cipher")
+    ``cap`` (optional, settable later): see the module docstring; without it, only
+    ``Limits.max_message_size`` bounds a message and its bytes may be anything.
+    """
 
-    def __init__(self, cipher: CipherState, limits: Limits = DEFAULT_LIMITS) -> None:
+    __slots__ = ("_checked", "_error", "_expected", "_have", "_header", "_max_size", "_parts", "_ready", "cap",
+                 "cipher")
+
+    def __init__(self, cipher: CipherState, limits: Limits = DEFAULT_LIMITS, cap: MessageCap | None = None) -> None:
         self.cipher = cipher
+        self.cap = cap
         self._max_size = limits.max_message_size
         self._header = bytearray()  # a length header split across Noise messages
         self._expected = -1  # declared length of the message being collected, -1: none
+        self._checked = True  # whether that message's envelope head passed its cap
         self._parts: list[memoryview] = []
         self._have = 0
         self._ready: deque[bytes] = deque()
-        self._error: LimitExceeded | None = None  # raised once the messages before it are taken
+        self._error: RemoteProtocolError | None = None  # raised once the messages before it are taken
 
     @property
     def buffered(self) -> int:
@@ -148,12 +169,18 @@ class MessageDecoder:
         """Whether the stream stopped now would cut an application message."""
         return bool(self._header) or self._expected >= 0
 
+    @property
+    def incomplete(self) -> int:
+        """The declared length of the message being collected (0: none, or it is complete)."""
+        return max(self._expected, 0)
+
     def next_message(self) -> bytes | None:
         """The next complete message, or None.
 
         Raises:
             LimitExceeded: the stream declared an oversized message after the
                 messages already returned.
+            DecodeError: a message's first bytes cannot start an envelope (only with ``cap``).
         """
         if self._ready:
             return self._ready.popleft()
@@ -161,14 +188,38 @@ class MessageDecoder:
             raise self._error
         return None
 
+    def _fail(self, error: RemoteProtocolError) -> None:
+        self._error = error
+        if not self._ready:
+            raise error
+
+    def _check(self, head: bytes | memoryview, length: int) -> bool:
+        """Whether a message of ``length`` bytes starting with ``head`` is within its cap
+        (else the error is recorded, or raised if no message is ready before it)."""
+        assert self.cap is not None
+        try:
+            parsed = envelope_head(head)
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+            return False
+        assert parsed is not None  # ENVELOPE_HEAD_MAX bytes always suffice
+        cap = self.cap(*parsed)
+        if length > cap:
+            self._fail(LimitExceeded(
+                f"a message of type {parsed[0]} declaring {length} bytes exceeds that type's cap of {cap}"))
+            return False
+        return True
+
     def feed_frame(self, ciphertext: bytes) -> None:
         """Decrypt one transport message and queue the messages it completes.
 
         Raises:
             DecryptError: authentication failed, or the frame is shorter than a tag.
-            LimitExceeded: a declared message length exceeds the limit. If the same
-                Noise message completed messages before that header, they are
-                returned by ``next_message`` first, and it raises the error after.
+            LimitExceeded: a declared message length exceeds the limit or its type's
+                cap. If the same Noise message completed messages before that header,
+                they are returned by ``next_message`` first, and it raises the error after.
+            DecodeError: with ``cap``, a message whose first bytes are no envelope head
+                (reported the same way).
         """
         if self._error is not None:
             raise self._error
@@ -190,24 +241,37 @@ class MessageDecoder:
                     (length,) = _APP.unpack(self._header)
                     self._header.clear()
                 if length > self._max_size:
-                    self._error = LimitExceeded(
-                        f"application message of {length} bytes exceeds the limit of {self._max_size}"
-                    )
-                    if not self._ready:
-                        raise self._error
+                    self._fail(LimitExceeded(
+                        f"application message of {length} bytes exceeds the limit of {self._max_size}"))
                     return
-                if end - pos >= length:  # the common case: the whole message is here
+                # A message shorter than an envelope head cannot be costly: no cap to check.
+                checked = self.cap is None or length < ENVELOPE_HEAD_MAX
+                if not checked and end - pos >= ENVELOPE_HEAD_MAX:  # the head is here: check in place
+                    if not self._check(memoryview(plaintext)[pos : pos + ENVELOPE_HEAD_MAX], length):
+                        return
+                    checked = True
+                if checked and end - pos >= length:  # the common case: the whole message is here
                     self._ready.append(plaintext[pos : pos + length])
                     pos += length
                 else:
                     self._expected = length
+                    self._checked = checked
             else:
                 take = min(end - pos, self._expected - self._have)
+                if not self._checked:  # collect only the envelope head until it passed
+                    take = min(take, ENVELOPE_HEAD_MAX - self._have)
                 self._parts.append(memoryview(plaintext)[pos : pos + take])
                 self._have += take
                 pos += take
+                if not self._checked and self._have >= ENVELOPE_HEAD_MAX:
+                    head = b"".join(self._parts)
+                    self._parts = [memoryview(head)]
+                    if not self._check(head, self._expected):
+                        return
+                    self._checked = True
                 if self._have == self._expected:
                     self._ready.append(b"".join(self._parts))
                     self._parts.clear()
                     self._have = 0
                     self._expected = -1
+                    self._checked = True

@@ -73,6 +73,7 @@ class ErrorCode(IntEnum):
 
     INTERNAL = 500  # an unexpected failure on the server
     SHUTTING_DOWN = 501  # the server is stopping and accepts no new work
+    LOADING = 502  # the server is starting and cannot serve yet; retry_after says when to try again
 
 
 class Report(Enum):
@@ -138,6 +139,8 @@ ERROR_RULES: dict[ErrorCode, ErrorRule] = {
                                     "(section 10)", "a storing node"),
     ErrorCode.INTERNAL: _answer("an unexpected failure on the server", "the peer answering the request"),
     ErrorCode.SHUTTING_DOWN: _answer("the server is stopping and accepts no new work", _SERVER, retry_after=True),
+    ErrorCode.LOADING: _answer("the server is starting and cannot serve yet; `retry_after` estimates when it can "
+                               "(section 11.1)", _SERVER, retry_after=True),
 }
 
 

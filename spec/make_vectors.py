@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from protocol import (  # noqa: E402
     derive_seed,
+    DEFAULT_LIMITS,
     EMPTY_HISTORY,
     MESSAGE_TYPES,
     SESSION_TRANSITIONS,
@@ -73,7 +74,18 @@ from protocol.errors import ERROR_RULES  # noqa: E402
 # The generator also reads codec internals (field codecs, codebooks, the Noise layer):
 # it writes the spec's generated tables and byte-exact transcripts, which no public API
 # exposes.
-from protocol._fields import Bytes, Field, Float, ListOf, Span, Struct, TensorCodec  # noqa: E402
+from protocol._fields import (  # noqa: E402
+    Bytes,
+    Field,
+    Float,
+    ListOf,
+    Span,
+    Struct,
+    TensorCodec,
+    envelope_fixed_size,
+    envelope_items,
+    has_tensors,
+)
 
 VECTORS = ROOT / "spec" / "vectors"
 
@@ -421,11 +433,24 @@ def strict_cbor_vectors() -> dict[str, Any]:
         ("17 nested arrays, the innermost empty (depth 16)", "81" * 16 + "80"),
         ("a map value inside 16 containers", "81" * 15 + "a10000"),
     ]
+    # The item budget (section 2): every data item counts one, a map's keys too; a
+    # declared length over the budget is refused at its head.
+    budget_cases = [
+        ("array of 3 empty arrays within a budget of 4", "83808080", 4, "accept"),
+        ("array of 3 empty arrays over a budget of 3", "83808080", 3, "LIMIT_EXCEEDED"),
+        ("map of 2 pairs is 5 items", "a200010102", 5, "accept"),
+        ("map of 2 pairs over a budget of 4", "a200010102", 4, "LIMIT_EXCEEDED"),
+        ("array head claiming 65,536 items, all present, budget 100", "9a00010000" + "80" * 65536, 100,
+         "LIMIT_EXCEEDED"),
+        ("array head claiming more items than bytes left", "9a00010000" + "80" * 16, 100, "MALFORMED"),
+    ]
     return {"description": "Each 'reject' input MUST be rejected by a strict decoder; each 'accept' input MUST be "
                            "decoded. Nesting: the top-level item is at depth 0 and an item inside n arrays or maps "
-                           "(a map's keys and values are inside it) at depth n; depth above 16 is rejected.",
+                           "(a map's keys and values are inside it) at depth n; depth above 16 is rejected. Each input in "
+                           "budget, decoded with the item budget max_items, MUST give outcome.",
             "reject": [{"name": n, "input_hex": h, "canonical_hex": c} for n, h, c in cases],
-            "accept": [{"name": n, "input_hex": h} for n, h in accept]}
+            "accept": [{"name": n, "input_hex": h} for n, h in accept],
+            "budget": [{"name": n, "input_hex": h, "max_items": b, "outcome": o} for n, h, b, o in budget_cases]}
 
 
 # --- tensors (spec/vectors/tensors.json) ---------------------------------------------
@@ -636,6 +661,18 @@ def registry_markdown() -> str:
     for cls in (NodeInfo, SignedRecord, Announcement, NextPing, ReceiptRecord, ForwardEvidence, FraudProof,
                 ModelDescriptor, ModelEntry):
         lines.append(f"| {cls.__name__} | {'; '.join(_field_rows(cls.FIELDS))} |")
+    return "\n".join(lines)
+
+
+def budget_markdown() -> str:
+    """Section 7.5: each type's item budget and size cap (fixed part, and the data bytes
+    its tensors add)."""
+    lines = ["| type | name | item budget | size cap (bytes) |", "|---|---|---|---|"]
+    for type_, cls in sorted(MESSAGE_TYPES.items()):
+        fixed = envelope_fixed_size(type_, cls.FIELDS, DEFAULT_LIMITS)
+        cap = f"{fixed:,} + 4 x E" if has_tensors(cls.FIELDS) else f"{fixed:,}"
+        lines.append(f"| {type_} | {_wire_name(cls)} | {envelope_items(cls.FIELDS, DEFAULT_LIMITS):,} | {cap} |")
+    lines.append(f"| other | (unknown) | {envelope_items(None, DEFAULT_LIMITS):,} | 65,536 |")
     return "\n".join(lines)
 
 

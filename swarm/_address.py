@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .errors import InvalidAddress
 
-__all__ = ["PeerAddress"]
+__all__ = ["PeerAddress", "address_group", "host_group"]
 
 _BRACKETED = re.compile(r"\[([^\[\]]*)\]:([^:]*)")
 _PLAIN = re.compile(r"([^:\[\]]*):([^:]*)")
@@ -93,3 +93,25 @@ def format_sockaddr(sockaddr: tuple) -> str:
     """``host:port`` or ``[v6]:port`` for a socket address tuple (as getsockname gives)."""
     host, port = sockaddr[0], sockaddr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def host_group(host: str) -> str:
+    """The group of a bare host: ``"v4:a.b.c.0/24"``, ``"v6:p:q:r:s::/64"`` or ``"name:host"``."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return f"name:{host.lower()}"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv4Address):
+        return f"v4:{ipaddress.IPv4Network((int(ip) & 0xFFFFFF00, 24))}"
+    return f"v6:{ipaddress.IPv6Network((int(ip) >> 64 << 64, 64))}"
+
+
+def address_group(addr: str) -> str:
+    """The group of ``host:port`` / ``[v6]:port`` (a socket address as the transport
+    formats it, or a listen address). Something that does not parse is its own group."""
+    try:
+        return host_group(PeerAddress.parse(addr).host)
+    except InvalidAddress:
+        return f"name:{addr}"

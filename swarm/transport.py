@@ -17,6 +17,14 @@ connections are never looked up by the listen addresses the peer claims, since
 those are unverified and a peer could claim someone else's address. Concurrent
 ``connect`` calls for the same address share one dial.
 
+Resources (spec section 15, ``swarm/_transport/_resources.py``): every accepted
+socket is admitted by the ``ConnectionManager`` before its handshake (handshake
+budget and per-IP and per-group shares, the most crowded group giving way when
+the handshake budget is full); above the high watermark the least valuable
+established connections are trimmed down to the low watermark; incomplete
+messages reserve their declared length from one ``IncompleteBudget``; request
+types have the size caps ``set_request_cap`` gives them.
+
 Simultaneous dial (A dials B while B dials A) keeps both connections: each stays
 fully usable and ``connections`` keeps the first one registered for that peer (the
 other takes its place if it closes first). Closing one deterministically would need
@@ -30,6 +38,7 @@ import errno
 import logging
 import socket
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import trio
 
@@ -45,11 +54,13 @@ from protocol import (
 )
 from protocol.errors import HandshakeError, LocalProtocolError, RemoteProtocolError
 
-from ._address import PeerAddress, format_sockaddr
+from ._address import PeerAddress, address_group, format_sockaddr
 from ._transport import RECEIVE_SIZE, Handler, PeerConnection
+from ._transport._resources import DEFAULT_RESOURCES, ConnectionInfo, ConnectionManager, IncompleteBudget, \
+    ResourceLimits
 from .errors import PeerUnreachable
 
-__all__ = ["Host", "PeerConnection", "Handler", "PeerAddress"]
+__all__ = ["Host", "PeerConnection", "Handler", "PeerAddress", "ResourceLimits", "DEFAULT_RESOURCES"]
 
 log = logging.getLogger("swarm.transport")
 
@@ -78,8 +89,9 @@ class Host:
             listens on IPv6.
         announce_addrs: addresses to tell peers (behind NAT); default the bound ones.
         limits: protocol limits enforced on every connection.
-        max_connections: beyond this many (open plus handshaking), inbound
-            connections are closed right after accept.
+        resources: budgets for handshakes, connections and incomplete messages.
+        max_connections: shorthand for ``resources``' hard limit on established
+            connections (watermarks lowered to fit).
         default_timeout: seconds for ``connect`` and ``request`` when not given.
         source_host: local address that outgoing connections bind to (multi-homed
             hosts; the WAN emulator gives each peer its own 127.0.0.x); default: the
@@ -91,14 +103,26 @@ class Host:
 
     def __init__(self, identity: Identity, *, host: str = "127.0.0.1", port: int = 0,
                  announce_addrs: Sequence[str] | None = None, limits: Limits = DEFAULT_LIMITS,
-                 max_connections: int = 256, default_timeout: float = 10.0,
-                 source_host: str | None = None) -> None:
-        if max_connections < 1 or default_timeout <= 0:
-            raise ValueError("max_connections and default_timeout must be positive")
+                 resources: ResourceLimits = DEFAULT_RESOURCES, max_connections: int | None = None,
+                 default_timeout: float = 10.0, source_host: str | None = None) -> None:
+        if default_timeout <= 0:
+            raise ValueError("default_timeout must be positive")
+        if max_connections is not None:
+            if max_connections < 1:
+                raise ValueError("max_connections must be positive")
+            resources = replace(resources, max_connections=max_connections,
+                                high_water=min(resources.high_water, max_connections),
+                                low_water=min(resources.low_water, max_connections))
         self.identity = identity
         self.peer_id = identity.peer_id
         self.limits = limits
-        self.max_connections = max_connections
+        self.resources = resources
+        self.max_connections = resources.max_connections
+        self.manager = ConnectionManager(resources)
+        self.incomplete = IncompleteBudget(resources)
+        self.request_caps: dict[type[Message], int] = {}
+        self._decode_limiter = trio.CapacityLimiter(2)
+        self._handshakes: dict[trio.SocketStream, trio.CancelScope] = {}
         self.default_timeout = default_timeout
         self._bind_host = host
         self._bind_port = port
@@ -112,7 +136,6 @@ class Host:
         self._all: set[PeerConnection] = set()
         self._by_addr: dict[str, PeerConnection] = {}
         self._dialing: dict[tuple[str, bytes | None], _Dial] = {}
-        self._handshaking = 0
         self._nursery: trio.Nursery | None = None
 
     def __repr__(self) -> str:
@@ -129,6 +152,19 @@ class Host:
             raise LocalProtocolError(f"{request_type!r} is not a request message type")
         self._handlers[request_type] = handler
 
+    def set_request_cap(self, request_type: type[Message], size: int) -> None:
+        """Refuse ``request_type`` messages declaring more than ``size`` bytes (at once,
+        from their envelope head; spec section 6), on every connection; a connection may
+        still raise it for itself (``PeerConnection.allow``)."""
+        if getattr(request_type, "KIND", None) != "request" or size < 1:
+            raise LocalProtocolError(f"a size cap is for a request type and positive, got {request_type!r}, {size}")
+        self.request_caps[request_type] = size
+
+    @property
+    def handshaking(self) -> int:
+        """Inbound sockets whose handshake is under way."""
+        return self.manager.handshaking
+
     # -- listening ------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -143,6 +179,9 @@ class Host:
         try:
             self.bound_addrs = [format_sockaddr(listener.socket.getsockname()) for listener in listeners]
             self.listen_addrs = list(self._announce) if self._announce is not None else list(self.bound_addrs)
+            own = {address_group(a) for a in (*self.bound_addrs, *self.listen_addrs)}
+            self.manager.exempt_groups = own
+            self.incomplete.exempt_groups = own
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 for listener in listeners:
@@ -166,22 +205,35 @@ class Host:
                 log.warning("cannot accept connections for now: %s", exc)
                 await trio.sleep(0.1)
                 continue
-            if len(self._all) + self._handshaking >= self.max_connections:
-                log.warning("refusing connection from %s: %d connections already", _remote(stream),
-                            self.max_connections)
+            address = _remote(stream)
+            ip, group = _ip(address), address_group(address)
+            if len(self._all) >= self.max_connections and not self._trim(room=1):
+                admitted, evict, reason = False, None, f"{self.max_connections} connections already"
+            else:
+                admitted, evict, reason = self.manager.accept(stream, ip, group, now=trio.current_time())
+            if not admitted:
+                log.info("refusing connection from %s: %s", address, reason)
                 await trio.aclose_forcefully(stream)
                 continue
-            self._handshaking += 1
-            self._nursery.start_soon(self._serve_inbound, stream)
+            if evict is not None and evict in self._handshakes:
+                log.info("aborting the handshake of %s to make room for %s", _remote(evict), address)
+                self._handshakes.pop(evict).cancel()
+            scope = self._handshakes[stream] = trio.CancelScope()
+            self._nursery.start_soon(self._serve_inbound, stream, scope, address, ip, group)
 
-    async def _serve_inbound(self, stream: trio.SocketStream) -> None:
-        address = _remote(stream)
+    async def _serve_inbound(self, stream: trio.SocketStream, scope: trio.CancelScope, address: str, ip: str,
+                             group: str) -> None:
         try:
             try:
-                with trio.fail_after(self.limits.handshake_timeout):
-                    conn, info = await self._handshake(stream, Role.RESPONDER, None)
+                with scope:
+                    with trio.fail_after(self.limits.handshake_timeout):
+                        conn, info = await self._handshake(stream, Role.RESPONDER, None)
+                if scope.cancelled_caught:  # evicted for a newcomer from a less crowded group
+                    await trio.aclose_forcefully(stream)
+                    return
             finally:
-                self._handshaking -= 1
+                self._handshakes.pop(stream, None)
+                self.manager.handshake_ended(stream)
         except trio.TooSlowError:
             log.warning("handshake with %s timed out after %g s", address, self.limits.handshake_timeout)
             await trio.aclose_forcefully(stream)
@@ -193,8 +245,9 @@ class Host:
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
-        connection = self._adopt(stream, conn, info, address=address, inbound=True)
-        await connection.run()
+        connection = self._adopt(stream, conn, info, address=address, inbound=True, ip=ip, group=group)
+        if connection.is_open:
+            await connection.run()
 
     # -- dialling ---------------------------------------------------------------------
 
@@ -275,7 +328,9 @@ class Host:
         if self._nursery is None:  # the host stopped while we were handshaking
             await trio.aclose_forcefully(stream)
             raise LocalProtocolError("Host.run() stopped while connecting")
-        connection = self._adopt(stream, conn, info, address=str(address), inbound=False)
+        remote = _remote(stream)
+        connection = self._adopt(stream, conn, info, address=str(address), inbound=False, ip=_ip(remote),
+                                 group=address_group(remote))
         self._by_addr[str(address)] = connection
         self._nursery.start_soon(connection.run)
         return connection
@@ -316,11 +371,18 @@ class Host:
                 raise HandshakeError(f"unexpected {type(event).__name__} during the handshake")
 
     def _adopt(self, stream: trio.SocketStream, conn: Connection, info: HandshakeComplete, *, address: str,
-               inbound: bool) -> PeerConnection:
+               inbound: bool, ip: str, group: str) -> PeerConnection:
         connection = PeerConnection(stream, conn, info, handlers=self._handlers, on_close=self._forget,
                                     address=address, inbound=inbound, limits=self.limits,
-                                    default_timeout=self.default_timeout)
+                                    default_timeout=self.default_timeout, caps=self.request_caps.get,
+                                    group=group, incomplete=self.incomplete, resources=self.resources,
+                                    decode_limiter=self._decode_limiter)
         self._all.add(connection)
+        self.manager.opened(connection, ip, group, inbound=inbound)
+        if len(self._all) > self.resources.high_water:
+            self._trim()
+        if not connection.is_open:  # trimmed at once: the least valuable of all
+            return connection
         self.connections.setdefault(connection.peer_id, connection)
         log.debug("connected %r", connection)
         for callback in list(self.on_connection):
@@ -330,9 +392,27 @@ class Host:
                 log.exception("on_connection callback %r failed", callback)
         return connection
 
+    def _trim(self, *, room: int = 0) -> bool:
+        """Close the least valuable connections once above the high watermark (down to
+        the low one: ``ConnectionManager.trim``); True if ``room`` more fit under the
+        hard limit afterwards."""
+        now = trio.current_time()
+        infos = [ConnectionInfo(key=c, group=c.group, inbound=c.inbound, opened=c.opened_at,
+                                last_request=c.last_request, busy=c.busy, protected=c.protected)
+                 for c in self._all if c.is_open]
+        victims = self.manager.trim(infos, now=now)
+        if victims:
+            log.info("trimming %d of %d connections (above the high watermark of %d)", len(victims), len(infos),
+                     self.resources.high_water)
+        for victim in victims:
+            victim.drop("trimmed: this peer has too many connections")
+        return len(self._all) + room <= self.max_connections
+
     def _forget(self, connection: PeerConnection) -> None:
         """A connection's close callback: it is no longer reachable through this host."""
         self._all.discard(connection)
+        self.manager.closed(connection)
+        self.incomplete.release(connection)
         if self.connections.get(connection.peer_id) is connection:
             del self.connections[connection.peer_id]
             for other in self._all:
@@ -341,6 +421,11 @@ class Host:
                     break
         for addr in [a for a, c in self._by_addr.items() if c is connection]:
             del self._by_addr[addr]
+
+
+def _ip(address: str) -> str:
+    """The host part of ``host:port`` / ``[v6]:port``."""
+    return address.rsplit(":", 1)[0].strip("[]")
 
 
 def _remote(stream: trio.SocketStream) -> str:

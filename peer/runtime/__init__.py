@@ -28,7 +28,7 @@ from ._errors import (
     UnknownSession,
     UnsupportedArchitecture,
 )
-from ._executor import SessionsInfo, SpanExecutor, measure_throughput
+from ._executor import ForwardJob, SessionsInfo, SpanExecutor, measure_throughput
 from ._generate import TokenStream, check_chain, generate_local, relay_local
 from ._head import ClientHead
 from ._model_id import ModelInfo, resolve_model
@@ -48,6 +48,7 @@ __all__ = [
     "resolve_model",
     "ModelInfo",
     "SpanExecutor",
+    "ForwardJob",
     "SessionsInfo",
     "measure_throughput",
     "ClientHead",

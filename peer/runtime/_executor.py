@@ -20,7 +20,14 @@ serve local callers (``generate_local``) that use no protocol at all.
 
 Memory: each open session reserves ``max_length * per_token_cache_bytes`` against
 ``cache_bytes`` when it opens (an upper bound: the cache grows lazily, but a session
-admitted must never fail for memory halfway through). Sessions remember when they
+admitted must never fail for memory halfway through); a caller running a chunked
+``forward_once_job`` reserves its cache the same way (``reserve``/``release``).
+
+Pieces: ``forward_job`` and ``forward_once_job`` return a ``ForwardJob``, the same
+computation cut into calls of bounded work, so that the server's scheduler can let a
+decode step of another session in between (issue 10 item 4). A session's step is cut
+by blocks only, which computes the same bits as one call; a long FORWARD_ONCE is also
+cut by tokens (chunked prefill with a cache of its own). Sessions remember when they
 were last used, read from ``clock`` (``time.monotonic`` by default); ``evict_idle(now)``
 is pure in the time it is given.
 
@@ -38,6 +45,7 @@ Opening, closing and evicting sessions happen on one thread (the server's).
 from __future__ import annotations
 
 import copy
+import functools
 import secrets
 import threading
 import time
@@ -57,7 +65,7 @@ from ._errors import (
 from ._loader import SpanModules
 from ._model_id import ModelInfo
 
-__all__ = ["SpanExecutor", "SessionsInfo", "measure_throughput"]
+__all__ = ["SpanExecutor", "SessionsInfo", "ForwardJob", "measure_throughput"]
 
 SESSION_ID_BYTES = 16
 
@@ -117,6 +125,104 @@ class _SlotGate:
                     self._cond.notify_all()
 
 
+class ForwardJob:
+    """One forward computed in pieces: ``pieces`` is a list of ``(work, fn)``, each ``fn``
+    a call (for a worker thread) computing at most ``quantum`` work units (tokens x
+    blocks, at least one block of one chunk), to be called in order, one at a time;
+    ``result`` is the output once all have run. ``run`` calls them all here.
+
+    The pieces cut a run by blocks (and, for a chunked FORWARD_ONCE, by tokens first):
+    masks and rotary embeddings are made once per chunk, and a block computes exactly
+    what it computes in one call, so a session's step is the same bits either way.
+    Each piece enters inference mode itself (it is thread-local) and holds the slot gate
+    only while it runs, so other sessions' pieces interleave with it. The pieces refer
+    to the run's state, never to the job, so that a job (and the cache it may hold) is
+    freed as soon as it is dropped, not at the next cycle collection.
+    """
+
+    def __init__(self, executor: SpanExecutor, hidden: torch.Tensor, position: int, cache: object | None,
+                 lo: int, hi: int, *, quantum: int | None, chunk_tokens: int | None,
+                 on_done: Callable[[], None] | None) -> None:
+        n = hidden.shape[1]
+        self.tokens = n
+        self.blocks = hi - lo
+        step = chunk_tokens or n
+        chunks = [(a, min(a + step, n)) for a in range(0, n, step)]
+        state = self._state = _Run(executor, hidden, position, cache, lo, hi, len(chunks), on_done)
+        self.pieces: list[tuple[int, Callable[[], None]]] = []
+        for index, (a, b) in enumerate(chunks):
+            group = self.blocks if quantum is None else max(1, min(self.blocks, quantum // (b - a)))
+            for first in range(lo, hi, group):
+                last = min(first + group, hi)
+                self.pieces.append(((b - a) * (last - first), functools.partial(state.piece, index, a, b, first, last)))
+        state.total = len(self.pieces)
+
+    @property
+    def work(self) -> int:
+        return self.tokens * self.blocks
+
+    @property
+    def pieces_done(self) -> int:
+        return self._state.done
+
+    def run(self) -> torch.Tensor:
+        """Compute every piece now (in this thread) and return the output."""
+        for _, piece in self.pieces:
+            piece()
+        return self.result()
+
+    def result(self) -> torch.Tensor:
+        """The span's output, once every piece has run."""
+        state = self._state
+        if state.done != state.total:
+            raise RuntimeError(f"{state.total - state.done} pieces of the forward have not run")
+        outputs = [o for o in state.outputs if o is not None]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+
+class _Run:
+    """What a ``ForwardJob``'s pieces share: the input, the cache, the chunk in flight."""
+
+    __slots__ = ("ex", "hidden", "position", "cache", "lo", "hi", "on_done", "outputs", "x", "prepared", "done",
+                 "total")
+
+    def __init__(self, ex: SpanExecutor, hidden: torch.Tensor, position: int, cache: object | None, lo: int,
+                 hi: int, chunks: int, on_done: Callable[[], None] | None) -> None:
+        self.ex, self.hidden, self.position, self.cache, self.lo, self.hi = ex, hidden, position, cache, lo, hi
+        self.on_done = on_done
+        self.outputs: list[torch.Tensor | None] = [None] * chunks
+        self.x: torch.Tensor | None = None
+        self.prepared: tuple | None = None
+        self.done = 0
+        self.total = 0
+
+    def piece(self, index: int, a: int, b: int, first: int, last: int) -> None:
+        ex = self.ex
+        with torch.inference_mode():
+            if first == self.lo:
+                x = self.hidden[:, a:b].to(device=ex.device, dtype=ex.dtype)
+                self.prepared = ex._prepare(x, self.position + a, self.cache, self.lo, self.hi)
+            else:
+                assert self.x is not None
+                x = self.x
+            assert self.prepared is not None
+            if self.cache is not None:
+                with ex._gate.hold(self.lo):
+                    x = ex._run_layers(x, self.prepared, self.cache, self.lo, first, last)
+            else:
+                x = ex._run_layers(x, self.prepared, None, self.lo, first, last)
+            self.x = x
+            if last == self.hi:
+                self.outputs[index] = x
+                self.x = None
+        self.done += 1
+        if self.done == self.total:
+            self.prepared = None
+            self.hidden = None  # type: ignore[assignment]
+            if self.on_done is not None:
+                self.on_done()
+
+
 class SpanExecutor:
     """Runs blocks [start, end) of one model; see the module docstring.
 
@@ -157,6 +263,7 @@ class SpanExecutor:
         self._config = modules.config
         self._layer_types = _layer_types(modules.config)
         self._sessions: dict[bytes, _Session] = {}
+        self._transient = 0  # cache budget taken by running chunked forward_once jobs
         self._gate = _SlotGate()
         self._rotary_lock = threading.Lock()
         self.per_token_cache_bytes = _per_token_bytes(modules.config, dtype)
@@ -167,6 +274,12 @@ class SpanExecutor:
     def num_blocks(self) -> int:
         """Number of blocks served (end - start)."""
         return self.end - self.start
+
+    @property
+    def context_length(self) -> int | None:
+        """The model's context (``max_position_embeddings``), if its config says."""
+        limit = getattr(self._config, "max_position_embeddings", None)
+        return int(limit) if limit is not None else None
 
     @property
     def layers(self) -> torch.nn.ModuleList:
@@ -254,6 +367,16 @@ class SpanExecutor:
         Raises:
             UnknownSession, PositionMismatch, MaxLengthExceeded, InvalidArgument.
         """
+        return self.forward_job(session_id, hidden, position).run()
+
+    def forward_job(self, session_id: bytes, hidden: torch.Tensor, position: int, *,
+                    quantum: int | None = None) -> ForwardJob:
+        """``forward`` as a ``ForwardJob``: pieces of at most ``quantum`` work units
+        (whole blocks: a session's step is never cut by tokens, so its output is bit for
+        bit the one-call output). Checks as ``forward`` does, at once; the session
+        advances when the last piece is done. If the job is abandoned half-way the
+        session's cache is inconsistent: close the session.
+        """
         session = self._get(session_id)
         n = self._check_hidden(hidden)
         if position != session.length:
@@ -266,21 +389,39 @@ class SpanExecutor:
                 f"{session.length} + {n} tokens exceed the session's max_length {session.max_length}; "
                 "open a new session with a larger max_length"
             )
-        with self._gate.hold(session.lo):
-            out = self._run(hidden, position, session.cache, session.lo, session.hi)
-        session.length += n
-        session.last_used = self._clock()
-        return out
+
+        def done() -> None:
+            session.length += n
+            session.last_used = self._clock()
+
+        return ForwardJob(self, hidden, position, session.cache, session.lo, session.hi, quantum=quantum,
+                          chunk_tokens=None, on_done=done)
 
     def forward_once(self, hidden: torch.Tensor, *, start: int | None = None, end: int | None = None) -> torch.Tensor:
         """Run a whole sequence [1, n, hidden_size] from position 0 without any cache,
         through blocks [start, end) (default: the whole span)."""
+        return self.forward_once_job(hidden, start=start, end=end).run()
+
+    def forward_once_job(self, hidden: torch.Tensor, *, start: int | None = None, end: int | None = None,
+                         quantum: int | None = None, chunk_tokens: int | None = None) -> ForwardJob:
+        """``forward_once`` as a ``ForwardJob``. With ``chunk_tokens``, a sequence longer
+        than that is computed ``chunk_tokens`` tokens at a time with a cache of its own
+        (chunked prefill: the same function, equal to the one-call output up to float
+        rounding, about 1e-6 relative), so that no piece is large; ``transient_bytes``
+        is the cache memory that takes while the job runs."""
         lo, hi = self._local_range(start, end)
         n = self._check_hidden(hidden)
         limit = getattr(self._config, "max_position_embeddings", None)
         if limit is not None and n > limit:
             raise MaxLengthExceeded(f"{n} tokens exceed the model's context of {limit} tokens")
-        return self._run(hidden, 0, None, lo, hi)
+        chunked = chunk_tokens is not None and n > chunk_tokens
+        cache = None
+        if chunked:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self._sub_config(lo, hi))
+        return ForwardJob(self, hidden, 0, cache, lo, hi, quantum=quantum,
+                          chunk_tokens=chunk_tokens if chunked else None, on_done=None)
 
     def forward_once_exact(self, hidden: torch.Tensor, *, start: int | None = None,
                            end: int | None = None) -> torch.Tensor:
@@ -295,53 +436,72 @@ class SpanExecutor:
         """
         if self.quant is not None:
             raise InvalidArgument(f"a {self.quant}-quantized span has no float64 reference")
-        lo, hi = self._local_range(start, end)
-        n = self._check_hidden(hidden)
-        limit = getattr(self._config, "max_position_embeddings", None)
-        if limit is not None and n > limit:
-            raise MaxLengthExceeded(f"{n} tokens exceed the model's context of {limit} tokens")
         twin = copy.copy(self)  # shares config, rotary and locks; no session is touched
         twin.dtype = torch.float64
         twin._layers = _Float64Blocks(self._layers)  # type: ignore[assignment]
-        return twin._run(hidden, 0, None, lo, hi)
+        return twin.forward_once(hidden, start=start, end=end)
 
-    def _run(self, hidden: torch.Tensor, position: int, cache: object | None, lo: int, hi: int) -> torch.Tensor:
+    def transient_bytes(self, n_tokens: int, *, start: int | None = None, end: int | None = None) -> int:
+        """Cache memory a chunked ``forward_once_job`` of ``n_tokens`` holds while it runs
+        (what ``reserve`` is asked for: the same budget as sessions)."""
+        lo, hi = self._local_range(start, end)
+        return n_tokens * self.per_token_cache_bytes * (hi - lo) // self.num_blocks
+
+    def reserve(self, nbytes: int) -> None:
+        """Take ``nbytes`` of the cache budget for a transient use (``release`` gives them
+        back). Raises SessionMemoryExhausted if they are not free."""
+        if self.cache_bytes is not None:
+            free = self.cache_bytes - self._reserved()
+            if nbytes > free:
+                raise SessionMemoryExhausted(
+                    f"cache budget full: {nbytes} bytes needed, {free} of {self.cache_bytes} are free; retry later")
+        self._transient += nbytes
+
+    def release(self, nbytes: int) -> None:
+        self._transient = max(0, self._transient - nbytes)
+
+    def _prepare(self, x: torch.Tensor, position: int, cache: object | None, lo: int, hi: int) -> tuple:
+        """Masks and rotary embeddings for a run of ``x`` at ``position`` (once per chunk)."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-        with torch.inference_mode():
-            x = hidden.to(device=self.device, dtype=self.dtype)
-            n = x.shape[1]
-            position_ids = torch.arange(position, position + n, device=self.device).unsqueeze(0)
-            mask_args = {
-                "config": self._config,
-                "inputs_embeds": x,
-                "attention_mask": None,
-                "cache": cache,
-                "position_ids": position_ids,
-            }
-            layers, kinds = self._layers[lo:hi], self._layer_types[lo:hi]
+        n = x.shape[1]
+        position_ids = torch.arange(position, position + n, device=self.device).unsqueeze(0)
+        mask_args = {
+            "config": self._config,
+            "inputs_embeds": x,
+            "attention_mask": None,
+            "cache": cache,
+            "position_ids": position_ids,
+        }
+        kinds = self._layer_types[lo:hi]
+        masks = {}
+        if "full_attention" in kinds:
+            masks["full_attention"] = create_causal_mask(**mask_args)
+        if "sliding_attention" in kinds:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_args)
+        with self._rotary_lock:  # dynamic rope types update the module in place
+            position_embeddings = self._rotary(x, position_ids)
+        return position_ids, masks, position_embeddings
+
+    def _run_layers(self, x: torch.Tensor, prepared: tuple, cache: object | None, lo: int, first: int,
+                    last: int) -> torch.Tensor:
+        """Layers [first, last) (local indices) of a run whose blocks start at ``lo``."""
+        position_ids, masks, position_embeddings = prepared
+        for index in range(first, last):
+            layer = self._layers[index]
             if cache is not None:
                 # A session's cache has one slot per block it runs, numbered from 0: point
                 # each layer's attention at its slot (the span's own numbering when lo == 0).
                 # Without a cache the attention never reads it. The caller holds the gate.
-                for slot, layer in enumerate(layers):
-                    layer.self_attn.layer_idx = slot
-            masks = {}
-            if "full_attention" in kinds:
-                masks["full_attention"] = create_causal_mask(**mask_args)
-            if "sliding_attention" in kinds:
-                masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_args)
-            with self._rotary_lock:  # dynamic rope types update the module in place
-                position_embeddings = self._rotary(x, position_ids)
-            for layer, kind in zip(layers, kinds, strict=True):
-                x = layer(
-                    x,
-                    attention_mask=masks[kind],
-                    position_ids=position_ids,
-                    cache=cache,
-                    use_cache=cache is not None,
-                    position_embeddings=position_embeddings,
-                )
+                layer.self_attn.layer_idx = index - lo
+            x = layer(
+                x,
+                attention_mask=masks[self._layer_types[index]],
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=cache is not None,
+                position_embeddings=position_embeddings,
+            )
         return x
 
     # -- helpers -------------------------------------------------------------------------
@@ -372,7 +532,7 @@ class SpanExecutor:
         return cfg
 
     def _reserved(self) -> int:
-        return sum(s.reserved for s in self._sessions.values())
+        return sum(s.reserved for s in self._sessions.values()) + self._transient
 
     def _check_hidden(self, hidden: torch.Tensor) -> int:
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[0] != 1:
@@ -393,8 +553,8 @@ class _Float64Blocks:
     def __init__(self, layers: torch.nn.ModuleList) -> None:
         self._layers = layers
 
-    def __getitem__(self, index: slice) -> _Float64Blocks:
-        return _Float64Blocks(self._layers[index])
+    def __getitem__(self, index: int) -> torch.nn.Module:
+        return copy.deepcopy(self._layers[index]).to(torch.float64)
 
     def __len__(self) -> int:
         return len(self._layers)

@@ -26,7 +26,17 @@ channel raises).
 
 A watchdog task closes the connection after ``limits.idle_timeout`` without traffic
 while nothing is outstanding either way, or when one write has been stuck that long
-(the peer stopped reading). Closing is immediate and synchronous (``_close``): the
+(the peer stopped reading).
+
+What the peer makes us hold is bounded before it is held (spec section 15): every
+message's declared length is checked against its type's cap as soon as its envelope
+head arrives (``Channel.message_cap``; the application raises a cap with ``allow``);
+a message longer than one Noise message reserves its declared length from the
+host's ``IncompleteBudget`` while it arrives, and must be complete within
+``ResourceLimits.message_deadline_for(length)`` (the read loop runs under a cancel
+scope whose deadline is set only while such a message is incomplete); a message
+larger than ``OFFTHREAD_DECODE`` is decoded in a worker thread, so that the event
+loop other connections depend on never waits for it. Closing is immediate and synchronous (``_close``): the
 requesters waiting are failed and the close callback runs before anything else can
 see the connection, so a closed connection is never found among the owner's open ones.
 """
@@ -34,12 +44,14 @@ see the connection, so a closed connection is never found among the owner's open
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 
 from protocol import (
     NEED_DATA,
+    UNSERVED_CAP,
     Channel,
     Connection,
     ConnectionEnded,
@@ -51,11 +63,12 @@ from protocol import (
     RequestRefused,
     ResponseReceived,
 )
-from protocol.errors import LocalProtocolError, RemoteProtocolError, SwarmError, UnexpectedMessage
+from protocol.errors import LimitExceeded, LocalProtocolError, RemoteProtocolError, SwarmError, UnexpectedMessage
 
 from ..errors import PeerUnreachable, RequestTimeout
+from ._resources import DEFAULT_RESOURCES, IncompleteBudget, ResourceLimits
 
-__all__ = ["PeerConnection", "Handler", "RECEIVE_SIZE"]
+__all__ = ["PeerConnection", "Handler", "RECEIVE_SIZE", "OFFTHREAD_DECODE"]
 
 log = logging.getLogger("swarm.transport")
 
@@ -66,6 +79,8 @@ Handler = Callable[["PeerConnection", Message], Awaitable[Message]]
 #: (measured), so reads start small and grow only while they come back full.
 RECEIVE_SIZE = 64 * 1024
 MAX_RECEIVE_SIZE = 1024 * 1024
+#: Messages larger than this are decoded in a worker thread (a few ms of work and more).
+OFFTHREAD_DECODE = 1024 * 1024
 
 
 async def _acquire(lock: trio.StrictFIFOLock | trio.Semaphore) -> None:
@@ -101,6 +116,11 @@ class PeerConnection:
         inbound: whether the peer dialled us.
         limits: the protocol limits of both directions.
         default_timeout: seconds ``request`` waits when not told.
+        caps: request type -> the host's size cap for it (None: the type's own).
+        group: the remote address's group (/24 or /64), for the incomplete budget.
+        incomplete: the host's budget for incomplete messages (None: none).
+        resources: the deadlines for incomplete messages.
+        decode_limiter: threads that decode large messages (shared by the host's connections).
 
     Attributes:
         peer_id, public_key: the peer's proven identity (from the handshake).
@@ -111,14 +131,26 @@ class PeerConnection:
 
     def __init__(self, stream: trio.SocketStream, conn: Connection, info: HandshakeComplete, *,
                  handlers: Mapping[type[Message], Handler], on_close: Callable[[PeerConnection], None],
-                 address: str, inbound: bool, limits: Limits, default_timeout: float) -> None:
+                 address: str, inbound: bool, limits: Limits, default_timeout: float,
+                 caps: Callable[[type[Message]], int | None] | None = None, group: str = "",
+                 incomplete: IncompleteBudget | None = None, resources: ResourceLimits = DEFAULT_RESOURCES,
+                 decode_limiter: trio.CapacityLimiter | None = None) -> None:
         self.peer_id = info.peer_id
         self.public_key = info.public_key
         self.listen_addrs = info.listen_addrs
         self.handshake_hash = info.handshake_hash
         self.address = address
         self.inbound = inbound
-        self.channel = Channel(limits=limits, serves=lambda request_type: request_type in handlers)
+        self.group = group
+        self.channel = Channel(limits=limits, serves=lambda request_type: request_type in handlers, caps=caps)
+        conn.set_message_cap(self.channel.message_cap)
+        self._incomplete = incomplete
+        self._resources = resources
+        self._decode_limiter = decode_limiter or trio.CapacityLimiter(1)
+        self._tracked: tuple[int, int] = (0, 0)  # (messages received, incomplete length) last accounted
+        self._received = 0
+        self._read_scope = trio.CancelScope()
+        self._tags: set[str] = set()
         self._handlers = handlers
         self._on_close = on_close
         self._stream = stream
@@ -128,6 +160,8 @@ class PeerConnection:
         self._send_lock = trio.StrictFIFOLock()
         self._slots = trio.Semaphore(limits.max_concurrent_requests)
         self._last_activity = trio.current_time()
+        self.opened_at = self._last_activity
+        self.last_request = self._last_activity  # last request sent or received
         self._writing_since: float | None = None  # when the write in progress started
         self._open = True
         self._closed_reason = "closed"
@@ -148,6 +182,30 @@ class PeerConnection:
     def free_slots(self) -> int:
         """Requests this side may still send before waiting for a response."""
         return self._slots.value
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request is outstanding either way."""
+        return self._busy()
+
+    @property
+    def protected(self) -> bool:
+        """Whether the application asked to keep this connection (``protect``)."""
+        return bool(self._tags)
+
+    def protect(self, tag: str) -> None:
+        """Keep this connection when the host trims connections, until ``unprotect(tag)``
+        (libp2p's connection manager tags; e.g. a server protects a connection while it
+        owns sessions there)."""
+        self._tags.add(tag)
+
+    def unprotect(self, tag: str) -> None:
+        self._tags.discard(tag)
+
+    def allow(self, request_type: type[Message], size: int) -> None:
+        """Let the peer send ``request_type`` messages of up to ``size`` bytes on this
+        connection (a raise of its cap only; see ``Channel.allow``)."""
+        self.channel.allow(request_type, size)
 
     async def wait_closed(self) -> None:
         """Return once the connection is closed (by either side, or failed)."""
@@ -192,6 +250,7 @@ class PeerConnection:
                         # half-writes a frame unless the write itself blocks.
                         await trio.lowlevel.checkpoint_if_cancelled()
                         request_id, payload = self.channel.send_request(message, waiter)
+                        self.last_request = trio.current_time()
                         await self._write(self._conn.send(payload))
                     finally:
                         self._send_lock.release()
@@ -264,7 +323,14 @@ class PeerConnection:
                     self._nursery = nursery
                     nursery.start_soon(self._idle_watchdog)
                     try:
-                        await self._read_loop()
+                        with self._read_scope:
+                            await self._read_loop()
+                        if self._read_scope.cancelled_caught:
+                            pending = self._conn.incomplete_message
+                            log.warning("dropping connection %s: a message of %d bytes was not complete in time",
+                                        self, pending)
+                            self._close(f"dropped: a message of {pending} bytes was not complete within "
+                                        f"{self._resources.message_deadline_for(pending):g} s")
                     except RemoteProtocolError as exc:
                         log.warning("dropping connection %s: %s: %s", self, type(exc).__name__, exc)
                         await self._tell_why(exc)
@@ -278,6 +344,8 @@ class PeerConnection:
                     nursery.cancel_scope.cancel()  # handlers cannot answer a closed stream
         finally:
             self._close("closed")
+            if self._incomplete is not None:
+                self._incomplete.release(self)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self._stream)
             self._finished.set()
@@ -320,18 +388,42 @@ class PeerConnection:
                 self._close("closed after being idle")
                 return
 
+    def _account(self, pending: int) -> None:
+        """A message of ``pending`` declared bytes is incomplete (0: none): reserve its
+        bytes from the host's budget and set its deadline (spec section 15)."""
+        self._tracked = (self._received, pending)
+        if self._incomplete is not None:
+            self._incomplete.release(self)
+        if not pending:
+            self._read_scope.deadline = math.inf
+            return
+        if pending > UNSERVED_CAP and self._incomplete is not None:
+            if not self._incomplete.reserve(self, self.group, pending):
+                raise LimitExceeded(f"no room for an incomplete message of {pending} bytes: this host's budget "
+                                    f"for incomplete messages (or {self.group}'s share of it) is full")
+        self._read_scope.deadline = trio.current_time() + self._resources.message_deadline_for(pending)
+
     async def _read_loop(self) -> None:
         conn, channel = self._conn, self.channel
         size = RECEIVE_SIZE
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
+                pending = conn.incomplete_message
+                if (self._received, pending) != self._tracked:
+                    self._account(pending)
                 data = await self._stream.receive_some(size)
                 size = min(size * 4, MAX_RECEIVE_SIZE) if len(data) == size else RECEIVE_SIZE
                 self._last_activity = trio.current_time()
                 conn.receive_data(data)
             elif type(event) is MessageReceived:
-                received = channel.receive(event.payload)
+                self._received += 1
+                payload = event.payload
+                if len(payload) > OFFTHREAD_DECODE:
+                    decoded = await trio.to_thread.run_sync(channel.decode, payload, limiter=self._decode_limiter)
+                    received = channel.accept(decoded)
+                else:
+                    received = channel.receive(payload)
                 if type(received) is ResponseReceived:
                     self._slots.release()
                     waiter = received.token
@@ -340,6 +432,7 @@ class PeerConnection:
                         waiter.event.set()
                 elif received is not None:
                     assert self._nursery is not None  # only the reader, inside run, gets here
+                    self.last_request = trio.current_time()
                     self._nursery.start_soon(self._answer, received)
             elif type(event) is ConnectionEnded:
                 log.debug("peer closed connection %s", self)
@@ -395,6 +488,11 @@ class PeerConnection:
             self._on_close(self)
         except Exception:
             log.exception("close callback of %s failed", self)
+
+    def drop(self, reason: str) -> None:
+        """Close at once, without waiting for the reader to finish (the owner trimming
+        connections); outstanding requests on both sides fail. Idempotent."""
+        self._close(f"closed: {reason}")
 
     async def aclose(self) -> None:
         """Close the connection: outstanding requests on both sides fail. Idempotent."""

@@ -10,31 +10,6 @@ name that is not an IP literal is its own group.
 
 from __future__ import annotations
 
-import ipaddress
-
-from ..errors import InvalidAddress
-from .._address import PeerAddress
+from .._address import address_group, host_group  # shared with the transport's connection limits
 
 __all__ = ["address_group", "host_group"]
-
-
-def host_group(host: str) -> str:
-    """The group of a bare host: ``"v4:a.b.c.0/24"``, ``"v6:p:q:r:s::/64"`` or ``"name:host"``."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return f"name:{host.lower()}"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if isinstance(ip, ipaddress.IPv4Address):
-        return f"v4:{ipaddress.IPv4Network((int(ip) & 0xFFFFFF00, 24))}"
-    return f"v6:{ipaddress.IPv6Network((int(ip) >> 64 << 64, 64))}"
-
-
-def address_group(addr: str) -> str:
-    """The group of ``host:port`` / ``[v6]:port`` (a socket address as the transport
-    formats it, or a listen address). Something that does not parse is its own group."""
-    try:
-        return host_group(PeerAddress.parse(addr).host)
-    except InvalidAddress:
-        return f"name:{addr}"

@@ -44,6 +44,17 @@ def test_acceptance_vectors_replay():
         assert cbor_encode(cbor_decode(data, max_size=1000)) == data, case["name"]
 
 
+def test_budget_vectors_replay():
+    outcomes = {"MALFORMED": DecodeError, "LIMIT_EXCEEDED": LimitExceeded}
+    for case in json.loads(VECTORS.read_text())["budget"]:
+        data = bytes.fromhex(case["input_hex"])
+        if case["outcome"] == "accept":
+            cbor_decode(data, max_size=len(data), max_items=case["max_items"])
+        else:
+            with pytest.raises(outcomes[case["outcome"]]):
+                cbor_decode(data, max_size=len(data), max_items=case["max_items"])
+
+
 def test_size_limit_checked_before_decoding():
     with pytest.raises(LimitExceeded):
         cbor_decode(cbor_encode(b"x" * 100), max_size=50)

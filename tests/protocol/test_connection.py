@@ -166,11 +166,14 @@ def test_error_is_permanent_and_repeated():
     with pytest.raises(DecryptError) as first:
         responder.next_event()
     assert responder.state is ConnectionState.ERROR
-    for call in (responder.next_event, lambda: responder.receive_data(b"x"), lambda: responder.send(b"x"),
-                 responder.data_to_send):
+    for call in (responder.next_event, lambda: responder.receive_data(b"x"), responder.data_to_send):
         with pytest.raises(DecryptError) as again:
             call()
         assert again.value is first.value
+    # Our own direction is intact: the side closing for the peer's violation may still
+    # say why (a connection-level ERROR, spec section 6) before it closes.
+    initiator.receive_data(responder.send(b"why"))
+    assert initiator.next_event() == MessageReceived(payload=b"why")
 
 
 def test_replayed_and_reordered_frames():

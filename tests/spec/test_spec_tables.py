@@ -13,6 +13,10 @@ def test_message_registry_matches_code(generator):
     assert generator.registry_markdown() in _text()
 
 
+def test_budget_table_matches_code(generator):
+    assert generator.budget_markdown() in _text()
+
+
 def test_session_state_table_matches_code(generator):
     assert generator.session_table_markdown() in _text()
 

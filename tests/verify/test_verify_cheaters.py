@@ -42,14 +42,25 @@ class CheatingExecutor:
         return getattr(self._real, name)
 
     def forward(self, session_id, hidden, position):
-        out = self._real.forward(session_id, hidden, position)
+        return self._after_forward(session_id, hidden, self._real.forward(session_id, hidden, position))
+
+    def forward_once(self, hidden, *, start=None, end=None):
+        return self._tamper(self._real.forward_once(hidden, start=start, end=end), hidden)
+
+    # The server computes in pieces (SpanExecutor.forward_job): tamper with the job's result.
+    def forward_job(self, session_id, hidden, position, **kw):
+        job = self._real.forward_job(session_id, hidden, position, **kw)
+        return TamperedJob(job, lambda out: self._after_forward(session_id, hidden, out))
+
+    def forward_once_job(self, hidden, *, start=None, end=None, **kw):
+        job = self._real.forward_once_job(hidden, start=start, end=end, **kw)
+        return TamperedJob(job, lambda out: self._tamper(out, hidden))
+
+    def _after_forward(self, session_id, hidden, out):
         history = self._history.get(session_id)
         history = hidden if history is None else torch.cat([history, hidden], dim=1)
         self._history[session_id] = history
         return self._tamper(out, history)
-
-    def forward_once(self, hidden, *, start=None, end=None):
-        return self._tamper(self._real.forward_once(hidden, start=start, end=end), hidden)
 
     def _tamper(self, out: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         self.calls += 1
@@ -72,6 +83,21 @@ class CheatingExecutor:
         if mode == "skip-block":
             return self._real.forward_once(history, start=self._real.start, end=self._real.end - 1)[:, -out.shape[1]:]
         raise AssertionError(mode)
+
+
+class TamperedJob:
+    """A ForwardJob whose result goes through the cheater's hands."""
+
+    def __init__(self, job, tamper) -> None:
+        self._job, self._tamper = job, tamper
+        self.pieces = job.pieces
+
+    @property
+    def pieces_done(self):
+        return self._job.pieces_done
+
+    def result(self):
+        return self._tamper(self._job.result())
 
 
 def cheater_class(mode: str, other: str | None):

@@ -323,3 +323,35 @@ def test_sessions_compute_concurrently_in_threads(tiny_models: dict[str, Path]) 
             for a, b in zip(alone, run_all(pool), strict=True):
                 torch.testing.assert_close(b, a, rtol=0, atol=0)
     assert ex.sessions.count == 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_a_step_in_pieces_is_the_same_bits_as_in_one_call(kind: str, tiny_models: dict[str, Path]) -> None:
+    # The server computes big steps a few blocks at a time (one scheduler grant each),
+    # so that no piece holds the compute slot for long: the output must not change.
+    ex = rt.load_span(str(tiny_models[kind]), *SPANS[kind][-1])
+    x = torch.randn(1, 30, ex.hidden_size, generator=torch.Generator().manual_seed(4))
+    whole, pieces = ex.open_session(31), ex.open_session(31)
+    expected = [ex.forward(whole, x[:, :29], 0), ex.forward(whole, x[:, 29:], 29)]
+    job = ex.forward_job(pieces, x[:, :29], 0, quantum=29)  # one block per piece
+    assert len(job.pieces) == ex.num_blocks and sum(w for w, _ in job.pieces) == 29 * ex.num_blocks
+    for _, piece in job.pieces:
+        piece()
+    assert ex.session_length(pieces) == 29
+    got = [job.result(), ex.forward(pieces, x[:, 29:], 29)]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_a_long_forward_once_is_chunked_within_the_cache_budget(tiny_models: dict[str, Path]) -> None:
+    ex = rt.load_span(str(tiny_models["llama"]), 0, 4)
+    x = torch.randn(1, 100, ex.hidden_size, generator=torch.Generator().manual_seed(5))
+    job = ex.forward_once_job(x, quantum=64, chunk_tokens=32)
+    assert [w for w, _ in job.pieces] == [64, 64] * 3 + [16]  # 3 chunks of 32 (2 blocks a piece), then 4 tokens
+    assert max(w for w, _ in job.pieces) <= 64
+    torch.testing.assert_close(job.run(), ex.forward_once(x), atol=1e-5, rtol=1e-5)
+    small = rt.load_span(str(tiny_models["llama"]), 0, 4, cache_bytes=ex.transient_bytes(50))
+    small.reserve(small.transient_bytes(50))
+    with pytest.raises(rt.SessionMemoryExhausted):
+        small.open_session(1)
+    small.release(small.transient_bytes(50))
+    small.open_session(50)

@@ -1,0 +1,206 @@
+"""What one requester may take of a server (issue 10 item 4, issue 12 items 2 and 4):
+sessions per identity and per address group, unused sessions expiring, FORWARD_ONCE
+tokens per request and per requester, the FORWARD size cap per connection, LOADING
+before the span is served, and a restarted identity replacing its old record. Servers
+are in this process (``run_server`` on loopback, a tiny random Llama); the attacks on
+real ``swarm-peer serve`` processes are tests/peer/test_abuse_processes.py."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import pytest
+import torch
+import trio
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from peer.api import Swarm
+from peer.node import ServeOptions, run_server
+from peer.node import _replace_old_records as replace_old_records
+from peer.server import answer_loading
+from protocol import (
+    Announcement,
+    Identity,
+    OpenSession,
+    WireTensor,
+    sign_forward_once,
+)
+from protocol.errors import ErrorCode, RemoteError
+from swarm.announce import announcement_records, fetch_swarm_view, next_seq
+from swarm.dht import DhtNode
+from swarm.errors import PeerUnreachable
+from swarm.transport import Host
+from verify import record_kinds
+
+NUM_LAYERS = 4
+PROMPT = [1, 5, 9, 33, 7]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         eos_token_id=2, bos_token_id=1, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(path)
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False,
+                             attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long))
+    return str(path), out[0, len(PROMPT):].tolist()
+
+
+async def start(nursery, model, blocks=(0, NUM_LAYERS), bootstrap=(), identity=None, **kw):
+    options = ServeOptions(model=model, blocks=blocks, bootstrap=tuple(bootstrap), threads=1, **kw)
+    return await nursery.start(functools.partial(run_server, identity or Identity.generate(), options))
+
+
+async def client(nursery, source="127.0.0.1"):
+    host = Host(Identity.generate(), host=source, source_host=source)
+    await nursery.start(host.run)
+    return host
+
+
+async def code_of(conn, request) -> ErrorCode:
+    with pytest.raises(RemoteError) as err:
+        await conn.request(request)
+    return err.value.code
+
+
+async def test_one_identity_cannot_take_every_session_slot(tiny):
+    path, expected = tiny
+    async with trio.open_nursery() as nursery:
+        node = await start(nursery, path, max_sessions=6, max_sessions_per_peer=2)
+        greedy = await (await client(nursery)).connect(node.address)
+        opened = [await greedy.request(OpenSession(model=node.server.model, span=(0, 4), max_length=8))
+                  for _ in range(2)]
+        assert len({o.session for o in opened}) == 2
+        assert await code_of(greedy, OpenSession(model=node.server.model, span=(0, 4), max_length=8)) \
+            == ErrorCode.BUSY
+        # a group of Sybils on one subnet gets half the slots at most
+        sybils = [await (await client(nursery, f"127.0.1.{i + 1}")).connect(node.address) for i in range(3)]
+        codes = []
+        for conn in sybils:
+            for _ in range(2):
+                try:
+                    await conn.request(OpenSession(model=node.server.model, span=(0, 4), max_length=8))
+                    codes.append(None)
+                except RemoteError as exc:
+                    codes.append(exc.code)
+        assert codes.count(None) == 3 and codes.count(ErrorCode.BUSY) == 3  # max_sessions // 2 per group
+        swarm = await Swarm.connect(nursery, bootstrap=[node.address], model=path, audit=0)
+        assert (await swarm.generate(PROMPT, max_new_tokens=8)).token_ids == expected
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_session_that_never_gets_a_step_expires(tiny):
+    path, _ = tiny
+    async with trio.open_nursery() as nursery:
+        node = await start(nursery, path)
+        now = [0.0]
+        node.server._clock = lambda: now[0]  # the server's clock, for its sweep  # noqa: SLF001
+        host = await client(nursery)
+        conn = await host.connect(node.address)
+        await conn.request(OpenSession(model=node.server.model, span=(0, 4), max_length=8))
+        served = node.host.connections[host.peer_id]
+        assert node.server.open_sessions == 1 and served.protected  # never trimmed while it has sessions
+        now[0] = node.server.limits.unused_session_timeout - 1
+        assert node.server.sweep() == [] and node.server.open_sessions == 1
+        now[0] = node.server.limits.unused_session_timeout + 1
+        assert len(node.server.sweep()) == 1 and node.server.open_sessions == 0
+        assert not served.protected
+        nursery.cancel_scope.cancel()
+
+
+def once_request(identity, node, n_tokens):
+    hidden = WireTensor(dtype="f32", shape=(1, n_tokens, 64), data=bytes(4 * 64 * n_tokens))
+    request, _ = sign_forward_once(identity, server=node.identity.peer_id, nonce=bytes(16),
+                                   model=node.server.model, span=(0, 4), hidden=hidden)
+    return request
+
+
+async def test_forward_once_tokens_are_capped_per_request_and_per_requester(tiny):
+    path, _ = tiny
+    async with trio.open_nursery() as nursery:
+        node = await start(nursery, path)
+        host = await client(nursery)
+        conn = await host.connect(node.address)
+        assert node.server.max_once_tokens == 128  # the model's context
+        # one token over: refused before any compute, the connection stays (the size cap allows it)
+        too_long = once_request(host.identity, node, 129)
+        assert await code_of(conn, too_long) == ErrorCode.MAX_LENGTH_EXCEEDED
+        # the per-requester budget: while 100 tokens are queued, 100 more are BUSY
+        node.server.limits = type(node.server.limits)(max_once_tokens_per_peer=150)
+        release = trio.Event()
+        real_run = node.compute.run
+
+        async def held_run(requester, fn, *, work=1):
+            await release.wait()
+            return await real_run(requester, fn, work=work)
+
+        node.compute.run = held_run
+        async with trio.open_nursery() as inner:
+            inner.start_soon(conn.request, once_request(host.identity, node, 100))
+            with trio.fail_after(10):
+                while not node.server._once_tokens:  # noqa: SLF001 - until the first one is queued
+                    await trio.sleep(0.01)
+            assert await code_of(conn, once_request(host.identity, node, 100)) == ErrorCode.BUSY
+            release.set()
+        assert not node.server._once_tokens  # noqa: SLF001
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_forward_over_the_connections_cap_is_refused_from_its_head(tiny):
+    path, _ = tiny
+    async with trio.open_nursery() as nursery:
+        node = await start(nursery, path)
+        host = await client(nursery)
+        conn = await host.connect(node.address)
+        # no session opened on this connection: a FORWARD_ONCE larger than the context
+        # of the model is refused by its size alone, and the connection dropped
+        huge = once_request(host.identity, node, 2000)
+        with pytest.raises(PeerUnreachable):
+            await conn.request(huge)
+        assert not conn.is_open
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_loading_server_answers_loading(tiny):
+    async with trio.open_nursery() as nursery:
+        host = Host(Identity.generate())
+        answer_loading(host, retry_after=lambda: 7.0)
+        await nursery.start(host.run)
+        conn = await (await client(nursery)).connect(host.listen_addrs[0])
+        with pytest.raises(RemoteError) as err:
+            await conn.request(OpenSession(model="m@0", span=(0, 1), max_length=8))
+        assert err.value.code == ErrorCode.LOADING and err.value.retry_after == 7.0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_restarted_identity_replaces_its_old_record_at_once(tiny):
+    # An earlier process of this identity died without withdrawing: its records point
+    # at an address where nothing listens. The new process replaces them as soon as it
+    # joins the DHT, long before its own announcement (after loading) would.
+    path, _ = tiny
+    identity = Identity.generate()
+    async with trio.open_nursery() as nursery:
+        boot = await start(nursery, path, blocks=(0, 2))
+        model = boot.server.model
+        old_host = await client(nursery)
+        old = DhtNode(old_host, kinds=record_kinds())
+        await nursery.start(functools.partial(old.run, bootstrap=[boot.address]))
+        dead = Announcement(peer_id=identity.peer_id, addrs=("127.0.0.1:9",), model=model, span=(2, 4),
+                            throughput=100.0, free_sessions=16, expires=int(time.time() + 200))
+        for record in announcement_records(identity, dead, seq=next_seq(None, time.time())):
+            assert await old.store(record) >= 1
+        view = await fetch_swarm_view(boot.dht, model, NUM_LAYERS)
+        assert identity.peer_id in view.servers
+        new_host = await client(nursery)
+        new = DhtNode(new_host, kinds=record_kinds())
+        await nursery.start(functools.partial(new.run, bootstrap=[boot.address]))
+        await replace_old_records(new, identity, model, NUM_LAYERS)
+        view = await fetch_swarm_view(boot.dht, model, NUM_LAYERS)
+        assert identity.peer_id not in view.servers
+        nursery.cancel_scope.cancel()
