@@ -39,7 +39,11 @@ redone there, and the hop's earlier, unaudited outputs are compared with the
 replacement's replay of the same inputs (a divergence rolls the generation back).
 Every later step of that span is audited. Only when no other holder can take the
 span is the disputed output kept, and then counted as unverifiable, as is a step no
-independent peer could check (``Verification``: the client reports both).
+independent peer could check (``Verification``: the client reports both). Nor is a hop
+replaced whose side of a vote outweighs every disagreeing voter together (an
+established peer disputed only by fresh identities, ``AuditResult.stands``): the redo
+could only go to the lighter side, so the output is kept, counted as unverifiable,
+and the lighter side is avoided.
 """
 
 from __future__ import annotations
@@ -315,6 +319,9 @@ class Chain:
             log.info("audit of %s ran past its deadline; its output is used unaudited", record.hop.peer_id.hex()[:12])
             self.verification.used(record, None)
             return True
+        if result.stands:  # disputed only by lighter voters: kept, unverified, and watched
+            self.disputed.add(record.span)
+            self.failed.update(result.avoid)
         if not result.redo:
             self.verification.used(record, result)
             return True

@@ -46,6 +46,7 @@ class OffsetExecutor:
         self._real = real
         self.once_too = once_too
         self.cheats = 0
+        self.forwards = 0  # session steps served (as a hop)
         g = torch.Generator().manual_seed(1234)
         self._direction = torch.randn(real.hidden_size, generator=g)
 
@@ -58,6 +59,7 @@ class OffsetExecutor:
         return out + 0.01 * rms * self._direction.to(out.dtype)
 
     def forward(self, session_id, hidden, position):
+        self.forwards += 1
         return self._offset(self._real.forward(session_id, hidden, position))
 
     def forward_once(self, hidden, *, start=None, end=None):
@@ -65,9 +67,11 @@ class OffsetExecutor:
         return self._offset(out) if self.once_too else out
 
 
-def offset_server(*, once_too: bool):
+def offset_server(*, once_too: bool, delay: float = 0.0):
     class Offset(SpanServer):
         def __init__(self, host, executor, **kw):
+            if delay:
+                executor = SlowExecutor(executor, delay)
             super().__init__(host, OffsetExecutor(executor, once_too=once_too), **kw)
 
         def make_announcement(self, expires, throughput):
@@ -76,8 +80,8 @@ def offset_server(*, once_too: bool):
     return Offset
 
 
-async def start_cheater(nursery, monkeypatch, path, *, once_too: bool, bootstrap=()):
-    monkeypatch.setattr("peer.node.SpanServer", offset_server(once_too=once_too))
+async def start_cheater(nursery, monkeypatch, path, *, once_too: bool, bootstrap=(), delay: float = 0.0):
+    monkeypatch.setattr("peer.node.SpanServer", offset_server(once_too=once_too, delay=delay))
     try:
         return await start(nursery, path, (0, 3), bootstrap=bootstrap)
     finally:
@@ -204,13 +208,19 @@ async def send_proof(client, node, proof):
     return ack.accepted
 
 
-@pytest.mark.parametrize("local", [True, False], ids=["client-recomputes", "votes-only"])
-async def test_colluding_holders_never_get_the_honest_one_banned(tiny_verify, monkeypatch, local):
+@pytest.mark.parametrize(("local", "honest_first"), [(True, False), (False, False), (False, True)],
+                         ids=["client-recomputes", "votes-only", "votes-only-honest-routed-first"])
+async def test_colluding_holders_never_get_the_honest_one_banned(tiny_verify, monkeypatch, local, honest_first):
+    """Routing goes by measured speed: the slower side is routed second. With a
+    colluder routed first, the dispute moves the hop to the honest holder; with the
+    honest holder first, the colluders' lighter votes must not move it off."""
     path, model = tiny_verify
     async with trio.open_nursery() as nursery:
-        first = await start_cheater(nursery, monkeypatch, path, once_too=True)
-        second = await start_cheater(nursery, monkeypatch, path, once_too=True, bootstrap=[first.address])
-        honest = await start(nursery, path, (0, 3), bootstrap=[first.address])
+        slow_colluders, slow_honest = (0.25, 0.0) if honest_first else (0.0, 0.25)
+        first = await start_cheater(nursery, monkeypatch, path, once_too=True, delay=slow_colluders)
+        second = await start_cheater(nursery, monkeypatch, path, once_too=True, bootstrap=[first.address],
+                                     delay=slow_colluders)
+        honest = await start_slow(nursery, monkeypatch, path, (0, 3), delay=slow_honest, bootstrap=[first.address])
         tail = await start(nursery, path, (3, 6), bootstrap=[first.address])
         for colluder in (first, second):
             vouch_for_anything(colluder)
@@ -228,8 +238,10 @@ async def test_colluding_holders_never_get_the_honest_one_banned(tiny_verify, mo
         assert result.token_ids == reference(model, PROMPT, NEW_TOKENS)
         assert first.server.executor.cheats + second.server.executor.cheats > 0
         assert [h.peer_id for h in result.route][0] == honest_id.hex()
-        if local:  # both convicted by the client's own recomputation
-            assert all(client.reputation.is_banned(c) for c in colluders)
+        if local:  # each colluder routed as a hop is convicted by the client's own recomputation
+            # (routing goes by measured speed, so the second may never be routed at all)
+            hops = [c.identity.peer_id for c in (first, second) if c.server.executor.forwards]
+            assert hops and all(client.reputation.is_banned(c) for c in hops)
             assert result.fully_verified
         else:  # the vote never let two fresh identities outweigh the established holder
             assert not any(client.reputation.is_banned(c) for c in colluders)
