@@ -93,15 +93,17 @@ class SlowExecutor:
     goes by measured speed (issue 10 item 7), so a slower honest co-holder makes the
     client pick the cheater first, as a cheater that is simply faster would be."""
 
-    def __init__(self, real, delay: float) -> None:
+    def __init__(self, real, delay: float, *, once_only: bool = False) -> None:
         self._real = real
         self.delay = delay
+        self.once_only = once_only  # only FORWARD_ONCE (probes, audits) is slow
 
     def __getattr__(self, name):
         return getattr(self._real, name)
 
     def forward(self, session_id, hidden, position):
-        time.sleep(self.delay)  # runs in the compute thread, like the real work
+        if not self.once_only:
+            time.sleep(self.delay)  # runs in the compute thread, like the real work
         return self._real.forward(session_id, hidden, position)
 
     def forward_once(self, hidden, *, start=None, end=None):
@@ -109,10 +111,10 @@ class SlowExecutor:
         return self._real.forward_once(hidden, start=start, end=end)
 
 
-async def start_slow(nursery, monkeypatch, path, span, *, delay: float, bootstrap=()):
+async def start_slow(nursery, monkeypatch, path, span, *, delay: float, bootstrap=(), once_only: bool = False):
     class Slow(SpanServer):
         def __init__(self, host, executor, **kw):
-            super().__init__(host, SlowExecutor(executor, delay), **kw)
+            super().__init__(host, SlowExecutor(executor, delay, once_only=once_only), **kw)
 
     monkeypatch.setattr("peer.node.SpanServer", Slow)
     try:
@@ -157,6 +159,36 @@ async def test_a_cheater_with_one_honest_co_holder_is_convicted_or_routed_around
             assert result.verified_fraction is not None and result.verified_fraction < 1.0
             assert result.to_dict()["verification"]["unverifiable_hops"][0]["blocks"] == [3, 6]
         honest_peers_ban_nobody_honest([client, honest.fraud, tail.fraud], [honest_id, tail.identity.peer_id])
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_convicted_hop_is_replaced_by_holders_whose_audits_timed_out(tiny_verify, monkeypatch):
+    """bench/audit.py's "3 holders, 0 colluding, established cheater" crashed: both
+    honest holders' audit recomputations ran past the step's deadline on a loaded
+    machine, which struck them off the generation's holders; the client's own
+    recomputation then convicted the cheater and no replacement was left
+    (AllCandidatesFailed). An auditor that times out is only backed off, and a
+    disputed hop's replacement may be a backed-off holder."""
+    path, model = tiny_verify
+    async with trio.open_nursery() as nursery:
+        cheater = await start_cheater(nursery, monkeypatch, path, once_too=False)
+        honest = [await start_slow(nursery, monkeypatch, path, (0, 3), delay=3.0, once_only=True,
+                                   bootstrap=[cheater.address]) for _ in range(2)]
+        tail = await start(nursery, path, (3, 6), bootstrap=[cheater.address])
+        swarm = await Swarm.connect(nursery, bootstrap=[tail.address], model=path, audit=AuditPolicy(rate=1.0),
+                                    local_recompute_bytes=1 << 30)
+        client = swarm.client
+        cheater_id = cheater.identity.peer_id
+        now = time.time()  # established here: its audits ask voters before the client's own copy
+        client.reputation.history[cheater_id] = History(first_seen=now - 2 * 86400, passes=50.0, updated=now)
+
+        result = await swarm.generate(PROMPT, max_new_tokens=4)
+
+        assert result.token_ids == reference(model, PROMPT, 4)
+        assert client.auditor.stats.outcomes.get("cheat", 0) >= 1 and client.reputation.is_banned(cheater_id)
+        assert result.route[0].peer_id in {h.identity.peer_id.hex() for h in honest}
+        honest_peers_ban_nobody_honest([client, *(h.fraud for h in honest), tail.fraud],
+                                       [h.identity.peer_id for h in honest])
         nursery.cancel_scope.cancel()
 
 
