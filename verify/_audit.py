@@ -28,7 +28,9 @@ step's output is used. An audit:
      and takes the weighted vote (``verify._voting.tally``). The hop confirmed by a
      majority passes; a hop outvoted (``OUTVOTED``) or a vote without a majority
      (``INCONCLUSIVE``) is routed around, and nobody is banned: a vote is not
-     evidence the client checked. An outvoted hop's fraud proof goes to the
+     evidence the client checked. (A vote without a majority in which the hop's side
+     outweighs all the others together, one established peer against fresh
+     identities, leaves the hop's output standing, unverified: ``AuditResult.stands``.) An outvoted hop's fraud proof goes to the
      majority's holders, which verify it by recomputation (their bans are theirs);
    - with no answer at all and no local span, the step is ``SKIPPED``: no independent
      check was possible (the generation reports it).
