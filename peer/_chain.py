@@ -33,6 +33,13 @@ the generation ends or is cancelled (``aclose``, bounded in time).
 
 Audits (``_audit_step``) are a separate path: after a hop's step, before its output
 is used, under the step's deadline.
+
+With ``relay="push"`` a step goes around the chain once (``peer._push``): the hops
+hand their outputs on to each other and the client verifies every hop's signed
+output when the last hop returns them; whatever did not come back verified is
+finished here in star mode, with the failover above. A pushed step's outputs were
+used by the next hops before any audit, so they are audited before the client samples
+from them, and a conviction rolls the generation back to the step (spec 13.2).
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ from swarm.health import PeerHealth, TimeoutPolicy
 from swarm.planning import Hop, Route
 from swarm.transport import Host, PeerConnection
 
+from ._push import PushInbox, push_step
 from .credit import CreditService
 
 if TYPE_CHECKING:
@@ -168,6 +176,8 @@ class Chain:
         alternative: ``await alternative(start, end, exclude)`` -> one hop covering
             [start, end) to hedge with, or None.
         spawn: starts a task in the client's background nursery (hedges run there).
+        relay: ``"star"`` (the client sends each hop its input) or ``"push"`` (each hop
+            hands its output to the next, spec 11.4; star for what push could not do).
     """
 
     def __init__(self, host: Host, *, model: str, max_length: int,
@@ -177,7 +187,9 @@ class Chain:
                  credit: CreditService | None = None, auditor: Auditor | None = None,
                  health: PeerHealth | None = None,
                  alternative: Callable[[int, int, frozenset[bytes]], Awaitable[Hop | None]] | None = None,
-                 spawn: Spawn | None = None) -> None:
+                 spawn: Spawn | None = None, relay: str = "star") -> None:
+        if relay not in ("star", "push"):
+            raise ValueError(f"relay is 'star' or 'push', not {relay!r}")
         self.host = host
         self.model = model
         self.max_length = max_length
@@ -197,6 +209,11 @@ class Chain:
         self.hedges = 0  # hedged requests started
         self.hedges_won = 0
         self._replayed: torch.Tensor | None = None  # the last failover's replay output
+        self.relay = relay
+        self.push_broken: set[frozenset[bytes]] = set()  # hop pairs that could not push to each other
+        self.pushed_steps = 0  # steps that went around the chain by push, every hop verified
+        if relay == "push":
+            PushInbox.of(host)  # the PUSH_RESULT handler, before any server may send one
 
     # -- the public surface -----------------------------------------------------------------
 
@@ -213,6 +230,16 @@ class Chain:
         """Run ``hidden`` ([1, n, hidden]) for positions ``position..`` through every hop."""
         x = hidden
         i = 0
+        if self._can_push():
+            for record in self.hops:
+                if record.length != position:
+                    raise LocalProtocolError(f"hop session at {record.length} tokens, asked to step at {position}")
+            i, x = await push_step(self, hidden, position)
+            self.pushed_steps += i == len(self.hops)
+            if self.auditor is not None:
+                for j in range(i):
+                    if await self._audit_step(j, position):  # the next hops computed on the cheat
+                        raise RollbackRequired(position)
         while i < len(self.hops):
             record = self.hops[i]
             if record.length != position:
@@ -236,6 +263,12 @@ class Chain:
             async with trio.open_nursery() as nursery:
                 for record in hops:
                     nursery.start_soon(self._close_one, record)
+
+    def _can_push(self) -> bool:
+        if self.relay != "push" or len(self.hops) < 2:
+            return False
+        peers = [r.hop.peer_id for r in self.hops]
+        return not any(a == b or frozenset((a, b)) in self.push_broken for a, b in zip(peers, peers[1:]))
 
     # -- audits -------------------------------------------------------------------------------
 

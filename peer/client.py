@@ -117,6 +117,7 @@ class GenerationResult:
     total_seconds: float
     hop_latency: dict[str, float] = field(default_factory=dict)  # peer id hex -> seconds waited
     hedges: int = 0  # slow requests raced against another candidate
+    pushed_steps: int = 0  # steps that went around the chain by server-to-server push
 
     @property
     def tokens_per_second(self) -> float:
@@ -128,7 +129,7 @@ class GenerationResult:
             "text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
             "finish_reason": self.finish_reason,
             "route": [{"peer_id": h.peer_id, "address": h.address, "blocks": [h.start, h.end]} for h in self.route],
-            "failovers": self.failovers, "hedges": self.hedges,
+            "failovers": self.failovers, "hedges": self.hedges, "pushed_steps": self.pushed_steps,
             "timings": {"time_to_first_token": self.time_to_first_token, "total_seconds": self.total_seconds,
                         "tokens_per_second": self.tokens_per_second, "hop_latency": self.hop_latency},
         }
@@ -545,6 +546,8 @@ class SwarmClient:
         fresh.failed |= chain.failed
         fresh.failovers = chain.failovers
         fresh.hedges = chain.hedges
+        fresh.pushed_steps = chain.pushed_steps
+        fresh.push_broken |= chain.push_broken
         await fresh.open(await self._vet(await self.route(exclude=frozenset(fresh.failed))))
         return fresh
 
@@ -552,7 +555,7 @@ class SwarmClient:
         return Chain(self.host, model=self.model, max_length=max_length, replan=self._replan,
                      wire_dtype=self.wire_dtype, step_timeout=self.step_timeout, max_failovers=self.max_failovers,
                      credit=self.credit, auditor=self.auditor, health=self.health, alternative=self.alternative,
-                     spawn=self.spawn)
+                     spawn=self.spawn, relay=self.costs.relay)
 
     async def _replan(self, start: int, end: int, exclude: frozenset[bytes]) -> Route:
         return await self.route(start, end, exclude=exclude)
@@ -563,7 +566,8 @@ class SwarmClient:
             text=text, token_ids=list(tokens.new_ids), prompt_tokens=len(tokens.prompt_ids),
             finish_reason=tokens.finish_reason or "length", route=[_route_hop(r.hop, r.conn.address) for r in chain.hops],
             failovers=chain.failovers, time_to_first_token=first - t0, total_seconds=end - t0,
-            hop_latency={r.hop.peer_id.hex(): r.latency for r in chain.hops}, hedges=chain.hedges)
+            hop_latency={r.hop.peer_id.hex(): r.latency for r in chain.hops}, hedges=chain.hedges,
+            pushed_steps=chain.pushed_steps)
 
 
 def _route_hop(hop: Hop, address: str) -> RouteHop:

@@ -51,6 +51,13 @@ from protocol import (  # noqa: E402
     OpenSession,
     Ping,
     Pong,
+    Push,
+    PushFailure,
+    PushHop,
+    HopOutput,
+    Pushed,
+    PushResult,
+    PushResultAck,
     Receipt,
     ReceiptAck,
     ReceiptRecord,
@@ -66,7 +73,14 @@ from protocol import (  # noqa: E402
     extend_history,
     forward_request_statement,
     forward_result_statement,
+    push_failure_statement,
+    push_onward,
+    push_request_statement,
     receipt_statement,
+    SessionState,
+    sign_push,
+    sign_push_failure,
+    sign_push_output,
 )
 # The generator also reads codec internals (field codecs, codebooks, the Noise layer):
 # it writes the spec's generated tables and byte-exact transcripts, which no public API
@@ -79,6 +93,8 @@ VECTORS = ROOT / "spec" / "vectors"
 # solve the identity puzzle, as every key a peer accepts must.
 CLIENT = Identity.from_seed(derive_seed(bytes(range(32)), 1682))
 SERVER = Identity.from_seed(derive_seed(bytes(range(32, 64)), 1160))
+#: The second hop of the PUSH examples (push messages carry no identity puzzle check).
+SERVER2 = Identity.from_seed(bytes(range(64, 96)))
 
 
 # --- JSON form of message values (bytes as lowercase hex) ------------------------------
@@ -180,6 +196,7 @@ def sample_messages() -> list[tuple[int, Message]]:
     proof = FraudProof(accused=SERVER.public_key, client=CLIENT.public_key, model=model, span=span, session=session,
                          requests=(ForwardEvidence(step=0, position=0, hidden=hidden, signature=req_sig),),
                          output=out, output_signature=res_sig)
+    push, pushed_on, result, failure = sample_push(model, hidden)
     return [
         (7, Error(code=202, message="busy: 3 sessions queued", retry_after=0.5)),
         (1, Ping()),
@@ -204,7 +221,37 @@ def sample_messages() -> list[tuple[int, Message]]:
         (11, CreditReport(records=(signed,))),
         (12, FraudProofNotice(proof=proof)),
         (12, FraudProofAck(accepted=True)),
+        (13, push),
+        (13, Pushed()),
+        (14, pushed_on),
+        (14, Pushed()),
+        (15, result),
+        (15, PushResultAck()),
+        (16, failure),
+        (16, PushResultAck()),
     ]
+
+
+def sample_push(model: str, hidden: Any) -> tuple[Push, Push, PushResult, PushResult]:
+    """A two-hop PUSH step made with the reference exchange: the client's PUSH to the
+    first hop (SERVER, blocks 0:2), the PUSH it hands on to the second (SERVER2, 2:4),
+    the second hop's PUSH_RESULT, and a failure report of the first hop."""
+    states = [SessionState(client=CLIENT.peer_id, server=server.peer_id, session=bytes([i + 1]) * 16, model=model,
+                           span=span, max_length=64) for i, (server, span) in enumerate(((SERVER, (0, 2)),
+                                                                                         (SERVER2, (2, 4))))]
+    for state in states:
+        state.open()
+    push = sign_push(CLIENT, states, [("10.0.0.2:4000",), ("10.0.0.3:4000",)], hidden, timeout=2.5)
+    server_states = [dataclasses.replace(s, transcript=[]) for s in states]
+    first = sign_push_output(SERVER, server_states[0], push, _tensor([1.0, 0.5, -0.5, 0.25], (1, 1, 4)))
+    pushed_on = push_onward(push, first)
+    assert isinstance(pushed_on, Push)
+    second = sign_push_output(SERVER2, server_states[1], pushed_on, _tensor([0.0, 2.0, -1.5, 4.0], (1, 1, 4)))
+    result = push_onward(pushed_on, second)
+    assert isinstance(result, PushResult)
+    failure = sign_push_failure(SERVER, push, outputs=(first,), failed=SERVER2.peer_id, code=500,
+                                message="peer unreachable")
+    return push, pushed_on, result, failure
 
 
 def message_vectors() -> dict[str, Any]:
@@ -239,6 +286,11 @@ def statement_vectors() -> dict[str, Any]:
         history = extend_history(history, digest)
     res = forward_result_statement(server=SERVER.peer_id, session=session, step=2, model="m@0", span=(3, 9),
                                    input_digest=bytes(32), output_digest=bytes([0xFF]) * 32, history=history)
+    push = push_request_statement(client=CLIENT.peer_id, model="m@0", position=17, input_digest=bytes(32),
+                                  timeout=2.5, route=[[SERVER.peer_id, session, 2, [3, 9], ["10.0.0.2:4000"]],
+                                                      [SERVER2.peer_id, bytes([7]) * 16, 0, [9, 12], []]])
+    failure = push_failure_statement(reporter=SERVER.peer_id, session=session, step=2, failed=SERVER2.peer_id,
+                                     code=500, message="peer unreachable")
     histories, history = [], EMPTY_HISTORY
     for digest in (bytes([1]) * 32, bytes([2]) * 32, bytes(32)):
         nxt = extend_history(history, digest)
@@ -253,12 +305,18 @@ def statement_vectors() -> dict[str, Any]:
              "peer_id": CLIENT.peer_id.hex()},
             {"name": "server", "seed": SERVER.seed.hex(), "public_key": SERVER.public_key.hex(),
              "peer_id": SERVER.peer_id.hex()},
+            {"name": "server2", "seed": SERVER2.seed.hex(), "public_key": SERVER2.public_key.hex(),
+             "peer_id": SERVER2.peer_id.hex()},
         ],
         "statements": [
             {"name": "forward-request", "signer": "client", "statement_hex": req.hex(),
              "signature": CLIENT.sign(req).hex()},
             {"name": "forward-result", "signer": "server", "statement_hex": res.hex(),
              "signature": SERVER.sign(res).hex()},
+            {"name": "push-request", "signer": "client", "statement_hex": push.hex(),
+             "signature": CLIENT.sign(push).hex()},
+            {"name": "push-failure", "signer": "server", "statement_hex": failure.hex(),
+             "signature": SERVER.sign(failure).hex()},
         ],
     }
 
@@ -510,7 +568,8 @@ def registry_markdown() -> str:
         body = "; ".join(_field_rows(cls.FIELDS)) or "(empty map)"
         lines.append(f"| {type_} | {_wire_name(cls)} | {cls.KIND} | {body} |")
     lines += ["", "| structure | fields (key: name (CBOR type)) |", "|---|---|"]
-    for cls in (NodeInfo, SignedRecord, Announcement, NextPing, ReceiptRecord, ForwardEvidence, FraudProof):
+    for cls in (NodeInfo, SignedRecord, Announcement, NextPing, ReceiptRecord, ForwardEvidence, FraudProof, PushHop,
+                HopOutput, PushFailure):
         lines.append(f"| {cls.__name__} | {'; '.join(_field_rows(cls.FIELDS))} |")
     return "\n".join(lines)
 
