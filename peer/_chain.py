@@ -63,6 +63,7 @@ from protocol import (
     decode_tensor,
     encode_tensor,
     sign_forward,
+    sign_pushed_requests,
 )
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteError, SwarmError, swarm_error_in
 from swarm.errors import NoRoute, PeerUnreachable, RequestTimeout
@@ -279,6 +280,8 @@ class Chain:
         record = self.hops[index]
         if not self.auditor.should_audit():
             return False
+        if self.relay == "push":  # a proof takes client-signed requests, pushed steps included
+            sign_pushed_requests(self.host.identity, record.state)
         tokens = record.transcript[-1].input.shape[1] if record.transcript else 1
         deadline = self._step_timeout(record, tokens=record.length)
         result = None

@@ -113,6 +113,7 @@ from ._exchange import (
     check_push_failure,
     PushOutcome,
     accept_push_result,
+    sign_pushed_requests,
 )
 from ._session import SESSION_TRANSITIONS, SessionEvent, SessionPhase, SessionState, SignedStep
 from ._statements import (
@@ -249,6 +250,7 @@ __all__ = [
     "check_push_failure",
     "PushOutcome",
     "accept_push_result",
+    "sign_pushed_requests",
     "accept_result",
     "sign_forward_once",
     "forward_once_state",

@@ -30,9 +30,10 @@ signed output, which it checks against the upstream's forward result signature
 Each hop records the step in its ``SessionState`` by the same rule (the history
 digest does not depend on how the input came) and signs its output over the forward
 result statement (``sign_push_output``). The client checks every hop's output in
-route order (``accept_push_result``) and records each step with a forward request
-signature of its own over the hop's input, so its transcripts, audits and fraud
-proofs are those of star steps. A hop that cannot go on signs a failure report
+route order (``accept_push_result``) and records each step; before an audit it signs
+a forward request statement of its own over each pushed input
+(``sign_pushed_requests``), so its transcripts, audits and fraud proofs are those of
+star steps. A hop that cannot go on signs a failure report
 (``sign_push_failure``).
 
 Failures are typed: ``InvalidRequest`` (dtype, shape), ``UnexpectedMessage`` (session
@@ -93,6 +94,7 @@ __all__ = [
     "check_push_failure",
     "PushOutcome",
     "accept_push_result",
+    "sign_pushed_requests",
 ]
 
 
@@ -456,9 +458,10 @@ def accept_push_result(identity: Identity, states: Sequence[SessionState], reque
                        public_keys: Sequence[bytes]) -> PushOutcome:
     """The client's checks of a PUSH_RESULT: every hop's output in route order (its
     shape, the history digest the client holds, the hop's signature). Each verified
-    step is recorded in its hop's state with a forward request signature the client
-    makes over the hop's input (so transcripts and fraud proofs are those of FORWARD);
-    checking stops at the first output that fails or is missing.
+    step is recorded in its hop's state; its forward request signature is left for
+    ``sign_pushed_requests`` to make when a fraud proof needs it (signing costs, and
+    only audited steps need it). Checking stops at the first output that fails or is
+    missing.
 
     Raises:
         UnexpectedMessage: it answers another PUSH.
@@ -484,11 +487,27 @@ def accept_push_result(identity: Identity, states: Sequence[SessionState], reque
                                    signature=output.signature, history=history, server_public_key=public_keys[i])
         except ProtocolError as exc:
             return PushOutcome(tuple(steps), exc)
-        signature = identity.sign(request_statement(state, step=hop.step, position=request.position,
-                                                    input_digest=input_digest))
-        step = SignedStep(step=hop.step, position=request.position, input=x, request_signature=signature,
+        step = SignedStep(step=hop.step, position=request.position, input=x, request_signature=None,
                           output=output.hidden, result_signature=output.signature)
         state.record(step)
         steps.append(step)
         x = output.hidden
     return PushOutcome(tuple(steps))
+
+
+def sign_pushed_requests(identity: Identity, state: SessionState) -> None:
+    """Sign, as the session's client, the forward request statement of every pushed
+    step of ``state``'s transcript that has none yet (its input came from the previous
+    hop, which signed it as its output): afterwards the transcript is that of FORWARD
+    steps, as audits and fraud proofs (spec section 13) take it.
+
+    Raises:
+        LocalProtocolError: ``identity`` is not the session's client.
+    """
+    if identity.peer_id != state.client:
+        raise LocalProtocolError("only the session's client signs its requests")
+    for k, step in enumerate(state.transcript):
+        if step.request_signature is None:
+            signature = identity.sign(request_statement(state, step=step.step, position=step.position,
+                                                        input_digest=step.input.digest()))
+            state.transcript[k] = dataclasses.replace(step, request_signature=signature)
