@@ -127,3 +127,21 @@ def test_the_client_stops_at_the_first_output_it_cannot_verify(bad, what):
                                    public_keys=[FIRST.public_key, SECOND.public_key])
     assert len(outcome.steps) == bad and not outcome.complete
     assert [s.next_step for s in client_states] == [1] * bad + [0] * (2 - bad)
+
+
+def test_pushed_steps_make_fraud_proof_evidence_that_verifies():
+    """A pushed step's transcript entry, once the client signed its request, passes a
+    fraud proof verifier's checks 2 and 3 (spec 13.4) against the hop's own signature."""
+    client_states, server_states, push, onward = _valid()
+    result = M.push_onward(onward, M.sign_push_output(SECOND, server_states[1], onward, _tensor(2.5)))
+    M.accept_push_result(CLIENT, client_states, push, result, public_keys=[FIRST.public_key, SECOND.public_key])
+    for state, server in zip(client_states, (FIRST, SECOND)):
+        M.sign_pushed_requests(CLIENT, state)
+        step = state.transcript[-1]
+        fresh = SessionState(client=state.client, server=state.server, session=state.session, model=MODEL,
+                             span=state.span, max_length=16)
+        fresh.open()
+        M.replay_requests(fresh, [s.evidence() for s in state.transcript], client_public_key=CLIENT.public_key)
+        M.check_result_signature(fresh, step=step.step, input_digest=step.input.digest(), output=step.output,
+                                 signature=step.result_signature, history=fresh.history,
+                                 server_public_key=server.public_key)

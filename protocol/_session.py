@@ -13,7 +13,7 @@ it is rejected with ``UnexpectedMessage`` (code BAD_STATE), and the session stat
 not change. Beyond the table, FORWARD carries arguments that must line up with the
 session: steps are numbered 0, 1, 2, ... without gaps, each step's ``position`` equals
 the number of tokens already processed, and no step may take the session past
-``max_length``.
+``max_length``. A step pushed to a hop (spec 11.4) is a FORWARD of its session.
 """
 
 from __future__ import annotations
