@@ -59,14 +59,6 @@ from ._messages import (
     ForwardResult,
     FraudProof,
     FraudProofAck,
-    HopOutput,
-    MAX_PUSH_HOPS,
-    Push,
-    Pushed,
-    PushFailure,
-    PushHop,
-    PushResult,
-    PushResultAck,
     FraudProofNotice,
     Message,
     NextPing,
@@ -88,6 +80,16 @@ from ._messages import (
     decode_envelope,
     decode_message,
     encode_message,
+)
+from ._push_messages import (
+    MAX_PUSH_HOPS,
+    HopOutput,
+    Push,
+    Pushed,
+    PushFailure,
+    PushHop,
+    PushResult,
+    PushResultAck,
 )
 from ._exchange import (
     accept_forward_once_result,

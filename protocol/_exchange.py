@@ -48,18 +48,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._identity import Identity, verify_signature
-from ._messages import (
-    Forward,
-    ForwardEvidence,
-    ForwardOnce,
-    ForwardOnceResult,
-    ForwardResult,
-    HopOutput,
-    Push,
-    PushFailure,
-    PushHop,
-    PushResult,
-)
+from ._messages import Forward, ForwardEvidence, ForwardOnce, ForwardOnceResult, ForwardResult
+from ._push_messages import HopOutput, Push, PushFailure, PushHop, PushResult
 from ._session import SessionPhase, SessionState, SignedStep
 from ._statements import (
     extend_history,
