@@ -10,8 +10,12 @@ the same run, alternating relay and local runs after a warm-up of both:
   to separate the relay's cost from the model's. Target: relay >= 0.95x local.
 * ``tiny``: the Petals comparison: a random Llama (4 layers, hidden 256, intermediate
   688, 4 heads, vocab 1000, fp32) built from its config and saved as safetensors in a
-  temp dir, served by two processes (blocks 0:2 and 2:4). Target: >= 200 decode
-  steps/s; Petals reached 40-43 against 270 tok/s for local generate on these machines.
+  temp dir, served by two processes (blocks 0:2 and 2:4). Target (issue 14, section 6):
+  >= 250 decode steps/s and 0.8x local; Petals reached 40-43 against 270 tok/s for
+  local generate on these machines.
+
+Both relay modes run by default, alternating: star (the client sends every hop its
+input) and push (each server hands its output to the next, spec 11.4).
 
 Per run it records time to first token (prompt routing, session opening and prefill
 for the relay; the prefill for transformers), decode steps/s after the first token,
@@ -19,7 +23,7 @@ and tokens/s over the whole call. The servers are stopped with SIGTERM at the en
 also on errors and on SIGTERM/Ctrl-C of this process.
 
 Run: ``.venv/bin/python bench/e2e.py [--part smollm|tiny|all] [--smollm-tokens 48]
-[--tiny-tokens 128] [--repeats 3] [--threads N] [--wire-dtype f32] [--audit 0] [--server-env K=V]``.
+[--tiny-tokens 128] [--repeats 3] [--relay star|push|both] [--threads N] [--wire-dtype f32] [--audit 0] [--server-env K=V]``.
 The machine may be shared: each part prints the load average; compare ratios. On an
 oversubscribed machine torch's default of one thread per core stalls in OpenMP
 barriers (several times slower); ``--threads 1`` measures without that.
@@ -64,6 +68,7 @@ class Run:
     tokens: list[int]
     ttft: float
     total: float
+    pushed: int = 0  # steps that went around the chain by server-to-server push
 
     @property
     def tokens_per_second(self) -> float:
@@ -176,41 +181,52 @@ class Servers:
 
 
 async def _relay_runs(addresses: Sequence[str], model: str, prompt: str | list[int], n: int, *, repeats: int,
-                      connect_kwargs: dict, local: Callable[[], Run], extra: Callable[[], Run] | None,
-                      chat: bool = False, profile: int = 0
-                      ) -> tuple[list[Run], list[Run], list[Run], list[dict[str, float]]]:
-    """Warm up, then alternate relay, local (and ``extra``) runs; local ones in a worker
-    thread so the client's trio services stay responsive."""
-    relay, base, more, waits = [], [], [], []
+                      relays: Sequence[str], connect_kwargs: dict, local: Callable[[], Run],
+                      extra: Callable[[], Run] | None, chat: bool = False, profile: int = 0
+                      ) -> tuple[dict[str, list[Run]], list[Run], list[Run], dict[str, list[dict[str, float]]]]:
+    """Warm up, then alternate the relays' runs (one client per relay mode), local (and
+    ``extra``) runs; local ones in a worker thread so the clients' trio services stay
+    responsive."""
+    runs: dict[str, list[Run]] = {r: [] for r in relays}
+    waits: dict[str, list[dict[str, float]]] = {r: [] for r in relays}
+    base: list[Run] = []
+    more: list[Run] = []
     async with trio.open_nursery() as nursery:
-        swarm = await Swarm.connect(nursery, bootstrap=list(addresses), model=model, **connect_kwargs)
+        swarms = {r: await Swarm.connect(nursery, bootstrap=list(addresses), model=model, relay=r, **connect_kwargs)
+                  for r in relays}
 
-        async def one(tokens: int) -> Run:
-            result = await swarm.generate(prompt, max_new_tokens=tokens, chat=chat)
+        async def one(relay: str, tokens: int) -> Run:
+            result = await swarms[relay].generate(prompt, max_new_tokens=tokens, chat=chat)
             steps = max(len(result.token_ids), 1)
-            waits.append({peer: seconds / steps for peer, seconds in result.hop_latency.items()})
-            return Run(tokens=result.token_ids, ttft=result.time_to_first_token, total=result.total_seconds)
+            waits[relay].append({peer: seconds / steps for peer, seconds in result.hop_latency.items()})
+            return Run(tokens=result.token_ids, ttft=result.time_to_first_token, total=result.total_seconds,
+                       pushed=result.pushed_steps)
 
-        await one(min(n, 8))  # warm-up: routing, connections, sessions, kernels
+        for relay in relays:
+            await one(relay, min(n, 8))  # warm-up: routing, connections, sessions, kernels
         await trio.to_thread.run_sync(local)
         if extra is not None:
             await trio.to_thread.run_sync(extra)
-        waits.clear()
+        for w in waits.values():
+            w.clear()
         for _ in range(repeats):
-            relay.append(await one(n))
+            for relay in relays:
+                runs[relay].append(await one(relay, n))
             base.append(await trio.to_thread.run_sync(local))
             if extra is not None:
                 more.append(await trio.to_thread.run_sync(extra))
         if profile:
+            relay = relays[-1]
             profiler = cProfile.Profile()
             profiler.enable()
-            run = await one(n)
+            run = await one(relay, n)
             profiler.disable()
-            waits.pop()
-            print_profile(profiler, f"one relay generation, client process ({run.steps_per_second:.1f} steps/s "
+            waits[relay].pop()
+            print_profile(profiler, f"one {relay} generation, client process ({run.steps_per_second:.1f} steps/s "
                           f"under the profiler)", profile)
-        await swarm.aclose()
-    return relay, base, more, waits
+        for swarm in swarms.values():
+            await swarm.aclose()
+    return runs, base, more, waits
 
 
 def print_profile(profiler: cProfile.Profile, title: str, top: int) -> None:
@@ -236,32 +252,41 @@ def _row(name: str, runs: Sequence[Run]) -> str:
             f"steps/s  TTFT {_median(runs, 'ttft') * 1e3:6.0f} ms   (steps/s of each run: {steps})")
 
 
-def _report(relay: list[Run], local: list[Run], extra: list[Run], waits: list[dict[str, float]],
-            extra_name: str) -> None:
+def _report(relays: dict[str, list[Run]], local: list[Run], extra: list[Run],
+            waits: dict[str, list[dict[str, float]]], extra_name: str) -> None:
     print("  median over runs:           whole call        decode after 1st token")
-    print(_row("relay (server processes)", relay))
+    for name, runs in relays.items():
+        print(_row(f"{name} relay (servers)", runs))
     print(_row("transformers generate", local))
     if extra:
         print(_row(extra_name, extra))
-    r_tps, l_tps = _median(relay, "tokens_per_second"), _median(local, "tokens_per_second")
-    r_sps, l_sps = _median(relay, "steps_per_second"), _median(local, "steps_per_second")
-    print(f"  relay / local: {r_tps / l_tps:.3f}x tokens/s (whole call), {r_sps / l_sps:.3f}x decode steps/s; "
-          f"TTFT {(_median(relay, 'ttft') - _median(local, 'ttft')) * 1e3:+.0f} ms")
-    if extra:
-        e_tps = _median(extra, "tokens_per_second")
-        e_sps = _median(extra, "steps_per_second")
-        print(f"  relay / {extra_name}: {r_tps / e_tps:.3f}x tokens/s, {r_sps / e_sps:.3f}x steps/s;  "
-              f"{extra_name} / local: {e_tps / l_tps:.3f}x tokens/s")
-    if waits:
-        per_hop = {peer: statistics.median(w.get(peer, 0.0) for w in waits) for peer in waits[0]}
-        step = 1 / r_sps if r_sps else float("nan")
-        hops = sum(per_hop.values())
-        print(f"  per relay step: {step * 1e3:.2f} ms, of which waiting on hops {hops * 1e3:.2f} ms "
-              f"({', '.join(f'{v * 1e3:.2f}' for v in per_hop.values())} ms; server compute + network + protocol), "
-              f"client side {(step - hops) * 1e3:.2f} ms (embed, logits, sampling, encode/sign/verify, credit "
-              f"receipts; hop waits are per token including the prefill)")
-    same = all(r.tokens == b.tokens[: len(r.tokens)] for r, b in zip(relay, local))
-    print(f"  tokens identical to transformers: {same} ({len(relay[0].tokens)} relay, {len(local[0].tokens)} local)")
+    l_tps, l_sps = _median(local, "tokens_per_second"), _median(local, "steps_per_second")
+    for name, runs in relays.items():
+        r_tps, r_sps = _median(runs, "tokens_per_second"), _median(runs, "steps_per_second")
+        print(f"  {name} / local: {r_tps / l_tps:.3f}x tokens/s (whole call), {r_sps / l_sps:.3f}x decode steps/s; "
+              f"TTFT {(_median(runs, 'ttft') - _median(local, 'ttft')) * 1e3:+.0f} ms")
+        if extra:
+            e_tps, e_sps = _median(extra, "tokens_per_second"), _median(extra, "steps_per_second")
+            print(f"  {name} / {extra_name}: {r_tps / e_tps:.3f}x tokens/s, {r_sps / e_sps:.3f}x steps/s;  "
+                  f"{extra_name} / local: {e_tps / l_tps:.3f}x tokens/s")
+        if name == "push":
+            print(f"  push: steps that went around the chain by push: {runs[0].pushed} of {len(runs[0].tokens)}")
+        hop_waits = waits.get(name) or []
+        if hop_waits and name == "star":
+            per_hop = {peer: statistics.median(w.get(peer, 0.0) for w in hop_waits) for peer in hop_waits[0]}
+            step = 1 / r_sps if r_sps else float("nan")
+            hops = sum(per_hop.values())
+            print(f"  per star step: {step * 1e3:.2f} ms, of which waiting on hops {hops * 1e3:.2f} ms "
+                  f"({', '.join(f'{v * 1e3:.2f}' for v in per_hop.values())} ms; server compute + network + "
+                  f"protocol), client side {(step - hops) * 1e3:.2f} ms (hop waits are per token including the "
+                  f"prefill)")
+    if "star" in relays and "push" in relays:
+        ratio = _median(relays["push"], "steps_per_second") / _median(relays["star"], "steps_per_second")
+        print(f"  push / star: {ratio:.3f}x decode steps/s")
+    same = all(r.tokens == b.tokens[: len(r.tokens)] for runs in relays.values() for r, b in zip(runs, local))
+    agree = len({tuple(runs[0].tokens) for runs in relays.values()}) == 1
+    print(f"  tokens identical to transformers: {same}; relays agree with each other: {agree} "
+          f"({len(local[0].tokens)} tokens)")
 
 
 # -- the parts ------------------------------------------------------------------------------
@@ -287,13 +312,15 @@ def part_smollm(args: argparse.Namespace, connect_kwargs: dict) -> None:
     chain = inprocess_chain(model_name, SMOLLM_SPANS, ids, n) if args.inprocess else None
     with tempfile.TemporaryDirectory(prefix="swarm-bench-e2e-") as tmp, \
             Servers(model_name, SMOLLM_SPANS, Path(tmp), env=args.server_env) as servers:
-        relay, local, extra, waits = trio.run(
-            lambda: _relay_runs(servers.addresses, model_name, PROMPT, n, repeats=args.repeats,
+        relays, local, extra, waits = trio.run(
+            lambda: _relay_runs(servers.addresses, model_name, PROMPT, n, repeats=args.repeats, relays=args.relays,
                                 connect_kwargs=connect_kwargs, local=lambda: local_generate(model, ids, n),
                                 extra=chain, profile=args.profile))
-    _report(relay, local, extra, waits, "in-process 3-span chain")
-    ratio = _median(relay, "tokens_per_second") / _median(local, "tokens_per_second")
-    print(f"  target (DESIGN.md): relay >= 0.95x local: {ratio:.3f}x; load average {load_average()}", flush=True)
+    _report(relays, local, extra, waits, "in-process 3-span chain")
+    for name, runs in relays.items():
+        ratio = _median(runs, "tokens_per_second") / _median(local, "tokens_per_second")
+        print(f"  target (issue 14, section 6): {name} relay >= 0.95x local: {ratio:.3f}x", flush=True)
+    print(f"  load average {load_average()}", flush=True)
 
 
 def make_tiny(path: Path) -> torch.nn.Module:
@@ -316,9 +343,9 @@ def part_tiny(args: argparse.Namespace, connect_kwargs: dict) -> None:
         os.environ["SWARM_PEER_CACHE"] = str(Path(tmp) / "cache")  # throwaway digests, for the servers too
         try:
             with Servers(str(path), TINY_SPANS, Path(tmp), env=args.server_env) as servers:
-                relay, local, _, waits = trio.run(
+                relays, local, _, waits = trio.run(
                     lambda: _relay_runs(servers.addresses, str(path), TINY_PROMPT, n, repeats=args.repeats,
-                                        connect_kwargs=connect_kwargs,
+                                        relays=args.relays, connect_kwargs=connect_kwargs,
                                         local=lambda: local_generate(model, TINY_PROMPT, n), extra=None,
                                         profile=args.profile))
         finally:
@@ -326,10 +353,13 @@ def part_tiny(args: argparse.Namespace, connect_kwargs: dict) -> None:
                 os.environ.pop("SWARM_PEER_CACHE", None)
             else:
                 os.environ["SWARM_PEER_CACHE"] = old_cache
-    _report(relay, local, [], waits, "")
-    steps = _median(relay, "steps_per_second")
-    print(f"  target (DESIGN.md): >= 200 relay decode steps/s: {steps:.1f} ({steps / 200:.2f}x the target; "
-          f"Petals: {PETALS_STEPS} steps/s against ~270 tok/s local); load average {load_average()}", flush=True)
+    _report(relays, local, [], waits, "")
+    for name, runs in relays.items():
+        steps = _median(runs, "steps_per_second")
+        print(f"  target (issue 14, section 6): {name} relay >= 250 decode steps/s and >= 0.8x local: {steps:.1f} "
+              f"({steps / _median(local, 'steps_per_second'):.2f}x local; Petals: {PETALS_STEPS} steps/s)",
+              flush=True)
+    print(f"  load average {load_average()}", flush=True)
 
 
 def main() -> None:
@@ -338,6 +368,8 @@ def main() -> None:
     parser.add_argument("--smollm-tokens", type=int, default=48)
     parser.add_argument("--tiny-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="measured runs of each (after one warm-up)")
+    parser.add_argument("--relay", choices=("star", "push", "both"), default="both",
+                        help="how the client relays: star, server-to-server push, or both (alternating)")
     parser.add_argument("--wire-dtype", default="f32", choices=("f32", "f16", "bf16"),
                         help="hidden states on the wire (Swarm.connect's default: f32, lossless)")
     parser.add_argument("--audit", type=float, default=0.0,
@@ -353,6 +385,7 @@ def main() -> None:
                         help="environment for the server processes (e.g. OMP_NUM_THREADS=1); repeatable")
     args = parser.parse_args()
     args.server_env = dict(item.partition("=")[::2] for item in args.server_env)
+    args.relays = ["star", "push"] if args.relay == "both" else [args.relay]
     if args.threads:
         torch.set_num_threads(args.threads)
         args.server_env = {"OMP_NUM_THREADS": str(args.threads), **args.server_env}
@@ -360,7 +393,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     connect_kwargs = dict(wire_dtype=args.wire_dtype, audit=args.audit or None)
     env = " ".join(f"{k}={v}" for k, v in args.server_env.items()) or "inherited"
-    print(f"e2e relay bench: wire {args.wire_dtype}, audit {args.audit}, repeats {args.repeats}, torch threads "
+    print(f"e2e relay bench: relay {args.relay}, wire {args.wire_dtype}, audit {args.audit}, repeats {args.repeats}, torch threads "
           f"{torch.get_num_threads()}, server env {env}, "
           f"cpus {os.cpu_count()}, load average {load_average()}", flush=True)
     if args.part in ("smollm", "all"):

@@ -43,7 +43,7 @@ def test_arbitrary_bytes(data):
     _oracle(data)
 
 
-@given(st.integers(0, 30), st.integers(0, 2**64 - 1), cbor_values)
+@given(st.integers(0, 40), st.integers(0, 2**64 - 1), cbor_values)
 def test_arbitrary_bodies(type_, id_, body):
     _oracle(cbor_encode([type_, id_, body]))
 

@@ -116,12 +116,22 @@ def message_strategy(cls):
     return st.builds(cls, **_field_strategies(cls))
 
 
+@st.composite
+def pushes(draw):
+    """A PUSH whose receiver exists: a non-empty route, fewer outputs than hops."""
+    route = draw(st.lists(structures(M.PushHop), min_size=1, max_size=MAX_LIST).map(tuple))
+    outputs = draw(st.lists(structures(M.HopOutput), max_size=len(route) - 1).map(tuple))
+    fields = {f.name: for_codec(f.codec) for f in M.Push.FIELDS if f.name not in ("route", "outputs")}
+    return draw(st.builds(M.Push, route=st.just(route), outputs=st.just(outputs), **fields))
+
+
 #: Envelope ids (request ids, echoed by responses): 0 is reserved for a connection-level ERROR.
 request_ids = st.integers(1, 2**64 - 1)
 
 
 #: One strategy per message type.
 STRATEGIES = {cls: message_strategy(cls) for cls in M.MESSAGE_TYPES.values()}
+STRATEGIES[M.Push] = pushes()
 messages = st.one_of(*STRATEGIES.values())
 
 cbor_values = st.recursive(

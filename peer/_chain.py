@@ -44,6 +44,13 @@ replaced whose side of a vote outweighs every disagreeing voter together (an
 established peer disputed only by fresh identities, ``AuditResult.stands``): the redo
 could only go to the lighter side, so the output is kept, counted as unverifiable,
 and the lighter side is avoided.
+
+With ``relay="push"`` a step goes around the chain once (``peer._push``): the hops
+hand their outputs on to each other and the client verifies every hop's signed
+output when the last hop returns them; whatever did not come back verified is
+finished here in star mode, with the failover above. A pushed step's outputs were
+used by the next hops before any audit, so they are audited before the client samples
+from them, and a conviction rolls the generation back to the step (spec 13.2).
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ from protocol import (
     decode_tensor,
     encode_tensor,
     sign_forward,
+    sign_pushed_requests,
 )
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteError, SwarmError, swarm_error_in
 from swarm.errors import NoRoute, PeerUnreachable, RequestTimeout
@@ -74,6 +82,7 @@ from swarm.health import PeerHealth, TimeoutPolicy
 from swarm.planning import Hop, Route
 from swarm.transport import Host, PeerConnection
 
+from ._push import PushInbox, push_step
 from .credit import CreditService
 
 if TYPE_CHECKING:
@@ -217,6 +226,8 @@ class Chain:
         alternative: ``await alternative(start, end, exclude)`` -> one hop covering
             [start, end) to hedge with, or None.
         spawn: starts a task in the client's background nursery (hedges run there).
+        relay: ``"star"`` (the client sends each hop its input) or ``"push"`` (each hop
+            hands its output to the next, spec 11.4; star for what push could not do).
     """
 
     def __init__(self, host: Host, *, model: str, max_length: int,
@@ -226,7 +237,9 @@ class Chain:
                  credit: CreditService | None = None, auditor: Auditor | None = None,
                  health: PeerHealth | None = None,
                  alternative: Callable[[int, int, frozenset[bytes]], Awaitable[Hop | None]] | None = None,
-                 spawn: Spawn | None = None) -> None:
+                 spawn: Spawn | None = None, relay: str = "star") -> None:
+        if relay not in ("star", "push"):
+            raise ValueError(f"relay is 'star' or 'push', not {relay!r}")
         self.host = host
         self.model = model
         self.max_length = max_length
@@ -249,6 +262,11 @@ class Chain:
         self.hedges = 0  # hedged requests started
         self.hedges_won = 0
         self._replayed: torch.Tensor | None = None  # the last failover's replay output
+        self.relay = relay
+        self.push_broken: set[frozenset[bytes]] = set()  # hop pairs that could not push to each other
+        self.pushed_steps = 0  # steps that went around the chain by push, every hop verified
+        if relay == "push":
+            PushInbox.of(host)  # the PUSH_RESULT handler, before any server may send one
 
     # -- the public surface -----------------------------------------------------------------
 
@@ -265,6 +283,15 @@ class Chain:
         """Run ``hidden`` ([1, n, hidden]) for positions ``position..`` through every hop."""
         x = hidden
         i = 0
+        if self._can_push():
+            for record in self.hops:
+                if record.length != position:
+                    raise LocalProtocolError(f"hop session at {record.length} tokens, asked to step at {position}")
+            i, x = await push_step(self, hidden, position)
+            self.pushed_steps += i == len(self.hops)
+            for j in range(i):
+                if not await self._audit_step(j, self.hops[j], position):  # the next hops used the dispute
+                    raise RollbackRequired(position)
         while i < len(self.hops):
             record = self.hops[i]
             if record.length != position:
@@ -289,6 +316,12 @@ class Chain:
                 for record in hops:
                     nursery.start_soon(self._close_one, record)
 
+    def _can_push(self) -> bool:
+        if self.relay != "push" or len(self.hops) < 2:
+            return False
+        peers = [r.hop.peer_id for r in self.hops]
+        return not any(a == b or frozenset((a, b)) in self.push_broken for a, b in zip(peers, peers[1:]))
+
     # -- the audit path (spec 13.2) -----------------------------------------------------------
 
     async def _audit_step(self, index: int, record: HopRecord, position: int) -> bool:
@@ -299,6 +332,8 @@ class Chain:
         if auditor is None or not (record.span in self.disputed or auditor.should_audit(record.hop.peer_id)):
             self.verification.used(record, None)
             return True
+        if self.relay == "push":  # a proof takes client-signed requests, pushed steps included
+            sign_pushed_requests(self.host.identity, record.state)
         # A recomputation replays the whole prefix: its deadline is the step's for that
         # many tokens; the audit as a whole (a quorum of voters, then perhaps the rest)
         # gets that once per voter it may ask, and one more.

@@ -19,6 +19,7 @@ Sync, from ordinary code (a background thread runs trio)::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import queue
 import threading
@@ -44,7 +45,7 @@ from verify import (
 )
 
 from ._bootstrap import check_bootstrap
-from .client import GenerationResult, SwarmClient, TokenEvent
+from .client import ROUTE_COSTS, GenerationResult, SwarmClient, TokenEvent
 from ._local_verify import LocalSpans
 from .credit import CreditService
 from .runtime import DEFAULT_MODEL, ClientHead, SamplingParams, load_head
@@ -77,7 +78,7 @@ class Swarm:
                       wire_dtype: str = "f32", step_timeout: float = 60.0, device: str | None = None,
                       ledger_path: str | None = None, audit: AuditPolicy | float | None = DEFAULT_AUDIT_RATE,
                       reputation_path: str | None = None,
-                      local_recompute_bytes: int = DEFAULT_LOCAL_RECOMPUTE_BYTES) -> Swarm:
+                      local_recompute_bytes: int = DEFAULT_LOCAL_RECOMPUTE_BYTES, relay: str = "star") -> Swarm:
         """Join the swarm through ``bootstrap`` and load the model's client head.
 
         Args:
@@ -99,6 +100,9 @@ class Swarm:
                 and to verify fraud proofs on its own evidence rather than trust a vote
                 among servers; 0 turns this off (disputes are then settled by votes).
             source_host: local address this client dials peers from (default: the kernel's choice).
+            relay: ``"star"`` (the client sends every hop its input and gets its output)
+                or ``"push"`` (each server hands its output to the next: one trip around
+                the chain per token; star where push cannot go).
 
         Raises:
             BootstrapFailed: no bootstrap address answered, or one is not ``host:port``
@@ -123,13 +127,14 @@ class Swarm:
             raise error from None
         return cls.assemble(dht, head, credit=credit, reputation=reputation, fraud=fraud, cancel_scope=scope,
                             wire_dtype=wire_dtype, step_timeout=step_timeout, audit=audit, local=local,
-                            spawn=background.start_soon)
+                            spawn=background.start_soon, relay=relay)
 
     @classmethod
     def assemble(cls, dht: DhtNode, head: ClientHead, *, credit: CreditService, reputation: Reputation,
                  fraud: FraudProofService, cancel_scope: trio.CancelScope | None = None, wire_dtype: str = "f32",
                  step_timeout: float = 60.0, audit: AuditPolicy | float | None = DEFAULT_AUDIT_RATE,
-                 local: LocalSpans | None = None, spawn: Callable[..., None] | None = None) -> Swarm:
+                 local: LocalSpans | None = None, spawn: Callable[..., None] | None = None,
+                 relay: str = "star") -> Swarm:
         """A ``Swarm`` on services that already run (a serving peer's own host, DHT, credit
         and fraud proof service: ``swarm-peer serve --api`` generates as the server).
         ``local``: the spans the auditor may load to settle disputes itself (None: votes
@@ -137,7 +142,8 @@ class Swarm:
         ``spawn`` starts tasks that outlive a generation (view refreshes, hedged requests:
         a nursery's ``start_soon``); without it nothing is hedged."""
         client = SwarmClient(dht, head, wire_dtype=wire_dtype, step_timeout=step_timeout, credit=credit,
-                             reputation=reputation, fraud=fraud, spawn=spawn)
+                             reputation=reputation, fraud=fraud, spawn=spawn,
+                             costs=dataclasses.replace(ROUTE_COSTS, relay=relay))
         policy = AuditPolicy(rate=float(audit)) if isinstance(audit, (int, float)) else audit
         if policy is not None and policy.rate > 0:
             client.auditor = Auditor(dht.host, client.audit_candidates, reputation, service=fraud, local=local,

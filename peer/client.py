@@ -129,6 +129,7 @@ class GenerationResult:
         """True unless some audited hop-step could not be checked independently."""
         return not self.unverifiable_hops
     hedges: int = 0  # slow requests raced against another candidate
+    pushed_steps: int = 0  # steps that went around the chain by server-to-server push
 
     @property
     def tokens_per_second(self) -> float:
@@ -140,7 +141,7 @@ class GenerationResult:
             "text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
             "finish_reason": self.finish_reason,
             "route": [{"peer_id": h.peer_id, "address": h.address, "blocks": [h.start, h.end]} for h in self.route],
-            "failovers": self.failovers, "hedges": self.hedges,
+            "failovers": self.failovers, "hedges": self.hedges, "pushed_steps": self.pushed_steps,
             "timings": {"time_to_first_token": self.time_to_first_token, "total_seconds": self.total_seconds,
                         "tokens_per_second": self.tokens_per_second, "hop_latency": self.hop_latency},
             "verification": self.verification_dict(),
@@ -588,6 +589,8 @@ class SwarmClient:
         fresh.failovers = chain.failovers
         fresh.verification, fresh.disputed, fresh.unredoable = chain.verification, chain.disputed, chain.unredoable
         fresh.hedges = chain.hedges
+        fresh.pushed_steps = chain.pushed_steps
+        fresh.push_broken |= chain.push_broken
         await fresh.open(await self._vet(await self.route(exclude=frozenset(fresh.failed))))
         return fresh
 
@@ -595,7 +598,7 @@ class SwarmClient:
         return Chain(self.host, model=self.model, max_length=max_length, replan=self._replan,
                      wire_dtype=self.wire_dtype, step_timeout=self.step_timeout, max_failovers=self.max_failovers,
                      credit=self.credit, auditor=self.auditor, health=self.health, alternative=self.alternative,
-                     spawn=self.spawn)
+                     spawn=self.spawn, relay=self.costs.relay)
 
     async def _replan(self, start: int, end: int, exclude: frozenset[bytes], *,
                       ignore_backoff: bool = False) -> Route:
@@ -616,7 +619,7 @@ class SwarmClient:
             failovers=chain.failovers, time_to_first_token=first - t0, total_seconds=end - t0,
             hop_latency={r.hop.peer_id.hex(): r.latency for r in chain.hops}, hop_steps=checks.hop_steps,
             audited_steps=checks.audited, verified_fraction=checks.verified_fraction,
-            unverifiable_hops=unverifiable, hedges=chain.hedges)
+            unverifiable_hops=unverifiable, hedges=chain.hedges, pushed_steps=chain.pushed_steps)
         warning = result.verification_warning()
         if warning is not None:
             log.warning("%s", warning)

@@ -12,6 +12,17 @@ result is signed over the forward result statement (``protocol.sign_result``), a
 the session's ``SessionState`` keeps the client-signed requests, so a false
 accusation can be refuted with the client's own signatures (spec section 13).
 
+PUSH (spec section 11.4) is a step of a chain the client authorized as a whole: the
+route names, per hop, the session the client opened there. The first hop takes it
+from the client's connection, every other hop from the previous hop of the route
+(the only peer it may come from); ``protocol.check_push`` checks the client's
+signature over the route and the upstream's signature over the input it handed on.
+After computing, the hop sends its signed output on to the next hop of the route
+(connecting to it if needed: a server pushes to no one else), or, as the last hop,
+every output to the client. A hop that cannot go on (its next hop unreachable,
+failing or refusing, or its own input refused) reports it to the client, signed, with
+the outputs it holds; the client carries on from there (``peer._push``).
+
 Shutdown (``drain``): new sessions are refused with SHUTTING_DOWN, in-flight steps
 finish (up to a grace period), then the caller cancels the server's scope, which
 withdraws the announcement (``swarm.announce.Announcer``).
@@ -56,6 +67,9 @@ from protocol import (
     ForwardResult,
     Identity,
     OpenSession,
+    Push,
+    Pushed,
+    PushResult,
     SessionClosed,
     SessionOpened,
     SessionPhase,
@@ -64,13 +78,19 @@ from protocol import (
     check_forward,
     check_forward_once,
     check_open_session,
+    check_push,
+    push_input,
+    push_onward,
+    sign_push_failure,
+    sign_push_output,
     decode_tensor,
     encode_tensor,
     sign_forward_once_result,
     sign_result,
     type_cap,
 )
-from protocol.errors import ErrorCode, RemoteError, SwarmError, UnexpectedMessage
+from protocol.errors import ErrorCode, ProtocolError, RemoteError, SwarmError, UnexpectedMessage
+from swarm.errors import PeerUnreachable, RequestTimeout
 from swarm.transport import Host, PeerConnection
 
 from .runtime import ForwardJob, SpanExecutor
@@ -193,6 +213,7 @@ class SpanServer:
             (OpenSession, self._open_session),
             (Forward, self._forward),
             (ForwardOnce, self._forward_once),
+            (Push, self._push),
             (CloseSession, self._close_session),
         ):
             host.add_handler(request_type, handler)
@@ -397,6 +418,79 @@ class SpanServer:
         if size > OFFTHREAD_BYTES:
             return await trio.to_thread.run_sync(fn, *args)
         return fn(*args)
+
+    async def _push(self, conn: PeerConnection, msg: Push) -> Pushed:
+        index = msg.index
+        hop = msg.route[index]
+        served = self._sessions.get(hop.session)
+        if conn.peer_id in self.banned or (served is not None and served.owner.peer_id in self.banned):
+            raise RemoteError("you are banned by this peer (a verified fraud proof)", code=ErrorCode.BANNED)
+        if served is None or (index == 0 and served.owner is not conn):
+            raise RemoteError("unknown session (closed, evicted, or opened on another connection); open a new one",
+                              code=ErrorCode.UNKNOWN_SESSION)
+        if served.computing:
+            raise UnexpectedMessage("the session's previous step is still being computed; wait for its result")
+        state = served.state
+        try:
+            n_tokens = check_push(state, msg, client_public_key=served.owner.public_key, sender=conn.peer_id,
+                                  sender_public_key=conn.public_key, hidden_size=self.executor.hidden_size)
+        except SwarmError as exc:
+            if index > 0:  # the upstream may be the one at fault: the client hears it from us
+                await self._report(served, msg, msg.outputs, failed=conn.peer_id, exc=exc)
+            raise
+        served.computing = True
+        job: ForwardJob | None = None
+        try:
+            hidden = await self._off_loop(len(push_input(msg).data), self._decode, push_input(msg))
+            job = self.executor.forward_job(hop.session, hidden, msg.position, quantum=self.limits.quantum)
+            output = await self._compute_step(served.owner, state.span, n_tokens, job)
+        except BaseException:
+            if job is not None and 0 < job.pieces_done < len(job.pieces):
+                self._drop(hop.session)  # its cache holds half a step: it cannot go on
+            raise
+        finally:
+            served.computing = False
+        if self._sessions.get(hop.session) is not served:
+            raise RemoteError("the session was closed during the step", code=ErrorCode.UNKNOWN_SESSION)
+        onward = push_onward(msg, sign_push_output(self.identity, state, msg, encode_tensor(output, state.wire_dtype,
+                                                                                        blocksize=state.blocksize)))
+        if isinstance(onward, PushResult):
+            await self._deliver(served, onward, timeout=msg.timeout)
+            return Pushed()
+        nxt = msg.route[index + 1]
+        # The next hop answers once the rest of the chain has done its part.
+        wait = msg.timeout * (len(msg.route) - index)
+        try:
+            downstream = await self._connect_next(nxt.addrs, nxt.peer_id, msg.timeout)
+            await downstream.request(onward, timeout=wait)
+        except (PeerUnreachable, RequestTimeout, RemoteError, ProtocolError) as exc:
+            await self._report(served, msg, onward.outputs, failed=nxt.peer_id, exc=exc)
+        return Pushed()
+
+    async def _connect_next(self, addrs: tuple[str, ...], peer_id: bytes, timeout: float) -> PeerConnection:
+        """A connection to the next hop of a route (the client signed its id and addresses)."""
+        last: BaseException | None = None
+        for addr in addrs:
+            try:
+                return await self.host.connect(addr, peer_id=peer_id, timeout=timeout)
+            except PeerUnreachable as exc:
+                last = exc
+        raise PeerUnreachable(",".join(addrs) or "?", f"no address answered ({last})", peer_id=peer_id)
+
+    async def _report(self, served: _Served, msg: Push, outputs: tuple, *, failed: bytes, exc: SwarmError) -> None:
+        log.info("push step %d of session %s stopped at %s: %s", msg.route[msg.index].step,
+                 msg.route[msg.index].session.hex()[:12], failed.hex()[:12], exc)
+        report = sign_push_failure(self.identity, msg, outputs=outputs, failed=failed, code=int(exc.code),
+                                   message=str(exc))
+        await self._deliver(served, report, timeout=msg.timeout)
+
+    async def _deliver(self, served: _Served, result: PushResult, *, timeout: float) -> None:
+        """Send ``result`` to the session's client (best effort: a client that left has
+        nothing to wait for)."""
+        try:
+            await served.owner.request(result, timeout=timeout)
+        except SwarmError as exc:
+            log.info("could not deliver a push result to %s: %s", served.owner.peer_id.hex()[:12], exc)
 
     async def _close_session(self, conn: PeerConnection, msg: CloseSession) -> SessionClosed:
         served = self._sessions.get(msg.session)

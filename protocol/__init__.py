@@ -108,6 +108,16 @@ from ._messages import (
     decode_message,
     encode_message,
 )
+from ._push_messages import (
+    MAX_PUSH_HOPS,
+    HopOutput,
+    Push,
+    Pushed,
+    PushFailure,
+    PushHop,
+    PushResult,
+    PushResultAck,
+)
 from ._exchange import (
     DEFAULT_BLOCKSIZE,
     accept_forward_once_result,
@@ -125,6 +135,16 @@ from ._exchange import (
     sign_forward_once,
     sign_forward_once_result,
     sign_result,
+    sign_push,
+    push_input,
+    check_push,
+    sign_push_output,
+    push_onward,
+    sign_push_failure,
+    check_push_failure,
+    PushOutcome,
+    accept_push_result,
+    sign_pushed_requests,
 )
 from ._session import SESSION_TRANSITIONS, SessionEvent, SessionPhase, SessionState, SignedStep
 from ._statements import (
@@ -139,6 +159,10 @@ from ._statements import (
     forward_result_statement,
     receipt_statement,
     record_statement,
+    DOMAIN_PUSH_REQUEST,
+    DOMAIN_PUSH_FAILURE,
+    push_request_statement,
+    push_failure_statement,
 )
 from .errors import *  # noqa: F403
 from .errors import __all__ as _errors_all
@@ -226,6 +250,14 @@ __all__ = [
     "ModelEntry",
     "ModelQuery",
     "ModelReport",
+    "HopOutput",
+    "MAX_PUSH_HOPS",
+    "Push",
+    "Pushed",
+    "PushFailure",
+    "PushHop",
+    "PushResult",
+    "PushResultAck",
     # tensors (lazy)
     *_TENSOR_NAMES,
     # signed statements
@@ -239,6 +271,10 @@ __all__ = [
     "forward_request_statement",
     "forward_result_statement",
     "record_statement",
+    "DOMAIN_PUSH_REQUEST",
+    "DOMAIN_PUSH_FAILURE",
+    "push_request_statement",
+    "push_failure_statement",
     "receipt_statement",
     # sessions and the forward exchange
     "SESSION_TRANSITIONS",
@@ -249,6 +285,16 @@ __all__ = [
     "sign_forward",
     "check_forward",
     "sign_result",
+    "sign_push",
+    "push_input",
+    "check_push",
+    "sign_push_output",
+    "push_onward",
+    "sign_push_failure",
+    "check_push_failure",
+    "PushOutcome",
+    "accept_push_result",
+    "sign_pushed_requests",
     "accept_result",
     "sign_forward_once",
     "forward_once_state",

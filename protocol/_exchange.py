@@ -28,6 +28,20 @@ have it and outputs are encoded with it, so two honest servers return the same b
 and sign the same digests. A FORWARD_ONCE's output has its input's dtype and block
 size.
 
+PUSH (spec section 11.4) is the same exchange with the client's request split in two:
+the client signs one push request statement for the whole chain of a step
+(``sign_push``), and each hop after the first takes its input from its upstream's
+signed output, which it checks against the upstream's forward result signature
+(``check_push``): a hop cannot make the next one compute on bytes it did not sign.
+Each hop records the step in its ``SessionState`` by the same rule (the history
+digest does not depend on how the input came) and signs its output over the forward
+result statement (``sign_push_output``). The client checks every hop's output in
+route order (``accept_push_result``) and records each step; before an audit it signs
+a forward request statement of its own over each pushed input
+(``sign_pushed_requests``), so its transcripts, audits and fraud proofs are those of
+star steps. A hop that cannot go on signs a failure report
+(``sign_push_failure``).
+
 Failures are typed: ``InvalidRequest`` (dtype, block size, shape),
 ``UnexpectedMessage`` (session state, or an answer that does not answer),
 ``BadSignature``; ``LocalProtocolError`` for this side's own misuse.
@@ -35,13 +49,22 @@ Failures are typed: ``InvalidRequest`` (dtype, block size, shape),
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from ._identity import Identity, verify_signature
 from ._messages import Forward, ForwardEvidence, ForwardOnce, ForwardOnceResult, ForwardResult, OpenSession
+from ._push_messages import HopOutput, Push, PushFailure, PushHop, PushResult
 from ._session import SessionPhase, SessionState, SignedStep
-from ._statements import extend_history, forward_request_statement, forward_result_statement
-from .errors import InvalidRequest, LocalProtocolError, UnexpectedMessage
+from ._statements import (
+    extend_history,
+    forward_request_statement,
+    forward_result_statement,
+    push_failure_statement,
+    push_request_statement,
+)
+from .errors import InvalidRequest, LocalProtocolError, ProtocolError, UnexpectedMessage
 
 __all__ = [
     "DEFAULT_BLOCKSIZE",
@@ -60,6 +83,16 @@ __all__ = [
     "result_statement",
     "replay_requests",
     "check_result_signature",
+    "sign_push",
+    "push_input",
+    "check_push",
+    "sign_push_output",
+    "push_onward",
+    "sign_push_failure",
+    "check_push_failure",
+    "PushOutcome",
+    "accept_push_result",
+    "sign_pushed_requests",
 ]
 
 
@@ -300,3 +333,216 @@ def replay_requests(state: SessionState, requests: list[ForwardEvidence] | tuple
                        signature=request.signature, client_public_key=client_public_key, hidden_size=None)
         state.record(SignedStep(step=request.step, position=request.position, input=request.hidden,
                                 request_signature=request.signature))
+
+
+# -- PUSH: one step along the whole chain (spec section 11.4) ----------------------------------
+
+
+def _push_statement(client: bytes, model: str, request: Push) -> bytes:
+    return push_request_statement(client=client, model=model, position=request.position,
+                                  input_digest=request.hidden.digest(), timeout=request.timeout,
+                                  route=[hop.statement_entry() for hop in request.route])
+
+
+def sign_push(identity: Identity, states: Sequence[SessionState], addrs: Sequence[Sequence[str]], hidden: Any, *,
+              timeout: float) -> Push:
+    """The client's signed PUSH of ``hidden`` as the next step of every session in
+    ``states`` (the chain's hops, in order; ``addrs`` where each hop's server listens).
+
+    The states do not move until ``accept_push_result``.
+
+    Raises:
+        LocalProtocolError: a session is not this client's, not open, or not at the
+            same position as the others, or the hops do not serve one model.
+    """
+    if not states or len(addrs) != len(states):
+        raise LocalProtocolError("a PUSH needs one address list per hop, and at least one hop")
+    for state in states:
+        if state.client != identity.peer_id:
+            raise LocalProtocolError("only the sessions' client signs a PUSH")
+        if state.phase is not SessionPhase.OPEN:
+            raise LocalProtocolError(f"a session is {state.phase.value}, not OPEN")
+        if state.length != states[0].length or state.model != states[0].model:
+            raise LocalProtocolError("every hop of a PUSH is at the same position of one model")
+    route = tuple(PushHop(peer_id=s.server, session=s.session, step=s.next_step, span=s.span, addrs=tuple(a))
+                  for s, a in zip(states, addrs))
+    unsigned = Push(route=route, position=states[0].length, hidden=hidden, timeout=timeout,
+                    authorization=bytes(64))
+    signature = identity.sign(_push_statement(identity.peer_id, states[0].model, unsigned))
+    return dataclasses.replace(unsigned, authorization=signature)
+
+
+def push_input(request: Push, index: int | None = None) -> Any:
+    """The input of hop ``index`` (default: the receiver): the client's tensor for the
+    first hop, the previous hop's output for the others."""
+    index = request.index if index is None else index
+    return request.outputs[index - 1].hidden if index > 0 else request.hidden
+
+
+def check_push(state: SessionState, request: Push, *, client_public_key: bytes, sender: bytes,
+               sender_public_key: bytes, hidden_size: int) -> int:
+    """The receiving hop's checks of a PUSH before any compute; returns its token count.
+
+    ``state`` is the session the route names for this hop (``request.route[index]``),
+    ``sender`` the peer the PUSH came from: the client for the first hop, the previous
+    hop of the route for the others.
+
+    Raises:
+        InvalidRequest: an input is not the session's wire dtype or not ``[1, n, hidden_size]``.
+        UnexpectedMessage: the route does not name this hop's session and span, the PUSH
+            comes from another peer than the route says, or the session state does not
+            allow the step.
+        BadSignature: the client did not sign this route, position and input, or the
+            previous hop did not sign the output it handed on (as this step's result).
+    """
+    index = request.index
+    hop = request.route[index]
+    if hop.session != state.session:
+        raise LocalProtocolError("a PUSH for another session")
+    if hop.peer_id != state.server or hop.span != state.span:
+        raise UnexpectedMessage(f"the route's hop {index} is not this server's session for blocks "
+                                f"[{state.span[0]}, {state.span[1]})")
+    expected = state.client if index == 0 else request.route[index - 1].peer_id
+    if sender != expected:
+        raise UnexpectedMessage(f"a PUSH to hop {index} comes from {expected.hex()[:12]}, not {sender.hex()[:12]}")
+    hidden = push_input(request)
+    n_tokens = check_input(hidden, wire_dtype=state.wire_dtype, hidden_size=hidden_size,
+                           blocksize=state.blocksize)
+    if index > 0 and tuple(request.hidden.shape) != tuple(hidden.shape):
+        raise InvalidRequest(f"the chain's input has shape {list(request.hidden.shape)}, this hop's "
+                             f"{list(hidden.shape)}")
+    state.check_forward(step=hop.step, position=request.position, n_tokens=n_tokens)
+    verify_signature(client_public_key, _push_statement(state.client, state.model, request), request.authorization)
+    if index > 0:
+        upstream, output = request.route[index - 1], request.outputs[index - 1]
+        verify_signature(sender_public_key, forward_result_statement(
+            server=upstream.peer_id, session=upstream.session, step=upstream.step, model=state.model,
+            span=upstream.span, input_digest=push_input(request, index - 1).digest(),
+            output_digest=output.hidden.digest(), history=output.history), output.signature)
+    return n_tokens
+
+
+def sign_push_output(identity: Identity, state: SessionState, request: Push, output: Any) -> HopOutput:
+    """The receiving hop's signed output (a forward result statement, as for FORWARD);
+    records the step in ``state`` with the client's push authorization as its request
+    signature.
+
+    Raises:
+        UnexpectedMessage: the state moved since the check.
+    """
+    hop = request.route[request.index]
+    x = push_input(request)
+    history = state.record(SignedStep(step=hop.step, position=request.position, input=x,
+                                      request_signature=request.authorization))
+    signature = identity.sign(result_statement(state, step=hop.step, input_digest=x.digest(),
+                                               output_digest=output.digest(), history=history))
+    return HopOutput(hidden=output, history=history, signature=signature)
+
+
+def push_onward(request: Push, output: HopOutput) -> Push | PushResult:
+    """What the hop sends next: the PUSH for the next hop, or (from the last hop) the
+    PUSH_RESULT for the client."""
+    outputs = request.outputs + (output,)
+    if len(outputs) < len(request.route):
+        return dataclasses.replace(request, outputs=outputs)
+    return PushResult(session=request.route[0].session, step=request.route[0].step, outputs=outputs)
+
+
+def sign_push_failure(identity: Identity, request: Push, *, outputs: Sequence[HopOutput], failed: bytes, code: int,
+                      message: str) -> PushResult:
+    """A hop's signed report to the client that ``request`` stopped at ``failed``,
+    with the outputs it holds (its own included if it computed)."""
+    first = request.route[0]
+    message = message[:1024]
+    signature = identity.sign(push_failure_statement(reporter=identity.peer_id, session=first.session,
+                                                     step=first.step, failed=failed, code=code, message=message))
+    failure = PushFailure(reporter=identity.peer_id, failed=failed, code=code, message=message, signature=signature)
+    return PushResult(session=first.session, step=first.step, outputs=tuple(outputs), failure=failure)
+
+
+def check_push_failure(result: PushResult, *, reporter_public_key: bytes) -> PushFailure:
+    """The failure report of ``result``, once its reporter's signature checks.
+
+    Raises:
+        LocalProtocolError: ``result`` reports no failure.
+        BadSignature: the reporter did not sign it.
+    """
+    failure = result.failure
+    if failure is None:
+        raise LocalProtocolError("the PUSH_RESULT reports no failure")
+    verify_signature(reporter_public_key, push_failure_statement(
+        reporter=failure.reporter, session=result.session, step=result.step, failed=failure.failed,
+        code=failure.code, message=failure.message), failure.signature)
+    return failure
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PushOutcome:
+    """What a PUSH_RESULT gave the client: the verified steps of the first hops (in
+    route order) and, unless every hop's is there, why the next one's is not."""
+
+    steps: tuple[SignedStep, ...]
+    error: ProtocolError | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.error is None
+
+
+def accept_push_result(identity: Identity, states: Sequence[SessionState], request: Push, result: PushResult, *,
+                       public_keys: Sequence[bytes]) -> PushOutcome:
+    """The client's checks of a PUSH_RESULT: every hop's output in route order (its
+    shape, the history digest the client holds, the hop's signature). Each verified
+    step is recorded in its hop's state; its forward request signature is left for
+    ``sign_pushed_requests`` to make when a fraud proof needs it (signing costs, and
+    only audited steps need it). Checking stops at the first output that fails or is
+    missing.
+
+    Raises:
+        UnexpectedMessage: it answers another PUSH.
+    """
+    first = request.route[0]
+    if result.session != first.session or result.step != first.step:
+        raise UnexpectedMessage(f"answered PUSH {result.session.hex()}/{result.step}, "
+                                f"asked {first.session.hex()}/{first.step}")
+    steps: list[SignedStep] = []
+    x = request.hidden
+    for i, (state, hop) in enumerate(zip(states, request.route)):
+        if i >= len(result.outputs):
+            reason = result.failure.message if result.failure is not None else "no output"
+            return PushOutcome(tuple(steps), UnexpectedMessage(f"the PUSH stopped before hop {i}: {reason}"))
+        output = result.outputs[i]
+        input_digest = x.digest()
+        try:
+            _check_answer_shape(state, x, output.hidden)
+            history = extend_history(state.history, input_digest)
+            if output.history != history:
+                raise UnexpectedMessage(f"hop {i} signed another history than its session's")
+            check_result_signature(state, step=hop.step, input_digest=input_digest, output=output.hidden,
+                                   signature=output.signature, history=history, server_public_key=public_keys[i])
+        except ProtocolError as exc:
+            return PushOutcome(tuple(steps), exc)
+        step = SignedStep(step=hop.step, position=request.position, input=x, request_signature=None,
+                          output=output.hidden, result_signature=output.signature)
+        state.record(step)
+        steps.append(step)
+        x = output.hidden
+    return PushOutcome(tuple(steps))
+
+
+def sign_pushed_requests(identity: Identity, state: SessionState) -> None:
+    """Sign, as the session's client, the forward request statement of every pushed
+    step of ``state``'s transcript that has none yet (its input came from the previous
+    hop, which signed it as its output): afterwards the transcript is that of FORWARD
+    steps, as audits and fraud proofs (spec section 13) take it.
+
+    Raises:
+        LocalProtocolError: ``identity`` is not the session's client.
+    """
+    if identity.peer_id != state.client:
+        raise LocalProtocolError("only the session's client signs its requests")
+    for k, step in enumerate(state.transcript):
+        if step.request_signature is None:
+            signature = identity.sign(request_statement(state, step=step.step, position=step.position,
+                                                        input_digest=step.input.digest()))
+            state.transcript[k] = dataclasses.replace(step, request_signature=signature)

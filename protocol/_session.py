@@ -13,7 +13,7 @@ it is rejected with ``UnexpectedMessage`` (code BAD_STATE), and the session stat
 not change. Beyond the table, FORWARD carries arguments that must line up with the
 session: steps are numbered 0, 1, 2, ... without gaps, each step's ``position`` equals
 the number of tokens already processed, and no step may take the session past
-``max_length``.
+``max_length``. A step pushed to a hop (spec 11.4) is a FORWARD of its session.
 """
 
 from __future__ import annotations
@@ -53,12 +53,15 @@ SESSION_TRANSITIONS: dict[tuple[SessionPhase, SessionEvent], SessionPhase] = {
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SignedStep:
     """One step of a session's signed transcript: the client-signed input and, where
-    the keeper holds it (a client does, a server does not), the server-signed output."""
+    the keeper holds it (a client does, a server does not), the server-signed output.
+    A client's pushed step (spec 11.4) has no request signature until
+    ``sign_pushed_requests`` makes one; a server's pushed step keeps the client's push
+    authorization in its place."""
 
     step: int
     position: int
     input: Any  # WireTensor
-    request_signature: bytes  # the client's, over forward_request_statement
+    request_signature: bytes | None  # the client's, over forward_request_statement (None: not yet, 11.4)
     output: Any = None  # WireTensor
     result_signature: bytes | None = None  # the server's, over forward_result_statement
 
@@ -68,6 +71,8 @@ class SignedStep:
 
     def evidence(self) -> ForwardEvidence:
         """The client-signed request, as a fraud proof carries it."""
+        if self.request_signature is None:
+            raise LocalProtocolError("a pushed step's request is not signed yet (sign_pushed_requests)")
         return ForwardEvidence(step=self.step, position=self.position, hidden=self.input,
                                signature=self.request_signature)
 

@@ -20,6 +20,10 @@ __all__ = [
     "DOMAIN_RECORD",
     "DOMAIN_RECEIPT",
     "DOMAIN_RECEIPT_COUNTERSIGN",
+    "DOMAIN_PUSH_REQUEST",
+    "DOMAIN_PUSH_FAILURE",
+    "push_request_statement",
+    "push_failure_statement",
     "forward_request_statement",
     "forward_result_statement",
     "EMPTY_HISTORY",
@@ -35,6 +39,8 @@ DOMAIN_FORWARD_RESULT = "swarm/1/forward-result"
 DOMAIN_RECORD = "swarm/1/record"
 DOMAIN_RECEIPT = "swarm/1/receipt"
 DOMAIN_RECEIPT_COUNTERSIGN = "swarm/1/receipt-countersign"
+DOMAIN_PUSH_REQUEST = "swarm/1/push-request"
+DOMAIN_PUSH_FAILURE = "swarm/1/push-failure"
 
 
 def forward_request_statement(
@@ -73,6 +79,30 @@ def forward_result_statement(
         [DOMAIN_FORWARD_RESULT, server, session, step, model, [span[0], span[1]], input_digest, output_digest,
          history]
     )
+
+
+def push_request_statement(
+    *,
+    client: bytes,
+    model: str,
+    position: int,
+    input_digest: bytes,
+    timeout: float,
+    route: list[list],
+) -> bytes:
+    """What a client signs for a PUSH step: the whole chain of the step, one entry
+    ``[server, session, step, [start, end], [addrs...]]`` per hop in order, the common
+    position, the first hop's input and the per-hop wait budget. Every hop checks it,
+    and each pushes only to the entry after its own."""
+    return encode([DOMAIN_PUSH_REQUEST, client, model, position, input_digest, timeout, route])
+
+
+def push_failure_statement(
+    *, reporter: bytes, session: bytes, step: int, failed: bytes, code: int, message: str
+) -> bytes:
+    """What a hop signs when it reports that a PUSH step could not go on: the push is
+    named by the first hop's session and step; ``failed`` is the peer it blames."""
+    return encode([DOMAIN_PUSH_FAILURE, reporter, session, step, failed, code, message])
 
 
 #: The history of a session before its first step (and of every FORWARD_ONCE).

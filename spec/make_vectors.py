@@ -56,6 +56,13 @@ from protocol import (  # noqa: E402
     OpenSession,
     Ping,
     Pong,
+    Push,
+    PushFailure,
+    PushHop,
+    HopOutput,
+    Pushed,
+    PushResult,
+    PushResultAck,
     Receipt,
     ReceiptAck,
     ReceiptRecord,
@@ -69,6 +76,11 @@ from protocol import (  # noqa: E402
     cbor_encode as encode,
     encode_message,
     extend_history,
+    push_onward,
+    SessionState,
+    sign_push,
+    sign_push_failure,
+    sign_push_output,
 )
 from protocol.errors import ERROR_RULES  # noqa: E402
 # The generator also reads codec internals (field codecs, codebooks, the Noise layer):
@@ -93,6 +105,8 @@ VECTORS = ROOT / "spec" / "vectors"
 # solve the identity puzzle, as every key a peer accepts must.
 CLIENT = Identity.from_seed(derive_seed(bytes(range(32)), 1682))
 SERVER = Identity.from_seed(derive_seed(bytes(range(32, 64)), 1160))
+#: The second hop of the PUSH examples (push messages carry no identity puzzle check).
+SERVER2 = Identity.from_seed(derive_seed(bytes(range(64, 96)), 4205))
 
 
 # --- JSON form of message values (bytes as lowercase hex) ------------------------------
@@ -176,6 +190,8 @@ STATEMENTS = {
     "record": ("swarm/1/record", ("key", "publisher", "seq", "expires", "value")),
     "receipt": ("swarm/1/receipt", ("client", "server", "handshake_hash", "seq", "work")),
     "receipt-countersign": ("swarm/1/receipt-countersign", ("client", "server", "handshake_hash", "seq", "work")),
+    "push-request": ("swarm/1/push-request", ("client", "model", "position", "input_digest", "timeout", "route")),
+    "push-failure": ("swarm/1/push-failure", ("reporter", "session", "step", "failed", "code", "message")),
 }
 
 
@@ -186,7 +202,16 @@ def statement_bytes(name: str, inputs: dict[str, Any]) -> bytes:
 
 
 def _inputs_json(inputs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.hex() if isinstance(v, bytes) else list(v) if isinstance(v, tuple) else v for k, v in inputs.items()}
+    return {k: _json_value(v) for k, v in inputs.items()}
+
+
+def _json_value(v: Any) -> Any:
+    """Byte strings as hex, at any depth (a push route is a list of lists)."""
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    return v
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +294,7 @@ def sample_messages() -> list[tuple[int, Message, list[_Signed]]]:
                             max_length=32768, source="", compute_dtype="bf16")
     q8_hidden = _tensor([0.5, -1.0, 2.0, 0.0], (1, 1, 4), "q8", 64)
     q8_request = {**request, "step": 1, "position": 1, "input_digest": q8_hidden.digest()}
+    push, pushed_on, push_result, failure = sample_push(model, hidden)
     return [
         (7, Error(code=202, message="busy: 3 sessions queued", retry_after=0.5), []),
         (0, Error(code=100, message="a message is the array [type, id, body]"), []),
@@ -307,7 +333,37 @@ def sample_messages() -> list[tuple[int, Message, list[_Signed]]]:
         (12, FraudProofAck(accepted=True), []),
         (15, ModelQuery(), []),
         (15, ModelReport(versions=("1.1",), models=(descriptor, other)), []),
+        (16, push, []),
+        (16, Pushed(), []),
+        (17, pushed_on, []),
+        (17, Pushed(), []),
+        (18, push_result, []),
+        (18, PushResultAck(), []),
+        (19, failure, []),
+        (19, PushResultAck(), []),
     ]
+
+
+def sample_push(model: str, hidden: Any) -> tuple[Push, Push, PushResult, PushResult]:
+    """A two-hop PUSH step made with the reference exchange: the client's PUSH to the
+    first hop (SERVER, blocks 0:2), the PUSH it hands on to the second (SERVER2, 2:4),
+    the second hop's PUSH_RESULT, and a failure report of the first hop."""
+    states = [SessionState(client=CLIENT.peer_id, server=server.peer_id, session=bytes([i + 1]) * 16, model=model,
+                           span=span, max_length=64) for i, (server, span) in enumerate(((SERVER, (0, 2)),
+                                                                                         (SERVER2, (2, 4))))]
+    for state in states:
+        state.open()
+    push = sign_push(CLIENT, states, [("10.0.0.2:4000",), ("10.0.0.3:4000",)], hidden, timeout=2.5)
+    server_states = [dataclasses.replace(s, transcript=[]) for s in states]
+    first = sign_push_output(SERVER, server_states[0], push, _tensor([1.0, 0.5, -0.5, 0.25], (1, 1, 4)))
+    pushed_on = push_onward(push, first)
+    assert isinstance(pushed_on, Push)
+    second = sign_push_output(SERVER2, server_states[1], pushed_on, _tensor([0.0, 2.0, -1.5, 4.0], (1, 1, 4)))
+    result = push_onward(pushed_on, second)
+    assert isinstance(result, PushResult)
+    failure = sign_push_failure(SERVER, push, outputs=(first,), failed=SERVER2.peer_id, code=500,
+                                message="peer unreachable")
+    return push, pushed_on, result, failure
 
 
 def message_vectors() -> dict[str, Any]:
@@ -365,6 +421,12 @@ def statement_vectors() -> dict[str, Any]:
                               "expires": 1_900_000_240, "value": b""}),  # a tombstone
         ("receipt", "client", receipt),
         ("receipt-countersign", "server", receipt),
+        ("push-request", "client", {"client": CLIENT.peer_id, "model": "m@0", "position": 17,
+                                    "input_digest": bytes(32), "timeout": 2.5,
+                                    "route": [[SERVER.peer_id, session, 2, [3, 9], ["10.0.0.2:4000"]],
+                                              [SERVER2.peer_id, bytes([7]) * 16, 0, [9, 12], []]]}),
+        ("push-failure", "server", {"reporter": SERVER.peer_id, "session": session, "step": 2,
+                                    "failed": SERVER2.peer_id, "code": 500, "message": "peer unreachable"}),
     ]
     return {
         "description": "Ed25519 seeds are hex; statement_hex is exactly the signed bytes, the deterministic CBOR of "
@@ -376,6 +438,8 @@ def statement_vectors() -> dict[str, Any]:
              "peer_id": CLIENT.peer_id.hex()},
             {"name": "server", "seed": SERVER.seed.hex(), "public_key": SERVER.public_key.hex(),
              "peer_id": SERVER.peer_id.hex()},
+            {"name": "server2", "seed": SERVER2.seed.hex(), "public_key": SERVER2.public_key.hex(),
+             "peer_id": SERVER2.peer_id.hex()},
         ],
         "statement_layouts": {name: {"domain": domain, "inputs": list(names)}
                               for name, (domain, names) in STATEMENTS.items()},
@@ -659,7 +723,7 @@ def registry_markdown() -> str:
         lines.append(f"| {type_} | {_wire_name(cls)} | {cls.KIND} | {body} |")
     lines += ["", "| structure | fields (key: name (CBOR type)) |", "|---|---|"]
     for cls in (NodeInfo, SignedRecord, Announcement, NextPing, ReceiptRecord, ForwardEvidence, FraudProof,
-                ModelDescriptor, ModelEntry):
+                ModelDescriptor, ModelEntry, PushHop, HopOutput, PushFailure):
         lines.append(f"| {cls.__name__} | {'; '.join(_field_rows(cls.FIELDS))} |")
     return "\n".join(lines)
 

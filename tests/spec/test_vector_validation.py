@@ -52,10 +52,12 @@ def _keys():
 
 
 #: Statement inputs that are not byte strings (hex in the files).
-_NOT_BYTES = {"model", "step", "position", "seq", "expires", "work", "span"}
+_NOT_BYTES = {"model", "step", "position", "seq", "expires", "work", "span", "timeout", "code", "message"}
 
 
 def _value(field, value):
+    if field == "route":  # a push route: [server, session, step, [start, end], [addrs]] per hop
+        return [[bytes.fromhex(p), bytes.fromhex(s), step, list(span), list(addrs)] for p, s, step, span, addrs in value]
     return tuple(value) if field == "span" else value if field in _NOT_BYTES else bytes.fromhex(value)
 
 
@@ -190,7 +192,8 @@ def test_every_statement_vector_passes_validation():
         assert statement.hex() == st["statement_hex"]
         verify_signature(keys[st["signer"]], statement, bytes.fromhex(st["signature"]))
         names.add(st["name"])
-    assert names == {"forward-request", "forward-result", "record", "receipt", "receipt-countersign"}
+    assert names == {"forward-request", "forward-result", "record", "receipt", "receipt-countersign", "push-request",
+                     "push-failure"}
 
 
 def test_handshake_vector_payloads_pass_section_5s_validation():
