@@ -245,10 +245,10 @@ def plan_route(
                 candidate = (here[0] - i * rate, here[1], i)
                 if candidate < running[index]:
                     running[index] = candidate
-            value, hops, entry = running[index]
+            value, hop_count, entry = running[index]
             if entry < 0:
                 continue
-            option = (value + fixed + (i + 1) * rate, hops + 1, index, entry)
+            option = (value + fixed + (i + 1) * rate, hop_count + 1, index, entry)
             if best is None or option[:2] < best[:2]:
                 best = option
         if best is not None:
