@@ -30,13 +30,15 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from protocol import (
     CloseSession,
+    ForwardResult,
     OpenSession,
+    SessionOpened,
     SessionState,
     SignedStep,
     accept_result,
@@ -219,8 +221,11 @@ class Chain:
 
     async def _open_hop(self, hop: Hop) -> HopRecord:
         conn = await self._connect(hop)
-        opened = await conn.request(OpenSession(model=self.model, span=hop.span, max_length=self.max_length,
-                                                wire_dtype=self.wire_dtype), timeout=self.step_timeout)
+        # The channel answers each request with its response type or raises (RESPONSES in protocol/).
+        opened = cast(SessionOpened, await conn.request(OpenSession(model=self.model, span=hop.span,
+                                                                    max_length=self.max_length,
+                                                                    wire_dtype=self.wire_dtype),
+                                                        timeout=self.step_timeout))
         state = SessionState(client=self.host.peer_id, server=conn.peer_id, session=opened.session, model=self.model,
                              span=hop.span, max_length=self.max_length, wire_dtype=self.wire_dtype)
         state.open()
@@ -240,7 +245,7 @@ class Chain:
         wire = encode_tensor(x, self.wire_dtype)
         request = sign_forward(self.host.identity, record.state, wire)
         t0 = time.perf_counter()
-        result = await record.conn.request(request, timeout=self.step_timeout)
+        result = cast(ForwardResult, await record.conn.request(request, timeout=self.step_timeout))
         record.latency += time.perf_counter() - t0
         accept_result(record.state, request, result, server_public_key=record.conn.public_key)
         if self.credit is not None:

@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -56,6 +57,9 @@ from ._errors import (
 )
 from ._loader import SpanModules
 from ._model_id import ModelInfo
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 __all__ = ["SpanExecutor", "SessionsInfo", "measure_throughput"]
 
@@ -325,7 +329,8 @@ class SpanExecutor:
                 # each layer's attention at its slot (the span's own numbering when lo == 0).
                 # Without a cache the attention never reads it. The caller holds the gate.
                 for slot, layer in enumerate(layers):
-                    layer.self_attn.layer_idx = slot
+                    # torch types a submodule attribute as Tensor | Module; self_attn is a Module.
+                    layer.self_attn.layer_idx = slot  # type: ignore[union-attr]
             masks = {}
             if "full_attention" in kinds:
                 masks["full_attention"] = create_causal_mask(**mask_args)
@@ -361,7 +366,7 @@ class SpanExecutor:
                                   f"[{self.start}, {self.end})")
         return start - self.start, end - self.start
 
-    def _sub_config(self, lo: int, hi: int) -> object:
+    def _sub_config(self, lo: int, hi: int) -> PretrainedConfig:
         """The span config restricted to local blocks [lo, hi) (for a session's cache)."""
         if (lo, hi) == (0, self.num_blocks):
             return self._config
