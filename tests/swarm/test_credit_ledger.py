@@ -71,7 +71,8 @@ def test_forged_and_unsigned_records_are_rejected() -> None:
         ledger.store(by_impostor)
     with pytest.raises(DecodeError):
         ledger.store(make_receipt(C, S.public_key, HH, 1, 10))  # client signature only
-    assert len(ledger) == 0 and not ledger.dirty
+    assert len(ledger) == 0
+    assert not ledger.dirty
     assert issubclass(BadSignature, RemoteProtocolError)
 
 
