@@ -133,7 +133,8 @@ class ConnectionPair(RuleBasedStateMachine):
                     self.ended[receiver] = True
                     break
         except ProtocolError as exc:
-            assert d.expected and isinstance(d.expected[0], Doom), f"unexpected {exc!r}"
+            assert d.expected, f"unexpected {exc!r}"
+            assert isinstance(d.expected[0], Doom), f"unexpected {exc!r}"
             assert isinstance(exc, d.expected[0].error), f"{exc!r} instead of {d.expected[0].error}"
             d.expected.clear()
             self.dead[receiver] = exc

@@ -66,7 +66,7 @@ def test_link_rules_most_specific_first_and_file_round_trip() -> None:
     assert "160ms/25M" in topo.table()
 
 
-@pytest.mark.parametrize("text, match", [
+@pytest.mark.parametrize(("text", "match"), [
     ('[[node]]\nname = "x"\nregion = "mars"\n[[node]]\nname = "y"\nregion = "tokyo"\n', "no round-trip time"),
     ('[[node]]\nname = "x"\nregion = "tokyo"\nip = "10.0.0.1"\n', "not a loopback"),
     ('[[node]]\nname = "x"\nregion = "tokyo"\n[[node]]\nname = "x"\nregion = "tokyo"\n', "two nodes"),
@@ -144,7 +144,7 @@ async def test_bytes_and_order_preserved_under_random_chunking(seed: int) -> Non
                 await stream.send_all(payload[sent:sent + n])
                 sent += n
                 if rng.random() < 0.2:
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
             await stream.send_eof()
         assert bytes(received) == payload
 

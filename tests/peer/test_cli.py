@@ -51,7 +51,9 @@ async def run_async(args, env, *, stdin: bytes = b"", merge: bool = False) -> su
 
 def one_error_line(done: subprocess.CompletedProcess) -> str:
     err = done.stderr.decode().strip()
-    assert done.returncode == 1 and "\n" not in err and err.startswith("swarm-peer: error: "), err
+    assert done.returncode == 1, err
+    assert "\n" not in err, err
+    assert err.startswith("swarm-peer: error: "), err
     return err
 
 

@@ -69,7 +69,8 @@ async def test_receipts_go_out_during_a_generation_not_only_at_its_end(model_dir
         record = server.credit.ledger.latest(me, it)
         assert record is not None
         assert record.work == (len(PROMPT) + 23) * LAYERS  # all of it receipted at the end
-        assert len(sent) >= 3 and record.seq == len([p for p in sent if p > 0]), sent
+        assert len(sent) >= 3, sent
+        assert record.seq == len([p for p in sent if p > 0]), sent
         nursery.cancel_scope.cancel()
 
 

@@ -308,5 +308,6 @@ def test_request_parsing_refuses_what_it_cannot_honour():
         parse = parse_completion_request if "prompt" in body else parse_chat_request
         with pytest.raises(ApiError) as info:
             parse(body)
-        assert info.value.status == 400 and info.value.param == param, body
+        assert info.value.status == 400, body
+        assert info.value.param == param, body
         assert set(info.value.to_json()["error"]) >= {"message", "type", "param", "code"}

@@ -10,11 +10,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
 import torch
 import trio
 
@@ -145,12 +145,9 @@ async def test_sessions_errors_and_a_minimal_client_against_real_servers(chat_mo
         conn = await host.connect(first.address, peer_id=first.identity.peer_id)
 
         async def refused(request, code):
-            try:
+            with pytest.raises(RemoteError) as info:
                 await conn.request(request)
-            except RemoteError as exc:
-                assert exc.code == code, exc
-                return
-            raise AssertionError(f"{request} was accepted")
+            assert info.value.code == code, info.value
 
         # item 6: OPEN_SESSION errors
         await refused(OpenSession(model=model, span=(0, 4), max_length=100_000), ErrorCode.MAX_LENGTH_EXCEEDED)

@@ -162,11 +162,11 @@ def test_policy_is_deterministic_for_a_seed() -> None:
 
 
 def test_config_validation() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="capacity must be at least 1"):
         SchedulerConfig(capacity=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unchoke_every must be 0"):
         SchedulerConfig(unchoke_every=1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="rotate_interval >= reevaluate_interval"):
         SchedulerConfig(reevaluate_interval=10.0, rotate_interval=5.0)
 
 

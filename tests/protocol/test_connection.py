@@ -22,7 +22,6 @@ from protocol.errors import (
     HandshakeError,
     LimitExceeded,
     LocalProtocolError,
-    UnexpectedMessage,
 )
 
 ALICE, BOB = Identity.derive(bytes([7]) * 32), Identity.derive(bytes([8]) * 32)
@@ -299,7 +298,7 @@ def test_need_data_is_a_sentinel_and_events_validate():
         NEED_DATA()
     with pytest.raises(TypeError):
         MessageReceived(payload="text")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="peer_id must be the peer id of public_key"):
         HandshakeComplete(peer_id=bytes(20), public_key=BOB.public_key, listen_addrs=(), handshake_hash=bytes(32))
     with pytest.raises(TypeError):
         HandshakeComplete(peer_id=BOB.peer_id, public_key=BOB.public_key, listen_addrs=["a:1"], handshake_hash=bytes(32))

@@ -355,7 +355,7 @@ def test_valid_listen_addrs(addr):
      "x" * 59 + ":65535", 5, b"h:1", "h:-1"],
 )
 def test_invalid_listen_addrs(addr):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="listen address"):
         validate_listen_addr(addr)
 
 

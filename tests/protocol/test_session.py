@@ -51,7 +51,7 @@ def test_recorded_steps_extend_the_history_digest_and_the_transcript():
 
 
 @pytest.mark.parametrize(
-    "step,position,n,code",
+    ("step", "position", "n", "code"),
     [(1, 0, 1, ErrorCode.BAD_STATE), (0, 3, 1, ErrorCode.BAD_STATE), (0, 0, 0, ErrorCode.BAD_STATE),
      (0, 0, 11, ErrorCode.MAX_LENGTH_EXCEEDED)],
 )

@@ -232,7 +232,7 @@ def _max_half_gap(book: tuple[float, ...]) -> float:
     return max(max(gaps) / 2, 1 + book[0], 1 - book[-1])  # the ends: -1 and 1 may be off the book
 
 
-@pytest.mark.parametrize("dtype,book", [("q8", Q8_CODEBOOK), ("nf4", NF4_CODEBOOK)])
+@pytest.mark.parametrize(("dtype", "book"), [("q8", Q8_CODEBOOK), ("nf4", NF4_CODEBOOK)])
 @pytest.mark.parametrize("blocksize", [64, 256, 4096])
 def test_quantization_error_is_bounded_per_block(dtype, book, blocksize):
     torch.manual_seed(5)
@@ -254,7 +254,7 @@ def test_quantization_error_is_bounded_per_block(dtype, book, blocksize):
     assert bool((err <= bound).all())
 
 
-@pytest.mark.parametrize("dtype,book", [("q8", Q8_CODEBOOK), ("nf4", NF4_CODEBOOK)])
+@pytest.mark.parametrize(("dtype", "book"), [("q8", Q8_CODEBOOK), ("nf4", NF4_CODEBOOK)])
 def test_codes_are_nearest_and_ties_take_the_lower_code(dtype, book):
     cuts = _thresholds(book)
     # absmax 1.0 (the last element), so each element scales to itself.
@@ -266,7 +266,7 @@ def test_codes_are_nearest_and_ties_take_the_lower_code(dtype, book):
     assert codes == [*range(1, len(book)), len(book) - 1]
 
 
-@pytest.mark.parametrize("dtype,book", [("q8", Q8_CODEBOOK), ("nf4", NF4_CODEBOOK)])
+@pytest.mark.parametrize(("dtype", "book"), [("q8", Q8_CODEBOOK), ("nf4", NF4_CODEBOOK)])
 def test_bucket_search_equals_the_threshold_count_everywhere(dtype, book):
     # The codes are a step function of the float order; the fast search is exact if it
     # is exact at both ends of every bucket and on and around every threshold.

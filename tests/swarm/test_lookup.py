@@ -90,7 +90,7 @@ def test_exhausted_without_seeds_or_when_all_fail():
         lookup.on_failure(c.id)
     assert lookup.termination() is Termination.EXHAUSTED
     assert lookup.closest() == []
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="beta <= k"):
         Lookup(NETWORK[0].id, [], k=3, beta=4)
 
 
@@ -243,7 +243,7 @@ def test_disjoint_paths_never_share_a_peer_and_find_the_closest():
         assert lookup.termination() is Termination.CONVERGED
         assert [c.id for c in lookup.closest(3)] == true_closest(target, 3, exclude={start.id})
         assert lookup.messages == len(asked)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one path"):
         DisjointLookup(NETWORK[0].id, [], paths=0)
 
 

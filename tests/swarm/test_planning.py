@@ -88,7 +88,7 @@ def test_rebalance_threshold_is_a_ratio():
 
 
 def test_rebalance_requires_the_server_itself():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be among the announcements"):
         should_rebalance([server("a", 0, 2)], peer_id=pid("zz"), num_blocks=4)
 
 
@@ -195,5 +195,5 @@ def test_partial_range_for_failover():
     route = plan_route(servers, num_blocks=8, start=4, end=8, exclude={pid("b")})
     assert route.spans == [(4, 8)]
     assert route.hops[0].peer_id == pid("c")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"cannot route blocks \[5, 5\)"):
         plan_route(servers, num_blocks=8, start=5, end=5)

@@ -97,7 +97,7 @@ def test_tolerance_is_the_coarsest_dtype_and_grows_with_depth():
     with pytest.raises(ValueError, match="auditable"):
         tolerance_for("f32", "nf4")  # nf4 loses whole rows of real hidden states
     assert F32.max_rel_l2(30) > F32.max_rel_l2(1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="f8"):
         tolerance_for("f8")
 
 

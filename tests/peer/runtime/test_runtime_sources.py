@@ -54,10 +54,14 @@ def test_cache_root_honours_environment(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 def test_atomic_dir_publishes_whole_or_nothing(tmp_path: Path) -> None:
     target = tmp_path / "tok"
-    with pytest.raises(RuntimeError):
+
+    def crash_while_writing() -> None:
         with _cache.atomic_dir(target) as tmp:
             (tmp / "a").write_text("half")
             raise RuntimeError("crash while writing")
+
+    with pytest.raises(RuntimeError, match="crash while writing"):
+        crash_while_writing()
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
     with _cache.atomic_dir(target) as tmp:
