@@ -1,6 +1,6 @@
 # One-command set-up for a fresh machine (Python 3.11, with or without a GPU).
 #   make demo   set up, then run a local 3-peer swarm with the default model
-#   make test   set up, then run the whole test suite (what CI runs)
+#   make test   set up, then lint (ruff, mypy) and run the whole test suite (what CI runs)
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu selects PyTorch's CPU wheel index
 # where PyPI would otherwise serve a CUDA build to a machine without a GPU.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test bench clean browser
+.PHONY: setup demo test lint bench clean browser
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -44,8 +44,14 @@ browser:
 		echo "note: chromium and chromium-driver are missing and this is not root: the browser tests will skip"; \
 	fi
 
-test: setup browser
+# ruff (E4/E7/E9/F, ASYNC, ANN, PT) and mypy over protocol, swarm, verify and peer, as
+# configured in pyproject.toml; `make test` runs them before pytest.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: setup browser lint
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -9,19 +9,26 @@ import logging
 import random
 import statistics
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import trio
 
 import peer.node
 from peer.api import Swarm
-from peer.node import ServeOptions, run_server
-from peer.runtime import load_head, load_span
+from peer.client import TokenEvent
+from peer.node import ServeOptions, ServerNode, run_server
+from peer.runtime import ClientHead, SpanExecutor, load_head, load_span
 from peer.server import SpanServer
-from protocol import Identity, SessionState, accept_result, check_forward, decode_tensor, encode_tensor, \
+from protocol import Announcement, FraudProof, Identity, SessionState, accept_result, check_forward, decode_tensor, encode_tensor, \
     sign_forward, sign_result
 from swarm.credit import Ledger, WorkGraph, countersign, make_receipt, max_flow_2hop
-from verify import AuditPolicy, History, InvalidProof, compare, proof_from_transcript, tolerance_for, verify_proof
+from swarm.transport import Host
+from verify import AuditPolicy, AuditResult, History, InvalidProof, compare, proof_from_transcript, tolerance_for, verify_proof
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
 
 __all__ = ["collusion", "framing", "sybil_credit", "save_tiny"]
 
@@ -35,7 +42,7 @@ HONEST = ("session", "tokenwise", "once", "f64", "blockwise")
 OFFSET = 0.2
 
 
-def save_tiny(path: str, *, hidden: int = 64, layers: int = 6, init: float = 0.02, seed: int = 0):
+def save_tiny(path: str, *, hidden: int = 64, layers: int = 6, init: float = 0.02, seed: int = 0) -> LlamaForCausalLM:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -54,33 +61,33 @@ class OffsetExecutor:
     """FORWARD outputs (and, for colluders, FORWARD_ONCE outputs) plus ``OFFSET`` times
     the row RMS along one fixed direction, the same for every cheater."""
 
-    def __init__(self, real, *, once_too: bool) -> None:
+    def __init__(self, real: SpanExecutor, *, once_too: bool) -> None:
         self._real = real
         self.once_too = once_too
         self.cheats = 0  # FORWARD outputs tampered with (what a client's chain used)
         self._direction = torch.randn(real.hidden_size, generator=torch.Generator().manual_seed(1234))
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
 
-    def _offset(self, out):
+    def _offset(self, out: torch.Tensor) -> torch.Tensor:
         return out + OFFSET * out.pow(2).mean(dim=-1, keepdim=True).sqrt() * self._direction.to(out.dtype)
 
-    def forward(self, session_id, hidden, position):
+    def forward(self, session_id: bytes, hidden: torch.Tensor, position: int) -> torch.Tensor:
         self.cheats += 1
         return self._offset(self._real.forward(session_id, hidden, position))
 
-    def forward_once(self, hidden, *, start=None, end=None):
+    def forward_once(self, hidden: torch.Tensor, *, start: int | None = None, end: int | None = None) -> torch.Tensor:
         out = self._real.forward_once(hidden, start=start, end=end)
         return self._offset(out) if self.once_too else out
 
 
 def _cheating_server(once_too: bool) -> type[SpanServer]:
     class Cheater(SpanServer):
-        def __init__(self, host, executor, **kw):
+        def __init__(self, host: Host, executor: SpanExecutor, **kw: Any) -> None:
             super().__init__(host, OffsetExecutor(executor, once_too=once_too), **kw)
 
-        def make_announcement(self, expires, throughput):
+        def make_announcement(self, expires: int, throughput: float) -> Announcement:
             return dataclasses.replace(super().make_announcement(expires, throughput), throughput=throughput * 1000)
 
     return Cheater
@@ -100,7 +107,7 @@ class Row:
     unverified_trials: int = 0
 
 
-async def _trial(nursery, row: Row, path: str, bootstrap: str, reference: dict, dishonest: list, honest: list,
+async def _trial(nursery: trio.Nursery, row: Row, path: str, bootstrap: str, reference: dict, dishonest: list, honest: list,
                  policy: AuditPolicy, recompute: bool, established_cheaters: bool, tokens: int) -> None:
     swarm = await Swarm.connect(nursery, bootstrap=[bootstrap], model=path, audit=policy,
                                 local_recompute_bytes=1 << 30 if recompute else 0)
@@ -123,7 +130,7 @@ async def _trial(nursery, row: Row, path: str, bootstrap: str, reference: dict, 
     state = {"tokens": 0, "flag": None}
     real_audit = auditor.audit
 
-    async def audit(**kw):
+    async def audit(**kw: Any) -> AuditResult:
         result = await real_audit(**kw)
         flagged = (result.redo and kw["hop_peer"] in bad) or (result.suspect in bad)
         if flagged and state["flag"] is None:
@@ -135,7 +142,7 @@ async def _trial(nursery, row: Row, path: str, bootstrap: str, reference: dict, 
         before = sum(n.server.executor.cheats for n in dishonest)
         state.update(tokens=0, flag=None, t0=time.perf_counter())
 
-        def on_token(event):
+        def on_token(event: TokenEvent) -> None:
             state["tokens"] = event.index + 1
 
         result = await swarm.generate(prompt, max_new_tokens=tokens, on_token=on_token)
@@ -162,7 +169,8 @@ async def _configuration(holders: int, colluding: int, path: str, reference: dic
                          tokens: int) -> list[tuple[Row, int, bool]]:
     rows = []
     async with trio.open_nursery() as nursery:
-        async def serve(blocks, *, cheater: bool = False, once_too: bool = False, bootstrap=()):
+        async def serve(blocks: tuple[int, int], *, cheater: bool = False, once_too: bool = False,
+                        bootstrap: Sequence[str] = ()) -> ServerNode:
             if cheater:
                 peer.node.SpanServer = _cheating_server(once_too)
             try:
@@ -223,8 +231,12 @@ def collusion(tmp: str, *, trials: int, tokens: int) -> None:
         for row, banned, swarm_side in trio.run(functools.partial(_configuration, holders, colluding, path,
                                                                   reference, trials=trials, tokens=tokens)):
             used = max(row.used, 1)
-            mean = (lambda xs: f"{statistics.mean(xs):.1f}" if xs else "-")
-            mean_s = (lambda xs: f"{statistics.mean(xs):.2f}" if xs else "-")
+            def mean(xs: list[int]) -> str:
+                return f"{statistics.mean(xs):.1f}" if xs else "-"
+
+            def mean_s(xs: list[float]) -> str:
+                return f"{statistics.mean(xs):.2f}" if xs else "-"
+
             verified = f"{statistics.mean(row.verified):.2f}" if row.verified else "-"
             if "established" not in row.label:  # only sampling protects those: see the module docstring
                 totals["wrong"] += row.wrong_tokens
@@ -241,7 +253,8 @@ def collusion(tmp: str, *, trials: int, tokens: int) -> None:
 # -- Part 3: framing -----------------------------------------------------------------------------
 
 
-def _signable_input(rng: random.Random, head, first, span, n: int) -> tuple[str, torch.Tensor]:
+def _signable_input(rng: random.Random, head: ClientHead, first: SpanExecutor, span: tuple[int, int],
+                    n: int) -> tuple[str, torch.Tensor]:
     kind = rng.choice(("normal", "heavy", "huge-rows", "constant", "real"))
     scale = 10.0 ** rng.uniform(-3, 3)
     g = torch.Generator().manual_seed(rng.getrandbits(31))
@@ -259,7 +272,8 @@ def _signable_input(rng: random.Random, head, first, span, n: int) -> tuple[str,
     return kind, x
 
 
-def _genuine_proof(executor, twin, span, x, lengths, wire, how):
+def _genuine_proof(executor: SpanExecutor, twin: SpanExecutor, span: tuple[int, int], x: torch.Tensor,
+                   lengths: list[int], wire: str, how: str) -> FraudProof:
     client, server = Identity.generate(bits=0), Identity.generate(bits=0)  # no DHT: no puzzle
     total = sum(lengths)
     stateful = how in ("session", "tokenwise")

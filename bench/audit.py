@@ -60,6 +60,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +72,7 @@ import trio  # noqa: E402
 
 from bench._audit_attacks import collusion, framing, sybil_credit  # noqa: E402
 from peer.api import Swarm  # noqa: E402
-from peer.node import ServeOptions, run_server  # noqa: E402
+from peer.node import ServeOptions, ServerNode, run_server  # noqa: E402
 from protocol import Identity  # noqa: E402
 from verify import AuditPolicy, Auditor, Reputation  # noqa: E402
 
@@ -102,7 +103,7 @@ def detection(trials: int) -> None:
 
 async def _cost(path: str, tokens: int, prompts: list[list[int]]) -> None:
     async with trio.open_nursery() as nursery:
-        async def serve(blocks, bootstrap=()):
+        async def serve(blocks: tuple[int, int], bootstrap: Sequence[str] = ()) -> ServerNode:
             options = ServeOptions(model=path, blocks=blocks, bootstrap=tuple(bootstrap))
             return await nursery.start(functools.partial(run_server, Identity.generate(), options))
 

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 
 from peer.scheduler import SchedulerConfig, SchedulingPolicy
-from protocol import Identity
+from protocol import Identity, ReceiptRecord
 from swarm.credit import Ledger, WorkGraph, countersign, credit_of, make_receipt
 
 STEP_SECONDS = 0.05
@@ -81,12 +81,12 @@ def build_swarm(seed: int, newcomers_join: float) -> Swarm:
     newcomers = [new("newcomer", f"n{i}", joins=newcomers_join) for i in range(5)]
     hh = bytes(32)
 
-    def record(client: Peer, server: Peer, work: int):
+    def record(client: Peer, server: Peer, work: int) -> ReceiptRecord:
         return countersign(server.identity, make_receipt(client.identity, server.key, hh, 1, work))
 
     reports: dict[bytes, list] = {}  # peer -> the records it would send in CREDIT_REPORT
 
-    def add(r) -> None:
+    def add(r: ReceiptRecord) -> None:
         reports.setdefault(r.client, []).append(r)
         reports.setdefault(r.server, []).append(r)
 
@@ -144,7 +144,8 @@ def arrivals(swarm: Swarm, seed: int, duration: float) -> list[tuple[float, int,
     return out
 
 
-def simulate(swarm: Swarm, starts: list[tuple[float, int, int]], *, credit: bool, duration: float):
+def simulate(swarm: Swarm, starts: list[tuple[float, int, int]], *, credit: bool,
+             duration: float) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     views = {k: g.copy() for k, g in swarm.views.items()}
     policies = [SchedulingPolicy(SchedulerConfig(capacity=1, seed=i)) for i in range(len(swarm.servers))]
     waits: dict[str, list[float]] = {c: [] for c in CLASSES}

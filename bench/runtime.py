@@ -138,7 +138,7 @@ def bench_rss() -> None:
         peak = {}
         for mode in ("imports", "span", "whole", "transformers"):
             peak[mode] = json.loads(_run_child(code, mode, str(model_dir), env=env))["peak_rss_mib"]
-        h, i, v = BIG["hidden_size"], BIG["intermediate_size"], BIG["vocab_size"]
+        h, i = BIG["hidden_size"], BIG["intermediate_size"]
         per_block = 4 * h * h + 3 * h * i + 2 * h
         frac = (SPAN[1] - SPAN[0]) * per_block / n_params
         base = peak["imports"]

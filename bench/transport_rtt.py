@@ -29,6 +29,7 @@ from protocol import (
     Forward,
     ForwardResult,
     Identity,
+    Message,
     Ping,
     Pong,
     Role,
@@ -36,7 +37,7 @@ from protocol import (
     decode_message,
     encode_message,
 )
-from swarm.transport import Host
+from swarm.transport import Host, PeerConnection
 
 HIDDEN = 4096  # f32 elements: 16 KiB, one decode step of a 4096-wide model
 clock = time.perf_counter  # --clock cpu: time.process_time, steadier on a loaded machine
@@ -120,10 +121,10 @@ async def swarm_rtts(rounds: int) -> tuple[float, float]:
     hidden = WireTensor(dtype="f32", shape=(1, 1, HIDDEN), data=bytes(4 * HIDDEN))
     server, client = Host(Identity.generate()), Host(Identity.generate())
 
-    async def pong(conn, request):
+    async def pong(conn: PeerConnection, request: Ping) -> Pong:
         return Pong()
 
-    async def forward(conn, request):
+    async def forward(conn: PeerConnection, request: Forward) -> ForwardResult:
         return ForwardResult(session=request.session, step=request.step, hidden=request.hidden,
                              signature=bytes(64))
 
@@ -145,7 +146,7 @@ async def swarm_rtts(rounds: int) -> tuple[float, float]:
     return results[0], results[1]
 
 
-def sansio_rtt(request, response, rounds: int) -> float:
+def sansio_rtt(request: Message, response: Message, rounds: int) -> float:
     """The protocol layer's share of one round trip, without sockets or trio: encode,
     encrypt, decrypt and decode the request and then the response."""
     a, b = Connection(Identity.generate(), Role.INITIATOR), Connection(Identity.generate(), Role.RESPONDER)

@@ -118,7 +118,8 @@ class ConnectionPair(RuleBasedStateMachine):
                     assert not self.completed[receiver], "two HandshakeComplete events"
                     self.completed[receiver] = True
                     peer = IDENTITIES[other(receiver)]
-                    assert event.peer_id == peer.peer_id and event.public_key == peer.public_key
+                    assert event.peer_id == peer.peer_id
+                    assert event.public_key == peer.public_key
                     assert event.listen_addrs == ADDRS[other(receiver)]
                 elif isinstance(event, MessageReceived):
                     assert self.completed[receiver], "a message before the handshake completed"
@@ -126,11 +127,14 @@ class ConnectionPair(RuleBasedStateMachine):
                     assert d.expected.popleft() == event.payload
                 else:
                     assert isinstance(event, ConnectionEnded)
-                    assert d.eof_delivered and not d.pending and not d.expected
+                    assert d.eof_delivered
+                    assert not d.pending
+                    assert not d.expected
                     self.ended[receiver] = True
                     break
         except ProtocolError as exc:
-            assert d.expected and isinstance(d.expected[0], Doom), f"unexpected {exc!r}"
+            assert d.expected, f"unexpected {exc!r}"
+            assert isinstance(d.expected[0], Doom), f"unexpected {exc!r}"
             assert isinstance(exc, d.expected[0].error), f"{exc!r} instead of {d.expected[0].error}"
             d.expected.clear()
             self.dead[receiver] = exc

@@ -89,7 +89,8 @@ def test_arbitrary_bytes_after_a_valid_message1(tail, cuts):
     _, message1 = started_initiator()
     check_chunkings(responder, message1 + tail, cuts)
     _, error = outcome(responder(), [message1 + tail])
-    assert error is not None and error[0] is HandshakeError
+    assert error is not None
+    assert error[0] is HandshakeError
 
 
 @given(hostile, cut_lists)
@@ -213,6 +214,8 @@ def test_a_clean_handshake_gives_exactly_one_handshake_complete_each():
     peer = responder()
     assert outcome(peer, [message1], eof=False) == ([], None)
     events, error = outcome(initiator, [peer.data_to_send()], eof=False)
-    assert error is None and [type(e) for e in events] == [HandshakeComplete]
+    assert error is None
+    assert [type(e) for e in events] == [HandshakeComplete]
     events, error = outcome(peer, [initiator.data_to_send()], eof=False)
-    assert error is None and [type(e) for e in events] == [HandshakeComplete]
+    assert error is None
+    assert [type(e) for e in events] == [HandshakeComplete]

@@ -52,7 +52,9 @@ class StoreMachine(RuleBasedStateMachine):
         except RecordRejected as exc:
             assert exc.code in (ErrorCode.STALE_RECORD, ErrorCode.STORAGE_FULL), exc
             if exc.code is ErrorCode.STALE_RECORD:
-                assert held is not None and seq <= held.seq and held != record
+                assert held is not None
+                assert seq <= held.seq
+                assert held != record
             assert len(self.store) <= before
             return
         if held is not None:
@@ -74,11 +76,13 @@ class StoreMachine(RuleBasedStateMachine):
             assert len(self.store.get(key, now=self.now)) <= PER_KEY
         for identity in PUBLISHERS:
             records, size = self.store.usage(publisher=identity.public_key)
-            assert records <= LIMITS.per_publisher_records and size <= LIMITS.per_publisher_bytes
+            assert records <= LIMITS.per_publisher_records
+            assert size <= LIMITS.per_publisher_bytes
             assert records == sum(r.publisher == identity.public_key for r in held)
         for group in GROUPS:
             records, size = self.store.usage(group=group)
-            assert records <= LIMITS.per_group_records and size <= LIMITS.per_group_bytes
+            assert records <= LIMITS.per_group_records
+            assert size <= LIMITS.per_group_bytes
 
 
 TestStoreMachine = StoreMachine.TestCase

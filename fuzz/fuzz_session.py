@@ -70,7 +70,8 @@ class SessionMachine(RuleBasedStateMachine):
 
     @invariant()
     def agrees_with_model(self):
-        assert self.s.length == self.model_len and self.s.next_step == self.model_steps
+        assert self.s.length == self.model_len
+        assert self.s.next_step == self.model_steps
         expected = SessionPhase.OPEN if self.model_open else SessionPhase.CLOSED if self.model_closed else SessionPhase.NEW
         assert self.s.phase is expected
         assert self.s.length <= self.MAX

@@ -116,7 +116,8 @@ def _reference_decode(wt: WireTensor) -> list[float]:
         return list(struct.unpack(f"<{wt.numel}e", wt.data))
     if wt.dtype == "bf16":  # the high half of a float32
         return [struct.unpack("<f", b"\0\0" + wt.data[i : i + 2])[0] for i in range(0, len(wt.data), 2)]
-    assert wt.absmax is not None and wt.blocksize is not None
+    assert wt.absmax is not None
+    assert wt.blocksize is not None
     if wt.dtype == "q8":
         codes = list(wt.data)
     else:
@@ -173,7 +174,8 @@ def test_decode_matches_the_scalar_reference(wt):
 def test_lossless_round_trip_is_exact(t, dtype):
     t = t.to(_TORCH[dtype])
     back = decode_tensor(encode_tensor(t, dtype))
-    assert back.dtype == t.dtype and back.shape == t.shape
+    assert back.dtype == t.dtype
+    assert back.shape == t.shape
     bits = torch.int16 if t.element_size() == 2 else torch.int32
     assert torch.equal(back.view(bits), t.view(bits))  # NaN payloads and -0.0 included
 

@@ -33,7 +33,8 @@ def open_pair():
     responder.receive_data(initiator.initiate())
     initiator.receive_data(responder.data_to_send())
     responder.receive_data(initiator.data_to_send())
-    assert responder.next_event() is not NEED_DATA and initiator.next_event() is not NEED_DATA
+    assert responder.next_event() is not NEED_DATA
+    assert initiator.next_event() is not NEED_DATA
     assert responder.state is initiator.state is ConnectionState.OPEN
     return initiator, responder
 
@@ -80,7 +81,8 @@ def test_arbitrary_bytes_to_an_open_connection(data, cuts):
     assert whole == outcome(open_pair()[1], split(data, cuts))
     assert whole == outcome(open_pair()[1], [data[i : i + 1] for i in range(len(data))])
     if data:
-        assert whole[1] is not None and whole[1][0] in (DecryptError, ConnectionClosed)
+        assert whole[1] is not None
+        assert whole[1][0] in (DecryptError, ConnectionClosed)
 
 
 @settings(max_examples=100)
@@ -90,7 +92,8 @@ def test_a_flipped_byte_never_delivers_a_wrong_message(messages, position, mask,
     data = bytearray(b"".join(initiator.send(m) for m in messages))
     data[position % len(data)] ^= mask
     events, error = outcome(responder, split(bytes(data), cuts))
-    assert error is not None and error[0] in (DecryptError, ConnectionClosed, LimitExceeded)
+    assert error is not None
+    assert error[0] in (DecryptError, ConnectionClosed, LimitExceeded)
     assert [e.payload for e in events] == messages[: len(events)]
 
 
@@ -104,18 +107,22 @@ def test_truncated_stream_is_connection_closed(messages, cut):
     boundaries = {sum(len(x) for x in sent[:i]): i for i in range(1, len(sent))}
     events, error = outcome(responder, [data[:end]])
     if end in boundaries:  # a cut between two messages is a clean close: nothing is lost
-        assert error is None and events == [MessageReceived(payload=m) for m in messages[: boundaries[end]]] + [
+        assert error is None
+        assert events == [MessageReceived(payload=m) for m in messages[: boundaries[end]]] + [
             ConnectionEnded()]
         return
-    assert error is not None and error[0] is ConnectionClosed
-    assert [e.payload for e in events] == messages[: len(events)] and len(events) < len(messages)
+    assert error is not None
+    assert error[0] is ConnectionClosed
+    assert [e.payload for e in events] == messages[: len(events)]
+    assert len(events) < len(messages)
 
 
 def test_a_cut_exactly_between_two_messages_is_a_clean_end():  # shrunk from the property above
     initiator, responder = open_pair()
     first = initiator.send(bytes(7))
     events, error = outcome(responder, [first + initiator.send(bytes(2))[:0]])
-    assert error is None and events == [MessageReceived(payload=bytes(7)), ConnectionEnded()]
+    assert error is None
+    assert events == [MessageReceived(payload=bytes(7)), ConnectionEnded()]
 
 
 def reference(stream: bytes, limit: int):

@@ -12,15 +12,16 @@ torch and transformers.
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from protocol.errors import SwarmError
-    from swarm.dht import BootstrapFailed
-    from swarm.errors import NoRoute, PeerUnreachable, RequestTimeout
+if TYPE_CHECKING:  # `X as X`: re-exported (``__all__`` is built from _EXPORTS at run time)
+    from protocol.errors import SwarmError as SwarmError
+    from swarm.dht import BootstrapFailed as BootstrapFailed
+    from swarm.errors import NoRoute as NoRoute, PeerUnreachable as PeerUnreachable, RequestTimeout as RequestTimeout
 
-    from ._chain import AllCandidatesFailed
-    from .api import Swarm, SyncSwarm
-    from .client import GenerationResult, ModelNotServed, PromptTooLong, TokenEvent
-    from .runtime import InvalidArgument, ModelError
+    from ._chain import AllCandidatesFailed as AllCandidatesFailed
+    from .api import Swarm as Swarm, SyncSwarm as SyncSwarm
+    from .client import GenerationResult as GenerationResult, ModelNotServed as ModelNotServed
+    from .client import PromptTooLong as PromptTooLong, TokenEvent as TokenEvent
+    from .runtime import InvalidArgument as InvalidArgument, ModelError as ModelError
 
 #: public name -> the module that defines it
 _EXPORTS = {

@@ -59,13 +59,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import trio
 
 from protocol import (
     CloseSession,
+    ForwardResult,
     OpenSession,
     SessionPhase,
     SessionState,

@@ -48,7 +48,7 @@ from ._bootstrap import check_bootstrap
 from .client import ROUTE_COSTS, GenerationResult, SwarmClient, TokenEvent
 from ._local_verify import LocalSpans
 from .credit import CreditService
-from .runtime import DEFAULT_MODEL, ClientHead, SamplingParams, load_head
+from .runtime import DEFAULT_MODEL, ClientHead, InvalidArgument, SamplingParams, load_head
 
 __all__ = ["Swarm", "SyncSwarm", "GenerationResult", "TokenEvent", "check_bootstrap"]
 
@@ -59,9 +59,10 @@ Prompt = str | list[dict[str, str]]
 
 def sampling_params(max_new_tokens: int, temperature: float, top_p: float, top_k: int, repetition_penalty: float,
             seed: int | None, stop: Sequence[str]) -> SamplingParams:
+    if isinstance(stop, str):  # a str is a Sequence[str] too, but one string is not a list of them
+        raise InvalidArgument(f"stop must be a sequence of strings, got {stop!r}")
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                          repetition_penalty=repetition_penalty, seed=seed,
-                          stop=stop if isinstance(stop, str) else tuple(stop))
+                          repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop))
 
 
 class Swarm:
@@ -264,7 +265,8 @@ class SyncSwarm:
 
     def stream(self, prompt: Prompt, **kwargs: Any) -> Iterator[TokenEvent]:
         """Like ``Swarm.stream``; yields tokens as they arrive."""
-        assert self._swarm is not None and self._nursery is not None
+        assert self._swarm is not None
+        assert self._nursery is not None
         events: queue.Queue[Any] = queue.Queue()
         swarm = self._swarm
 

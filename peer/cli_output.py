@@ -18,7 +18,7 @@ from typing import Any, TextIO
 __all__ = ["HeldLogHandler", "TokenPrinter", "JsonLinesPrinter", "install_cli_logging"]
 
 
-class HeldLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class HeldLogHandler(logging.StreamHandler):
     """A stream handler that holds records while ``hold`` is set (see the module docstring)."""
 
     def __init__(self, stream: TextIO | None = None) -> None:

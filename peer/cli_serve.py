@@ -19,7 +19,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import trio
 
@@ -28,6 +28,9 @@ from protocol.errors import SwarmError
 
 from ._format import READY_PREFIX
 from ._paths import default_identity_path
+
+if TYPE_CHECKING:
+    from .node import ServerNode
 
 __all__ = ["cmd_serve", "cmd_api", "check_port_free", "IdentityInUse", "PortInUse", "claim_identity", "identity_holder"]
 
@@ -140,7 +143,7 @@ async def _serve(identity: Identity, options: Any, args: argparse.Namespace) -> 
 
     finished = trio.Event()
 
-    async def runner(task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+    async def runner(task_status: trio.TaskStatus[ServerNode] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             await run_server(identity, options, task_status=task_status, status_stream=sys.stderr)
         finally:

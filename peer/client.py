@@ -48,6 +48,9 @@ from .credit import CreditService
 from .runtime import ClientHead, InvalidArgument, ModelError, SamplingParams, TokenStream
 
 if TYPE_CHECKING:
+    import torch
+    from typing_extensions import TypeIs
+
     from verify import Auditor, FraudProofService, Reputation
 
 #: Age of the swarm view that audits may use to pick independent peers (seconds).
@@ -472,7 +475,7 @@ class SwarmClient:
         if not isinstance(params, SamplingParams):
             raise InvalidArgument("params must be a SamplingParams")
         decode_text = True
-        if isinstance(prompt, (list, tuple)) and prompt and all(type(t) is int for t in prompt):
+        if _is_token_ids(prompt):
             prompt_ids = list(prompt)  # already token ids
             if min(prompt_ids) < 0 or max(prompt_ids) >= self.head.vocab_size:
                 raise InvalidArgument(f"token ids must be in [0, {self.head.vocab_size})")
@@ -494,7 +497,7 @@ class SwarmClient:
         chain = self._chain(max_length)
         first_token_at = None
         yielded = rewind = 0
-        rng_states: list[object] = []  # the sampler's RNG before each token, for rollbacks
+        rng_states: list[torch.Tensor] = []  # the sampler's RNG before each token, for rollbacks
         try:
             await chain.open(route)
             hidden = self.head.embed(prompt_ids)
@@ -641,9 +644,14 @@ def _stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
                 if text.endswith(stop[:k])), default=0)
 
 
-def _rng_state(tokens: TokenStream) -> object:
+def _is_token_ids(prompt: str | list[dict[str, str]] | list[int]) -> TypeIs[list[int]]:
+    """Whether ``prompt`` is token ids (a non-empty list of ints) rather than text or chat."""
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(type(t) is int for t in prompt)
+
+
+def _rng_state(tokens: TokenStream) -> torch.Tensor:
     return tokens.sampler.get_state()
 
 
-def _restore_rng(tokens: TokenStream, state: object) -> None:
+def _restore_rng(tokens: TokenStream, state: torch.Tensor) -> None:
     tokens.sampler.set_state(state)

@@ -34,6 +34,7 @@ import logging
 import os
 from collections.abc import Hashable
 from pathlib import Path
+from typing import cast
 
 import trio
 
@@ -158,7 +159,8 @@ class CreditService:
         self._steps[key] = 0
         receipt = self.wallet.issue(key, server.handshake_hash)
         try:
-            ack = await server.request(Receipt(receipt=receipt), timeout=10.0)
+            # The channel answers each request with its response type or raises (RESPONSES in protocol/).
+            ack = cast(ReceiptAck, await server.request(Receipt(receipt=receipt), timeout=10.0))
             return self.wallet.acknowledged(ack.receipt)
         except RemoteProtocolError as exc:  # a forged countersignature: the server broke the protocol
             log.warning("closing the connection to %s: its RECEIPT_ACK %s", server.peer_id.hex()[:12], exc)
@@ -172,7 +174,7 @@ class CreditService:
 
     async def exchange(self, conn: PeerConnection) -> None:
         """Fetch ``conn``'s records (for transitive credit) and merge the valid ones."""
-        report = await conn.request(CreditQuery(), timeout=10.0)
+        report = cast(CreditReport, await conn.request(CreditQuery(), timeout=10.0))
         self.ledger.merge_remote(report.records)
 
     async def _exchange_quietly(self, conn: PeerConnection) -> None:

@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 import torch
 import trio
@@ -24,6 +25,10 @@ import trio
 from protocol.errors import SwarmError
 
 from ._format import READY_PREFIX, format_route
+
+if TYPE_CHECKING:
+    from .api import Swarm
+    from .client import TokenEvent
 
 __all__ = ["run_demo", "start_server_process", "launch_server_process", "wait_ready", "ServerProcess", "split_blocks"]
 
@@ -66,14 +71,15 @@ class ServerProcess:
 
 
 def start_server_process(model: str, blocks: tuple[int, int], *, identity: Path, bootstrap: Sequence[str] = (),
-                         extra: Sequence[str] = (), timeout: float = 300.0, stderr=None) -> ServerProcess:
+                         extra: Sequence[str] = (), timeout: float = 300.0,
+                         stderr: int | IO[str] | None = None) -> ServerProcess:
     """Start ``swarm-peer serve`` and wait for its ready line (``timeout`` seconds)."""
     return wait_ready(launch_server_process(model, blocks, identity=identity, bootstrap=bootstrap, extra=extra,
                                             stderr=stderr), timeout=timeout)
 
 
 def launch_server_process(model: str, blocks: tuple[int, int], *, identity: Path, bootstrap: Sequence[str] = (),
-                          extra: Sequence[str] = (), stderr=None) -> subprocess.Popen[str]:
+                          extra: Sequence[str] = (), stderr: int | IO[str] | None = None) -> subprocess.Popen[str]:
     """Start ``swarm-peer serve`` without waiting (see ``wait_ready``)."""
     cmd = [sys.executable, "-m", "peer.cli", "serve", "--model", model, "--blocks", f"{blocks[0]}:{blocks[1]}",
            "--identity", str(identity)]
@@ -101,7 +107,7 @@ def wait_ready(proc: subprocess.Popen[str], *, timeout: float = 300.0) -> Server
             return ServerProcess(proc, address, line.strip())
         if not line and proc.poll() is not None:
             raise DemoError(f"server ({what}) exited with code {proc.returncode} before it was ready; run it "
-                            f"alone to see why: {' '.join(map(str, proc.args))}")
+                            f"alone to see why: {' '.join(map(str, args))}")
         if time.monotonic() > deadline:
             proc.kill()
             raise DemoError(f"server ({what}) was not ready after {timeout:.0f} s")
@@ -163,7 +169,7 @@ async def _ask(model: str, bootstrap: list[str], question: str, max_new_tokens: 
     asked = time.monotonic()
     first: list[float] = []
 
-    def show(event) -> None:
+    def show(event: TokenEvent) -> None:
         if not first:
             first.append(time.monotonic())
         print(event.text, end="", flush=True)
@@ -180,7 +186,7 @@ async def _ask(model: str, bootstrap: list[str], question: str, max_new_tokens: 
         nursery.cancel_scope.cancel()
 
 
-async def _serve_page(nursery: trio.Nursery, swarm, model: str, port: int) -> None:
+async def _serve_page(nursery: trio.Nursery, swarm: Swarm, model: str, port: int) -> None:
     from .http import ApiModel, SwarmApi, serve_http
 
     api = SwarmApi([ApiModel(model, swarm)])

@@ -168,7 +168,11 @@ from .errors import *  # noqa: F403
 from .errors import __all__ as _errors_all
 
 if TYPE_CHECKING:
-    from ._tensor import BLOCKSIZES, DTYPES, LOSSLESS, QUANTIZED, WireTensor, decode_tensor, encode_tensor
+    # Re-exported (listed in __all__ through _TENSOR_NAMES) for type checkers only; at
+    # run time __getattr__ imports them on first access.
+    from ._tensor import BLOCKSIZES as BLOCKSIZES, DTYPES as DTYPES, LOSSLESS as LOSSLESS
+    from ._tensor import QUANTIZED as QUANTIZED, WireTensor as WireTensor
+    from ._tensor import decode_tensor as decode_tensor, encode_tensor as encode_tensor
 
 #: Names of the tensor codec, imported from ``_tensor`` (and torch) on first access.
 _TENSOR_NAMES = ("WireTensor", "encode_tensor", "decode_tensor", "DTYPES", "LOSSLESS", "QUANTIZED", "BLOCKSIZES")

@@ -347,8 +347,8 @@ class Channel:
                 raise LimitExceeded(f"more than {self.limits.max_concurrent_requests} concurrent requests")
             request = decoded.message
             self._incoming += 1
-            if request is None or not self._serves(cls):
-                what = f"unknown message type {type_}" if request is None else f"{cls.__name__} is not served by this peer"
+            if cls is None or request is None or not self._serves(cls):
+                what = f"unknown message type {type_}" if cls is None else f"{cls.__name__} is not served by this peer"
                 refusal = Error(code=int(ErrorCode.UNKNOWN_MESSAGE), message=what)
                 return RequestRefused(request_id, encode_message(refusal, request_id))
             return RequestReceived(request_id, request)
@@ -379,6 +379,7 @@ class Channel:
         (for the log), None if nothing. Call ``answered`` once the payload is written.
         """
         problem = None
+        response: Message
         if isinstance(result, BaseException):
             response = error_for(result)
         elif not isinstance(result, Message) or (type(result) is not Error

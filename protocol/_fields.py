@@ -65,7 +65,9 @@ _UINT_MAX = 2**64 - 1
 
 
 class Codec:
-    cddl = "any"
+    @property
+    def cddl(self) -> str:
+        return "any"
 
     def check(self, value: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -250,7 +252,7 @@ class ListOf(Codec):
 class Struct(Codec):
     """A nested structure: a class with ``FIELDS`` (encoded as a small-int-keyed map)."""
 
-    cls: type
+    cls: type[Any]  # a message or record class (it has FIELDS)
 
     @property
     def cddl(self) -> str:

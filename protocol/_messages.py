@@ -16,8 +16,9 @@ or a response other than ``ERROR`` with id 0 is malformed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from ._cbor import ENVELOPE_HEAD_MAX, decode as cbor_decode, encode as cbor_encode, envelope_head
 from ._fields import (
@@ -402,8 +403,11 @@ class Message(Structure):
 
 
 
-def _message(type_: int, kind: str):
-    def wrap(cls):
+_M = TypeVar("_M", bound=Message)
+
+
+def _message(type_: int, kind: str) -> Callable[[type[_M]], type[_M]]:
+    def wrap(cls: type[_M]) -> type[_M]:
         cls.TYPE = type_
         cls.KIND = kind
         return cls

@@ -119,7 +119,7 @@ def model_id_document(config: Mapping[str, Any], manifest: Iterable[tuple[str, S
         files: the SHA-256 digests of the weight files, ordered by file name.
     """
     pairs = [[k, json_to_cbor(config[k])] for k in sorted(config, key=_utf8) if k in CONFIG_KEYS]
-    tensors = sorted(([n, [int(d) for d in shape], dtype] for n, shape, dtype in manifest), key=lambda t: _utf8(t[0]))
+    tensors = [[n, [int(d) for d in shape], dtype] for n, shape, dtype in sorted(manifest, key=lambda t: _utf8(t[0]))]
     digests = [bytes(d) for d in files]
     if any(len(d) != 32 for d in digests):
         raise LocalProtocolError("weight file digests are 32-byte SHA-256 values")

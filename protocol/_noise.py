@@ -302,7 +302,8 @@ class HandshakeState:
             local, remote = (self._e if first == "e" else self._s), (self._re if second == "e" else self._rs)
         else:
             local, remote = (self._e if second == "e" else self._s), (self._re if first == "e" else self._rs)
-        assert local is not None and remote is not None
+        assert local is not None
+        assert remote is not None
         return dh(local, remote)
 
     def _finish_message(self) -> None:

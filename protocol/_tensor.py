@@ -232,7 +232,7 @@ def _data_length(dtype: str, numel: int) -> int:
 
 # Wire (little-endian) numpy dtypes; numpy converts byte order on big-endian hosts.
 # bfloat16 has no numpy dtype and travels through int16 of the same bits.
-_NP_WIRE = {
+_NP_WIRE: dict[torch.dtype, np.dtype[Any]] = {
     torch.float32: np.dtype("<f4"),
     torch.float16: np.dtype("<f2"),
     torch.bfloat16: np.dtype("<i2"),
@@ -386,7 +386,8 @@ class WireTensor:
         h.update(_bstr_header(len(self.data)))
         h.update(self.data)
         if quantized:
-            assert self.absmax is not None and self.blocksize is not None
+            assert self.absmax is not None
+            assert self.blocksize is not None
             h.update(b"\x03" + _bstr_header(len(self.absmax)))
             h.update(self.absmax)
             h.update(b"\x04" + _cbor.encode(self.blocksize))
@@ -503,7 +504,8 @@ def decode_tensor(
 
 
 def _dequantize(wt: WireTensor, n: int, device: torch.device) -> torch.Tensor:
-    assert wt.absmax is not None and wt.blocksize is not None  # validated on construction
+    assert wt.absmax is not None  # validated on construction
+    assert wt.blocksize is not None
     raw = _from_le(wt.data, torch.uint8)
     absmax = _from_le(wt.absmax, torch.float32)
     if device.type != "cpu":

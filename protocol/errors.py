@@ -156,7 +156,7 @@ def rule_of(code: int) -> ErrorRule:
 class SwarmError(Exception):
     """Root of the project's errors. ``code`` is the wire code, ``message`` one line."""
 
-    code: ErrorCode = ErrorCode.INTERNAL
+    code: ErrorCode | int = ErrorCode.INTERNAL
 
     def __init__(self, message: str, *, code: ErrorCode | int | None = None) -> None:
         super().__init__(message)

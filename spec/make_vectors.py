@@ -681,7 +681,8 @@ def make_handshake_vectors() -> dict[str, Any]:
         sides[receiver].read_message(noise_message)
         messages.append({"from": sender, "noise_message": noise_message.hex(), "wire": frame(noise_message).hex()})
     results = {name: side.result for name, side in sides.items()}
-    assert results["initiator"] is not None and results["responder"] is not None
+    assert results["initiator"] is not None
+    assert results["responder"] is not None
     assert results["initiator"].handshake_hash == results["responder"].handshake_hash
     transport = []
     for sender, payload in _VECTOR_TRANSPORT:

@@ -77,4 +77,5 @@ def test_the_checker_resolves_relative_and_nested_imports(tmp_path):
     module.write_text("from ..x import y\ndef f():\n    from protocol import _messages as M\n")
     names = [name for _, name in _imports_of(module, root=tmp_path)]
     assert names == ["pkg.x.y", "protocol._messages"]
-    assert _is_private_protocol(names[1]) and not _is_private_protocol("protocol.Forward")
+    assert _is_private_protocol(names[1])
+    assert not _is_private_protocol("protocol.Forward")

@@ -50,10 +50,12 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import cast
 
 import torch
 
 from protocol import (
+    ForwardOnceResult,
     FraudProof,
     SignedStep,
     WireTensor,
@@ -553,7 +555,8 @@ class Auditor:
             raise last or SwarmError("no address to reach the auditor")
         request, state = sign_forward_once(self.host.identity, server=peer_id, nonce=secrets.token_bytes(16),
                                            model=case.model, span=case.span, hidden=case.wire)
-        result = await conn.request(request, timeout=case.timeout)
+        # The channel answers a FORWARD_ONCE with its result or raises (RESPONSES in protocol/).
+        result = cast(ForwardOnceResult, await conn.request(request, timeout=case.timeout))
         accept_forward_once_result(state, request, result, server_public_key=conn.public_key)
         out = decode_tensor(result.hidden, out_dtype=torch.float32)
         return _Answer(peer_id=peer_id, public_key=conn.public_key, nonce=request.nonce,

@@ -54,7 +54,7 @@ from protocol import (
     peer_id_of,
     replay_requests,
 )
-from protocol.errors import BadSignature, ErrorCode, SwarmError
+from protocol.errors import BadSignature, ErrorCode, LocalProtocolError, SwarmError
 
 from ._bounds import NormBounds, load_bounds
 from ._compare import tolerance_for
@@ -135,6 +135,8 @@ def proof_from_transcript(*, accused: bytes, client: bytes, model: str, span: tu
         raise IndexError(f"step index {index} is outside the transcript of {len(transcript)} steps")
     requests = tuple(step.evidence() for step in transcript[:index + 1])
     disputed = transcript[index]
+    if disputed.result_signature is None:  # a server's transcript: it holds no signed outputs
+        raise LocalProtocolError(f"step {index} of the transcript has no server-signed output to dispute")
     return FraudProof(accused=accused, client=client, model=model, span=span, session=session, requests=requests,
                         output=disputed.output, output_signature=disputed.result_signature)
 
@@ -236,7 +238,7 @@ def replay_session(executor: SpanRecompute, inputs: Sequence[torch.Tensor], span
     return out.to(device="cpu", dtype=torch.float32)
 
 
-def _exact(executor: SpanRecompute, inputs: Sequence[torch.Tensor], span: tuple[int, int]) -> torch.Tensor | None:
+def _exact(executor: SpanRecompute, inputs: list[torch.Tensor], span: tuple[int, int]) -> torch.Tensor | None:
     """The float64 recomputation (``SpanExecutor.forward_once_exact``), if the executor
     has one (not a quantized span): verify._judge's reference for honest rounding."""
     exact = getattr(executor, "forward_once_exact", None)

@@ -32,7 +32,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 import trio
 
@@ -42,6 +42,7 @@ from swarm.announce import block_key, decode_block_value
 from swarm.dht import DhtNode
 from swarm.transport import Host, PeerConnection
 
+from ._judge import Verdict
 from ._proofs import InvalidProof, LocalRecompute, SpanRecompute, check_proof, proof_digest, verify_proof
 from ._reputation import Reputation
 from ._voting import operator_of
@@ -135,10 +136,12 @@ class FraudProofService:
             raise InvalidProof("this proof was already found invalid")
         self._pending[digest] = done = trio.Event()
         recomputed = True
+        verdict: Verdict | None
         try:
             if self.holds(proof):
                 executor, compute = self.executor, self.compute
-                assert executor is not None and compute is not None  # holds() and the constructor
+                assert executor is not None  # holds() and the constructor
+                assert compute is not None
                 verdict = await compute.run(sender or self.host.peer_id,
                                             lambda: verify_proof(proof, executor, compute_dtype=self.compute_dtype))
                 log.warning("verified fraud proof against %s: %s", peer_id_of(proof.accused).hex()[:12], verdict)
@@ -161,7 +164,7 @@ class FraudProofService:
             self._endorsed(digest, proof, sender)
         return digest
 
-    async def _verify_locally(self, proof: FraudProof) -> object | None:
+    async def _verify_locally(self, proof: FraudProof) -> Verdict | None:
         """The verdict of ``verify_proof`` on a local copy of the span, or None if this
         peer cannot load it. Raises InvalidProof."""
         if self.local is None:
@@ -299,7 +302,8 @@ class FraudProofService:
         for addr in addrs:
             try:
                 conn = await self.host.connect(addr, peer_id=peer_id, timeout=min(self.timeout, 10.0))
-                ack = await conn.request(FraudProofNotice(proof=proof), timeout=self.timeout)
+                # The channel answers a FRAUD_PROOF with its ACK or raises (RESPONSES in protocol/).
+                ack = cast(FraudProofAck, await conn.request(FraudProofNotice(proof=proof), timeout=self.timeout))
                 return bool(ack.accepted)
             except RemoteError as exc:
                 return False if exc.code == ErrorCode.INVALID_PROOF else None
@@ -356,7 +360,7 @@ class FraudProofService:
                 log.warning("cannot save the reputation file %s: %s", self.reputation_path, exc)
 
 
-def _verdict_or_error(proof: FraudProof, executor: SpanRecompute, compute_dtype: str) -> object:
+def _verdict_or_error(proof: FraudProof, executor: SpanRecompute, compute_dtype: str) -> Verdict | InvalidProof:
     """``verify_proof``'s verdict, or the InvalidProof it raised (returned across the thread)."""
     try:
         return verify_proof(proof, executor, compute_dtype=compute_dtype)

@@ -159,7 +159,7 @@ class SwarmApi:
         client = model.swarm.client
         head = client.head
         if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], int):
-            ids = list(req.prompt)  # type: ignore[arg-type]
+            ids = list(req.prompt)
             if min(ids) < 0 or max(ids) >= head.vocab_size:
                 raise oa.ApiError(400, f"token ids must be in [0, {head.vocab_size})", param="prompt")
         else:

@@ -60,30 +60,30 @@ def architecture(model_type: str | None) -> Architecture:
     """The classes for ``model_type`` (imported lazily: each family is a large module)."""
     check_supported(model_type)
     if model_type == "llama":
-        from transformers.models.llama import modeling_llama as m
+        from transformers.models.llama import modeling_llama as llama
 
         return Architecture(
             model_type="llama",
-            decoder_layer=m.LlamaDecoderLayer,
-            rotary_embedding=m.LlamaRotaryEmbedding,
-            rms_norm=m.LlamaRMSNorm,
+            decoder_layer=llama.LlamaDecoderLayer,
+            rotary_embedding=llama.LlamaRotaryEmbedding,
+            rms_norm=llama.LlamaRMSNorm,
         )
     if model_type == "mistral":
-        from transformers.models.mistral import modeling_mistral as m
+        from transformers.models.mistral import modeling_mistral as mistral
 
         return Architecture(
             model_type="mistral",
-            decoder_layer=m.MistralDecoderLayer,
-            rotary_embedding=m.MistralRotaryEmbedding,
-            rms_norm=m.MistralRMSNorm,
+            decoder_layer=mistral.MistralDecoderLayer,
+            rotary_embedding=mistral.MistralRotaryEmbedding,
+            rms_norm=mistral.MistralRMSNorm,
         )
-    from transformers.models.qwen2 import modeling_qwen2 as m
+    from transformers.models.qwen2 import modeling_qwen2 as qwen2
 
     return Architecture(
         model_type="qwen2",
-        decoder_layer=m.Qwen2DecoderLayer,
-        rotary_embedding=m.Qwen2RotaryEmbedding,
-        rms_norm=m.Qwen2RMSNorm,
+        decoder_layer=qwen2.Qwen2DecoderLayer,
+        rotary_embedding=qwen2.Qwen2RotaryEmbedding,
+        rms_norm=qwen2.Qwen2RMSNorm,
     )
 
 

@@ -52,6 +52,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -64,6 +65,9 @@ from ._errors import (
 )
 from ._loader import SpanModules
 from ._model_id import ModelInfo
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 __all__ = ["SpanExecutor", "SessionsInfo", "ForwardJob", "measure_throughput"]
 
@@ -521,7 +525,7 @@ class SpanExecutor:
                                   f"[{self.start}, {self.end})")
         return start - self.start, end - self.start
 
-    def _sub_config(self, lo: int, hi: int) -> object:
+    def _sub_config(self, lo: int, hi: int) -> PretrainedConfig:
         """The span config restricted to local blocks [lo, hi) (for a session's cache)."""
         if (lo, hi) == (0, self.num_blocks):
             return self._config

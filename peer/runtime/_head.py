@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ._errors import InvalidArgument, ModelFileMissing
+from ._errors import InvalidArgument
 from ._loader import HeadModules
 from ._model_id import ModelInfo
 from ._sources import Source

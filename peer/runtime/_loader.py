@@ -105,6 +105,7 @@ def build_head(source: Source, *, device: torch.device, dtype: torch.dtype) -> H
         norm = arch.rms_norm(int(config.hidden_size), eps=float(config.rms_norm_eps))
     norm.load_state_dict({"weight": state[HEAD_NORM].to(device=device, dtype=dtype)}, assign=True)
     norm.eval().requires_grad_(False)
+    lm_head: torch.Tensor
     if getattr(config, "tie_word_embeddings", False):
         lm_head = embed.weight
     elif HEAD_LM in state:

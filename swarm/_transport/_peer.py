@@ -46,6 +46,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import trio
 
@@ -72,7 +73,11 @@ __all__ = ["PeerConnection", "Handler", "RECEIVE_SIZE", "OFFTHREAD_DECODE"]
 
 log = logging.getLogger("swarm.transport")
 
-Handler = Callable[["PeerConnection", Message], Awaitable[Message]]
+#: ``handler(connection, request) -> response``. The request is an instance of the type
+#: the handler is registered for (handlers are kept in a dict keyed by that type), which
+#: a Callable type cannot say per entry: hence ``Any`` rather than ``Message``, since a
+#: handler taking ``Ping`` is not a handler taking every ``Message``.
+Handler = Callable[["PeerConnection", Any], Awaitable[Message]]
 
 #: Bytes asked of the socket per read. CPython's recv allocates the whole size up
 #: front: asking 256 KiB for a 100-byte message costs ~70 us against ~10 us for 64 KiB
@@ -430,7 +435,7 @@ class PeerConnection:
                     if waiter is not None:
                         waiter.outcome = received
                         waiter.event.set()
-                elif received is not None:
+                elif isinstance(received, (RequestReceived, RequestRefused)):
                     assert self._nursery is not None  # only the reader, inside run, gets here
                     self.last_request = trio.current_time()
                     self._nursery.start_soon(self._answer, received)
@@ -444,7 +449,7 @@ class PeerConnection:
 
     async def _answer(self, event: RequestReceived | RequestRefused) -> None:
         try:
-            if type(event) is RequestRefused:
+            if isinstance(event, RequestRefused):
                 payload = event.payload
             else:
                 payload, problem = self.channel.answer(event, await self._serve(event.request))

@@ -41,6 +41,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import trio
 
@@ -62,7 +63,7 @@ from protocol import (
 from protocol.errors import ErrorCode, RemoteError, SwarmError
 
 from ..errors import PeerUnreachable
-from ..transport import Host, PeerConnection
+from ..transport import Handler, Host, PeerConnection
 from ._contacts import MAX_ADDRS, ContactKeeper
 from ._groups import address_group
 from ._lookup import DisjointLookup, Termination
@@ -170,7 +171,7 @@ class DhtNode:
         self._writes_idle = trio.Event()
         self._writes_idle.set()
         self._nursery: trio.Nursery | None = None  # run()'s: queries that outlive their lookup
-        self._handlers: dict[type[Message], Callable[[PeerConnection, Message], Awaitable[Message]]] = {
+        self._handlers: dict[type[Message], Handler] = {
             Ping: self._on_ping,
             FindNode: self._on_find_node,
             FindValue: self._on_find_value,
@@ -249,7 +250,8 @@ class DhtNode:
         """A bootstrap peer with our own id (this identity's server, when its owner
         generates from another process) is never a contact: ask it for its
         neighbours and dial them, so that they become our contacts."""
-        answer = await conn.request(FindNode(target=self.peer_id), timeout=self.query_timeout)
+        # The channel answers a FIND_NODE with NODES or raises (RESPONSES in protocol/).
+        answer = cast(Nodes, await conn.request(FindNode(target=self.peer_id), timeout=self.query_timeout))
         async with trio.open_nursery() as nursery:
             for info in answer.nodes:
                 if info.peer_id != self.peer_id:

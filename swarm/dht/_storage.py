@@ -46,6 +46,7 @@ import heapq
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from protocol import DEFAULT_LIMITS, Limits
 from protocol import SignedRecord
@@ -287,7 +288,9 @@ class RecordStore:
             del self._by_key[record.key]
         cls = self._classes[held.reserved]
         cls.total.add(held, -1)
-        for table, name in ((cls.publishers, record.publisher), (cls.groups, held.group)):
+        tables: tuple[tuple[dict[Any, _Usage], bytes | str], ...] = (
+            (cls.publishers, record.publisher), (cls.groups, held.group))
+        for table, name in tables:
             usage = table[name]
             usage.add(held, -1)
             if not usage.records:

@@ -28,8 +28,10 @@ pytestmark = pytest.mark.timeout(60)
 
 def test_region_table_has_the_issue_figures() -> None:
     topo = Topology.make([("t", "tokyo"), ("t2", "tokyo"), ("s", "seoul"), ("v", "virginia"), ("f", "frankfurt")])
-    assert topo.link("t", "s").rtt_ms == 30 and topo.link("t", "v").rtt_ms == 150
-    assert topo.link("v", "f").rtt_ms == 90 and topo.link("f", "t").rtt_ms == 230
+    assert topo.link("t", "s").rtt_ms == 30
+    assert topo.link("t", "v").rtt_ms == 150
+    assert topo.link("v", "f").rtt_ms == 90
+    assert topo.link("f", "t").rtt_ms == 230
     assert 2 <= topo.link("t", "t2").rtt_ms <= 5
     assert topo.link("t", "v").delay == pytest.approx(0.075)  # one way: half the round trip
     assert topo.link("t", "s").mbit == 100
@@ -40,7 +42,8 @@ def test_region_table_has_the_issue_figures() -> None:
 def test_regional_swarm_in_one_line() -> None:
     topo = regional({"client": "tokyo"}, {"tokyo": 2, "seoul": 1, "virginia": 1}, bandwidth_mbit=25)
     assert [n.name for n in topo.nodes] == ["client", "tokyo-0", "tokyo-1", "seoul-0", "virginia-0"]
-    assert topo.link("client", "virginia-0").rtt_ms == 150 and topo.link("seoul-0", "virginia-0").mbit == 25
+    assert topo.link("client", "virginia-0").rtt_ms == 150
+    assert topo.link("seoul-0", "virginia-0").mbit == 25
     assert topo.link("tokyo-0", "tokyo-1").rtt_ms == 3
 
 
@@ -51,15 +54,19 @@ def test_link_rules_most_specific_first_and_file_round_trip() -> None:
                {"a": "client", "b": "b", "rtt_ms": 160},
                {"a": "tokyo", "b": "tokyo", "bandwidth_mbit": "unlimited"}],
         bandwidth_mbit=50)
-    assert topo.link("client", "b").rtt_ms == 160 and topo.link("client", "b").mbit == 25  # node pair, then regions
-    assert topo.link("a", "b").rtt_ms == 150 and topo.link("b", "a").mbit == 25
-    assert math.isinf(topo.link("client", "a").bandwidth) and topo.link("client", "a").rtt_ms == 3
-    assert topo.node("a").ip == "127.0.0.10" and topo.node_at("127.0.0.40").name == "client"
+    assert topo.link("client", "b").rtt_ms == 160
+    assert topo.link("client", "b").mbit == 25  # node pair, then regions
+    assert topo.link("a", "b").rtt_ms == 150
+    assert topo.link("b", "a").mbit == 25
+    assert math.isinf(topo.link("client", "a").bandwidth)
+    assert topo.link("client", "a").rtt_ms == 3
+    assert topo.node("a").ip == "127.0.0.10"
+    assert topo.node_at("127.0.0.40").name == "client"
     assert Topology.loads(topo.dumps()) == topo
     assert "160ms/25M" in topo.table()
 
 
-@pytest.mark.parametrize("text, match", [
+@pytest.mark.parametrize(("text", "match"), [
     ('[[node]]\nname = "x"\nregion = "mars"\n[[node]]\nname = "y"\nregion = "tokyo"\n', "no round-trip time"),
     ('[[node]]\nname = "x"\nregion = "tokyo"\nip = "10.0.0.1"\n', "not a loopback"),
     ('[[node]]\nname = "x"\nregion = "tokyo"\n[[node]]\nname = "x"\nregion = "tokyo"\n', "two nodes"),
@@ -137,7 +144,7 @@ async def test_bytes_and_order_preserved_under_random_chunking(seed: int) -> Non
                 await stream.send_all(payload[sent:sent + n])
                 sent += n
                 if rng.random() < 0.2:
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
             await stream.send_eof()
         assert bytes(received) == payload
 

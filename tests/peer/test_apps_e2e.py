@@ -57,7 +57,8 @@ def test_demo_web_serves_the_page_and_the_api_until_ctrl_c():
             assert "<title>swarm-peer</title>" in page.stdout
             view = json.loads(subprocess.run(["curl", "-sS", "--max-time", "60", url + "api/swarm"],
                                              capture_output=True, text=True).stdout)
-            assert len(view["servers"]) == 2 and view["gaps"] == []
+            assert len(view["servers"]) == 2
+            assert view["gaps"] == []
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert proc.wait(120) == 0, proc.stderr.read()[-3000:]
         assert any("servers exited with codes [0, 0]" in line for line in out)

@@ -67,8 +67,10 @@ async def test_receipts_go_out_during_a_generation_not_only_at_its_end(model_dir
         credit.send_receipt = spy
         await swarm.generate(PROMPT, max_new_tokens=24)  # a prefill and 23 steps: receipts every 8
         record = server.credit.ledger.latest(me, it)
-        assert record is not None and record.work == (len(PROMPT) + 23) * LAYERS  # all of it receipted at the end
-        assert len(sent) >= 3 and record.seq == len([p for p in sent if p > 0]), sent
+        assert record is not None
+        assert record.work == (len(PROMPT) + 23) * LAYERS  # all of it receipted at the end
+        assert len(sent) >= 3, sent
+        assert record.seq == len([p for p in sent if p > 0]), sent
         nursery.cancel_scope.cancel()
 
 
@@ -119,7 +121,8 @@ async def test_contributors_wait_less_than_free_riders(model_dir, tmp_path):
         async with trio.open_nursery() as jobs:
             for i, swarm in enumerate(helpers + riders):
                 jobs.start_soon(job, i, swarm)
-        assert len(results) == 4 and all(len(r.token_ids) == 32 for r in results.values())  # newcomers served too
+        assert len(results) == 4
+        assert all(len(r.token_ids) == 32 for r in results.values())  # newcomers served too
         assert len({tuple(r.token_ids) for r in results.values()}) == 1  # same prompt, same greedy text
 
         def median_wait(swarms):  # while all four contended: after the first finished, riders run alone
@@ -175,12 +178,14 @@ async def test_sybil_receipts_buy_nothing_and_bad_receipts_are_refused(model_dir
             with pytest.raises(RemoteError) as info:  # claims more work than was served
                 await conn.request(Receipt(receipt=make_receipt(me, identity.public_key, conn.handshake_hash,
                                                                 1001, 10**6)))
-            assert info.value.code == ErrorCode.INVALID_REQUEST and conn.is_open
+            assert info.value.code == ErrorCode.INVALID_REQUEST
+            assert conn.is_open
             # A forged client signature (BAD_SIGNATURE, 105) is answered and the connection
             # kept (section 14's one rule); nothing forged is stored.
             with pytest.raises(RemoteError) as info:
                 await conn.request(Receipt(receipt=dataclasses.replace(good, seq=1002, work=90)))
-            assert info.value.code == ErrorCode.BAD_SIGNATURE and conn.is_open
+            assert info.value.code == ErrorCode.BAD_SIGNATURE
+            assert conn.is_open
             assert server.credit.ledger.latest(me.public_key, identity.public_key).work == 80
             server.cancel_scope.cancel()  # first_life ends when the server has stopped and saved
 

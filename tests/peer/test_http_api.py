@@ -84,13 +84,15 @@ async def test_openai_client_chat_and_completions_streamed_and_not(chat_model):
         # Non-streamed chat: the swarm's own answer, OpenAI's fields, and the route.
         assert chat.choices[0].message.content == reference.text
         assert chat.choices[0].finish_reason == "length"
-        assert chat.usage.prompt_tokens == len(head.encode_prompt(MESSAGES)) and chat.usage.completion_tokens == 12
+        assert chat.usage.prompt_tokens == len(head.encode_prompt(MESSAGES))
+        assert chat.usage.completion_tokens == 12
         route = chat.model_extra["swarm"]["route"]
         assert [tuple(h["blocks"]) for h in route] == [(0, 2), (2, 4)]
         assert {h["peer_id"] for h in route} == {n.identity.peer_id.hex() for n in nodes}
         assert chat.model_extra["swarm"]["failovers"] == 0
         verification = chat.model_extra["swarm"]["verification"]  # issue 11: what the audits established
-        assert verification["hop_steps"] == 2 * 12 and {"audited_steps", "verified_fraction",
+        assert verification["hop_steps"] == 2 * 12
+        assert {"audited_steps", "verified_fraction",
                                                         "unverifiable_hops"} <= verification.keys()
 
         # Streamed chat: a role chunk, the same text in pieces, a finish chunk with the
@@ -99,9 +101,11 @@ async def test_openai_client_chat_and_completions_streamed_and_not(chat_model):
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert text == reference.text
         finish = [c for c in chunks if c.choices and c.choices[0].finish_reason]
-        assert len(finish) == 1 and finish[0].choices[0].finish_reason == "length"
+        assert len(finish) == 1
+        assert finish[0].choices[0].finish_reason == "length"
         assert finish[0].model_extra["swarm"]["route"] == route
-        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+        assert chunks[-1].choices == []
+        assert chunks[-1].usage.completion_tokens == 12
 
         # Completions use the prompt as is (no chat template).
         assert completion.choices[0].text == raw_reference.text
@@ -142,15 +146,18 @@ async def test_errors_have_openais_shape_and_status(chat_model):
         for name in ("n", "tools", "temperature", "too_long"):
             assert errors[name].status_code == 400, name
             assert errors[name].body["type"] == "invalid_request_error"
-        assert errors["n"].body["code"] == "unsupported_parameter" and errors["n"].body["param"] == "n"
+        assert errors["n"].body["code"] == "unsupported_parameter"
+        assert errors["n"].body["param"] == "n"
         assert errors["tools"].body["param"] == "tools"
         assert errors["too_long"].body["code"] == "context_length_exceeded"
-        assert errors["model"].status_code == 404 and errors["model"].body["code"] == "model_not_found"
+        assert errors["model"].status_code == 404
+        assert errors["model"].body["code"] == "model_not_found"
         for name in ("no_route", "no_route_stream"):  # the stream fails before it starts: a status, not a 200
             assert errors[name].status_code == 503
             assert "blocks 2..3" in errors[name].body["message"]
             assert errors[name].body["swarm"]["missing_blocks"] == [2, 4]
-        assert health[0] == 503 and health[1]["models"][NAME]["missing_blocks"] == [2, 4]
+        assert health[0] == 503
+        assert health[1]["models"][NAME]["missing_blocks"] == [2, 4]
         assert sample(api, "swarm_api_errors_total", type="no_route") == 2
         nursery.cancel_scope.cancel()
 
@@ -273,7 +280,10 @@ def test_request_parsing_refuses_what_it_cannot_honour():
                                                          {"role": "user", "content": "hi"}],
                              "max_tokens": 3, "stop": "x", "n": 1, "user": "u", "presence_penalty": 0})
     assert ok.prompt == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-    assert ok.stop == ("x",) and ok.max_tokens == 3 and ok.temperature == 1.0 and ok.chat
+    assert ok.stop == ("x",)
+    assert ok.max_tokens == 3
+    assert ok.temperature == 1.0
+    assert ok.chat
     assert parse_completion_request({"model": "m", "prompt": [[1, 2, 3]]}).prompt == [1, 2, 3]
     bad = [
         ({"model": "m", "messages": []}, "messages"),
@@ -298,5 +308,6 @@ def test_request_parsing_refuses_what_it_cannot_honour():
         parse = parse_completion_request if "prompt" in body else parse_chat_request
         with pytest.raises(ApiError) as info:
             parse(body)
-        assert info.value.status == 400 and info.value.param == param, body
+        assert info.value.status == 400, body
+        assert info.value.param == param, body
         assert set(info.value.to_json()["error"]) >= {"message", "type", "param", "code"}

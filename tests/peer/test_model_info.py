@@ -10,11 +10,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
 import torch
 import trio
 
@@ -68,11 +68,13 @@ async def test_the_swarm_lists_both_models_everywhere(chat_model, other_model, t
         reports = {}
         for node in (chat, other):
             report = await host.request(node.address, ModelQuery(), peer_id=node.identity.peer_id)
-            assert isinstance(report, ModelReport) and report.versions == (VERSION_TEXT,)
+            assert isinstance(report, ModelReport)
+            assert report.versions == (VERSION_TEXT,)
             (reports[node.server.model],) = report.models
         described = reports[chat.server.model]
         assert (described.num_blocks, described.hidden_size, described.span) == (4, 64, (0, 4))
-        assert described.max_length == 512 and described.compute_dtype == "f32"
+        assert described.max_length == 512
+        assert described.compute_dtype == "f32"
         assert described.source == ""  # a local path is not a public source
         assert "q8" in described.wire_dtypes
         assert (reports[other.server.model].num_blocks, reports[other.server.model].hidden_size) == (2, 32)
@@ -99,7 +101,8 @@ async def test_the_swarm_lists_both_models_everywhere(chat_model, other_model, t
         assert models[chat.server.model] | {"name": None} == {
             "name": None, "model_id": chat.server.model, "num_blocks": 4, "hidden_size": 64, "source": "",
             "servers": 1, "origin": "configured"}
-        assert models[other.server.model]["origin"] == "swarm" and models[other.server.model]["hidden_size"] == 32
+        assert models[other.server.model]["origin"] == "swarm"
+        assert models[other.server.model]["hidden_size"] == 32
         text = await trio.run_process([sys.executable, "-m", "peer.cli", "status", "--bootstrap", chat.address,
                                        "--model", chat_model], env=env, cwd=ROOT, capture_stdout=True,
                                       capture_stderr=True, check=False)
@@ -142,12 +145,9 @@ async def test_sessions_errors_and_a_minimal_client_against_real_servers(chat_mo
         conn = await host.connect(first.address, peer_id=first.identity.peer_id)
 
         async def refused(request, code):
-            try:
+            with pytest.raises(RemoteError) as info:
                 await conn.request(request)
-            except RemoteError as exc:
-                assert exc.code == code, exc
-                return
-            raise AssertionError(f"{request} was accepted")
+            assert info.value.code == code, info.value
 
         # item 6: OPEN_SESSION errors
         await refused(OpenSession(model=model, span=(0, 4), max_length=100_000), ErrorCode.MAX_LENGTH_EXCEEDED)
@@ -172,7 +172,8 @@ async def test_sessions_errors_and_a_minimal_client_against_real_servers(chat_mo
             await refused(sign_forward(me, state, bad), ErrorCode.INVALID_REQUEST)
         request = sign_forward(me, state, encode_tensor(x, "q8", blocksize=64))
         result = await conn.request(request)
-        assert result.hidden.dtype == "q8" and result.hidden.blocksize == 64
+        assert result.hidden.dtype == "q8"
+        assert result.hidden.blocksize == 64
         accept_result(state, request, result, server_public_key=first.identity.public_key)
 
         # FORWARD_ONCE answers in its input's dtype and block size, and two honest
@@ -191,7 +192,8 @@ async def test_sessions_errors_and_a_minimal_client_against_real_servers(chat_mo
         # connection; the empty report is a full answer, and the connection stays
         with trio.fail_after(30):
             await asked.wait()
-        assert conn.is_open and await conn.request(Ping()) == Pong()
+        assert conn.is_open
+        assert await conn.request(Ping()) == Pong()
 
         # ... and a client that serves nothing answers UNKNOWN_MESSAGE, which the server
         # takes as no records: it keeps serving that client
@@ -221,7 +223,8 @@ async def test_sessions_errors_and_a_minimal_client_against_real_servers(chat_mo
         accept_result(plain, step, await other.request(step), server_public_key=first.identity.public_key)
         with trio.fail_after(30):
             await queried.wait()
-        assert isinstance(outcome[0], RemoteError) and outcome[0].code == ErrorCode.UNKNOWN_MESSAGE
+        assert isinstance(outcome[0], RemoteError)
+        assert outcome[0].code == ErrorCode.UNKNOWN_MESSAGE
         assert other.is_open
         step = sign_forward(bare.identity, plain, encode_tensor(x[:, 1:2], "f32"))
         accept_result(plain, step, await other.request(step), server_public_key=first.identity.public_key)

@@ -115,7 +115,8 @@ async def test_failover_mid_generation_gives_identical_tokens(tiny):
                 killed.append(victim)
 
         result = await swarm.generate(PROMPTS[0], max_new_tokens=20, on_token=crash_the_one_in_use)
-        assert killed and result.failovers >= 1
+        assert killed
+        assert result.failovers >= 1
         assert result.token_ids == reference(model, PROMPTS[0], 20)
         assert killed[0].identity.peer_id.hex() not in [h.peer_id for h in result.route]
         nursery.cancel_scope.cancel()
@@ -255,7 +256,8 @@ async def test_a_session_computes_one_step_at_a_time(tiny):
                         await trio.sleep(0.01)
                 with pytest.raises(RemoteError) as info:  # the same step again, while the first waits
                     await conn.request(request)
-                assert info.value.code == ErrorCode.BAD_STATE and "still being computed" in info.value.message
+                assert info.value.code == ErrorCode.BAD_STATE
+                assert "still being computed" in info.value.message
         accept_result(state, request, answers[0], server_public_key=conn.public_key)  # the first one is fine
         nursery.cancel_scope.cancel()
 
@@ -270,7 +272,8 @@ async def test_graceful_shutdown_withdraws_the_announcement(tiny):
         assert leaving.identity.peer_id in (await swarm.status()).servers
         await leaving.shutdown()
         view = await swarm.status()
-        assert leaving.identity.peer_id not in view.servers and len(view.servers) == 2
+        assert leaving.identity.peer_id not in view.servers
+        assert len(view.servers) == 2
         result = await swarm.generate(PROMPTS[0], max_new_tokens=6)
         assert result.token_ids == reference(model, PROMPTS[0], 6)
         assert leaving.identity.peer_id.hex() not in [h.peer_id for h in result.route]
@@ -308,6 +311,7 @@ def test_cli_reports_bad_arguments_in_one_line_before_connecting(capsys):
 
     assert main(["generate", "--bootstrap", "127.0.0.1:1", "--temperature", "-1", "hi"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("swarm-peer: error: temperature must be") and "\n" not in err
+    assert err.startswith("swarm-peer: error: temperature must be")
+    assert "\n" not in err
     assert main(["serve", "--blocks", "5:2"]) == 1
     assert capsys.readouterr().err.strip() == "swarm-peer: error: --blocks 5:2: need 0 <= START < END"

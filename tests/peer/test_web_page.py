@@ -122,18 +122,22 @@ async def test_chat_streams_tokens_and_the_swarm_view_names_every_server(chat_mo
                     driver.quit()
 
         await trio.to_thread.run_sync(browse)
-        assert seen["partial"] and seen["partial_server_sessions"] >= 2  # seen mid-stream, sessions open
+        assert seen["partial"]
+        assert seen["partial_server_sessions"] >= 2  # seen mid-stream, sessions open
         reference = await swarm.generate([{"role": "user", "content": "Write a poem about the sea."}],
                                          max_new_tokens=60, temperature=0.8, top_p=0.9, seed=3)
         assert seen["text"] == reference.text
-        assert seen["route"].startswith("route: ") and "[0:2]" in seen["route"] and "[2:4]" in seen["route"]
+        assert seen["route"].startswith("route: ")
+        assert "[0:2]" in seen["route"]
+        assert "[2:4]" in seen["route"]
         peers = sorted(n.identity.peer_id.hex() for n in nodes)
         assert sorted(seen["rows"]) == peers
         for node in nodes:  # every server is named on the coverage map, with its address
             assert any(node.identity.peer_id.hex()[:12] in name and node.address in name for name in seen["names"])
         assert seen["served_cells"] == 2 + 2 + 2
         assert "Every block is served" in seen["gaps"]
-        assert (ARTIFACTS / "web-chat.png").stat().st_size > 0 and (ARTIFACTS / "web-swarm.png").stat().st_size > 0
+        assert (ARTIFACTS / "web-chat.png").stat().st_size > 0
+        assert (ARTIFACTS / "web-swarm.png").stat().st_size > 0
         # The stopped answer's sessions were freed.
         with trio.fail_after(30):
             while sum(n.server.open_sessions for n in nodes):

@@ -32,8 +32,10 @@ def test_requests_are_numbered_per_channel_and_responses_matched_by_id():
     channel = Channel()
     first = channel.send_request(Ping(), "first")
     second = channel.send_request(FindNode(target=bytes(20)), "second")
-    assert (first[0], second[0]) == (1, 2) and decode_message(first[1]) == (1, Ping())
-    assert channel.outstanding == channel.awaited == 2 and channel.next_id == 3
+    assert (first[0], second[0]) == (1, 2)
+    assert decode_message(first[1]) == (1, Ping())
+    assert channel.outstanding == channel.awaited == 2
+    assert channel.next_id == 3
     # answered out of order
     event = channel.receive(encode_message(Nodes(nodes=()), 2))
     assert event == ResponseReceived(2, "second", response=Nodes(nodes=()))
@@ -47,11 +49,14 @@ def test_a_response_of_the_wrong_type_or_error_fails_the_request():
     for _ in range(3):
         channel.send_request(Ping(), "token")
     wrong = channel.receive(encode_message(Stored(), 1))
-    assert isinstance(wrong.error, UnexpectedMessage) and "answered Ping with Stored" in str(wrong.error)
+    assert isinstance(wrong.error, UnexpectedMessage)
+    assert "answered Ping with Stored" in str(wrong.error)
     error = channel.receive(encode_message(Error(code=202, message="busy", retry_after=1.5), 2))
-    assert isinstance(error.error, RemoteError) and (error.error.code, error.error.retry_after) == (202, 1.5)
+    assert isinstance(error.error, RemoteError)
+    assert (error.error.code, error.error.retry_after) == (202, 1.5)
     unknown = channel.receive(cbor_encode([99, 3, {}]))  # odd: a response of a type from the future
-    assert isinstance(unknown.error, UnexpectedMessage) and unknown.error.code == ErrorCode.UNKNOWN_MESSAGE
+    assert isinstance(unknown.error, UnexpectedMessage)
+    assert unknown.error.code == ErrorCode.UNKNOWN_MESSAGE
     assert channel.outstanding == 0
 
 
@@ -59,7 +64,9 @@ def test_an_abandoned_request_keeps_its_slot_until_answered():
     channel = Channel(limits=Limits(max_concurrent_requests=1))
     request_id, _ = channel.send_request(Ping(), "waiter")
     channel.abandon(request_id)
-    assert channel.outstanding == 1 and channel.awaited == 0 and not channel.can_request
+    assert channel.outstanding == 1
+    assert channel.awaited == 0
+    assert not channel.can_request
     with pytest.raises(LocalProtocolError):
         channel.send_request(Ping(), "another")  # the peer still counts it
     assert channel.receive(encode_message(Pong(), request_id)) == ResponseReceived(request_id, None, response=Pong())
@@ -75,7 +82,8 @@ def test_requests_received_are_counted_against_the_limit():
     with pytest.raises(LimitExceeded):
         channel.receive(encode_message(Ping(), 7))
     payload, problem = channel.answer(RequestReceived(5, Ping()), Pong())
-    assert decode_message(payload) == (5, Pong()) and problem is None
+    assert decode_message(payload) == (5, Pong())
+    assert problem is None
     channel.answered()
     assert channel.incoming == 1
     assert isinstance(channel.receive(encode_message(Ping(), 7)), RequestReceived)
@@ -84,9 +92,12 @@ def test_requests_received_are_counted_against_the_limit():
 def test_unknown_and_unserved_request_types_are_refused_with_unknown_message():
     channel = Channel(serves=lambda request_type: request_type is Ping)
     refused = channel.receive(cbor_encode([98, 4, {0: "from a later version"}]))
-    assert isinstance(refused, RequestRefused) and refused.request_id == 4
+    assert isinstance(refused, RequestRefused)
+    assert refused.request_id == 4
     request_id, error = decode_message(refused.payload)
-    assert request_id == 4 and error.code == ErrorCode.UNKNOWN_MESSAGE and "98" in error.message
+    assert request_id == 4
+    assert error.code == ErrorCode.UNKNOWN_MESSAGE
+    assert "98" in error.message
     unserved = channel.receive(encode_message(FindNode(target=bytes(20)), 5))
     assert "FindNode is not served" in decode_message(unserved.payload)[1].message
     assert channel.incoming == 2  # answered once written, like any request
@@ -102,9 +113,11 @@ def test_answers_map_exceptions_and_refuse_wrong_or_oversized_responses():
     assert decode_message(payload)[1] == Error(code=int(ErrorCode.INTERNAL), message="internal error")
     assert problem is None
     payload, problem = channel.answer(request, Stored())
-    assert decode_message(payload)[1].code == ErrorCode.INTERNAL and "returned Stored" in problem
+    assert decode_message(payload)[1].code == ErrorCode.INTERNAL
+    assert "returned Stored" in problem
     payload, problem = channel.answer(request, Error(code=1, message="x" * 300))
-    assert decode_message(payload)[1].code == ErrorCode.INTERNAL and "exceeds" in problem
+    assert decode_message(payload)[1].code == ErrorCode.INTERNAL
+    assert "exceeds" in problem
 
 
 def test_malformed_messages_end_the_connection():
@@ -121,7 +134,8 @@ def test_close_hands_back_the_awaited_tokens():
     channel.send_request(Ping(), "kept")
     abandoned, _ = channel.send_request(Ping(), "gone")
     channel.abandon(abandoned)
-    assert channel.close() == ["kept"] and channel.outstanding == 0
+    assert channel.close() == ["kept"]
+    assert channel.outstanding == 0
     with pytest.raises(LocalProtocolError):
         channel.send_request(Ping(), "late")
 
@@ -190,10 +204,12 @@ def test_handlers_never_answer_with_a_code_that_ends_connections():
 def test_unknown_codes_fail_the_request_only():
     from protocol import ERROR_RULES, rule_of
 
-    assert rule_of(150) == ERROR_RULES[ErrorCode.INVALID_REQUEST] and not rule_of(150).ends_connection
+    assert rule_of(150) == ERROR_RULES[ErrorCode.INVALID_REQUEST]
+    assert not rule_of(150).ends_connection
     assert rule_of(299) == ERROR_RULES[ErrorCode.INVALID_REQUEST]
     assert rule_of(777) == ERROR_RULES[ErrorCode.INTERNAL]
     channel = Channel()
     channel.send_request(Ping(), "asked")
     event = channel.receive(encode_message(Error(code=150, message="from a newer peer"), 1))
-    assert isinstance(event.error, RemoteError) and event.error.code == 150
+    assert isinstance(event.error, RemoteError)
+    assert event.error.code == 150

@@ -22,7 +22,6 @@ from protocol.errors import (
     HandshakeError,
     LimitExceeded,
     LocalProtocolError,
-    UnexpectedMessage,
 )
 
 ALICE, BOB = Identity.derive(bytes([7]) * 32), Identity.derive(bytes([8]) * 32)
@@ -53,10 +52,12 @@ def connected(limits=None, **kwargs):
 def test_handshake_events_and_attributes():
     initiator = Connection(ALICE, Role.INITIATOR, expected_peer_id=BOB.peer_id)
     responder = Connection(BOB, Role.RESPONDER, listen_addrs=["[::1]:4001"])
-    assert initiator.state is ConnectionState.HANDSHAKING and initiator.remote_peer_id is None
+    assert initiator.state is ConnectionState.HANDSHAKING
+    assert initiator.remote_peer_id is None
     responder.receive_data(initiator.initiate())
     message2 = responder.data_to_send()
-    assert len(message2) > 2 and responder.data_to_send() == b""
+    assert len(message2) > 2
+    assert responder.data_to_send() == b""
     initiator.receive_data(message2)
     assert initiator.state is ConnectionState.OPEN
     (event,) = drain(initiator)
@@ -66,8 +67,10 @@ def test_handshake_events_and_attributes():
     )
     responder.receive_data(initiator.data_to_send())
     (event,) = drain(responder)
-    assert event.peer_id == ALICE.peer_id and event.listen_addrs == ()
-    assert responder.remote_peer_id == ALICE.peer_id and responder.remote_public_key == ALICE.public_key
+    assert event.peer_id == ALICE.peer_id
+    assert event.listen_addrs == ()
+    assert responder.remote_peer_id == ALICE.peer_id
+    assert responder.remote_public_key == ALICE.public_key
     assert responder.handshake_hash == initiator.handshake_hash
     assert responder.protocol_version == 1
     assert initiator.remote_listen_addrs == ("[::1]:4001",)
@@ -298,7 +301,7 @@ def test_need_data_is_a_sentinel_and_events_validate():
         NEED_DATA()
     with pytest.raises(TypeError):
         MessageReceived(payload="text")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="peer_id must be the peer id of public_key"):
         HandshakeComplete(peer_id=bytes(20), public_key=BOB.public_key, listen_addrs=(), handshake_hash=bytes(32))
     with pytest.raises(TypeError):
         HandshakeComplete(peer_id=BOB.peer_id, public_key=BOB.public_key, listen_addrs=["a:1"], handshake_hash=bytes(32))
@@ -307,4 +310,5 @@ def test_need_data_is_a_sentinel_and_events_validate():
 
 def test_repr_names_the_peer():
     initiator, _ = connected()
-    assert BOB.peer_id.hex() in repr(initiator) and "OPEN" in repr(initiator)
+    assert BOB.peer_id.hex() in repr(initiator)
+    assert "OPEN" in repr(initiator)

@@ -54,7 +54,8 @@ def test_both_sides_keep_the_same_session():
     for n in (3, 1, 1):
         request = sign_forward(CLIENT, client, tensor(n, fill=n))
         step = accept_result(client, request, serve(server, request), server_public_key=SERVER.public_key)
-        assert step.output is not None and step.result_signature is not None
+        assert step.output is not None
+        assert step.result_signature is not None
     assert (client.next_step, client.length, client.history) == (server.next_step, server.length, server.history)
     assert [s.input for s in client.transcript] == [s.input for s in server.transcript]
     assert [s.evidence() for s in client.transcript] == [s.evidence() for s in server.transcript]
@@ -123,7 +124,8 @@ def test_forward_once_is_a_session_of_one_step():
                                 server=SERVER.peer_id, hidden_size=H)
     result = sign_forward_once_result(SERVER, server, request, tensor(3, fill=5, dtype="f16"))
     step = accept_forward_once_result(client, request, result, server_public_key=SERVER.public_key)
-    assert (step.step, step.position) == (0, 0) and client.history == server.history
+    assert (step.step, step.position) == (0, 0)
+    assert client.history == server.history
     with pytest.raises(BadSignature):  # the nonce is the session id: another nonce, another statement
         check_forward_once(dataclasses.replace(request, nonce=b"m" * 16), client=CLIENT.peer_id,
                            client_public_key=CLIENT.public_key, server=SERVER.peer_id, hidden_size=H)
@@ -201,7 +203,8 @@ def test_two_honest_servers_sign_the_same_digest_for_the_same_activation():
         request = sign_forward(CLIENT, client, _q8(1, 64))
         check_forward(server, request, client_public_key=CLIENT.public_key, hidden_size=H)
         outputs.append(_q8(1, server.blocksize, fill=0.75))
-    assert outputs[0].digest() == outputs[1].digest() and outputs[0].blocksize == 64
+    assert outputs[0].digest() == outputs[1].digest()
+    assert outputs[0].blocksize == 64
 
 
 def test_forward_once_answers_in_its_inputs_dtype_and_block_size():

@@ -77,11 +77,14 @@ def test_handshake_authenticates_both_sides():
     run_handshake(initiator, responder)
     assert initiator.state is responder.state is HandshakeState.DONE
     i, r = initiator.result, responder.result
-    assert i.peer_id == bob.peer_id and i.public_key == bob.public_key
+    assert i.peer_id == bob.peer_id
+    assert i.public_key == bob.public_key
     assert i.listen_addrs == ("[::1]:5000", "bob.example:1")
-    assert r.peer_id == alice.peer_id and r.public_key == alice.public_key
+    assert r.peer_id == alice.peer_id
+    assert r.public_key == alice.public_key
     assert r.listen_addrs == ("10.0.0.1:4001",)
-    assert i.handshake_hash == r.handshake_hash and len(i.handshake_hash) == 32
+    assert i.handshake_hash == r.handshake_hash
+    assert len(i.handshake_hash) == 32
     assert i.protocol_version == r.protocol_version == 1
     assert r.recv_cipher.decrypt_with_ad(b"", i.send_cipher.encrypt_with_ad(b"", b"hi")) == b"hi"
     assert i.recv_cipher.decrypt_with_ad(b"", r.send_cipher.encrypt_with_ad(b"", b"yo")) == b"yo"
@@ -352,7 +355,7 @@ def test_valid_listen_addrs(addr):
      "x" * 59 + ":65535", 5, b"h:1", "h:-1"],
 )
 def test_invalid_listen_addrs(addr):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="listen address"):
         validate_listen_addr(addr)
 
 

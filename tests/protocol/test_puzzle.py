@@ -15,12 +15,14 @@ CHEAP = Identity.from_seed(bytes(32))  # a key nobody searched for: its id fails
 
 
 def test_the_puzzle_is_leading_zero_bits_of_a_domain_separated_hash():
-    assert PUZZLE_BITS == 12 and PUZZLE_DOMAIN == b"swarm/1/id-puzzle:"
+    assert PUZZLE_BITS == 12
+    assert PUZZLE_DOMAIN == b"swarm/1/id-puzzle:"
     for identity in (Identity.generate(), CHEAP):
         digest = hashlib.blake2b(PUZZLE_DOMAIN + identity.peer_id, digest_size=32).digest()
         assert puzzle_hash(identity.peer_id) == digest
         assert satisfies_puzzle(identity.peer_id) == (int.from_bytes(digest, "big") >> (256 - PUZZLE_BITS) == 0)
-    assert not satisfies_puzzle(CHEAP.peer_id) and satisfies_puzzle(CHEAP.peer_id, bits=0)
+    assert not satisfies_puzzle(CHEAP.peer_id)
+    assert satisfies_puzzle(CHEAP.peer_id, bits=0)
     assert not satisfies_puzzle(b"short")
 
 
@@ -28,7 +30,8 @@ def test_derive_is_a_deterministic_search_and_start_skips_it():
     label = b"test label"
     counter = derive_counter(label)
     identity = Identity.derive(label)
-    assert identity.seed == derive_seed(label, counter) and satisfies_puzzle(identity.peer_id)
+    assert identity.seed == derive_seed(label, counter)
+    assert satisfies_puzzle(identity.peer_id)
     assert all(not satisfies_puzzle(Identity.from_seed(derive_seed(label, c)).peer_id) for c in range(counter))
     assert Identity.derive(label, start=counter).seed == identity.seed
 

@@ -42,14 +42,16 @@ def test_recorded_steps_extend_the_history_digest_and_the_transcript():
     assert s.record(first) == extend_history(EMPTY_HISTORY, first.input.digest())
     assert s.record(second) == extend_history(extend_history(EMPTY_HISTORY, first.input.digest()),
                                               second.input.digest()) == s.history
-    assert s.transcript == [first, second] and (s.next_step, s.length) == (2, 4)
+    assert s.transcript == [first, second]
+    assert (s.next_step, s.length) == (2, 4)
     with pytest.raises(UnexpectedMessage):
         s.record(_step(1, 4, 1))  # step 1 again
-    assert s.transcript == [first, second] and s.length == 4  # unchanged
+    assert s.transcript == [first, second]
+    assert s.length == 4  # unchanged
 
 
 @pytest.mark.parametrize(
-    "step,position,n,code",
+    ("step", "position", "n", "code"),
     [(1, 0, 1, ErrorCode.BAD_STATE), (0, 3, 1, ErrorCode.BAD_STATE), (0, 0, 0, ErrorCode.BAD_STATE),
      (0, 0, 11, ErrorCode.MAX_LENGTH_EXCEEDED)],
 )

@@ -66,8 +66,11 @@ def _absmax(wt: WireTensor) -> torch.Tensor:
 
 def test_q8_codebook_is_the_derivation_of_the_dynamic_map():
     assert _derive_dynamic_map() == Q8_CODEBOOK
-    assert len(Q8_CODEBOOK) == 256 and list(Q8_CODEBOOK) == sorted(set(Q8_CODEBOOK))
-    assert Q8_CODEBOOK[127] == 0.0 and Q8_CODEBOOK[255] == 1.0 and -1.0 < Q8_CODEBOOK[0] < -0.99
+    assert len(Q8_CODEBOOK) == 256
+    assert list(Q8_CODEBOOK) == sorted(set(Q8_CODEBOOK))
+    assert Q8_CODEBOOK[127] == 0.0
+    assert Q8_CODEBOOK[255] == 1.0
+    assert -1.0 < Q8_CODEBOOK[0] < -0.99
 
 
 def test_q8_codebook_equals_bitsandbytes_create_dynamic_map():
@@ -108,7 +111,8 @@ def test_spec_codebook_tables_equal_the_code():
             assert struct.pack("<I", bits) == struct.pack("<f", value)
             assert float(decimal) == value  # the decimal reads back to the same binary32
             if code < len(cuts):
-                assert cut is not None and struct.pack("<I", int(cut, 16)) == struct.pack("<f", cuts[code])
+                assert cut is not None
+                assert struct.pack("<I", int(cut, 16)) == struct.pack("<f", cuts[code])
 
 
 def test_thresholds_are_float32_midpoints():
@@ -172,7 +176,8 @@ def test_lossless_round_trip_is_bit_exact(dtype):
     flat[:4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
     wt = encode_tensor(t, dtype)
     back = decode_tensor(wt)
-    assert back.dtype == torch_dtype and back.shape == t.shape
+    assert back.dtype == torch_dtype
+    assert back.shape == t.shape
     assert torch.equal(_bits(back), _bits(t))
     assert WireTensor.from_cbor(_cbor.decode(_cbor.encode(wt.to_cbor()), max_size=1 << 20)) == wt
 
@@ -208,7 +213,8 @@ def test_float64_input_is_rounded_to_float32_first():
 def test_decode_options_and_fresh_memory():
     wt = encode_tensor(torch.tensor([[1.0, 2.0]]), "f16")
     a = decode_tensor(wt, device=torch.device("cpu"), out_dtype=torch.float32)
-    assert a.dtype == torch.float32 and a.tolist() == [[1.0, 2.0]]
+    assert a.dtype == torch.float32
+    assert a.tolist() == [[1.0, 2.0]]
     b = decode_tensor(wt)
     b.add_(1)  # writable and not aliasing the immutable wire bytes
     assert decode_tensor(wt).tolist() == [[1.0, 2.0]]
@@ -226,14 +232,15 @@ def _max_half_gap(book: tuple[float, ...]) -> float:
     return max(max(gaps) / 2, 1 + book[0], 1 - book[-1])  # the ends: -1 and 1 may be off the book
 
 
-@pytest.mark.parametrize("dtype,book", [("q8", Q8_CODEBOOK), ("nf4", NF4_CODEBOOK)])
+@pytest.mark.parametrize(("dtype", "book"), [("q8", Q8_CODEBOOK), ("nf4", NF4_CODEBOOK)])
 @pytest.mark.parametrize("blocksize", [64, 256, 4096])
 def test_quantization_error_is_bounded_per_block(dtype, book, blocksize):
     torch.manual_seed(5)
     x = torch.randn(2, 3001) * torch.logspace(-3, 3, 3001)  # magnitudes vary across blocks
     wt = encode_tensor(x, dtype, blocksize=blocksize)
     y = decode_tensor(wt)
-    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert y.dtype == torch.float32
+    assert y.shape == x.shape
     absmax = _absmax(wt)
     blocks = math.ceil(x.numel() / blocksize)
     assert absmax.numel() == blocks
@@ -247,7 +254,7 @@ def test_quantization_error_is_bounded_per_block(dtype, book, blocksize):
     assert bool((err <= bound).all())
 
 
-@pytest.mark.parametrize("dtype,book", [("q8", Q8_CODEBOOK), ("nf4", NF4_CODEBOOK)])
+@pytest.mark.parametrize(("dtype", "book"), [("q8", Q8_CODEBOOK), ("nf4", NF4_CODEBOOK)])
 def test_codes_are_nearest_and_ties_take_the_lower_code(dtype, book):
     cuts = _thresholds(book)
     # absmax 1.0 (the last element), so each element scales to itself.
@@ -259,7 +266,7 @@ def test_codes_are_nearest_and_ties_take_the_lower_code(dtype, book):
     assert codes == [*range(1, len(book)), len(book) - 1]
 
 
-@pytest.mark.parametrize("dtype,book", [("q8", Q8_CODEBOOK), ("nf4", NF4_CODEBOOK)])
+@pytest.mark.parametrize(("dtype", "book"), [("q8", Q8_CODEBOOK), ("nf4", NF4_CODEBOOK)])
 def test_bucket_search_equals_the_threshold_count_everywhere(dtype, book):
     # The codes are a step function of the float order; the fast search is exact if it
     # is exact at both ends of every bucket and on and around every threshold.
@@ -282,14 +289,17 @@ def test_zero_blocks_have_zero_absmax_and_decode_to_zero(dtype):
     wt = encode_tensor(x, dtype, blocksize=64)
     assert _absmax(wt).tolist() == [0.0, 1.0, 0.0]
     y = decode_tensor(wt)
-    assert torch.equal(_bits(y[:64]), _bits(torch.zeros(64))) and y[128:].tolist() == [0.0, 0.0]
+    assert torch.equal(_bits(y[:64]), _bits(torch.zeros(64)))
+    assert y[128:].tolist() == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(0,), (3, 0, 2), (0, 0, 0, 0)])
 def test_empty_tensors(dtype, shape):
     wt = encode_tensor(torch.empty(shape), dtype, blocksize=64)
-    assert wt.data == b"" and wt.numel == 0 and wt.absmax in (None, b"")
+    assert wt.data == b""
+    assert wt.numel == 0
+    assert wt.absmax in (None, b"")
     y = decode_tensor(wt)
     assert y.shape == shape
     assert WireTensor.from_cbor(wt.to_cbor()) == wt
@@ -298,9 +308,11 @@ def test_empty_tensors(dtype, shape):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_scalars(dtype):
     wt = encode_tensor(torch.tensor(0.5), dtype, blocksize=64)  # q8 has 1.0 but not -1.0
-    assert wt.shape == () and wt.numel == 1
+    assert wt.shape == ()
+    assert wt.numel == 1
     y = decode_tensor(wt)
-    assert y.shape == () and y.item() == 0.5
+    assert y.shape == ()
+    assert y.item() == 0.5
 
 
 def test_nf4_nibble_order_and_padding():
@@ -426,10 +438,12 @@ def test_cbor_map_and_digest(dtype):
     wt = encode_tensor(torch.randn(2, 3, 37), dtype, blocksize=128)
     obj = wt.to_cbor()
     assert list(obj) == ([0, 1, 2, 3, 4] if dtype in ("q8", "nf4") else [0, 1, 2])
-    assert obj[0] == dtype and obj[1] == [2, 3, 37]
+    assert obj[0] == dtype
+    assert obj[1] == [2, 3, 37]
     encoded = _cbor.encode(obj)
     again = WireTensor.from_cbor(_cbor.decode(encoded, max_size=DEFAULT_LIMITS.max_message_size))
-    assert again == wt and _cbor.encode(again.to_cbor()) == encoded
+    assert again == wt
+    assert _cbor.encode(again.to_cbor()) == encoded
     assert wt.digest() == hashlib.blake2b(encoded, digest_size=32).digest()
     other = encode_tensor(torch.randn(2, 3, 37), dtype, blocksize=128)
     assert other.digest() != wt.digest()
@@ -490,7 +504,8 @@ def test_spec_vector_replays(vector):
     encoded = bytes.fromhex(vector["cbor_hex"])
     assert _cbor.encode(wt.to_cbor()) == encoded
     received = WireTensor.from_cbor(_cbor.decode(encoded, max_size=1 << 16))
-    assert received == wt and received.digest().hex() == vector["digest_hex"]
+    assert received == wt
+    assert received.digest().hex() == vector["digest_hex"]
     reference = _reference_decode(encoded)
     assert _same_bits(reference, vector["decoded"])
     decoded = decode_tensor(received)
@@ -503,7 +518,8 @@ def test_spec_vectors_cover_every_dtype():
 
 
 def test_errors_are_protocol_errors():
-    assert issubclass(DecodeError, ProtocolError) and issubclass(LimitExceeded, ProtocolError)
+    assert issubclass(DecodeError, ProtocolError)
+    assert issubclass(LimitExceeded, ProtocolError)
 
 
 @pytest.mark.parametrize("dtype", ["f32", "q8", "nf4"])

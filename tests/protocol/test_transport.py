@@ -58,7 +58,8 @@ def test_round_trip_and_frame_count(size, frames):
     assert all(16 < len(c) <= 65535 for c in contents)
     assert len(data) == size + 4 + frames * (2 + 16)
     assert deliver(decoder, data) == [payload]
-    assert decoder.buffered == 0 and not decoder.in_message
+    assert decoder.buffered == 0
+    assert not decoder.in_message
 
 
 def test_messages_in_sequence_share_the_counter():
@@ -112,10 +113,12 @@ def test_partial_message_state():
     encoder, decoder = channel()
     contents = frames_of(encoder.encode(bytes(100000)))
     decoder.feed_frame(contents[0])
-    assert decoder.in_message and decoder.buffered == MAX_FRAME_PLAINTEXT - 4
+    assert decoder.in_message
+    assert decoder.buffered == MAX_FRAME_PLAINTEXT - 4
     assert decoder.next_message() is None
     decoder.feed_frame(contents[1])
-    assert not decoder.in_message and decoder.next_message() == bytes(100000)
+    assert not decoder.in_message
+    assert decoder.next_message() == bytes(100000)
 
 
 def test_tampered_byte_anywhere_in_a_frame():

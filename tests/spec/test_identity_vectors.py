@@ -11,11 +11,13 @@ VECTORS = Path(__file__).resolve().parents[2] / "spec" / "vectors" / "identity.j
 
 def test_identity_vectors_replay():
     doc = json.loads(VECTORS.read_text())
-    assert bytes.fromhex(doc["domain"]) == PUZZLE_DOMAIN and doc["bits"] == PUZZLE_BITS
+    assert bytes.fromhex(doc["domain"]) == PUZZLE_DOMAIN
+    assert doc["bits"] == PUZZLE_BITS
     for entry in doc["identities"]:
         seed = derive_seed(bytes.fromhex(entry["label"]), entry["counter"])
         identity = Identity.from_seed(seed)
-        assert seed.hex() == entry["seed"] and identity.peer_id.hex() == entry["peer_id"]
+        assert seed.hex() == entry["seed"]
+        assert identity.peer_id.hex() == entry["peer_id"]
         assert puzzle_hash(identity.peer_id).hex() == entry["puzzle_hash"]
         assert satisfies_puzzle(identity.peer_id) is entry["solves"]
 

@@ -41,7 +41,9 @@ def test_directory_vector_recomputes_from_its_files():
     (length,) = struct.unpack("<Q", weights[:8])
     header = json.loads(weights[8:8 + length])
     keys = _spec_config_keys()
-    assert "rope_scaling" in keys and "max_position_embeddings" in keys and len(keys) == 21
+    assert "rope_scaling" in keys
+    assert "max_position_embeddings" in keys
+    assert len(keys) == 21
     pairs = [[k, _cbor_value(config[k])] for k in sorted(config, key=lambda k: k.encode()) if k in keys]
     manifest = sorted([n, info["shape"], info["dtype"]] for n, info in header.items() if n != "__metadata__")
     sha = hashlib.sha256(weights).digest()
@@ -49,7 +51,8 @@ def test_directory_vector_recomputes_from_its_files():
     document = cbor_encode(["swarm/1/model-id", pairs, manifest, [sha]])
     assert document.hex() == doc["document_hex"]
     digest = hashlib.blake2b(document, digest_size=8).hexdigest()
-    assert digest == doc["digest"] and doc["model_id"] == f"{doc['name']}@{digest}"
+    assert digest == doc["digest"]
+    assert doc["model_id"] == f"{doc['name']}@{digest}"
     # and the reference's own function agrees
     assert model_id_document(config, [(n, s, d) for n, s, d in manifest], [sha]).hex() == doc["document_hex"]
     # 10000.0 in config.json is the integer 10000: what JavaScript's JSON.parse would give

@@ -111,7 +111,8 @@ def test_every_message_vector_passes_validation():
         if type(msg).__name__ == "FraudProofNotice":
             check_proof(msg.proof)  # checks 1-3: structure, the client's and the accused's signatures
         for info in getattr(msg, "nodes", ()):
-            assert info.peer_id == peer_id_of(info.public_key) and satisfies_puzzle(info.peer_id)
+            assert info.peer_id == peer_id_of(info.public_key)
+            assert satisfies_puzzle(info.peer_id)
     assert seen == set(MESSAGE_TYPES.values())
 
 
@@ -177,8 +178,10 @@ def test_the_stored_record_is_a_block_record_under_its_block_key():
     _, store = decode_message(bytes.fromhex(entry["cbor_hex"]))
     block, announcement = decode_block_value(cbor_decode(store.record.value, max_size=2048))
     assert store.record.key == block_key(announcement.model, block)
-    assert announcement.peer_id == store.record.publisher_id and announcement.expires == store.record.expires
-    assert announcement.num_blocks is not None and announcement.hidden_size is not None
+    assert announcement.peer_id == store.record.publisher_id
+    assert announcement.expires == store.record.expires
+    assert announcement.num_blocks is not None
+    assert announcement.hidden_size is not None
 
 
 def test_every_statement_vector_passes_validation():
@@ -204,8 +207,10 @@ def test_handshake_vector_payloads_pass_section_5s_validation():
         party = doc[name]
         public_key, addrs, minor = decode_handshake_payload(bytes.fromhex(party["handshake_payload"]),
                                                             bytes.fromhex(party["x25519_static_public"]))
-        assert public_key.hex() == party["ed25519_public_key"] and list(addrs) == party["listen_addrs"]
-        assert minor == 1 and satisfies_puzzle(bytes.fromhex(party["peer_id"]))
+        assert public_key.hex() == party["ed25519_public_key"]
+        assert list(addrs) == party["listen_addrs"]
+        assert minor == 1
+        assert satisfies_puzzle(bytes.fromhex(party["peer_id"]))
 
 
 @pytest.mark.parametrize("vector", _vectors("tensors.json")["tensors"], ids=lambda v: v["name"])

@@ -47,7 +47,8 @@ def test_statement_vectors_replay():
     keys = {}
     for ident in doc["identities"]:
         me = Identity.from_seed(bytes.fromhex(ident["seed"]))
-        assert me.public_key.hex() == ident["public_key"] and me.peer_id.hex() == ident["peer_id"]
+        assert me.public_key.hex() == ident["public_key"]
+        assert me.peer_id.hex() == ident["peer_id"]
         keys[ident["name"]] = me
     for st in doc["statements"]:
         signer = keys[st["signer"]]

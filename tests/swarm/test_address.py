@@ -79,7 +79,9 @@ def test_constructor_validates(host, port):
 
 def test_frozen_and_hashable():
     a, b = PeerAddress.parse("[::1]:9"), PeerAddress(host="::1", port=9)
-    assert a == b and hash(a) == hash(b) and a.is_ipv6
+    assert a == b
+    assert hash(a) == hash(b)
+    assert a.is_ipv6
     with pytest.raises(AttributeError):
         a.port = 10  # type: ignore[misc]
 

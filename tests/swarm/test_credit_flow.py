@@ -58,7 +58,8 @@ def test_latest_record_replaces_not_adds() -> None:
     g.set_work(b"R", b"S", 0)
     assert len(g) == 0
     g.set_work(b"R", b"R", 50)  # self-edges never count
-    assert credit_of(g, b"R", b"R").total == 0 and len(g) == 0
+    assert credit_of(g, b"R", b"R").total == 0
+    assert len(g) == 0
 
 
 def test_normalization_is_bounded_arctan() -> None:
@@ -174,7 +175,8 @@ def test_a_fan_out_of_sybil_receipts_shares_one_real_contribution() -> None:
     assert sum(credit_of(g, y, s).total for y in sybils) == 5000  # not 50 x 5,000
     assert sum(max_flow_2hop(g, y, s) for y in sybils) == 250_000  # what the old rule gave
     g.set_work(b"R", x, 5000 * 50)  # an honest requester that did as much as all of them together
-    assert credit_of(g, b"R", s).total == 2500 and sum(credit_of(g, y, s).total for y in sybils) == 2500
+    assert credit_of(g, b"R", s).total == 2500
+    assert sum(credit_of(g, y, s).total for y in sybils) == 2500
 
 
 def test_recorded_work_decays_with_age() -> None:

@@ -71,7 +71,8 @@ def test_forged_and_unsigned_records_are_rejected() -> None:
         ledger.store(by_impostor)
     with pytest.raises(DecodeError):
         ledger.store(make_receipt(C, S.public_key, HH, 1, 10))  # client signature only
-    assert len(ledger) == 0 and not ledger.dirty
+    assert len(ledger) == 0
+    assert not ledger.dirty
     assert issubclass(BadSignature, RemoteProtocolError)
 
 
@@ -180,7 +181,7 @@ def test_failed_save_leaves_the_old_file(tmp_path: Path, monkeypatch: pytest.Mon
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "fsync", broken_fsync)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="disk full"):
         ledger.save()
     monkeypatch.undo()
     assert path.read_bytes() == before

@@ -50,8 +50,10 @@ def test_steps_accumulate_and_both_sides_store_the_same_record() -> None:
     record.verify(require_countersignature=True)
     assert desk.ledger.latest(CLIENT.public_key, SERVER.public_key) == record
     assert wallet.ledger.latest(CLIENT.public_key, SERVER.public_key) == record
-    assert desk.ledger.given() == (record,) and wallet.ledger.received() == (record,)
-    assert desk.unreceipted(CLIENT.public_key) == 0 and wallet.pending(SERVER.public_key) == 0
+    assert desk.ledger.given() == (record,)
+    assert wallet.ledger.received() == (record,)
+    assert desk.unreceipted(CLIENT.public_key) == 0
+    assert wallet.pending(SERVER.public_key) == 0
     # Serving earns the server credit at the client.
     assert wallet.ledger.credit(SERVER.public_key).direct == 96
 
@@ -96,7 +98,8 @@ def test_client_that_stops_receipting_becomes_delinquent_after_grace() -> None:
     wallet, desk = pair()
     step(wallet, desk, 60)
     desk.served(CLIENT.public_key, 60)  # one step in flight: within the grace
-    assert desk.unreceipted(CLIENT.public_key) == 60 and not desk.delinquent(CLIENT.public_key)
+    assert desk.unreceipted(CLIENT.public_key) == 60
+    assert not desk.delinquent(CLIENT.public_key)
     desk.served(CLIENT.public_key, 60)
     assert desk.delinquent(CLIENT.public_key)
     wallet.received(SERVER.public_key, 120)
@@ -142,7 +145,8 @@ def test_restarts_keep_counting_and_resync_recovers_lost_server_state(tmp_path: 
     assert resend.work == 20
     assert desk.accept(resend, handshake_hash=HH2) == resend  # adopted: the server's own countersignature
     record = step(wallet, desk, 3, HH2)
-    assert record.work == 23 and record.seq > resend.seq
+    assert record.work == 23
+    assert record.seq > resend.seq
 
 
 def test_client_with_older_file_catches_up_from_credit_report(tmp_path: Path) -> None:
@@ -165,4 +169,5 @@ def test_resync_cannot_smuggle_a_forged_countersignature() -> None:
     fake = replace(make_receipt(CLIENT, SERVER.public_key, HH1, 9, 10**6), server_signature=bytes(64))
     with pytest.raises(BadSignature):
         desk.accept(fake, handshake_hash=HH1)
-    assert not desk.delinquent(CLIENT.public_key) and desk.unreceipted(CLIENT.public_key) == 0
+    assert not desk.delinquent(CLIENT.public_key)
+    assert desk.unreceipted(CLIENT.public_key) == 0

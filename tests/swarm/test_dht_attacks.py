@@ -113,7 +113,8 @@ async def test_64_identities_cannot_lock_honest_servers_out_of_a_block_key(tiny)
                     sybil.identity, sybil.listen_addrs[0], model, 0)))
             held = first.dht.records.get(key, now=time.time())
             print(f"\n64 sybils: {refusals.count(None)} records stored, {len(held)} held under block 0")
-            assert len(held) == 64 and refusals.count(ErrorCode.STORAGE_FULL) == 1  # the honest one kept its slot
+            assert len(held) == 64
+            assert refusals.count(ErrorCode.STORAGE_FULL) == 1  # the honest one kept its slot
             # a new honest server for block 0, from another subnet: its STORE is accepted
             late = await serve(nursery, path, (0, 2), bootstrap=[first.address])
             publishers = {r.publisher for r in first.dht.records.get(key, now=time.time())}
@@ -159,7 +160,8 @@ async def test_floods_of_padded_long_lived_and_many_records_stay_within_quotas(t
             records, size = victim.dht.records.usage(group=ATTACKERS)
             print(f"\nflood of {len(outcomes)}: {outcomes.count(None)} stored, {size} bytes held for the subnet")
             assert outcomes.count(None) == records == 2048  # the subnet's share, 512 per identity at most
-            assert size <= 2 * 1024 * 1024 and victim.dht.records.usage()[0] == before[0] + 2048
+            assert size <= 2 * 1024 * 1024
+            assert victim.dht.records.usage()[0] == before[0] + 2048
             # the victim still takes honest records, and fraud proofs
             assert (await victim.announcer.publish_now())[0] >= 1
             index = fraud_index_record(pool_identity(300), accused=first.identity.peer_id)
@@ -194,7 +196,8 @@ async def test_a_full_record_table_still_takes_diverse_newcomers_and_fraud_proof
                     stored += await store(sybil, victim.addr, block_record(
                         sybil.identity, sybil.listen_addrs[0], "flood@0123456789abcdef", block,
                         blocks=250)) is None
-            assert stored == 600 and len(victim.dht.records) == 600
+            assert stored == 600
+            assert len(victim.dht.records) == 600
             honest = await start_local_peer(nursery, kinds=record_kinds(), identity=pool_identity(51),
                                             bootstrap=(victim.addr,))
             record = block_record(honest.identity, honest.addr, "honest@0123456789abcdef", 0)
@@ -251,7 +254,8 @@ async def test_tarpit_contacts_never_enter_tables_and_cost_lookups_little(tiny):
             dials = len(accepted)
             assert dials <= 2, "one tarpit address is dialled once, not once per identity"
             answer = await sybils[0].request(victim.address, FindNode(target=bytes(20)))
-            assert answer.nodes and pit not in {a for n in answer.nodes for a in n.addrs}
+            assert answer.nodes
+            assert pit not in {a for n in answer.nodes for a in n.addrs}
             # a DHT peer that names 20 tarpit contacts in every answer
             namer_host = Host(pool_identity(70), host=loopback_host(4), source_host=loopback_host(4))
             await nursery.start(namer_host.run)
@@ -279,6 +283,7 @@ async def test_announcements_renew_well_before_their_short_expiry(tiny):
         async with trio.open_nursery() as nursery:
             node = await serve(nursery, path, (0, 4))
             announcer = node.announcer
-            assert announcer.ttl == 240 and announcer.ttl * announcer.renew_fraction == 80
+            assert announcer.ttl == 240
+            assert announcer.ttl * announcer.renew_fraction == 80
             assert announcer.current.expires - time.time() <= 241
             nursery.cancel_scope.cancel()

@@ -84,7 +84,8 @@ def test_one_subnet_is_capped_in_records_and_bytes():
         refused(store, announce(people[2], 20, blocks=40), A).message
     store.put(announce(people[2], 20, blocks=40), now=NOW, group=B)  # the same publisher via another subnet
     records, size = store.usage(group=A)
-    assert records == 100 and 100 * record_size(announce(people[0], 0, blocks=40)) <= size \
+    assert records == 100
+    assert 100 * record_size(announce(people[0], 0, blocks=40)) <= size \
         <= 100 * record_size(announce(people[0], 39, blocks=40))
 
 
@@ -99,7 +100,8 @@ def test_a_full_key_takes_a_newcomer_from_a_less_crowded_subnet():
     honest = pool_identity(200)
     assert store.put(announce(honest), now=NOW, group=B)
     held = store.get(block_key("m", 0), now=NOW)
-    assert len(held) == 64 and honest.public_key in {r.publisher for r in held}
+    assert len(held) == 64
+    assert honest.public_key in {r.publisher for r in held}
     assert sybils[-1].public_key not in {r.publisher for r in held}  # the newest of the crowded subnet left
     # the crowd cannot win the slot back, and the newcomers' subnet cannot crowd it out either
     refused(store, announce(sybils[-1]), A)
@@ -121,7 +123,8 @@ def test_on_a_tie_a_publisher_proven_live_replaces_an_unproven_one():
     known = {live.peer_id, strangers[0].peer_id}
     store.put(announce(live), now=NOW, group="v4:5.0.0.0/24", proven=lambda peer_id: peer_id in known)
     publishers = {r.publisher for r in store.get(block_key("m", 0), now=NOW)}
-    assert live.public_key in publishers and strangers[0].public_key in publishers  # the proven one stays
+    assert live.public_key in publishers
+    assert strangers[0].public_key in publishers  # the proven one stays
     assert strangers[3].public_key not in publishers  # the newest unproven one left
 
 
@@ -135,7 +138,8 @@ def test_a_full_store_still_takes_fraud_proofs_and_a_diverse_newcomer():
     refused(store, announce(pool_identity(5), 0), A)
     assert store.put(proof(pool_identity(6), 1), now=NOW, group=A)  # the reserved class has room
     assert store.put(announce(pool_identity(7), 3), now=NOW, group=B)  # evicts the crowd's newest record
-    assert store.usage() == (50, store.usage()[1]) and store.usage(group=A)[0] == 49
+    assert store.usage() == (50, store.usage()[1])
+    assert store.usage(group=A)[0] == 49
     # the reserved class obeys the same rule: a flood of junk proofs cannot keep a real one out
     for n in range(2, 21):
         store.put(proof(pool_identity(8), n), now=NOW, group=A)
@@ -164,5 +168,8 @@ def test_expired_and_replaced_records_give_their_quota_back():
     assert store.put(announce(me, 1, blocks=3, seq=2), now=NOW, group=B)  # a renewal replaces in place
     assert store.usage(group=A) == (1, record_size(announce(me, 0, blocks=3, expires=int(NOW) + 10)))
     assert store.put(announce(me, 2, blocks=3), now=NOW + 11, group=A)  # the first one expired
-    assert store.usage(publisher=me.public_key)[0] == 2 and len(store) == 2
-    assert store.expire(now=NOW + 10_000) == 2 and store.usage() == (0, 0) and store.keys() == []
+    assert store.usage(publisher=me.public_key)[0] == 2
+    assert len(store) == 2
+    assert store.expire(now=NOW + 10_000) == 2
+    assert store.usage() == (0, 0)
+    assert store.keys() == []

@@ -54,7 +54,8 @@ async def test_records_published_by_one_are_found_by_all_and_planned_over(nurser
     view = await fetch_swarm_view(peers[0].dht, "tiny", 6)
     assert set(view.servers) == {first.peer_id, second.peer_id}
     route = plan_route(view.announcements, num_blocks=6)
-    assert [h.peer_id for h in route.hops] == [first.peer_id, second.peer_id] and route.spans == [(0, 3), (3, 6)]
+    assert [h.peer_id for h in route.hops] == [first.peer_id, second.peer_id]
+    assert route.spans == [(0, 3), (3, 6)]
 
 
 async def test_store_refuses_bad_records_over_the_wire(nursery):
@@ -97,7 +98,8 @@ async def test_wrong_peer_id_is_refused_at_the_handshake(nursery):
     with pytest.raises(PeerUnreachable) as info:
         await a.host.connect(b.addr, peer_id=impostor)
     assert isinstance(info.value.__cause__, HandshakeError)
-    assert a.dht.routing.get(b.peer_id) is None and a.dht.routing.get(impostor) is None
+    assert a.dht.routing.get(b.peer_id) is None
+    assert a.dht.routing.get(impostor) is None
     # bootstrapping through nothing reachable is a clear error
     with pytest.raises(BootstrapFailed):
         await a.dht.bootstrap(["127.0.0.1:1"])
@@ -117,7 +119,8 @@ async def test_find_node_returns_a_new_peer_and_contacts_come_from_handshakes(nu
     newcomer = await start_local_peer(nursery, kinds=RECORD_KINDS, bootstrap=(peers[3].addr,))
     for peer in peers:
         found = await peer.dht.find_node(newcomer.peer_id)
-        assert found[0].peer_id == newcomer.peer_id and found[0].addrs == (newcomer.addr,)
+        assert found[0].peer_id == newcomer.peer_id
+        assert found[0].addrs == (newcomer.addr,)
     # every contact in every table is a peer we completed a handshake with
     for peer in peers:
         for contact in peer.dht.routing.contacts():
@@ -144,7 +147,8 @@ async def test_announcer_renews_and_withdraws_on_shutdown(nursery):
     first = (await peers[0].dht.get(block_key("tiny", 2)))[0]
     await announcer.publish_now()  # a renewal: fresh slots, higher seq
     renewed = (await peers[0].dht.get(block_key("tiny", 2)))[0]
-    assert renewed.seq > first.seq and renewed.value != first.value
+    assert renewed.seq > first.seq
+    assert renewed.value != first.value
     scope.cancel()
     with trio.fail_after(10):
         while announcer.current is not None:
@@ -180,7 +184,8 @@ async def test_full_bucket_keeps_good_contacts_and_replaces_failed_ones(nursery)
     await eventually(lambda: a.dht.routing.get(b.peer_id) is not None)
     c = await start_local_peer(nursery, kinds=RECORD_KINDS, identity=next(others), bootstrap=(a.addr,))
     await eventually(lambda: c.peer_id in bucket_of(c).replacement_nodes)  # verified, waiting
-    assert a.dht.routing.get(c.peer_id) is None and a.dht.routing.is_good(b.peer_id, now=trio.current_time())
+    assert a.dht.routing.get(c.peer_id) is None
+    assert a.dht.routing.is_good(b.peer_id, now=trio.current_time())
     b.kill()
     d = await start_local_peer(nursery, kinds=RECORD_KINDS, identity=next(others), bootstrap=(a.addr,))
     await eventually(lambda: d.peer_id in bucket_of(d).replacement_nodes)
@@ -188,7 +193,8 @@ async def test_full_bucket_keeps_good_contacts_and_replaces_failed_ones(nursery)
     await a.dht.lookup_node(far)  # the request to b fails: QUESTIONABLE
     assert a.dht.routing.get(b.peer_id) is not None
     await a.dht.lookup_node(far)  # twice in a row: BAD, replaced by the newest verified candidate
-    assert a.dht.routing.get(b.peer_id) is None and a.dht.routing.get(d.peer_id) is not None
+    assert a.dht.routing.get(b.peer_id) is None
+    assert a.dht.routing.get(d.peer_id) is not None
 
 
 async def eventually(predicate, timeout=20.0):

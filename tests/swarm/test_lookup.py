@@ -46,7 +46,8 @@ def simulate(target: bytes, start: Contact, *, k=20, alpha=3, beta=3, dead=froze
     asked = []
     while lookup.termination() is None:
         batch = lookup.next_queries()
-        assert len(batch) <= alpha and lookup.waiting <= alpha
+        assert len(batch) <= alpha
+        assert lookup.waiting <= alpha
         assert batch or lookup.waiting, "a live lookup always has a query out"
         for c in batch:
             asked.append(c.id)
@@ -66,10 +67,12 @@ def test_state_transitions_and_alpha():
     seeds = NETWORK[1:8]
     lookup = Lookup(target, seeds, k=5, alpha=2, beta=2)
     first = lookup.next_queries()
-    assert len(first) == 2 and lookup.next_queries() == []  # alpha slots busy
+    assert len(first) == 2
+    assert lookup.next_queries() == []  # alpha slots busy
     assert all(lookup.state(c.id) is PeerState.WAITING for c in first)
     lookup.on_failure(first[0].id)
-    assert lookup.state(first[0].id) is PeerState.UNREACHABLE and lookup.failures == 1
+    assert lookup.state(first[0].id) is PeerState.UNREACHABLE
+    assert lookup.failures == 1
     lookup.on_response(first[1].id, [NETWORK[0]])
     assert lookup.state(first[1].id) is PeerState.QUERIED
     assert lookup.state(NETWORK[0].id) is PeerState.HEARD
@@ -85,8 +88,9 @@ def test_exhausted_without_seeds_or_when_all_fail():
     lookup = Lookup(NETWORK[0].id, NETWORK[1:3], k=3, alpha=3, beta=1)
     for c in lookup.next_queries():
         lookup.on_failure(c.id)
-    assert lookup.termination() is Termination.EXHAUSTED and lookup.closest() == []
-    with pytest.raises(ValueError):
+    assert lookup.termination() is Termination.EXHAUSTED
+    assert lookup.closest() == []
+    with pytest.raises(ValueError, match="beta <= k"):
         Lookup(NETWORK[0].id, [], k=3, beta=4)
 
 
@@ -100,7 +104,8 @@ def test_lookup_finds_the_true_closest(beta):
         assert lookup.termination() is Termination.CONVERGED
         want = true_closest(target, beta, exclude={start.id})
         assert [c.id for c in lookup.closest(beta)] == want
-        assert lookup.messages == len(asked) and lookup.hops >= 1
+        assert lookup.messages == len(asked)
+        assert lookup.hops >= 1
 
 
 def test_lookup_routes_around_dead_peers():
@@ -113,7 +118,8 @@ def test_lookup_routes_around_dead_peers():
         # every table still lists the dead peers: they fail when asked
         lookup, asked = simulate(target, start, beta=20, dead=dead, tables=tables)
         got = [c.id for c in lookup.closest(20)]
-        assert not set(got) & dead and lookup.failures == len(set(asked) & dead) > 0
+        assert not set(got) & dead
+        assert lookup.failures == len(set(asked) & dead) > 0
         assert got[:3] == true_closest(target, 3, exclude=dead | {start.id})
         assert got == sorted(got, key=lambda i: distance(i, target))
 
@@ -121,7 +127,8 @@ def test_lookup_routes_around_dead_peers():
 def test_self_is_never_queried():
     me = NETWORK[3]
     lookup, asked = simulate(me.id, me)
-    assert me.id not in asked and me.id not in [c.id for c in lookup.closest()]
+    assert me.id not in asked
+    assert me.id not in [c.id for c in lookup.closest()]
 
 
 # --- routing table adapter ----------------------------------------------------------
@@ -143,22 +150,27 @@ def test_full_bucket_queues_a_liveness_check_instead_of_an_asyncio_task(monkeypa
     assert all(len(b) <= 4 for b in table.buckets)
     head = table.take_pending_check()
     bucket = table.buckets[table.get_bucket_for(head)]
-    assert bucket.head() is head and bucket.replacement_nodes
+    assert bucket.head() is head
+    assert bucket.replacement_nodes
     newest = list(bucket.replacement_nodes.values())[-1]
     # alive: moves to the tail, the candidate stays a replacement
     table.contact_alive(head.id, now=0.0)
-    assert list(bucket.nodes.values())[-1] is head and newest.id not in bucket.nodes
+    assert list(bucket.nodes.values())[-1] is head
+    assert newest.id not in bucket.nodes
     # dead (two failures in a row): evicted, the most recently seen replacement takes its place
     table.contact_failed(head.id, now=0.0)
     assert head.id in bucket.nodes
     table.contact_failed(head.id, now=0.0)
-    assert head.id not in bucket.nodes and newest.id in bucket.nodes and table.get(head.id) is None
+    assert head.id not in bucket.nodes
+    assert newest.id in bucket.nodes
+    assert table.get(head.id) is None
 
 
 def test_own_id_is_never_a_contact_and_closest_is_exact():
     me = NETWORK[0]
     table = table_of(me)
-    assert table.add_contact(me) is False and table.get(me.id) is None
+    assert table.add_contact(me) is False
+    assert table.get(me.id) is None
     known = [c.id for c in table.contacts()]
     target = NETWORK[5].id
     expected = sorted(known, key=lambda i: distance(i, target))[:20]
@@ -231,7 +243,7 @@ def test_disjoint_paths_never_share_a_peer_and_find_the_closest():
         assert lookup.termination() is Termination.CONVERGED
         assert [c.id for c in lookup.closest(3)] == true_closest(target, 3, exclude={start.id})
         assert lookup.messages == len(asked)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one path"):
         DisjointLookup(NETWORK[0].id, [], paths=0)
 
 
@@ -248,7 +260,8 @@ def test_one_path_of_liars_does_not_hide_the_target():
         for paths in (1, 3):
             lookup, _ = simulate_disjoint(target, start, paths=paths, beta=3, liars=liars)
             honest_found[paths] += bool(want & {c.id for c in lookup.closest()})
-    assert honest_found[3] >= honest_found[1] and honest_found[3] >= 27
+    assert honest_found[3] >= honest_found[1]
+    assert honest_found[3] >= 27
 
 
 def test_a_tarpit_costs_a_stall_not_a_timeout():
@@ -258,16 +271,19 @@ def test_a_tarpit_costs_a_stall_not_a_timeout():
     start, target = rng.choice(NETWORK), rng.randbytes(20)
     tarpits = frozenset(true_closest(target, 2, exclude={start.id}))
     lookup, asked = simulate_disjoint(target, start, paths=1, beta=3, tarpits=tarpits)
-    assert lookup.termination() is Termination.CONVERGED and lookup.stalls >= 1
+    assert lookup.termination() is Termination.CONVERGED
+    assert lookup.stalls >= 1
     assert not tarpits & {c.id for c in lookup.closest()}
     assert [c.id for c in lookup.closest(3)] == true_closest(target, 3, exclude=tarpits | {start.id})
     # a late answer from a stalled peer still counts
     single = Lookup(target, [NETWORK[1], NETWORK[2]], k=5, alpha=1, beta=1)
     (first,) = single.next_queries()
     single.on_stall(first.id)
-    assert single.state(first.id) is PeerState.STALLED and len(single.next_queries()) == 1
+    assert single.state(first.id) is PeerState.STALLED
+    assert len(single.next_queries()) == 1
     single.on_response(first.id, [])
-    assert single.state(first.id) is PeerState.QUERIED and first in single.closest()
+    assert single.state(first.id) is PeerState.QUERIED
+    assert first in single.closest()
 
 
 # --- routing table: BEP 5 states and diversity --------------------------------------
@@ -286,7 +302,8 @@ def test_contact_states_follow_bep5():
     table.contact_alive(c.id, now=GOOD_FOR + 5)
     table.contact_failed(c.id, now=GOOD_FOR + 6)
     table.contact_failed(c.id, now=GOOD_FOR + 7)  # two in a row: evicted
-    assert table.get(c.id) is None and table.closest(c.id) == []
+    assert table.get(c.id) is None
+    assert table.closest(c.id) == []
     # a request it sends us admits nobody
     table.contact_queried(contact(1001).id, now=0.0)
     assert table.get(contact(1001).id) is None
@@ -313,7 +330,8 @@ def test_a_bucket_holds_at_most_two_contacts_of_one_subnet_except_our_own():
     table = RoutingTable(me.id, k=20)
     for c in same_subnet:
         table.add_contact(c, now=0.0)
-    assert len(table) == 2 * len(table.buckets) and len(table) < 10
+    assert len(table) == 2 * len(table.buckets)
+    assert len(table) < 10
     diverse = RoutingTable(me.id, k=20, exempt_groups={"v4:203.0.113.0/24"})
     for c in same_subnet:
         diverse.add_contact(c, now=0.0)
@@ -325,7 +343,8 @@ def test_a_bucket_holds_at_most_two_contacts_of_one_subnet_except_our_own():
     for c in crowd[:2]:
         bucket.nodes.pop(bucket.get_nodes()[0].id)
         assert table.add_contact(c, now=0.0)
-    assert not table.add_contact(crowd[2], now=0.0) and crowd[2].id not in bucket.replacement_nodes
+    assert not table.add_contact(crowd[2], now=0.0)
+    assert crowd[2].id not in bucket.replacement_nodes
 
 
 def test_a_bad_contact_is_replaced_at_once_and_a_moved_one_updated():
@@ -335,10 +354,14 @@ def test_a_bad_contact_is_replaced_at_once_and_a_moved_one_updated():
     bad = bucket.get_nodes()[1]
     bad.failures = 2  # BAD, not yet evicted
     newcomer = newcomer_for(bucket)
-    assert table.add_contact(newcomer, now=3.0) and table.get(bad.id) is None and table.get(newcomer.id)
+    assert table.add_contact(newcomer, now=3.0)
+    assert table.get(bad.id) is None
+    assert table.get(newcomer.id)
     moved = Contact(NodeInfo(peer_id=newcomer.id, public_key=newcomer.info.public_key, addrs=("10.9.9.9:1",)))
-    assert table.add_contact(moved, now=4.0) and table.get(newcomer.id).addrs == ("10.9.9.9:1",)
+    assert table.add_contact(moved, now=4.0)
+    assert table.get(newcomer.id).addrs == ("10.9.9.9:1",)
     # all GOOD: a newcomer waits as a replacement and nobody is pinged
     other = newcomer_for(bucket, start=9000)
-    assert not table.add_contact(other, now=5.0) and other.id in bucket.replacement_nodes
+    assert not table.add_contact(other, now=5.0)
+    assert other.id in bucket.replacement_nodes
     assert not table.pending_checks

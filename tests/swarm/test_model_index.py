@@ -37,7 +37,7 @@ def test_keys_and_shards_are_as_the_spec_derives_them():
     assert model_shard(ENTRY.model) == hashlib.blake2b(ENTRY.model.encode(), digest_size=32).digest()[0] % 16
     assert model_index_key(3) == hashlib.blake2b(cbor_encode(["swarm/1/model", 3]), digest_size=32).digest()
     assert len({model_index_key(s) for s in range(MODEL_SHARDS)}) == MODEL_SHARDS
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="is not in 0"):
         model_index_key(MODEL_SHARDS)
 
 

@@ -93,7 +93,7 @@ def test_rebalance_threshold_is_a_ratio():
 
 
 def test_rebalance_requires_the_server_itself():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be among the announcements"):
         should_rebalance([server("a", 0, 2)], peer_id=pid("zz"), num_blocks=4)
 
 
@@ -102,7 +102,8 @@ def test_rebalance_requires_the_server_itself():
 
 def test_single_server_route():
     route = plan_route([server("a", 0, 8)], num_blocks=8)
-    assert route.spans == [(0, 8)] and route.hops[0].peer_id == pid("a")
+    assert route.spans == [(0, 8)]
+    assert route.hops[0].peer_id == pid("a")
     assert route.cost == pytest.approx(hop_cost(server("a", 0, 8), 0, 8))
 
 
@@ -110,7 +111,9 @@ def test_chain_over_adjacent_servers_and_sub_spans():
     servers = [server("a", 0, 5), server("b", 3, 8)]
     route = plan_route(servers, num_blocks=8)
     assert [h.peer_id for h in route.hops] == [pid("a"), pid("b")]
-    assert route.spans[0][0] == 0 and route.spans[-1][1] == 8 and route.spans[0][1] == route.spans[1][0]
+    assert route.spans[0][0] == 0
+    assert route.spans[-1][1] == 8
+    assert route.spans[0][1] == route.spans[1][0]
     assert 3 <= route.spans[0][1] <= 5
 
 
@@ -195,8 +198,9 @@ def test_no_route_names_the_first_gap():
 def test_partial_range_for_failover():
     servers = [server("a", 0, 4), server("b", 2, 8), server("c", 4, 8)]
     route = plan_route(servers, num_blocks=8, start=4, end=8, exclude={pid("b")})
-    assert route.spans == [(4, 8)] and route.hops[0].peer_id == pid("c")
-    with pytest.raises(ValueError):
+    assert route.spans == [(4, 8)]
+    assert route.hops[0].peer_id == pid("c")
+    with pytest.raises(ValueError, match=r"cannot route blocks \[5, 5\)"):
         plan_route(servers, num_blocks=8, start=5, end=5)
 
 

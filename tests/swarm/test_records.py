@@ -80,7 +80,8 @@ def test_expired_and_too_far_expiry():
 
 def test_announcements_may_not_live_longer_than_their_cap():
     """Issue 10 item 5: a node accepted announcements expiring 24 h ahead."""
-    assert BLOCK_MAX_TTL == 300 and DEFAULT_TTL == 240
+    assert BLOCK_MAX_TTL == 300
+    assert DEFAULT_TTL == 240
     check_record(record(expires=int(NOW) + 300), now=NOW, kinds=RECORD_KINDS)
     for ahead in (301, 3600, 24 * 3600):
         error = rejected(ErrorCode.INVALID_REQUEST, check_record, record(expires=int(NOW) + ahead), now=NOW,
@@ -164,7 +165,9 @@ def test_store_drops_expired_and_caps_keys():
     assert store.put(record(people[2]), now=NOW + 11)
     assert {r.publisher for r in store.get(short.key, now=NOW + 11)} == {people[1].public_key,
                                                                        people[2].public_key}
-    assert store.expire(now=NOW + 10_000) == 2 and len(store) == 0 and store.keys() == []
+    assert store.expire(now=NOW + 10_000) == 2
+    assert len(store) == 0
+    assert store.keys() == []
 
 
 def test_tombstone_replaces_and_blocks_stale_replicas():
@@ -182,7 +185,9 @@ def test_tombstone_replaces_and_blocks_stale_replicas():
 def test_merge_keeps_latest_per_publisher():
     a1, a2, b1 = record(seq=1), record(seq=2), record(BOB, seq=1, expires=int(NOW) + 5)
     merged = merge_records([a2, b1, a1, a1], now=NOW)
-    assert sorted(r.seq for r in merged) == [1, 2] and a2 in merged and b1 in merged
+    assert sorted(r.seq for r in merged) == [1, 2]
+    assert a2 in merged
+    assert b1 in merged
     assert merge_records([a1, b1], now=NOW + 6) == [a1]
     tomb = SignedRecord.create(ALICE, key=a1.key, seq=3, expires=a1.expires, value=b"")
     assert merge_records([a2, tomb, a1], now=NOW) == []

@@ -130,14 +130,18 @@ async def test_handshake_and_ping_both_directions():
     async with hosts({}, {}) as (a, b):
         b.on_connection.append(seen.append)
         conn = await a.connect(b.listen_addrs[0], peer_id=b.peer_id)
-        assert conn.peer_id == b.peer_id and conn.public_key == b.identity.public_key
-        assert conn.listen_addrs == tuple(b.listen_addrs) and not conn.inbound
+        assert conn.peer_id == b.peer_id
+        assert conn.public_key == b.identity.public_key
+        assert conn.listen_addrs == tuple(b.listen_addrs)
+        assert not conn.inbound
         assert conn.channel.next_id == 1
         assert await conn.request(Ping()) == Pong()
 
         back = b.connections[a.peer_id]
-        assert seen == [back] and back.inbound
-        assert back.peer_id == a.peer_id and back.listen_addrs == tuple(a.listen_addrs)
+        assert seen == [back]
+        assert back.inbound
+        assert back.peer_id == a.peer_id
+        assert back.listen_addrs == tuple(a.listen_addrs)
         assert back.handshake_hash == conn.handshake_hash
         assert await back.request(Ping()) == Pong()
         assert back.channel.next_id == 2  # ids are per direction: each side numbers its own
@@ -188,7 +192,8 @@ async def test_large_messages_span_many_frames():
         for _ in range(3):
             request = Forward(session=bytes(16), step=1, position=0, hidden=hidden, signature=bytes(64))
             response = await conn.request(request)
-            assert response.hidden.data == data and response.step == 1
+            assert response.hidden.data == data
+            assert response.step == 1
 
 
 async def test_one_connection_is_reused_in_both_directions():
@@ -204,7 +209,8 @@ async def test_one_connection_is_reused_in_both_directions():
         for _ in range(20):
             await b.request(a.listen_addrs[0], Ping(), peer_id=a.peer_id)
         assert len(a._all) == len(b._all) == 1
-        assert first.channel.next_id == 21 and inbound.channel.next_id == 21
+        assert first.channel.next_id == 21
+        assert inbound.channel.next_id == 21
 
 
 async def test_concurrent_connects_share_one_dial():
@@ -217,7 +223,8 @@ async def test_concurrent_connects_share_one_dial():
         async with trio.open_nursery() as nursery:
             for _ in range(5):
                 nursery.start_soon(dial)
-        assert len(results) == 5 and all(r is results[0] for r in results)
+        assert len(results) == 5
+        assert all(r is results[0] for r in results)
         assert len(b._all) == 1
 
 
@@ -234,7 +241,8 @@ async def test_simultaneous_dial_keeps_both_connections_usable():
         assert await conns[a.peer_id].request(Ping()) == Pong()
         assert await conns[b.peer_id].request(Ping()) == Pong()
         # each side keeps one entry per peer; later connects return it
-        assert list(a.connections) == [b.peer_id] and list(b.connections) == [a.peer_id]
+        assert list(a.connections) == [b.peer_id]
+        assert list(b.connections) == [a.peer_id]
         assert await a.connect(b.listen_addrs[0], peer_id=b.peer_id) is a.connections[b.peer_id]
 
 
@@ -296,10 +304,12 @@ async def test_request_timeout_leaves_the_connection_usable():
             await conn.request(FindNode(target=bytes(20)), timeout=0.05)
         assert info.value.timeout == 0.05
         assert conn.free_slots == a.limits.max_concurrent_requests - 1  # b still works on it
-        assert conn.channel.outstanding == 1 and conn.channel.awaited == 0
+        assert conn.channel.outstanding == 1
+        assert conn.channel.awaited == 0
         release.set()
         assert await conn.request(Ping()) == Pong()  # the late Nodes is dropped
-        assert conn.free_slots == a.limits.max_concurrent_requests and conn.channel.outstanding == 0
+        assert conn.free_slots == a.limits.max_concurrent_requests
+        assert conn.channel.outstanding == 0
         assert conn.is_open
 
 
@@ -326,14 +336,16 @@ async def test_handler_errors_become_remote_errors(caplog):
             return info.value
 
         error = await ask(0)
-        assert error.code == ErrorCode.SPAN_NOT_SERVED and "no route: blocks 3..5" in error.message
+        assert error.code == ErrorCode.SPAN_NOT_SERVED
+        assert "no route: blocks 3..5" in error.message
         error = await ask(1)
         assert (error.code, error.message, error.retry_after) == (ErrorCode.BUSY, "downstream is busy", 2.5)
         assert (await ask(2)).code == 4242
         with caplog.at_level(logging.ERROR, logger="swarm.transport"):
             assert (await ask(3)).code == ErrorCode.INTERNAL
             error = await ask(4)
-        assert error.code == ErrorCode.INTERNAL and error.message == "internal error"  # no internals leak
+        assert error.code == ErrorCode.INTERNAL
+        assert error.message == "internal error"  # no internals leak
         assert any(r.exc_info and "bug in the handler" in str(r.exc_info[1]) for r in caplog.records)
         assert await conn.request(Ping()) == Pong()  # the peer keeps serving
 
@@ -350,7 +362,9 @@ async def test_unknown_message_types_on_the_wire():
         raw = await RawPeer.connect(b.listen_addrs[0], b.peer_id)
         await raw.send_payload(cbor_encode([98, 7, {0: "from a later version"}]))  # even: a request
         answer_id, answer = await raw.receive()
-        assert isinstance(answer, Error) and answer_id == 7 and answer.code == ErrorCode.UNKNOWN_MESSAGE
+        assert isinstance(answer, Error)
+        assert answer_id == 7
+        assert answer.code == ErrorCode.UNKNOWN_MESSAGE
         await raw.send_payload(cbor_encode([99, 8, {}]))  # odd: a response nobody asked for, ignored
         await raw.send(Pong(), 55)  # a known response nobody asked for, ignored
         await raw.send(Ping(), 9)
@@ -389,7 +403,8 @@ async def test_closing_fails_outstanding_requests_on_both_sides():
             await until(lambda: a.peer_id in b.connections and b.connections[a.peer_id].channel.incoming == 1)
             back = b.connections[a.peer_id]
             await conn.aclose()
-        assert not conn.is_open and b.peer_id not in a.connections
+        assert not conn.is_open
+        assert b.peer_id not in a.connections
         with pytest.raises(PeerUnreachable):
             await conn.request(Ping())
         with trio.fail_after(5):
@@ -462,7 +477,8 @@ async def test_too_many_concurrent_requests_drop_the_connection():
             await raw.send(FindNode(target=bytes(20)), i)
         with trio.fail_after(5):
             request_id, notice = await raw.receive()  # why it closes, as a connection-level ERROR
-            assert request_id == 0 and notice.code == ErrorCode.LIMIT_EXCEEDED
+            assert request_id == 0
+            assert notice.code == ErrorCode.LIMIT_EXCEEDED
             assert await raw.receive() is None
 
 
@@ -482,9 +498,11 @@ async def test_outgoing_requests_wait_for_a_slot_instead_of_tripping_the_limit()
                 nursery.start_soon(conn.request, FindNode(target=bytes(20)))
             await until(lambda: a.peer_id in b.connections and b.connections[a.peer_id].channel.incoming == 2)
             await trio.testing.wait_all_tasks_blocked()  # the other three wait here, not there
-            assert conn.free_slots == 0 and conn.channel.outstanding == 2
+            assert conn.free_slots == 0
+            assert conn.channel.outstanding == 2
             release.set()
-        assert conn.is_open and conn.channel.next_id == 6
+        assert conn.is_open
+        assert conn.channel.next_id == 6
 
 
 async def test_a_peer_that_stops_reading_loses_the_connection(caplog):
@@ -539,7 +557,8 @@ async def test_idle_connections_are_closed_and_redialled():
             await conn.wait_closed()
         assert not a.connections  # forgotten as it closed, not some time later
         fresh = await a.connect(b.listen_addrs[0])
-        assert fresh is not conn and await fresh.request(Ping()) == Pong()
+        assert fresh is not conn
+        assert await fresh.request(Ping()) == Pong()
 
 
 async def test_a_busy_connection_is_not_idle(mock_clock):
@@ -567,7 +586,8 @@ async def test_a_busy_connection_is_not_idle(mock_clock):
 
 def test_errors_are_swarm_errors_with_one_line_messages():
     for error in (PeerUnreachable("h:1", "refused"), RequestTimeout("Ping", "h:1", 2.0), NoRoute(0, 4)):
-        assert isinstance(error, SwarmError) and "\n" not in str(error)
+        assert isinstance(error, SwarmError)
+        assert "\n" not in str(error)
     assert str(NoRoute(3, 6)).startswith("no route: blocks 3..5 are not served")
 
 

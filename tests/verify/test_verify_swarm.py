@@ -54,7 +54,8 @@ async def test_forged_fraud_proofs_against_an_honest_peer_are_rejected(tiny_veri
             assert not node.fraud.reputation.is_banned(accused.identity.peer_id)
             assert node.fraud.reputation.standing(me, 0).invalid_proofs >= 1  # counts against the framer
             assert node.fraud.reputation.score(me, 0) < 1.0
-        assert not verifier.fraud.accepted and not verifier.fraud.stored
+        assert not verifier.fraud.accepted
+        assert not verifier.fraud.stored
         await chain.aclose()
         nursery.cancel_scope.cancel()
 

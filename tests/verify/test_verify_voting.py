@@ -50,7 +50,8 @@ def test_a_vote_of_fresh_identities_never_outweighs_an_established_peer():
     assert _vote([fresh, fresh, fresh, fresh, 1.0], "ccccH").result is VoteResult.NO_MAJORITY
     # two established voters outvote a fresh hop and its fresh friends
     vote = _vote([fresh, fresh, 1.0, 1.0], "ccHH")
-    assert vote.result is VoteResult.HOP_LOSES and set(vote.winners) == {bytes([2]) * 20, bytes([3]) * 20}
+    assert vote.result is VoteResult.HOP_LOSES
+    assert set(vote.winners) == {bytes([2]) * 20, bytes([3]) * 20}
     # one against one is never a majority, whatever the weights
     assert _vote([fresh, 1.0], "cH").result is VoteResult.NO_MAJORITY
     assert _vote([1.0, 1.0, fresh], "hhc").result is VoteResult.HOP_WINS
@@ -59,9 +60,11 @@ def test_a_vote_of_fresh_identities_never_outweighs_an_established_peer():
 def test_history_establishment_and_weight_persist(tmp_path):
     rep = Reputation()
     now = 10 * DAY
-    assert rep.establishment(A, now) == 0 and rep.weight(A, now) == pytest.approx(FRESH_WEIGHT)
+    assert rep.establishment(A, now) == 0
+    assert rep.weight(A, now) == pytest.approx(FRESH_WEIGHT)
     rep.history[A] = History(first_seen=now - 2 * ESTABLISHED_AGE, passes=40.0, updated=now)
-    assert rep.establishment(A, now) == 1.0 and rep.weight(A, now) == pytest.approx(1.0)
+    assert rep.establishment(A, now) == 1.0
+    assert rep.weight(A, now) == pytest.approx(1.0)
     rep.record_audit_pass(B, now - 0.5 * DAY, n=40)  # enough passes, known for half a day
     assert rep.establishment(B, now) == pytest.approx(0.5)
     rep.record_mismatch(A, now)
@@ -69,7 +72,8 @@ def test_history_establishment_and_weight_persist(tmp_path):
     path = tmp_path / "rep.cbor"
     rep.save(path)
     again = Reputation.load(path)
-    assert again.history == rep.history and again.establishment(B, now) == pytest.approx(0.5)
+    assert again.history == rep.history
+    assert again.establishment(B, now) == pytest.approx(0.5)
     rep.ban(C, now, reason="x")
     assert rep.weight(C, now) == 0
 
@@ -80,15 +84,20 @@ def test_reputation_files_of_version_1_still_load(tmp_path):
     path = tmp_path / "v1.cbor"
     path.write_bytes(cbor_encode([1, 3600.0, [[A, 1.0, 0.0, 0.0, 0.0, 5.0]], [[B, 1.0, "old", None]]]))
     rep = Reputation.load(path)
-    assert rep.is_banned(B) and rep.standing(A, 5.0).successes == 1.0 and rep.history == {}
+    assert rep.is_banned(B)
+    assert rep.standing(A, 5.0).successes == 1.0
+    assert rep.history == {}
 
 
 def test_new_and_unknown_peers_are_audited_more():
     rep = Reputation()
     auditor = Auditor(None, None, rep, policy=AuditPolicy(rate=0.05, probation=2.0))  # type: ignore[arg-type]
-    assert auditor.rate_for(A) == 1.0 and auditor.on_probation(A)  # never seen: every step
+    assert auditor.rate_for(A) == 1.0
+    assert auditor.on_probation(A)  # never seen: every step
     rep.history[B] = History(first_seen=0.0, passes=100.0, updated=auditor.clock())
-    assert auditor.rate_for(B) == 0.05 and not auditor.on_probation(B)
+    assert auditor.rate_for(B) == 0.05
+    assert not auditor.on_probation(B)
     rep.record_mismatch(B, auditor.clock())  # a mark sends it back to probation
-    assert auditor.rate_for(B) > 0.05 and auditor.on_probation(B)
+    assert auditor.rate_for(B) > 0.05
+    assert auditor.on_probation(B)
     assert Auditor(None, None, rep, policy=AuditPolicy(rate=0.05, probation=0)).rate_for(A) == 0.05  # type: ignore

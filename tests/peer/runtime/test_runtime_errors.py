@@ -16,7 +16,8 @@ from protocol.errors import SwarmError
 
 def _one_line(err: BaseException) -> str:
     msg = str(err)
-    assert msg and "\n" not in msg
+    assert msg
+    assert "\n" not in msg
     assert isinstance(err, SwarmError)
     return msg
 

@@ -42,7 +42,8 @@ def test_invalid_params_raise(kwargs: dict) -> None:
 
 def test_params_are_frozen_and_normalised() -> None:
     p = SamplingParams(stop=["a", "bc"], temperature=0.7, seed=3)
-    assert p.stop == ("a", "bc") and not p.greedy
+    assert p.stop == ("a", "bc")
+    assert not p.greedy
     assert SamplingParams().greedy
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.temperature = 1.0  # type: ignore[misc]
@@ -118,7 +119,8 @@ def test_seeded_sampling_is_reproducible() -> None:
     state = s.get_state()
     tail = [s.next_token(x, []) for x in steps[5:10]]
     s.set_state(state)  # rolled back: the same draws again
-    assert [s.next_token(x, []) for x in steps[5:10]] == tail and head
+    assert [s.next_token(x, []) for x in steps[5:10]] == tail
+    assert head
     assert run(dataclasses.replace(p, seed=1235)) != first
     assert len(set(first)) > 5  # it really samples
 
@@ -135,7 +137,9 @@ def test_sampling_respects_distribution() -> None:
     s = Sampler(SamplingParams(temperature=1.0, seed=0))
     draws = [s.next_token(logits, []) for _ in range(3000)]
     freq = [draws.count(i) / len(draws) for i in range(3)]
-    assert abs(freq[0] - 0.7) < 0.04 and abs(freq[1] - 0.2) < 0.04 and abs(freq[2] - 0.1) < 0.03
+    assert abs(freq[0] - 0.7) < 0.04
+    assert abs(freq[1] - 0.2) < 0.04
+    assert abs(freq[2] - 0.1) < 0.03
 
 
 def test_find_stop() -> None:

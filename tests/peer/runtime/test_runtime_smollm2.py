@@ -66,7 +66,8 @@ def test_model_info_and_id(spans: list[rt.SpanExecutor], head: rt.ClientHead) ->
     print(f"resolve_model (warm cache): {time.monotonic() - t0:.2f} s")
     assert re.fullmatch(r"smollm2-135m-instruct@[0-9a-f]{16}", info.model_id)
     assert (info.num_blocks, info.hidden_size) == (30, 576)
-    assert {ex.model_id for ex in spans} == {info.model_id} and head.model_id == info.model_id
+    assert {ex.model_id for ex in spans} == {info.model_id}
+    assert head.model_id == info.model_id
     assert head.eos_token_ids == frozenset({2})
 
 
@@ -131,13 +132,15 @@ def test_quantized_span_produces_text(quant: str, head, spans) -> None:
 def test_stop_strings_and_eos(head, spans) -> None:
     ids = head.encode_prompt(SHORT)
     done = rt.relay_local(head, spans, rt.TokenStream(head, rt.SamplingParams(max_new_tokens=32), ids))
-    assert done.finish_reason == "eos" and done.new_ids[-1] == 2  # "The capital of France is Paris."
+    assert done.finish_reason == "eos"
+    assert done.new_ids[-1] == 2  # "The capital of France is Paris."
     assert "Paris" in done.text
     stopped = rt.relay_local(head, spans, rt.TokenStream(head, rt.SamplingParams(max_new_tokens=32, stop=(" Paris",)), ids))
     assert stopped.finish_reason == "stop"
     assert stopped.text == "The capital of France is"
     short = rt.relay_local(head, spans, rt.TokenStream(head, rt.SamplingParams(max_new_tokens=3), ids))
-    assert short.finish_reason == "length" and len(short.new_ids) == 3
+    assert short.finish_reason == "length"
+    assert len(short.new_ids) == 3
     a = rt.generate_local(head, spans, ids, rt.SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, seed=7))
     b = rt.generate_local(head, spans, ids, rt.SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, seed=7))
     assert a == b

