@@ -16,7 +16,8 @@ def test_churn_and_stop_keep_every_block_served(seed):
     for kind in ("churn", "stop"):
         faults = schedule(kind, random.Random(seed), 120.0)
         assert faults == schedule(kind, random.Random(seed), 120.0)
-        assert faults and all(0 < f.at < 120.0 for f in faults)
+        assert faults
+        assert all(0 < f.at < 120.0 for f in faults)
         for f in faults:
             margin = RESTART if f.kind != "stop" else 0.0
             down = {i for g in faults if g.at <= f.at < g.at + g.duration + margin for i in g.servers}
