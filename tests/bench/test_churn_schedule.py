@@ -30,5 +30,5 @@ def test_an_outage_takes_one_block_down_and_unknown_scenarios_are_refused():
     assert not covered(SPANS, set(range(len(SPANS))) - set(fault.servers), LAYERS)
     assert covered(SPANS, set(range(len(SPANS))) - set(fault.servers[:-1]), LAYERS)
     assert schedule("baseline", random.Random(3), 60.0) == []
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown scenario 'meteor'"):
         schedule("meteor", random.Random(3), 60.0)

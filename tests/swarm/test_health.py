@@ -102,9 +102,9 @@ def test_deadlines_derive_from_measurements_within_a_floor_and_a_cap():
 
 
 def test_bad_parameters():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="base_backoff <= max_backoff"):
         PeerHealth(base_backoff=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="base_backoff <= max_backoff"):
         PeerHealth(base_backoff=20, max_backoff=10)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="the cap positive"):
         TimeoutPolicy(cap=0)
