@@ -38,12 +38,26 @@ A request is granted as a whole; so that a big one cannot hold a slot for long, 
 server submits it in pieces of at most a quantum of work (``peer.server``), each its
 own ticket, and the honest decode step waits at most one piece.
 
+Batches (issue 16): a ticket submitted with a ``batch`` key may share its slot with
+other waiting tickets of the same key (decode steps of different sessions over the
+same blocks, computed as one forward). When such a ticket is granted, the policy fills
+its slot with more tickets of that key, each chosen exactly as the next grant would be
+(``_pick`` among the requesters whose next ticket has the key: stride order by virtual
+finish time, the optimistic share, delinquents only when nobody else waits), each
+charged its own work, up to ``max_batch`` tickets and ``max_batch_work`` work units. So
+a batch is the next tickets the policy would have served one by one, taken together:
+contributors enter first, the optimistic newcomer gets its slice, and a step that
+arrives while a batch computes joins the next one (the grant after the slot frees).
+
 ``Scheduler`` is the thin trio shell, and the one owner of a peer's compute: every
 step a server computes and every fraud proof it verifies goes through
 ``await scheduler.run(requester, fn, work=...)``, which waits for a slot granted by
 the policy (``slot``) and runs ``fn`` in a worker thread; ``capacity`` threads compute
 at once, so the grant order is the order compute starts in. A cancelled waiter leaves
 the queue; a slot granted to a waiter cancelled at the same moment is passed on.
+``await scheduler.run_batch(requester, item, key=..., combine=...)`` is the batched
+form: the items of the tickets granted one slot together are computed by one call of
+``combine(items) -> results`` in a worker thread, made by the first of them.
 """
 
 from __future__ import annotations
@@ -65,6 +79,7 @@ _SWEEP_AT = 1024  # idle requester states kept before a sweep
 _WAITS_KEPT = 1024  # recent waits kept per requester (status and tests)
 
 T = TypeVar("T")
+I = TypeVar("I")  # noqa: E741
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +93,8 @@ class SchedulerConfig:
     credit_scale: float = 1024.0  # work units at which normalized credit is 0.5
     max_boost: float = 9.0  # weight of a top contributor is at most 1 + max_boost
     seed: int = 0  # the optimistic choice's RNG seed
+    max_batch: int = 16  # tickets (of one batch key) sharing one slot
+    max_batch_work: int = 4096  # work units of one batch (its first ticket always fits)
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
@@ -88,6 +105,8 @@ class SchedulerConfig:
             raise ValueError("intervals must be positive and rotate_interval >= reevaluate_interval")
         if not (self.credit_scale > 0 and self.max_boost >= 0):
             raise ValueError("credit_scale must be positive and max_boost non-negative")
+        if self.max_batch < 1 or self.max_batch_work < 1:
+            raise ValueError("max_batch and max_batch_work must be at least 1")
 
     def weight(self, credit: float) -> float:
         return 1.0 + self.max_boost * normalized_credit(credit, self.credit_scale)
@@ -126,6 +145,9 @@ class SchedulingPolicy:
         self._owner: dict[int, _Requester] = {}  # ticket -> requester (waiting or running)
         self._work: dict[int, int] = {}  # ticket -> its work units
         self._running: set[int] = set()
+        self._batch: dict[int, Hashable] = {}  # ticket -> its batch key (batchable tickets only)
+        self._slot_of: dict[int, int] = {}  # running ticket -> the first ticket of its slot
+        self._slot_left: dict[int, int] = {}  # first ticket of a busy slot -> its tickets still running
         self._next_ticket = 0
         self._vtime = 0.0  # pass of the last stride grant: where newly active flows join
         self._newcomers = _Flow()
@@ -146,6 +168,11 @@ class SchedulingPolicy:
         return len(self._owner) - len(self._running)
 
     @property
+    def busy_slots(self) -> int:
+        """Slots in use (a batch is one slot however many tickets it holds)."""
+        return len(self._slot_left)
+
+    @property
     def optimistic(self) -> Hashable | None:
         """The requester currently holding the optimistic-unchoke share, if any."""
         return self._optimistic
@@ -156,9 +183,10 @@ class SchedulingPolicy:
     # -- transitions --------------------------------------------------------------
 
     def submit(self, requester: Hashable, *, now: float, credit: float = 0.0, delinquent: bool = False,
-               work: int = 1) -> int:
+               work: int = 1, batch: Hashable | None = None) -> int:
         """Queue ``work`` units (tokens x blocks, at least 1) for ``requester``; returns
-        its ticket. Call ``grant`` next."""
+        its ticket. With a ``batch`` key, the ticket may share a slot with other tickets
+        of that key (``grant_groups``). Call ``grant`` next."""
         if len(self._requesters) > _SWEEP_AT + 2 * len(self._owner):
             self._sweep()
         credit = max(0.0, float(credit))
@@ -181,26 +209,59 @@ class SchedulingPolicy:
         state.waiting.append(ticket)
         self._owner[ticket] = state
         self._work[ticket] = max(1, int(work))
+        if batch is not None:
+            self._batch[ticket] = batch
         return ticket
 
     def grant(self, *, now: float) -> list[int]:
-        """Tickets that start now (the caller runs them), while slots are free."""
-        granted: list[int] = []
-        while len(self._running) < self.config.capacity and self.waiting:
+        """Tickets that start now (the caller runs them), while slots are free; the
+        tickets of one batch come in a row (``grant_groups`` says which share a slot)."""
+        return [ticket for group in self.grant_groups(now=now) for ticket in group]
+
+    def grant_groups(self, *, now: float) -> list[list[int]]:
+        """The slots that start now, while slots are free: each a list of tickets in
+        grant order, more than one only for a batch (see the module docstring)."""
+        groups: list[list[int]] = []
+        config = self.config
+        while len(self._slot_left) < config.capacity and self.waiting:
             state = self._pick(now)
-            ticket = state.waiting.popleft()
-            state.running += 1
-            self._running.add(ticket)
-            granted.append(ticket)
-        return granted
+            assert state is not None
+            group = [state.waiting.popleft()]
+            key = self._batch.get(group[0])
+            if key is not None:
+                work = self._work[group[0]]
+                while len(group) < config.max_batch:
+                    room = config.max_batch_work - work
+
+                    def fits(s: _Requester, key: Hashable = key, room: int = room) -> bool:
+                        head = s.waiting[0]
+                        return self._batch.get(head) == key and self._work[head] <= room
+
+                    joining = self._pick(now, among=fits)
+                    if joining is None:
+                        break
+                    group.append(joining.waiting.popleft())
+                    work += self._work[group[-1]]
+            for ticket in group:
+                self._owner[ticket].running += 1
+                self._running.add(ticket)
+                self._slot_of[ticket] = group[0]
+            self._slot_left[group[0]] = len(group)
+            groups.append(group)
+        return groups
 
     def release(self, ticket: int, *, now: float) -> None:
         """A granted ticket finished (or failed); its slot is free. Call ``grant`` next."""
         if ticket not in self._running:
             raise KeyError(f"ticket {ticket} is not running")
         self._running.discard(ticket)
+        first = self._slot_of.pop(ticket)
+        self._slot_left[first] -= 1
+        if not self._slot_left[first]:
+            del self._slot_left[first]
         state = self._owner.pop(ticket)
         self._work.pop(ticket, None)
+        self._batch.pop(ticket, None)
         state.running -= 1
         self._forget_if_idle(state)
 
@@ -210,23 +271,32 @@ class SchedulingPolicy:
             return False
         state = self._owner.pop(ticket)
         self._work.pop(ticket, None)
+        self._batch.pop(ticket, None)
         state.waiting.remove(ticket)
         self._forget_if_idle(state)
         return True
 
     # -- policy -------------------------------------------------------------------
 
-    def _pick(self, now: float) -> _Requester:
-        active = [s for s in self._requesters.values() if s.waiting]
+    def _pick(self, now: float, among: Callable[[_Requester], bool] | None = None) -> _Requester | None:
+        """The requester served next (its head ticket); with ``among``, the next one of
+        those it accepts (filling a batch), or None if there is none to add."""
+        active = [s for s in self._requesters.values() if s.waiting and (among is None or among(s))]
         normal = [s for s in active if not s.delinquent]
         if not normal:  # only delinquents wait: idle capacity serves them, oldest first
+            if not active or (among is not None and any(s.waiting and not s.delinquent
+                                                        for s in self._requesters.values())):
+                return None
             return min(active, key=lambda s: s.waiting[0])
         if len(normal) == 1:
             return self._advance(normal[0])
-        self._evaluate_optimistic(now, normal)
+        # the optimistic choice is made among everyone waiting, whatever batch is filled
+        self._evaluate_optimistic(now, normal if among is None else
+                                  [s for s in self._requesters.values() if s.waiting and not s.delinquent])
         every = self.config.unchoke_every
         chosen = self._requesters.get(self._optimistic) if self._optimistic is not None else None
-        if every and chosen is not None and chosen.waiting and not chosen.delinquent:
+        if (every and chosen is not None and chosen.waiting and not chosen.delinquent
+                and (among is None or among(chosen))):
             head = self._work[chosen.waiting[0]]
             self._owed_cap = head
             if self._owed >= head * (every - 1):
@@ -309,6 +379,20 @@ class SchedulingPolicy:
                 del self._requesters[state.key]
 
 
+@dataclass(eq=False, slots=True, kw_only=True)
+class _Member:
+    """One ``run_batch`` call: its item, and once granted, what its slot computed."""
+
+    item: object
+    combine: Callable[[list], list]
+    granted: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)
+    group: list[_Member] | None = None  # set on the first ticket of a slot: everyone in it
+    tickets: list[int] = field(default_factory=list)
+    result: object = None
+    error: BaseException | None = None
+
+
 class Scheduler:
     """A peer's compute: ``await scheduler.run(peer_id, fn)`` runs ``fn`` in a worker
     thread once ``SchedulingPolicy`` grants ``peer_id`` a slot.
@@ -335,6 +419,7 @@ class Scheduler:
         self._credit_of = credit_of or (lambda _requester: 0.0)
         self._delinquent_of = delinquent_of or (lambda _requester: False)
         self._events: dict[int, trio.Event] = {}
+        self._members: dict[int, _Member] = {}  # ticket -> its run_batch call
         # The policy never grants more than ``capacity`` slots, so this limiter never
         # makes anyone wait (and so never reorders grants); it only keeps trio's
         # default thread limiter, shared with everything else, out of the way.
@@ -403,9 +488,81 @@ class Scheduler:
             policy.release(ticket, now=trio.current_time())
             self._dispatch(trio.current_time())
 
+    async def run_batch(self, requester: Hashable, item: I, *, key: Hashable,
+                        combine: Callable[[list[I]], list[T]], work: int = 1) -> T:
+        """``item``'s result, computed in a batch: once the policy grants this ticket a
+        slot, together with the other waiting tickets of batch ``key`` it lets in
+        (``SchedulingPolicy.grant_groups``), one worker thread calls ``combine(items)``
+        (the first ticket's ``combine``: one per key) and each caller gets its result, or
+        the exception ``combine`` raised. ``work`` is this item's own work units.
+
+        Cancellation: a waiter leaves the queue; once its batch is granted the item is
+        computed to the end and the cancellation is delivered after.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        policy = self.policy
+        asked = trio.current_time()
+        ticket = policy.submit(requester, now=asked, credit=self._credit_of(requester),
+                               delinquent=self._delinquent_of(requester), work=work, batch=key)
+        me = self._members[ticket] = _Member(item=item, combine=combine)
+        self._dispatch(asked)
+        try:
+            if not me.granted.is_set():
+                await me.granted.wait()
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        except BaseException:
+            if policy.cancel(ticket):
+                del self._members[ticket]
+                self._dispatch(trio.current_time())
+                raise
+            with trio.CancelScope(shield=True):  # granted meanwhile: the batch counts on it
+                await self._finish(requester, me, asked)
+            raise
+        return await self._finish(requester, me, asked)  # type: ignore[no-any-return]
+
+    async def _finish(self, requester: Hashable, me: _Member, asked: float) -> object:
+        granted = trio.current_time()
+        waits = self.waits.setdefault(requester, [])
+        waits.append((granted, granted - asked))
+        del waits[:-_WAITS_KEPT]
+        with trio.CancelScope(shield=True):  # the compute runs to the end either way
+            if me.group is not None:  # the first of its slot: compute the batch
+                group, tickets = me.group, me.tickets
+                try:
+                    results = await trio.to_thread.run_sync(me.combine, [m.item for m in group],
+                                                            limiter=self._threads)
+                    if len(results) != len(group):
+                        raise RuntimeError(f"a batch of {len(group)} items gave {len(results)} results")
+                    for m, result in zip(group, results):
+                        m.result = result
+                except BaseException as exc:  # noqa: BLE001 - every member gets it
+                    for m in group:
+                        m.error = exc
+                finally:
+                    now = trio.current_time()
+                    for ticket in tickets:
+                        self._members.pop(ticket, None)
+                        self.policy.release(ticket, now=now)
+                    self._dispatch(now)
+                    for m in group:
+                        m.done.set()
+            else:
+                await me.done.wait()
+        if me.error is not None:
+            raise me.error
+        return me.result
+
     def _dispatch(self, now: float) -> None:
-        for granted in self.policy.grant(now=now):
-            self._events[granted].set()
+        for group in self.policy.grant_groups(now=now):
+            first = self._members.get(group[0])
+            if first is None:  # a plain slot
+                self._events[group[0]].set()
+                continue
+            first.group = [self._members[ticket] for ticket in group]
+            first.tickets = group
+            for member in first.group:
+                member.granted.set()
 
     @property
     def running(self) -> int:
