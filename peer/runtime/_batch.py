@@ -46,13 +46,16 @@ __all__ = ["SessionStep", "BatchJob"]
 @dataclass(slots=True, eq=False)
 class SessionStep:
     """One session's checked step (``SpanExecutor.check_step``): ``hidden`` [1, n, H] at
-    ``position``, the session's length. ``started`` is set once its cache is touched."""
+    ``position``, the session's length. ``started`` is set once its cache is touched,
+    ``finished`` once the session has advanced (a step started and not finished left
+    half a step in the cache)."""
 
     session_id: bytes
     session: _Session
     hidden: torch.Tensor
     position: int
     started: bool = False
+    finished: bool = False
 
     @property
     def tokens(self) -> int:
@@ -135,6 +138,7 @@ class BatchJob:
         for s in steps:
             s.session.length += s.tokens
             s.session.last_used = now
+            s.finished = True
         return outputs
 
     def _mask(self, kind: str, lo: int, hi: int, positions: torch.Tensor) -> torch.Tensor:

@@ -420,6 +420,7 @@ class SpanExecutor:
         def done() -> None:
             session.length += n
             session.last_used = self._clock()
+            step.finished = True
 
         step.started = True
         return [ForwardJob(self, step.hidden, step.position, session.cache, lo, hi, quantum=None,
