@@ -58,11 +58,21 @@ the queue; a slot granted to a waiter cancelled at the same moment is passed on.
 ``await scheduler.run_batch(requester, item, key=..., combine=...)`` is the batched
 form: the items of the tickets granted one slot together are computed by one call of
 ``combine(items) -> results`` in a worker thread, made by the first of them.
+
+Lingering: every step needs a round trip to its client, so under a steady load the
+sessions can split into groups that take turns (one batch computes while the other's
+steps travel), each step then waiting for the other group's batch. A batch smaller than
+the last one of its key therefore waits, before it computes, up to ``batch_linger``
+times the last one's compute time for more steps of its key (``SchedulingPolicy.extend``
+lets them in, in policy order): the groups merge into one batch, which costs little
+more than either. It never waits when it is as large as the last one, and a smaller
+size is learnt at once, so sessions that end cost one short wait.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
@@ -95,6 +105,7 @@ class SchedulerConfig:
     seed: int = 0  # the optimistic choice's RNG seed
     max_batch: int = 16  # tickets (of one batch key) sharing one slot
     max_batch_work: int = 4096  # work units of one batch (its first ticket always fits)
+    batch_linger: float = 0.5  # a batch smaller than the last of its key waits this much of its time for more
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
@@ -107,6 +118,8 @@ class SchedulerConfig:
             raise ValueError("credit_scale must be positive and max_boost non-negative")
         if self.max_batch < 1 or self.max_batch_work < 1:
             raise ValueError("max_batch and max_batch_work must be at least 1")
+        if not 0 <= self.batch_linger <= 1:
+            raise ValueError("batch_linger must be in [0, 1]")
 
     def weight(self, credit: float) -> float:
         return 1.0 + self.max_boost * normalized_credit(credit, self.credit_scale)
@@ -227,28 +240,45 @@ class SchedulingPolicy:
             state = self._pick(now)
             assert state is not None
             group = [state.waiting.popleft()]
-            key = self._batch.get(group[0])
-            if key is not None:
-                work = self._work[group[0]]
-                while len(group) < config.max_batch:
-                    room = config.max_batch_work - work
-
-                    def fits(s: _Requester, key: Hashable = key, room: int = room) -> bool:
-                        head = s.waiting[0]
-                        return self._batch.get(head) == key and self._work[head] <= room
-
-                    joining = self._pick(now, among=fits)
-                    if joining is None:
-                        break
-                    group.append(joining.waiting.popleft())
-                    work += self._work[group[-1]]
-            for ticket in group:
-                self._owner[ticket].running += 1
-                self._running.add(ticket)
-                self._slot_of[ticket] = group[0]
-            self._slot_left[group[0]] = len(group)
-            groups.append(group)
+            self._slot_left[group[0]] = 0
+            self._start(group[0], group)
+            groups.append(group + self.extend(group[0], now=now))
         return groups
+
+    def extend(self, first: int, *, now: float) -> list[int]:
+        """More waiting tickets of the batch key of the busy slot ``first`` (a ticket
+        ``grant_groups`` started), chosen as ``grant_groups`` fills a batch, within the
+        limits with those already in it: the tickets added, which start now. For a slot
+        that lingers a moment for steps on their way before it computes."""
+        key = self._batch.get(first)
+        if key is None or first not in self._slot_left:
+            return []
+        config = self.config
+        members = [t for t, f in self._slot_of.items() if f == first]
+        size, work = len(members), sum(self._work[t] for t in members)
+        added: list[int] = []
+        while size < config.max_batch:
+            room = config.max_batch_work - work
+
+            def fits(s: _Requester, key: Hashable = key, room: int = room) -> bool:
+                head = s.waiting[0]
+                return self._batch.get(head) == key and self._work[head] <= room
+
+            joining = self._pick(now, among=fits)
+            if joining is None:
+                break
+            ticket = joining.waiting.popleft()
+            self._start(first, [ticket])
+            added.append(ticket)
+            size, work = size + 1, work + self._work[ticket]
+        return added
+
+    def _start(self, first: int, tickets: list[int]) -> None:
+        for ticket in tickets:
+            self._owner[ticket].running += 1
+            self._running.add(ticket)
+            self._slot_of[ticket] = first
+        self._slot_left[first] += len(tickets)
 
     def release(self, ticket: int, *, now: float) -> None:
         """A granted ticket finished (or failed); its slot is free. Call ``grant`` next."""
@@ -385,6 +415,7 @@ class _Member:
 
     item: object
     combine: Callable[[list], list]
+    key: Hashable
     granted: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
     group: list[_Member] | None = None  # set on the first ticket of a slot: everyone in it
@@ -420,6 +451,8 @@ class Scheduler:
         self._delinquent_of = delinquent_of or (lambda _requester: False)
         self._events: dict[int, trio.Event] = {}
         self._members: dict[int, _Member] = {}  # ticket -> its run_batch call
+        self._last: dict[Hashable, tuple[int, float]] = {}  # batch key -> (size, seconds) of its last batch
+        self._arrivals: dict[Hashable, trio.Event] = {}  # batch key -> set when one of its steps comes
         # The policy never grants more than ``capacity`` slots, so this limiter never
         # makes anyone wait (and so never reorders grants); it only keeps trio's
         # default thread limiter, shared with everything else, out of the way.
@@ -504,7 +537,10 @@ class Scheduler:
         asked = trio.current_time()
         ticket = policy.submit(requester, now=asked, credit=self._credit_of(requester),
                                delinquent=self._delinquent_of(requester), work=work, batch=key)
-        me = self._members[ticket] = _Member(item=item, combine=combine)
+        me = self._members[ticket] = _Member(item=item, combine=combine, key=key)
+        arrived = self._arrivals.pop(key, None)
+        if arrived is not None:
+            arrived.set()
         self._dispatch(asked)
         try:
             if not me.granted.is_set():
@@ -530,8 +566,13 @@ class Scheduler:
             if me.group is not None:  # the first of its slot: compute the batch
                 group, tickets = me.group, me.tickets
                 try:
+                    await self._linger(me)
+                    t0 = time.perf_counter()
                     results = await trio.to_thread.run_sync(me.combine, [m.item for m in group],
                                                             limiter=self._threads)
+                    if len(self._last) > _SWEEP_AT:
+                        self._last.clear()
+                    self._last[me.key] = (len(group), time.perf_counter() - t0)
                     if len(results) != len(group):
                         raise RuntimeError(f"a batch of {len(group)} items gave {len(results)} results")
                     for m, result in zip(group, results):
@@ -552,6 +593,27 @@ class Scheduler:
         if me.error is not None:
             raise me.error
         return me.result
+
+    async def _linger(self, first: _Member) -> None:
+        """Wait (a bounded moment) for more steps of a batch smaller than its key's last."""
+        assert first.group is not None
+        size, took = self._last.get(first.key, (0, 0.0))
+        if len(first.group) >= size or self.policy.config.batch_linger * took <= 0:
+            return
+        with trio.move_on_after(self.policy.config.batch_linger * took):
+            while len(first.group) < size:
+                arrived = self._arrivals.setdefault(first.key, trio.Event())
+                await arrived.wait()
+                self._join(first)
+        self._join(first)
+
+    def _join(self, first: _Member) -> None:
+        assert first.group is not None
+        for ticket in self.policy.extend(first.tickets[0], now=trio.current_time()):
+            member = self._members[ticket]
+            first.group.append(member)
+            first.tickets.append(ticket)
+            member.granted.set()
 
     def _dispatch(self, now: float) -> None:
         for group in self.policy.grant_groups(now=now):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 
 import pytest
 import trio
@@ -96,7 +97,7 @@ def test_batches_respect_keys_limits_and_delinquents() -> None:
 
 async def test_steps_arriving_during_a_batch_join_the_next_one(autojump_clock: trio.testing.MockClock) -> None:
     credits = {"first": 0.0, "new0": 0.0, "new1": 0.0, "contrib": HIGH}
-    scheduler = Scheduler(capacity=1, credit_of=credits.__getitem__)
+    scheduler = Scheduler(capacity=1, credit_of=credits.__getitem__, config=SchedulerConfig(batch_linger=0))
     gates = {"first": threading.Event(), "second": threading.Event()}
     batches: list[list[str]] = []
 
@@ -142,3 +143,34 @@ async def test_steps_arriving_during_a_batch_join_the_next_one(autojump_clock: t
     assert sorted(batches[-1]) == ["boom", "fine"]
     assert isinstance(results["boom"], ValueError) and results["boom"] is results["fine"]
     assert (scheduler.running, scheduler.waiting) == (0, 0)
+
+
+async def test_a_smaller_batch_lingers_for_the_steps_on_their_way(autojump_clock: trio.testing.MockClock) -> None:
+    # Four sessions; one client is quicker than the others: without lingering its step
+    # would go alone and the sessions would split into two groups taking turns.
+    batches: list[list[str]] = []
+
+    def combine(items: list[str]) -> list[str]:
+        batches.append(sorted(items))
+        time.sleep(0.02)  # compute: the last batch of the key took 20 ms
+        return items
+
+    for linger, expected in ((0.5, [["a", "b", "c", "d"]] * 2), (0.0, [["a", "b", "c", "d"], ["a"], ["b", "c", "d"]])):
+        scheduler = Scheduler(capacity=1, config=SchedulerConfig(batch_linger=linger))
+        batches.clear()
+
+        async def step(name: str, delay: float) -> None:
+            await trio.sleep(delay)  # the client's round trip
+            await scheduler.run_batch(name, name, key="span", combine=combine, work=STEP)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(step, "hold", 0.0)  # occupies the slot while the four queue
+            await trio.testing.wait_all_tasks_blocked()
+            for name in "abcd":
+                nursery.start_soon(step, name, 0.0)
+        del batches[0]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(step, "a", 0.0)
+            for name in "bcd":
+                nursery.start_soon(step, name, 0.005)  # within half of the last batch's 20 ms
+        assert batches == expected, linger
