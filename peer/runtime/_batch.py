@@ -24,7 +24,8 @@ So a row's output equals its lone step up to float rounding (the matrix products
 a batch are summed in another order: about 1e-6 relative in f32), and greedy tokens
 are the same. The layers are transformers' own (Llama, Mistral, Qwen2: anything whose
 attention calls ``cache.update`` and takes a 4-D mask, with the ``sdpa`` or ``eager``
-attention); a batch of one step runs the ordinary one-session path, bit for bit.
+attention; with another the executor runs a batch's steps one after the other); a
+batch of one step runs the ordinary one-session path, bit for bit.
 
 All steps of a batch run the same blocks (one ``lo, hi``): the executor checks that.
 """
@@ -40,7 +41,11 @@ import torch
 if TYPE_CHECKING:
     from ._executor import SpanExecutor, _Session
 
-__all__ = ["SessionStep", "BatchJob"]
+__all__ = ["SessionStep", "BatchJob", "BATCHED_ATTENTION"]
+
+#: Attention implementations that take the per-row 4-D mask (others compute a batch's
+#: steps one after the other).
+BATCHED_ATTENTION = frozenset({"sdpa", "eager"})
 
 
 @dataclass(slots=True, eq=False)

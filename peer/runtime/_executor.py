@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._batch import BatchJob, SessionStep
+from ._batch import BATCHED_ATTENTION, BatchJob, SessionStep
 from ._errors import (
     InvalidArgument,
     MaxLengthExceeded,
@@ -412,8 +412,10 @@ class SpanExecutor:
             if s.position != s.session.length:
                 raise PositionMismatch(f"position {s.position} does not continue the session at length "
                                        f"{s.session.length}; send position {s.session.length}")
-        if len(steps) > 1:
+        if len(steps) > 1 and getattr(self._config, "_attn_implementation", "sdpa") in BATCHED_ATTENTION:
             return BatchJob(self, steps).run()
+        if len(steps) > 1:  # an attention that takes no 4-D mask: one step after the other
+            return [self.forward_batch([step])[0] for step in steps]
         (step,) = steps
         session, n = step.session, step.tokens
 

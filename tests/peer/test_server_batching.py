@@ -68,3 +68,36 @@ async def test_concurrent_clients_get_their_lone_greedy_tokens(model_dir):
         assert [results[i] for i in range(CLIENTS)] == expected
         assert stats.batched_steps >= 2 and stats.largest_batch >= 2  # (how many depends on timing)
         nursery.cancel_scope.cancel()
+
+
+async def test_audits_of_batched_steps_pass(model_dir):
+    # Two servers of the span: every step one computes in a batch is recomputed by the
+    # other (FORWARD_ONCE, alone) and compared with the audit's f32 tolerance.
+    clients, tokens = 4, 5
+    expected = [reference(model_dir, p)[:tokens] for p in prompts()[:clients]]
+    async with trio.open_nursery() as nursery:
+        nodes = []
+        for _ in range(2):
+            options = ServeOptions(model=model_dir, blocks=(0, LAYERS), max_sessions=CLIENTS,
+                                   bootstrap=tuple(n.address for n in nodes[:1]))
+            nodes.append(await nursery.start(functools.partial(run_server, Identity.generate(), options)))
+        swarms = [await Swarm.connect(nursery, bootstrap=[nodes[0].address], model=model_dir, audit=1.0)
+                  for _ in range(clients)]
+        results: dict[int, list[int]] = {}
+
+        async def generate(i: int) -> None:
+            results[i] = (await swarms[i].generate(prompts()[i], max_new_tokens=tokens)).token_ids
+
+        async with trio.open_nursery() as group:
+            for i in range(clients):
+                group.start_soon(generate, i)
+        assert [results[i] for i in range(clients)] == expected
+        outcomes: dict[str, int] = {}
+        for swarm in swarms:
+            assert not swarm.client.reputation.banned
+            for outcome, count in swarm.client.auditor.stats.outcomes.items():
+                outcomes[outcome] = outcomes.get(outcome, 0) + count
+        batched = sum(n.server.stats.batched_steps for n in nodes)
+        print(f"audit outcomes {outcomes}; {batched} steps batched")
+        assert set(outcomes) == {"passed"} and outcomes["passed"] >= clients * tokens
+        nursery.cancel_scope.cancel()

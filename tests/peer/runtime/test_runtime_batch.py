@@ -27,10 +27,14 @@ def _inputs(ex: rt.SpanExecutor, n: int, seed: int) -> torch.Tensor:
     return torch.randn(1, n, ex.hidden_size, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
-def test_a_batched_step_equals_the_lone_steps_at_different_positions(kind: str,
+@pytest.mark.parametrize(("kind", "attention"), [("llama", "sdpa"), ("mistral", "sdpa"), ("qwen2", "sdpa"),
+                                                ("qwen2", "eager")])
+def test_a_batched_step_equals_the_lone_steps_at_different_positions(kind: str, attention: str,
                                                                     tiny_models: dict[str, Path]) -> None:
     ex = rt.load_span(str(tiny_models[kind]), *SPANS[kind])
+    for layer in ex.layers:  # the executor and its layers share the config: how they attend
+        assert layer.self_attn.config is ex.layers[0].self_attn.config
+    ex.layers[0].self_attn.config._attn_implementation = attention
     prefills = [3, 9, 14, 1, 20]  # before and past the sliding window
     steps = [[1, 1, 3, 1, 1], [1, 2, 1, 1, 1], [1, 1, 1, 4, 1]]  # tokens per session, three batches
     inputs = [_inputs(ex, p + sum(col), seed) for seed, (p, *col) in enumerate(zip(prefills, *steps))]
