@@ -13,6 +13,12 @@ and the bench prints:
 - the ratios of both to the lone session (N = 1), and whether every client's greedy
   tokens start with the ``--check-tokens`` it got generating alone (they must).
 
+A first part (``compute``) times the server's side alone, in this process: the span's
+``forward_batch`` of B decode steps of sessions at different positions, B = 1, 4, 8, 16
+(one thread), as decode tokens/s and step time against B = 1: what batching buys the
+server, without the clients' own costs (on a 2-core machine the clients of the second
+part share the cores with the server).
+
 With ``--baseline`` a second server with ``--max-batch 1`` (no batching, same credit
 scheduler) runs the largest N too, the same run. Goal (issue 16): >= 3x aggregate at 16
 sessions with p95 step latency <= 2.5x of a lone session.
@@ -25,7 +31,7 @@ with SmolLM2's own 49,152-token head, 16 clients on a 2-core machine spend more 
 their heads than the server in its blocks and measure the clients. ``--model
 smollm2-135m-instruct`` (or any model) runs the real one.
 
-Run: ``.venv/bin/python bench/batching.py [--model smollm2-shape] [--clients 1,4,8,16]
+Run: ``.venv/bin/python bench/batching.py [--part compute|swarm|all] [--model smollm2-shape] [--clients 1,4,8,16]
 [--tokens 48] [--threads 1] [--max-batch 16] [--baseline]``. The machine may be shared:
 the load average is printed; compare ratios.
 """
@@ -156,8 +162,41 @@ def table(levels: Sequence[Level], title: str) -> None:
               f"| {lv.p50 * 1e3:11.1f} | {lv.p95 * 1e3:11.1f} | {lv.p95 / lone.p95:10.2f} | {lv.same_tokens}")
 
 
+def compute_part(model: str, blocks: int, sizes: Sequence[int], threads: int, repeats: int = 7) -> None:
+    """``forward_batch`` alone: B sessions at different positions, one decode step each;
+    the sizes take turns, so that a shared machine's load falls on all of them alike."""
+    from peer.runtime import load_span
+
+    torch.set_num_threads(threads)
+    ex = load_span(model, 0, blocks)
+    g = torch.Generator().manual_seed(0)
+    groups = {}
+    for size in sizes:
+        groups[size] = [ex.open_session(256) for _ in range(size)]
+        for i, sid in enumerate(groups[size]):
+            ex.forward(sid, torch.randn(1, 6 + 3 * i, ex.hidden_size, generator=g), 0)
+    times: dict[int, list[float]] = {size: [] for size in sizes}
+    for r in range(repeats + 1):
+        for size, sids in groups.items():
+            steps = [ex.check_step(sid, torch.randn(1, 1, ex.hidden_size, generator=g), ex.session_length(sid))
+                     for sid in sids]
+            t0 = time.perf_counter()
+            ex.forward_batch(steps)
+            if r:  # the first round warms up
+                times[size].append(time.perf_counter() - t0)
+    print(f"\nserver compute alone (forward_batch, {blocks} blocks, {threads} thread(s); median and min of "
+          f"{repeats}; load {load_average()})")
+    print("  batch | step ms (median, min) | x lone step | decode tok/s | x lone tok/s (median, min)")
+    lone, lone_min = statistics.median(times[sizes[0]]), min(times[sizes[0]])
+    for size in sizes:
+        step, fastest = statistics.median(times[size]), min(times[size])
+        print(f"  {size:5d} | {step * 1e3:9.1f} {fastest * 1e3:9.1f} | {step / lone:11.2f} | {size / step:12.2f} | "
+              f"{size * lone / step:12.2f} {size * lone_min / fastest:6.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["compute", "swarm", "all"], default="all")
     parser.add_argument("--model", default="smollm2-shape")
     parser.add_argument("--clients", default="1,4,8,16")
     parser.add_argument("--tokens", type=int, default=48)
@@ -181,6 +220,11 @@ def main() -> None:
         del head
         print(f"model {args.model}: {blocks} blocks; server --threads {args.threads}; {args.tokens} tokens per client; "
               f"load {load_average()}; {os.cpu_count()} cores", flush=True)
+        if args.part in ("compute", "all"):
+            compute_part(model, blocks, levels, args.threads)
+            torch.set_num_threads(1)
+        if args.part == "compute":
+            return
         common = ["--threads", str(args.threads), "--max-sessions", str(max(levels))]
         results = {}
         runs = [("batched", args.max_batch, levels)]

@@ -150,7 +150,8 @@ class BatchJob:
         """The ``[B, 1, N, K]`` mask of the layers of ``kind`` (see the module docstring)."""
         ex = self._ex
         first = ex._layer_types[lo:hi].index(kind)  # a cache slot of that kind (slots count from lo)
-        sizes = [s.session.cache.layers[first].get_mask_sizes(s.tokens) for s in self.steps]
+        sizes = [s.session.cache.layers[first].get_mask_sizes(s.tokens)  # type: ignore[attr-defined]
+                 for s in self.steps]
         width = positions.shape[1]
         keys = max(length for length, _ in sizes)
         device = positions.device

@@ -159,7 +159,7 @@ async def test_a_smaller_batch_lingers_for_the_steps_on_their_way(autojump_clock
         scheduler = Scheduler(capacity=1, config=SchedulerConfig(batch_linger=linger))
         batches.clear()
 
-        async def step(name: str, delay: float) -> None:
+        async def step(name: str, delay: float, scheduler: Scheduler = scheduler) -> None:
             await trio.sleep(delay)  # the client's round trip
             await scheduler.run_batch(name, name, key="span", combine=combine, work=STEP)
 
