@@ -205,7 +205,8 @@ class ServerNode:
         s, st = self.server, self.server.stats
         return (f"blocks {s.span[0]}:{s.span[1]} | sessions {s.open_sessions}/{s.max_sessions} | "
                 f"{st.tokens} tokens in {st.steps} steps | {st.tokens_per_second:.1f} tok/s compute | "
-                f"{len(self.host.connections)} peers")
+                + (f"{st.batched_steps} steps batched (up to {st.largest_batch}) | " if st.batched_steps else "")
+                + f"{len(self.host.connections)} peers")
 
 
 async def run_server(identity: Identity, options: ServeOptions, *,
