@@ -195,6 +195,10 @@ class SpanServer:
         self._clock = clock
         self._sessions: dict[bytes, _Served] = {}
         self._once_tokens: dict[bytes, int] = {}  # requester -> FORWARD_ONCE tokens queued or computing
+        # Long FORWARD_ONCEs in progress at once, whoever asks: each holds a cache and
+        # scratch memory of its own while its pieces run, so they take turns; decode
+        # steps still run between their pieces.
+        self._long_jobs = trio.Semaphore(self.compute.capacity)
         self._in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -384,12 +388,14 @@ class SpanServer:
             start, end = msg.span
             job = self.executor.forward_once_job(hidden, start=start, end=end, quantum=self.limits.quantum,
                                                  chunk_tokens=self.limits.chunk_tokens)
-            transient = self.executor.transient_bytes(n_tokens, start=start, end=end) if len(job.pieces) > 1 else 0
-            self.executor.reserve(transient)  # counted against the same budget as sessions
-            try:
-                output = await self._compute_step(conn, msg.span, n_tokens, job)
-            finally:
-                self.executor.release(transient)
+            long = len(job.pieces) > 1
+            transient = self.executor.transient_bytes(n_tokens, start=start, end=end) if long else 0
+            async with self._long_jobs if long else _NO_LIMIT:
+                self.executor.reserve(transient)  # counted against the same budget as sessions
+                try:
+                    output = await self._compute_step(conn, msg.span, n_tokens, job)
+                finally:
+                    self.executor.release(transient)
         finally:
             left = self._once_tokens[conn.peer_id] - n_tokens
             if left:
@@ -479,6 +485,17 @@ class SpanServer:
         self.stats.compute_seconds += seconds
         if self._on_work is not None:
             self._on_work(requester, work)
+
+
+class _NoLimit:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LIMIT = _NoLimit()
 
 
 def _timed(fn: Callable[[], object]) -> float:

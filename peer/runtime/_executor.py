@@ -136,34 +136,27 @@ class ForwardJob:
     masks and rotary embeddings are made once per chunk, and a block computes exactly
     what it computes in one call, so a session's step is the same bits either way.
     Each piece enters inference mode itself (it is thread-local) and holds the slot gate
-    only while it runs, so other sessions' pieces interleave with it.
+    only while it runs, so other sessions' pieces interleave with it. The pieces refer
+    to the run's state, never to the job, so that a job (and the cache it may hold) is
+    freed as soon as it is dropped, not at the next cycle collection.
     """
 
     def __init__(self, executor: SpanExecutor, hidden: torch.Tensor, position: int, cache: object | None,
                  lo: int, hi: int, *, quantum: int | None, chunk_tokens: int | None,
                  on_done: Callable[[], None] | None) -> None:
-        self._ex = executor
-        self._hidden = hidden
-        self._position = position
-        self._cache = cache
-        self._lo = lo
-        self._on_done = on_done
         n = hidden.shape[1]
         self.tokens = n
         self.blocks = hi - lo
         step = chunk_tokens or n
         chunks = [(a, min(a + step, n)) for a in range(0, n, step)]
-        self._outputs: list[torch.Tensor | None] = [None] * len(chunks)
-        self._x: torch.Tensor | None = None
-        self._prepared: tuple | None = None
+        state = self._state = _Run(executor, hidden, position, cache, lo, hi, len(chunks), on_done)
         self.pieces: list[tuple[int, Callable[[], None]]] = []
         for index, (a, b) in enumerate(chunks):
             group = self.blocks if quantum is None else max(1, min(self.blocks, quantum // (b - a)))
             for first in range(lo, hi, group):
                 last = min(first + group, hi)
-                self.pieces.append(((b - a) * (last - first),
-                                    functools.partial(self._piece, index, a, b, first, last, hi)))
-        self._done = 0
+                self.pieces.append(((b - a) * (last - first), functools.partial(state.piece, index, a, b, first, last)))
+        state.total = len(self.pieces)
 
     @property
     def work(self) -> int:
@@ -171,30 +164,7 @@ class ForwardJob:
 
     @property
     def pieces_done(self) -> int:
-        return self._done
-
-    def _piece(self, index: int, a: int, b: int, first: int, last: int, hi: int) -> None:
-        ex = self._ex
-        with torch.inference_mode():
-            if first == self._lo:
-                x = self._hidden[:, a:b].to(device=ex.device, dtype=ex.dtype)
-                self._prepared = ex._prepare(x, self._position + a, self._cache, self._lo, hi)
-            else:
-                assert self._x is not None
-                x = self._x
-            assert self._prepared is not None
-            if self._cache is not None:
-                with ex._gate.hold(self._lo):
-                    x = ex._run_layers(x, self._prepared, self._cache, self._lo, first, last)
-            else:
-                x = ex._run_layers(x, self._prepared, None, self._lo, first, last)
-            self._x = x
-            if last == hi:
-                self._outputs[index] = x
-                self._x = None
-        self._done += 1
-        if self._done == len(self.pieces) and self._on_done is not None:
-            self._on_done()
+        return self._state.done
 
     def run(self) -> torch.Tensor:
         """Compute every piece now (in this thread) and return the output."""
@@ -204,10 +174,54 @@ class ForwardJob:
 
     def result(self) -> torch.Tensor:
         """The span's output, once every piece has run."""
-        if self._done != len(self.pieces):
-            raise RuntimeError(f"{len(self.pieces) - self._done} pieces of the forward have not run")
-        outputs = [o for o in self._outputs if o is not None]
+        state = self._state
+        if state.done != state.total:
+            raise RuntimeError(f"{state.total - state.done} pieces of the forward have not run")
+        outputs = [o for o in state.outputs if o is not None]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+
+class _Run:
+    """What a ``ForwardJob``'s pieces share: the input, the cache, the chunk in flight."""
+
+    __slots__ = ("ex", "hidden", "position", "cache", "lo", "hi", "on_done", "outputs", "x", "prepared", "done",
+                 "total")
+
+    def __init__(self, ex: SpanExecutor, hidden: torch.Tensor, position: int, cache: object | None, lo: int,
+                 hi: int, chunks: int, on_done: Callable[[], None] | None) -> None:
+        self.ex, self.hidden, self.position, self.cache, self.lo, self.hi = ex, hidden, position, cache, lo, hi
+        self.on_done = on_done
+        self.outputs: list[torch.Tensor | None] = [None] * chunks
+        self.x: torch.Tensor | None = None
+        self.prepared: tuple | None = None
+        self.done = 0
+        self.total = 0
+
+    def piece(self, index: int, a: int, b: int, first: int, last: int) -> None:
+        ex = self.ex
+        with torch.inference_mode():
+            if first == self.lo:
+                x = self.hidden[:, a:b].to(device=ex.device, dtype=ex.dtype)
+                self.prepared = ex._prepare(x, self.position + a, self.cache, self.lo, self.hi)
+            else:
+                assert self.x is not None
+                x = self.x
+            assert self.prepared is not None
+            if self.cache is not None:
+                with ex._gate.hold(self.lo):
+                    x = ex._run_layers(x, self.prepared, self.cache, self.lo, first, last)
+            else:
+                x = ex._run_layers(x, self.prepared, None, self.lo, first, last)
+            self.x = x
+            if last == self.hi:
+                self.outputs[index] = x
+                self.x = None
+        self.done += 1
+        if self.done == self.total:
+            self.prepared = None
+            self.hidden = None  # type: ignore[assignment]
+            if self.on_done is not None:
+                self.on_done()
 
 
 class SpanExecutor:
