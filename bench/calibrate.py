@@ -1,6 +1,7 @@
 """Measure honest disagreement between peers and print calibrated audit thresholds.
 
     python bench/calibrate.py [--smollm] [--steps 24] [--json out.json]
+    python bench/calibrate.py --record MODEL [--record-dir DIR]
     python -m bench.calibrate ...           (the same, from the repository root)
 
 Theory of operation. An audit compares a hop's signed output for one step of a
@@ -17,7 +18,13 @@ of each statistic per span depth:
 
 For contrast it also measures two cheats: int8 weights (bitsandbytes, announced as
 fp32) and a skipped block, to show the margin between the thresholds and the smallest
-cheat. Models: tiny random Llamas built from a config (the tests' and the design's
+cheat.
+
+``--record MODEL`` instead measures the activation range of MODEL (spec 13.3, "Input
+bounds"): the RMS of every row of the hidden states entering each block, over 24
+random-token prompts and a few natural ones, and writes the calibration record that
+verifiers use to call proofs with out-of-range inputs inconclusive
+(``verify._bounds``), into ``verify/calibration/`` (or ``--record-dir``). Models: tiny random Llamas built from a config (the tests' and the design's
 bench model) and, with ``--smollm``, spans of SmolLM2-135M-Instruct. fp32 on CPU only:
 fp16/bf16 *compute* needs a GPU run (none on the build machines), see ``verify._compare``.
 """
@@ -35,9 +42,12 @@ from dataclasses import dataclass, field
 import torch
 
 from protocol import decode_tensor, encode_tensor
-from verify import MARGIN, row_statistics
+from verify import MARGIN, NormBounds, bounds_from_activations, record_path, row_statistics
 
-__all__ = ["Worst", "measure_model", "main"]
+__all__ = ["Worst", "measure_model", "record_bounds", "main"]
+
+NATURAL_PROMPTS = ("The capital of France is", "def fibonacci(n):\n    if n < 2:",
+                   "Once upon a time, in a land far away, there lived")
 
 WIRE_DTYPES = ("f16", "bf16", "q8", "nf4")
 
@@ -144,6 +154,28 @@ def measure_model(source: str, *, depths: Sequence[int], prompt_len: int = 12, s
     return report
 
 
+def record_bounds(source: str, *, prompts: int = 24, length: int = 32, seed: int = 0) -> NormBounds:
+    """The activation range of every block of ``source`` (module docstring)."""
+    from peer.runtime import load_head, load_span
+
+    head = load_head(source)
+    full = load_span(source, 0, head.num_blocks)
+    gen = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, head.vocab_size, (length,), generator=gen).tolist() for _ in range(prompts)]
+    try:
+        batches += [head.encode_prompt(p, chat=False) for p in NATURAL_PROMPTS]
+    except Exception:  # a model without a tokenizer: random tokens only
+        pass
+    inputs: dict[int, list[torch.Tensor]] = {b: [] for b in range(head.num_blocks)}
+    with torch.inference_mode():
+        for ids in batches:
+            x = head.embed(ids).to(torch.float32)
+            for block in range(head.num_blocks):
+                inputs[block].append(x)
+                x = full.forward_once(x, start=block, end=block + 1)
+    return bounds_from_activations(full.model_id, inputs)
+
+
 def _fit(reports: Sequence[Report], kinds: Sequence[str]) -> dict[str, float]:
     """Largest honest value per statistic, with the depth slope of rel L2 (least squares
     through the per-depth maxima of every model)."""
@@ -170,7 +202,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smollm", action="store_true", help="also measure SmolLM2-135M-Instruct spans")
     parser.add_argument("--steps", type=int, default=24, help="decode steps per span")
     parser.add_argument("--json", help="write the raw measurements to this file")
+    parser.add_argument("--record", metavar="MODEL", help="write MODEL's calibration record (input bounds) instead")
+    parser.add_argument("--record-dir", help="where to write it (default: verify/calibration/)")
     args = parser.parse_args(argv)
+    if args.record:
+        bounds = record_bounds(args.record)
+        path = record_path(bounds.model, args.record_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(bounds.to_json() + "\n")
+        for block, (lo, hi) in sorted(bounds.blocks.items()):
+            print(f"block {block:3d}: row RMS {lo:.3g} .. {hi:.3g}")
+        print(f"wrote {path} ({bounds.model})")
+        return 0
     torch.set_num_threads(max(torch.get_num_threads(), 2))
     t0 = time.perf_counter()
     reports = []

@@ -18,7 +18,7 @@ from protocol._handshake import (
     next_handshake_state,
 )
 from protocol._identity import Identity
-from protocol.errors import HandshakeError, LocalProtocolError, ProtocolError, UnexpectedMessage
+from protocol.errors import HandshakeError, LocalProtocolError, ProtocolError
 
 ALICE, BOB = Identity.derive(bytes([0xA1]) * 32), Identity.derive(bytes([0xB0]) * 32)
 MAX_FRAME = 2 + 65535
@@ -89,7 +89,7 @@ def test_arbitrary_bytes_after_a_valid_message1(tail, cuts):
     _, message1 = started_initiator()
     check_chunkings(responder, message1 + tail, cuts)
     _, error = outcome(responder(), [message1 + tail])
-    assert error is not None and error[0] in (HandshakeError, UnexpectedMessage)
+    assert error is not None and error[0] is HandshakeError
 
 
 @given(hostile, cut_lists)
@@ -140,7 +140,7 @@ def test_every_role_state_event_triple(role, state, event):
         new = next_handshake_state(role, state, event)
     except ProtocolError as exc:
         assert (role, state, event) not in HANDSHAKE_TRANSITIONS
-        expected = LocalProtocolError if event is HandshakeEvent.SEND_MESSAGE else UnexpectedMessage
+        expected = LocalProtocolError if event is HandshakeEvent.SEND_MESSAGE else HandshakeError
         assert isinstance(exc, expected)
         return
     assert HANDSHAKE_TRANSITIONS[role, state, event] is new
@@ -201,7 +201,7 @@ def test_every_reachable_pair_through_the_real_object(role, state, event, junk):
         assert me.state is HandshakeState.ERROR
         assert not legal or message is None
         if not legal and state is not HandshakeState.ERROR:
-            assert isinstance(exc, LocalProtocolError if event is HandshakeEvent.SEND_MESSAGE else UnexpectedMessage)
+            assert isinstance(exc, LocalProtocolError if event is HandshakeEvent.SEND_MESSAGE else HandshakeError)
         return
     assert legal
     assert me.state is HANDSHAKE_TRANSITIONS[role, state, event]

@@ -101,3 +101,29 @@ def test_the_channel_turns_any_message_into_an_event_or_a_protocol_error(type_, 
         return
     assert event is None or isinstance(event, ChannelEvent)
     assert channel.outstanding + channel.incoming in (1, 0, 2)
+
+
+@given(messages)
+def test_id_0_is_only_a_connection_level_error(msg):
+    # Spec section 6: request ids start at 1; id 0 marks an ERROR about the connection.
+    wire = cbor_encode([msg.TYPE, 0, msg.to_cbor()])
+    if type(msg) is M.Error:
+        assert M.decode_message(wire) == (0, msg)
+    else:
+        with pytest.raises(M.DecodeError):
+            M.decode_message(wire)
+
+
+@given(st.integers(0, 600), st.text(max_size=40))
+def test_a_connection_level_error_ends_the_channel_with_its_code(code, text):
+    from protocol import Channel, ConnectionAborted, Ping
+
+    channel = Channel(limits=SMALL)
+    channel.send_request(Ping(), "token")
+    try:
+        notice = M.encode_message(M.Error(code=code, message=text[:100]), 0)
+    except ProtocolError:
+        return  # text that is not valid UTF-8
+    with pytest.raises(ConnectionAborted) as info:
+        channel.receive(notice)
+    assert info.value.code == code

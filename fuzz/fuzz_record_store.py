@@ -50,7 +50,7 @@ class StoreMachine(RuleBasedStateMachine):
         try:
             changed = self.store.put(record, now=self.now, group=group, proven=lambda _: proven)
         except RecordRejected as exc:
-            assert exc.code in (ErrorCode.STALE_RECORD, ErrorCode.LIMIT_EXCEEDED), exc
+            assert exc.code in (ErrorCode.STALE_RECORD, ErrorCode.STORAGE_FULL), exc
             if exc.code is ErrorCode.STALE_RECORD:
                 assert held is not None and seq <= held.seq and held != record
             assert len(self.store) <= before

@@ -75,18 +75,49 @@ def for_codec(codec):
     raise TypeError(f"no strategy for {codec!r}")
 
 
+def _field_strategies(cls):
+    return {f.name: (st.none() | for_codec(f.codec)) if f.optional else for_codec(f.codec) for f in cls.FIELDS}
+
+
+@st.composite
+def _model_shaped(draw, cls):
+    """A structure whose span must end within num_blocks (ModelDescriptor, Announcement)."""
+    fields = {name: draw(strategy) for name, strategy in _field_strategies(cls).items()}
+    start, end = fields["span"]
+    if fields.get("num_blocks") is not None or cls is M.ModelDescriptor:
+        fields["num_blocks"] = draw(st.integers(end, M.MAX_BLOCKS))
+    if "hidden_size" in fields and (fields["hidden_size"] is not None or cls is M.ModelDescriptor):
+        fields["hidden_size"] = draw(st.integers(1, 1 << 20))
+    return cls(**fields)
+
+
+#: "major.minor" as MODEL_REPORT.versions carries them.
+versions = st.builds(lambda a, b: f"{a}.{b}", st.integers(0, 999), st.integers(0, 999))
+
+_SPECIAL = {
+    M.ModelDescriptor: lambda: _model_shaped(M.ModelDescriptor),
+    M.Announcement: lambda: _model_shaped(M.Announcement),
+    M.ModelEntry: lambda: st.builds(M.ModelEntry, model=for_codec(M.ModelEntry.FIELDS[0].codec),
+                                    num_blocks=st.integers(1, M.MAX_BLOCKS), hidden_size=st.integers(1, 1 << 20),
+                                    source=st.sampled_from(["", "owner/name", "smollm2-135m-instruct"])),
+}
+
+
 def structures(cls):
-    return st.builds(cls, **{f.name: (st.none() | for_codec(f.codec)) if f.optional else for_codec(f.codec)
-                             for f in cls.FIELDS})
+    if cls in _SPECIAL:
+        return _SPECIAL[cls]()
+    return st.builds(cls, **_field_strategies(cls))
 
 
 def message_strategy(cls):
-    return st.builds(cls, **{f.name: (st.none() | for_codec(f.codec)) if f.optional else for_codec(f.codec)
-                             for f in cls.FIELDS})
+    if cls is M.ModelReport:
+        return st.builds(M.ModelReport, versions=st.lists(versions, max_size=MAX_LIST).map(tuple),
+                         models=st.lists(structures(M.ModelDescriptor), max_size=MAX_LIST).map(tuple))
+    return st.builds(cls, **_field_strategies(cls))
 
 
-#: Envelope ids (request ids, echoed by responses).
-request_ids = st.integers(0, 2**64 - 1)
+#: Envelope ids (request ids, echoed by responses): 0 is reserved for a connection-level ERROR.
+request_ids = st.integers(1, 2**64 - 1)
 
 
 #: One strategy per message type.

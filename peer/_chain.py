@@ -1,17 +1,45 @@
 """An open relay chain for one generation: sessions on hops that cover [0, L).
 
-Theory of operation. ``Chain.step(hidden)`` sends the hidden states of the new tokens
-through every hop in order. Each step is the protocol's forward exchange
+Theory of operation. ``Chain.open(route)`` opens a session on every hop of the route
+at once; ``Chain.step(hidden)`` sends the hidden states of the new tokens through
+every hop in order. Each step is the protocol's forward exchange
 (``protocol.sign_forward`` / ``accept_result``) on the hop's ``SessionState``, which
-keeps the session's signed transcript and history digest exactly as the server
-keeps them: the chain verifies every output's signature before using it (a bad one
-is a failure of that hop). When a hop fails (connection lost,
-timeout, ERROR, bad signature, malformed answer) the chain marks the peer as failed,
-asks ``replan`` for a new route of that hop's blocks that avoids every failed peer,
-opens sessions there, replays the hop's whole history to the replacement as one
-prefill step, and carries on with the step that failed. Because the replacement
-recomputes exactly what the failed hop had computed, generation continues with the
-same tokens (up to float rounding between a batched prefill and step-by-step decode).
+keeps the session's signed transcript and history digest exactly as the server keeps
+them: the chain verifies every output's signature before using it (a bad one is a
+failure of that hop).
+
+Failover is the same at every stage. When a hop fails (connection lost, timeout,
+ERROR of any code, bad signature, malformed answer), whether while opening, stepping
+or replaying, the chain tells the client's ``PeerHealth`` (failure memory with
+backoff, honouring the ``retry_after`` the server asked for), closes what it had
+opened there, asks ``replan`` for a route of that hop's blocks around every failed
+and backed-off peer, opens it, replays the hop's whole history to the replacement as
+one prefill step, and carries on with the step that failed. Because the replacement
+recomputes what the failed hop had computed, generation continues with the same
+tokens (up to float rounding between a batched prefill and step-by-step decode). Only
+``AllCandidatesFailed`` (or ``NoRoute`` from the first plan) names the blocks that
+could not be served; raw transport errors never leave the chain.
+
+Deadlines derive from measurements (``PeerHealth.step_timeout``: the hop's RTT and
+measured compute, with a floor, at most ``step_timeout``). A slow open or step is
+hedged: after ``PeerHealth.hedge_delay`` another candidate for the same blocks is
+tried at the same time and the first to answer wins. A hedge runs in the client's
+background nursery (``spawn``), so whatever it opened after losing is closed there
+rather than leaked; without ``spawn`` nothing is hedged.
+
+Every path closes what it opened: a hop opened before another hop's open failed, a
+replacement that failed during replay, the loser of a hedge, and every session when
+the generation ends or is cancelled (``aclose``, bounded in time).
+
+Audits (``_audit_step``, spec 13.2): a hop-step drawn for an audit is checked before
+its output is used, under the step's deadline. An output the audit did not confirm (the hop convicted, outvoted,
+or a dispute nobody could settle) is never used: the hop is replaced like a failed
+one, without the peers the audit found on the losing side, the disputed step is
+redone there, and the hop's earlier, unaudited outputs are compared with the
+replacement's replay of the same inputs (a divergence rolls the generation back).
+Every later step of that span is audited. Only when no other holder can take the
+span is the disputed output kept, and then counted as unverifiable, as is a step no
+independent peer could check (``Verification``: the client reports both).
 """
 
 from __future__ import annotations
@@ -19,14 +47,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
+import trio
 
 from protocol import (
     CloseSession,
     OpenSession,
+    SessionPhase,
     SessionState,
     SignedStep,
     accept_result,
@@ -34,26 +64,36 @@ from protocol import (
     encode_tensor,
     sign_forward,
 )
-from protocol.errors import LocalProtocolError, ProtocolError, RemoteError, SwarmError
-from swarm.errors import PeerUnreachable, RequestTimeout
+from protocol.errors import LocalProtocolError, ProtocolError, RemoteError, SwarmError, swarm_error_in
+from swarm.errors import NoRoute, PeerUnreachable, RequestTimeout
+from swarm.health import PeerHealth, TimeoutPolicy
 from swarm.planning import Hop, Route
 from swarm.transport import Host, PeerConnection
 
 from .credit import CreditService
 
 if TYPE_CHECKING:
-    from verify import Auditor
+    from verify import Auditor, AuditResult
 
-__all__ = ["Chain", "HopRecord", "AllCandidatesFailed", "CheatDetected", "RollbackRequired"]
+__all__ = ["Chain", "HopRecord", "AllCandidatesFailed", "CheatDetected", "RollbackRequired", "Verification",
+           "HOP_FAILURES"]
 
 log = logging.getLogger("swarm.client")
 
 #: Failures that make the client route around a hop (anything else is a bug or a cancel).
 HOP_FAILURES = (PeerUnreachable, RequestTimeout, RemoteError, ProtocolError)
+#: Seconds ``aclose`` may take in all (receipts and CLOSE_SESSION to every hop at once).
+CLOSE_TIMEOUT = 2.0
+#: Seconds a close of a failed hop may wait (the request is written at once; a hung
+#: peer closes the session when it wakes, a dead one never had it).
+FAILED_CLOSE_TIMEOUT = 0.2
+
+Spawn = Callable[..., None]
 
 
 class CheatDetected(SwarmError):
-    """An audit convicted a hop (2-vs-1 vote); the chain replaces it."""
+    """An audit did not confirm a hop's output (convicted, outvoted or disputed); the
+    chain replaces the hop and redoes the step."""
 
 
 class RollbackRequired(SwarmError):
@@ -72,6 +112,44 @@ class AllCandidatesFailed(SwarmError):
     def __init__(self, start: int, end: int, attempts: int, last: BaseException | None) -> None:
         super().__init__(f"all candidates for blocks {start}..{end - 1} failed after {attempts} attempts "
                          f"(last: {last}); try again later or add servers for these blocks")
+        self.start = start
+        self.end = end
+        self.attempts = attempts
+
+
+@dataclass(slots=True)
+class Verification:
+    """What the audits of one generation established (spec 13.2, "Reporting").
+
+    ``audited`` counts audited hop-steps whose output was used; of those, ``verified``
+    were confirmed by an independent check and the rest were not checkable (no other
+    holder answered, or a dispute no other holder could settle): ``unverifiable``
+    maps (peer id, start, end) of such hops to how many of their steps.
+    """
+
+    hop_steps: int = 0  # every hop-step whose output was used
+    audited: int = 0
+    verified: int = 0
+    unverifiable: dict[tuple[bytes, int, int], int] = field(default_factory=dict)
+    addresses: dict[bytes, str] = field(default_factory=dict)  # of the unverifiable hops
+
+    @property
+    def verified_fraction(self) -> float | None:
+        """Share of audited hop-steps an independent check confirmed (None: no audits)."""
+        return self.verified / self.audited if self.audited else None
+
+    def used(self, record: HopRecord, result: AuditResult | None) -> None:
+        """``record``'s last step output is used, after ``result`` (None: not audited)."""
+        self.hop_steps += 1
+        if result is None:
+            return
+        self.audited += 1
+        if result.verified:
+            self.verified += 1
+        else:
+            key = (record.hop.peer_id, *record.span)
+            self.unverifiable[key] = self.unverifiable.get(key, 0) + 1
+            self.addresses[record.hop.peer_id] = record.conn.address
 
 
 @dataclass(slots=True)
@@ -101,6 +179,22 @@ class HopRecord:
         return self.state.length
 
 
+@dataclass(slots=True)
+class _Attempt:
+    """A hedge that may outlive the wait for it: what it opened is handed over while it
+    is ``wanted``, and closed by the attempt itself once it is not."""
+
+    records: list[HopRecord] = field(default_factory=list)
+    result: Any = None
+    error: BaseException | None = None
+    wanted: bool = True
+    done: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def ok(self) -> bool:
+        return self.done.is_set() and self.error is None
+
+
 class Chain:
     """Sessions on a route; see the module docstring.
 
@@ -109,17 +203,25 @@ class Chain:
         model: model id every hop must serve.
         max_length: tokens each session must hold (prompt + new tokens).
         replan: ``await replan(start, end, exclude)`` returns a route for blocks
-            [start, end) avoiding the peer ids in ``exclude`` (raises NoRoute if none).
+            [start, end) avoiding the peer ids in ``exclude`` and every backed-off peer
+            (raises NoRoute if none).
         wire_dtype: dtype of hidden states on the wire.
-        step_timeout: seconds one hop may take for one step.
-        max_failovers: re-routes allowed per generation before giving up.
+        step_timeout: the longest any one request may take (derived deadlines are shorter).
+        max_failovers: hop replacements allowed per generation before giving up.
+        health: the client's failure memory and measurements (shared by its chains).
+        alternative: ``await alternative(start, end, exclude)`` -> one hop covering
+            [start, end) to hedge with, or None.
+        spawn: starts a task in the client's background nursery (hedges run there).
     """
 
     def __init__(self, host: Host, *, model: str, max_length: int,
                  replan: Callable[[int, int, frozenset[bytes]], Awaitable[Route]],
                  wire_dtype: str = "f32", step_timeout: float = 60.0, max_failovers: int = 8,
                  on_failover: Callable[[Hop, BaseException], None] | None = None,
-                 credit: CreditService | None = None, auditor: Auditor | None = None) -> None:
+                 credit: CreditService | None = None, auditor: Auditor | None = None,
+                 health: PeerHealth | None = None,
+                 alternative: Callable[[int, int, frozenset[bytes]], Awaitable[Hop | None]] | None = None,
+                 spawn: Spawn | None = None) -> None:
         self.host = host
         self.model = model
         self.max_length = max_length
@@ -130,13 +232,29 @@ class Chain:
         self.on_failover = on_failover
         self.credit = credit
         self.auditor = auditor
+        self.health = health if health is not None else PeerHealth(timeouts=TimeoutPolicy(cap=step_timeout))
+        self.alternative = alternative
+        self.spawn = spawn
         self.hops: list[HopRecord] = []
-        self.failed: set[bytes] = set()
+        self.failed: set[bytes] = set()  # peers that failed in this generation (never retried in it)
         self.failovers = 0
+        self.verification = Verification()
+        self.disputed: set[tuple[int, int]] = set()  # spans audited at every step from now on
+        self.unredoable: set[tuple[int, int]] = set()  # disputed spans no other holder could take
+        self.hedges = 0  # hedged requests started
+        self.hedges_won = 0
         self._replayed: torch.Tensor | None = None  # the last failover's replay output
 
+    # -- the public surface -----------------------------------------------------------------
+
     async def open(self, route: Route) -> None:
-        self.hops = [await self._open_hop(hop) for hop in route.hops]
+        """Open sessions on every hop of ``route`` at once, failing over per hop.
+
+        Raises:
+            AllCandidatesFailed: some blocks could not be opened anywhere; every session
+                opened meanwhile is closed.
+        """
+        self.hops = await self._open_route(route)
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         """Run ``hidden`` ([1, n, hidden]) for positions ``position..`` through every hop."""
@@ -147,70 +265,84 @@ class Chain:
             if record.length != position:
                 raise LocalProtocolError(f"hop session at {record.length} tokens, asked to step at {position}")
             try:
-                out = await self._forward(record, x)
+                out = await self._forward_hedged(i, x)
             except HOP_FAILURES as exc:
                 await self._fail_over(i, exc)
                 continue
-            if self.auditor is not None and self.auditor.should_audit():
-                result = await self.auditor.audit(
-                    model=self.model, span=record.span, hop_peer=record.hop.peer_id,
-                    hop_public_key=record.conn.public_key, hop_addrs=record.hop.addrs, session=record.session,
-                    transcript=record.transcript, index=len(record.transcript) - 1)
-                if result.hop_cheated:
-                    await self._replace_cheater(i, record, position)  # the disputed step is redone there
-                    continue
+            if not await self._audit_step(i, record, position):
+                continue  # the hop was replaced: the disputed step is redone there
             x = out
             i += 1
         return x
 
     async def aclose(self) -> None:
-        """Close every session (best effort: the servers also drop them with the connection)."""
+        """Close every session: receipts and CLOSE_SESSION to all hops at once, within
+        ``CLOSE_TIMEOUT`` (the servers also drop sessions when the connection ends)."""
         hops, self.hops = self.hops, []
-        if self.credit is not None:
-            for record in hops:
-                if record.conn.is_open:
-                    await self.credit.send_receipt(record.conn)
-        await _close_quietly(hops)
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for record in hops:
+                    nursery.start_soon(self._close_one, record)
 
-    # -- internals ------------------------------------------------------------------------
+    # -- the audit path (spec 13.2) -----------------------------------------------------------
 
-    async def _open_hop(self, hop: Hop) -> HopRecord:
-        conn = await self._connect(hop)
-        opened = await conn.request(OpenSession(model=self.model, span=hop.span, max_length=self.max_length,
-                                                wire_dtype=self.wire_dtype), timeout=self.step_timeout)
-        state = SessionState(client=self.host.peer_id, server=conn.peer_id, session=opened.session, model=self.model,
-                             span=hop.span, max_length=self.max_length, wire_dtype=self.wire_dtype)
-        state.open()
-        return HopRecord(hop=hop, conn=conn, state=state)
-
-    async def _connect(self, hop: Hop) -> PeerConnection:
-        last: BaseException | None = None
-        for addr in hop.addrs:
+    async def _audit_step(self, index: int, record: HopRecord, position: int) -> bool:
+        """Audit ``record``'s last step if it is drawn (or its span is disputed), within
+        the step's deadline. Returns whether its output may be used; False: the hop was
+        replaced, redo the step."""
+        auditor = self.auditor
+        if auditor is None or not (record.span in self.disputed or auditor.should_audit(record.hop.peer_id)):
+            self.verification.used(record, None)
+            return True
+        # A recomputation replays the whole prefix: its deadline is the step's for that
+        # many tokens; the audit as a whole (a quorum of voters, then perhaps the rest)
+        # gets that once per voter it may ask, and one more.
+        per_request = self._step_timeout(record, tokens=record.length)
+        reputation = auditor.reputation
+        now = time.time()
+        timeouts_before = {p: s.timeouts for p, s in reputation.standings.items()}
+        result = None
+        with trio.move_on_after((auditor.policy.max_voters + 1) * per_request):
+            result = await auditor.audit(
+                model=self.model, span=record.span, hop_peer=record.hop.peer_id,
+                hop_public_key=record.conn.public_key, hop_addrs=record.hop.addrs, session=record.session,
+                transcript=record.transcript, index=len(record.transcript) - 1, timeout=per_request)
+        # An auditor that did not answer is a failed peer for routing too (backed off).
+        for peer in list(reputation.standings):
+            if reputation.standing(peer, now).timeouts > timeouts_before.get(peer, 0.0) + 0.5:
+                self._hop_failed(peer, RequestTimeout("FORWARD_ONCE (audit)", "?", per_request, peer_id=peer))
+        if result is None:
+            log.info("audit of %s ran past its deadline; its output is used unaudited", record.hop.peer_id.hex()[:12])
+            self.verification.used(record, None)
+            return True
+        if not result.redo:
+            self.verification.used(record, result)
+            return True
+        self.disputed.add(record.span)
+        self.failed.update(result.avoid)
+        if record.span not in self.unredoable or result.hop_cheated:
             try:
-                return await self.host.connect(addr, peer_id=hop.peer_id, timeout=min(self.step_timeout, 10.0))
-            except PeerUnreachable as exc:
-                last = exc
-        raise PeerUnreachable(",".join(hop.addrs) or "?", f"no address answered ({last})", peer_id=hop.peer_id)
+                await self._replace_disputed(index, record, position, result)
+                return False
+            except AllCandidatesFailed:
+                if result.hop_cheated:
+                    raise
+                self.unredoable.add(record.span)
+                log.warning("no other holder can redo the disputed steps of blocks %d:%d; keeping %s's outputs, "
+                            "reported as unverified", *record.span, record.hop.peer_id.hex()[:12])
+        # Nobody else can take the span: the output stands, reported as unverified.
+        self.verification.used(record, result)
+        return True
 
-    async def _forward(self, record: HopRecord, x: torch.Tensor) -> torch.Tensor:
-        """One step of ``x`` on the hop (at the position its session has reached)."""
-        wire = encode_tensor(x, self.wire_dtype)
-        request = sign_forward(self.host.identity, record.state, wire)
-        t0 = time.perf_counter()
-        result = await record.conn.request(request, timeout=self.step_timeout)
-        record.latency += time.perf_counter() - t0
-        accept_result(record.state, request, result, server_public_key=record.conn.public_key)
-        if self.credit is not None:
-            self.credit.received(record.conn, wire.shape[1] * record.state.blocks)
-        return decode_tensor(result.hidden, out_dtype=x.dtype)
-
-    async def _replace_cheater(self, index: int, cheater: HopRecord, position: int) -> None:
-        """Fail over a convicted hop, then check its earlier (unaudited) outputs against
-        the replacement's replay of the same inputs: if they diverge before ``position``,
-        tokens already sampled from them are wrong and the generation must roll back."""
-        earlier = cheater.transcript[:-1]  # the last step is the disputed one: redone, not replayed
-        await self._fail_over(index, CheatDetected(f"{cheater.hop.peer_id.hex()[:12]} lost an audit vote"),
-                              replay=earlier)
+    async def _replace_disputed(self, index: int, suspect: HopRecord, position: int, result: AuditResult) -> None:
+        """Fail over a hop whose output an audit did not confirm, then check its earlier
+        (unaudited) outputs against the replacement's replay of the same inputs: if they
+        diverge before ``position``, tokens already sampled from them are wrong and the
+        generation must roll back."""
+        earlier = suspect.transcript[:-1]  # the last step is the disputed one: redone, not replayed
+        why = {"cheat": "was convicted by an audit", "outvoted": "was outvoted in an audit"}.get(
+            result.outcome.value, "gave an output an audit could not confirm")
+        await self._fail_over(index, CheatDetected(f"{suspect.hop.peer_id.hex()[:12]} {why}"), replay=earlier)
         replay = self._replayed
         if replay is None or not earlier:
             return
@@ -219,55 +351,326 @@ class Chain:
         claimed = torch.cat([decode_tensor(r.output, out_dtype=torch.float32) for r in earlier], dim=1)
         tolerance = tolerance_for(self.auditor.policy.compute_dtype if self.auditor else "f32", self.wire_dtype)
         row = first_mismatch(claimed, replay.to(torch.float32), tolerance=tolerance,
-                             depth=cheater.span[1] - cheater.span[0])
+                             depth=suspect.span[1] - suspect.span[0])
         if row is not None:
             raise RollbackRequired(row)
+
+    # -- opening --------------------------------------------------------------------------------
+
+    async def _open_route(self, route: Route) -> list[HopRecord]:
+        """Sessions on every hop of ``route``, opened concurrently, each failing over on
+        its own; on any failure (or cancellation) every session opened here is closed."""
+        slots: list[list[HopRecord]] = [[] for _ in route.hops]
+        try:
+            async with trio.open_nursery() as nursery:
+                for hop, slot in zip(route.hops, slots):
+                    nursery.start_soon(self._open_slot, hop, slot)
+        except BaseException as exc:
+            await self._close_records([r for slot in slots for r in slot])
+            error = swarm_error_in(exc)
+            if error is not None and error is not exc:
+                raise error from None  # one typed error, not trio's group
+            raise
+        return [r for slot in slots for r in slot]
+
+    async def _open_slot(self, hop: Hop, out: list[HopRecord]) -> None:
+        """Open ``hop``'s blocks: on the hop, or, failing over like a step does, on a
+        route of its blocks around every failed and backed-off peer."""
+        last: BaseException | None = None
+        while True:
+            try:
+                out.append(await self._open_hedged(hop))
+                return
+            except HOP_FAILURES as exc:
+                last = exc
+                self._hop_failed(hop.peer_id, exc)
+            self._count_failover(hop.span, last)
+            route = await self._replan(hop.span, last)
+            if len(route.hops) > 1:  # the blocks now take several hops: each fails over alone
+                out.extend(await self._open_route(route))
+                return
+            hop = route.hops[0]
+
+    async def _open_hop(self, hop: Hop) -> HopRecord:
+        timeout = self.health.open_timeout(hop.peer_id, cap=self.step_timeout)
+        conn = await self._connect(hop, timeout)
+        try:
+            opened = await conn.request(OpenSession(model=self.model, span=hop.span, max_length=self.max_length,
+                                                    wire_dtype=self.wire_dtype), timeout=timeout)
+        except RequestTimeout:
+            # A hung (say SIGSTOPped) server opens the session when it wakes and would hold
+            # it as long as this connection lives; dropping the connection frees it then.
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
+            raise
+        state = SessionState(client=self.host.peer_id, server=conn.peer_id, session=opened.session, model=self.model,
+                             span=hop.span, max_length=self.max_length, wire_dtype=self.wire_dtype)
+        state.open()
+        self.health.alive(hop.peer_id, trio.current_time())
+        return HopRecord(hop=hop, conn=conn, state=state)
+
+    async def _open_into(self, hop: Hop, records: list[HopRecord]) -> None:
+        records.append(await self._open_hop(hop))
+
+    async def _open_hedged(self, hop: Hop) -> HopRecord:
+        """``_open_hop``, raced against another candidate if it is slow. When hedging, the
+        open itself runs in the background nursery: if it loses, or answers after the
+        chain gave up, it closes the session it got."""
+        winner = await self._hedged(hop, self.health.open_hedge_delay(hop.peer_id), primary=self._open_into,
+                                    hedge=self._open_into, detach_primary=True)
+        return winner.records[0]
+
+    async def _connect(self, hop: Hop, timeout: float) -> PeerConnection:
+        last: BaseException | None = None
+        for addr in hop.addrs:
+            try:
+                return await self.host.connect(addr, peer_id=hop.peer_id, timeout=timeout)
+            except PeerUnreachable as exc:
+                last = exc
+        raise PeerUnreachable(",".join(hop.addrs) or "?", f"no address answered ({last})", peer_id=hop.peer_id)
+
+    # -- stepping ---------------------------------------------------------------------------------
+
+    async def _forward(self, record: HopRecord, x: torch.Tensor) -> torch.Tensor:
+        """One step of ``x`` on the hop (at the position its session has reached)."""
+        wire = encode_tensor(x, self.wire_dtype)
+        request = sign_forward(self.host.identity, record.state, wire)
+        t0 = time.perf_counter()
+        result = await record.conn.request(request, timeout=self._step_timeout(record, tokens=x.shape[1]))
+        seconds = time.perf_counter() - t0
+        record.latency += seconds
+        accept_result(record.state, request, result, server_public_key=record.conn.public_key)
+        self.health.observe_step(record.hop.peer_id, trio.current_time(), seconds=seconds,
+                                 blocks=record.state.blocks, tokens=x.shape[1])
+        if self.credit is not None:
+            self.credit.received(record.conn, wire.shape[1] * record.state.blocks)
+        return decode_tensor(result.hidden, out_dtype=x.dtype)
+
+    async def _forward_hedged(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """``_forward`` on hop ``index``; if it is slow, a replacement (open, replay of the
+        hop's history, the same step) races it, and takes the hop's place if it wins."""
+        record = self.hops[index]
+        delay = self.health.hedge_delay(record.hop.peer_id, blocks=record.state.blocks, tokens=x.shape[1])
+        if delay is None or self.spawn is None or self.alternative is None:
+            return await self._forward(record, x)
+        history = [r.input for r in record.transcript]
+
+        async def primary(hop: Hop, records: list[HopRecord]) -> torch.Tensor:
+            return await self._forward(record, x)
+
+        async def hedge(hop: Hop, records: list[HopRecord]) -> torch.Tensor:
+            replacement = await self._open_hop(hop)
+            records.append(replacement)
+            if history:
+                prefix = torch.cat([decode_tensor(w, out_dtype=x.dtype) for w in history], dim=1)
+                await self._forward(replacement, prefix)
+            return await self._forward(replacement, x)
+
+        winner = await self._hedged(record.hop, delay, primary=primary, hedge=hedge, detach_primary=False)
+        if winner.records:  # the replacement answered first: it takes the hop's place
+            self.hops[index] = winner.records[0]
+            self._hop_failed(record.hop.peer_id, RequestTimeout("FORWARD", record.conn.address, delay,
+                                                                peer_id=record.hop.peer_id))
+            await self._close_records([record])
+        return winner.result
+
+    # -- hedging ----------------------------------------------------------------------------------
+
+    async def _hedged(self, hop: Hop, delay: float, *, primary: Callable[[Hop, list[HopRecord]], Awaitable[Any]],
+                      hedge: Callable[[Hop, list[HopRecord]], Awaitable[Any]], detach_primary: bool) -> _Attempt:
+        """Run ``primary(hop, records)``; if it has not answered after ``delay`` seconds,
+        run ``hedge(alternative, records)`` on another candidate for ``hop``'s blocks at
+        the same time, in the background nursery. Returns the attempt that answered
+        first; the other is let go (it closes what it opens). ``detach_primary`` runs the
+        primary in the background too (an open: cancelling it could leave a session
+        the server opened and we never heard of). Raises the primary's failure when
+        neither answered."""
+        first = _Attempt()
+        if self.spawn is None or self.alternative is None:
+            first.result = await primary(hop, first.records)
+            return first
+        second: _Attempt | None = None
+        winner: _Attempt | None = None
+        try:
+            async with trio.open_nursery() as local:
+                start = self.spawn if detach_primary else local.start_soon
+                start(self._run_attempt, first, hop, primary, False)
+                with trio.move_on_after(delay):
+                    await first.done.wait()
+                if not first.done.is_set():
+                    alt = await self.alternative(hop.start, hop.end, frozenset(self._avoid() | {hop.peer_id}))
+                    if alt is not None and not first.done.is_set():
+                        self.hedges += 1
+                        log.info("hop %s [%d, %d) slow after %.2f s: hedging with %s", hop.peer_id.hex()[:12],
+                                 *hop.span, delay, alt.peer_id.hex()[:12])
+                        second = _Attempt()
+                        self.spawn(self._run_attempt, second, alt, hedge, True)
+                        hedge_attempt = second
+                        await _wait_until(lambda: first.ok or hedge_attempt.ok or (
+                            first.done.is_set() and hedge_attempt.done.is_set()), first.done, second.done)
+                if second is not None and second.ok and not first.ok:
+                    local.cancel_scope.cancel()  # the hedge won: stop waiting on the slow hop
+                else:
+                    await first.done.wait()
+            winner = first if first.ok else second if second is not None and second.ok else None
+        finally:
+            for attempt in (first, second):
+                if attempt is not None and attempt is not winner:
+                    await self._let_go(attempt)
+        if winner is None:
+            assert first.error is not None
+            raise first.error
+        if winner is second:
+            self.hedges_won += 1
+        return winner
+
+    async def _run_attempt(self, attempt: _Attempt, hop: Hop,
+                           fn: Callable[[Hop, list[HopRecord]], Awaitable[Any]], is_hedge: bool) -> None:
+        """One side of a race. It never leaves a session behind: on failure it closes what
+        it opened, and once let go (``wanted`` false) so does whichever side sees it last."""
+        try:
+            attempt.result = await fn(hop, attempt.records)
+        except HOP_FAILURES as exc:
+            attempt.error = exc
+            attempt.done.set()
+            if is_hedge or not attempt.wanted:  # a let-go primary's failure is nobody else's to record
+                self._hop_failed(hop.peer_id, exc)
+            await self._close_records(attempt.records)
+            return
+        except BaseException as exc:  # cancelled
+            attempt.error = exc
+            attempt.done.set()
+            await self._close_records(attempt.records)
+            raise
+        attempt.done.set()  # no checkpoint between this and the check: _let_go sees one or the other
+        if not attempt.wanted:  # the race was decided (or abandoned) before this answered
+            await self._close_records(attempt.records)
+
+    async def _let_go(self, attempt: _Attempt) -> None:
+        attempt.wanted = False
+        if attempt.ok:  # it answered, but lost: its sessions are ours to close
+            await self._close_records(attempt.records)
+
+    # -- failover ----------------------------------------------------------------------------------
 
     async def _fail_over(self, index: int, exc: BaseException, *, replay: Sequence[SignedStep] | None = None) -> None:
         """Replace hop ``index`` by a new route of its blocks, replaying to it the inputs of
         ``replay`` (default: every step of the old hop's transcript)."""
         old = self.hops[index]
-        self.failed.add(old.hop.peer_id)
-        self.failovers += 1
+        self._hop_failed(old.hop.peer_id, exc)
         log.warning("hop %s [%d, %d) failed: %s; re-routing", old.hop.peer_id.hex()[:12], *old.span, exc)
         if self.on_failover is not None:
             self.on_failover(old.hop, exc)
         history = [r.input for r in (old.transcript if replay is None else replay)]
         last: BaseException = exc
-        while self.failovers <= self.max_failovers:
+        while True:
+            self._count_failover(old.span, last)
+            replacement = await self._open_route(await self._replan(old.span, last))
+            current = replacement[0]
             try:
-                route = await self.replan(old.span[0], old.span[1], frozenset(self.failed))
-            except SwarmError as no_route:
-                raise AllCandidatesFailed(old.span[0], old.span[1], self.failovers, last) from no_route
-            replacement: list[HopRecord] = []
-            current = route.hops[0]
-            try:
-                for hop in route.hops:
-                    current = hop
-                    replacement.append(await self._open_hop(hop))
                 x = None
                 if history:
                     x = torch.cat([decode_tensor(w, out_dtype=torch.float32) for w in history], dim=1)
                     for record in replacement:
-                        current = record.hop
+                        current = record
                         x = await self._forward(record, x)
                 self._replayed = x
             except HOP_FAILURES as again:
                 last = again
-                self.failed.add(current.peer_id)
-                self.failovers += 1
-                log.warning("replacement %s failed too: %s", current.peer_id.hex()[:12], again)
-                await _close_quietly(replacement)
+                self._hop_failed(current.hop.peer_id, again)
+                log.warning("replacement %s failed too: %s", current.hop.peer_id.hex()[:12], again)
+                await self._close_records(replacement)
                 continue
+            except BaseException:
+                await self._close_records(replacement)
+                raise
             self.hops[index:index + 1] = replacement
+            # Closed only now: a disputed hop whose span nobody else can take stays in
+            # use (reported as unverified); a failed one is closed by ``aclose`` if no
+            # replacement is found.
+            await self._close_records([old])
             return
-        raise AllCandidatesFailed(old.span[0], old.span[1], self.failovers, last) from last
+
+    def _count_failover(self, span: tuple[int, int], last: BaseException | None) -> None:
+        self.failovers += 1
+        if self.failovers > self.max_failovers:
+            raise AllCandidatesFailed(span[0], span[1], self.failovers, last)
+
+    async def _replan(self, span: tuple[int, int], last: BaseException | None) -> Route:
+        try:
+            return await self.replan(span[0], span[1], frozenset(self._avoid()))
+        except NoRoute as no_route:
+            raise AllCandidatesFailed(span[0], span[1], self.failovers, last) from no_route
+
+    def _avoid(self) -> set[bytes]:
+        return self.failed
+
+    def _hop_failed(self, peer: bytes, exc: BaseException) -> None:
+        """Remember a failure client-wide (backoff) and, unless the peer asked to be
+        retried later, for the rest of this generation."""
+        if isinstance(exc, CheatDetected):
+            # A disputed output is a matter for reputation (bans come from checked
+            # evidence), not for availability: the peer answers, so it stays an auditor
+            # and is only avoided as a hop for the rest of this generation.
+            self.failed.add(peer)
+            log.info("peer %s avoided for this generation: %s", peer.hex()[:12], exc)
+            return
+        retry_after = exc.retry_after if isinstance(exc, RemoteError) else None
+        backoff = self.health.failed(peer, trio.current_time(), retry_after=retry_after, reason=str(exc))
+        if retry_after is None:
+            self.failed.add(peer)
+        log.info("peer %s backed off for %.1f s: %s", peer.hex()[:12], backoff, exc)
+
+    def _step_timeout(self, record: HopRecord, *, tokens: int) -> float:
+        return self.health.step_timeout(record.hop.peer_id, blocks=record.state.blocks, tokens=tokens,
+                                        cap=self.step_timeout)
+
+    # -- closing ----------------------------------------------------------------------------------
+
+    async def _close_one(self, record: HopRecord) -> None:
+        """A receipt for the work received, then CLOSE_SESSION (best effort)."""
+        if not record.conn.is_open:
+            return
+        if self.credit is not None and record.hop.peer_id not in self.failed:
+            await self.credit.send_receipt(record.conn)
+        await _close_session(record, CLOSE_TIMEOUT)
+
+    async def _close_records(self, records: Sequence[HopRecord]) -> None:
+        """Close sessions at once, shielded from cancellation and briefly: a failed or
+        hung peer gets the request written and is not waited for."""
+        if not records:
+            return
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as nursery:
+                for record in records:
+                    timeout = FAILED_CLOSE_TIMEOUT if record.hop.peer_id in self.failed else CLOSE_TIMEOUT
+                    nursery.start_soon(_close_session, record, timeout)
 
 
-async def _close_quietly(records: Sequence[HopRecord]) -> None:
-    for record in records:
-        if record.conn.is_open:
-            try:
-                await record.conn.request(CloseSession(session=record.session), timeout=5.0)
-            except SwarmError:
-                pass
+async def _close_session(record: HopRecord, timeout: float) -> None:
+    """CLOSE_SESSION once per session (a second close would only get UNKNOWN_SESSION)."""
+    if record.state.phase is not SessionPhase.OPEN:
+        return
+    record.state.close()
+    if record.conn.is_open:
+        try:
+            await record.conn.request(CloseSession(session=record.session), timeout=timeout)
+        except SwarmError:
+            pass
+
+
+async def _wait_until(done: Callable[[], bool], *events: trio.Event) -> None:
+    """Return once ``done()`` holds, re-checking whenever one of ``events`` fires."""
+    while not done():
+        pending = [e for e in events if not e.is_set()]
+        if not pending:
+            return
+        async with trio.open_nursery() as nursery:
+            for event in pending:
+                nursery.start_soon(_set_then_cancel, event, nursery.cancel_scope)
+
+
+async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+

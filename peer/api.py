@@ -33,10 +33,19 @@ from swarm.announce import SwarmView
 from swarm.credit import Credit
 from swarm.dht import DhtNode
 from swarm.transport import Host
-from verify import DEFAULT_AUDIT_RATE, AuditPolicy, Auditor, FraudProofService, Reputation, record_kinds
+from verify import (
+    DEFAULT_AUDIT_RATE,
+    DEFAULT_LOCAL_RECOMPUTE_BYTES,
+    AuditPolicy,
+    Auditor,
+    FraudProofService,
+    Reputation,
+    record_kinds,
+)
 
 from ._bootstrap import check_bootstrap
 from .client import GenerationResult, SwarmClient, TokenEvent
+from ._local_verify import LocalSpans
 from .credit import CreditService
 from .runtime import DEFAULT_MODEL, ClientHead, SamplingParams, load_head
 
@@ -67,7 +76,8 @@ class Swarm:
                       source_host: str | None = None,
                       wire_dtype: str = "f32", step_timeout: float = 60.0, device: str | None = None,
                       ledger_path: str | None = None, audit: AuditPolicy | float | None = DEFAULT_AUDIT_RATE,
-                      reputation_path: str | None = None) -> Swarm:
+                      reputation_path: str | None = None,
+                      local_recompute_bytes: int = DEFAULT_LOCAL_RECOMPUTE_BYTES) -> Swarm:
         """Join the swarm through ``bootstrap`` and load the model's client head.
 
         Args:
@@ -78,11 +88,16 @@ class Swarm:
             identity: this peer's identity (default: a new one). Use the identity you
                 serve with: servers prioritize peers that did work for them.
             ledger_path: where this peer's credit ledger persists (default: memory).
-            audit: the share of hop-steps spot-checked by recomputation on an independent
-                peer (``verify.DEFAULT_AUDIT_RATE`` = 0.05; 1.0 or ``verify.PARANOID``
-                audits every step before using it; 0 or None turns audits off), or a
-                full ``verify.AuditPolicy``.
+            audit: the share of an established peer's hop-steps spot-checked by
+                recomputation on an independent peer (``verify.DEFAULT_AUDIT_RATE`` =
+                0.05; new and unknown peers are checked more; 1.0 audits every step
+                before using it, ``verify.PARANOID`` also with two independent peers;
+                0 or None turns audits off), or a full ``verify.AuditPolicy``.
             reputation_path: where peer standings and bans persist (default: memory).
+            local_recompute_bytes: the client loads a span of the model itself, when its
+                weights fit this many bytes (default 1 GiB), to settle a disputed audit
+                and to verify fraud proofs on its own evidence rather than trust a vote
+                among servers; 0 turns this off (disputes are then settled by votes).
             source_host: local address this client dials peers from (default: the kernel's choice).
 
         Raises:
@@ -96,29 +111,37 @@ class Swarm:
         dht = DhtNode(host, kinds=record_kinds())
         credit = CreditService(host, ledger_path=ledger_path)
         reputation = Reputation.load(reputation_path) if reputation_path is not None else Reputation()
-        fraud = FraudProofService(host, dht, reputation, reputation_path=reputation_path)
+        local = (LocalSpans(model, head.model_id, head.info.config, budget_bytes=local_recompute_bytes,
+                            device=device) if local_recompute_bytes > 0 else None)
+        fraud = FraudProofService(host, dht, reputation, local=local, reputation_path=reputation_path)
         try:
-            scope = await nursery.start(_services, host, dht, credit, fraud, bootstrap)
+            scope, background = await nursery.start(_services, host, dht, credit, fraud, bootstrap)
         except BaseExceptionGroup as group:  # e.g. BootstrapFailed inside the services' nursery
             error = swarm_error_in(group)
             if error is None:
                 raise
             raise error from None
         return cls.assemble(dht, head, credit=credit, reputation=reputation, fraud=fraud, cancel_scope=scope,
-                            wire_dtype=wire_dtype, step_timeout=step_timeout, audit=audit)
+                            wire_dtype=wire_dtype, step_timeout=step_timeout, audit=audit, local=local,
+                            spawn=background.start_soon)
 
     @classmethod
     def assemble(cls, dht: DhtNode, head: ClientHead, *, credit: CreditService, reputation: Reputation,
                  fraud: FraudProofService, cancel_scope: trio.CancelScope | None = None, wire_dtype: str = "f32",
-                 step_timeout: float = 60.0, audit: AuditPolicy | float | None = DEFAULT_AUDIT_RATE) -> Swarm:
+                 step_timeout: float = 60.0, audit: AuditPolicy | float | None = DEFAULT_AUDIT_RATE,
+                 local: LocalSpans | None = None, spawn: Callable[..., None] | None = None) -> Swarm:
         """A ``Swarm`` on services that already run (a serving peer's own host, DHT, credit
         and fraud proof service: ``swarm-peer serve --api`` generates as the server).
-        ``aclose`` cancels ``cancel_scope`` (default: a scope of its own, so nothing)."""
+        ``local``: the spans the auditor may load to settle disputes itself (None: votes
+        only). ``aclose`` cancels ``cancel_scope`` (default: a scope of its own, so nothing).
+        ``spawn`` starts tasks that outlive a generation (view refreshes, hedged requests:
+        a nursery's ``start_soon``); without it nothing is hedged."""
         client = SwarmClient(dht, head, wire_dtype=wire_dtype, step_timeout=step_timeout, credit=credit,
-                             reputation=reputation, fraud=fraud)
+                             reputation=reputation, fraud=fraud, spawn=spawn)
         policy = AuditPolicy(rate=float(audit)) if isinstance(audit, (int, float)) else audit
         if policy is not None and policy.rate > 0:
-            client.auditor = Auditor(dht.host, client.audit_candidates, reputation, service=fraud, policy=policy)
+            client.auditor = Auditor(dht.host, client.audit_candidates, reputation, service=fraud, local=local,
+                                     policy=policy)
         return cls(client, cancel_scope if cancel_scope is not None else trio.CancelScope())
 
     @property
@@ -157,20 +180,28 @@ class Swarm:
         """Who serves which blocks of the model right now."""
         return await self.client.swarm_view(fresh=True)
 
+    def health(self) -> dict[bytes, dict[str, Any]]:
+        """What this client knows of each server it dealt with: seconds since it was last
+        seen alive, backoff left and failures in a row, RTT, measured compute."""
+        return self.client.health.snapshot(trio.current_time())
+
     async def aclose(self) -> None:
         self._scope.cancel()
 
 
 async def _services(host: Host, dht: DhtNode, credit: CreditService, fraud: FraudProofService,
                     bootstrap: tuple[str, ...], *,
-                    task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED) -> None:
+                    task_status: trio.TaskStatus[tuple[trio.CancelScope, trio.Nursery]] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
             await nursery.start(functools.partial(dht.run, bootstrap=bootstrap))
             await nursery.start(credit.run)
             await nursery.start(fraud.run)
-            task_status.started(scope)
+            # The client's background tasks (view refreshes, hedges) live here too, so
+            # they end with the connection and never outlive what they use.
+            task_status.started((scope, nursery))
 
 
 _DONE = object()

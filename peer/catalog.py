@@ -1,11 +1,13 @@
-"""Which models this peer can name: the one seam where the swarm-wide listing plugs in.
+"""Which models this peer can name: the ones it was configured with and the ones the
+swarm's model index lists.
 
-Today a peer knows the models it was configured with (``--model`` of ``status`` and
+A peer knows the models it was configured with (``--model`` of ``status`` and
 ``generate``, the ``--model`` list of ``swarm-peer api``): those it can resolve locally
-(``peer.runtime.resolve_model``) and so look up in the DHT by their block keys. Listing
-every model a swarm serves needs a model index in the DHT and a model-info RPC (protocol
-1.1); when they exist, ``served_models`` merges the index's entries into what it returns,
-and ``swarm-peer status`` and ``GET /v1/models`` list them with no other change.
+(``peer.runtime.resolve_model``) and so look up in the DHT by their block keys. Every
+server also keeps its model's entry in the swarm's model index (``swarm.models``, spec
+section 10), so ``served_models`` adds what the index lists: ``swarm-peer status`` and
+``GET /v1/models`` show every model the swarm serves, with its block count and hidden
+size, whether or not this peer could run it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,29 +25,51 @@ __all__ = ["ServedModel", "served_models", "resolve_quickly"]
 
 #: How long a memo of a model that is not a local path (built-in name, hub id) is trusted.
 NAME_MEMO_TTL = 24 * 3600.0
-_MEMO_NAME = "model-info.json"
+_MEMO_NAME = "model-info-1.1.json"  # ids of protocol 1.1 (spec section 1): older memos hold 1.0 ids
 
 
 @dataclass(frozen=True, slots=True)
 class ServedModel:
-    """A model by the name people use and the id servers announce (``name@digest``)."""
+    """A model by the name people use and the id servers announce (``name@digest``).
+
+    ``origin`` is "configured" (this peer was told of it) or "swarm" (only the DHT's
+    model index lists it); ``servers`` is how many servers the index lists it under
+    (0: not listed, or no DHT was asked)."""
 
     name: str
     model_id: str
     num_blocks: int
-    origin: str = "configured"  # "configured" today; the DHT index will add "swarm"
+    origin: str = "configured"
+    hidden_size: int | None = None
+    source: str = ""
+    servers: int = 0
 
 
 async def served_models(configured: Sequence[ServedModel], dht: Any = None) -> list[ServedModel]:
-    """The models to list: ``configured`` ones, each once.
-
-    ``dht`` is where the swarm-wide model index will be read (pending protocol 1.1's
-    model index); until then it is unused.
-    """
+    """The models to list: ``configured`` ones, each once, then those the swarm's model
+    index (read through ``dht``, a ``swarm.dht.DhtNode``, when given) adds, by model id.
+    A configured model the index lists gets the index's facts (hidden size, source,
+    server count)."""
     seen: dict[str, ServedModel] = {}
     for model in configured:
         seen.setdefault(model.model_id, model)
-    return list(seen.values())
+    if dht is None:
+        return list(seen.values())
+    from swarm.models import fetch_models
+
+    listed = {m.entry.model: m for m in await fetch_models(dht)}
+    out = []
+    for model in seen.values():
+        found = listed.pop(model.model_id, None)
+        if found is not None:
+            model = replace(model, hidden_size=found.entry.hidden_size, source=found.entry.source,
+                            servers=found.publishers)
+        out.append(model)
+    for model_id, found in listed.items():
+        e = found.entry
+        out.append(ServedModel(name=model_id.split("@", 1)[0], model_id=model_id, num_blocks=e.num_blocks,
+                               origin="swarm", hidden_size=e.hidden_size, source=e.source, servers=found.publishers))
+    return out
 
 
 # -- a memo of resolved models, so that `status` need not import torch -----------------

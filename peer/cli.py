@@ -11,11 +11,12 @@ so ``--help`` and ``--version`` are instant.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import metadata
 from pathlib import Path
 
-from protocol import PROTOCOL_VERSION, Identity, SwarmError
+from protocol import VERSION_TEXT, Identity, SwarmError
 from protocol.errors import swarm_error_in
 
 from ._format import READY_PREFIX
@@ -23,6 +24,12 @@ from ._paths import default_identity_path
 from .cli_output import install_cli_logging
 
 __all__ = ["main", "build_parser", "default_identity_path", "READY_PREFIX"]
+
+# A peer shares its machine (volunteer hardware, several peers per host in the demo):
+# OpenMP threads that spin while waiting for work make every other process on the cores
+# crawl (measured here: a 576-wide matmul 6x slower with two spinning threads under
+# load, no slower idle with passive waits). Set before torch is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # peer.runtime.DEFAULT_MODEL, without importing torch for --help
 
@@ -32,7 +39,7 @@ def version() -> str:
         own = metadata.version("swarm-peer")
     except metadata.PackageNotFoundError:
         own = "unknown (not installed)"
-    return f"swarm-peer {own} (wire protocol {PROTOCOL_VERSION})"
+    return f"swarm-peer {own} (wire protocol {VERSION_TEXT})"
 
 
 # --- commands ----------------------------------------------------------------------------

@@ -225,9 +225,11 @@ async def _status(args: argparse.Namespace) -> int:
     from swarm.announce import RECORD_KINDS, fetch_swarm_view
     from swarm.credit import Ledger
     from swarm.dht import DhtNode
+    from swarm.health import PeerHealth
+    from swarm.latency import refresh_rtts
     from swarm.transport import Host
 
-    from ._format import format_status
+    from ._format import format_models, format_status, models_to_dicts
     from .catalog import resolve_quickly
 
     model_id, num_blocks = await trio.to_thread.run_sync(resolve_quickly, args.model)
@@ -239,6 +241,10 @@ async def _status(args: argparse.Namespace) -> int:
         # ask for the block keys, so it does not wait for the DHT's maintenance.
         await nursery.start(functools.partial(dht.run, bootstrap=tuple(args.bootstrap)))
         view = await fetch_swarm_view(dht, model_id, num_blocks, concurrency=max(8, num_blocks))
+        # Who is alive right now: one PING each, at once, within the PING timeout.
+        health = PeerHealth()
+        await refresh_rtts(host, health, {p: a.addrs for p, a in view.servers.items()}, force=True)
+        seen = health.snapshot(trio.current_time())
         now = time.time()
         models = await served_models([ServedModel(name=args.model, model_id=model_id, num_blocks=num_blocks)], dht)
         ledger = None
@@ -247,13 +253,13 @@ async def _status(args: argparse.Namespace) -> int:
             identity = Identity.load(identity_path)
             ledger = Ledger.open(str(ledger_path_for(identity_path)), identity.public_key)
         if args.json:
-            body = view_to_dict(view, now=now, model_name=args.model)
-            body["models"] = [{"name": m.name, "model_id": m.model_id, "num_blocks": m.num_blocks,
-                               "origin": m.origin} for m in models]
+            body = view_to_dict(view, now=now, model_name=args.model, health=seen)
+            body["models"] = models_to_dicts(models)
             body["credit"] = credit_to_dicts(neighbour_rows(ledger)) if ledger is not None else None
             print(json.dumps(body, indent=2))
         else:
-            print(format_status(view, now=now))
+            print(format_status(view, now=now, health=seen))
+            print("\n" + format_models(models))
             if ledger is not None:
                 print("\n" + format_credit(neighbour_rows(ledger), len(ledger)))
         nursery.cancel_scope.cancel()

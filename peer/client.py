@@ -2,15 +2,31 @@
 
 Theory of operation. ``SwarmClient`` holds the client head (tokenizer, embeddings,
 final norm, LM head) of one model and a DHT node. ``stream`` looks up who serves
-every block (``swarm.announce.fetch_swarm_view``), plans the cheapest chain
-(``swarm.planning.plan_route``), opens a ``Chain`` of sessions and then loops: embed
-the new tokens, send them through the chain, sample from the last hidden state. It is
-an async generator with no nursery open across its ``yield`` (so it is safe to
-iterate from any task); ``generate`` drains it into a ``GenerationResult``.
+every block (``swarm.announce.fetch_swarm_view``), plans the cheapest chain, opens a
+``Chain`` of sessions and then loops: embed the new tokens, send them through the
+chain, sample from the last hidden state. It is an async generator with no nursery
+open across its ``yield`` (so it is safe to iterate from any task); ``generate``
+drains it into a ``GenerationResult``.
+
+Routing uses what this client measured (spec section 10, "Routing"): one
+``swarm.health.PeerHealth`` per client holds every server's failure memory (backoff),
+RTT and measured compute, and every plan of every generation reads it. A plan is made
+on the cached view of the swarm; a view older than ``view_ttl`` is refreshed, but a
+plan waits for that at most ``refresh_timeout`` (a hung DHT node must not cost a
+failover its lookup timeouts). Before a route is used, every server on it this client
+never measured is probed (``_probe``: a PING for the RTT, then a one-token
+FORWARD_ONCE over the hop's blocks for its compute), together with the other
+unmeasured candidates for the same blocks, so that servers announcing more than they
+serve cost one probe round, not a failover each; then the route is planned again on
+the measurements. A block announced only by backed-off peers is ``NoRoute`` with
+``retry_in``; a plan waits for a backoff the server asked for (BUSY, LOADING) up to
+``max_backoff_wait``, and fails fast otherwise.
 """
 
 from __future__ import annotations
 
+import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -18,12 +34,16 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from protocol.errors import ErrorCode, SwarmError
+from protocol import accept_forward_once_result, encode_tensor, sign_forward_once
+from protocol.errors import ErrorCode, LocalProtocolError, RemoteError, SwarmError
 from swarm.announce import SwarmView, fetch_swarm_view
 from swarm.dht import DhtNode
-from swarm.planning import Hop, Route, RouteCosts, plan_route
+from swarm.errors import NoRoute
+from swarm.health import PeerHealth, TimeoutPolicy
+from swarm.latency import PING_TIMEOUT, ping
+from swarm.planning import Candidate, Hop, Route, RouteCosts, make_candidates, plan_candidates
 
-from ._chain import Chain, RollbackRequired
+from ._chain import HOP_FAILURES, AllCandidatesFailed, Chain, RollbackRequired, Spawn
 from .credit import CreditService
 from .runtime import ClientHead, InvalidArgument, ModelError, SamplingParams, TokenStream
 
@@ -34,8 +54,17 @@ if TYPE_CHECKING:
 AUDIT_VIEW_TTL = 30.0
 #: How long a peer checked against the DHT's fraud proofs stays checked (seconds).
 VET_TTL = 300.0
+#: Seconds a plan waits for a stale view's refresh before it plans on the cached one.
+REFRESH_TIMEOUT = 1.0
+#: The longest a plan waits for a backoff a server asked for (BUSY, LOADING).
+MAX_BACKOFF_WAIT = 5.0
+#: Probe rounds before a route is used, and servers probed per round at most.
+PROBE_ROUNDS = 3
+PROBE_FANOUT = 16
 
 ROUTE_COSTS = RouteCosts()
+
+log = logging.getLogger("swarm.client")
 
 __all__ = ["SwarmClient", "GenerationResult", "TokenEvent", "RouteHop", "PromptTooLong", "ModelNotServed"]
 
@@ -87,6 +116,19 @@ class GenerationResult:
     time_to_first_token: float  # seconds
     total_seconds: float
     hop_latency: dict[str, float] = field(default_factory=dict)  # peer id hex -> seconds waited
+    # Verification (spec 13.2, "Reporting"): hop-steps whose output was used, how many
+    # were audited, and the share of those an independent check confirmed (None: no
+    # audits). ``unverifiable_hops``: hops with audited steps nobody could check.
+    hop_steps: int = 0
+    audited_steps: int = 0
+    verified_fraction: float | None = None
+    unverifiable_hops: list[RouteHop] = field(default_factory=list)
+
+    @property
+    def fully_verified(self) -> bool:
+        """True unless some audited hop-step could not be checked independently."""
+        return not self.unverifiable_hops
+    hedges: int = 0  # slow requests raced against another candidate
 
     @property
     def tokens_per_second(self) -> float:
@@ -98,10 +140,28 @@ class GenerationResult:
             "text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
             "finish_reason": self.finish_reason,
             "route": [{"peer_id": h.peer_id, "address": h.address, "blocks": [h.start, h.end]} for h in self.route],
-            "failovers": self.failovers,
+            "failovers": self.failovers, "hedges": self.hedges,
             "timings": {"time_to_first_token": self.time_to_first_token, "total_seconds": self.total_seconds,
                         "tokens_per_second": self.tokens_per_second, "hop_latency": self.hop_latency},
+            "verification": self.verification_dict(),
         }
+
+    def verification_dict(self) -> dict:
+        """The verification facts as JSON (``--json``, the HTTP API's ``swarm`` field)."""
+        return {"hop_steps": self.hop_steps, "audited_steps": self.audited_steps,
+                "verified_fraction": self.verified_fraction,
+                "unverifiable_hops": [{"peer_id": h.peer_id, "address": h.address, "blocks": [h.start, h.end]}
+                                      for h in self.unverifiable_hops]}
+
+    def verification_warning(self) -> str | None:
+        """The one-line warning ``generate`` prints when some hop could not be checked."""
+        if not self.unverifiable_hops:
+            return None
+        hops = ", ".join(f"{h.peer_id[:12]}[{h.start}:{h.end}]" for h in self.unverifiable_hops)
+        share = f"{self.verified_fraction:.0%}" if self.verified_fraction is not None else "none"
+        return (f"only {share} of {self.audited_steps} audited hop-steps could be checked independently; "
+                f"unverified: {hops} (add servers for those blocks, or let the client recompute them: "
+                f"local_recompute_bytes)")
 
 
 class SwarmClient:
@@ -119,12 +179,21 @@ class SwarmClient:
             penalty to its cost, and its ban list becomes ``banned``.
         fraud: the peer's fraud proof service: before a generation uses a peer, proofs
             stored against it in the DHT are fetched and verified (once per ``VET_TTL``).
+        health: failure memory and measurements (default: a fresh one, deadlines at
+            most ``step_timeout``); shared by every generation of this client.
+        spawn: starts a task in a nursery that outlives generations (``nursery.start_soon``):
+            view refreshes and hedges run there; None: no hedging, refreshes inline.
+        probe: measure servers before first use (module docstring).
+        costs: the planner's cost parameters (``relay`` "star" is how this client relays).
     """
 
     def __init__(self, dht: DhtNode, head: ClientHead, *, wire_dtype: str = "f32", step_timeout: float = 60.0,
                  max_failovers: int = 8, banned: set[bytes] | None = None,
                  view_ttl: float = 2.0, credit: CreditService | None = None, auditor: Auditor | None = None,
-                 reputation: Reputation | None = None, fraud: FraudProofService | None = None) -> None:
+                 reputation: Reputation | None = None, fraud: FraudProofService | None = None,
+                 health: PeerHealth | None = None, spawn: Spawn | None = None, probe: bool = True,
+                 refresh_timeout: float = REFRESH_TIMEOUT, max_backoff_wait: float = MAX_BACKOFF_WAIT,
+                 costs: RouteCosts = ROUTE_COSTS) -> None:
         self.dht = dht
         self.host = dht.host
         self.head = head
@@ -143,8 +212,18 @@ class SwarmClient:
         if reputation is not None:  # one ban list for routing, audits and the proof service
             reputation.banned.update(self.banned)
             self.banned = reputation.banned
+        self.health = health if health is not None else PeerHealth(timeouts=TimeoutPolicy(cap=step_timeout))
+        self.spawn = spawn
+        self.probe = probe
+        self.refresh_timeout = refresh_timeout
+        self.max_backoff_wait = max_backoff_wait
+        self.costs = costs
+        self.probes = 0  # servers probed (a PING and, for compute, a FORWARD_ONCE)
         self._view: tuple[float, SwarmView] | None = None
+        self._refreshing: trio.Event | None = None
         self.max_length = int(getattr(head.info.config, "max_position_embeddings", 0) or 1 << 20)
+
+    # -- the swarm view -----------------------------------------------------------------------
 
     async def swarm_view(self, *, fresh: bool = False) -> SwarmView:
         """Who serves which blocks of the model (cached for ``view_ttl`` seconds)."""
@@ -153,29 +232,212 @@ class SwarmClient:
             self._view = (now, await fetch_swarm_view(self.dht, self.model, self.num_blocks))
         return self._view[1]
 
+    async def _planning_view(self) -> SwarmView:
+        """The cached view, refreshed first if stale, waiting for that at most
+        ``refresh_timeout`` (the first view is always waited for)."""
+        if self._view is None:
+            return await self.swarm_view(fresh=True)
+        if trio.current_time() - self._view[0] > self.view_ttl:
+            await self._refresh(self.refresh_timeout)
+        return self._view[1]
+
+    async def _refresh(self, wait: float) -> None:
+        """Refresh the view (or join the refresh under way), waiting at most ``wait``
+        seconds; a refresh cut short keeps the cached view for another ``view_ttl``."""
+        done = self._refreshing
+        if done is None:
+            done = self._refreshing = trio.Event()
+            if self.spawn is not None:
+                self.spawn(self._fetch_view, done)
+            else:
+                with trio.move_on_after(wait):
+                    await self._fetch_view(done)
+                if not done.is_set():  # cut short: try again after view_ttl
+                    self._refreshing = None
+                    if self._view is not None:
+                        self._view = (trio.current_time(), self._view[1])
+                return
+        with trio.move_on_after(wait):
+            await done.wait()
+
+    async def _fetch_view(self, done: trio.Event) -> None:
+        try:
+            self._view = (trio.current_time(), await fetch_swarm_view(self.dht, self.model, self.num_blocks))
+        except SwarmError as exc:
+            log.info("refreshing the swarm view failed: %s", exc)
+        finally:
+            if self._refreshing is done:
+                self._refreshing = None
+            done.set()
+
+    # -- planning -------------------------------------------------------------------------------
+
     async def plan(self, start: int = 0, end: int | None = None, *, exclude: frozenset[bytes] = frozenset(),
                    fresh: bool = False) -> Route:
-        """The cheapest route for blocks [start, end). Raises NoRoute naming the gap."""
-        view = await self.swarm_view(fresh=fresh)
+        """The cheapest route for blocks [start, end) on what this client knows now
+        (the cached view, its measurements, its backoffs). Raises NoRoute naming the gap
+        (with ``retry_in`` when only backed-off peers announce it)."""
+        view = await (self.swarm_view(fresh=True) if fresh else self._planning_view())
         if not view.servers:
             raise ModelNotServed(f"no peer in the swarm serves {self.model}; start servers with "
                                  f"'swarm-peer serve --model ...' for the same model")
-        rtts = None
+        try:
+            return self._plan_on(view, start, end, exclude)
+        except NoRoute:
+            if fresh:
+                raise
+        # The cached view may predate a server that covers the gap now.
+        await self._refresh(self.refresh_timeout)
+        assert self._view is not None
+        return self._plan_on(self._view[1], start, end, exclude)
+
+    def candidates(self, view: SwarmView) -> list[Candidate]:
+        """The view's servers as the planner sees them: routable only for blocks they
+        published themselves, announced compute clamped by what this client measured,
+        this client's RTTs, reputation penalties."""
+        rtts = {p: r for p in view.servers if (r := self.health.rtt(p)) is not None}
+        measured = {p: s for p in view.servers if (s := self.health.block_seconds(p)) is not None}
+        penalties = None
         if self.reputation is not None:
-            rtts = self.reputation.route_rtts(view.servers, time.time(), base=ROUTE_COSTS.default_rtt)
-        return plan_route(view.announcements, num_blocks=self.num_blocks, start=start, end=end, rtts=rtts,
-                          banned=self.banned, exclude=exclude, model=self.model, costs=ROUTE_COSTS)
+            now = time.time()
+            penalties = {p: self.reputation.penalty(p, now) for p in view.servers if p not in self.banned}
+        return make_candidates(view.announcements, rtts=rtts, measured=measured, penalties=penalties,
+                               routable=view.routable, costs=self.costs)
+
+    def _plan_on(self, view: SwarmView, start: int, end: int | None, exclude: frozenset[bytes]) -> Route:
+        now = trio.current_time()
+        backed_off = self.health.excluded(now, view.servers)
+        candidates = self.candidates(view)
+        try:
+            return plan_candidates(candidates, num_blocks=self.num_blocks, start=start, end=end, banned=self.banned,
+                                   exclude=exclude | backed_off, model=self.model, costs=self.costs)
+        except NoRoute as gap:
+            waiting = [c.peer_id for c in candidates if c.peer_id in backed_off and c.peer_id not in exclude
+                       and c.peer_id not in self.banned and c.start <= gap.start < c.end]
+            if not waiting:
+                raise
+            retry_in = min(self.health.backoff_left(p, now) for p in waiting)
+            raise NoRoute(gap.start, gap.end, model=self.model, retry_in=retry_in) from None
+
+    async def route(self, start: int = 0, end: int | None = None, *,
+                    exclude: frozenset[bytes] = frozenset()) -> Route:
+        """A route for blocks [start, end) on measured servers: plans, probes the servers
+        on it never measured (and the other unmeasured candidates for the same blocks),
+        plans again; waits for a requested backoff up to ``max_backoff_wait``.
+
+        Raises:
+            NoRoute: the blocks are not served, or only by peers backed off for longer.
+            ModelNotServed: nobody serves the model.
+        """
+        waited = 0.0
+        rounds = 0
+        while True:
+            try:
+                route = await self.plan(start, end, exclude=exclude)
+            except NoRoute as gap:
+                if gap.retry_in is None or waited + gap.retry_in > self.max_backoff_wait:
+                    raise
+                await trio.sleep(gap.retry_in + 0.01)
+                waited += gap.retry_in + 0.01
+                continue
+            if not self.probe or rounds >= PROBE_ROUNDS or not await self._probe(route, exclude):
+                return route
+            rounds += 1
+
+    async def alternative(self, start: int, end: int, exclude: frozenset[bytes]) -> Hop | None:
+        """One hop covering [start, end) other than ``exclude`` (a hedge), from the cached
+        view without waiting; None if there is none."""
+        if self._view is None:
+            return None
+        try:
+            route = self._plan_on(self._view[1], start, end, exclude)
+        except NoRoute:
+            return None
+        return route.hops[0] if len(route.hops) == 1 else None
+
+    # -- probes ---------------------------------------------------------------------------------
+
+    async def _probe(self, route: Route, exclude: frozenset[bytes]) -> bool:
+        """Measure the route's servers this client never measured (or whose RTT is old),
+        with up to ``PROBE_FANOUT`` other unmeasured candidates of the same blocks, all at
+        once. Returns False when there was nothing to measure."""
+        now = trio.current_time()
+
+        def due(peer: bytes) -> bool:
+            return not self.health.measured(peer) or self.health.needs_rtt(peer, now)
+
+        unmeasured = [h for h in route.hops if due(h.peer_id)]
+        if not unmeasured:
+            return False
+        targets: dict[bytes, tuple[tuple[str, ...], int, int]] = {h.peer_id: (h.addrs, h.start, h.end)
+                                                                   for h in unmeasured}
+        if self._view is not None:
+            others = sorted((c for c in self.candidates(self._view[1]) if c.peer_id not in targets
+                             and not self.health.measured(c.peer_id) and c.peer_id not in exclude
+                             and c.peer_id not in self.banned and not self.health.backed_off(c.peer_id, now)),
+                            key=lambda c: (c.rtt + c.extra + c.block_seconds, c.peer_id))
+            for c in others:
+                if len(targets) >= PROBE_FANOUT:
+                    break
+                for h in unmeasured:
+                    lo, hi = max(c.start, h.start), min(c.end, h.end)
+                    if lo < hi and c.peer_id not in targets:
+                        targets[c.peer_id] = (c.addrs, lo, hi)
+        banned = await self._vet_peers(list(targets))  # a probe is a use: check for stored proofs first
+        async with trio.open_nursery() as nursery:
+            for peer, (addrs, lo, hi) in targets.items():
+                if peer not in banned:
+                    nursery.start_soon(self._probe_one, peer, addrs, lo, hi)
+        return True
+
+    async def _probe_one(self, peer: bytes, addrs: tuple[str, ...], start: int, end: int) -> None:
+        """PING ``peer`` for its RTT; then, if its compute was never measured, one token
+        through [start, end) as FORWARD_ONCE. Any failure backs the peer off."""
+        self.probes += 1
+        timeouts = self.health.timeouts
+        try:
+            rtt = await ping(self.host, peer, addrs, timeout=min(PING_TIMEOUT, self.step_timeout))
+            self.health.observe_rtt(peer, rtt, trio.current_time())
+            if self.health.measured(peer):
+                return
+            conn = await self.host.connect(addrs[0], peer_id=peer, timeout=PING_TIMEOUT)
+            wire = encode_tensor(self.head.embed([0]).to("cpu"), "f32")
+            request, state = sign_forward_once(self.host.identity, server=peer, nonce=secrets.token_bytes(16),
+                                               model=self.model, span=(start, end), hidden=wire)
+            # No compute estimate yet: the unmeasured deadline (a first step on a loaded
+            # machine can take seconds), plus the RTT's share. Probes run concurrently, so
+            # liars cost one such deadline per probe round, not one each.
+            timeout = min(timeouts.unmeasured + timeouts.slack * rtt, self.step_timeout)
+            t0 = time.perf_counter()
+            result = await conn.request(request, timeout=timeout)
+            seconds = time.perf_counter() - t0
+            accept_forward_once_result(state, request, result, server_public_key=conn.public_key)
+        except HOP_FAILURES as exc:
+            retry_after = exc.retry_after if isinstance(exc, RemoteError) else None
+            self.health.failed(peer, trio.current_time(), retry_after=retry_after, reason=f"probe: {exc}")
+            log.info("probe of %s failed: %s", peer.hex()[:12], exc)
+            return
+        self.health.observe_step(peer, trio.current_time(), seconds=seconds, blocks=end - start, tokens=1,
+                                 success=False)
 
     async def audit_candidates(self, span: tuple[int, int]) -> list[tuple[bytes, tuple[str, ...]]]:
-        """Peers announcing a span that covers ``span`` (the auditor filters them). A view
-        up to ``AUDIT_VIEW_TTL`` old will do: an audit only needs some independent holder."""
+        """Peers announcing, in records of their own, a span that covers ``span`` (the
+        auditor filters them), less those this client backs off (a hung auditor would
+        cost every audit its deadline). A view up to ``AUDIT_VIEW_TTL`` old will do: an
+        audit only needs some independent holder; refreshing it waits ``refresh_timeout``
+        at most."""
         cached = self._view
-        if cached is not None and trio.current_time() - cached[0] <= AUDIT_VIEW_TTL:
-            view = cached[1]
-        else:
+        if cached is None:
             view = await self.swarm_view()
+        else:
+            if trio.current_time() - cached[0] > AUDIT_VIEW_TTL:
+                await self._refresh(self.refresh_timeout)
+            assert self._view is not None
+            view = self._view[1]
+        now = trio.current_time()
         return [(a.peer_id, tuple(a.addrs)) for a in view.announcements
-                if a.span[0] <= span[0] and span[1] <= a.span[1]]
+                if not self.health.backed_off(a.peer_id, now)
+                and any(lo <= span[0] and span[1] <= hi for lo, hi in view.routable(a))]
 
     async def generate(self, prompt: str | list[dict[str, str]] | list[int], params: SamplingParams | None = None, *,
                        chat: bool = True, on_token: Callable[[TokenEvent], None] | None = None) -> GenerationResult:
@@ -225,10 +487,8 @@ class SwarmClient:
                                 f"the model's context of {self.max_length}; shorten the prompt or max_new_tokens")
         tokens = TokenStream(self.head, params, prompt_ids)
         t0 = time.perf_counter()
-        route = await self._vet(await self.plan())
-        chain = Chain(self.host, model=self.model, max_length=max_length, replan=self._replan,
-                      wire_dtype=self.wire_dtype, step_timeout=self.step_timeout, max_failovers=self.max_failovers,
-                      credit=self.credit, auditor=self.auditor)
+        route = await self._vet(await self.route())
+        chain = self._chain(max_length)
         first_token_at = None
         yielded = rewind = 0
         rng_states: list[object] = []  # the sampler's RNG before each token, for rollbacks
@@ -276,6 +536,11 @@ class SwarmClient:
             if result_out is not None:
                 result_out.append(self._result(tokens, chain, t0, first_token_at or time.perf_counter(),
                                                text=shown))
+        except HOP_FAILURES as exc:  # the chain fails over every hop failure; this is a safety net
+            if isinstance(exc, LocalProtocolError):
+                raise  # our own bug, not a hop's failure
+            log.warning("a hop failure escaped the relay chain: %r", exc)
+            raise AllCandidatesFailed(0, self.num_blocks, chain.failovers, exc) from exc
         finally:
             with trio.CancelScope(shield=True):
                 await chain.aclose()
@@ -284,53 +549,71 @@ class SwarmClient:
         """Check the route's peers against fraud proofs stored in the DHT (a peer that
         joined after a proof was gossiped learns of it here); re-plan around any that
         turn out banned."""
+        for _ in range(self.max_failovers):
+            if not await self._vet_peers([h.peer_id for h in route.hops]):
+                return route
+            route = await self.route()
+        return route
+
+    async def _vet_peers(self, peers: list[bytes]) -> list[bytes]:
+        """Check ``peers`` not checked within ``VET_TTL`` against the DHT's fraud proofs;
+        returns (and bans) those a stored proof convicts."""
         fraud = self.fraud
         if fraud is None:
-            return route
-        for _ in range(self.max_failovers):
-            now = time.monotonic()
-            unchecked = [h.peer_id for h in route.hops if now - self._vetted.get(h.peer_id, -VET_TTL) >= VET_TTL]
-            if not unchecked:
-                return route
-            banned: list[bytes] = []
+            return []
+        now = time.monotonic()
+        unchecked = [p for p in dict.fromkeys(peers) if now - self._vetted.get(p, -VET_TTL) >= VET_TTL]
+        banned: list[bytes] = []
 
-            async def check(peer_id: bytes) -> None:
-                if await fraud.check_peer(peer_id):
-                    banned.append(peer_id)
+        async def check(peer_id: bytes) -> None:
+            if await fraud.check_peer(peer_id):
+                banned.append(peer_id)
 
-            async with trio.open_nursery() as nursery:
-                for peer_id in unchecked:
-                    nursery.start_soon(check, peer_id)
+        async with trio.open_nursery() as nursery:
             for peer_id in unchecked:
-                self._vetted[peer_id] = now
-            if not banned:
-                return route
-            self.banned.update(banned)
-            route = await self.plan()
-        return route
+                nursery.start_soon(check, peer_id)
+        for peer_id in unchecked:
+            self._vetted[peer_id] = now
+        self.banned.update(banned)
+        return banned
 
     async def _rebuild(self, chain: Chain, max_length: int) -> Chain:
         """A fresh chain on a fresh route (after a rollback: every hop's cache is suspect)."""
         with trio.CancelScope(shield=True):
             await chain.aclose()
-        fresh = Chain(self.host, model=self.model, max_length=max_length, replan=self._replan,
-                      wire_dtype=self.wire_dtype, step_timeout=self.step_timeout, max_failovers=self.max_failovers,
-                      credit=self.credit, auditor=self.auditor)
+        fresh = self._chain(max_length)
         fresh.failed |= chain.failed
         fresh.failovers = chain.failovers
-        await fresh.open(await self._vet(await self.plan(fresh=True)))
+        fresh.verification, fresh.disputed, fresh.unredoable = chain.verification, chain.disputed, chain.unredoable
+        fresh.hedges = chain.hedges
+        await fresh.open(await self._vet(await self.route(exclude=frozenset(fresh.failed))))
         return fresh
 
+    def _chain(self, max_length: int) -> Chain:
+        return Chain(self.host, model=self.model, max_length=max_length, replan=self._replan,
+                     wire_dtype=self.wire_dtype, step_timeout=self.step_timeout, max_failovers=self.max_failovers,
+                     credit=self.credit, auditor=self.auditor, health=self.health, alternative=self.alternative,
+                     spawn=self.spawn)
+
     async def _replan(self, start: int, end: int, exclude: frozenset[bytes]) -> Route:
-        return await self.plan(start, end, exclude=exclude, fresh=True)
+        return await self.route(start, end, exclude=exclude)
 
     def _result(self, tokens: TokenStream, chain: Chain, t0: float, first: float, *, text: str) -> GenerationResult:
         end = time.perf_counter()
-        return GenerationResult(
+        checks = chain.verification
+        unverifiable = [RouteHop(peer_id=peer.hex(), address=checks.addresses.get(peer, ""), start=start, end=stop)
+                        for peer, start, stop in checks.unverifiable]
+        result = GenerationResult(
             text=text, token_ids=list(tokens.new_ids), prompt_tokens=len(tokens.prompt_ids),
             finish_reason=tokens.finish_reason or "length", route=[_route_hop(r.hop, r.conn.address) for r in chain.hops],
             failovers=chain.failovers, time_to_first_token=first - t0, total_seconds=end - t0,
-            hop_latency={r.hop.peer_id.hex(): r.latency for r in chain.hops})
+            hop_latency={r.hop.peer_id.hex(): r.latency for r in chain.hops}, hop_steps=checks.hop_steps,
+            audited_steps=checks.audited, verified_fraction=checks.verified_fraction,
+            unverifiable_hops=unverifiable, hedges=chain.hedges)
+        warning = result.verification_warning()
+        if warning is not None:
+            log.warning("%s", warning)
+        return result
 
 
 def _route_hop(hop: Hop, address: str) -> RouteHop:

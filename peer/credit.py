@@ -18,6 +18,14 @@ serving and the generating side of one peer:
   asks connected peers, so transitive credit (at most 2 hops) can be computed;
 - it saves the ledger atomically when it changed, every ``save_interval`` seconds
   and on exit.
+
+Errors (spec section 12, "Error codes"): a RECEIPT, or a RECEIPT_ACK, whose signature
+does not verify (BAD_SIGNATURE, 105; MALFORMED, 100 for a missing countersignature) is
+a protocol violation of the peer that sent it: the connection to it is closed (no
+answer is sent on it). Refusals honest peers also meet (INVALID_REQUEST 200: wrong
+server, connection or over-claim; STALE_RECORD 208) are answered with ERROR and the
+connection stays open. A bad record in a CREDIT_REPORT is dropped alone (the reporter
+may only have relayed it).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from pathlib import Path
 import trio
 
 from protocol import CreditQuery, CreditReport, Receipt, ReceiptAck
-from protocol.errors import SwarmError
+from protocol.errors import RemoteProtocolError, SwarmError
 from swarm.credit import DEFAULT_GRACE_UNITS, Credit, Ledger, ReceiptDesk, ReceiptWallet
 from swarm.transport import Host, PeerConnection
 
@@ -152,6 +160,10 @@ class CreditService:
         try:
             ack = await server.request(Receipt(receipt=receipt), timeout=10.0)
             return self.wallet.acknowledged(ack.receipt)
+        except RemoteProtocolError as exc:  # a forged countersignature: the server broke the protocol
+            log.warning("closing the connection to %s: its RECEIPT_ACK %s", server.peer_id.hex()[:12], exc)
+            await server.aclose()
+            return False
         except SwarmError as exc:
             log.info("receipt to %s not acknowledged: %s", server.peer_id.hex()[:12], exc)
             return False

@@ -21,6 +21,7 @@ context need.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -34,12 +35,14 @@ import trio
 from protocol import FraudProofNotice, Identity, SignedRecord, type_cap
 from swarm.announce import DEFAULT_TTL, Announcer, block_key, fetch_swarm_view
 from swarm.dht import TOMBSTONE_MAX_TTL, DhtNode
+from swarm.latency import NextPings
 from swarm.planning import choose_blocks, should_rebalance
 from swarm.transport import Host
 from verify import FraudProofService, Reputation, record_kinds
 
 from .runtime import DEFAULT_MODEL, SpanExecutor, load_span, measure_throughput, resolve_model
 from .credit import CreditService
+from .model_info import ModelInfoService
 from . import _progress
 from .runtime._errors import InvalidArgument
 from .scheduler import Scheduler, SchedulerConfig
@@ -181,6 +184,7 @@ class ServerNode:
     throughput: float
     cancel_scope: trio.CancelScope
     span_reason: str = ""  # why this span: said at start-up
+    next_pings: NextPings | None = None  # RTTs to the servers of the next block, announced
 
     @property
     def span(self) -> tuple[int, int]:
@@ -263,15 +267,19 @@ async def run_server(identity: Identity, options: ServeOptions, *,
                                 compute=compute, on_work=credit.served, banned=reputation.banned)
             _set_proof_cap(host, executor)
             nursery.start_soon(server.run)
+            model_info = ModelInfoService(host, server, source=options.model)  # answers MODEL_QUERY
             fraud = FraudProofService(host, dht, reputation, executor=executor, compute=compute,
                                       reputation_path=options.reputation_path)
             await nursery.start(fraud.run)
-            announcer = Announcer(dht, identity, lambda expires: server.make_announcement(expires, node.throughput),
-                                  ttl=options.announce_ttl)
+            pings = NextPings(host, dht, model=info.model_id, span=lambda: server.span, num_blocks=info.num_blocks)
+            announcer = Announcer(dht, identity, lambda expires: dataclasses.replace(
+                server.make_announcement(expires, node.throughput), next_pings=pings.table()),
+                                  ttl=options.announce_ttl, model_entry=model_info.entry())
             node = ServerNode(identity=identity, host=host, dht=dht, server=server, announcer=announcer,
                               credit=credit, compute=compute, fraud=fraud, executor=executor, throughput=throughput,
-                              cancel_scope=scope, span_reason=reason)
+                              cancel_scope=scope, span_reason=reason, next_pings=pings)
             await nursery.start(announcer.run)
+            nursery.start_soon(pings.run)
             if status_stream is not None:
                 nursery.start_soon(_show_status, node, status_stream, status_interval)
             if options.blocks is None:

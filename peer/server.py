@@ -59,7 +59,6 @@ import torch
 import trio
 
 from protocol import (
-    DTYPES,
     Announcement,
     CloseSession,
     Forward,
@@ -75,6 +74,7 @@ from protocol import (
     WireTensor,
     check_forward,
     check_forward_once,
+    check_open_session,
     decode_tensor,
     encode_tensor,
     sign_forward_once_result,
@@ -248,7 +248,8 @@ class SpanServer:
     def make_announcement(self, expires: int, throughput: float) -> Announcement:
         return Announcement(peer_id=self.identity.peer_id, addrs=tuple(self.host.listen_addrs), model=self.model,
                               span=self.span, throughput=throughput, free_sessions=self.free_sessions,
-                              expires=expires)
+                              expires=expires, num_blocks=self.executor.info.num_blocks,
+                              hidden_size=self.executor.hidden_size)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -303,9 +304,7 @@ class SpanServer:
         if self.draining:
             raise RemoteError("this server is shutting down; route around it", code=ErrorCode.SHUTTING_DOWN)
         self._check_target(msg.model, msg.span)
-        if msg.wire_dtype not in DTYPES:
-            raise RemoteError(f"unknown wire dtype {msg.wire_dtype!r}; use one of {', '.join(DTYPES)}",
-                              code=ErrorCode.INVALID_REQUEST)
+        blocksize = check_open_session(msg)
         if len(self._sessions) >= self.max_sessions:
             self.sweep()
             if len(self._sessions) >= self.max_sessions:
@@ -322,7 +321,8 @@ class SpanServer:
                                   "have; retry later", code=ErrorCode.BUSY, retry_after=1.0)
         sid = self.executor.open_session(msg.max_length, start=msg.span[0], end=msg.span[1])
         state = SessionState(client=conn.peer_id, server=self.identity.peer_id, session=sid, model=self.model,
-                             span=msg.span, max_length=msg.max_length, wire_dtype=msg.wire_dtype)
+                             span=msg.span, max_length=msg.max_length, wire_dtype=msg.wire_dtype,
+                             blocksize=blocksize)
         state.open()
         self._sessions[sid] = _Served(owner=conn, state=state, opened=self._clock())
         # this connection may now send FORWARDs as long as the session (the cap only grows)
@@ -363,7 +363,8 @@ class SpanServer:
             served.computing = False
         if self._sessions.get(msg.session) is not served:  # closed while computing
             raise RemoteError("the session was closed during the step", code=ErrorCode.UNKNOWN_SESSION)
-        return sign_result(self.identity, state, msg, encode_tensor(output, state.wire_dtype))
+        return sign_result(self.identity, state, msg, encode_tensor(output, state.wire_dtype,
+                                                                    blocksize=state.blocksize))
 
     def _check_and_decode(self, state: SessionState, msg: Forward, public_key: bytes) -> tuple[int, torch.Tensor]:
         n_tokens = check_forward(state, msg, client_public_key=public_key, hidden_size=self.executor.hidden_size)
@@ -402,7 +403,8 @@ class SpanServer:
                 self._once_tokens[conn.peer_id] = left
             else:
                 del self._once_tokens[conn.peer_id]
-        return sign_forward_once_result(self.identity, state, msg, encode_tensor(output, state.wire_dtype))
+        return sign_forward_once_result(self.identity, state, msg, encode_tensor(output, state.wire_dtype,
+                                                                                 blocksize=state.blocksize))
 
     def _check_and_decode_once(self, conn: PeerConnection, msg: ForwardOnce) -> tuple[SessionState, torch.Tensor]:
         state = check_forward_once(msg, client=conn.peer_id, client_public_key=conn.public_key,

@@ -33,7 +33,7 @@ from ._connection import (
     HandshakeComplete,
     MessageReceived,
 )
-from ._handshake import HANDSHAKE_TRANSITIONS, PROTOCOL_VERSION, Role
+from ._handshake import HANDSHAKE_TRANSITIONS, MINOR_VERSION, PROTOCOL_VERSION, VERSION_TEXT, Role
 from ._identity import (
     PEER_ID_SIZE,
     PUBLIC_KEY_SIZE,
@@ -49,7 +49,20 @@ from ._identity import (
     verify_signature,
 )
 from ._limits import DEFAULT_LIMITS, NOISE_MAX_MESSAGE, Limits
+from ._model_id import (
+    CONFIG_KEYS,
+    MODEL_ID_DOMAIN,
+    MODEL_ID_PATTERN,
+    json_to_cbor,
+    make_model_id,
+    model_digest,
+    model_id_document,
+)
 from ._messages import (
+    CONNECTION_ERROR_ID,
+    MAX_BLOCKS,
+    MAX_MODELS,
+    MAX_NEXT_PINGS,
     MAX_NODES,
     MAX_RECORD_VALUE,
     MAX_RECORDS,
@@ -71,6 +84,11 @@ from ._messages import (
     FraudProofAck,
     FraudProofNotice,
     Message,
+    ModelDescriptor,
+    ModelEntry,
+    ModelQuery,
+    ModelReport,
+    NextPing,
     NodeInfo,
     Nodes,
     OpenSession,
@@ -91,11 +109,13 @@ from ._messages import (
     encode_message,
 )
 from ._exchange import (
+    DEFAULT_BLOCKSIZE,
     accept_forward_once_result,
     accept_result,
     check_forward,
     check_forward_once,
     check_input,
+    check_open_session,
     check_result_signature,
     forward_once_state,
     replay_requests,
@@ -144,6 +164,8 @@ __all__ = [
     "Role",
     "HANDSHAKE_TRANSITIONS",
     "PROTOCOL_VERSION",
+    "MINOR_VERSION",
+    "VERSION_TEXT",
     # requests and responses over a connection
     "Channel",
     "Decoded",
@@ -163,12 +185,17 @@ __all__ = [
     "MAX_RECORD_VALUE",
     "MAX_RECORDS",
     "MAX_NODES",
+    "MAX_MODELS",
+    "MAX_BLOCKS",
+    "CONNECTION_ERROR_ID",
     "encode_message",
     "decode_envelope",
     "decode_message",
     "NodeInfo",
     "SignedRecord",
     "Announcement",
+    "NextPing",
+    "MAX_NEXT_PINGS",
     "ReceiptRecord",
     "ForwardEvidence",
     "FraudProof",
@@ -195,6 +222,10 @@ __all__ = [
     "CreditReport",
     "FraudProofNotice",
     "FraudProofAck",
+    "ModelDescriptor",
+    "ModelEntry",
+    "ModelQuery",
+    "ModelReport",
     # tensors (lazy)
     *_TENSOR_NAMES,
     # signed statements
@@ -225,6 +256,8 @@ __all__ = [
     "sign_forward_once_result",
     "accept_forward_once_result",
     "check_input",
+    "check_open_session",
+    "DEFAULT_BLOCKSIZE",
     "request_statement",
     "result_statement",
     "replay_requests",
@@ -242,6 +275,14 @@ __all__ = [
     "atomic_write",
     "PEER_ID_SIZE",
     "PUBLIC_KEY_SIZE",
+    # model ids
+    "CONFIG_KEYS",
+    "MODEL_ID_DOMAIN",
+    "MODEL_ID_PATTERN",
+    "json_to_cbor",
+    "make_model_id",
+    "model_digest",
+    "model_id_document",
     # limits
     "Limits",
     "DEFAULT_LIMITS",

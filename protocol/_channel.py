@@ -36,6 +36,14 @@ peer has open on us and its limit, and the answers to types nobody can serve.
   the envelope and body, no state touched), so that the shell may run a large one in
   a worker thread; ``accept(decoded)`` is the rest. ``receive`` is both.
 
+Connection-level errors (spec section 6, "ERROR", and section 14). Request ids start
+at 1; id 0 is reserved for an ``ERROR`` that is about the connection, not a request:
+a peer that is about to close the connection for a violation (MALFORMED,
+LIMIT_EXCEEDED, DECRYPT_FAILED) MAY first send one, built by ``abort_payload``. When
+one arrives, ``receive`` raises ``ConnectionAborted`` with the peer's code and
+message: the connection is ending. Which code is answered and which ends the
+connection is ``errors.ERROR_RULES``; ``error_for`` applies it to what a handler raised.
+
 What is left to the caller (``swarm.transport``): writing, waiting, timeouts, and
 waiting for a free slot before ``send_request`` (``can_request``).
 """
@@ -49,8 +57,19 @@ from typing import Any
 
 from ._fields import TensorCodec, envelope_size
 from ._limits import DEFAULT_LIMITS, Limits
-from ._messages import MESSAGE_TYPES, RESPONSES, Error, Message, decode_envelope, encode_message
-from .errors import ErrorCode, LimitExceeded, LocalProtocolError, RemoteError, SwarmError, UnexpectedMessage
+from ._messages import CONNECTION_ERROR_ID, MESSAGE_TYPES, RESPONSES, Error, Message, decode_envelope, encode_message
+from .errors import (
+    ConnectionAborted,
+    ErrorCode,
+    LimitExceeded,
+    LocalProtocolError,
+    RemoteError,
+    RemoteProtocolError,
+    Report,
+    SwarmError,
+    UnexpectedMessage,
+    rule_of,
+)
 
 __all__ = [
     "Channel",
@@ -145,19 +164,35 @@ def response_cap(request: Message, limits: Limits) -> int:
 
 def error_for(exc: BaseException) -> Error:
     """The ``ERROR`` an exception raised while serving a request becomes: a
-    ``SwarmError`` keeps its code and message (a ``RemoteError`` its retry_after too);
-    anything else is ``INTERNAL`` with a generic message, so no internals leak."""
+    ``SwarmError`` keeps its code and message (a ``RemoteError`` its retry_after, where
+    the code's rule allows one); anything else is ``INTERNAL`` with a generic message,
+    so no internals leak.
+
+    Only codes whose rule is to answer a request are answered (``errors.ERROR_RULES``):
+    a connection-level code a handler raised about something inside the request (a
+    nested value that does not decode, say) is the request's fault, ``INVALID_REQUEST``;
+    a ``LocalProtocolError`` is this side's own, ``INTERNAL``.
+    """
     if isinstance(exc, SwarmError):
         code, text = int(exc.code), str(exc)
     else:
         code, text = int(ErrorCode.INTERNAL), "internal error"
-    retry_after = getattr(exc, "retry_after", None) if isinstance(exc, RemoteError) else None
+    if not 0 <= code <= 65535:
+        code = int(ErrorCode.INTERNAL)
+    rule = rule_of(code)
+    if rule.report is not Report.ANSWER:
+        code = int(ErrorCode.INVALID_REQUEST if isinstance(exc, RemoteProtocolError) else ErrorCode.INTERNAL)
+        rule = rule_of(code)
+    retry_after = getattr(exc, "retry_after", None) if isinstance(exc, RemoteError) and rule.retry_after else None
     if retry_after is not None and not (isinstance(retry_after, (int, float)) and math.isfinite(retry_after)
                                         and retry_after >= 0):
         retry_after = None
-    text = text.encode("utf-8", "replace")[:_MAX_ERROR_TEXT].decode("utf-8", "ignore")
-    return Error(code=code if 0 <= code <= 65535 else int(ErrorCode.INTERNAL), message=text,
-                 retry_after=None if retry_after is None else float(retry_after))
+    return Error(code=code, message=_one_line(text), retry_after=None if retry_after is None else float(retry_after))
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text.encode("utf-8", "replace")[:_MAX_ERROR_TEXT].decode("utf-8", "ignore")
 
 
 class Channel:
@@ -291,6 +326,8 @@ class Channel:
                 more items than its type allows, or the peer has more than
                 ``max_concurrent_requests`` requests open on us; the connection must end
                 (spec section 6, "Unknown and malformed messages").
+            ConnectionAborted: the peer sent a connection-level ``ERROR`` (id 0): it is
+                closing the connection, for the reason in the error.
         """
         return self.accept(self.decode(payload))
 
@@ -299,6 +336,12 @@ class Channel:
         LimitExceeded for a request beyond ``max_concurrent_requests``."""
         type_, request_id = decoded.type_, decoded.request_id
         cls = MESSAGE_TYPES.get(type_)
+        if request_id == CONNECTION_ERROR_ID:  # decode_envelope let only ERROR through
+            notice = decoded.message
+            assert isinstance(notice, Error)  # decode_envelope lets id 0 through on ERROR only
+            name = notice.error_code.name if isinstance(notice.error_code, ErrorCode) else str(notice.code)
+            raise ConnectionAborted(f"the peer is closing the connection: {name} ({notice.code}): "
+                                    f"{_one_line(notice.message)}", code=notice.code)
         if type_ % 2 == 0:  # a request, known or not
             if self._incoming >= self.limits.max_concurrent_requests:
                 raise LimitExceeded(f"more than {self.limits.max_concurrent_requests} concurrent requests")
@@ -358,6 +401,17 @@ class Channel:
         self._incoming -= 1
 
     # -- closing --------------------------------------------------------------------
+
+    def abort_payload(self, exc: BaseException) -> bytes | None:
+        """The connection-level ``ERROR`` (id 0) telling the peer why this side closes
+        the connection for ``exc``, or None when ``exc``'s code is not one to tell
+        (its rule is not ``Report.NOTICE``: handshake failures, the stream ending, or
+        the peer's own notice). Write it, if at all, just before closing."""
+        if isinstance(exc, ConnectionAborted) or not isinstance(exc, SwarmError):
+            return None
+        if rule_of(int(exc.code)).report is not Report.NOTICE:
+            return None
+        return encode_message(Error(code=int(exc.code), message=_one_line(str(exc))), CONNECTION_ERROR_ID)
 
     def close(self) -> list[Any]:
         """End the channel; the tokens of our requests still awaited, to fail them."""

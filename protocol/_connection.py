@@ -148,6 +148,7 @@ class Connection:
         self._outgoing: list[bytes] = []
         self._eof = False
         self._error: ProtocolError | None = None
+        self._send_failed = False  # our sending direction failed (nonce exhausted)
         self.remote_peer_id: bytes | None = None
         self.remote_public_key: bytes | None = None
         self.remote_listen_addrs: tuple[str, ...] | None = None
@@ -274,7 +275,8 @@ class Connection:
         Raises:
             RemoteProtocolError: the peer violated the protocol (HandshakeError,
                 UnexpectedMessage, DecryptError, LimitExceeded, ConnectionClosed);
-                the connection is then in ERROR for good.
+                the connection is then in ERROR for good (receiving; ``send`` still
+                works, to say why before closing).
         """
         self._check_error()
         if self._events:
@@ -327,12 +329,18 @@ class Connection:
                 ``Limits.max_message_size`` (the connection stays usable).
             NonceExhausted: 2**64-1 messages sent; the connection is in ERROR.
         """
-        self._check_error()
+        # A failure of what the peer sent (a bad frame or message) leaves our direction
+        # intact, so that the side closing for it can first say why with a
+        # connection-level ERROR (spec section 6); only a failure of our own sending
+        # direction, or one before the handshake completed, stops it.
+        if self._error is not None and (self._encoder is None or self._send_failed):
+            raise self._error
         if self._encoder is None:
             raise LocalProtocolError("send() before the handshake is complete")
         try:
             data = self._encoder.encode(payload)
         except NonceExhausted as exc:
+            self._send_failed = True
             self._fail(exc)
             raise
         if self._outgoing:

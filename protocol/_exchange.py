@@ -22,9 +22,15 @@ is the request's nonce (``forward_once_state``). A fraud proof is checked by rep
 the client-signed requests into a fresh state (``replay_requests``) and checking the
 accused's signature over the digest that results (``check_result_signature``).
 
-Failures are typed: ``InvalidRequest`` (dtype, shape), ``UnexpectedMessage`` (session
-state, or an answer that does not answer), ``BadSignature``; ``LocalProtocolError``
-for this side's own misuse.
+The session's wire format is its dtype and, for ``q8``/``nf4``, its block size
+(OPEN_SESSION's ``blocksize``, 4096 unless asked; ``check_open_session``): inputs must
+have it and outputs are encoded with it, so two honest servers return the same bytes
+and sign the same digests. A FORWARD_ONCE's output has its input's dtype and block
+size.
+
+Failures are typed: ``InvalidRequest`` (dtype, block size, shape),
+``UnexpectedMessage`` (session state, or an answer that does not answer),
+``BadSignature``; ``LocalProtocolError`` for this side's own misuse.
 """
 
 from __future__ import annotations
@@ -32,12 +38,14 @@ from __future__ import annotations
 from typing import Any
 
 from ._identity import Identity, verify_signature
-from ._messages import Forward, ForwardEvidence, ForwardOnce, ForwardOnceResult, ForwardResult
+from ._messages import Forward, ForwardEvidence, ForwardOnce, ForwardOnceResult, ForwardResult, OpenSession
 from ._session import SessionPhase, SessionState, SignedStep
 from ._statements import extend_history, forward_request_statement, forward_result_statement
 from .errors import InvalidRequest, LocalProtocolError, UnexpectedMessage
 
 __all__ = [
+    "DEFAULT_BLOCKSIZE",
+    "check_open_session",
     "sign_forward",
     "check_forward",
     "sign_result",
@@ -53,6 +61,31 @@ __all__ = [
     "replay_requests",
     "check_result_signature",
 ]
+
+
+#: The block size of a q8/nf4 session whose OPEN_SESSION names none.
+DEFAULT_BLOCKSIZE = 4096
+
+
+def check_open_session(request: OpenSession) -> int:
+    """The server's check of an OPEN_SESSION's wire format; returns the session's block
+    size (``DEFAULT_BLOCKSIZE`` unless the request names one).
+
+    Raises:
+        InvalidRequest: an unknown wire dtype, a block size that is not one of
+            ``BLOCKSIZES``, or a block size with a lossless dtype.
+    """
+    from ._tensor import BLOCKSIZES, DTYPES, QUANTIZED  # the codec's constants (imports torch)
+
+    if request.wire_dtype not in DTYPES:
+        raise InvalidRequest(f"unknown wire dtype {request.wire_dtype!r}; use one of {', '.join(DTYPES)}")
+    if request.blocksize is None:
+        return DEFAULT_BLOCKSIZE
+    if request.wire_dtype not in QUANTIZED:
+        raise InvalidRequest(f"a blocksize is for q8 and nf4 sessions, not {request.wire_dtype}")
+    if request.blocksize not in BLOCKSIZES:
+        raise InvalidRequest(f"blocksize {request.blocksize} is not one of {', '.join(map(str, BLOCKSIZES))}")
+    return request.blocksize
 
 
 # -- the statements of a session ----------------------------------------------------------
@@ -73,11 +106,15 @@ def result_statement(state: SessionState, *, step: int, input_digest: bytes, out
                                     history=history)
 
 
-def check_input(hidden: Any, *, wire_dtype: str, hidden_size: int) -> int:
+def check_input(hidden: Any, *, wire_dtype: str, hidden_size: int, blocksize: int | None = None) -> int:
     """The number of tokens in ``hidden``, a request's input; raises ``InvalidRequest``
-    unless it is a ``[1, n, hidden_size]`` tensor (n >= 1) in ``wire_dtype``."""
+    unless it is a ``[1, n, hidden_size]`` tensor (n >= 1) in ``wire_dtype`` (and, for
+    q8/nf4, ``blocksize`` when given)."""
     if hidden.dtype != wire_dtype:
         raise InvalidRequest(f"hidden states must be sent as {wire_dtype}, got {hidden.dtype}")
+    if blocksize is not None and hidden.blocksize is not None and hidden.blocksize != blocksize:
+        raise InvalidRequest(f"{wire_dtype} hidden states must have the session's blocksize {blocksize}, "
+                             f"got {hidden.blocksize}")
     shape = tuple(hidden.shape)
     if len(shape) != 3 or shape[0] != 1 or shape[1] < 1 or shape[2] != hidden_size:
         raise InvalidRequest(f"hidden states must have shape [1, n, {hidden_size}], got {list(shape)}")
@@ -86,7 +123,8 @@ def check_input(hidden: Any, *, wire_dtype: str, hidden_size: int) -> int:
 
 def _check_request(state: SessionState, *, step: int, position: int, hidden: Any, signature: bytes,
                    client_public_key: bytes, hidden_size: int | None) -> int:
-    n_tokens = (check_input(hidden, wire_dtype=state.wire_dtype, hidden_size=hidden_size)
+    n_tokens = (check_input(hidden, wire_dtype=state.wire_dtype, hidden_size=hidden_size,
+                            blocksize=state.blocksize)
                 if hidden_size is not None else int(hidden.shape[1]))
     state.check_forward(step=step, position=position, n_tokens=n_tokens)
     verify_signature(client_public_key, request_statement(state, step=step, position=position,
@@ -102,9 +140,13 @@ def check_result_signature(state: SessionState, *, step: int, input_digest: byte
                                                          output_digest=output.digest(), history=history), signature)
 
 
-def _check_answer_shape(request_hidden: Any, output: Any) -> None:
+def _check_answer_shape(state: SessionState, request_hidden: Any, output: Any) -> None:
     if tuple(output.shape) != tuple(request_hidden.shape):
         raise UnexpectedMessage(f"returned shape {list(output.shape)}, expected {list(request_hidden.shape)}")
+    if output.dtype != state.wire_dtype or (output.blocksize is not None and output.blocksize != state.blocksize):
+        got = output.dtype + (f"/{output.blocksize}" if output.blocksize is not None else "")
+        want = state.wire_dtype + (f"/{state.blocksize}" if output.blocksize is not None else "")
+        raise UnexpectedMessage(f"returned a {got} tensor, the session's wire format is {want}")
 
 
 # -- FORWARD ------------------------------------------------------------------------------
@@ -168,7 +210,7 @@ def accept_result(state: SessionState, request: Forward, result: ForwardResult, 
     if result.session != request.session or result.step != request.step:
         raise UnexpectedMessage(f"answered session/step {result.session.hex()}/{result.step}, "
                                 f"asked {request.session.hex()}/{request.step}")
-    _check_answer_shape(request.hidden, result.hidden)
+    _check_answer_shape(state, request.hidden, result.hidden)
     input_digest = request.hidden.digest()
     check_result_signature(state, step=request.step, input_digest=input_digest, output=result.hidden,
                            signature=result.signature, history=extend_history(state.history, input_digest),
@@ -185,9 +227,11 @@ def accept_result(state: SessionState, request: Forward, result: ForwardResult, 
 def forward_once_state(*, client: bytes, server: bytes, nonce: bytes, model: str, span: tuple[int, int],
                        hidden: Any) -> SessionState:
     """The one-step session a FORWARD_ONCE of ``hidden`` is: its id is the nonce, its
-    step and position are 0, its wire dtype is the input's."""
+    step and position are 0, its wire format (dtype, block size) is the input's, and so
+    is its output's."""
     state = SessionState(client=client, server=server, session=nonce, model=model, span=span,
-                         max_length=int(hidden.shape[1]), wire_dtype=hidden.dtype)
+                         max_length=int(hidden.shape[1]),
+                         wire_dtype=hidden.dtype, blocksize=hidden.blocksize or DEFAULT_BLOCKSIZE)
     state.open()
     return state
 
@@ -203,8 +247,8 @@ def sign_forward_once(identity: Identity, *, server: bytes, nonce: bytes, model:
 
 def check_forward_once(request: ForwardOnce, *, client: bytes, client_public_key: bytes, server: bytes,
                        hidden_size: int) -> SessionState:
-    """The server's checks of a FORWARD_ONCE (shape and signature; the output dtype is
-    the input's); returns its one-step session. Raises as ``check_forward``."""
+    """The server's checks of a FORWARD_ONCE (shape and signature; the output's dtype and
+    block size are the input's); returns its one-step session. Raises as ``check_forward``."""
     check_input(request.hidden, wire_dtype=request.hidden.dtype, hidden_size=hidden_size)
     state = forward_once_state(client=client, server=server, nonce=request.nonce, model=request.model,
                                span=request.span, hidden=request.hidden)
@@ -227,7 +271,7 @@ def accept_forward_once_result(state: SessionState, request: ForwardOnce, result
                                server_public_key: bytes) -> SignedStep:
     """The client's checks of a FORWARD_ONCE result (shape, the server's signature).
     Raises as ``accept_result``."""
-    _check_answer_shape(request.hidden, result.hidden)
+    _check_answer_shape(state, request.hidden, result.hidden)
     input_digest = request.hidden.digest()
     check_result_signature(state, step=0, input_digest=input_digest, output=result.hidden,
                            signature=result.signature, history=extend_history(state.history, input_digest),

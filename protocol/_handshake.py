@@ -12,10 +12,21 @@ proven the peer holds, so the peer id is authenticated when the handshake ends.
 Which call is legal when is decided by one table, ``HANDSHAKE_TRANSITIONS``, keyed by
 (role, state, event); the events are the two things that can happen to a handshake,
 writing and reading a message. A pair missing from the table is rejected:
-``LocalProtocolError`` for a write (our misuse), ``UnexpectedMessage`` for a read (the
-peer's). After any error the object stays in ``ERROR`` and repeats that error.
-Every other failure of the peer's messages (short, undecryptable, bad CBOR, bad
-binding) is a ``HandshakeError``.
+``LocalProtocolError`` for a write (our misuse), ``HandshakeError`` for a read (the
+peer's: every failure before the handshake completes is HANDSHAKE_FAILED and ends
+the connection, spec section 14). After any error the object stays in ``ERROR`` and
+repeats that error. Every other failure of the peer's messages (short,
+undecryptable, bad CBOR, bad binding, a version it cannot speak) is a
+``HandshakeError`` too.
+
+Versions (spec section 16). A version is major.minor. The major is in the prologue
+and every domain string (``swarm/1``); HandshakePayload key 3 repeats it and MUST be
+1. Key 4 is the highest minor the sender speaks (absent: 0, protocol 1.0). The
+connection speaks ``min(local minor, remote minor)`` and a side that does not
+implement that minor fails the handshake: this implementation speaks 1.1 only
+(``MIN_MINOR_VERSION``). Both payloads travel inside the Noise handshake, encrypted
+and authenticated under keys only the two proven identities hold, and are mixed into
+the handshake hash, so no one between them can make them agree on a lower version.
 
 This module works on Noise messages; the 2-byte length framing is the caller's
 (``_transport.frame``, ``_transport.FrameReader``).
@@ -52,7 +63,6 @@ from .errors import (
     LimitExceeded,
     LocalProtocolError,
     ProtocolError,
-    UnexpectedMessage,
 )
 
 __all__ = [
@@ -61,6 +71,9 @@ __all__ = [
     "MAX_ADDRESS_LENGTH",
     "PROLOGUE",
     "PROTOCOL_VERSION",
+    "MINOR_VERSION",
+    "MIN_MINOR_VERSION",
+    "VERSION_TEXT",
     "Handshake",
     "HandshakeEvent",
     "HandshakeResult",
@@ -68,13 +81,19 @@ __all__ = [
     "Role",
     "decode_handshake_payload",
     "encode_handshake_payload",
+    "negotiate_minor",
     "next_handshake_state",
     "validate_listen_addr",
 ]
 
 PROLOGUE = b"swarm/1"
 BINDING_PREFIX = b"swarm/1/noise-static-key:"
+#: The major version (prologue, domain strings, HandshakePayload key 3).
 PROTOCOL_VERSION = 1
+#: The highest minor version this implementation speaks (key 4), and the lowest.
+MINOR_VERSION = 1
+MIN_MINOR_VERSION = 1
+VERSION_TEXT = f"{PROTOCOL_VERSION}.{MINOR_VERSION}"
 MAX_ADDRESS_LENGTH = 64
 NOISE_PATTERN = "XX"
 
@@ -83,6 +102,7 @@ _KEY_PUBLIC_KEY = 0
 _KEY_SIGNATURE = 1
 _KEY_ADDRS = 2
 _KEY_VERSION = 3
+_KEY_MINOR = 4
 
 _HOST_PORT = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9._-]+)):([0-9]{1,5})")
 
@@ -118,7 +138,7 @@ HANDSHAKE_TRANSITIONS: dict[tuple[Role, HandshakeState, HandshakeEvent], Handsha
 
 
 def next_handshake_state(role: Role, state: HandshakeState, event: HandshakeEvent) -> HandshakeState:
-    """The table lookup. Raises LocalProtocolError (a send) or UnexpectedMessage (a
+    """The table lookup. Raises LocalProtocolError (a send) or HandshakeError (a
     receive) for a pair the table does not have."""
     try:
         return HANDSHAKE_TRANSITIONS[role, state, event]
@@ -126,7 +146,7 @@ def next_handshake_state(role: Role, state: HandshakeState, event: HandshakeEven
         pass
     if event is HandshakeEvent.SEND_MESSAGE:
         raise LocalProtocolError(f"{role.value} cannot send a handshake message in state {state.name}")
-    raise UnexpectedMessage(f"{role.value} did not expect a handshake message in state {state.name}")
+    raise HandshakeError(f"{role.value} did not expect a handshake message in state {state.name}")
 
 
 # -- payload -------------------------------------------------------------------
@@ -153,16 +173,33 @@ def _binding_message(noise_static_public_key: bytes) -> bytes:
     return BINDING_PREFIX + noise_static_public_key
 
 
-def encode_handshake_payload(identity: Identity, noise_static_public_key: bytes, listen_addrs: Sequence[str]) -> bytes:
-    """The CBOR HandshakePayload binding ``identity`` to the Noise static key."""
-    return _cbor.encode(
-        {
-            _KEY_PUBLIC_KEY: identity.public_key,
-            _KEY_SIGNATURE: identity.sign(_binding_message(noise_static_public_key)),
-            _KEY_ADDRS: list(listen_addrs),
-            _KEY_VERSION: PROTOCOL_VERSION,
-        }
-    )
+def encode_handshake_payload(identity: Identity, noise_static_public_key: bytes, listen_addrs: Sequence[str],
+                             *, minor_version: int = MINOR_VERSION) -> bytes:
+    """The CBOR HandshakePayload binding ``identity`` to the Noise static key.
+
+    ``minor_version`` is the highest minor offered (tests offer others)."""
+    payload: dict[int, Any] = {
+        _KEY_PUBLIC_KEY: identity.public_key,
+        _KEY_SIGNATURE: identity.sign(_binding_message(noise_static_public_key)),
+        _KEY_ADDRS: list(listen_addrs),
+        _KEY_VERSION: PROTOCOL_VERSION,
+    }
+    if minor_version:  # 1.0 peers sent no key 4
+        payload[_KEY_MINOR] = minor_version
+    return _cbor.encode(payload)
+
+
+def negotiate_minor(local: int, remote: int, *, minimum: int = MIN_MINOR_VERSION) -> int:
+    """The minor version a connection speaks: the lower of the two offers.
+
+    Raises:
+        HandshakeError: that minor is below ``minimum`` (this side does not speak it).
+    """
+    minor = min(local, remote)
+    if minor < minimum:
+        raise HandshakeError(f"the peer speaks protocol {PROTOCOL_VERSION}.{remote}; this peer needs "
+                             f"{PROTOCOL_VERSION}.{minimum} or later (upgrade the older side)")
+    return minor
 
 
 def decode_handshake_payload(
@@ -170,10 +207,10 @@ def decode_handshake_payload(
 ) -> tuple[bytes, tuple[str, ...], int]:
     """Validate a peer's HandshakePayload against the Noise static key it proved.
 
-    Returns (Ed25519 public key, listen addresses, protocol version).
+    Returns (Ed25519 public key, listen addresses, the peer's highest minor version).
 
     Raises:
-        HandshakeError: anything wrong with it.
+        HandshakeError: anything wrong with it, a major version other than 1 included.
     """
     try:
         obj: Any = _cbor.decode(payload, max_size=len(payload))
@@ -191,6 +228,12 @@ def decode_handshake_payload(
         raise HandshakeError(f"handshake payload: the binding signature is not {SIGNATURE_SIZE} bytes")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise HandshakeError("handshake payload: protocol version is not a positive integer")
+    if version != PROTOCOL_VERSION:
+        raise HandshakeError(f"handshake payload: the peer speaks protocol {version}, not {PROTOCOL_VERSION} "
+                             f"(the prologue 'swarm/{PROTOCOL_VERSION}')")
+    minor = obj.get(_KEY_MINOR, 0)
+    if not isinstance(minor, int) or isinstance(minor, bool) or minor < 0:
+        raise HandshakeError("handshake payload: the minor version is not an unsigned integer")
     if not isinstance(addrs, list):
         raise HandshakeError("handshake payload: listen addresses are not an array")
     if len(addrs) > limits.max_addresses:
@@ -206,7 +249,7 @@ def decode_handshake_payload(
     if not satisfies_puzzle(peer_id_of(public_key)):
         raise HandshakeError(f"handshake payload: the peer id does not solve the identity puzzle ({PUZZLE_BITS} "
                              "leading zero bits); the peer must run 'swarm-peer keygen --force'")
-    return public_key, listen_addrs, version
+    return public_key, listen_addrs, minor
 
 
 # -- the handshake -------------------------------------------------------------
@@ -221,7 +264,8 @@ class HandshakeResult:
     public_key: bytes
     listen_addrs: tuple[str, ...]
     handshake_hash: bytes
-    protocol_version: int
+    protocol_version: int  # the major version: 1
+    minor_version: int  # the negotiated minor
     send_cipher: CipherState
     recv_cipher: CipherState
 
@@ -245,6 +289,8 @@ class Handshake:
         expected_peer_id: if given, the peer must prove this peer id.
         static_private_key: the X25519 Noise static key (one is generated if None).
         ephemeral_private_key: fixes the ephemeral key; test vectors only.
+        minor_version, min_minor_version: the highest minor offered and the lowest
+            accepted (tests of the version rule; peers keep the defaults).
 
     Raises:
         LocalProtocolError: a bad argument.
@@ -260,6 +306,8 @@ class Handshake:
         expected_peer_id: bytes | None = None,
         static_private_key: bytes | None = None,
         ephemeral_private_key: bytes | None = None,
+        minor_version: int = MINOR_VERSION,
+        min_minor_version: int = MIN_MINOR_VERSION,
     ) -> None:
         if not isinstance(role, Role):
             raise LocalProtocolError(f"role must be a Role, not {role!r}")
@@ -289,7 +337,10 @@ class Handshake:
         )
         assert self._noise.static_public_key is not None
         self.static_public_key: bytes = self._noise.static_public_key
-        self._payload = encode_handshake_payload(identity, self.static_public_key, addrs)
+        self._minor = minor_version
+        self._min_minor = min_minor_version
+        self._payload = encode_handshake_payload(identity, self.static_public_key, addrs,
+                                                 minor_version=minor_version)
         self._error: ProtocolError | None = None
         self._remote: tuple[bytes, tuple[str, ...], int] | None = None
         self.result: HandshakeResult | None = None
@@ -329,9 +380,9 @@ class Handshake:
         """Process the peer's next Noise message.
 
         Raises:
-            UnexpectedMessage: the peer may not send now.
-            HandshakeError: the message is malformed or the peer's identity binding
-                is invalid or not the expected one.
+            HandshakeError: the peer may not send now, the message is malformed, the
+                peer's identity binding is invalid or not the expected one, or its
+                version cannot be spoken.
         """
         new_state = self._advance(HandshakeEvent.RECEIVE_MESSAGE)
         try:
@@ -343,6 +394,7 @@ class Handshake:
                 payload = self._noise.read_message(message)
                 assert self._noise.remote_static is not None
                 self._remote = decode_handshake_payload(payload, self._noise.remote_static, self._limits)
+                negotiate_minor(self._minor, self._remote[2], minimum=self._min_minor)
                 peer_id = peer_id_of(self._remote[0])
                 if self._expected_peer_id is not None and peer_id != self._expected_peer_id:
                     raise HandshakeError(
@@ -361,14 +413,15 @@ class Handshake:
 
     def _finish(self) -> None:
         assert self._remote is not None
-        public_key, listen_addrs, version = self._remote
+        public_key, listen_addrs, remote_minor = self._remote
         send_cipher, recv_cipher = self._noise.split()
         self.result = HandshakeResult(
             peer_id=peer_id_of(public_key),
             public_key=public_key,
             listen_addrs=listen_addrs,
             handshake_hash=self._noise.handshake_hash,
-            protocol_version=min(version, PROTOCOL_VERSION),
+            protocol_version=PROTOCOL_VERSION,
+            minor_version=negotiate_minor(self._minor, remote_minor, minimum=self._min_minor),
             send_cipher=send_cipher,
             recv_cipher=recv_cipher,
         )

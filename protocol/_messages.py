@@ -9,6 +9,9 @@ classes. Unknown body keys are ignored; an unknown type is ``UNKNOWN_MESSAGE``.
 
 A message class holds the body only: the id belongs to the envelope, and the
 request multiplexer (``_channel``) is what numbers requests and matches responses.
+Request ids are 1 .. 2**64-1: id 0 is reserved for the connection-level ``ERROR`` a
+peer MAY send before it closes a connection (spec section 6, "ERROR"), so a request
+or a response other than ``ERROR`` with id 0 is malformed.
 """
 
 from __future__ import annotations
@@ -49,9 +52,16 @@ __all__ = [
     "NodeInfo",
     "SignedRecord",
     "Announcement",
+    "NextPing",
+    "MAX_NEXT_PINGS",
     "ReceiptRecord",
     "ForwardEvidence",
     "FraudProof",
+    "ModelDescriptor",
+    "ModelEntry",
+    "CONNECTION_ERROR_ID",
+    "MAX_BLOCKS",
+    "MAX_MODELS",
     "Error",
     "Ping",
     "Pong",
@@ -75,6 +85,8 @@ __all__ = [
     "CreditReport",
     "FraudProofNotice",
     "FraudProofAck",
+    "ModelQuery",
+    "ModelReport",
 ]
 
 _STRUCT = dict(frozen=True, slots=True, kw_only=True)
@@ -91,6 +103,11 @@ TENSOR = TensorCodec()
 MAX_RECORD_VALUE = 2048
 MAX_NODES = 20  # k
 MAX_RECORDS = 64
+MAX_BLOCKS = 1 << 16  # Span's bound: the most blocks a model may have
+MAX_MODELS = 16  # models one MODEL_REPORT lists
+#: The envelope id of a connection-level ERROR: never a request's.
+CONNECTION_ERROR_ID = 0
+_VERSION_TEXT = Text(max=16, nonempty=True)
 
 
 class Structure:
@@ -177,8 +194,26 @@ class SignedRecord(Structure):
 
 
 @dataclass(**_STRUCT)
+class NextPing(Structure):
+    """A round trip a server measured to a server of the blocks after its span."""
+
+    peer_id: bytes
+    rtt: float  # seconds
+    FIELDS: ClassVar = (
+        Field(0, "peer_id", PEER_ID),
+        Field(1, "rtt", Float()),
+    )
+
+
+#: Entries of ``Announcement.next_pings`` at most (a block record is at most 2,048 bytes).
+MAX_NEXT_PINGS = 8
+
+
+@dataclass(**_STRUCT)
 class Announcement(Structure):
-    """The value of a block record: a server announcing the span it serves."""
+    """The value of a block record: a server announcing the span it serves, and
+    (optionally, Petals' ``next_pings``) the RTTs it measured to servers of the blocks
+    that follow its span, one entry per peer, sorted by peer id."""
 
     peer_id: bytes
     addrs: tuple[str, ...]
@@ -187,6 +222,11 @@ class Announcement(Structure):
     throughput: float  # tokens/s through the whole span, measured at start-up
     free_sessions: int
     expires: int
+    next_pings: tuple[NextPing, ...] | None = None
+    # 8 and 9 (protocol 1.1): the model's shape, so a client can plan a chain and size
+    # its tensors from the announcements alone.
+    num_blocks: int | None = None  # L, the model's block count
+    hidden_size: int | None = None  # H, the width of the hidden states between spans
     FIELDS: ClassVar = (
         Field(0, "peer_id", PEER_ID),
         Field(1, "addrs", ListOf(ADDRESS, max=8)),
@@ -195,7 +235,21 @@ class Announcement(Structure):
         Field(4, "throughput", Float()),
         Field(5, "free_sessions", UInt()),
         Field(6, "expires", UInt()),
+        Field(7, "next_pings", ListOf(Struct(NextPing), max=MAX_NEXT_PINGS), optional=True),
+        Field(8, "num_blocks", UInt(max=MAX_BLOCKS), optional=True),
+        Field(9, "hidden_size", UInt(max=1 << 20), optional=True),
     )
+
+    def __post_init__(self) -> None:
+        Structure.__post_init__(self)
+        if self.num_blocks is not None and self.span[1] > self.num_blocks:
+            raise LocalProtocolError(f"Announcement.span {list(self.span)} ends past num_blocks {self.num_blocks}")
+        if self.hidden_size == 0:
+            raise LocalProtocolError("Announcement.hidden_size must be at least 1")
+        if self.next_pings is not None:
+            ids = [p.peer_id for p in self.next_pings]
+            if ids != sorted(set(ids)):
+                raise LocalProtocolError("Announcement.next_pings must be sorted by peer id, each peer once")
 
     def to_bytes(self) -> bytes:
         return cbor_encode(self.to_cbor())
@@ -280,6 +334,60 @@ class FraudProof(Structure):
         Field(6, "output", TENSOR),
         Field(7, "output_signature", SIGNATURE),
     )
+
+
+@dataclass(**_STRUCT)
+class ModelDescriptor(Structure):
+    """What a server tells about the model it serves (MODEL_REPORT, spec section 11.3):
+    everything a client needs before OPEN_SESSION."""
+
+    model: str  # the model id, name@digest (spec section 1)
+    num_blocks: int  # L
+    hidden_size: int  # H
+    span: tuple[int, int]  # the blocks this server serves
+    wire_dtypes: tuple[str, ...]  # the dtypes OPEN_SESSION accepts
+    max_length: int  # the largest max_length OPEN_SESSION accepts (the model's context)
+    source: str  # where a client gets embeddings, head and tokenizer: a hub id or built-in name; "" if none
+    compute_dtype: str  # the dtype the server computes in (f32, f16, bf16): the audit precision class
+    FIELDS: ClassVar = (
+        Field(0, "model", MODEL_ID),
+        Field(1, "num_blocks", UInt(max=MAX_BLOCKS)),
+        Field(2, "hidden_size", UInt(max=1 << 20)),
+        Field(3, "span", Span()),
+        Field(4, "wire_dtypes", ListOf(WIRE_DTYPE, max=8)),
+        Field(5, "max_length", UInt(max=1 << 20)),
+        Field(6, "source", Text(max=256)),
+        Field(7, "compute_dtype", WIRE_DTYPE),
+    )
+
+    def __post_init__(self) -> None:
+        Structure.__post_init__(self)
+        if self.num_blocks < 1 or self.hidden_size < 1:
+            raise LocalProtocolError("ModelDescriptor: num_blocks and hidden_size are at least 1")
+        if self.span[1] > self.num_blocks:
+            raise LocalProtocolError(f"ModelDescriptor.span {list(self.span)} ends past num_blocks {self.num_blocks}")
+
+
+@dataclass(**_STRUCT)
+class ModelEntry(Structure):
+    """One model of the swarm's model index in the DHT (kind ``swarm/1/model``, spec
+    section 10): what a reader lists before it asks any server."""
+
+    model: str
+    num_blocks: int
+    hidden_size: int
+    source: str
+    FIELDS: ClassVar = (
+        Field(0, "model", MODEL_ID),
+        Field(1, "num_blocks", UInt(max=MAX_BLOCKS)),
+        Field(2, "hidden_size", UInt(max=1 << 20)),
+        Field(3, "source", Text(max=256)),
+    )
+
+    def __post_init__(self) -> None:
+        Structure.__post_init__(self)
+        if self.num_blocks < 1 or self.hidden_size < 1:
+            raise LocalProtocolError("ModelEntry: num_blocks and hidden_size are at least 1")
 
 
 # --- messages -----------------------------------------------------------------------
@@ -382,8 +490,12 @@ class OpenSession(Message):
     span: tuple[int, int]
     max_length: int
     wire_dtype: str = "f32"
+    # q8/nf4 only (protocol 1.1): the block size of every tensor of the session, both
+    # directions; absent means 4096. Lossless dtypes carry none.
+    blocksize: int | None = None
     FIELDS: ClassVar = (Field(0, "model", MODEL_ID), Field(1, "span", Span()),
-                        Field(2, "max_length", UInt(max=1 << 20)), Field(3, "wire_dtype", WIRE_DTYPE))
+                        Field(2, "max_length", UInt(max=1 << 20)), Field(3, "wire_dtype", WIRE_DTYPE),
+                        Field(4, "blocksize", UInt(max=1 << 20), optional=True))
 
 
 @_message(11, "response")
@@ -494,18 +606,42 @@ class FraudProofAck(Message):
     FIELDS: ClassVar = (Field(0, "accepted", Bool()),)
 
 
+@_message(24, "request")
+@dataclass(**_STRUCT)
+class ModelQuery(Message):
+    """What do you serve? Every server answers (spec section 11.3)."""
+
+    FIELDS: ClassVar = ()
+
+
+@_message(25, "response")
+@dataclass(**_STRUCT)
+class ModelReport(Message):
+    versions: tuple[str, ...]  # the protocol versions this peer speaks, "major.minor"
+    models: tuple[ModelDescriptor, ...]  # the models it serves (none for a peer that serves none)
+    FIELDS: ClassVar = (Field(0, "versions", ListOf(_VERSION_TEXT, max=8)),
+                        Field(1, "models", ListOf(Struct(ModelDescriptor), max=MAX_MODELS)))
+
+    def __post_init__(self) -> None:
+        Structure.__post_init__(self)
+        for version in self.versions:
+            major, dot, minor = version.partition(".")
+            if not (dot and major.isdigit() and minor.isdigit() and major.isascii() and minor.isascii()):
+                raise LocalProtocolError(f"ModelReport.versions: {version!r} is not major.minor")
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (Error, Ping, Pong, FindNode, Nodes, FindValue, Value, Store, Stored, OpenSession, SessionOpened,
                 Forward, ForwardResult, ForwardOnce, ForwardOnceResult, CloseSession, SessionClosed, Receipt,
-                ReceiptAck, CreditQuery, CreditReport, FraudProofNotice, FraudProofAck)
+                ReceiptAck, CreditQuery, CreditReport, FraudProofNotice, FraudProofAck, ModelQuery, ModelReport)
 }
 
 #: The response type(s) a request may be answered with (ERROR is always allowed).
 RESPONSES: dict[type[Message], type[Message]] = {
     Ping: Pong, FindNode: Nodes, FindValue: Value, Store: Stored, OpenSession: SessionOpened,
     Forward: ForwardResult, ForwardOnce: ForwardOnceResult, CloseSession: SessionClosed,
-    Receipt: ReceiptAck, CreditQuery: CreditReport, FraudProofNotice: FraudProofAck,
+    Receipt: ReceiptAck, CreditQuery: CreditReport, FraudProofNotice: FraudProofAck, ModelQuery: ModelReport,
 }
 
 
@@ -513,10 +649,13 @@ def encode_message(message: Message, request_id: int) -> bytes:
     """The deterministic CBOR envelope ``[type, id, body]`` of ``message``.
 
     Raises:
-        LocalProtocolError: ``request_id`` is not an unsigned 64-bit integer.
+        LocalProtocolError: ``request_id`` is not an unsigned 64-bit integer, or is 0
+            (reserved for a connection-level ``ERROR``) for another message.
     """
     if type(request_id) is not int or not 0 <= request_id < 2**64:
         raise LocalProtocolError(f"a request id is an unsigned 64-bit integer, got {request_id!r}")
+    if request_id == CONNECTION_ERROR_ID and type(message) is not Error:
+        raise LocalProtocolError("id 0 is reserved for a connection-level ERROR; request ids start at 1")
     return cbor_encode([message.TYPE, request_id, fields_to_cbor(message, message.FIELDS)])
 
 
@@ -526,7 +665,8 @@ def decode_envelope(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> tuple[in
     Raises:
         LimitExceeded: the bytes exceed ``limits.max_message_size``, or hold more
             data items than the type's budget (spec section 7.5).
-        DecodeError: not the array ``[type, id, body]`` of unsigned type and id.
+        DecodeError: not the array ``[type, id, body]`` of unsigned type and id, or id 0
+            on anything but an ``ERROR`` (a connection-level one).
     """
     head = envelope_head(data[:ENVELOPE_HEAD_MAX])
     if head is None:  # shorter than an envelope's head: nothing to budget, it fails below
@@ -540,6 +680,8 @@ def decode_envelope(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> tuple[in
     type_, id_, body = obj
     if type(type_) is not int or type(id_) is not int or not 0 <= id_ < 2**64 or type_ < 0:
         raise DecodeError("message type and id must be unsigned integers")
+    if id_ == CONNECTION_ERROR_ID and type_ != Error.TYPE:
+        raise DecodeError(f"message type {type_} with id 0: id 0 is reserved for a connection-level ERROR")
     return type_, id_, body
 
 

@@ -81,7 +81,9 @@ class SessionState:
         client, server: peer ids of the party that signs the requests and of the one
             that signs the results.
         session: the session id (a FORWARD_ONCE's nonce).
-        model, span, max_length, wire_dtype: what OPEN_SESSION asked for.
+        model, span, max_length, wire_dtype, blocksize: what OPEN_SESSION asked for;
+            ``blocksize`` (4096 unless asked) is that of every q8/nf4 tensor of the
+            session, both ways, and unused for lossless dtypes.
     """
 
     client: bytes
@@ -91,6 +93,7 @@ class SessionState:
     span: tuple[int, int]
     max_length: int
     wire_dtype: str = "f32"
+    blocksize: int = 4096
     phase: SessionPhase = SessionPhase.NEW
     next_step: int = 0
     length: int = 0  # tokens processed so far (the next position)

@@ -350,11 +350,12 @@ class WireTensor:
         shape = obj[_KEY_SHAPE]
         if type(shape) is not list:
             raise DecodeError("tensor shape must be an array")
+        for dim in shape:  # spec 8.6: step 1 (types) for every dimension before step 2 (limits)
+            if type(dim) is not int or dim < 0:
+                raise DecodeError(f"tensor dimension {dim!r} is not a non-negative integer")
         if len(shape) > limits.max_tensor_dims:
             raise LimitExceeded(f"tensor has {len(shape)} dimensions, the limit is {limits.max_tensor_dims}")
         for dim in shape:
-            if type(dim) is not int or dim < 0:
-                raise DecodeError(f"tensor dimension {dim!r} is not a non-negative integer")
             if dim > limits.max_tensor_elements:
                 raise LimitExceeded(f"tensor dimension {dim} exceeds {limits.max_tensor_elements} elements")
         numel = math.prod(shape)

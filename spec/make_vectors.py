@@ -46,6 +46,11 @@ from protocol import (  # noqa: E402
     FraudProofNotice,
     Identity,
     Message,
+    ModelDescriptor,
+    ModelEntry,
+    ModelQuery,
+    ModelReport,
+    NextPing,
     NodeInfo,
     Nodes,
     OpenSession,
@@ -64,10 +69,8 @@ from protocol import (  # noqa: E402
     cbor_encode as encode,
     encode_message,
     extend_history,
-    forward_request_statement,
-    forward_result_statement,
-    receipt_statement,
 )
+from protocol.errors import ERROR_RULES  # noqa: E402
 # The generator also reads codec internals (field codecs, codebooks, the Noise layer):
 # it writes the spec's generated tables and byte-exact transcripts, which no public API
 # exposes.
@@ -153,97 +156,220 @@ def message_from_json(entry: dict[str, Any]) -> tuple[int, Message]:
 
 
 # --- sample messages ------------------------------------------------------------------
+#
+# Every signature in messages.json comes with the statement it signs: the statement's
+# name (section 9's table), its inputs by name and its exact bytes, so a third party can
+# rebuild the statement from the message and check the signature without guessing. The
+# records are valid at VECTOR_NOW under section 10's rules (a test checks all of it).
+
+#: The time at which every record of messages.json passes the storing node's checks.
+VECTOR_NOW = 1_899_999_900
+_MODEL = "tiny-llama@00112233aabbccdd"
+_OTHER_MODEL = "tiny-qwen@8899aabbccddeeff"
+
+#: The statements of section 9: name -> (domain string, input names in order).
+STATEMENTS = {
+    "forward-request": ("swarm/1/forward-request",
+                        ("client", "server", "session", "step", "model", "span", "position", "input_digest")),
+    "forward-result": ("swarm/1/forward-result",
+                       ("server", "session", "step", "model", "span", "input_digest", "output_digest", "history")),
+    "record": ("swarm/1/record", ("key", "publisher", "seq", "expires", "value")),
+    "receipt": ("swarm/1/receipt", ("client", "server", "handshake_hash", "seq", "work")),
+    "receipt-countersign": ("swarm/1/receipt-countersign", ("client", "server", "handshake_hash", "seq", "work")),
+}
 
 
-def _tensor(values: list[float], shape: tuple[int, ...], dtype: str = "f32") -> Any:
+def statement_bytes(name: str, inputs: dict[str, Any]) -> bytes:
+    """cbor([domain, *inputs in the table's order]): the bytes a statement signs."""
+    domain, names = STATEMENTS[name]
+    return encode([domain, *(list(inputs[n]) if n == "span" else inputs[n] for n in names)])
+
+
+def _inputs_json(inputs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.hex() if isinstance(v, bytes) else list(v) if isinstance(v, tuple) else v for k, v in inputs.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class _Signed:
+    """One signature of a sample message, with what it signs."""
+
+    where: str  # the field that holds the signature, as a path ("signature", "records[0].signature")
+    statement: str
+    signer: str  # "client" or "server"
+    inputs: dict[str, Any]
+
+    def sign(self) -> bytes:
+        return {"client": CLIENT, "server": SERVER}[self.signer].sign(statement_bytes(self.statement, self.inputs))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"field": self.where, "statement": self.statement, "signer": self.signer,
+                "inputs": _inputs_json(self.inputs), "statement_hex": statement_bytes(self.statement, self.inputs).hex()}
+
+
+def _tensor(values: list[float], shape: tuple[int, ...], dtype: str = "f32", blocksize: int = 4096) -> Any:
     import torch
 
     from protocol import encode_tensor
 
-    return encode_tensor(torch.tensor(values, dtype=torch.float32).reshape(shape), dtype)
+    return encode_tensor(torch.tensor(values, dtype=torch.float32).reshape(shape), dtype, blocksize=blocksize)
 
 
-def sample_messages() -> list[tuple[int, Message]]:
-    """(envelope id, message): one of every type, each response with its request's id."""
+def _record(key: bytes, value: bytes, *, seq: int, expires: int, where: str) -> tuple[SignedRecord, _Signed]:
+    signed = _Signed(where, "record", "server", {"key": key, "publisher": SERVER.public_key, "seq": seq,
+                                                 "expires": expires, "value": value})
+    return SignedRecord(key=key, publisher=SERVER.public_key, seq=seq, expires=expires, value=value,
+                        signature=signed.sign()), signed
+
+
+def sample_messages() -> list[tuple[int, Message, list[_Signed]]]:
+    """(envelope id, message, its signatures): one of every type, each response with its
+    request's id, plus a connection-level ERROR (id 0) and a quantized OPEN_SESSION."""
+    from swarm.announce import block_key, encode_block_value
+    from swarm.models import encode_model_value, model_index_key, model_shard
+
     session = bytes(range(16))
-    model = "tiny-llama@00112233aabbccdd"
-    span = (0, 4)
+    model, span = _MODEL, (0, 4)
     client_node = NodeInfo(peer_id=CLIENT.peer_id, public_key=CLIENT.public_key, addrs=("127.0.0.1:31337",))
     server_node = NodeInfo(peer_id=SERVER.peer_id, public_key=SERVER.public_key, addrs=("[::1]:4000", "10.0.0.2:4000"))
+    expires = VECTOR_NOW + 240
     announcement = Announcement(peer_id=SERVER.peer_id, addrs=("[::1]:4000",), model=model, span=span,
-                                  throughput=123.5, free_sessions=7, expires=1_900_000_000)
-    record = SignedRecord.create(SERVER, key=bytes(32), seq=3, expires=1_900_000_000, value=announcement.to_bytes())
+                                throughput=123.5, free_sessions=7, expires=expires, num_blocks=8, hidden_size=4)
+    block = 2
+    block_rec, block_sig = _record(block_key(model, block), encode_block_value(block, announcement), seq=3,
+                                   expires=expires, where="records[0].signature")
+    entry = ModelEntry(model=model, num_blocks=8, hidden_size=4, source="")
+    model_rec, model_sig = _record(model_index_key(model_shard(model)), encode_model_value(entry), seq=3,
+                                   expires=expires, where="records[1].signature")
     hidden = _tensor([0.5, -1.0, 2.0, 0.0], (1, 1, 4))
     out = _tensor([1.5, -0.25, 0.125, 3.0], (1, 1, 4))
-    req_sig = CLIENT.sign(forward_request_statement(
-        client=CLIENT.peer_id, server=SERVER.peer_id, session=session, step=0, model=model, span=span,
-        position=0, input_digest=hidden.digest()))
-    res_sig = SERVER.sign(forward_result_statement(
-        server=SERVER.peer_id, session=session, step=0, model=model, span=span,
-        input_digest=hidden.digest(), output_digest=out.digest(),
-        history=extend_history(EMPTY_HISTORY, hidden.digest())))
+    history = extend_history(EMPTY_HISTORY, hidden.digest())
+    request = {"client": CLIENT.peer_id, "server": SERVER.peer_id, "session": session, "step": 0, "model": model,
+               "span": span, "position": 0, "input_digest": hidden.digest()}
+    result = {"server": SERVER.peer_id, "session": session, "step": 0, "model": model, "span": span,
+              "input_digest": hidden.digest(), "output_digest": out.digest(), "history": history}
+    req_sig = _Signed("signature", "forward-request", "client", request)
+    res_sig = _Signed("signature", "forward-result", "server", result)
     hh = bytes(range(32))
+    receipt_in = {"client": CLIENT.public_key, "server": SERVER.public_key, "handshake_hash": hh, "seq": 5, "work": 40}
+    rc_sig = _Signed("receipt.client_signature", "receipt", "client", receipt_in)
+    rs_sig = _Signed("receipt.server_signature", "receipt-countersign", "server", receipt_in)
     receipt = ReceiptRecord(client=CLIENT.public_key, server=SERVER.public_key, handshake_hash=hh, seq=5, work=40,
-                              client_signature=CLIENT.sign(receipt_statement(
-                                  client=CLIENT.public_key, server=SERVER.public_key, handshake_hash=hh,
-                                  seq=5, work=40)))
-    signed = dataclasses.replace(receipt, server_signature=SERVER.sign(receipt.statement(countersign=True)))
+                            client_signature=rc_sig.sign())
+    signed = dataclasses.replace(receipt, server_signature=rs_sig.sign())
     proof = FraudProof(accused=SERVER.public_key, client=CLIENT.public_key, model=model, span=span, session=session,
-                         requests=(ForwardEvidence(step=0, position=0, hidden=hidden, signature=req_sig),),
-                         output=out, output_signature=res_sig)
+                       requests=(ForwardEvidence(step=0, position=0, hidden=hidden, signature=req_sig.sign()),),
+                       output=out, output_signature=res_sig.sign())
+    nonce = bytes(range(100, 116))
+    once_request = {**request, "session": nonce}
+    once_result = {**result, "session": nonce}
+    descriptor = ModelDescriptor(model=model, num_blocks=8, hidden_size=4, span=span,
+                                 wire_dtypes=("f32", "f16", "bf16", "q8", "nf4"), max_length=2048,
+                                 source="HuggingFaceTB/SmolLM2-135M-Instruct", compute_dtype="f32")
+    other = ModelDescriptor(model=_OTHER_MODEL, num_blocks=24, hidden_size=896, span=(12, 24), wire_dtypes=("f32",),
+                            max_length=32768, source="", compute_dtype="bf16")
+    q8_hidden = _tensor([0.5, -1.0, 2.0, 0.0], (1, 1, 4), "q8", 64)
+    q8_request = {**request, "step": 1, "position": 1, "input_digest": q8_hidden.digest()}
     return [
-        (7, Error(code=202, message="busy: 3 sessions queued", retry_after=0.5)),
-        (1, Ping()),
-        (1, Pong()),
-        (2, FindNode(target=SERVER.peer_id)),
-        (2, Nodes(nodes=(client_node, server_node))),
-        (3, FindValue(key=bytes(32))),
-        (3, Value(records=(record,), nodes=(server_node,))),
-        (4, Store(record=record)),
-        (4, Stored()),
-        (5, OpenSession(model=model, span=span, max_length=2048, wire_dtype="f32")),
-        (5, SessionOpened(session=session)),
-        (6, Forward(session=session, step=0, position=0, hidden=hidden, signature=req_sig)),
-        (6, ForwardResult(session=session, step=0, hidden=out, signature=res_sig)),
-        (8, ForwardOnce(nonce=session, model=model, span=span, hidden=hidden, signature=req_sig)),
-        (8, ForwardOnceResult(hidden=out, signature=res_sig)),
-        (9, CloseSession(session=session)),
-        (9, SessionClosed()),
-        (10, Receipt(receipt=receipt)),
-        (10, ReceiptAck(receipt=signed)),
-        (11, CreditQuery()),
-        (11, CreditReport(records=(signed,))),
-        (12, FraudProofNotice(proof=proof)),
-        (12, FraudProofAck(accepted=True)),
+        (7, Error(code=202, message="busy: 3 sessions queued", retry_after=0.5), []),
+        (0, Error(code=100, message="a message is the array [type, id, body]"), []),
+        (1, Ping(), []),
+        (1, Pong(), []),
+        (2, FindNode(target=SERVER.peer_id), []),
+        (2, Nodes(nodes=(client_node, server_node)), []),
+        (3, FindValue(key=block_rec.key), []),
+        (3, Value(records=(block_rec, model_rec), nodes=(server_node,)), [block_sig, model_sig]),
+        (4, Store(record=block_rec), [dataclasses.replace(block_sig, where="record.signature")]),
+        (4, Stored(), []),
+        (5, OpenSession(model=model, span=span, max_length=2048, wire_dtype="f32"), []),
+        (5, SessionOpened(session=session), []),
+        (13, OpenSession(model=model, span=span, max_length=2048, wire_dtype="q8", blocksize=64), []),
+        (6, Forward(session=session, step=0, position=0, hidden=hidden, signature=req_sig.sign()), [req_sig]),
+        (6, ForwardResult(session=session, step=0, hidden=out, signature=res_sig.sign()), [res_sig]),
+        (14, Forward(session=session, step=1, position=1, hidden=q8_hidden,
+                     signature=_Signed("signature", "forward-request", "client", q8_request).sign()),
+         [_Signed("signature", "forward-request", "client", q8_request)]),
+        (8, ForwardOnce(nonce=nonce, model=model, span=span, hidden=hidden,
+                        signature=_Signed("signature", "forward-request", "client", once_request).sign()),
+         [_Signed("signature", "forward-request", "client", once_request)]),
+        (8, ForwardOnceResult(hidden=out, signature=_Signed("signature", "forward-result", "server",
+                                                            once_result).sign()),
+         [_Signed("signature", "forward-result", "server", once_result)]),
+        (9, CloseSession(session=session), []),
+        (9, SessionClosed(), []),
+        (10, Receipt(receipt=receipt), [rc_sig]),
+        (10, ReceiptAck(receipt=signed), [rc_sig, rs_sig]),
+        (11, CreditQuery(), []),
+        (11, CreditReport(records=(signed,)), [dataclasses.replace(rc_sig, where="records[0].client_signature"),
+                                               dataclasses.replace(rs_sig, where="records[0].server_signature")]),
+        (12, FraudProofNotice(proof=proof),
+         [dataclasses.replace(req_sig, where="proof.requests[0].signature"),
+          dataclasses.replace(res_sig, where="proof.output_signature")]),
+        (12, FraudProofAck(accepted=True), []),
+        (15, ModelQuery(), []),
+        (15, ModelReport(versions=("1.1",), models=(descriptor, other)), []),
     ]
 
 
 def message_vectors() -> dict[str, Any]:
     entries = []
-    for request_id, msg in sample_messages():
-        entries.append({"name": type(msg).__name__, "type": msg.TYPE, "id": request_id,
-                        "fields": fields_to_json(msg, msg.FIELDS), "cbor_hex": encode_message(msg, request_id).hex()})
-    return {"description": "One encoded example of every message type; decode(cbor_hex) must equal fields, "
-                           "encode(fields) must equal cbor_hex.", "messages": entries}
+    for request_id, msg, signatures in sample_messages():
+        entry = {"name": type(msg).__name__, "type": msg.TYPE, "id": request_id,
+                 "fields": fields_to_json(msg, msg.FIELDS), "cbor_hex": encode_message(msg, request_id).hex()}
+        if signatures:
+            entry["signatures"] = [sig.to_json() for sig in signatures]
+        entries.append(entry)
+    return {"description": "One encoded example of every message type (and a connection-level ERROR, id 0); "
+                           "decode(cbor_hex) must equal fields, encode(fields) must equal cbor_hex. Each signature "
+                           "names its statement (section 9), the statement's inputs and its bytes; the records are "
+                           "valid at 'now' (section 10, record validation checks 1-4). structures: the same for "
+                           "structures carried in record values (a block record's value is block_value_hex).",
+            "now": VECTOR_NOW, "statements": {name: {"domain": domain, "inputs": list(names)}
+                                              for name, (domain, names) in STATEMENTS.items()},
+            "messages": entries, "structures": structure_vectors()}
+
+
+def structure_vectors() -> list[dict[str, Any]]:
+    """Structures that travel inside record values rather than as message fields."""
+    announcement = Announcement(
+        peer_id=SERVER.peer_id, addrs=("10.0.0.2:4000",), model="tiny-llama@00112233aabbccdd", span=(0, 4),
+        throughput=123.5, free_sessions=7, expires=1_900_000_000, num_blocks=8, hidden_size=64,
+        next_pings=tuple(sorted((NextPing(peer_id=CLIENT.peer_id, rtt=0.0125),
+                                 NextPing(peer_id=bytes(range(20)), rtt=0.25)), key=lambda p: p.peer_id)))
+    return [{"name": "Announcement", "fields": fields_to_json(announcement, Announcement.FIELDS),
+             "cbor_hex": announcement.to_bytes().hex(),
+             "block": 2, "block_value_hex": encode(["swarm/1/block", 2, announcement.to_cbor()]).hex()}]
 
 
 def statement_vectors() -> dict[str, Any]:
     session = bytes(range(16))
-    req = forward_request_statement(client=CLIENT.peer_id, server=SERVER.peer_id, session=session, step=2,
-                                    model="m@0", span=(3, 9), position=17, input_digest=bytes(32))
     history = EMPTY_HISTORY
     for digest in (bytes([1]) * 32, bytes([2]) * 32, bytes(32)):  # the inputs of steps 0, 1 and 2
         history = extend_history(history, digest)
-    res = forward_result_statement(server=SERVER.peer_id, session=session, step=2, model="m@0", span=(3, 9),
-                                   input_digest=bytes(32), output_digest=bytes([0xFF]) * 32, history=history)
-    histories, history = [], EMPTY_HISTORY
+    histories, running = [], EMPTY_HISTORY
     for digest in (bytes([1]) * 32, bytes([2]) * 32, bytes(32)):
-        nxt = extend_history(history, digest)
-        histories.append({"previous": history.hex(), "input_digest": digest.hex(), "history": nxt.hex()})
-        history = nxt
+        nxt = extend_history(running, digest)
+        histories.append({"previous": running.hex(), "input_digest": digest.hex(), "history": nxt.hex()})
+        running = nxt
+    receipt = {"client": CLIENT.public_key, "server": SERVER.public_key, "handshake_hash": bytes(range(32)),
+               "seq": 5, "work": 40}
+    cases = [
+        ("forward-request", "client", {"client": CLIENT.peer_id, "server": SERVER.peer_id, "session": session,
+                                       "step": 2, "model": "m@0", "span": (3, 9), "position": 17,
+                                       "input_digest": bytes(32)}),
+        ("forward-result", "server", {"server": SERVER.peer_id, "session": session, "step": 2, "model": "m@0",
+                                      "span": (3, 9), "input_digest": bytes(32), "output_digest": bytes([0xFF]) * 32,
+                                      "history": history}),
+        ("record", "server", {"key": bytes([0xAB]) * 32, "publisher": SERVER.public_key, "seq": 1_900_000_000_123,
+                              "expires": 1_900_000_240, "value": encode(["swarm/1/block", 0, {}])}),
+        ("record", "server", {"key": bytes([0xAB]) * 32, "publisher": SERVER.public_key, "seq": 1_900_000_000_124,
+                              "expires": 1_900_000_240, "value": b""}),  # a tombstone
+        ("receipt", "client", receipt),
+        ("receipt-countersign", "server", receipt),
+    ]
     return {
-        "description": "Ed25519 seeds are hex; statement_hex is exactly the signed bytes; histories are "
-                       "consecutive steps of extend_history (the forward-result statement's last element).",
+        "description": "Ed25519 seeds are hex; statement_hex is exactly the signed bytes, the deterministic CBOR of "
+                       "[domain, inputs in the order of 'statements']; histories are consecutive steps of "
+                       "extend_history (the forward-result statement's last element).",
         "histories": histories,
         "identities": [
             {"name": "client", "seed": CLIENT.seed.hex(), "public_key": CLIENT.public_key.hex(),
@@ -251,11 +377,13 @@ def statement_vectors() -> dict[str, Any]:
             {"name": "server", "seed": SERVER.seed.hex(), "public_key": SERVER.public_key.hex(),
              "peer_id": SERVER.peer_id.hex()},
         ],
+        "statement_layouts": {name: {"domain": domain, "inputs": list(names)}
+                              for name, (domain, names) in STATEMENTS.items()},
         "statements": [
-            {"name": "forward-request", "signer": "client", "statement_hex": req.hex(),
-             "signature": CLIENT.sign(req).hex()},
-            {"name": "forward-result", "signer": "server", "statement_hex": res.hex(),
-             "signature": SERVER.sign(res).hex()},
+            {"name": name, "signer": signer, "inputs": _inputs_json(inputs),
+             "statement_hex": statement_bytes(name, inputs).hex(),
+             "signature": {"client": CLIENT, "server": SERVER}[signer].sign(statement_bytes(name, inputs)).hex()}
+            for name, signer, inputs in cases
         ],
     }
 
@@ -297,6 +425,13 @@ def strict_cbor_vectors() -> dict[str, Any]:
         ("trailing bytes", "0102", None),
         ("NaN", "f97e00", None),
         ("negative map key", "a12001", None),
+        ("an integer inside 17 arrays", "81" * 17 + "00", None),
+        ("a map value inside 17 containers", "81" * 16 + "a10000", None),
+    ]
+    accept = [
+        ("an integer inside 16 arrays (depth 16)", "81" * 16 + "00"),
+        ("17 nested arrays, the innermost empty (depth 16)", "81" * 16 + "80"),
+        ("a map value inside 16 containers", "81" * 15 + "a10000"),
     ]
     # The item budget (section 2): every data item counts one, a map's keys too; a
     # declared length over the budget is refused at its head.
@@ -309,9 +444,12 @@ def strict_cbor_vectors() -> dict[str, Any]:
          "LIMIT_EXCEEDED"),
         ("array head claiming more items than bytes left", "9a00010000" + "80" * 16, 100, "MALFORMED"),
     ]
-    return {"description": "Each input in reject MUST be rejected by a strict decoder. Each input in budget, "
-                           "decoded with the item budget max_items, MUST give outcome.",
+    return {"description": "Each 'reject' input MUST be rejected by a strict decoder; each 'accept' input MUST be "
+                           "decoded. Nesting: the top-level item is at depth 0 and an item inside n arrays or maps "
+                           "(a map's keys and values are inside it) at depth n; depth above 16 is rejected. Each input in "
+                           "budget, decoded with the item budget max_items, MUST give outcome.",
             "reject": [{"name": n, "input_hex": h, "canonical_hex": c} for n, h, c in cases],
+            "accept": [{"name": n, "input_hex": h} for n, h in accept],
             "budget": [{"name": n, "input_hex": h, "max_items": b, "outcome": o} for n, h, b, o in budget_cases]}
 
 
@@ -520,7 +658,8 @@ def registry_markdown() -> str:
         body = "; ".join(_field_rows(cls.FIELDS)) or "(empty map)"
         lines.append(f"| {type_} | {_wire_name(cls)} | {cls.KIND} | {body} |")
     lines += ["", "| structure | fields (key: name (CBOR type)) |", "|---|---|"]
-    for cls in (NodeInfo, SignedRecord, Announcement, ReceiptRecord, ForwardEvidence, FraudProof):
+    for cls in (NodeInfo, SignedRecord, Announcement, NextPing, ReceiptRecord, ForwardEvidence, FraudProof,
+                ModelDescriptor, ModelEntry):
         lines.append(f"| {cls.__name__} | {'; '.join(_field_rows(cls.FIELDS))} |")
     return "\n".join(lines)
 
@@ -543,15 +682,92 @@ def _wire_name(cls: type) -> str:
     return {"FRAUD_PROOF_NOTICE": "FRAUD_PROOF"}.get(out, out)
 
 
+def error_table_markdown() -> str:
+    """Section 14's table, from ``protocol.errors.ERROR_RULES``."""
+    lines = ["| code | name | meaning | detected by | reported as | connection | `retry_after` |",
+             "|---|---|---|---|---|---|---|"]
+    for code, rule in sorted(ERROR_RULES.items()):
+        lines.append(f"| {code.value} | {code.name} | {rule.meaning} | {rule.detected_by} | {rule.report.value} | "
+                     f"{'ends' if rule.ends_connection else 'stays open'} | {'MAY' if rule.retry_after else '-'} |")
+    return "\n".join(lines)
+
+
 def session_table_markdown() -> str:
     lines = ["| state | event | next state |", "|---|---|---|"]
     lines += [f"| {s.name} | {e.name} | {n.name} |" for (s, e), n in SESSION_TRANSITIONS.items()]
     return "\n".join(lines)
 
 
+# --- model ids (spec/vectors/model-id.json) ------------------------------------------------
+#
+# A tiny but complete Hugging Face directory: config.json (with a float written as an
+# integer-valued float, a nested object with a long key, and keys the digest ignores)
+# and one safetensors file, given byte for byte, so a third party recomputes the id
+# from the files themselves. Plus the GGUF case: the file's SHA-256 alone.
+
+_CONFIG_JSON = (
+    '{\n  "architectures": ["LlamaForCausalLM"],\n  "model_type": "llama",\n  "vocab_size": 32,\n'
+    '  "hidden_size": 4,\n  "intermediate_size": 8,\n  "num_hidden_layers": 1,\n  "num_attention_heads": 2,\n'
+    '  "num_key_value_heads": 1,\n  "hidden_act": "silu",\n  "rms_norm_eps": 1e-05,\n  "rope_theta": 10000.0,\n'
+    '  "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,\n'
+    '                   "original_max_position_embeddings": 8192},\n  "attention_bias": false,\n'
+    '  "tie_word_embeddings": true,\n  "max_position_embeddings": 131072,\n  "torch_dtype": "float32",\n'
+    '  "transformers_version": "4.57.0"\n}\n'
+)
+
+
+def _safetensors_file() -> bytes:
+    """A safetensors file (8-byte little-endian header length, JSON header, data) of
+    two small float32 tensors, written by hand so its bytes are fixed."""
+    tensors = [("model.embed_tokens.weight", [2, 2], [0.5, -1.0, 2.0, 0.0]), ("model.norm.weight", [2], [1.0, 1.0])]
+    header, data = {}, b""
+    for name, shape, values in tensors:
+        blob = struct.pack(f"<{len(values)}f", *values)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [len(data), len(data) + len(blob)]}
+        data += blob
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8 bytes
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def model_id_vectors() -> dict[str, Any]:
+    import hashlib
+
+    from protocol import make_model_id, model_digest, model_id_document
+
+    weights = _safetensors_file()
+    (length,) = struct.unpack("<Q", weights[:8])
+    header = json.loads(weights[8:8 + length])
+    manifest = [(n, info["shape"], info["dtype"]) for n, info in header.items() if n != "__metadata__"]
+    sha = hashlib.sha256(weights).digest()
+    document = model_id_document(json.loads(_CONFIG_JSON), manifest, [sha])
+    gguf_sha = hashlib.sha256(b"GGUF vector: stands for the bytes of one .gguf file").digest()
+    gguf_document = model_id_document({}, [], [gguf_sha])
+    return {
+        "description": "Model ids (spec section 1): name@hex, hex = BLAKE2b-64 of cbor(['swarm/1/model-id', config "
+                       "pairs, manifest, file SHA-256s]). The directory case gives config.json and the weight file "
+                       "byte for byte; the GGUF case only the file's SHA-256 (its config and manifest are empty).",
+        "directory": {
+            "name": "tiny-llama",
+            "files": {"config.json": _CONFIG_JSON, "model.safetensors": weights.hex()},
+            "file_sha256": {"model.safetensors": sha.hex()},
+            "document_hex": document.hex(),
+            "digest": model_digest(document),
+            "model_id": make_model_id("tiny-llama", document),
+        },
+        "gguf": {
+            "name": "tiny-gguf",
+            "file_sha256": gguf_sha.hex(),
+            "document_hex": gguf_document.hex(),
+            "model_id": make_model_id("tiny-gguf", gguf_document),
+        },
+    }
+
+
 def all_vectors() -> dict[str, Any]:
     return {
         "messages.json": message_vectors(),
+        "model-id.json": model_id_vectors(),
         "statements.json": statement_vectors(),
         "cbor-strict.json": strict_cbor_vectors(),
         "identity.json": identity_vectors(),

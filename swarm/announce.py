@@ -20,9 +20,11 @@ unknown keys are refused (they could only pad the record).
 
 ``Announcer`` is the server side: it publishes, renews well before expiry (after a
 third of the TTL: fresh expiry, fresh free-slot count, higher seq) and withdraws on
-the way out.
+the way out; with a ``model_entry`` it keeps the model's entry in the swarm's model
+index (``swarm.models``) the same way.
 ``fetch_swarm_view`` is the client side: every block's value set, merged into the
-latest announcement per server.
+latest announcement per server, with the blocks each server published records for
+itself (``SwarmView.routable``: what it may be routed for).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from protocol import (
     DEFAULT_LIMITS,
     Announcement,
     Identity,
+    ModelEntry,
     SignedRecord,
     cbor_decode,
     cbor_encode,
@@ -49,6 +52,7 @@ from protocol import (
 from protocol.errors import ErrorCode, ProtocolError, SwarmError
 
 from .dht._records import RecordRejected
+from .models import MODEL_KIND, MODEL_RECORDS, model_record, model_shard, read_shard, should_publish
 
 if TYPE_CHECKING:
     from .dht import DhtNode
@@ -132,8 +136,8 @@ class _BlockRecords:
 
 
 BLOCK_RECORDS = _BlockRecords()
-#: The record kinds a DHT node of this version accepts.
-RECORD_KINDS: Mapping[str, Any] = {BLOCK_KIND: BLOCK_RECORDS}
+#: The record kinds a DHT node of this version accepts (fraud proofs add theirs: verify).
+RECORD_KINDS: Mapping[str, Any] = {BLOCK_KIND: BLOCK_RECORDS, MODEL_KIND: MODEL_RECORDS}
 
 
 def next_seq(previous: int | None, now: float) -> int:
@@ -162,6 +166,11 @@ class SwarmView:
     # When each server last published (renewed) its announcement, unix seconds: record
     # seqs are publish times in milliseconds (``next_seq``), so stale entries show.
     published: Mapping[bytes, float] = field(default_factory=dict)
+    # The blocks of its span under which each server's own record was found. A server
+    # is routed for block b only if it published b's record itself: a record under one
+    # block claiming a wider span proves nothing about the others. Servers missing
+    # here (a view built by hand) are taken at their span.
+    blocks: Mapping[bytes, frozenset[int]] = field(default_factory=dict)
 
     @property
     def announcements(self) -> list[Announcement]:
@@ -169,6 +178,23 @@ class SwarmView:
 
     def covering(self, block: int) -> list[Announcement]:
         return [a for a in self.announcements if a.span[0] <= block < a.span[1]]
+
+    def routable(self, announcement: Announcement) -> list[tuple[int, int]]:
+        """The maximal runs [lo, hi) of ``announcement``'s span (clipped to the model)
+        that its server published records for."""
+        lo, hi = max(announcement.span[0], 0), min(announcement.span[1], self.num_blocks)
+        held = self.blocks.get(announcement.peer_id)
+        if held is None:
+            return [(lo, hi)] if lo < hi else []
+        runs: list[tuple[int, int]] = []
+        for b in range(lo, hi):
+            if b not in held:
+                continue
+            if runs and runs[-1][1] == b:
+                runs[-1] = (runs[-1][0], b + 1)
+            else:
+                runs.append((b, b + 1))
+        return runs
 
 
 async def fetch_swarm_view(
@@ -178,6 +204,7 @@ async def fetch_swarm_view(
     each server's latest announcement (highest record seq), unexpired at ``now``."""
     now = time.time() if now is None else now
     best: dict[bytes, tuple[int, Announcement]] = {}
+    found: dict[bytes, set[int]] = {}
     limiter = trio.CapacityLimiter(concurrency)
 
     async def one(block: int) -> None:
@@ -185,11 +212,12 @@ async def fetch_swarm_view(
             records = await dht.get(block_key(model, block))
         for record in records:
             try:
-                _, ann = decode_block_value(_decode(record.value))
+                b, ann = decode_block_value(_decode(record.value))
             except (RecordRejected, ProtocolError):  # another kind under this key: not ours to read
                 continue
-            if ann.model != model or ann.expires <= now:
+            if ann.model != model or ann.expires <= now or b != block or ann.peer_id != record.publisher_id:
                 continue
+            found.setdefault(ann.peer_id, set()).add(block)
             held = best.get(ann.peer_id)
             if held is None or record.seq > held[0]:
                 best[ann.peer_id] = (record.seq, ann)
@@ -198,7 +226,8 @@ async def fetch_swarm_view(
         for block in range(num_blocks):
             nursery.start_soon(one, block)
     return SwarmView(model=model, num_blocks=num_blocks, servers={p: a for p, (_, a) in best.items()},
-                     published={p: seq / 1000 for p, (seq, _) in best.items()})
+                     published={p: seq / 1000 for p, (seq, _) in best.items()},
+                     blocks={p: frozenset(found.get(p, ())) for p in best})
 
 
 def _decode(value: bytes) -> list[Any]:
@@ -212,7 +241,8 @@ class Announcer:
     session slots and the span are fresh at every renewal). The records are renewed
     after ``ttl * renew_fraction`` seconds, long before they expire, and withdrawn
     (tombstones, see ``swarm.dht``) when ``run`` is cancelled, with a deadline of
-    ``withdraw_timeout`` seconds.
+    ``withdraw_timeout`` seconds. ``model_entry``, if given, is kept in the swarm's
+    model index alongside (``swarm.models.should_publish`` decides whether it is added).
     """
 
     def __init__(
@@ -225,8 +255,11 @@ class Announcer:
         renew_fraction: float = RENEW_FRACTION,
         withdraw_timeout: float = 5.0,
         clock: Callable[[], float] = time.time,
+        model_entry: ModelEntry | None = None,
     ) -> None:
         self.dht, self.identity, self.make_announcement = dht, identity, make_announcement
+        self.model_entry = model_entry
+        self._model_key: bytes | None = None  # the index key our entry is under, once published
         self.ttl, self.renew_fraction, self.withdraw_timeout = ttl, renew_fraction, withdraw_timeout
         self.clock = clock
         self.current: Announcement | None = None
@@ -252,15 +285,31 @@ class Announcer:
         async with trio.open_nursery() as nursery:
             for block, record in zip(range(*announcement.span), records):
                 nursery.start_soon(one, block, record)
+            if self.model_entry is not None:
+                nursery.start_soon(self._publish_model, self.model_entry, announcement.expires, now)
         self.current, self._keys = announcement, new_keys
         return replicas
+
+    async def _publish_model(self, entry: ModelEntry, expires: int, now: float) -> None:
+        """Add or renew our entry in the model index (section 10, "Model index")."""
+        try:
+            if self._model_key is None:
+                held = await read_shard(self.dht, model_shard(entry.model))
+                if not should_publish(held, entry, self.identity.public_key, now=now):
+                    return  # enough servers list this model already
+            assert self._seq is not None
+            record = model_record(self.identity, entry, seq=self._seq, expires=expires)
+            await self.dht.publish(record)
+            self._model_key = record.key
+        except SwarmError as exc:  # the index is a listing: the announcements matter more
+            log.warning("publishing the model index entry failed: %s", exc)
 
     async def withdraw(self) -> None:
         """Withdraw every published block record (tombstones to the k closest)."""
         async with trio.open_nursery() as nursery:
-            for key in self._keys:
+            for key in [*self._keys, *([self._model_key] if self._model_key is not None else [])]:
                 nursery.start_soon(self.dht.withdraw, key)
-        self._keys, self.current = [], None
+        self._keys, self.current, self._model_key = [], None, None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:

@@ -74,12 +74,19 @@ class NoRoute(SwarmError):
 
     code = ErrorCode.SPAN_NOT_SERVED
 
-    def __init__(self, start: int, end: int, *, model: str | None = None) -> None:
+    def __init__(self, start: int, end: int, *, model: str | None = None, retry_in: float | None = None) -> None:
         self.start = start
         self.end = end
         self.model = model
+        # Set when the blocks are announced, but only by peers this client backs off after
+        # they failed: the soonest one may be tried again in ``retry_in`` seconds.
+        self.retry_in = retry_in
         of_model = f" of {model}" if model else ""
+        if retry_in is None:
+            what = "are not served"
+        else:
+            what = f"are served only by peers that failed recently (the next is retried in {retry_in:.0f} s)"
         super().__init__(
-            f"no route: blocks {start}..{end - 1}{of_model} are not served; "
+            f"no route: blocks {start}..{end - 1}{of_model} {what}; "
             f"wait for peers to announce them or start one with `swarm-peer serve --blocks {start}:{end}`"
         )

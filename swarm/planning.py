@@ -18,36 +18,53 @@ than ``1 / balance_quality`` (0.75, as in Petals: a move must raise the bottlene
 by a third), and never if it would leave a block unserved. Unlike Petals we do
 not simulate the other servers' moves; each server decides for itself.
 
-Route planning. Servers accept any sub-range [a, b) of their announced span in
-OPEN_SESSION, so a route is a chain of hops (server, [a, b)) whose ranges tile the
-requested blocks. A hop costs ``rtt + (b - a) / (throughput * span length) +
-load``, with the measured RTT if known (else ``default_rtt``), and ``load`` =
-``load_weight / free_sessions``, or ``busy_penalty`` for a server with no free
-slot. The cheapest chain is the shortest path from boundary ``start`` to ``end``
-in the DAG of block boundaries, computed by dynamic programming in boundary order
-(edges only go forward, so this is Dijkstra without a heap) in O(blocks x
-servers): for a hop on server s ending at j the best entry boundary i minimizes
-``dist[i] - i * per_block_s``, kept as a running minimum per server. Banned and
-excluded peers are skipped; a block nobody usable covers raises ``NoRoute``
-naming the first such gap.
+Route planning (spec section 10, "Routing"). Servers accept any sub-range [a, b) of
+their announced span in OPEN_SESSION, so a route is a chain of hops (server, [a, b))
+whose ranges tile the requested blocks. The planner works on ``Candidate``s: a
+server, the blocks it may be routed for (those it published records for itself, not
+what its record under another block claims), its compute per block per token (the
+announced throughput clamped by what the client measured and by a sane maximum,
+``RouteCosts.min_block_seconds``), the client's RTT to it (``default_rtt`` if never
+measured), its load (``load_weight / free_sessions``, ``busy_penalty`` with no free
+slot) plus any reputation penalty, and the RTTs it measured to servers of the
+following blocks (``next_pings``). A route costs its latency plus, per hop, compute
+``(b - a) * block_seconds`` and load:
+
+- star relay (the client sends every hop its input): the sum of the client's RTTs to
+  the hops;
+- push relay (each hop forwards to the next): client -> first hop, each server ->
+  next server, last hop -> client, one way each (half an RTT; a server -> server
+  link nobody measured counts as going through the client).
+
+The cheapest chain is a shortest path over states (block boundary, last candidate),
+computed in boundary order (edges only go forward, so Dijkstra without a heap): for a
+hop on candidate c ending at j the best entry boundary i minimizes ``cost(i, prev) +
+latency(prev, c) - i * block_seconds(c)``, kept as a running minimum per candidate,
+so the work is O(blocks x covering candidates^2). Ties go to fewer hops. Banned and
+excluded peers are skipped; a block nobody usable covers raises ``NoRoute`` naming
+the first such gap.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from .errors import NoRoute
 
 __all__ = [
+    "Candidate",
     "Hop",
     "Route",
     "RouteCosts",
     "ServerInfo",
     "block_throughputs",
     "choose_blocks",
+    "announced_block_seconds",
     "hop_cost",
+    "make_candidates",
+    "plan_candidates",
     "plan_route",
     "should_rebalance",
 ]
@@ -145,16 +162,49 @@ def should_rebalance(
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RouteCosts:
-    """Parameters of the hop cost, in seconds."""
+    """Parameters of the route cost, in seconds.
+
+    ``relay`` is how a token travels: ``"star"`` (the client sends each hop's input
+    and receives its output: one client round trip per hop) or ``"push"`` (each hop
+    forwards to the next: client -> first hop, server -> server, last hop -> client).
+    ``min_block_seconds`` is the sane maximum of any throughput: no server is planned
+    faster than one block-token in this many seconds (10,000 tokens/s per block),
+    whatever it announces.
+    """
 
     default_rtt: float = 0.05  # for a server whose RTT was never measured
     load_weight: float = 0.01  # load = load_weight / free_sessions
     busy_penalty: float = 1.0  # a server with no free session slot (it would answer BUSY)
     min_throughput: float = 1e-3  # an unmeasured (0) throughput is treated as this
+    min_block_seconds: float = 1e-4
+    relay: str = "star"
 
     def __post_init__(self) -> None:
-        if min(self.default_rtt, self.load_weight, self.busy_penalty) < 0 or self.min_throughput <= 0:
+        if min(self.default_rtt, self.load_weight, self.busy_penalty, self.min_block_seconds) < 0 \
+                or self.min_throughput <= 0:
             raise ValueError("route costs must be non-negative and min_throughput positive")
+        if self.relay not in ("star", "push"):
+            raise ValueError(f"relay is 'star' or 'push', not {self.relay!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Candidate:
+    """A server as the planner sees it: the blocks it may be routed for and its costs.
+
+    ``block_seconds`` is compute per block per token (announced, clamped by what the
+    client measured and by ``RouteCosts.min_block_seconds``); ``rtt`` the client's
+    round trip to it; ``extra`` seconds of load and reputation penalty per hop;
+    ``next_rtts`` the round trips it measured to servers of the following blocks.
+    """
+
+    peer_id: bytes
+    addrs: tuple[str, ...]
+    start: int
+    end: int
+    block_seconds: float
+    rtt: float
+    extra: float = 0.0
+    next_rtts: Mapping[bytes, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -180,21 +230,53 @@ class Route:
         return [h.span for h in self.hops]
 
 
-def _per_block(server: ServerInfo, costs: RouteCosts) -> float:
+def announced_block_seconds(server: ServerInfo, costs: RouteCosts = RouteCosts()) -> float:
+    """Compute per block per token as ``server`` announces it, within the sane maximum."""
     length = max(server.span[1] - server.span[0], 1)
-    return 1.0 / (max(server.throughput, costs.min_throughput) * length)
+    return max(1.0 / (max(server.throughput, costs.min_throughput) * length), costs.min_block_seconds)
 
 
-def _fixed(server: ServerInfo, rtt: float, costs: RouteCosts) -> float:
-    load = costs.busy_penalty if server.free_sessions == 0 else costs.load_weight / server.free_sessions
-    return rtt + load
+def _load(server: ServerInfo, costs: RouteCosts) -> float:
+    return costs.busy_penalty if server.free_sessions == 0 else costs.load_weight / server.free_sessions
 
 
 def hop_cost(server: ServerInfo, start: int, end: int, *, rtt: float | None = None,
              costs: RouteCosts = RouteCosts()) -> float:
-    """The cost in seconds of serving blocks [start, end) on ``server``."""
+    """The star-relay cost in seconds of serving blocks [start, end) on ``server``."""
     rtt = costs.default_rtt if rtt is None else rtt
-    return _fixed(server, rtt, costs) + (end - start) * _per_block(server, costs)
+    return rtt + _load(server, costs) + (end - start) * announced_block_seconds(server, costs)
+
+
+def make_candidates(
+    servers: Iterable[ServerInfo],
+    *,
+    rtts: Mapping[bytes, float] | None = None,
+    measured: Mapping[bytes, float] | None = None,
+    penalties: Mapping[bytes, float] | None = None,
+    routable: Callable[[ServerInfo], Iterable[tuple[int, int]]] | None = None,
+    costs: RouteCosts = RouteCosts(),
+) -> list[Candidate]:
+    """Candidates from announcements.
+
+    Args:
+        rtts: measured client round trips (``costs.default_rtt`` where missing).
+        measured: compute per block per token this client measured; the planner takes
+            the slower of it and the announced figure.
+        penalties: extra seconds per hop (reputation).
+        routable: the block ranges each server may be routed for (default its span):
+            those it published records for itself.
+    """
+    rtts, measured, penalties = rtts or {}, measured or {}, penalties or {}
+    out = []
+    for server in servers:
+        seconds = max(announced_block_seconds(server, costs), measured.get(server.peer_id, 0.0))
+        next_rtts = {p.peer_id: p.rtt for p in (getattr(server, "next_pings", None) or ())}
+        for lo, hi in (routable(server) if routable is not None else [server.span]):
+            out.append(Candidate(peer_id=server.peer_id, addrs=tuple(server.addrs), start=lo, end=hi,
+                                 block_seconds=seconds, rtt=rtts.get(server.peer_id, costs.default_rtt),
+                                 extra=_load(server, costs) + penalties.get(server.peer_id, 0.0),
+                                 next_rtts=next_rtts))
+    return out
 
 
 def plan_route(
@@ -209,67 +291,102 @@ def plan_route(
     costs: RouteCosts = RouteCosts(),
     model: str | None = None,
 ) -> Route:
-    """The cheapest chain of hops covering blocks [start, end) (default: the whole model).
+    """The cheapest chain of hops covering blocks [start, end) (default: the whole
+    model), from announcements alone; see ``plan_candidates``."""
+    return plan_candidates(make_candidates(servers, rtts=rtts, costs=costs), num_blocks=num_blocks, start=start,
+                           end=end, banned=banned, exclude=exclude, costs=costs, model=model)
+
+
+def plan_candidates(
+    candidates: Iterable[Candidate],
+    *,
+    num_blocks: int,
+    start: int = 0,
+    end: int | None = None,
+    banned: Collection[bytes] = (),
+    exclude: Collection[bytes] = (),
+    costs: RouteCosts = RouteCosts(),
+    model: str | None = None,
+) -> Route:
+    """The cheapest chain of hops covering blocks [start, end).
+
+    A route costs its latency (``costs.relay``: star or push, module docstring) plus,
+    per hop, compute ``(b - a) * block_seconds`` and ``extra``. Banned and excluded
+    peers are skipped.
 
     Raises:
-        NoRoute: some block in [start, end) is served by no usable server; the error
+        NoRoute: some block in [start, end) is covered by no usable candidate; the error
             names the first maximal run of such blocks.
         ValueError: an empty or out-of-range block range.
     """
     end = num_blocks if end is None else end
     if not 0 <= start < end <= num_blocks:
         raise ValueError(f"cannot route blocks [{start}, {end}) of a model with {num_blocks} blocks")
-    rtts = rtts or {}
     usable = []
-    for server in servers:
-        if server.peer_id in banned or server.peer_id in exclude:
+    for c in candidates:
+        if c.peer_id in banned or c.peer_id in exclude:
             continue
-        lo, hi = max(server.span[0], start), min(server.span[1], end)
+        lo, hi = max(c.start, start), min(c.end, end)
         if lo < hi:
-            usable.append((server, lo, hi, _fixed(server, rtts.get(server.peer_id, costs.default_rtt), costs),
-                           _per_block(server, costs)))
+            usable.append((c, lo, hi))
     _raise_on_gap(usable, start, end, model)
+    push = costs.relay == "push"
+
+    def entry(prev: Candidate | None, c: Candidate) -> float:
+        """Latency of the leg that brings a token to ``c``."""
+        if not push:
+            return c.rtt  # star: every hop is a round trip from the client
+        if prev is None:
+            return c.rtt / 2
+        link = prev.next_rtts.get(c.peer_id)
+        # A link nobody measured is taken as no better than going through the client.
+        return (link if link is not None else prev.rtt + c.rtt) / 2
 
     inf = float("inf")
-    # dist[i]: (cost, hops) of the best chain from `start` to boundary i; back[i]: its last hop.
-    dist: dict[int, tuple[float, int]] = {start: (0.0, 0)}
-    back: dict[int, tuple[int, int]] = {}  # boundary -> (entry boundary, server index)
-    running: list[tuple[float, int, int]] = [(inf, 0, -1)] * len(usable)  # (dist - i*rate, hops, i)
+    # best[i]: {candidate index or -1 (the start): (cost, hops, entry boundary, previous index)}
+    # for chains from `start` to boundary i whose last hop is that candidate.
+    best: dict[int, dict[int, tuple[float, int, int, int]]] = {start: {-1: (0.0, 0, start, -1)}}
+    # running[k]: the best (cost - i * block_seconds, hops, entry i, previous) over entries so far.
+    running: list[tuple[float, int, int, int]] = [(inf, 0, -1, -1)] * len(usable)
     for i in range(start, end):
-        here = dist.get(i)
-        best: tuple[float, int, int, int] | None = None  # (cost, hops, server index, entry)
-        for index, (server, lo, hi, fixed, rate) in enumerate(usable):
+        here = best.get(i, {})
+        closing: dict[int, tuple[float, int, int, int]] = {}
+        for k, (c, lo, hi) in enumerate(usable):
             if not lo <= i < hi:
                 continue
-            if here is not None:
-                candidate = (here[0] - i * rate, here[1], i)
-                if candidate < running[index]:
-                    running[index] = candidate
-            value, hops, entry = running[index]
-            if entry < 0:
-                continue
-            option = (value + fixed + (i + 1) * rate, hops + 1, index, entry)
-            if best is None or option[:2] < best[:2]:
-                best = option
-        if best is not None:
-            dist[i + 1] = best[:2]
-            back[i + 1] = (best[3], best[2])
+            for p, (cost, hops, _, _) in here.items():
+                if p == k or (p >= 0 and usable[p][0].peer_id == c.peer_id):
+                    continue
+                prev = usable[p][0] if p >= 0 else None
+                option = (cost + entry(prev, c) + c.extra - i * c.block_seconds, hops + 1, i, p)
+                if option[:2] < running[k][:2]:
+                    running[k] = option
+            value, hops, entry_i, p = running[k]
+            if entry_i >= 0:
+                closing[k] = (value + (i + 1) * c.block_seconds, hops, entry_i, p)
+        if closing:
+            best[i + 1] = closing
 
+    finals = best.get(end, {})
+    exit_cost = (lambda c: c.rtt / 2) if push else (lambda c: 0.0)
+    k, (cost, _, _, _) = min(((k, v) for k, v in finals.items()),
+                             key=lambda kv: (kv[1][0] + exit_cost(usable[kv[0]][0]), kv[1][1]))
+    total = cost + exit_cost(usable[k][0])
     hops: list[Hop] = []
     j = end
-    while j != start:
-        i, index = back[j]
-        server, _, _, fixed, rate = usable[index]
-        hops.append(Hop(peer_id=server.peer_id, addrs=tuple(server.addrs), start=i, end=j,
-                        cost=fixed + (j - i) * rate))
-        j = i
+    while k >= 0:
+        cost_j, _, i, p = best[j][k]
+        c = usable[k][0]
+        before = best[i][p][0]
+        hops.append(Hop(peer_id=c.peer_id, addrs=c.addrs, start=i, end=j, cost=cost_j - before))
+        j, k = i, p
     hops.reverse()
-    return Route(hops=tuple(hops), cost=dist[end][0])
+    return Route(hops=tuple(hops), cost=total)
 
 
 def _raise_on_gap(usable: list, start: int, end: int, model: str | None) -> None:
     covered = [False] * (end - start)
-    for _, lo, hi, _, _ in usable:
+    for _, lo, hi in usable:
         for b in range(lo, hi):
             covered[b - start] = True
     if all(covered):

@@ -1,5 +1,10 @@
 import os
 
+# Before anything imports torch: OpenMP threads that spin while they wait make a loaded
+# machine (CI's 2 cores, tests that start peer processes) many times slower; passive
+# waits cost nothing when the machine is idle. Server processes inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from hypothesis import HealthCheck, settings
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.filter_too_much]

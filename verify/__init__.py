@@ -5,12 +5,25 @@ spec/SPEC.md "Verification").
 - ``Auditor`` / ``AuditPolicy`` / ``PARANOID``: the client side (``verify._audit``).
 - ``compare`` / ``tolerance_for``: the statistics and calibrated thresholds
   (``verify._compare``; ``python bench/calibrate.py`` measures them).
+- ``judge``: the conviction rule, relative to the honest spread of the very inputs
+  (``verify._judge``); ``NormBounds``: the calibrated activation range (``verify._bounds``).
+- ``operator_of`` / ``tally``: independent voters and the weighted vote (``verify._voting``).
 - ``verify_proof`` and the proof builders (``verify._proofs``).
 - ``FraudProofService``: FRAUD_PROOF handling, gossip and DHT storage.
 - ``Reputation``: per-peer standings with decay, bans, persistence.
 """
 
-from ._audit import DEFAULT_AUDIT_RATE, PARANOID, AuditOutcome, AuditPolicy, AuditResult, AuditStats, Auditor
+from ._audit import (
+    DEFAULT_AUDIT_RATE,
+    DEFAULT_LOCAL_RECOMPUTE_BYTES,
+    PARANOID,
+    AuditOutcome,
+    AuditPolicy,
+    AuditResult,
+    AuditStats,
+    Auditor,
+)
+from ._bounds import BOUNDS_MARGIN, NormBounds, bounds_from_activations, load_bounds, record_path
 from ._compare import (
     MARGIN,
     TOLERANCES,
@@ -21,8 +34,12 @@ from ._compare import (
     row_statistics,
     tolerance_for,
 )
+from ._judge import SPREAD_FACTOR, Verdict, judge
 from ._proofs import (
+    InconclusiveProof,
     InvalidProof,
+    LocalRecompute,
+    SpanRecompute,
     check_proof,
     proof_digest,
     proof_from_bytes,
@@ -30,9 +47,10 @@ from ._proofs import (
     proof_from_transcript,
     proof_to_bytes,
     recompute_prefix,
+    replay_session,
     verify_proof,
 )
-from ._reputation import Ban, PeerStanding, Reputation, ReputationFileError
+from ._reputation import Ban, History, PeerStanding, Reputation, ReputationFileError
 from ._service import Compute, FraudProofService
 from ._store import (
     FRAUD_KIND,
@@ -45,9 +63,30 @@ from ._store import (
     publish_proof,
     record_kinds,
 )
+from ._voting import Ballot, Tally, VoteResult, draw_voter, operator_of, tally
 
 __all__ = [
     "DEFAULT_AUDIT_RATE",
+    "DEFAULT_LOCAL_RECOMPUTE_BYTES",
+    "BOUNDS_MARGIN",
+    "NormBounds",
+    "bounds_from_activations",
+    "load_bounds",
+    "record_path",
+    "SPREAD_FACTOR",
+    "Verdict",
+    "judge",
+    "InconclusiveProof",
+    "LocalRecompute",
+    "SpanRecompute",
+    "replay_session",
+    "History",
+    "Ballot",
+    "Tally",
+    "VoteResult",
+    "draw_voter",
+    "operator_of",
+    "tally",
     "PARANOID",
     "AuditOutcome",
     "AuditPolicy",

@@ -15,10 +15,17 @@ special case of one request (``session`` = the request's nonce, step and positio
    like request ``k``'s input;
 2. the client's signature over every request statement, in step order;
 3. the accused's signature over the result statement of step ``k``;
-4. the verifier serves the model and a span covering the proof's blocks;
-5. recomputation: FORWARD_ONCE of the concatenated prefix, and ``compare`` of its
-   last rows with the output. A match means the accused computed honestly: the
-   proof is invalid (the accused was framed).
+4. the verifier serves the model and a span covering the proof's blocks, and the
+   inputs lie within the span's activation range recorded at calibration
+   (``verify._bounds``; a model without a record has no bounds): outside it the
+   proof is inconclusive (``InconclusiveProof``);
+5. recomputation: the requests replayed step by step through a session (as the
+   accused ran them), one pass over the concatenated prefix, and (unquantized
+   spans) one pass in float64; ``judge`` convicts only if the output is far outside
+   both the calibrated floor and the honest spread of these recomputations
+   (``verify._judge``). Otherwise the
+   accused computed honestly (the proof is invalid: it frames an honest peer) or
+   the inputs are beyond judging (inconclusive).
 
 Only step 5 costs compute, and it runs only for a proof whose every signature holds,
 so a forger cannot make verifiers burn compute without signing the garbage himself.
@@ -27,8 +34,8 @@ so a forger cannot make verifiers burn compute without signing the garbage himse
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -49,9 +56,13 @@ from protocol import (
 )
 from protocol.errors import BadSignature, ErrorCode, SwarmError
 
-from ._compare import Comparison, compare, tolerance_for
+from ._bounds import NormBounds, load_bounds
+from ._compare import tolerance_for
+from ._judge import Verdict, judge
 
 __all__ = [
+    "LocalRecompute",
+    "InconclusiveProof",
     "InvalidProof",
     "SpanRecompute",
     "check_proof",
@@ -71,6 +82,12 @@ class InvalidProof(SwarmError):
     code = ErrorCode.INVALID_PROOF
 
 
+class InconclusiveProof(InvalidProof):
+    """A proof whose inputs are beyond judging (outside the calibrated activation
+    range, or driving the span out of the wire dtype's range): never a conviction.
+    Same wire code as ``InvalidProof``."""
+
+
 class SpanRecompute(Protocol):
     """What a verifier needs of a loaded span (``peer.runtime.SpanExecutor``)."""
 
@@ -82,6 +99,25 @@ class SpanRecompute(Protocol):
     device: torch.device
 
     def forward_once(self, hidden: torch.Tensor, *, start: int | None = None, end: int | None = None) -> Any: ...
+
+    def open_session(self, max_length: int, *, start: int | None = None, end: int | None = None) -> bytes: ...
+
+    def forward(self, session_id: bytes, hidden: torch.Tensor, position: int) -> Any: ...
+
+    def close_session(self, session_id: bytes) -> None: ...
+
+
+T = TypeVar("T")
+
+
+class LocalRecompute(Protocol):
+    """A peer's own copy of spans it does not serve, loaded on demand (a client's:
+    ``peer._local_verify.LocalSpans``): what lets it check evidence itself."""
+
+    async def run(self, model: str, span: tuple[int, int], fn: Callable[[SpanRecompute], T]) -> T | None:
+        """``fn(executor)`` in a worker thread on blocks ``span`` of ``model``; None if the
+        span cannot be loaded here (too large for the budget, another model)."""
+        ...
 
 
 # -- building ------------------------------------------------------------------------
@@ -182,13 +218,51 @@ def recompute_prefix(executor: SpanRecompute, inputs: Sequence[WireTensor], span
     return out.to(device="cpu", dtype=torch.float32)
 
 
+def replay_session(executor: SpanRecompute, inputs: Sequence[torch.Tensor], span: tuple[int, int]) -> torch.Tensor:
+    """The last step's output of a session through blocks ``span`` fed ``inputs`` one
+    step each, as the accused's session was (float32 out)."""
+    total = sum(x.shape[1] for x in inputs)
+    sid = executor.open_session(total, start=span[0], end=span[1])
+    try:
+        position = 0
+        out = None
+        with torch.inference_mode():
+            for x in inputs:
+                out = executor.forward(sid, x.to(device=executor.device, dtype=executor.dtype), position)
+                position += x.shape[1]
+    finally:
+        executor.close_session(sid)
+    assert out is not None  # a proof holds at least one request
+    return out.to(device="cpu", dtype=torch.float32)
+
+
+def _exact(executor: SpanRecompute, inputs: Sequence[torch.Tensor], span: tuple[int, int]) -> torch.Tensor | None:
+    """The float64 recomputation (``SpanExecutor.forward_once_exact``), if the executor
+    has one (not a quantized span): verify._judge's reference for honest rounding."""
+    exact = getattr(executor, "forward_once_exact", None)
+    if exact is None:
+        return None
+    try:
+        with torch.inference_mode():
+            out = exact(torch.cat(inputs, dim=1).to(device=executor.device, dtype=torch.float64),
+                        start=span[0], end=span[1])
+    except SwarmError:
+        return None
+    return out.to(device="cpu", dtype=torch.float64)
+
+
 def verify_proof(proof: FraudProof, executor: SpanRecompute, *, compute_dtype: str = "f32",
-                 limits: Limits = DEFAULT_LIMITS) -> Comparison:
-    """All five checks of the module docstring. Returns the (failed) comparison that
-    convicts the accused.
+                 bounds: NormBounds | None | bool = True, limits: Limits = DEFAULT_LIMITS) -> Verdict:
+    """All five checks of the module docstring. Returns the verdict that convicts the
+    accused.
+
+    Args:
+        bounds: the model's activation range; True (default) looks the record up
+            (``load_bounds``), None or False checks no bounds.
 
     Raises:
-        InvalidProof: a check failed; the accused is not guilty by this proof.
+        InvalidProof: a check failed; the accused is not guilty by this proof
+            (``InconclusiveProof``: the inputs are beyond judging).
     """
     check_proof(proof)
     if proof.model != executor.model_id:
@@ -199,16 +273,33 @@ def verify_proof(proof: FraudProof, executor: SpanRecompute, *, compute_dtype: s
     if proof.output.shape[2] != executor.hidden_size:
         raise InvalidProof(f"hidden size {proof.output.shape[2]} is not the model's {executor.hidden_size}")
     try:
-        reference = recompute_prefix(executor, [r.hidden for r in proof.requests], proof.span, limits=limits)
-        claimed = decode_tensor(proof.output, limits=limits, out_dtype=torch.float32)
-    except SwarmError as exc:  # e.g. a prefix longer than the model's context
-        raise InvalidProof(f"cannot recompute the proof: {exc}") from None
-    try:
         tolerance = tolerance_for(compute_dtype, proof.output.dtype)
     except ValueError as exc:
         raise InvalidProof(str(exc)) from None
+    try:
+        inputs = [decode_tensor(r.hidden, limits=limits, out_dtype=torch.float32) for r in proof.requests]
+        claimed = decode_tensor(proof.output, limits=limits, out_dtype=torch.float32)
+    except SwarmError as exc:
+        raise InvalidProof(f"cannot decode the proof: {exc}") from None
+    record = load_bounds(proof.model) if bounds is True else (bounds or None)
+    if record is not None:
+        outside = record.check(torch.cat(inputs, dim=1), proof.span[0])
+        if outside is not None:
+            raise InconclusiveProof(f"the proof is inconclusive: {outside}")
+    try:
+        session = replay_session(executor, inputs, proof.span)
+        once = executor.forward_once(torch.cat(inputs, dim=1).to(device=executor.device, dtype=executor.dtype),
+                                     start=proof.span[0], end=proof.span[1])
+    except SwarmError as exc:  # e.g. a prefix longer than the model's context
+        raise InvalidProof(f"cannot recompute the proof: {exc}") from None
     rows = claimed.shape[1]
-    verdict = compare(claimed, reference[:, -rows:], tolerance=tolerance, depth=proof.span[1] - proof.span[0])
-    if verdict.ok:
-        raise InvalidProof(f"the accused's output matches a recomputation ({verdict}); the proof frames an honest peer")
+    once = once.to(device="cpu", dtype=torch.float32)[:, -rows:]
+    exact = _exact(executor, inputs, proof.span)
+    verdict = judge(claimed, session[:, -rows:], once, wire_dtype=proof.output.dtype, tolerance=tolerance,
+                    depth=proof.span[1] - proof.span[0], exact=None if exact is None else exact[:, -rows:])
+    if verdict.inconclusive:
+        raise InconclusiveProof(f"the proof is inconclusive: {verdict}")
+    if not verdict.guilty:
+        raise InvalidProof(f"the accused's output is within the honest spread of a recomputation ({verdict}); "
+                           "the proof frames an honest peer")
     return verdict

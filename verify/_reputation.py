@@ -10,8 +10,18 @@ kept until removed by hand; the ban list is what routing and servers consult).
 
 ``score`` is a smoothed success rate in (0, 1] with honesty failures weighing far
 more than availability failures; ``penalty`` turns it into extra seconds of route
-cost for the planner (a perfect peer costs nothing extra). Pure code: every method
-takes ``now`` (unix seconds); ``save``/``load`` write the state atomically as CBOR.
+cost for the planner (a perfect peer costs nothing extra).
+
+Beside the hour-scale counts, a long-lived *history* per peer: when this peer first
+met it and how many of its hop-steps passed an audit (decaying over
+``long_half_life``, 30 days). ``establishment`` in [0, 1] says how far a peer is from
+a fresh identity (both enough passed audits and enough time known), and ``weight``
+is what its answer counts in an audit vote: ``FRESH_WEIGHT`` for a fresh identity, up
+to 1 for an established peer, times ``score``. So ten fresh identities are needed
+to outweigh one established peer, more than an audit ever asks (spec 13.6).
+
+Pure code: every method takes ``now`` (unix seconds); ``save``/``load`` write the
+state atomically as CBOR.
 """
 
 from __future__ import annotations
@@ -25,9 +35,9 @@ from pathlib import Path
 from protocol import atomic_write, cbor_decode, cbor_encode
 from protocol.errors import DecodeError, SwarmError
 
-__all__ = ["Ban", "PeerStanding", "Reputation", "ReputationFileError"]
+__all__ = ["Ban", "History", "PeerStanding", "Reputation", "ReputationFileError"]
 
-_VERSION = 1
+_VERSION = 2
 #: Weights of each failure kind against one success in ``score``.
 TIMEOUT_WEIGHT = 1.0
 MISMATCH_WEIGHT = 20.0
@@ -37,6 +47,12 @@ PRIOR = 2.0
 #: Route cost added for a peer of score s: PENALTY_SECONDS * (1 / s - 1), capped.
 PENALTY_SECONDS = 0.05
 MAX_PENALTY = 10.0
+#: Long-lived history: half-life of passed audits, and what "established" takes.
+LONG_HALF_LIFE = 30 * 86400.0
+ESTABLISHED_PASSES = 20.0
+ESTABLISHED_AGE = 86400.0
+#: Vote weight of a fresh identity (an established one weighs 1).
+FRESH_WEIGHT = 0.1
 #: Reputation file size bound when loading (hostile or corrupt files).
 MAX_FILE_SIZE = 16 * 1024 * 1024
 
@@ -62,6 +78,18 @@ class PeerStanding:
                             updated=max(now, self.updated))
 
 
+@dataclass(slots=True)
+class History:
+    """What this peer knows of another over the long run (unix seconds)."""
+
+    first_seen: float
+    passes: float = 0.0  # audits passed, decayed over the long half-life
+    updated: float = 0.0
+
+    def decayed_passes(self, now: float, half_life: float) -> float:
+        return self.passes * 0.5 ** (max(now - self.updated, 0.0) / half_life)
+
+
 @dataclass(frozen=True, slots=True)
 class Ban:
     since: float
@@ -81,16 +109,26 @@ class Reputation:
     standings: dict[bytes, PeerStanding] = field(default_factory=dict)
     bans: dict[bytes, Ban] = field(default_factory=dict)
     banned: set[bytes] = field(default_factory=set)
+    history: dict[bytes, History] = field(default_factory=dict)
+    long_half_life: float = LONG_HALF_LIFE
 
     def __post_init__(self) -> None:
-        if not self.half_life > 0:
-            raise ValueError("half_life must be positive")
+        if not (self.half_life > 0 and self.long_half_life > 0):
+            raise ValueError("half-lives must be positive")
         self.banned.update(self.bans)
 
     # -- events -------------------------------------------------------------------------
 
     def record_success(self, peer: bytes, now: float, n: float = 1.0) -> None:
         self._bump(peer, now, "successes", n)
+
+    def record_audit_pass(self, peer: bytes, now: float, n: float = 1.0) -> None:
+        """A hop-step (or an auditor's answer) of ``peer`` was confirmed by an audit:
+        a success, and long-lived history."""
+        self._bump(peer, now, "successes", n)
+        h = self._history(peer, now)
+        h.passes = h.decayed_passes(now, self.long_half_life) + n
+        h.updated = now
 
     def record_timeout(self, peer: bytes, now: float) -> None:
         """No answer or a refusal: availability, never honesty."""
@@ -134,6 +172,25 @@ class Reputation:
         bad = TIMEOUT_WEIGHT * s.timeouts + MISMATCH_WEIGHT * s.mismatches + INVALID_PROOF_WEIGHT * s.invalid_proofs
         return good / (good + bad)
 
+    def audits_passed(self, peer: bytes, now: float) -> float:
+        """Audits ``peer`` passed (long-lived, decayed)."""
+        h = self.history.get(peer)
+        return 0.0 if h is None else h.decayed_passes(now, self.long_half_life)
+
+    def establishment(self, peer: bytes, now: float) -> float:
+        """0 for a fresh or unknown identity, 1 for an established one: at least
+        ``ESTABLISHED_PASSES`` passed audits and known for ``ESTABLISHED_AGE``."""
+        h = self.history.get(peer)
+        if h is None or peer in self.banned:
+            return 0.0
+        passes = min(h.decayed_passes(now, self.long_half_life) / ESTABLISHED_PASSES, 1.0)
+        age = min(max(now - h.first_seen, 0.0) / ESTABLISHED_AGE, 1.0)
+        return passes * age
+
+    def weight(self, peer: bytes, now: float) -> float:
+        """What ``peer``'s answer counts in an audit vote (module docstring); 0 if banned."""
+        return (FRESH_WEIGHT + (1.0 - FRESH_WEIGHT) * self.establishment(peer, now)) * self.score(peer, now)
+
     def penalty(self, peer: bytes, now: float) -> float:
         """Seconds of route cost to add for ``peer`` (0 for a spotless one)."""
         score = self.score(peer, now)
@@ -152,17 +209,26 @@ class Reputation:
         standings = [[p, s.successes, s.timeouts, s.mismatches, s.invalid_proofs, s.updated]
                      for p, s in sorted(self.standings.items())]
         bans = [[p, b.since, b.reason, b.proof] for p, b in sorted(self.bans.items())]
-        return cbor_encode([_VERSION, float(self.half_life), standings, bans])
+        history = [[p, h.first_seen, h.passes, h.updated] for p, h in sorted(self.history.items())]
+        return cbor_encode([_VERSION, float(self.half_life), standings, bans, float(self.long_half_life), history])
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Reputation:
-        """Raises DecodeError on anything malformed."""
+        """Raises DecodeError on anything malformed. Reads versions 1 and 2."""
         obj = cbor_decode(data, max_size=MAX_FILE_SIZE)
         try:
-            version, half_life, standings, bans = obj
-            if version != _VERSION:
-                raise DecodeError(f"reputation format version {version!r} is not {_VERSION}")
-            rep = cls(half_life=float(half_life))
+            version = obj[0]
+            if version == 1:
+                _, half_life, standings, bans = obj
+                long_half_life, history = LONG_HALF_LIFE, []
+            elif version == _VERSION:
+                _, half_life, standings, bans, long_half_life, history = obj
+            else:
+                raise DecodeError(f"reputation format version {version!r} is not 1 or {_VERSION}")
+            rep = cls(half_life=float(half_life), long_half_life=_num(long_half_life))
+            for peer, first_seen, passes, updated in history:
+                rep.history[_peer(peer)] = History(first_seen=_num(first_seen), passes=_num(passes),
+                                                   updated=_num(updated))
             for peer, succ, tout, mism, inval, updated in standings:
                 rep.standings[_peer(peer)] = PeerStanding(
                     successes=_num(succ), timeouts=_num(tout), mismatches=_num(mism), invalid_proofs=_num(inval),
@@ -171,7 +237,7 @@ class Reputation:
                 if type(reason) is not str or not (proof is None or type(proof) is bytes):
                     raise DecodeError("a ban is [peer, since, reason, proof digest or null]")
                 rep.ban(_peer(peer), _num(since), reason=reason, proof=proof)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, KeyError, IndexError) as exc:
             raise DecodeError(f"malformed reputation state: {exc}") from None
         return rep
 
@@ -210,6 +276,13 @@ class Reputation:
         standing = self.standing(peer, now)
         setattr(standing, name, getattr(standing, name) + n)
         self.standings[peer] = standing
+        self._history(peer, now)
+
+    def _history(self, peer: bytes, now: float) -> History:
+        h = self.history.get(peer)
+        if h is None:
+            h = self.history[peer] = History(first_seen=now, updated=now)
+        return h
 
 
 def _peer(value: object) -> bytes:

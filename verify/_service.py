@@ -9,15 +9,21 @@ verifies it once (results are cached by proof digest):
 - a peer serving the proof's span runs ``verify_proof`` (signatures, then recompute
   on its own executor), through the peer's compute scheduler like any step, so
   verification takes its turn in the same credit order;
-- any other peer checks the signatures and asks up to ``endorsers`` independent
-  holders of the span (found in the DHT; never the accused, the sender or the
-  submitter) to verify it, and accepts it if more of them accept than reject.
+- a peer that can load the span itself (a client: ``local``, see
+  ``LocalRecompute``) runs ``verify_proof`` on its own copy;
+- any other peer checks the signatures and asks up to ``endorsers`` holders of the
+  span of distinct operators (found in the DHT; never the accused, the client or the
+  sender) to verify it, and *endorses* it if more of them accept than reject.
 
-An accepted proof bans the accused (``Reputation.ban``, persisted), is forwarded to
-every connected peer that has not seen it (gossip; duplicates stop at the digest
-cache) and, by peers that recomputed it, stored in the DHT (``verify._store``). A
-proof that does not verify is answered INVALID_PROOF and counts against the peer
-that sent it (``record_invalid_proof``).
+Only a proof this peer recomputed bans the accused (``Reputation.ban``, persisted)
+and is stored in the DHT (``verify._store``): bans rest on evidence the banning peer
+checked itself (spec 13.6), so holders that collude cannot get an honest peer banned
+by peers that never recomputed. An endorsed proof only counts against the accused's
+reputation (a mismatch: routing prefers others) and travels on. Accepted and
+endorsed proofs are forwarded to every connected peer that has not seen them
+(gossip; duplicates stop at the digest cache). A proof that does not verify is
+answered INVALID_PROOF and counts against the peer that sent it
+(``record_invalid_proof``).
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ from swarm.announce import block_key, decode_block_value
 from swarm.dht import DhtNode
 from swarm.transport import Host, PeerConnection
 
-from ._proofs import InvalidProof, SpanRecompute, check_proof, proof_digest, verify_proof
+from ._proofs import InvalidProof, LocalRecompute, SpanRecompute, check_proof, proof_digest, verify_proof
 from ._reputation import Reputation
+from ._voting import operator_of
 from ._store import MAX_STORED_PROOF, fetch_proofs, proof_to_bytes, publish_proof
 
 __all__ = ["Compute", "FraudProofService"]
@@ -64,13 +71,14 @@ class FraudProofService:
         executor: the span this peer serves, if any (it then verifies by recomputing).
         compute: the peer's compute scheduler; required with ``executor``: verification
             queues with the steps the peer serves, in the same order.
+        local: spans this peer can load to verify proofs it does not hold (a client).
         reputation_path: if given, the reputation is saved there after every ban.
         endorsers: independent holders a non-holder asks.
         timeout: seconds for one notice to a peer.
     """
 
     def __init__(self, host: Host, dht: DhtNode, reputation: Reputation, *, executor: SpanRecompute | None = None,
-                 compute: Compute | None = None, compute_dtype: str = "f32",
+                 compute: Compute | None = None, local: LocalRecompute | None = None, compute_dtype: str = "f32",
                  reputation_path: str | Path | None = None, endorsers: int = 3, timeout: float = 30.0,
                  store: bool = True, clock: Callable[[], float] = time.time) -> None:
         if executor is not None and compute is None:
@@ -85,7 +93,9 @@ class FraudProofService:
         self.timeout = timeout
         self.store = store
         self.clock = clock
-        self.accepted: dict[bytes, FraudProof] = {}  # digest -> verified proof
+        self.local = local
+        self.accepted: dict[bytes, FraudProof] = {}  # digest -> proof this peer recomputed
+        self.endorsed: dict[bytes, FraudProof] = {}  # digest -> proof vouched for by holders only
         self.rejected: set[bytes] = set()
         self.stored: dict[bytes, int] = {}  # digest -> DHT nodes holding the index
         self.compute = compute
@@ -109,7 +119,9 @@ class FraudProofService:
     # -- entry points ---------------------------------------------------------------------
 
     async def verify(self, proof: FraudProof, *, sender: bytes | None = None) -> bytes:
-        """Verify ``proof`` (once per digest), ban the accused and spread it. Returns the digest.
+        """Verify ``proof`` (once per digest): recomputed, it bans the accused; endorsed
+        by holders only, it counts against the accused's reputation. Either way it
+        spreads. Returns the digest.
 
         Raises:
             InvalidProof: it does not verify (or no independent holder would vouch for it).
@@ -117,11 +129,12 @@ class FraudProofService:
         digest = proof_digest(proof)
         while digest in self._pending:  # someone else is verifying it right now
             await self._pending[digest].wait()
-        if digest in self.accepted:
+        if digest in self.accepted or digest in self.endorsed:
             return digest
         if digest in self.rejected:
             raise InvalidProof("this proof was already found invalid")
         self._pending[digest] = done = trio.Event()
+        recomputed = True
         try:
             if self.holds(proof):
                 executor, compute = self.executor, self.compute
@@ -129,7 +142,11 @@ class FraudProofService:
                 verdict = await compute.run(sender or self.host.peer_id,
                                             lambda: verify_proof(proof, executor, compute_dtype=self.compute_dtype))
                 log.warning("verified fraud proof against %s: %s", peer_id_of(proof.accused).hex()[:12], verdict)
+            elif (verdict := await self._verify_locally(proof)) is not None:
+                log.warning("verified fraud proof against %s on a local span: %s",
+                            peer_id_of(proof.accused).hex()[:12], verdict)
             else:
+                recomputed = False
                 check_proof(proof)
                 await self._endorse(proof, sender)
         except InvalidProof:
@@ -138,22 +155,57 @@ class FraudProofService:
         finally:
             del self._pending[digest]
             done.set()
-        self._accept(digest, proof, sender)
+        if recomputed:
+            self._accept(digest, proof, sender)
+        else:
+            self._endorsed(digest, proof, sender)
         return digest
+
+    async def _verify_locally(self, proof: FraudProof) -> object | None:
+        """The verdict of ``verify_proof`` on a local copy of the span, or None if this
+        peer cannot load it. Raises InvalidProof."""
+        if self.local is None:
+            return None
+        compute_dtype = self.compute_dtype
+        check_proof(proof)  # before loading anything
+        try:
+            outcome = await self.local.run(proof.model, proof.span,
+                                           lambda ex: _verdict_or_error(proof, ex, compute_dtype))
+        except SwarmError as exc:  # the span cannot be loaded here after all
+            log.info("cannot load [%d, %d) to verify a proof: %s", *proof.span, exc)
+            return None
+        if isinstance(outcome, InvalidProof):
+            raise outcome
+        return outcome
 
     async def submit(self, proof: FraudProof, holders: list[tuple[bytes, tuple[str, ...]]]) -> bool:
         """Send this peer's own proof to ``holders`` ((peer id, addrs)) until one accepts it.
-        The accused is banned locally by the caller's own evidence; a holder that accepts
-        bans, stores and gossips it. Returns whether any holder accepted."""
+        The caller has banned the accused if its own evidence convicts it; a holder that
+        accepts bans, stores and gossips it (a holder's acceptance does not ban here:
+        it is not evidence this peer checked). Returns whether any holder accepted."""
         digest = proof_digest(proof)
         for peer_id, addrs in holders:
             verdict = await self._ask(peer_id, addrs, proof)
             if verdict:
-                self._accept(digest, proof, peer_id, spread=False)  # the holder gossips it
+                self._seen_by.setdefault(digest, set()).add(peer_id)  # the holder gossips it
                 return True
         log.warning("no holder accepted our fraud proof %s against %s", digest.hex()[:12],
                     peer_id_of(proof.accused).hex()[:12])
         return False
+
+    def convicted(self, proof: FraudProof, holders: list[tuple[bytes, tuple[str, ...]]]) -> None:
+        """This peer's own recomputation convicted the accused of ``proof`` (its auditor's
+        local check): ban, record it as verified (a copy gossiped back is not verified
+        again), and submit it to ``holders`` in the background (they verify, store and
+        gossip it)."""
+        digest = proof_digest(proof)
+        if digest in self.accepted:
+            return
+        self.accepted[digest] = proof
+        self.reputation.ban(peer_id_of(proof.accused), self.clock(), reason="convicted by own recomputation",
+                            proof=digest)
+        self._save()
+        self.submit_soon(proof, holders)
 
     def submit_soon(self, proof: FraudProof, holders: list[tuple[bytes, tuple[str, ...]]]) -> None:
         """``submit`` in the background (``run`` must be running), so a generation does
@@ -168,7 +220,7 @@ class FraudProofService:
 
     async def check_peer(self, peer_id: bytes) -> bool:
         """Look up proofs against ``peer_id`` in the DHT and verify them; True if it is
-        (now) banned."""
+        (now) banned (a proof this peer could only have endorsed does not ban)."""
         if self.reputation.is_banned(peer_id):
             return True
         for proof in await fetch_proofs(self.dht, peer_id, limits=self.host.limits):
@@ -179,7 +231,8 @@ class FraudProofService:
             except InvalidProof as exc:
                 log.info("a stored proof against %s does not verify: %s", peer_id.hex()[:12], exc)
                 continue
-            return True
+            if self.reputation.is_banned(peer_id):  # recomputed here; an endorsement does not ban
+                return True
         return False
 
     # -- internals ------------------------------------------------------------------------
@@ -194,7 +247,8 @@ class FraudProofService:
             raise RemoteError(str(exc), code=ErrorCode.INVALID_PROOF) from None
         return FraudProofAck(accepted=True)
 
-    def _accept(self, digest: bytes, proof: FraudProof, sender: bytes | None, *, spread: bool = True) -> None:
+    def _accept(self, digest: bytes, proof: FraudProof, sender: bytes | None) -> None:
+        """A proof this peer recomputed: ban the accused, spread (and store) it."""
         accused = peer_id_of(proof.accused)
         self.accepted[digest] = proof
         if self.reputation.ban(accused, self.clock(), reason="verified fraud proof", proof=digest):
@@ -202,8 +256,19 @@ class FraudProofService:
         self._save()
         if sender is not None:
             self._seen_by.setdefault(digest, set()).add(sender)
-        if spread:
-            self._queue(self._spread, digest, proof)
+        self._queue(self._spread, digest, proof)
+
+    def _endorsed(self, digest: bytes, proof: FraudProof, sender: bytes | None) -> None:
+        """A proof only holders vouched for: a mark against the accused, and gossip."""
+        accused = peer_id_of(proof.accused)
+        self.endorsed[digest] = proof
+        self.reputation.record_mismatch(accused, self.clock())
+        log.warning("fraud proof %s against %s endorsed by holders (not recomputed here: no ban)",
+                    digest.hex()[:12], accused.hex()[:12])
+        self._save()
+        if sender is not None:
+            self._seen_by.setdefault(digest, set()).add(sender)
+        self._queue(self._spread, digest, proof)
 
     async def _spread(self, digest: bytes, proof: FraudProof) -> None:
         accused = peer_id_of(proof.accused)
@@ -246,8 +311,14 @@ class FraudProofService:
         exclude = {peer_id_of(proof.accused), peer_id_of(proof.client), self.host.peer_id}
         if sender is not None:
             exclude.add(sender)
-        holders = [h for h in await self._holders(proof) if h[0] not in exclude and
-                   not self.reputation.is_banned(h[0])][: self.endorsers]
+        holders, operators = [], set()
+        for peer_id, addrs in await self._holders(proof):  # one per operator (verify._voting)
+            op = operator_of(peer_id, addrs[0] if addrs else None)
+            if peer_id in exclude or self.reputation.is_banned(peer_id) or op in operators:
+                continue
+            operators.add(op)
+            holders.append((peer_id, addrs))
+        holders = holders[: self.endorsers]
         votes: list[bool] = []
 
         async def ask(peer_id: bytes, addrs: tuple[str, ...]) -> None:
@@ -283,3 +354,11 @@ class FraudProofService:
                 self.reputation.save(self.reputation_path)
             except OSError as exc:
                 log.warning("cannot save the reputation file %s: %s", self.reputation_path, exc)
+
+
+def _verdict_or_error(proof: FraudProof, executor: SpanRecompute, compute_dtype: str) -> object:
+    """``verify_proof``'s verdict, or the InvalidProof it raised (returned across the thread)."""
+    try:
+        return verify_proof(proof, executor, compute_dtype=compute_dtype)
+    except InvalidProof as exc:
+        return exc

@@ -332,10 +332,12 @@ class SwarmApi:
     def _model_json(entry: ServedModel) -> dict[str, Any]:
         return {"id": entry.name, "object": "model", "created": 0, "owned_by": "swarm",
                 oa.EXTENSION_FIELD: {"model_id": entry.model_id, "num_blocks": entry.num_blocks,
+                                     "hidden_size": entry.hidden_size, "servers": entry.servers,
                                      "origin": entry.origin}}
 
     async def _list_models(self, request: Request) -> Response:
-        entries = await served_models(self._catalog_entries())
+        # Every model the swarm's index lists (origin "swarm": listed, not answered here).
+        entries = await served_models(self._catalog_entries(), self.models[0].swarm.client.dht)
         self._count("models", 200)
         return JSONResponse({"object": "list", "data": [self._model_json(e) for e in entries]})
 
@@ -384,7 +386,7 @@ class SwarmApi:
         view = await client.swarm_view()
         now = time.time()
         body = view_to_dict(view, now=now, reputation=client.reputation, latency=self.latency,
-                            model_name=model.name)
+                            model_name=model.name, health=swarm.health())
         body["peer_id"] = client.host.peer_id.hex()
         body["credit"] = credit_to_dicts(swarm.credit()) if client.credit is not None else []
         body["models"] = [m.name for m in self.models]

@@ -250,14 +250,16 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 def swarm_extension(result: Any) -> dict[str, Any]:
     """The project's additions to a finished answer: how the swarm made it.
 
-    One entry per fact, so that a new fact (the verified fraction of steps, once the
-    verification work reports it) is one more line here.
+    One entry per fact. ``verification``: hop-steps used and audited, the share of the
+    audited ones an independent check confirmed, and the hops nobody could check
+    (``GenerationResult.verification_dict``; spec 13.2, "Reporting").
     """
     return {
         "route": [{"peer_id": h.peer_id, "address": h.address, "blocks": [h.start, h.end]} for h in result.route],
         "failovers": result.failovers,
         "timings": {"time_to_first_token": result.time_to_first_token, "total_seconds": result.total_seconds,
                     "tokens_per_second": result.tokens_per_second},
+        "verification": result.verification_dict(),
     }
 
 

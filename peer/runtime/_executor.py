@@ -468,6 +468,24 @@ class SpanExecutor:
         return ForwardJob(self, hidden, 0, cache, lo, hi, quantum=quantum,
                           chunk_tokens=chunk_tokens if chunked else None, on_done=None)
 
+    def forward_once_exact(self, hidden: torch.Tensor, *, start: int | None = None,
+                           end: int | None = None) -> torch.Tensor:
+        """``forward_once`` computed in float64: the near-exact answer that honest
+        rounding scatters around, against which verification measures it (spec 13.3).
+
+        Each block's weights are copied to float64 only while that block runs, so this
+        needs one block's float64 copy of memory beyond the span. Returns float64.
+
+        Raises:
+            InvalidArgument: the span's weights are quantized (no float64 copy exists).
+        """
+        if self.quant is not None:
+            raise InvalidArgument(f"a {self.quant}-quantized span has no float64 reference")
+        twin = copy.copy(self)  # shares config, rotary and locks; no session is touched
+        twin.dtype = torch.float64
+        twin._layers = _Float64Blocks(self._layers)  # type: ignore[assignment]
+        return twin.forward_once(hidden, start=start, end=end)
+
     def transient_bytes(self, n_tokens: int, *, start: int | None = None, end: int | None = None) -> int:
         """Cache memory a chunked ``forward_once_job`` of ``n_tokens`` holds while it runs
         (what ``reserve`` is asked for: the same budget as sessions)."""
@@ -572,6 +590,23 @@ class SpanExecutor:
         if not hidden.is_floating_point():
             raise InvalidArgument(f"hidden states must be floating point, got {hidden.dtype}")
         return int(hidden.shape[1])
+
+
+class _Float64Blocks:
+    """Blocks that are float64 copies only while iterated, one at a time (``forward_once_exact``)."""
+
+    def __init__(self, layers: torch.nn.ModuleList) -> None:
+        self._layers = layers
+
+    def __getitem__(self, index: int) -> torch.nn.Module:
+        return copy.deepcopy(self._layers[index]).to(torch.float64)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __iter__(self) -> Iterator[torch.nn.Module]:
+        for layer in self._layers:
+            yield copy.deepcopy(layer).to(torch.float64)
 
 
 def _layer_types(config: object) -> list[str]:

@@ -1,13 +1,13 @@
 """Model ids: a name plus a digest that pins the exact weights.
 
 Peers chain only with peers serving the same model id, so the id must change whenever
-the computation could: ``<name>@<16 hex>``, the hex being BLAKE2b-64 over a canonical
-JSON document of
-
-- the architecture-relevant config fields (explicit list, so unrelated fields a newer
-  transformers adds do not split the swarm),
-- the weight manifest: every tensor's name, shape and stored dtype, sorted,
-- the SHA-256 of each weight file (content; equal to the hub's LFS oid).
+the computation could: ``<name>@<16 hex>``, defined by the wire protocol so that a third
+party can recompute it from the model's files (spec section 1, ``protocol``'s
+``model_id_document``): BLAKE2b-64 over the architecture fields of ``config.json``
+(``protocol.CONFIG_KEYS``, so unrelated fields a newer transformers adds do not split
+the swarm), the weight manifest (every tensor's name, shape and stored dtype) and the
+SHA-256 of each weight file. A GGUF file is its own manifest and configuration: its id
+covers the file's SHA-256 alone.
 
 The name is informational only; two sources with different names but the same
 digest are still different ids (so operators see what they run).
@@ -15,40 +15,20 @@ digest are still different ids (so operators see what they run).
 
 from __future__ import annotations
 
-import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from protocol import CONFIG_KEYS, make_model_id, model_id_document
+
+from ._errors import ModelError
+from ._gguf import GGUFSource
 from ._sources import Source, open_source
 
-__all__ = ["ModelInfo", "resolve_model", "model_id_of", "CONFIG_KEYS"]
-
-CONFIG_KEYS = (
-    "model_type",
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_act",
-    "rms_norm_eps",
-    "rope_theta",
-    "rope_scaling",
-    "rope_parameters",
-    "attention_bias",
-    "mlp_bias",
-    "tie_word_embeddings",
-    "sliding_window",
-    "use_sliding_window",
-    "max_window_layers",
-    "layer_types",
-    "max_position_embeddings",
-)
+__all__ = ["ModelInfo", "resolve_model", "model_id_of", "model_document_of", "CONFIG_KEYS"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,16 +55,23 @@ class ModelInfo:
 _STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
+def model_document_of(source: Source) -> bytes:
+    """The bytes an opened source's model digest is taken over (spec section 1)."""
+    files = [bytes.fromhex(d) for d in source.content_digests]
+    if isinstance(source, GGUFSource):
+        return model_id_document({}, [], files)
+    path = getattr(source, "path", None)
+    try:
+        raw = json.loads((path / "config.json").read_bytes()) if path is not None else source.config.to_dict()
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path}/config.json ({exc}); re-download the model") from exc
+    return model_id_document(raw, source.manifest, files)
+
+
 def model_id_of(source: Source) -> str:
     """Compute the model id of an opened source."""
-    cfg = source.config.to_dict()
-    doc = {
-        "config": {k: cfg.get(k) for k in CONFIG_KEYS if k in cfg},
-        "manifest": [[n, list(s), d] for n, s, d in source.manifest],
-        "files": list(source.content_digests),
-    }
-    blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return f"{source.name}@{hashlib.blake2b(blob, digest_size=8).hexdigest()}"
+    name = re.sub(r"[^a-z0-9._-]", "-", source.name.lower())[:111] or "model"
+    return make_model_id(name, model_document_of(source))
 
 
 def info_of(source: Source) -> ModelInfo:

@@ -333,6 +333,7 @@ class PeerConnection:
                                         f"{self._resources.message_deadline_for(pending):g} s")
                     except RemoteProtocolError as exc:
                         log.warning("dropping connection %s: %s: %s", self, type(exc).__name__, exc)
+                        await self._tell_why(exc)
                         self._close(f"dropped ({type(exc).__name__}: {exc})", exc)
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                         log.info("connection %s lost: %r", self, exc)
@@ -348,6 +349,19 @@ class PeerConnection:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self._stream)
             self._finished.set()
+
+    async def _tell_why(self, exc: RemoteProtocolError) -> None:
+        """Best effort, before closing for the peer's violation: the connection-level
+        ERROR (id 0) saying why (spec section 6), when the channel has one for it and
+        our direction still works (it does not after a transport failure)."""
+        payload = self.channel.abort_payload(exc)
+        if payload is None or not self._open:
+            return
+        with trio.move_on_after(1.0):
+            try:
+                await self._send_payload(payload)
+            except (SwarmError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
 
     async def _idle_watchdog(self) -> None:
         """Close the connection after ``limits.idle_timeout`` without traffic or work,

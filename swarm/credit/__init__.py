@@ -6,7 +6,7 @@ CREDIT_QUERY with ``Ledger.records_for_exchange`` / ``Ledger.merge_remote``.
 Normative description: spec section "Credit".
 """
 
-from ._flow import Credit, WorkGraph, credit_of, max_flow_2hop, normalized_credit
+from ._flow import DEFAULT_HALF_LIFE, Credit, WorkGraph, credit_of, max_flow_2hop, normalized_credit
 from ._ledger import (
     LEDGER_FORMAT,
     MAX_EXCHANGE_RECORDS,
@@ -20,6 +20,7 @@ from ._ledger import (
 from ._receipts import DEFAULT_GRACE_UNITS, ReceiptDesk, ReceiptWallet, countersign, make_receipt
 
 __all__ = [
+    "DEFAULT_HALF_LIFE",
     "Credit",
     "WorkGraph",
     "credit_of",

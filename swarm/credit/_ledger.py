@@ -10,7 +10,9 @@ transitive credit. Every record is verified (both signatures) before it is store
 an older or equal-seq record for a stored pair is a ``StaleReceipt``.
 
 A ``WorkGraph`` is kept in step with the records so that credit queries cost
-O(min(out-degree, in-degree)), not a scan.
+O(min(out-degree, in-degree)), not a scan. Each record's increase over the one it
+supersedes enters the graph at the time this ledger stored it and then decays
+(``half_life``, spec section 12 "Credit computation"): old work fades.
 
 Third-party records are kept only when they can carry flow to the owner, i.e. when
 their beneficiary has itself done work for the owner (the middle hop of a 2-hop
@@ -18,7 +20,9 @@ path), and only up to ``max_records`` in all: a Sybil flood of mutual receipts i
 dropped on arrival instead of filling memory (it would carry no flow anyway).
 
 Persistence: the whole ledger is one deterministic-CBOR file written with
-``atomic_write`` (readers see the old or the new file, never half of one). The file
+``atomic_write`` (readers see the old or the new file, never half of one), with the
+decayed value of every edge as of when it was last raised (``recent``); a version 1
+file (no ``recent``) loads with all its work counted as of the load. The file
 is this peer's own output, mode 0600; loading checks structure, not signatures, so
 that a restart with a large ledger stays fast. A file that does not decode is a
 ``LedgerError``, never a crash.
@@ -27,6 +31,7 @@ that a restart with a large ledger stays fast. A file that does not decode is a
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +47,7 @@ from protocol import (
 )
 from protocol.errors import ErrorCode, ProtocolError, SwarmError
 
-from ._flow import Credit, WorkGraph, credit_of
+from ._flow import DEFAULT_HALF_LIFE, Credit, WorkGraph, credit_of
 
 __all__ = [
     "Ledger",
@@ -55,7 +60,8 @@ __all__ = [
     "MAX_EXCHANGE_RECORDS",
 ]
 
-LEDGER_FORMAT = "swarm-peer ledger v1"
+LEDGER_FORMAT = "swarm-peer ledger v2"
+_LEDGER_FORMATS = ("swarm-peer ledger v1", LEDGER_FORMAT)
 #: Records in one CREDIT_REPORT (the message's list limit).
 MAX_EXCHANGE_RECORDS = 1024
 _MAX_FILE_SIZE = 256 * 1024 * 1024
@@ -106,9 +112,13 @@ class Ledger:
         owner: the owning peer's Ed25519 public key.
         path: where ``save()`` writes (None: memory only).
         max_records: cap on stored third-party records (own records are always kept).
+        half_life: seconds over which recorded work halves in credit (None: never).
+
+    Methods that change or read credit take ``now`` (unix seconds; default the clock).
     """
 
-    def __init__(self, owner: bytes, *, path: str | os.PathLike[str] | None = None, max_records: int = 65536) -> None:
+    def __init__(self, owner: bytes, *, path: str | os.PathLike[str] | None = None, max_records: int = 65536,
+                 half_life: float | None = DEFAULT_HALF_LIFE) -> None:
         if len(owner) != PUBLIC_KEY_SIZE:
             raise ValueError("owner must be a 32-byte Ed25519 public key")
         if max_records <= 0:
@@ -118,7 +128,8 @@ class Ledger:
         self.max_records = max_records
         self._records: dict[tuple[bytes, bytes], ReceiptRecord] = {}  # (client, server) -> latest
         self._third_party = 0
-        self._graph = WorkGraph()
+        self._graph = WorkGraph(half_life=half_life)
+        self._raised: dict[tuple[bytes, bytes], float] = {}  # (client, server) -> when its edge last grew
         self._keys: dict[bytes, bytes] = {peer_id_of(owner): owner}  # peer id -> public key
         self._dirty = False
 
@@ -156,18 +167,19 @@ class Ledger:
         """The public key of a peer id seen in any stored record."""
         return self._keys.get(peer_id)
 
-    def credit(self, requester: bytes) -> Credit:
-        """Credit of ``requester`` (public key) at the owner: direct + 2-hop transitive."""
-        return credit_of(self._graph, requester, self.owner)
+    def credit(self, requester: bytes, now: float | None = None) -> Credit:
+        """Credit of ``requester`` (public key) at the owner: direct + conserved 2-hop
+        transitive, decayed to ``now``."""
+        return credit_of(self._graph, requester, self.owner, _now(now))
 
-    def credit_of_peer(self, peer_id: bytes) -> Credit:
+    def credit_of_peer(self, peer_id: bytes, now: float | None = None) -> Credit:
         """``credit`` by peer id; a peer id never seen in a record has no credit."""
         key = self._keys.get(peer_id)
-        return self.credit(key) if key is not None else Credit(direct=0, transitive=0)
+        return self.credit(key, now) if key is not None else Credit(direct=0, transitive=0)
 
     # -- writing ------------------------------------------------------------------
 
-    def store(self, record: ReceiptRecord) -> bool:
+    def store(self, record: ReceiptRecord, now: float | None = None) -> bool:
         """Verify and store a double-signed record if it is newer than the stored one.
 
         Returns False if the very same record is already stored.
@@ -182,10 +194,10 @@ class Ledger:
             return False
         self._check_newer(record, existing)
         record.verify(require_countersignature=True)
-        self._put(record, existing)
+        self._put(record, existing, _now(now))
         return True
 
-    def merge_remote(self, records: Iterable[ReceiptRecord]) -> MergeResult:
+    def merge_remote(self, records: Iterable[ReceiptRecord], now: float | None = None) -> MergeResult:
         """Merge records from a peer's CREDIT_REPORT, verifying each before use.
 
         A bad record never aborts the batch; it is counted in ``rejected``. Records the
@@ -193,6 +205,7 @@ class Ledger:
         the owner makes that neighbour's own records relevant in the same merge.
         """
         batch = sorted(records, key=lambda r: not self._is_own(r))
+        now = _now(now)
         accepted = unchanged = ignored = 0
         rejected: list[SwarmError] = []
         for record in batch:
@@ -209,7 +222,7 @@ class Ledger:
             except (ProtocolError, ReceiptError) as exc:
                 rejected.append(exc)
                 continue
-            self._put(record, existing)
+            self._put(record, existing, now)
             accepted += 1
         return MergeResult(accepted=accepted, unchanged=unchanged, ignored=ignored, rejected=tuple(rejected))
 
@@ -237,11 +250,13 @@ class Ledger:
         if record.work < existing.work:
             raise StaleReceipt(f"receipt work {record.work} is below the stored {existing.work}; work never decreases")
 
-    def _put(self, record: ReceiptRecord, existing: ReceiptRecord | None) -> None:
+    def _put(self, record: ReceiptRecord, existing: ReceiptRecord | None, now: float) -> None:
         if existing is None and not self._is_own(record):
             self._third_party += 1
         self._records[(record.client, record.server)] = record
-        self._graph.set_work(record.server, record.client, record.work)
+        # only the increase is new work; it counts from now and decays from here
+        self._graph.add_work(record.server, record.client, record.work - (existing.work if existing else 0), now)
+        self._raised[(record.client, record.server)] = now
         self._keys.setdefault(peer_id_of(record.client), record.client)
         self._keys.setdefault(peer_id_of(record.server), record.server)
         self._dirty = True
@@ -255,6 +270,10 @@ class Ledger:
                 "format": LEDGER_FORMAT,
                 "owner": self.owner,
                 "records": [r.to_cbor() for r in records],
+                # [client, server, decayed work at t, t]: the credit the record still carries
+                "recent": [[r.client, r.server, float(self._graph.capacity(r.server, r.client,
+                                                                            self._raised[(r.client, r.server)])),
+                            float(self._raised[(r.client, r.server)])] for r in records],
             }
         )
 
@@ -269,21 +288,23 @@ class Ledger:
 
     @classmethod
     def from_bytes(
-        cls, data: bytes, owner: bytes, *, path: str | os.PathLike[str] | None = None, max_records: int = 65536
+        cls, data: bytes, owner: bytes, *, path: str | os.PathLike[str] | None = None, max_records: int = 65536,
+        half_life: float | None = DEFAULT_HALF_LIFE, now: float | None = None
     ) -> Ledger:
         """Rebuild a ledger from ``to_bytes`` output. Raises LedgerError if corrupt or not ``owner``'s."""
         try:
             obj = cbor_decode(data, max_size=_MAX_FILE_SIZE)
         except ProtocolError as exc:
             raise LedgerError(f"ledger file is corrupt: {exc}") from None
-        if type(obj) is not dict or obj.get("format") != LEDGER_FORMAT:
+        if type(obj) is not dict or obj.get("format") not in _LEDGER_FORMATS:
             raise LedgerError("not a swarm-peer ledger file (bad format header)")
         if obj.get("owner") != owner:
             raise LedgerError("the ledger file belongs to another identity")
         raw = obj.get("records")
         if type(raw) is not list:
             raise LedgerError("ledger file is corrupt: records are not a list")
-        ledger = cls(owner, path=path, max_records=max_records)
+        now = _now(now)
+        ledger = cls(owner, path=path, max_records=max_records, half_life=half_life)
         for i, item in enumerate(raw):
             try:
                 record = ReceiptRecord.from_cbor(item, limits=DEFAULT_LIMITS)
@@ -293,12 +314,28 @@ class Ledger:
                 raise LedgerError(f"ledger file is corrupt: record {i} is not countersigned")
             existing = ledger._records.get((record.client, record.server))
             if existing is None or record.seq > existing.seq:
-                ledger._put(record, existing)
+                ledger._put(record, existing, now)
+        recent = obj.get("recent", [])
+        if type(recent) is not list:
+            raise LedgerError("ledger file is corrupt: recent is not a list")
+        for item in recent:
+            try:
+                client, server, value, at = item
+                value, at = float(value), float(at)
+            except (TypeError, ValueError):
+                raise LedgerError("ledger file is corrupt: a recent entry is not [client, server, work, time]") \
+                    from None
+            record = ledger._records.get((client, server))
+            if record is None or not (0 <= value <= record.work) or not at <= now + 86400:
+                continue  # nothing to decay, or an impossible entry: keep the full count
+            ledger._graph.set_work(server, client, value, at)
+            ledger._raised[(client, server)] = at
         ledger._dirty = False
         return ledger
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], owner: bytes, *, max_records: int = 65536) -> Ledger:
+    def open(cls, path: str | os.PathLike[str], owner: bytes, *, max_records: int = 65536,
+             half_life: float | None = DEFAULT_HALF_LIFE) -> Ledger:
         """Load the ledger at ``path`` (an empty one if the file does not exist).
 
         Raises:
@@ -308,7 +345,11 @@ class Ledger:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            return cls(owner, path=path, max_records=max_records)
+            return cls(owner, path=path, max_records=max_records, half_life=half_life)
         except OSError as exc:
             raise LedgerError(f"cannot read ledger file {path}: {exc}") from None
-        return cls.from_bytes(data, owner, path=path, max_records=max_records)
+        return cls.from_bytes(data, owner, path=path, max_records=max_records, half_life=half_life)
+
+
+def _now(now: float | None) -> float:
+    return time.time() if now is None else now

@@ -116,6 +116,8 @@ class ReceiptDesk:
 
         A receipt that already carries this server's valid countersignature is a
         resynchronization: it is stored if newer and raises the served counter to it.
+        The receipt this server already countersigned, sent again (its RECEIPT_ACK was
+        lost), is answered with the same record: it is not an error (spec rule 1).
 
         Returns the double-signed record to send back in RECEIPT_ACK.
 
@@ -130,10 +132,12 @@ class ReceiptDesk:
             raise InvalidReceipt("receipt is addressed to another server")
         if receipt.server_signature is not None:
             return self._resync(receipt)
+        latest = self.ledger.latest(receipt.client, me)
+        if latest is not None and replace(latest, server_signature=None) == receipt:
+            return latest  # a retry after a lost RECEIPT_ACK: the same acknowledgement again (rule 1)
         if receipt.handshake_hash != handshake_hash:
             raise InvalidReceipt("receipt is bound to another connection (handshake hash differs)")
         receipt.verify(require_countersignature=False)
-        latest = self.ledger.latest(receipt.client, me)
         Ledger._check_newer(receipt, latest)
         account = self._account(receipt.client)
         if receipt.work > account.served:

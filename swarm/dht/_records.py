@@ -5,7 +5,7 @@ signed by its publisher, with an expiry (unix seconds) and a sequence number. A
 storing node runs ``check_record`` and then ``RecordStore.put`` (``_storage``), which
 together apply the spec's checks in this order, each with its own error code:
 
-1. size: the record's encoding is at most ``Limits.max_record_size`` (LIMIT_EXCEEDED);
+1. size: the record's encoding is at most ``Limits.max_record_size`` (INVALID_REQUEST);
 2. expiry: ``now < expires`` (EXPIRED) and ``expires <= now + MAX_TTL`` (a day;
    INVALID_REQUEST);
 3. publisher: its peer id solves the identity puzzle (INVALID_REQUEST), and it
@@ -112,7 +112,7 @@ def check_record(
     size = record_size(record)
     if size > limits.max_record_size:
         raise RecordRejected(
-            f"record of {size} bytes exceeds the limit of {limits.max_record_size}", code=ErrorCode.LIMIT_EXCEEDED
+            f"record of {size} bytes exceeds the limit of {limits.max_record_size}", code=ErrorCode.INVALID_REQUEST
         )
     if record.expires <= now:
         raise RecordRejected(f"record expired at {record.expires} (now {now:.0f})", code=ErrorCode.EXPIRED)

@@ -17,7 +17,7 @@ the general class everything else, so a store full of announcements still takes
 fraud proofs. Each class has its own ``StorageLimits``:
 
 - a publisher, and a group, holds at most ``per_publisher_*`` / ``per_group_*``
-  records and bytes; going over is LIMIT_EXCEEDED and evicts nothing (an identity
+  records and bytes; going over is STORAGE_FULL and evicts nothing (an identity
   or a subnet cannot push out others by flooding: BEP 44's and libp2p's record
   store's per-peer bounds);
 - a key holds at most ``Limits.max_records_per_key`` records, and a class at most
@@ -30,7 +30,7 @@ fraud proofs. Each class has its own ``StorageLimits``:
   (``proven``: it answered our PING at its address, ``_routing``) may replace a
   record of an unproven one. Within the victim's group, unproven publishers go
   first, then the most recently stored record. Otherwise the newcomer is
-  LIMIT_EXCEEDED.
+  STORAGE_FULL.
 
 So a flood of fresh identities from a few subnets, however many it mints, holds
 at most a fair share of a full key or store against every other subnet, and an
@@ -170,7 +170,7 @@ class RecordStore:
             if victim is None:
                 raise RecordRejected(f"key holds the maximum of {self.limits.max_records_per_key} records and "
                                      f"{group} is not less crowded there than any other source",
-                                     code=ErrorCode.LIMIT_EXCEEDED)
+                                     code=ErrorCode.STORAGE_FULL)
             victims.append(victim)
         records = cls.total.records + 1 - sum(v.reserved == reserved for v in victims) - (replaced is not None)
         size = cls.total.bytes + new.size - sum(v.size for v in victims if v.reserved == reserved) \
@@ -181,7 +181,7 @@ class RecordStore:
             if victim is None:
                 raise RecordRejected(f"this node's {'fraud-proof' if reserved else 'record'} storage is full and "
                                      f"{group} is not less crowded there than any other source",
-                                     code=ErrorCode.LIMIT_EXCEEDED)
+                                     code=ErrorCode.STORAGE_FULL)
             victims.append(victim)
             records, size = records - 1, size - victim.size
         for victim in victims:
@@ -230,7 +230,7 @@ class RecordStore:
         size = (usage.bytes if usage else 0) + new.size - (replaced.size if replaced else 0)
         if records > max_records or size > max_bytes:
             raise RecordRejected(f"{whose} already holds the maximum of {max_records} records or {max_bytes} bytes "
-                                 "here", code=ErrorCode.LIMIT_EXCEEDED)
+                                 "here", code=ErrorCode.STORAGE_FULL)
 
     @staticmethod
     def _key_victim(values: dict[bytes, _Held], new: _Held, proven: Callable[[bytes], bool]) -> _Held | None:

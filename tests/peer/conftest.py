@@ -29,3 +29,15 @@ def chat_model(tmp_path_factory):
     LlamaForCausalLM(config).eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def other_model(tmp_path_factory):
+    """A second, different tiny random Llama (2 layers, hidden 32, no tokenizer): a swarm
+    serving two models lists both."""
+    path = tmp_path_factory.mktemp("tiny-other")
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    LlamaForCausalLM(config).eval().save_pretrained(path)
+    return str(path)

@@ -78,6 +78,8 @@ async def test_generate_applies_the_chat_template_unless_raw_and_streams_json_li
         assert result["text"] == (await swarm.generate(POEM, max_new_tokens=6)).text
         assert [t["index"] for t in tokens] == list(range(len(tokens))) and tokens
         assert "".join(t["text"] for t in tokens) == result["text"]
+        # what the audits established (issue 11): one server, checked on the client's own copy
+        assert result["verification"]["hop_steps"] == 6 and result["verification"]["unverifiable_hops"] == []
         # item 3: the first token is reported from the command's start, which includes
         # loading the head and joining the swarm (the swarm's own TTFT is inside it)
         assert result["first_token_after"] > result["timings"]["time_to_first_token"] > 0
@@ -179,9 +181,9 @@ def test_serve_says_what_it_does_and_refuses_busy_ports_and_identities(chat_mode
         (entry,) = view["servers"]
         assert entry["addrs"] == [server.address]
         assert 0 <= entry["age"] < 600 and 0 < entry["expires_in"] <= 600
-        # item 10: the models this peer can name (the swarm-wide index plugs in here)
-        assert view["models"] == [{"name": chat_model, "model_id": view["model"], "num_blocks": 4,
-                                   "origin": "configured"}]
+        # item 10: the models the swarm serves (its model index; tests/peer/test_model_info.py has two)
+        assert view["models"] == [{"name": chat_model, "model_id": view["model"], "num_blocks": 4, "hidden_size": 64,
+                                   "source": "", "servers": 1, "origin": "configured"}]
         text = run(cli("status", "--bootstrap", server.address, "--model", chat_model), env)
         assert re.search(r"RENEWED\s+EXPIRES IN", text.stdout.decode())
         assert re.search(r"\d+ s ago\s+\d+ min", text.stdout.decode())
@@ -222,7 +224,7 @@ async def test_a_model_without_a_tokenizer_is_one_line(tmp_path, env):
 
 def test_version_and_help_for_every_option(env):
     done = run(cli("--version"), env)
-    assert done.returncode == 0 and re.match(rb"swarm-peer \d+\.\d+\.\d+ \(wire protocol \d+\)", done.stdout)
+    assert done.returncode == 0 and re.match(rb"swarm-peer \d+\.\d+\.\d+ \(wire protocol \d+\.\d+\)", done.stdout)
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
     assert set(commands) >= {"keygen", "serve", "api", "generate", "chat", "status", "demo"}

@@ -169,12 +169,22 @@ async def test_sybil_receipts_buy_nothing_and_bad_receipts_are_refused(model_dir
             with pytest.raises(RemoteError) as info:
                 await conn.request(Receipt(receipt=dataclasses.replace(good, work=90)))
             assert info.value.code == ErrorCode.BAD_SIGNATURE
-            with pytest.raises(RemoteError) as info:
-                await conn.request(Receipt(receipt=good))
+            again = await conn.request(Receipt(receipt=good))  # a retry after a lost ack: acknowledged again
+            assert again.receipt == ack.receipt
+            with pytest.raises(RemoteError) as info:  # the same seq with other work: a replay
+                await conn.request(Receipt(receipt=make_receipt(me, identity.public_key, conn.handshake_hash,
+                                                                1000, 70)))
             assert info.value.code == ErrorCode.STALE_RECORD
-            with pytest.raises(RemoteError):  # claims more work than was served
+            with pytest.raises(RemoteError) as info:  # claims more work than was served
                 await conn.request(Receipt(receipt=make_receipt(me, identity.public_key, conn.handshake_hash,
                                                                 1001, 10**6)))
+            assert info.value.code == ErrorCode.INVALID_REQUEST and conn.is_open
+            # A forged client signature (BAD_SIGNATURE, 105) is answered and the connection
+            # kept (section 14's one rule); nothing forged is stored.
+            with pytest.raises(RemoteError) as info:
+                await conn.request(Receipt(receipt=dataclasses.replace(good, seq=1002, work=90)))
+            assert info.value.code == ErrorCode.BAD_SIGNATURE and conn.is_open
+            assert server.credit.ledger.latest(me.public_key, identity.public_key).work == 80
             server.cancel_scope.cancel()  # first_life ends when the server has stopped and saved
 
         # A restart keeps the ledger: the double-signed record is still there.

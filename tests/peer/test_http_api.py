@@ -89,6 +89,9 @@ async def test_openai_client_chat_and_completions_streamed_and_not(chat_model):
         assert [tuple(h["blocks"]) for h in route] == [(0, 2), (2, 4)]
         assert {h["peer_id"] for h in route} == {n.identity.peer_id.hex() for n in nodes}
         assert chat.model_extra["swarm"]["failovers"] == 0
+        verification = chat.model_extra["swarm"]["verification"]  # issue 11: what the audits established
+        assert verification["hop_steps"] == 2 * 12 and {"audited_steps", "verified_fraction",
+                                                        "unverifiable_hops"} <= verification.keys()
 
         # Streamed chat: a role chunk, the same text in pieces, a finish chunk with the
         # route, then the usage-only chunk (include_usage).

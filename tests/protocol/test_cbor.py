@@ -37,6 +37,13 @@ def test_rejection_vectors_replay():
             assert cbor_encode(cbor_decode(canonical, max_size=1000)) == canonical
 
 
+def test_acceptance_vectors_replay():
+    # Nesting is counted from depth 0 at the top level (spec section 2): 16 is the deepest accepted.
+    for case in json.loads(VECTORS.read_text())["accept"]:
+        data = bytes.fromhex(case["input_hex"])
+        assert cbor_encode(cbor_decode(data, max_size=1000)) == data, case["name"]
+
+
 def test_budget_vectors_replay():
     outcomes = {"MALFORMED": DecodeError, "LIMIT_EXCEEDED": LimitExceeded}
     for case in json.loads(VECTORS.read_text())["budget"]:

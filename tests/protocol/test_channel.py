@@ -130,3 +130,70 @@ def test_error_for_keeps_codes_and_clamps_what_does_not_fit():
     assert error_for(RemoteError("x", code=70000)).code == ErrorCode.INTERNAL
     assert len(error_for(RemoteError("é" * 1000, code=200)).message.encode()) <= 1024
     assert error_for(RemoteError("x", code=202, retry_after=float("nan"))).retry_after is None
+
+
+# -- the error rule (section 14) and connection-level errors (section 6) -------------------
+
+
+def test_request_ids_never_use_0_even_after_wrapping():
+    channel = Channel()
+    channel._next_id = 2**64 - 1  # the last id, then the space wraps to 1, never 0
+    assert channel.send_request(Ping(), "last")[0] == 2**64 - 1
+    assert channel.next_id == 1
+    with pytest.raises(LocalProtocolError):
+        encode_message(Ping(), 0)
+
+
+@pytest.mark.parametrize("message", [Ping(), Pong(), FindNode(target=bytes(20)), Stored()])
+def test_anything_but_error_with_id_0_is_malformed(message):
+    with pytest.raises(DecodeError, match="id 0"):
+        Channel().receive(cbor_encode([message.TYPE, 0, message.to_cbor()]))
+
+
+def test_a_connection_level_error_ends_the_channel_and_says_why():
+    from protocol import ConnectionAborted
+
+    channel = Channel()
+    channel.send_request(Ping(), "waiting")  # id 1: the notice is not its answer
+    with pytest.raises(ConnectionAborted, match="MALFORMED") as info:
+        channel.receive(encode_message(Error(code=100, message="a message is the array [type, id, body]"), 0))
+    assert info.value.code == ErrorCode.MALFORMED
+    assert channel.outstanding == 1  # the caller closes, which fails it
+
+
+def test_abort_payload_only_for_codes_that_end_the_connection_and_can_be_told():
+    channel = Channel()
+    notice = channel.abort_payload(DecodeError("bad bytes"))
+    assert decode_message(notice) == (0, Error(code=100, message="bad bytes"))
+    assert decode_message(channel.abort_payload(LimitExceeded("too many")))[1].code == ErrorCode.LIMIT_EXCEEDED
+    from protocol import ConnectionAborted, ConnectionClosed, HandshakeError
+
+    for exc in (HandshakeError("x"), ConnectionClosed("x"), ConnectionAborted("x", code=100), UnexpectedMessage("x"),
+                RemoteError("x", code=202), ValueError("x")):
+        assert channel.abort_payload(exc) is None, exc
+
+
+def test_handlers_never_answer_with_a_code_that_ends_connections():
+    # A nested value that does not decode inside a request that did: the request's fault.
+    assert error_for(DecodeError("the record value is not CBOR")).code == ErrorCode.INVALID_REQUEST
+    assert error_for(LimitExceeded("a nested tensor")).code == ErrorCode.INVALID_REQUEST
+    assert error_for(LocalProtocolError("our own misuse")).code == ErrorCode.INTERNAL
+    from protocol import BadSignature
+
+    assert error_for(BadSignature("forged")).code == ErrorCode.BAD_SIGNATURE  # answered, connection kept
+    assert error_for(UnexpectedMessage("step 3, expected 2")).code == ErrorCode.BAD_STATE
+    # retry_after only where the rule allows it
+    assert error_for(RemoteError("x", code=ErrorCode.SHUTTING_DOWN, retry_after=3.0)).retry_after == 3.0
+    assert error_for(RemoteError("x", code=ErrorCode.INVALID_REQUEST, retry_after=3.0)).retry_after is None
+
+
+def test_unknown_codes_fail_the_request_only():
+    from protocol import ERROR_RULES, rule_of
+
+    assert rule_of(150) == ERROR_RULES[ErrorCode.INVALID_REQUEST] and not rule_of(150).ends_connection
+    assert rule_of(299) == ERROR_RULES[ErrorCode.INVALID_REQUEST]
+    assert rule_of(777) == ERROR_RULES[ErrorCode.INTERNAL]
+    channel = Channel()
+    channel.send_request(Ping(), "asked")
+    event = channel.receive(encode_message(Error(code=150, message="from a newer peer"), 1))
+    assert isinstance(event.error, RemoteError) and event.error.code == 150

@@ -166,11 +166,14 @@ def test_error_is_permanent_and_repeated():
     with pytest.raises(DecryptError) as first:
         responder.next_event()
     assert responder.state is ConnectionState.ERROR
-    for call in (responder.next_event, lambda: responder.receive_data(b"x"), lambda: responder.send(b"x"),
-                 responder.data_to_send):
+    for call in (responder.next_event, lambda: responder.receive_data(b"x"), responder.data_to_send):
         with pytest.raises(DecryptError) as again:
             call()
         assert again.value is first.value
+    # Our own direction is intact: the side closing for the peer's violation may still
+    # say why (a connection-level ERROR, spec section 6) before it closes.
+    initiator.receive_data(responder.send(b"why"))
+    assert initiator.next_event() == MessageReceived(payload=b"why")
 
 
 def test_replayed_and_reordered_frames():
@@ -232,10 +235,10 @@ def test_eof_during_handshake_is_handshake_error(received):
         responder.next_event()
 
 
-def test_initiator_receiving_before_initiate_is_unexpected():
+def test_initiator_receiving_before_initiate_is_a_handshake_failure():
     initiator = Connection(ALICE, Role.INITIATOR)
     initiator.receive_data(b"\x00\x01x")
-    with pytest.raises(UnexpectedMessage):
+    with pytest.raises(HandshakeError):
         initiator.next_event()
 
 

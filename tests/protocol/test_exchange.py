@@ -143,3 +143,79 @@ def test_replaying_requests_finds_the_first_bad_signature():
     with pytest.raises(BadSignature):
         replay_requests(replayed, evidence, client_public_key=CLIENT.public_key)
     assert replayed.next_step == 1  # step 1 is the one that failed
+
+
+# -- the session's wire format: dtype and, for q8/nf4, block size (issue 13, item 3) --------
+
+
+def _q8(n: int, blocksize: int, fill: float = 0.5) -> WireTensor:
+    import torch
+
+    from protocol import encode_tensor
+
+    return encode_tensor(torch.full((1, n, H), fill), "q8", blocksize=blocksize)
+
+
+def _q8_states(blocksize: int) -> tuple[SessionState, SessionState]:
+    pair = []
+    for _ in range(2):
+        state = SessionState(client=CLIENT.peer_id, server=SERVER.peer_id, session=b"q" * 16, model="m@0",
+                             span=(0, 2), max_length=8, wire_dtype="q8", blocksize=blocksize)
+        state.open()
+        pair.append(state)
+    return pair[0], pair[1]
+
+
+def test_open_session_names_the_block_size_of_quantized_sessions():
+    from protocol import DEFAULT_BLOCKSIZE, OpenSession, check_open_session
+
+    def ask(**kw):
+        return check_open_session(OpenSession(model="m@0", span=(0, 2), max_length=8, **kw))
+
+    assert ask(wire_dtype="q8") == DEFAULT_BLOCKSIZE == 4096
+    assert ask(wire_dtype="nf4", blocksize=64) == 64
+    for bad in ({"wire_dtype": "q8", "blocksize": 100}, {"wire_dtype": "f32", "blocksize": 64},
+                {"wire_dtype": "f64"}):
+        with pytest.raises(InvalidRequest):
+            ask(**bad)
+
+
+def test_inputs_and_results_must_have_the_sessions_block_size():
+    client, server = _q8_states(64)
+    wrong = sign_forward(CLIENT, client, _q8(1, 128))
+    with pytest.raises(InvalidRequest, match="blocksize 64"):
+        check_forward(server, wrong, client_public_key=CLIENT.public_key, hidden_size=H)
+    request = sign_forward(CLIENT, client, _q8(1, 64))
+    check_forward(server, request, client_public_key=CLIENT.public_key, hidden_size=H)
+    # a server answering in another block size signs another digest: the client refuses it
+    bad = sign_result(SERVER, server, request, _q8(1, 4096, fill=0.25))
+    with pytest.raises(UnexpectedMessage, match="wire format"):
+        accept_result(client, request, bad, server_public_key=SERVER.public_key)
+
+
+def test_two_honest_servers_sign_the_same_digest_for_the_same_activation():
+    # Both encode the output in the session's block size, so their bytes (and H(output)) agree.
+    outputs = []
+    for _ in range(2):
+        client, server = _q8_states(64)
+        request = sign_forward(CLIENT, client, _q8(1, 64))
+        check_forward(server, request, client_public_key=CLIENT.public_key, hidden_size=H)
+        outputs.append(_q8(1, server.blocksize, fill=0.75))
+    assert outputs[0].digest() == outputs[1].digest() and outputs[0].blocksize == 64
+
+
+def test_forward_once_answers_in_its_inputs_dtype_and_block_size():
+    request, client_state = sign_forward_once(CLIENT, server=SERVER.peer_id, nonce=b"n" * 16, model="m@0",
+                                              span=(0, 2), hidden=_q8(2, 128))
+    state = check_forward_once(request, client=CLIENT.peer_id, client_public_key=CLIENT.public_key,
+                               server=SERVER.peer_id, hidden_size=H)
+    assert (state.wire_dtype, state.blocksize) == ("q8", 128)
+    good = sign_forward_once_result(SERVER, state, request, _q8(2, 128, fill=0.25))
+    accept_forward_once_result(client_state, request, good, server_public_key=SERVER.public_key)
+    _, again = sign_forward_once(CLIENT, server=SERVER.peer_id, nonce=b"n" * 16, model="m@0", span=(0, 2),
+                                 hidden=_q8(2, 128))
+    state = check_forward_once(request, client=CLIENT.peer_id, client_public_key=CLIENT.public_key,
+                               server=SERVER.peer_id, hidden_size=H)
+    other = sign_forward_once_result(SERVER, state, request, _q8(2, 4096, fill=0.25))
+    with pytest.raises(UnexpectedMessage):
+        accept_forward_once_result(again, request, other, server_public_key=SERVER.public_key)

@@ -23,7 +23,7 @@ from protocol._identity import Identity
 from protocol._limits import Limits
 from protocol._noise import HandshakeState as NoiseHandshakeState
 from protocol._noise import generate_private_key, public_key_of
-from protocol.errors import HandshakeError, LocalProtocolError, UnexpectedMessage
+from protocol.errors import HandshakeError, LocalProtocolError
 
 VECTOR_FILE = Path(__file__).resolve().parents[2] / "spec" / "vectors" / "handshake.json"
 
@@ -34,10 +34,10 @@ def run_handshake(initiator: Handshake, responder: Handshake) -> None:
     responder.read_message(initiator.write_message())
 
 
-def payload(identity, static_pub, *, addrs=(), version=1, extra=None, signer=None, signed=None, drop=()):
+def payload(identity, static_pub, *, addrs=(), version=1, minor=1, extra=None, signer=None, signed=None, drop=()):
     """A HandshakePayload with knobs to break it."""
     signed = BINDING_PREFIX + static_pub if signed is None else signed
-    obj = {0: identity.public_key, 1: (signer or identity).sign(signed), 2: list(addrs), 3: version}
+    obj = {0: identity.public_key, 1: (signer or identity).sign(signed), 2: list(addrs), 3: version, 4: minor}
     obj.update(extra or {})
     for key in drop:
         del obj[key]
@@ -103,11 +103,58 @@ def test_fixed_static_key_is_used():
     assert h.static_public_key == public_key_of(static)
 
 
-def test_unknown_payload_keys_are_ignored_and_higher_versions_accepted():
+def test_unknown_payload_keys_are_ignored_and_a_higher_minor_is_negotiated_down():
     ident = Identity.generate()
-    result = initiator_reads(lambda s: payload(ident, s, extra={9: "future", 4: [1, 2]}, version=7)).result
+    result = initiator_reads(lambda s: payload(ident, s, extra={9: "future"}, minor=7)).result
     assert result.peer_id == ident.peer_id
-    assert result.protocol_version == 1  # the lower of the two
+    assert (result.protocol_version, result.minor_version) == (1, 1)  # the lower of the two minors
+
+
+@pytest.mark.parametrize("version", [2, 7])
+def test_another_major_version_is_refused(version):
+    # The prologue says swarm/1: a payload claiming another major is refused, not "negotiated".
+    with pytest.raises(HandshakeError, match=f"speaks protocol {version}"):
+        initiator_reads(lambda s: payload(Identity.generate(), s, version=version))
+
+
+def test_a_protocol_1_0_peer_is_refused_by_both_sides():
+    # 1.0 sent no key 4 (minor 0); this implementation speaks 1.1 only.
+    with pytest.raises(HandshakeError, match="speaks protocol 1.0"):
+        initiator_reads(lambda s: payload(Identity.generate(), s, drop=(4,)))
+    with pytest.raises(HandshakeError, match="speaks protocol 1.0"):
+        responder_reads(lambda s: payload(Identity.generate(), s, minor=0))
+    with pytest.raises(HandshakeError):
+        responder_reads(lambda s: payload(Identity.generate(), s, minor="1"))
+
+
+def test_both_sides_agree_on_the_lower_minor_and_the_hash_binds_the_offers():
+    # A peer offering 1.2 and one offering 1.1 speak 1.1; what each offered is in the
+    # handshake hash (the payloads are in the transcript), so the offers cannot be
+    # changed in flight without the two sides disagreeing.
+    alice, bob = Identity.derive(bytes(32)), Identity.derive(bytes([1]) * 32)
+    keys = dict(static_private_key=bytes([7]) * 32, ephemeral_private_key=bytes([8]) * 32)
+    hashes = {}
+    for offer in (1, 2):
+        i = Handshake(alice, Role.INITIATOR, minor_version=offer, **keys)
+        r = Handshake(bob, Role.RESPONDER, static_private_key=bytes([9]) * 32, ephemeral_private_key=bytes([6]) * 32)
+        run_handshake(i, r)
+        assert i.result.minor_version == r.result.minor_version == 1
+        hashes[offer] = i.result.handshake_hash
+        assert r.result.handshake_hash == hashes[offer]
+    assert hashes[1] != hashes[2]
+
+
+def test_the_offered_version_cannot_be_altered_in_flight():
+    # Flip one bit of message 3's encrypted payload (where the initiator's version is):
+    # the AEAD tag fails, so no one in between can lower the offer.
+    for position in (48 + 8, -30):  # inside the payload ciphertext, after the encrypted s
+        i, r = Handshake(Identity.generate(), Role.INITIATOR), Handshake(Identity.generate(), Role.RESPONDER)
+        r.read_message(i.write_message())
+        i.read_message(r.write_message())
+        message3 = bytearray(i.write_message())
+        message3[position] ^= 0x01
+        with pytest.raises(HandshakeError):
+            r.read_message(bytes(message3))
 
 
 def test_responder_validates_the_initiator_payload_too():
@@ -246,13 +293,13 @@ def test_out_of_turn_calls_follow_the_table():
         responder.write_message()  # the responder speaks second
     assert responder.state is HandshakeState.ERROR
     initiator, responder = _pair()
-    with pytest.raises(UnexpectedMessage):
+    with pytest.raises(HandshakeError):
         initiator.read_message(bytes(32))  # nothing may arrive before message 1 is sent
     initiator, responder = _pair()
     run_handshake(initiator, responder)
     with pytest.raises(LocalProtocolError):
         initiator.write_message()
-    with pytest.raises(UnexpectedMessage):
+    with pytest.raises(HandshakeError):
         responder.read_message(b"x" * 48)
 
 
@@ -261,7 +308,7 @@ def test_table_lookup_function():
         assert next_handshake_state(role, state, event) is new
     with pytest.raises(LocalProtocolError):
         next_handshake_state(Role.INITIATOR, HandshakeState.DONE, HandshakeEvent.SEND_MESSAGE)
-    with pytest.raises(UnexpectedMessage):
+    with pytest.raises(HandshakeError):
         next_handshake_state(Role.RESPONDER, HandshakeState.ERROR, HandshakeEvent.RECEIVE_MESSAGE)
 
 

@@ -512,3 +512,19 @@ def test_streamed_digest_equals_the_hash_of_the_encoding(dtype, numel):
     # every CBOR length-header size of the data (and absmax) byte strings
     wt = encode_tensor(torch.linspace(-3, 3, numel), dtype, **({"blocksize": 64} if dtype != "f32" else {}))
     assert wt.digest() == hashlib.blake2b(_cbor.encode(wt.to_cbor()), digest_size=32).digest()
+
+
+def test_validation_runs_in_the_spec_order_whatever_the_dtype():
+    """Spec 8.6: step 1 (the map and the shape's types) needs no dtype and comes before
+    step 2 (limits), which comes before step 3 (the dtype and everything it decides)."""
+    from protocol import DecodeError, LimitExceeded, Limits, WireTensor
+
+    small = Limits(max_tensor_elements=16, max_tensor_dims=2)
+    with pytest.raises(DecodeError):  # a bad dimension after a huge one: step 1 first
+        WireTensor.from_cbor({0: "f32", 1: [2**40, "x"], 2: b""}, limits=small)
+    with pytest.raises(DecodeError):  # too many dimensions, but one is not an integer
+        WireTensor.from_cbor({0: "f32", 1: [1, 1, True], 2: b""}, limits=small)
+    with pytest.raises(LimitExceeded):  # over the limit with an unknown dtype: step 2 before step 3
+        WireTensor.from_cbor({0: "f64", 1: [17], 2: b""}, limits=small)
+    with pytest.raises(LimitExceeded):  # quantized keys on a float dtype do not matter before the limits
+        WireTensor.from_cbor({0: "f32", 1: [4, 5], 2: b"", 3: b"", 4: 64}, limits=small)

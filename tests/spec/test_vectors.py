@@ -17,11 +17,29 @@ def _vectors(name):
 def test_message_vectors_replay(generator):
     entries = _vectors("messages.json")["messages"]
     assert {e["type"] for e in entries} == set(MESSAGE_TYPES)
+    assert any(e["id"] == 0 and e["name"] == "Error" for e in entries)  # the connection-level ERROR
     for entry in entries:
         wire = bytes.fromhex(entry["cbor_hex"])
         request_id, expected = generator.message_from_json(entry)
         assert encode_message(expected, request_id) == wire, entry["name"]
         assert decode_message(wire) == (request_id, expected), entry["name"]
+
+
+def test_structure_vectors_replay(generator):
+    """Structures carried in record values (an announcement with next_pings)."""
+    import protocol
+    from protocol import cbor_encode
+    from swarm.announce import decode_block_value
+
+    for entry in _vectors("messages.json")["structures"]:
+        cls = getattr(protocol, entry["name"])
+        expected = cls(**generator.fields_from_json(entry["fields"], cls.FIELDS))
+        assert expected.to_bytes().hex() == entry["cbor_hex"]
+        assert cls.from_bytes(bytes.fromhex(entry["cbor_hex"])) == expected
+        if "block_value_hex" in entry:
+            value = bytes.fromhex(entry["block_value_hex"])
+            assert decode_block_value(protocol.cbor_decode(value, max_size=len(value))) == (entry["block"], expected)
+            assert cbor_encode(["swarm/1/block", entry["block"], expected.to_cbor()]) == value
 
 
 def test_statement_vectors_replay():
@@ -48,7 +66,8 @@ def test_history_vectors_replay():
             == step["history"]
 
 
-@pytest.mark.parametrize("name", ["messages.json", "statements.json", "cbor-strict.json", "tensors.json", "handshake.json"])
+@pytest.mark.parametrize("name", ["messages.json", "statements.json", "cbor-strict.json", "tensors.json", "handshake.json",
+                                  "model-id.json"])
 def test_generator_reproduces_the_files(name, generator):
     text = json.dumps(generator.all_vectors()[name], indent=1) + "\n"
     assert (SPEC / "vectors" / name).read_text() == text, f"run: python spec/make_vectors.py ({name} is stale)"

@@ -145,3 +145,63 @@ def test_sybils_gain_at_most_their_real_edges() -> None:
     assert credit_of(g, attacker, s_).total == 0  # 3 hops away: A -> Y -> H -> S
     g.set_work(attacker, h, 5)  # the attacker's own real work for H
     assert credit_of(g, attacker, s_).total == 5
+
+
+# -- conservation and decay (issue 11) -----------------------------------------------------
+
+
+@given(st.dictionaries(st.tuples(st.integers(0, 7), st.integers(0, 7)), st.integers(1, 10**6), max_size=40))
+def test_transitive_credit_through_a_peer_never_exceeds_its_contribution(edges: dict[tuple[int, int], int]) -> None:
+    """Summed over every requester, the credit that flows through one intermediate is at
+    most what that intermediate did for the server (capacities are conserved)."""
+    g = WorkGraph({(bytes([u]), bytes([v])): c for (u, v), c in edges.items() if u != v})
+    sink = bytes([0])
+    nodes = {bytes([n]) for pair in edges for n in pair}
+    total = sum(credit_of(g, r, sink).transitive for r in nodes)
+    contributed = sum(g.capacity(i, sink) for i in nodes if i != sink)
+    assert total <= contributed + len(nodes)  # + rounding of each requester's credit
+    for r in nodes:  # and nobody gets more than the per-requester 2-hop flow
+        c = credit_of(g, r, sink)
+        assert c.total <= max_flow_2hop(g, r, sink) + 1
+
+
+def test_a_fan_out_of_sybil_receipts_shares_one_real_contribution() -> None:
+    s, x = b"S", b"X"
+    g = WorkGraph({(x, s): 5000})
+    sybils = [bytes([i]) * 2 for i in range(50)]
+    for y in sybils:
+        g.set_work(y, x, 5000)  # "y served X 5,000 units", signed by X
+    assert sum(credit_of(g, y, s).total for y in sybils) == 5000  # not 50 x 5,000
+    assert sum(max_flow_2hop(g, y, s) for y in sybils) == 250_000  # what the old rule gave
+    g.set_work(b"R", x, 5000 * 50)  # an honest requester that did as much as all of them together
+    assert credit_of(g, b"R", s).total == 2500 and sum(credit_of(g, y, s).total for y in sybils) == 2500
+
+
+def test_recorded_work_decays_with_age() -> None:
+    week = 7 * 86400.0
+    g = WorkGraph(half_life=week)
+    g.add_work(b"R", b"S", 1000, now=0.0)
+    assert credit_of(g, b"R", b"S", now=0.0).direct == 1000
+    assert credit_of(g, b"R", b"S", now=week).direct == 500
+    g.add_work(b"R", b"S", 1000, now=week)  # new work counts in full
+    assert credit_of(g, b"R", b"S", now=week).direct == 1500
+    assert credit_of(g, b"R", b"S", now=3 * week).direct == 375
+    g.add_work(b"A", b"B", 8, now=300 * week)  # far in the future: the reference time moves on
+    assert credit_of(g, b"R", b"S", now=300 * week).direct == 0
+    assert credit_of(g, b"A", b"B", now=301 * week).direct == 4
+
+
+def test_ledger_decay_survives_a_restart(tmp_path) -> None:
+    server, client = ident(1), ident(2)
+    ledger = Ledger(server.public_key, path=tmp_path / "l", half_life=100.0)
+    ledger.store(signed(client, server, 800), now=0.0)  # server did 800 for client
+    record = countersign(client, make_receipt(server, client.public_key, HH, 1, 400))  # client did 400 for server
+    ledger.store(record, now=0.0)
+    assert ledger.credit(client.public_key, now=100.0).direct == 200
+    ledger.store(countersign(client, make_receipt(server, client.public_key, HH, 2, 600)), now=100.0)
+    assert ledger.credit(client.public_key, now=100.0).direct == 400  # 200 left + the 200 new units
+    ledger.save()
+    again = Ledger.open(tmp_path / "l", server.public_key)
+    again_credit = Ledger.from_bytes((tmp_path / "l").read_bytes(), server.public_key, half_life=100.0, now=200.0)
+    assert again.latest(server.public_key, client.public_key).work == 600
+    assert again_credit.credit(client.public_key, now=200.0).direct == 200  # kept decaying across the restart

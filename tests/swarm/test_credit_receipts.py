@@ -78,7 +78,9 @@ def test_replayed_and_forged_receipts_are_rejected() -> None:
     wallet, desk = pair()
     step(wallet, desk, 10)
     desk.served(CLIENT.public_key, 10)
-    old = make_receipt(CLIENT, SERVER.public_key, HH1, 1, 10)  # seq 1 again
+    same = make_receipt(CLIENT, SERVER.public_key, HH1, 1, 10)  # the same receipt again: its ACK was lost
+    assert desk.accept(same, handshake_hash=HH2) == desk.ledger.latest(CLIENT.public_key, SERVER.public_key)
+    old = make_receipt(CLIENT, SERVER.public_key, HH1, 1, 9)  # seq 1 again, other work
     with pytest.raises(StaleReceipt):
         desk.accept(old, handshake_hash=HH1)
     forged = replace(make_receipt(CLIENT, SERVER.public_key, HH1, 2, 15), work=20)

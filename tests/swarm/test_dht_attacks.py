@@ -98,7 +98,7 @@ async def store(host: Host, addr: str, record: SignedRecord) -> ErrorCode | None
 
 async def test_64_identities_cannot_lock_honest_servers_out_of_a_block_key(tiny):
     """Issue 10 item 5: 64 identities took every record slot of every block key in 0.8 s,
-    and an honest server's STORE then got LIMIT_EXCEEDED for 24 h."""
+    and an honest server's STORE then got LIMIT_EXCEEDED (now STORAGE_FULL) for 24 h."""
     path, expected = tiny
     with trio.fail_after(240):
         async with trio.open_nursery() as nursery:
@@ -113,7 +113,7 @@ async def test_64_identities_cannot_lock_honest_servers_out_of_a_block_key(tiny)
                     sybil.identity, sybil.listen_addrs[0], model, 0)))
             held = first.dht.records.get(key, now=time.time())
             print(f"\n64 sybils: {refusals.count(None)} records stored, {len(held)} held under block 0")
-            assert len(held) == 64 and refusals.count(ErrorCode.LIMIT_EXCEEDED) == 1  # the honest one kept its slot
+            assert len(held) == 64 and refusals.count(ErrorCode.STORAGE_FULL) == 1  # the honest one kept its slot
             # a new honest server for block 0, from another subnet: its STORE is accepted
             late = await serve(nursery, path, (0, 2), bootstrap=[first.address])
             publishers = {r.publisher for r in first.dht.records.get(key, now=time.time())}
@@ -122,7 +122,7 @@ async def test_64_identities_cannot_lock_honest_servers_out_of_a_block_key(tiny)
             # and the crowd cannot take the slot back
             again = await attacker(nursery, 64)
             assert await store(again, first.address, block_record(again.identity, again.listen_addrs[0], model, 0)) \
-                is ErrorCode.LIMIT_EXCEEDED
+                is ErrorCode.STORAGE_FULL
             view = await fetch_swarm_view(first.dht, model, NUM_LAYERS)
             assert late.identity.peer_id in view.servers
             assert await honest_tokens(nursery, path, late.address) == expected

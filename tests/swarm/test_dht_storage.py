@@ -53,7 +53,7 @@ def small(records=1000, per_publisher=1000, per_group=1000, size=1 << 30):
                          per_publisher_bytes=size, per_group_records=per_group, per_group_bytes=size)
 
 
-def refused(store, record, group, code=ErrorCode.LIMIT_EXCEEDED, **kw):
+def refused(store, record, group, code=ErrorCode.STORAGE_FULL, **kw):
     with pytest.raises(RecordRejected) as info:
         store.put(record, now=NOW, group=group, **kw)
     assert info.value.code == code, info.value
@@ -90,7 +90,7 @@ def test_one_subnet_is_capped_in_records_and_bytes():
 
 def test_a_full_key_takes_a_newcomer_from_a_less_crowded_subnet():
     """Issue 10 item 5: 64 identities took every slot of a block key and an honest STORE
-    got LIMIT_EXCEEDED for 24 h."""
+    got LIMIT_EXCEEDED (now STORAGE_FULL) for 24 h."""
     store = RecordStore(KINDS)
     sybils = [pool_identity(i) for i in range(64)]
     for sybil in sybils:

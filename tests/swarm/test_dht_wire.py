@@ -80,7 +80,7 @@ async def test_store_refuses_bad_records_over_the_wire(nursery):
                                       value=encode_block_value(1, stale_ann)), ErrorCode.EXPIRED)
     big_ann = dataclasses.replace(ann, addrs=tuple(f"host-{i}.example.org:{4000 + i}" for i in range(8)))
     await refused(SignedRecord.create(me, key=block_key("tiny", 1), seq=5, expires=ann.expires,
-                                      value=encode_block_value(1, big_ann)), ErrorCode.LIMIT_EXCEEDED)
+                                      value=encode_block_value(1, big_ann)), ErrorCode.INVALID_REQUEST)
     await refused(SignedRecord.create(me, key=block_key("tiny", 7), seq=5, expires=ann.expires,
                                       value=encode_block_value(1, ann)), ErrorCode.INVALID_REQUEST)
     await store(good)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import pytest
 
-from protocol import Announcement
+from protocol import Announcement, NextPing
 from swarm.errors import NoRoute
 from swarm.planning import (
+    Candidate,
     RouteCosts,
+    announced_block_seconds,
+    make_candidates,
+    plan_candidates,
     block_throughputs,
     choose_blocks,
     hop_cost,
@@ -193,3 +198,113 @@ def test_partial_range_for_failover():
     assert route.spans == [(4, 8)] and route.hops[0].peer_id == pid("c")
     with pytest.raises(ValueError):
         plan_route(servers, num_blocks=8, start=5, end=5)
+
+
+# --- measured facts and latency (issue 10 item 7, issue 14 section 2) ------------------
+
+
+def cand(name, start, end, *, rtt=0.01, block_seconds=0.001, extra=0.0, next_rtts=None):
+    return Candidate(peer_id=pid(name), addrs=(f"10.0.0.1:{len(name)}",), start=start, end=end,
+                     block_seconds=block_seconds, rtt=rtt, extra=extra, next_rtts=next_rtts or {})
+
+
+def test_claimed_throughput_is_clamped_by_a_sane_maximum_and_by_measurement():
+    honest = server("honest", 0, 4, throughput=50.0)
+    liar = server("liar", 0, 4, throughput=1e300, free=2**32)
+    costs = RouteCosts()
+    assert announced_block_seconds(liar, costs) == costs.min_block_seconds
+    # unmeasured, the liar is still attractive (it is probed before use, see peer.client) ...
+    assert plan_route([honest, liar], num_blocks=4).hops[0].peer_id == pid("liar")
+    # ... measured, it is as slow as it really is
+    measured = {pid("liar"): 10.0, pid("honest"): 0.001}
+    candidates = make_candidates([honest, liar], measured=measured)
+    assert plan_candidates(candidates, num_blocks=4).hops[0].peer_id == pid("honest")
+    # a measurement never makes a server faster than it claims
+    slow_claim = server("modest", 0, 4, throughput=1.0)
+    (c,) = make_candidates([slow_claim], measured={pid("modest"): 1e-6})
+    assert c.block_seconds == pytest.approx(1 / 4)
+
+
+def test_a_server_is_routed_only_for_the_blocks_it_published():
+    """A record under block 0 claiming span 0:4 does not make the client route 1:4 through it."""
+    claimer = server("claimer", 0, 4, throughput=1e6)
+    others = [server("b", 0, 4)]
+    routable = {pid("claimer"): [(0, 1)], pid("b"): [(0, 4)]}
+    candidates = make_candidates([claimer, *others], routable=lambda a: routable[a.peer_id])
+    route = plan_candidates(candidates, num_blocks=4)
+    assert all(h.peer_id != pid("claimer") or h.span == (0, 1) for h in route.hops)
+    with pytest.raises(NoRoute, match="blocks 1..3"):
+        plan_candidates(candidates, num_blocks=4, exclude={pid("b")})
+
+
+def test_star_cost_sums_the_clients_round_trips():
+    """A client in Tokyo: near replicas win although the far ones compute faster."""
+    near = [cand("t0", 0, 2, rtt=0.003, block_seconds=0.01), cand("t1", 2, 4, rtt=0.003, block_seconds=0.01)]
+    far = [cand("v0", 0, 2, rtt=0.150, block_seconds=0.001), cand("v1", 2, 4, rtt=0.150, block_seconds=0.001)]
+    route = plan_candidates(near + far, num_blocks=4)
+    assert [h.peer_id for h in route.hops] == [pid("t0"), pid("t1")]
+    assert route.cost == pytest.approx(2 * 0.003 + 4 * 0.01)
+    # blind to latency (every server at the default RTT), the faster far servers win
+    blind = [dataclasses.replace(c, rtt=RouteCosts().default_rtt) for c in near + far]
+    assert [h.peer_id for h in plan_candidates(blind, num_blocks=4).hops] == [pid("v0"), pid("v1")]
+
+
+def test_push_cost_uses_the_servers_next_pings():
+    """Push relay: client -> first, server -> server (announced next_pings), last -> client."""
+    push = RouteCosts(relay="push")
+    a = cand("a", 0, 2, rtt=0.100, next_rtts={pid("b"): 0.002, pid("c"): 0.300})
+    b = cand("b", 2, 4, rtt=0.100)
+    c = cand("c", 2, 4, rtt=0.050)
+    route = plan_candidates([a, b, c], num_blocks=4, costs=push)
+    # via c: 0.05 + 0.15 + 0.025 (one way each) ; via b: 0.05 + 0.001 + 0.05
+    assert [h.peer_id for h in route.hops] == [pid("a"), pid("b")]
+    assert route.cost == pytest.approx(0.050 + 0.001 + 0.050 + 4 * 0.001)
+    # star ignores server -> server links: the client's nearer c wins
+    assert [h.peer_id for h in plan_candidates([a, b, c], num_blocks=4).hops] == [pid("a"), pid("c")]
+    # an unmeasured link counts as going through the client
+    d = cand("d", 2, 4, rtt=0.010)
+    route = plan_candidates([a, d], num_blocks=4, costs=push)
+    assert route.cost == pytest.approx(0.050 + (0.100 + 0.010) / 2 + 0.005 + 4 * 0.001)
+
+
+def test_push_route_is_optimal_against_brute_force():
+    import itertools
+    import random
+
+    rng = random.Random(7)
+    push = RouteCosts(relay="push")
+    for _ in range(40):
+        n = rng.randint(2, 6)
+        names = [f"s{i}" for i in range(rng.randint(1, 5))]
+        cands = []
+        for name in names:
+            s = rng.randrange(n)
+            nxt = {pid(o): rng.uniform(0.001, 0.2) for o in names if o != name and rng.random() < 0.6}
+            cands.append(cand(name, s, rng.randint(s + 1, n), rtt=rng.uniform(0.001, 0.2),
+                              block_seconds=rng.uniform(0.001, 0.05), extra=rng.uniform(0, 0.01), next_rtts=nxt))
+        try:
+            route = plan_candidates(cands, num_blocks=n, costs=push)
+        except NoRoute:
+            continue
+        best = float("inf")
+        for cuts in itertools.product([False, True], repeat=n - 1):
+            bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [n]
+            pieces = list(zip(bounds, bounds[1:]))
+            options = [[c for c in cands if c.start <= lo and hi <= c.end] for lo, hi in pieces]
+            for chosen in itertools.product(*options):
+                if any(x.peer_id == y.peer_id for x, y in zip(chosen, chosen[1:])):
+                    continue
+                total = chosen[0].rtt / 2 + chosen[-1].rtt / 2
+                for (lo, hi), c in zip(pieces, chosen):
+                    total += (hi - lo) * c.block_seconds + c.extra
+                for x, y in zip(chosen, chosen[1:]):
+                    link = x.next_rtts.get(y.peer_id)
+                    total += (link if link is not None else x.rtt + y.rtt) / 2
+                best = min(best, total)
+        assert route.cost == pytest.approx(best)
+
+
+def test_next_pings_reach_candidates_from_announcements():
+    ann = dataclasses.replace(server("a", 0, 2), next_pings=(NextPing(peer_id=pid("b"), rtt=0.004),))
+    (c,) = make_candidates([ann])
+    assert c.next_rtts == {pid("b"): 0.004}

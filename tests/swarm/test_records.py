@@ -95,10 +95,10 @@ def test_announcements_with_unknown_keys_are_refused():
     """Issue 10 item 5: padding under an unknown announcement key was stored."""
 
     ann = announcement()
-    body = {**ann.to_cbor(), 7: b"\x00" * 1500}
+    body = {**ann.to_cbor(), 23: b"\x00" * 1500}
     padded = SignedRecord.create(ALICE, key=block_key("tiny", 3), seq=1, expires=ann.expires,
                                  value=cbor_encode(["swarm/1/block", 3, body]))
-    assert "unknown keys 7" in rejected(ErrorCode.INVALID_REQUEST, check_record, padded, now=NOW,
+    assert "unknown keys 23" in rejected(ErrorCode.INVALID_REQUEST, check_record, padded, now=NOW,
                                         kinds=RECORD_KINDS).message
 
 
@@ -112,7 +112,7 @@ def test_publishers_must_solve_the_identity_puzzle():
 def test_oversized_record():
     r = record()
     small = Limits(max_record_size=record_size(r) - 1)
-    rejected(ErrorCode.LIMIT_EXCEEDED, check_record, r, now=NOW, kinds=RECORD_KINDS, limits=small)
+    rejected(ErrorCode.INVALID_REQUEST, check_record, r, now=NOW, kinds=RECORD_KINDS, limits=small)
     check_record(r, now=NOW, kinds=RECORD_KINDS, limits=Limits(max_record_size=record_size(r)))
 
 
@@ -159,7 +159,7 @@ def test_store_drops_expired_and_caps_keys():
     short = record(people[0], expires=int(NOW) + 10)
     store.put(short, now=NOW)
     store.put(record(people[1]), now=NOW)
-    rejected(ErrorCode.LIMIT_EXCEEDED, store.put, record(people[2]), now=NOW)
+    rejected(ErrorCode.STORAGE_FULL, store.put, record(people[2]), now=NOW)
     # once the short one expires there is room, and it is no longer served
     assert store.put(record(people[2]), now=NOW + 11)
     assert {r.publisher for r in store.get(short.key, now=NOW + 11)} == {people[1].public_key,

@@ -440,6 +440,11 @@ async def test_hostile_bytes_after_the_handshake_close_that_connection_only(atta
             else:
                 await raw.send_payload(bytes(8000))
             with trio.fail_after(5):
+                # The host's own direction is intact: it says why (id 0), then closes.
+                request_id, notice = await raw.receive()
+                assert request_id == 0
+                assert notice.code == {"garbage frame": ErrorCode.DECRYPT_FAILED,
+                                       "malformed message": ErrorCode.MALFORMED}.get(attack, ErrorCode.LIMIT_EXCEEDED)
                 assert await raw.receive() is None
         assert [r for r in caplog.records if "dropping connection" in r.getMessage()]
         assert raw.peer_id not in b.connections
@@ -453,9 +458,11 @@ async def test_too_many_concurrent_requests_drop_the_connection():
     async with hosts({"limits": Limits(max_concurrent_requests=2)}) as (b,):
         b.add_handler(FindNode, never)
         raw = await RawPeer.connect(b.listen_addrs[0])
-        for i in range(3):
+        for i in range(1, 4):
             await raw.send(FindNode(target=bytes(20)), i)
         with trio.fail_after(5):
+            request_id, notice = await raw.receive()  # why it closes, as a connection-level ERROR
+            assert request_id == 0 and notice.code == ErrorCode.LIMIT_EXCEEDED
             assert await raw.receive() is None
 
 

@@ -157,8 +157,15 @@ async def raw_connect(host: Host, source: str, *, handshake: bool = True):
 
 
 async def closed_by_peer(stream: trio.SocketStream) -> bool:
+    """The peer closes the stream, after at most a short connection-level ERROR saying
+    why (spec section 6). Call it under a deadline."""
+    said = 0
     try:
-        return await stream.receive_some(65536) == b""
+        while data := await stream.receive_some(65536):
+            said += len(data)
+            if said > 1024:  # more than one notice: not a close
+                return False
+        return True
     except trio.BrokenResourceError:
         return True
 

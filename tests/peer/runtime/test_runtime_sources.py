@@ -60,3 +60,17 @@ def test_atomic_dir_publishes_whole_or_nothing(tmp_path: Path) -> None:
     with _cache.atomic_dir(target) as tmp:
         (tmp / "a").write_text("whole")
     assert (target / "a").read_text() == "whole"
+
+
+def test_model_id_of_the_spec_vector_directory(tmp_path):
+    """peer.runtime computes spec/vectors/model-id.json's id from the same files."""
+    import json as _json
+
+    from peer.runtime import resolve_model
+
+    vector = _json.loads((Path(__file__).resolve().parents[3] / "spec" / "vectors" / "model-id.json").read_text())
+    directory = tmp_path / "tiny-llama"
+    directory.mkdir()
+    (directory / "config.json").write_text(vector["directory"]["files"]["config.json"])
+    (directory / "model.safetensors").write_bytes(bytes.fromhex(vector["directory"]["files"]["model.safetensors"]))
+    assert resolve_model(str(directory)).model_id == vector["directory"]["model_id"]

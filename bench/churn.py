@@ -1,0 +1,393 @@
+"""Availability under churn (issue 12): real `swarm-peer serve` processes on loopback, a
+fault schedule drawn from a seed, and a no-fault baseline in the same run.
+
+A tiny random Llama (6 layers) built from its config and saved as safetensors in a temp
+dir is served by 7 processes: blocks 0:2, 2:4 and 4:6 twice each and 0:6 once (2-3
+replicas of every block). ``--clients`` clients in this process generate
+``--tokens`` tokens greedily in a loop; every result is compared with
+``transformers`` generate. Scenarios, each ``--duration`` seconds with fresh clients:
+
+* ``baseline``: no faults;
+* ``churn``: every 4-7 s a server is killed (kill -9 or SIGTERM, by the seed) and
+  restarted 8-12 s later on the same identity and port, only when every block keeps a
+  live replica;
+* ``stop``: a server is SIGSTOPped for 15 s (the 0:6 one first: every client routes
+  through it), then SIGCONTed, one at a time;
+* ``outage``: every server of one block is killed for 20 s (those generations are
+  expected to fail fast with NoRoute naming the block), then restarted.
+
+Per scenario it prints generations attempted / completed / failed by error type,
+tokens identical, failovers and hedges, p50/p95 latency of completed generations,
+throughput (completed tokens per second) against the baseline, sessions leaked after a
+quiet period (a fresh peer opens sessions on every server until BUSY: the server's
+``--max-sessions`` less what it got), for the dead peers: how often a client failed
+on a peer it had already backed off (should be 0) and how long after a fault the
+clients stopped trying it, and how long until it left the view of an observer that
+never used it (``-`` when it came back first). A client that failed waits 0.2 s
+before its next try (a failing loop would only spin).
+
+Run: ``.venv/bin/python bench/churn.py [--seed 1] [--duration 60] [--clients 3]
+[--tokens 64] [--scenarios baseline,churn,stop,outage]``. Goals (issue 12): under
+churn throughput >= 0.8x baseline and >= 99% of generations complete; 0 wrong tokens;
+0 leaked sessions; 0 retries within a backoff; NoRoute naming the blocks in an outage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import trio
+
+from peer.api import Swarm
+from peer.demo import launch_server_process, wait_ready
+from protocol import CloseSession, OpenSession
+from protocol.errors import ErrorCode, RemoteError
+from swarm.errors import SwarmError
+
+LAYERS = 6
+SPANS = ((0, 2), (0, 2), (2, 4), (2, 4), (4, 6), (4, 6), (0, 6))
+PROMPT = [1, 5, 9, 33, 7, 250, 12, 99]
+MAX_SESSIONS = 8
+RESTART = 10.0  # a restarted server counts as down this much longer (it loads first)
+QUIET = 3.0  # seconds after a scenario before sessions are counted
+RETRY_PAUSE = 0.2
+
+
+# -- the fault schedule (pure: a seed and the layout in, faults out) -----------------------
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    at: float  # seconds into the scenario
+    kind: str  # "kill" (-9), "term" (SIGTERM) or "stop" (SIGSTOP, then SIGCONT)
+    servers: tuple[int, ...]
+    duration: float  # until the restart (or SIGCONT)
+
+
+def covered(spans: tuple[tuple[int, int], ...], up: set[int], layers: int = LAYERS) -> bool:
+    return all(any(spans[i][0] <= b < spans[i][1] for i in up) for b in range(layers))
+
+
+def schedule(kind: str, rng: random.Random, duration: float, spans=SPANS, layers: int = LAYERS) -> list[Fault]:
+    """The faults of scenario ``kind``, drawn from ``rng``."""
+    everyone = set(range(len(spans)))
+    faults: list[Fault] = []
+    if kind == "churn":
+        t = rng.uniform(4, 7)
+        while t < duration - 1:
+            up = {i for i in everyone if not any(i in f.servers and f.at + f.duration + RESTART > t for f in faults)}
+            choices = sorted(i for i in up if covered(spans, up - {i}, layers))
+            if choices:
+                faults.append(Fault(t, rng.choice(("kill", "term")), (rng.choice(choices),), rng.uniform(8, 12)))
+            t += rng.uniform(4, 7)
+    elif kind == "stop":
+        order = sorted(everyone - {len(spans) - 1})
+        rng.shuffle(order)
+        order.insert(0, len(spans) - 1)
+        t = rng.uniform(2, 4)
+        for i in order:
+            if t + 15 > duration:
+                break
+            faults.append(Fault(t, "stop", (i,), 15.0))
+            t += 15 + rng.uniform(2, 5)
+    elif kind == "outage":
+        block = rng.randrange(layers)
+        faults.append(Fault(rng.uniform(2, 4), "kill", tuple(i for i in sorted(everyone)
+                                                             if spans[i][0] <= block < spans[i][1]), 20.0))
+    elif kind != "baseline":
+        raise ValueError(f"unknown scenario {kind!r}")
+    return faults
+
+
+# -- the servers -----------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Server:
+    span: tuple[int, int]
+    key: Path
+    port: int
+    proc: subprocess.Popen[str] | None = None
+    peer_id: bytes = b""
+    address: str = ""
+
+    def launch(self, model: str, bootstrap: list[str]) -> None:
+        self.proc = launch_server_process(model, self.span, identity=self.key, bootstrap=bootstrap,
+                                          extra=["--threads", "1", "--port", str(self.port),
+                                                 "--max-sessions", str(MAX_SESSIONS)])
+
+    def ready(self) -> None:
+        assert self.proc is not None
+        ready = wait_ready(self.proc, timeout=300)
+        self.address = ready.address
+        self.peer_id = bytes.fromhex(ready.ready_line.split("(peer ", 1)[1].split(",", 1)[0])
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- one scenario ------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Outcome:
+    attempted: int = 0
+    completed: int = 0
+    identical: int = 0
+    tokens: int = 0
+    failovers: int = 0
+    hedges: int = 0
+    errors: Counter = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    fail_latencies: list[float] = field(default_factory=list)
+    failures: list[tuple[int, bytes, float, bool]] = field(default_factory=list)  # client, peer, t, backed off
+    left_view: list[float | None] = field(default_factory=list)
+    stopped_trying: list[float] = field(default_factory=list)
+    leaked: int = 0
+    seconds: float = 0.0
+
+
+def watch_failures(swarm: Swarm, client: int, out: Outcome, t0: float) -> None:
+    """Record every failure the client's health hears of, and whether the peer was
+    already backed off (a retry within its backoff) when it happened."""
+    health = swarm.client.health
+    failed = health.failed
+
+    def recording(peer: bytes, now: float, *, retry_after: float | None = None, reason: str = "") -> float:
+        out.failures.append((client, peer, now - t0, health.backed_off(peer, now) and retry_after is None))
+        return failed(peer, now, retry_after=retry_after, reason=reason)
+
+    health.failed = recording  # type: ignore[method-assign]
+
+
+async def generate_loop(swarm: Swarm, want: list[int], tokens: int, t0: float, until: float, out: Outcome) -> None:
+    """Generate until ``until``; ``out.seconds`` is how long the loops ran (the last one
+    ends after ``until``), the time throughput is counted over (not the restarts after)."""
+    while trio.current_time() < until:
+        out.attempted += 1
+        t = trio.current_time()
+        try:
+            result = await swarm.generate(PROMPT, max_new_tokens=tokens)
+        except SwarmError as exc:
+            out.errors[type(exc).__name__ + ("" if "NoRoute" not in type(exc).__name__ else
+                                             f" ({str(exc).split('blocks ', 1)[-1].split()[0]})")] += 1
+            out.fail_latencies.append(trio.current_time() - t)
+            await trio.sleep(RETRY_PAUSE)
+            out.seconds = max(out.seconds, trio.current_time() - t0)
+            continue
+        out.completed += 1
+        out.identical += result.token_ids == want
+        out.tokens += len(result.token_ids)
+        out.failovers += result.failovers
+        out.hedges += result.hedges
+        out.latencies.append(trio.current_time() - t)
+        out.seconds = max(out.seconds, trio.current_time() - t0)
+
+
+async def apply_fault(fault: Fault, servers: list[Server], model: str, boot: list[str], t0: float,
+                      observer: Swarm, out: Outcome) -> None:
+    await trio.sleep_until(t0 + fault.at)
+    hit = [servers[i] for i in fault.servers]
+    for s in hit:
+        if fault.kind == "kill":
+            s.kill()
+        else:
+            s.signal(signal.SIGTERM if fault.kind == "term" else signal.SIGSTOP)
+    faulted = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for s in hit:
+            nursery.start_soon(watch_view, observer, s.peer_id, faulted, faulted + fault.duration, out)
+        await trio.sleep_until(faulted + fault.duration)
+        for s in hit:
+            if fault.kind == "stop":
+                s.signal(signal.SIGCONT)
+                continue
+            assert s.proc is not None
+            await trio.to_thread.run_sync(s.proc.wait)  # a SIGTERMed server withdraws first
+            s.launch(model, boot)
+            nursery.start_soon(trio.to_thread.run_sync, s.ready)
+    for s in hit:  # when the clients last failed on it during the fault, after it began
+        times = [t for _, peer, t, _ in out.failures
+                 if peer == s.peer_id and faulted - t0 <= t <= faulted - t0 + fault.duration]
+        if times:
+            out.stopped_trying.append(max(times) - (faulted - t0))
+
+
+async def watch_view(observer: Swarm, peer: bytes, since: float, until: float, out: Outcome) -> None:
+    """Seconds until ``peer`` left the observer's view (None: not before it came back)."""
+    while trio.current_time() < until:
+        with trio.move_on_after(5):
+            view = await observer.client.swarm_view(fresh=True)
+            if peer not in view.servers:
+                out.left_view.append(trio.current_time() - since)
+                return
+        await trio.sleep(1.0)
+    out.left_view.append(None)
+
+
+async def count_leaked(observer: Swarm, servers: list[Server]) -> int:
+    """Sessions held on every server that nobody is using: MAX_SESSIONS less what a fresh
+    peer can open there now. The sessions opened here are closed again."""
+    leaked = 0
+    host = observer.client.host
+    for s in servers:
+        conn = await host.connect(s.address, peer_id=s.peer_id, timeout=10)
+        opened = []
+        try:
+            for _ in range(MAX_SESSIONS):
+                msg = OpenSession(model=observer.client.model, span=s.span, max_length=64)
+                try:
+                    opened.append((await conn.request(msg, timeout=10)).session)
+                except RemoteError as exc:
+                    if exc.code != ErrorCode.BUSY:
+                        raise
+                    break
+        finally:
+            for session in opened:
+                await conn.request(CloseSession(session=session), timeout=10)
+        leaked += MAX_SESSIONS - len(opened)
+    return leaked
+
+
+async def run_scenario(kind: str, args: argparse.Namespace, servers: list[Server], model: str, want: list[int],
+                       boot: list[str]) -> Outcome:
+    out = Outcome()
+    faults = schedule(kind, random.Random(f"{args.seed}:{kind}"), args.duration)
+    async with trio.open_nursery() as nursery:
+        bootstrap = [s.address for s in servers]
+        clients = [await Swarm.connect(nursery, bootstrap=bootstrap, model=model, audit=None,
+                                       step_timeout=args.step_timeout) for _ in range(args.clients)]
+        observer = await Swarm.connect(nursery, bootstrap=bootstrap, model=model, audit=None)
+        t0 = trio.current_time()
+        for i, c in enumerate(clients):
+            watch_failures(c, i, out, t0)
+        async with trio.open_nursery() as work:
+            for fault in faults:
+                work.start_soon(apply_fault, fault, servers, model, boot, t0, observer, out)
+            for c in clients:
+                work.start_soon(generate_loop, c, want, args.tokens, t0, t0 + args.duration, out)
+        await trio.sleep(QUIET)
+        out.leaked = await count_leaked(observer, servers)
+        nursery.cancel_scope.cancel()
+    return out
+
+
+# -- the report --------------------------------------------------------------------------------
+
+def pct(values: list[float], q: float) -> str:
+    if not values:
+        return "-"
+    ordered = sorted(values)
+    return f"{ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]:.2f}"
+
+
+def report(results: dict[str, Outcome], args: argparse.Namespace) -> None:
+    base = results.get("baseline")
+    base_tps = base.tokens / base.seconds if base and base.seconds else None
+    print(f"\nchurn: seed {args.seed}, {args.duration:.0f} s per scenario, {args.clients} clients x {args.tokens} "
+          f"tokens, {len(SPANS)} servers {' '.join(f'{a}:{b}' for a, b in SPANS)}, load {os.getloadavg()[0]:.1f}")
+    head = (f"{'scenario':<9} {'tried':>5} {'done':>5} {'done%':>6} {'ident':>5} {'fovers':>6} {'hedges':>6} "
+            f"{'p50 s':>6} {'p95 s':>6} {'tok/s':>6} {'vs base':>7} {'leaked':>6} {'re-bo':>5} "
+            f"{'stop try s':>10} {'left view s':>11}  failed by error")
+    print(head)
+    print("-" * len(head))
+    for kind, o in results.items():
+        tps = o.tokens / o.seconds if o.seconds else 0.0
+        ratio = f"{tps / base_tps:.2f}x" if base_tps else "-"
+        left = [x for x in o.left_view if x is not None]
+        left_s = (f"{statistics.median(left):.1f}" if left else "-") + f" ({len(left)}/{len(o.left_view)})"
+        stop_s = f"{max(o.stopped_trying):.1f}" if o.stopped_trying else "-"
+        errors = ", ".join(f"{k} {v}" for k, v in o.errors.most_common()) or "-"
+        if o.fail_latencies:
+            errors += f" (p50 {statistics.median(o.fail_latencies):.2f} s)"
+        retried = sum(1 for *_, backed in o.failures if backed)
+        print(f"{kind:<9} {o.attempted:>5} {o.completed:>5} {100 * o.completed / max(o.attempted, 1):>5.1f}% "
+              f"{o.identical:>5} {o.failovers:>6} {o.hedges:>6} {pct(o.latencies, 0.5):>6} {pct(o.latencies, 0.95):>6} "
+              f"{tps:>6.1f} {ratio:>7} {o.leaked:>6} {retried:>5} {stop_s:>10} {left_s:>11}  {errors}")
+    print("ident: completed with tokens identical to transformers; fovers/hedges: summed over generations; "
+          "re-bo: failures on a peer the client had backed off; stop try: the longest a client kept failing on a "
+          "faulted peer after the fault; left view: median seconds until an observer's view dropped it "
+          "(of the faults)")
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="churn-") as tmp:
+        model_dir = Path(tmp) / "tiny"
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                             eos_token_id=None, bos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
+        reference = LlamaForCausalLM(config).eval()
+        reference.save_pretrained(model_dir)
+        with torch.inference_mode():
+            out = reference.generate(torch.tensor([PROMPT]), max_new_tokens=args.tokens, do_sample=False,
+                                     attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long))
+        want = out[0, len(PROMPT):].tolist()
+        model = str(model_dir)
+        servers = [Server(span, Path(tmp) / f"server{i}.key", free_port()) for i, span in enumerate(SPANS)]
+        try:
+            servers[0].launch(model, [])
+            await trio.to_thread.run_sync(servers[0].ready)
+            boot = [servers[0].address]
+            for s in servers[1:]:
+                s.launch(model, boot)
+            for s in servers[1:]:
+                await trio.to_thread.run_sync(s.ready)
+            print(f"{len(servers)} servers ready", flush=True)
+            results: dict[str, Outcome] = {}
+            for kind in args.scenarios.split(","):
+                results[kind] = await run_scenario(kind, args, servers, model, want, boot)
+                o = results[kind]
+                print(f"{kind}: {o.completed}/{o.attempted} completed, {o.identical} identical", flush=True)
+            report(results, args)
+        finally:
+            for s in servers:
+                s.kill()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=1, help="seed of the fault schedule")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds per scenario (>= 25 for outage)")
+    parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per generation")
+    parser.add_argument("--step-timeout", type=float, default=5.0, help="the clients' step timeout (cap)")
+    parser.add_argument("--scenarios", default="baseline,churn,stop,outage")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _interrupt)  # so that the servers are killed on the way out
+    t = time.monotonic()
+    trio.run(main_async, args)
+    print(f"total {time.monotonic() - t:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

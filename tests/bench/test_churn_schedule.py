@@ -1,0 +1,33 @@
+"""bench/churn.py's fault schedule: reproducible from its seed, and a churn or stop
+fault never leaves a block without a live replica (restarts count as down while they
+load); an outage takes down exactly the servers of one block."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from bench.churn import LAYERS, RESTART, SPANS, covered, schedule
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_churn_and_stop_keep_every_block_served(seed):
+    for kind in ("churn", "stop"):
+        faults = schedule(kind, random.Random(seed), 120.0)
+        assert faults == schedule(kind, random.Random(seed), 120.0)
+        assert faults and all(0 < f.at < 120.0 for f in faults)
+        for f in faults:
+            margin = RESTART if f.kind != "stop" else 0.0
+            down = {i for g in faults if g.at <= f.at < g.at + g.duration + margin for i in g.servers}
+            assert covered(SPANS, set(range(len(SPANS))) - down)
+    assert schedule("stop", random.Random(seed), 120.0)[0].servers == (len(SPANS) - 1,)  # the 0:6 one first
+
+
+def test_an_outage_takes_one_block_down_and_unknown_scenarios_are_refused():
+    (fault,) = schedule("outage", random.Random(3), 60.0)
+    assert not covered(SPANS, set(range(len(SPANS))) - set(fault.servers), LAYERS)
+    assert covered(SPANS, set(range(len(SPANS))) - set(fault.servers[:-1]), LAYERS)
+    assert schedule("baseline", random.Random(3), 60.0) == []
+    with pytest.raises(ValueError):
+        schedule("meteor", random.Random(3), 60.0)
