@@ -112,6 +112,13 @@ async def _trial(nursery, row: Row, path: str, bootstrap: str, reference: dict, 
         client.reputation.history[node.identity.peer_id] = History(first_seen=now - 2 * 86400, passes=50.0,
                                                                    updated=now)
     bad = {n.identity.peer_id for n in dishonest}
+    # Routing goes by what the client measured, not by announcements: the cheater is the
+    # one it measured fastest and the honest ones slow, so that the cheater is routed
+    # first (a cheater that really is faster would be); colluders are measured by probes.
+    clock = trio.current_time()
+    for node, seconds in [(dishonest[0], 0.0)] + [(n, 1.0) for n in honest]:
+        client.health.observe_rtt(node.identity.peer_id, 0.001, clock)
+        client.health.observe_step(node.identity.peer_id, clock, seconds=seconds, blocks=3, tokens=1, success=False)
     auditor = client.auditor
     state = {"tokens": 0, "flag": None}
     real_audit = auditor.audit

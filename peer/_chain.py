@@ -39,7 +39,11 @@ redone there, and the hop's earlier, unaudited outputs are compared with the
 replacement's replay of the same inputs (a divergence rolls the generation back).
 Every later step of that span is audited. Only when no other holder can take the
 span is the disputed output kept, and then counted as unverifiable, as is a step no
-independent peer could check (``Verification``: the client reports both).
+independent peer could check (``Verification``: the client reports both). Nor is a hop
+replaced whose side of a vote outweighs every disagreeing voter together (an
+established peer disputed only by fresh identities, ``AuditResult.stands``): the redo
+could only go to the lighter side, so the output is kept, counted as unverifiable,
+and the lighter side is avoided.
 """
 
 from __future__ import annotations
@@ -204,7 +208,8 @@ class Chain:
         max_length: tokens each session must hold (prompt + new tokens).
         replan: ``await replan(start, end, exclude)`` returns a route for blocks
             [start, end) avoiding the peer ids in ``exclude`` and every backed-off peer
-            (raises NoRoute if none).
+            (raises NoRoute if none); ``replan(..., ignore_backoff=True)``: backed-off
+            peers may be on it (a disputed hop's last resort).
         wire_dtype: dtype of hidden states on the wire.
         step_timeout: the longest any one request may take (derived deadlines are shorter).
         max_failovers: hop replacements allowed per generation before giving up.
@@ -307,14 +312,22 @@ class Chain:
                 model=self.model, span=record.span, hop_peer=record.hop.peer_id,
                 hop_public_key=record.conn.public_key, hop_addrs=record.hop.addrs, session=record.session,
                 transcript=record.transcript, index=len(record.transcript) - 1, timeout=per_request)
-        # An auditor that did not answer is a failed peer for routing too (backed off).
+        # An auditor that did not answer is backed off client-wide, but not struck off
+        # this generation's holders: a whole-prefix recomputation under a deadline taken
+        # from another peer's speed says little about how it serves a step, and a
+        # disputed hop may need it as its replacement (``_replan``).
         for peer in list(reputation.standings):
             if reputation.standing(peer, now).timeouts > timeouts_before.get(peer, 0.0) + 0.5:
-                self._hop_failed(peer, RequestTimeout("FORWARD_ONCE (audit)", "?", per_request, peer_id=peer))
+                backoff = self.health.failed(peer, trio.current_time(), reason="audit recomputation timed out")
+                log.info("auditor %s backed off for %.1f s: no answer within %.1f s", peer.hex()[:12], backoff,
+                         per_request)
         if result is None:
             log.info("audit of %s ran past its deadline; its output is used unaudited", record.hop.peer_id.hex()[:12])
             self.verification.used(record, None)
             return True
+        if result.stands:  # disputed only by lighter voters: kept, unverified, and watched
+            self.disputed.add(record.span)
+            self.failed.update(result.avoid)
         if not result.redo:
             self.verification.used(record, result)
             return True
@@ -342,7 +355,8 @@ class Chain:
         earlier = suspect.transcript[:-1]  # the last step is the disputed one: redone, not replayed
         why = {"cheat": "was convicted by an audit", "outvoted": "was outvoted in an audit"}.get(
             result.outcome.value, "gave an output an audit could not confirm")
-        await self._fail_over(index, CheatDetected(f"{suspect.hop.peer_id.hex()[:12]} {why}"), replay=earlier)
+        await self._fail_over(index, CheatDetected(f"{suspect.hop.peer_id.hex()[:12]} {why}"), replay=earlier,
+                              dispute=True)
         replay = self._replayed
         if replay is None or not earlier:
             return
@@ -553,9 +567,11 @@ class Chain:
 
     # -- failover ----------------------------------------------------------------------------------
 
-    async def _fail_over(self, index: int, exc: BaseException, *, replay: Sequence[SignedStep] | None = None) -> None:
+    async def _fail_over(self, index: int, exc: BaseException, *, replay: Sequence[SignedStep] | None = None,
+                         dispute: bool = False) -> None:
         """Replace hop ``index`` by a new route of its blocks, replaying to it the inputs of
-        ``replay`` (default: every step of the old hop's transcript)."""
+        ``replay`` (default: every step of the old hop's transcript). ``dispute``: the
+        hop is replaced because an audit did not confirm it (see ``_replan``)."""
         old = self.hops[index]
         self._hop_failed(old.hop.peer_id, exc)
         log.warning("hop %s [%d, %d) failed: %s; re-routing", old.hop.peer_id.hex()[:12], *old.span, exc)
@@ -565,7 +581,7 @@ class Chain:
         last: BaseException = exc
         while True:
             self._count_failover(old.span, last)
-            replacement = await self._open_route(await self._replan(old.span, last))
+            replacement = await self._open_route(await self._replan(old.span, last, dispute=dispute))
             current = replacement[0]
             try:
                 x = None
@@ -596,10 +612,19 @@ class Chain:
         if self.failovers > self.max_failovers:
             raise AllCandidatesFailed(span[0], span[1], self.failovers, last)
 
-    async def _replan(self, span: tuple[int, int], last: BaseException | None) -> Route:
+    async def _replan(self, span: tuple[int, int], last: BaseException | None, *, dispute: bool = False) -> Route:
+        """A route for ``span`` around the peers to avoid. For a disputed hop, holders
+        the client merely backs off (slow, or a timed-out probe or audit on a loaded
+        machine) are taken when nobody else is left: a slow correct answer beats
+        keeping a disputed output, or failing the generation after a conviction."""
         try:
             return await self.replan(span[0], span[1], frozenset(self._avoid()))
         except NoRoute as no_route:
+            if dispute:
+                try:
+                    return await self.replan(span[0], span[1], frozenset(self._avoid()), ignore_backoff=True)
+                except NoRoute:
+                    pass
             raise AllCandidatesFailed(span[0], span[1], self.failovers, last) from no_route
 
     def _avoid(self) -> set[bytes]:

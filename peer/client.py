@@ -273,23 +273,24 @@ class SwarmClient:
     # -- planning -------------------------------------------------------------------------------
 
     async def plan(self, start: int = 0, end: int | None = None, *, exclude: frozenset[bytes] = frozenset(),
-                   fresh: bool = False) -> Route:
+                   fresh: bool = False, ignore_backoff: bool = False) -> Route:
         """The cheapest route for blocks [start, end) on what this client knows now
-        (the cached view, its measurements, its backoffs). Raises NoRoute naming the gap
-        (with ``retry_in`` when only backed-off peers announce it)."""
+        (the cached view, its measurements, its backoffs unless ``ignore_backoff``).
+        Raises NoRoute naming the gap (with ``retry_in`` when only backed-off peers
+        announce it)."""
         view = await (self.swarm_view(fresh=True) if fresh else self._planning_view())
         if not view.servers:
             raise ModelNotServed(f"no peer in the swarm serves {self.model}; start servers with "
                                  f"'swarm-peer serve --model ...' for the same model")
         try:
-            return self._plan_on(view, start, end, exclude)
+            return self._plan_on(view, start, end, exclude, ignore_backoff=ignore_backoff)
         except NoRoute:
             if fresh:
                 raise
         # The cached view may predate a server that covers the gap now.
         await self._refresh(self.refresh_timeout)
         assert self._view is not None
-        return self._plan_on(self._view[1], start, end, exclude)
+        return self._plan_on(self._view[1], start, end, exclude, ignore_backoff=ignore_backoff)
 
     def candidates(self, view: SwarmView) -> list[Candidate]:
         """The view's servers as the planner sees them: routable only for blocks they
@@ -304,9 +305,10 @@ class SwarmClient:
         return make_candidates(view.announcements, rtts=rtts, measured=measured, penalties=penalties,
                                routable=view.routable, costs=self.costs)
 
-    def _plan_on(self, view: SwarmView, start: int, end: int | None, exclude: frozenset[bytes]) -> Route:
+    def _plan_on(self, view: SwarmView, start: int, end: int | None, exclude: frozenset[bytes], *,
+                 ignore_backoff: bool = False) -> Route:
         now = trio.current_time()
-        backed_off = self.health.excluded(now, view.servers)
+        backed_off = frozenset() if ignore_backoff else self.health.excluded(now, view.servers)
         candidates = self.candidates(view)
         try:
             return plan_candidates(candidates, num_blocks=self.num_blocks, start=start, end=end, banned=self.banned,
@@ -595,8 +597,13 @@ class SwarmClient:
                      credit=self.credit, auditor=self.auditor, health=self.health, alternative=self.alternative,
                      spawn=self.spawn)
 
-    async def _replan(self, start: int, end: int, exclude: frozenset[bytes]) -> Route:
-        return await self.route(start, end, exclude=exclude)
+    async def _replan(self, start: int, end: int, exclude: frozenset[bytes], *,
+                      ignore_backoff: bool = False) -> Route:
+        """``Chain``'s replan: ``route``; with ``ignore_backoff``, a plan that may use
+        backed-off peers (a disputed hop with no other holder left)."""
+        if not ignore_backoff:
+            return await self.route(start, end, exclude=exclude)
+        return await self.plan(start, end, exclude=exclude, ignore_backoff=True)
 
     def _result(self, tokens: TokenStream, chain: Chain, t0: float, first: float, *, text: str) -> GenerationResult:
         end = time.perf_counter()

@@ -28,7 +28,9 @@ step's output is used. An audit:
      and takes the weighted vote (``verify._voting.tally``). The hop confirmed by a
      majority passes; a hop outvoted (``OUTVOTED``) or a vote without a majority
      (``INCONCLUSIVE``) is routed around, and nobody is banned: a vote is not
-     evidence the client checked. An outvoted hop's fraud proof goes to the
+     evidence the client checked. (A vote without a majority in which the hop's side
+     outweighs all the others together, one established peer against fresh
+     identities, leaves the hop's output standing, unverified: ``AuditResult.stands``.) An outvoted hop's fraud proof goes to the
      majority's holders, which verify it by recomputation (their bans are theirs);
    - with no answer at all and no local span, the step is ``SKIPPED``: no independent
      check was possible (the generation reports it).
@@ -162,6 +164,11 @@ class AuditResult:
     comparisons: tuple[Comparison, ...] = ()
     avoid: tuple[bytes, ...] = ()  # peers not to redo the step on (the hop, the losing side)
     checked_locally: bool = False
+    #: A vote without a majority in which the hop's side outweighs every disagreeing
+    #: answer together (one established peer against fresh identities): no holder is
+    #: more trustworthy than the hop, so its output stands, reported as unverified, and
+    #: ``avoid`` names the outweighed side.
+    stands: bool = False
 
     @property
     def hop_cheated(self) -> bool:
@@ -170,7 +177,7 @@ class AuditResult:
     @property
     def redo(self) -> bool:
         """The hop's output is disputed: redo the step on another holder."""
-        return self.outcome in REDO
+        return self.outcome in REDO and not self.stands
 
     @property
     def verified(self) -> bool:
@@ -454,13 +461,27 @@ class Auditor:
                                avoid=vote.losers)
         # No majority: those outweighed by the heaviest answer get a mark (never a ban),
         # so that a cheater disputed by an established peer does not leave probation.
-        heaviest = max(vote.clusters, key=lambda members: sum(ballots[i].weight for i in members))
-        top = sum(ballots[i].weight for i in heaviest)
+        def weight(members: Sequence[int]) -> float:
+            return sum(ballots[i].weight for i in members)
+
+        heaviest = max(vote.clusters, key=weight)
+        top = weight(heaviest)
         for members in vote.clusters:
-            if sum(ballots[i].weight for i in members) < top / 2:
+            if weight(members) < top / 2:
                 for i in members:
                     self.reputation.record_mismatch(ballots[i].peer_id, now)
-        return AuditResult(outcome=AuditOutcome.INCONCLUSIVE, avoid=(case.hop_peer,))
+        # The step is redone away from the hop and from every side lighter than the
+        # heaviest; but when the hop's own side outweighs all the others together (it
+        # lacks only a second member), the redo could only go to the lighter side: a
+        # vote of fresh identities must not move the client off an established peer.
+        hop_side = next(members for members in vote.clusters if 0 in members)
+        lighter = tuple(ballots[i].peer_id for members in vote.clusters if weight(members) < top
+                        for i in members)
+        if weight(hop_side) > sum(weight(m) for m in vote.clusters if m is not hop_side):
+            log.warning("hop %s [%d, %d) disputed by lighter voters (%s); its output stands, unverified",
+                        case.hop_peer.hex()[:12], *case.span, ", ".join(f"{w:.2f}" for w in vote.weights))
+            return AuditResult(outcome=AuditOutcome.INCONCLUSIVE, avoid=lighter, stands=True)
+        return AuditResult(outcome=AuditOutcome.INCONCLUSIVE, avoid=tuple(dict.fromkeys((case.hop_peer, *lighter))))
 
     def _convict(self, suspect: bytes, proof: FraudProof, witnesses: Sequence[_Answer], case: _Case) -> None:
         """Ban on the client's own evidence, and submit the proof to holders."""

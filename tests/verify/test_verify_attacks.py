@@ -46,6 +46,7 @@ class OffsetExecutor:
         self._real = real
         self.once_too = once_too
         self.cheats = 0
+        self.forwards = 0  # session steps served (as a hop)
         g = torch.Generator().manual_seed(1234)
         self._direction = torch.randn(real.hidden_size, generator=g)
 
@@ -58,6 +59,7 @@ class OffsetExecutor:
         return out + 0.01 * rms * self._direction.to(out.dtype)
 
     def forward(self, session_id, hidden, position):
+        self.forwards += 1
         return self._offset(self._real.forward(session_id, hidden, position))
 
     def forward_once(self, hidden, *, start=None, end=None):
@@ -65,9 +67,11 @@ class OffsetExecutor:
         return self._offset(out) if self.once_too else out
 
 
-def offset_server(*, once_too: bool):
+def offset_server(*, once_too: bool, delay: float = 0.0):
     class Offset(SpanServer):
         def __init__(self, host, executor, **kw):
+            if delay:
+                executor = SlowExecutor(executor, delay)
             super().__init__(host, OffsetExecutor(executor, once_too=once_too), **kw)
 
         def make_announcement(self, expires, throughput):
@@ -76,8 +80,8 @@ def offset_server(*, once_too: bool):
     return Offset
 
 
-async def start_cheater(nursery, monkeypatch, path, *, once_too: bool, bootstrap=()):
-    monkeypatch.setattr("peer.node.SpanServer", offset_server(once_too=once_too))
+async def start_cheater(nursery, monkeypatch, path, *, once_too: bool, bootstrap=(), delay: float = 0.0):
+    monkeypatch.setattr("peer.node.SpanServer", offset_server(once_too=once_too, delay=delay))
     try:
         return await start(nursery, path, (0, 3), bootstrap=bootstrap)
     finally:
@@ -89,15 +93,17 @@ class SlowExecutor:
     goes by measured speed (issue 10 item 7), so a slower honest co-holder makes the
     client pick the cheater first, as a cheater that is simply faster would be."""
 
-    def __init__(self, real, delay: float) -> None:
+    def __init__(self, real, delay: float, *, once_only: bool = False) -> None:
         self._real = real
         self.delay = delay
+        self.once_only = once_only  # only FORWARD_ONCE (probes, audits) is slow
 
     def __getattr__(self, name):
         return getattr(self._real, name)
 
     def forward(self, session_id, hidden, position):
-        time.sleep(self.delay)  # runs in the compute thread, like the real work
+        if not self.once_only:
+            time.sleep(self.delay)  # runs in the compute thread, like the real work
         return self._real.forward(session_id, hidden, position)
 
     def forward_once(self, hidden, *, start=None, end=None):
@@ -105,10 +111,10 @@ class SlowExecutor:
         return self._real.forward_once(hidden, start=start, end=end)
 
 
-async def start_slow(nursery, monkeypatch, path, span, *, delay: float, bootstrap=()):
+async def start_slow(nursery, monkeypatch, path, span, *, delay: float, bootstrap=(), once_only: bool = False):
     class Slow(SpanServer):
         def __init__(self, host, executor, **kw):
-            super().__init__(host, SlowExecutor(executor, delay), **kw)
+            super().__init__(host, SlowExecutor(executor, delay, once_only=once_only), **kw)
 
     monkeypatch.setattr("peer.node.SpanServer", Slow)
     try:
@@ -153,6 +159,36 @@ async def test_a_cheater_with_one_honest_co_holder_is_convicted_or_routed_around
             assert result.verified_fraction is not None and result.verified_fraction < 1.0
             assert result.to_dict()["verification"]["unverifiable_hops"][0]["blocks"] == [3, 6]
         honest_peers_ban_nobody_honest([client, honest.fraud, tail.fraud], [honest_id, tail.identity.peer_id])
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_convicted_hop_is_replaced_by_holders_whose_audits_timed_out(tiny_verify, monkeypatch):
+    """bench/audit.py's "3 holders, 0 colluding, established cheater" crashed: both
+    honest holders' audit recomputations ran past the step's deadline on a loaded
+    machine, which struck them off the generation's holders; the client's own
+    recomputation then convicted the cheater and no replacement was left
+    (AllCandidatesFailed). An auditor that times out is only backed off, and a
+    disputed hop's replacement may be a backed-off holder."""
+    path, model = tiny_verify
+    async with trio.open_nursery() as nursery:
+        cheater = await start_cheater(nursery, monkeypatch, path, once_too=False)
+        honest = [await start_slow(nursery, monkeypatch, path, (0, 3), delay=3.0, once_only=True,
+                                   bootstrap=[cheater.address]) for _ in range(2)]
+        tail = await start(nursery, path, (3, 6), bootstrap=[cheater.address])
+        swarm = await Swarm.connect(nursery, bootstrap=[tail.address], model=path, audit=AuditPolicy(rate=1.0),
+                                    local_recompute_bytes=1 << 30)
+        client = swarm.client
+        cheater_id = cheater.identity.peer_id
+        now = time.time()  # established here: its audits ask voters before the client's own copy
+        client.reputation.history[cheater_id] = History(first_seen=now - 2 * 86400, passes=50.0, updated=now)
+
+        result = await swarm.generate(PROMPT, max_new_tokens=4)
+
+        assert result.token_ids == reference(model, PROMPT, 4)
+        assert client.auditor.stats.outcomes.get("cheat", 0) >= 1 and client.reputation.is_banned(cheater_id)
+        assert result.route[0].peer_id in {h.identity.peer_id.hex() for h in honest}
+        honest_peers_ban_nobody_honest([client, *(h.fraud for h in honest), tail.fraud],
+                                       [h.identity.peer_id for h in honest])
         nursery.cancel_scope.cancel()
 
 
@@ -204,13 +240,19 @@ async def send_proof(client, node, proof):
     return ack.accepted
 
 
-@pytest.mark.parametrize("local", [True, False], ids=["client-recomputes", "votes-only"])
-async def test_colluding_holders_never_get_the_honest_one_banned(tiny_verify, monkeypatch, local):
+@pytest.mark.parametrize(("local", "honest_first"), [(True, False), (False, False), (False, True)],
+                         ids=["client-recomputes", "votes-only", "votes-only-honest-routed-first"])
+async def test_colluding_holders_never_get_the_honest_one_banned(tiny_verify, monkeypatch, local, honest_first):
+    """Routing goes by measured speed: the slower side is routed second. With a
+    colluder routed first, the dispute moves the hop to the honest holder; with the
+    honest holder first, the colluders' lighter votes must not move it off."""
     path, model = tiny_verify
     async with trio.open_nursery() as nursery:
-        first = await start_cheater(nursery, monkeypatch, path, once_too=True)
-        second = await start_cheater(nursery, monkeypatch, path, once_too=True, bootstrap=[first.address])
-        honest = await start(nursery, path, (0, 3), bootstrap=[first.address])
+        slow_colluders, slow_honest = (0.25, 0.0) if honest_first else (0.0, 0.25)
+        first = await start_cheater(nursery, monkeypatch, path, once_too=True, delay=slow_colluders)
+        second = await start_cheater(nursery, monkeypatch, path, once_too=True, bootstrap=[first.address],
+                                     delay=slow_colluders)
+        honest = await start_slow(nursery, monkeypatch, path, (0, 3), delay=slow_honest, bootstrap=[first.address])
         tail = await start(nursery, path, (3, 6), bootstrap=[first.address])
         for colluder in (first, second):
             vouch_for_anything(colluder)
@@ -228,8 +270,10 @@ async def test_colluding_holders_never_get_the_honest_one_banned(tiny_verify, mo
         assert result.token_ids == reference(model, PROMPT, NEW_TOKENS)
         assert first.server.executor.cheats + second.server.executor.cheats > 0
         assert [h.peer_id for h in result.route][0] == honest_id.hex()
-        if local:  # both convicted by the client's own recomputation
-            assert all(client.reputation.is_banned(c) for c in colluders)
+        if local:  # each colluder routed as a hop is convicted by the client's own recomputation
+            # (routing goes by measured speed, so the second may never be routed at all)
+            hops = [c.identity.peer_id for c in (first, second) if c.server.executor.forwards]
+            assert hops and all(client.reputation.is_banned(c) for c in hops)
             assert result.fully_verified
         else:  # the vote never let two fresh identities outweigh the established holder
             assert not any(client.reputation.is_banned(c) for c in colluders)

@@ -4,7 +4,8 @@ client's greedy output equals the all-honest output.
 
 The cheaters are test-only ``SpanServer`` subclasses installed with monkeypatch. Each
 wraps its executor so that the outputs it signs are wrong in one way, and announces a
-huge throughput so that routing picks it first (cheaters lure traffic)."""
+huge throughput (cheaters lure traffic); routing goes by what the client measured, so
+each test makes the client have measured the cheater fastest."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from peer.api import Swarm
 from peer.runtime import load_span
 from peer.server import SpanServer
 from verify import PARANOID, AuditPolicy, fetch_proofs, verify_proof
-from verify_helpers import eventually, reference, start
+from verify_helpers import eventually, measured_fastest, reference, start
 
 PROMPT = [1, 5, 9, 33, 7, 250]
 NEW_TOKENS = 14
@@ -129,6 +130,7 @@ async def test_cheater_is_caught_proven_banned_and_output_is_honest(tiny_verify,
         honest = [await start(nursery, path, (0, 3), bootstrap=[cheater.address]) for _ in range(2)]
         tail = await start(nursery, path, (3, 6), bootstrap=[cheater.address])
         swarm = await Swarm.connect(nursery, bootstrap=[tail.address], model=path, audit=PARANOID)
+        measured_fastest(swarm.client, cheater, honest)
         cheater_id = cheater.identity.peer_id
 
         result = await swarm.generate(PROMPT, max_new_tokens=NEW_TOKENS)
@@ -178,11 +180,7 @@ async def test_rollback_after_a_late_detection_gives_the_honest_text(tiny_verify
 
         # The cheater's outputs must be used before audits start: make it the one this client
         # measured fastest, so that the route goes through it (routing uses measurements).
-        now = trio.current_time()
-        for node, seconds in [(cheater, 0.0)] + [(h, 1.0) for h in honest]:
-            swarm.client.health.observe_rtt(node.identity.peer_id, 0.001, now)
-            swarm.client.health.observe_step(node.identity.peer_id, now, seconds=seconds, blocks=3, tokens=1,
-                                             success=False)
+        measured_fastest(swarm.client, cheater, honest)
 
         class LateAuditor(Auditor):  # audits nothing for the first 6 steps, everything after
             def should_audit(self, peer=None):

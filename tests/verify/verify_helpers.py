@@ -28,3 +28,13 @@ async def eventually(predicate, timeout: float = 30.0) -> None:
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(0.02)
+
+
+def measured_fastest(client, fast, slow) -> None:
+    """Make ``client`` have measured node ``fast`` fastest and the ``slow`` nodes slow
+    (routing goes by what the client measured, not by announcements), so that its
+    routes go through ``fast`` first."""
+    now = trio.current_time()
+    for node, seconds in [(fast, 0.0)] + [(s, 1.0) for s in slow]:
+        client.health.observe_rtt(node.identity.peer_id, 0.001, now)
+        client.health.observe_step(node.identity.peer_id, now, seconds=seconds, blocks=3, tokens=1, success=False)
