@@ -51,13 +51,16 @@ async def run_async(args, env, *, stdin: bytes = b"", merge: bool = False) -> su
 
 def one_error_line(done: subprocess.CompletedProcess) -> str:
     err = done.stderr.decode().strip()
-    assert done.returncode == 1 and "\n" not in err and err.startswith("swarm-peer: error: "), err
+    assert done.returncode == 1, err
+    assert "\n" not in err, err
+    assert err.startswith("swarm-peer: error: "), err
     return err
 
 
 def result_of(stdout: bytes) -> tuple[list[dict], dict]:
     lines = [json.loads(line) for line in stdout.decode().splitlines()]
-    assert all(line["type"] == "token" for line in lines[:-1]) and lines[-1]["type"] == "result"
+    assert all(line["type"] == "token" for line in lines[:-1])
+    assert lines[-1]["type"] == "result"
     return lines[:-1], lines[-1]
 
 
@@ -76,10 +79,12 @@ async def test_generate_applies_the_chat_template_unless_raw_and_streams_json_li
         # item 1: the chat template is on by default, as in the Python API
         assert result["prompt_tokens"] == len(head.encode_prompt(POEM, chat=True))
         assert result["text"] == (await swarm.generate(POEM, max_new_tokens=6)).text
-        assert [t["index"] for t in tokens] == list(range(len(tokens))) and tokens
+        assert [t["index"] for t in tokens] == list(range(len(tokens)))
+        assert tokens
         assert "".join(t["text"] for t in tokens) == result["text"]
         # what the audits established (issue 11): one server, checked on the client's own copy
-        assert result["verification"]["hop_steps"] == 6 and result["verification"]["unverifiable_hops"] == []
+        assert result["verification"]["hop_steps"] == 6
+        assert result["verification"]["unverifiable_hops"] == []
         # item 3: the first token is reported from the command's start, which includes
         # loading the head and joining the swarm (the swarm's own TTFT is inside it)
         assert result["first_token_after"] > result["timings"]["time_to_first_token"] > 0
@@ -158,7 +163,8 @@ def test_serve_says_what_it_does_and_refuses_busy_ports_and_identities(chat_mode
         errors = (tmp_path / "serve.err").read_text()
         # item 9: what was chosen and why; item 3: progress of loading and the probe
         assert "swarm-peer: chose blocks 0:4: all 4 blocks: --num-blocks 100 is more than the model has" in errors
-        assert "swarm-peer: loading blocks 0:4" in errors and "swarm-peer: measuring the throughput" in errors
+        assert "swarm-peer: loading blocks 0:4" in errors
+        assert "swarm-peer: measuring the throughput" in errors
         port = server.address.rsplit(":", 1)[1]
         # item 4: a busy port is one line, before the model is even resolved
         err = one_error_line(run(cli("serve", "--model", "/nonexistent/model", "--port", port), env))
@@ -180,7 +186,8 @@ def test_serve_says_what_it_does_and_refuses_busy_ports_and_identities(chat_mode
         # item 8: when each announcement was last renewed and when it expires
         (entry,) = view["servers"]
         assert entry["addrs"] == [server.address]
-        assert 0 <= entry["age"] < 600 and 0 < entry["expires_in"] <= 600
+        assert 0 <= entry["age"] < 600
+        assert 0 < entry["expires_in"] <= 600
         # item 10: the models the swarm serves (its model index; tests/peer/test_model_info.py has two)
         assert view["models"] == [{"name": chat_model, "model_id": view["model"], "num_blocks": 4, "hidden_size": 64,
                                    "source": "", "servers": 1, "origin": "configured"}]
@@ -215,7 +222,8 @@ async def test_a_model_without_a_tokenizer_is_one_line(tmp_path, env):
         node = await start_server(nursery, str(path), (0, 2))
         done = await run_async(cli("generate", "--bootstrap", node.address, "--model", str(path), "hello"), env)
         err = one_error_line(done)
-        assert "has no tokenizer (none of tokenizer.json" in err and "sentencepiece" not in err
+        assert "has no tokenizer (none of tokenizer.json" in err
+        assert "sentencepiece" not in err
         nursery.cancel_scope.cancel()
 
 
@@ -224,7 +232,8 @@ async def test_a_model_without_a_tokenizer_is_one_line(tmp_path, env):
 
 def test_version_and_help_for_every_option(env):
     done = run(cli("--version"), env)
-    assert done.returncode == 0 and re.match(rb"swarm-peer \d+\.\d+\.\d+ \(wire protocol \d+\.\d+\)", done.stdout)
+    assert done.returncode == 0
+    assert re.match(rb"swarm-peer \d+\.\d+\.\d+ \(wire protocol \d+\.\d+\)", done.stdout)
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
     assert set(commands) >= {"keygen", "serve", "api", "generate", "chat", "status", "demo"}
@@ -273,7 +282,8 @@ async def test_a_failover_warning_never_lands_inside_a_streamed_line(chat_model,
                                merge=True)
         out = done.stdout.decode()
         assert done.returncode == 0, out
-        assert killed and "1 failover(s)" in out
+        assert killed
+        assert "1 failover(s)" in out
         warnings = [m.start() for m in re.finditer("swarm-peer: warning: ", out)]
         assert warnings, out
         for at in warnings:
@@ -298,7 +308,8 @@ def test_held_log_records_wait_for_the_end_of_the_streamed_line():
         printer.write("there")
         logger.warning("again")
         printer.finish_line()
-        assert out.getvalue() == "Once upon a time\nthere\n" and err.getvalue().endswith("again\n")
+        assert out.getvalue() == "Once upon a time\nthere\n"
+        assert err.getvalue().endswith("again\n")
     finally:
         logger.removeHandler(handler)
 
