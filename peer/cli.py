@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "a machine)")
     serve.add_argument("--compute-slots", type=int, default=1,
                        help="steps computed at once; more wait, served in order of the requesters' credit")
+    serve.add_argument("--max-batch", type=int, default=16,
+                       help="decode steps of different sessions computed together as one forward, chosen in "
+                            "credit order (default 16; 1 turns batching off)")
     serve.add_argument("--api", type=int, metavar="PORT",
                        help="also serve the OpenAI-compatible HTTP API and the web page on this port")
     serve.add_argument("--api-host", default="127.0.0.1", metavar="HOST",

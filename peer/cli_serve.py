@@ -116,7 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, announce_addrs=tuple(args.announce_addr), bootstrap=tuple(args.bootstrap),
         source_addr=args.source_addr,
         device=args.device, dtype=args.dtype, quant=args.quant, max_sessions=args.max_sessions,
-        cache_bytes=args.cache_bytes, compute_slots=args.compute_slots, threads=args.threads,
+        cache_bytes=args.cache_bytes, compute_slots=args.compute_slots, max_batch=args.max_batch, threads=args.threads,
         ledger_path=str(ledger_path_for(identity_path)))
     check_port_free(args.host, args.port, "--port")
     if args.api is not None:

@@ -630,7 +630,11 @@ class SwarmClient:
 
 
 def _route_hop(hop: Hop, address: str) -> RouteHop:
-    return RouteHop(peer_id=hop.peer_id.hex(), address=address, start=hop.start, end=hop.end)
+    # The address the hop announced (and was dialled at): the connection's remote end
+    # is an ephemeral port when the connection in use is one the hop dialled, as a
+    # server's own API does through its own host.
+    shown = hop.addrs[0] if hop.addrs else address
+    return RouteHop(peer_id=hop.peer_id.hex(), address=shown, start=hop.start, end=hop.end)
 
 
 def _stable_text(tokens: TokenStream, decode_text: bool) -> str:

@@ -45,7 +45,7 @@ from .credit import CreditService
 from .model_info import ModelInfoService
 from . import _progress
 from .runtime._errors import InvalidArgument
-from .scheduler import Scheduler
+from .scheduler import Scheduler, SchedulerConfig
 from .server import ServerLimits, SpanServer, answer_loading
 
 __all__ = ["ServeOptions", "ServerNode", "run_server", "parse_blocks", "span_reason", "default_cache_bytes"]
@@ -77,6 +77,7 @@ class ServeOptions:
     reputation_path: str | None = None  # reputation and bans (None: kept in memory)
     rebalance_interval: float = 300.0  # seconds between checks of a self-chosen span (Petals' rule)
     compute_slots: int = 1  # steps computed at once; more queue in credit order
+    max_batch: int = 16  # decode steps of different sessions computed as one forward (1: no batching)
     threads: int | None = None  # torch threads for compute (None: torch's default, one per core)
 
     def __post_init__(self) -> None:
@@ -86,6 +87,8 @@ class ServeOptions:
             raise InvalidArgument(f"--max-sessions-per-peer must be at least 1, got {self.max_sessions_per_peer}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise InvalidArgument(f"--num-blocks must be at least 1, got {self.num_blocks}")
+        if self.max_batch < 1:
+            raise InvalidArgument(f"--max-batch must be at least 1, got {self.max_batch}")
         if self.threads is not None and self.threads < 1:
             raise InvalidArgument(f"--threads must be at least 1, got {self.threads}")
         if not 0 <= self.port <= 65535:
@@ -206,7 +209,8 @@ class ServerNode:
         s, st = self.server, self.server.stats
         return (f"blocks {s.span[0]}:{s.span[1]} | sessions {s.open_sessions}/{s.max_sessions} | "
                 f"{st.tokens} tokens in {st.steps} steps | {st.tokens_per_second:.1f} tok/s compute | "
-                f"{len(self.host.connections)} peers")
+                + (f"{st.batched_steps} steps batched (up to {st.largest_batch}) | " if st.batched_steps else "")
+                + f"{len(self.host.connections)} peers")
 
 
 async def run_server(identity: Identity, options: ServeOptions, *,
@@ -254,7 +258,7 @@ async def run_server(identity: Identity, options: ServeOptions, *,
             # The one owner of this peer's compute: served steps and fraud proof
             # verification alike wait here for a slot, in credit order.
             compute = Scheduler(options.compute_slots, credit_of=credit.credit_total,
-                                delinquent_of=credit.delinquent)
+                                delinquent_of=credit.delinquent, config=SchedulerConfig(max_batch=options.max_batch))
             reputation = (Reputation.load(options.reputation_path) if options.reputation_path is not None
                           else Reputation())
             limits = ServerLimits(max_sessions=options.max_sessions, max_sessions_per_peer=options.max_sessions_per_peer,

@@ -1,42 +1,8 @@
 """Credit-ordered compute scheduling (spec "Credit", "Scheduling policy").
 
-Theory of operation. A server has ``capacity`` compute slots. ``SchedulingPolicy``
-is the pure core: requests are ``submit``-ted with the requester's credit and their
-*work* (tokens x blocks, the unit receipts count), ``grant`` says which tickets start
-now, ``release`` frees a slot, ``cancel`` withdraws a waiter. It takes ``now`` as an
-argument and never reads a clock.
-
-- Work-conserving: a free slot is granted at once whenever anyone waits, so without
-  contention nobody waits at all.
-- Proportional share of *work* under contention (stride scheduling, Waldspurger 1995,
-  charged by work and ordered by virtual finish time as in weighted fair queuing):
-  each flow has a *pass*; the waiting flow whose pass plus ``work / weight`` of its
-  next request is lowest is served and its pass advances by ``work / weight``, with
-  ``weight = 1 + max_boost * normalized_credit(credit)`` (BarterCast arctan, so
-  weights lie in [1, 1 + max_boost)). A requester asking for 2,047 tokens is charged
-  2,047 times what a decode step is, so over time each contending flow gets compute in
-  proportion to its weight, whatever the size of its requests. A flow that becomes
-  active joins at the current virtual time, so idling does not bank priority. Ties go
-  to the older ticket; the result is deterministic.
-- Every requester with credit is a flow of its own; requesters without credit
-  (newcomers, free-riders, fresh identities) share one flow of weight 1, inside which
-  they take turns by work the same way. So minting identities buys a Sybil nothing
-  against contributors: all of them together get one newcomer's share, plus the
-  optimistic slice below.
-- Optimistic unchoke (BitTorrent): a fifth (``1 / unchoke_every``) of the work granted
-  under contention goes to the optimistic requester, chosen (seeded RNG) among waiting
-  non-delinquent requesters whose normalized credit is below one half (newcomers, low
-  credit). The choice is re-evaluated every ``reevaluate_interval`` s (a new one if the
-  current one stopped waiting) and rotated every ``rotate_interval`` s. Its grants do
-  not advance its pass: the share is reserved on top of the proportional one, and what
-  it is owed does not accumulate while it is not waiting. With unit work this is one
-  contended grant in ``unchoke_every``, as before work was counted.
-- Delinquent requesters (they owe receipts beyond the grace) are served only when no
-  one else waits.
-
-A request is granted as a whole; so that a big one cannot hold a slot for long, the
-server submits it in pieces of at most a quantum of work (``peer.server``), each its
-own ticket, and the honest decode step waits at most one piece.
+Theory of operation. The policy (which request a free compute slot serves, how a batch
+is filled, what each is charged) is the pure ``SchedulingPolicy`` of
+``peer._scheduling``; see it for the rules.
 
 ``Scheduler`` is the thin trio shell, and the one owner of a peer's compute: every
 step a server computes and every fraud proof it verifies goes through
@@ -44,12 +10,23 @@ step a server computes and every fraud proof it verifies goes through
 the policy (``slot``) and runs ``fn`` in a worker thread; ``capacity`` threads compute
 at once, so the grant order is the order compute starts in. A cancelled waiter leaves
 the queue; a slot granted to a waiter cancelled at the same moment is passed on.
+``await scheduler.run_batch(requester, item, key=..., combine=...)`` is the batched
+form: the items of the tickets granted one slot together are computed by one call of
+``combine(items) -> results`` in a worker thread, made by the first of them.
+
+Lingering: every step needs a round trip to its client, so under a steady load the
+sessions can split into groups that take turns (one batch computes while the other's
+steps travel), each step then waiting for the other group's batch. A batch smaller than
+the last one of its key therefore waits, before it computes, up to ``batch_linger``
+times the last one's compute time for more steps of its key (``SchedulingPolicy.extend``
+lets them in, in policy order): the groups merge into one batch, which costs little
+more than either. It never waits when it is as large as the last one, and a smaller
+size is learnt at once, so sessions that end cost one short wait.
 """
 
 from __future__ import annotations
 
-import random
-from collections import deque
+import time
 from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -57,256 +34,29 @@ from typing import TypeVar
 
 import trio
 
-from swarm.credit import normalized_credit
+from ._scheduling import SWEEP_AT, SchedulerConfig, SchedulingPolicy
 
 __all__ = ["SchedulerConfig", "SchedulingPolicy", "Scheduler"]
 
-_SWEEP_AT = 1024  # idle requester states kept before a sweep
 _WAITS_KEPT = 1024  # recent waits kept per requester (status and tests)
 
 T = TypeVar("T")
+I = TypeVar("I")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SchedulerConfig:
-    """Parameters of the policy. Defaults follow the spec's SHOULDs."""
+@dataclass(eq=False, slots=True, kw_only=True)
+class _Member:
+    """One ``run_batch`` call: its item, and once granted, what its slot computed."""
 
-    capacity: int = 1  # concurrent compute slots
-    unchoke_every: int = 5  # 1 in n contended grants is optimistic (0: never)
-    reevaluate_interval: float = 10.0  # seconds between optimistic re-evaluations
-    rotate_interval: float = 30.0  # seconds an optimistic requester keeps its share
-    credit_scale: float = 1024.0  # work units at which normalized credit is 0.5
-    max_boost: float = 9.0  # weight of a top contributor is at most 1 + max_boost
-    seed: int = 0  # the optimistic choice's RNG seed
-
-    def __post_init__(self) -> None:
-        if self.capacity < 1:
-            raise ValueError("capacity must be at least 1")
-        if self.unchoke_every < 0 or self.unchoke_every == 1:
-            raise ValueError("unchoke_every must be 0 (off) or at least 2")
-        if not (self.reevaluate_interval > 0 and self.rotate_interval >= self.reevaluate_interval):
-            raise ValueError("intervals must be positive and rotate_interval >= reevaluate_interval")
-        if not (self.credit_scale > 0 and self.max_boost >= 0):
-            raise ValueError("credit_scale must be positive and max_boost non-negative")
-
-    def weight(self, credit: float) -> float:
-        return 1.0 + self.max_boost * normalized_credit(credit, self.credit_scale)
-
-
-@dataclass(slots=True)
-class _Requester:
+    item: object
+    combine: Callable[[list], list]
     key: Hashable
-    credit: float
-    weight: float
-    delinquent: bool
-    pass_: float  # a creditor's pass; a newcomer's turn inside the newcomers' flow
-    waiting: deque[int] = field(default_factory=deque)
-    running: int = 0
-
-    @property
-    def newcomer(self) -> bool:
-        return self.credit <= 0.0
-
-
-@dataclass(slots=True)
-class _Flow:
-    """The one flow all requesters without credit share."""
-
-    pass_: float = 0.0
-    vtime: float = 0.0  # turn of the last newcomer served: where newly active newcomers join
-
-
-class SchedulingPolicy:
-    """The pure scheduling core. Tickets are ints, increasing in submission order."""
-
-    def __init__(self, config: SchedulerConfig | None = None) -> None:
-        self.config = config or SchedulerConfig()
-        self._rng = random.Random(self.config.seed)
-        self._requesters: dict[Hashable, _Requester] = {}
-        self._owner: dict[int, _Requester] = {}  # ticket -> requester (waiting or running)
-        self._work: dict[int, int] = {}  # ticket -> its work units
-        self._running: set[int] = set()
-        self._next_ticket = 0
-        self._vtime = 0.0  # pass of the last stride grant: where newly active flows join
-        self._newcomers = _Flow()
-        self._owed = 0  # optimistic work owed, times (unchoke_every - 1)
-        self._owed_cap = 1
-        self._optimistic: Hashable | None = None
-        self._next_evaluation = float("-inf")
-        self._rotate_at = float("-inf")
-
-    # -- inspection ---------------------------------------------------------------
-
-    @property
-    def running(self) -> int:
-        return len(self._running)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._owner) - len(self._running)
-
-    @property
-    def optimistic(self) -> Hashable | None:
-        """The requester currently holding the optimistic-unchoke share, if any."""
-        return self._optimistic
-
-    def is_waiting(self, ticket: int) -> bool:
-        return ticket in self._owner and ticket not in self._running
-
-    # -- transitions --------------------------------------------------------------
-
-    def submit(self, requester: Hashable, *, now: float, credit: float = 0.0, delinquent: bool = False,
-               work: int = 1) -> int:
-        """Queue ``work`` units (tokens x blocks, at least 1) for ``requester``; returns
-        its ticket. Call ``grant`` next."""
-        if len(self._requesters) > _SWEEP_AT + 2 * len(self._owner):
-            self._sweep()
-        credit = max(0.0, float(credit))
-        state = self._requesters.get(requester)
-        newcomer = credit <= 0.0
-        if state is None:
-            state = self._requesters[requester] = _Requester(
-                key=requester, credit=credit, weight=1.0, delinquent=False,
-                pass_=self._newcomers.vtime if newcomer else self._vtime)
-        elif (not state.waiting and not state.running) or state.newcomer != newcomer:
-            # no banking of idle time; a newcomer that earned credit joins the creditors now
-            state.pass_ = max(state.pass_, self._newcomers.vtime if newcomer else self._vtime)
-        if newcomer and not self._newcomers_active():
-            self._newcomers.pass_ = max(self._newcomers.pass_, self._vtime)
-        state.credit = credit
-        state.weight = self.config.weight(state.credit)
-        state.delinquent = delinquent
-        ticket = self._next_ticket
-        self._next_ticket += 1
-        state.waiting.append(ticket)
-        self._owner[ticket] = state
-        self._work[ticket] = max(1, int(work))
-        return ticket
-
-    def grant(self, *, now: float) -> list[int]:
-        """Tickets that start now (the caller runs them), while slots are free."""
-        granted: list[int] = []
-        while len(self._running) < self.config.capacity and self.waiting:
-            state = self._pick(now)
-            ticket = state.waiting.popleft()
-            state.running += 1
-            self._running.add(ticket)
-            granted.append(ticket)
-        return granted
-
-    def release(self, ticket: int, *, now: float) -> None:
-        """A granted ticket finished (or failed); its slot is free. Call ``grant`` next."""
-        if ticket not in self._running:
-            raise KeyError(f"ticket {ticket} is not running")
-        self._running.discard(ticket)
-        state = self._owner.pop(ticket)
-        self._work.pop(ticket, None)
-        state.running -= 1
-        self._forget_if_idle(state)
-
-    def cancel(self, ticket: int) -> bool:
-        """Withdraw a waiting ticket. Returns False if it is not waiting (running or gone)."""
-        if not self.is_waiting(ticket):
-            return False
-        state = self._owner.pop(ticket)
-        self._work.pop(ticket, None)
-        state.waiting.remove(ticket)
-        self._forget_if_idle(state)
-        return True
-
-    # -- policy -------------------------------------------------------------------
-
-    def _pick(self, now: float) -> _Requester:
-        active = [s for s in self._requesters.values() if s.waiting]
-        normal = [s for s in active if not s.delinquent]
-        if not normal:  # only delinquents wait: idle capacity serves them, oldest first
-            return min(active, key=lambda s: s.waiting[0])
-        if len(normal) == 1:
-            return self._advance(normal[0])
-        self._evaluate_optimistic(now, normal)
-        every = self.config.unchoke_every
-        chosen = self._requesters.get(self._optimistic) if self._optimistic is not None else None
-        if every and chosen is not None and chosen.waiting and not chosen.delinquent:
-            head = self._work[chosen.waiting[0]]
-            self._owed_cap = head
-            if self._owed >= head * (every - 1):
-                self._owed -= head * (every - 1)
-                return chosen  # reserved share: the pass is not advanced
-        state = self._stride(normal)
-        self._owed += self._work[state.waiting[0]]
-        if every and (chosen is None or not chosen.waiting):
-            self._owed = min(self._owed, self._owed_cap * (every - 1))  # no banking while it is away
-        return self._advance(state)
-
-    def _stride(self, normal: list[_Requester]) -> _Requester:
-        """The waiting requester the proportional share serves next: the least virtual
-        finish time (pass plus the head ticket's work over the weight), so that of flows
-        at the same pass the one asking for less goes first, and a decode step that joins
-        at the virtual time never waits behind a round of big pieces."""
-        work = self._work
-        newcomers = [s for s in normal if s.newcomer]
-        creditors = [s for s in normal if not s.newcomer]
-        best = None
-        if creditors:
-            best = min(creditors, key=lambda s: (s.pass_ + work[s.waiting[0]] / s.weight, s.waiting[0]))
-            best_key = (best.pass_ + work[best.waiting[0]] / best.weight, best.waiting[0])
-        if newcomers:
-            first = min(newcomers, key=lambda s: (s.pass_ + work[s.waiting[0]], s.waiting[0]))
-            if best is None or (self._newcomers.pass_ + work[first.waiting[0]], first.waiting[0]) < best_key:
-                return first
-        assert best is not None
-        return best
-
-    def _advance(self, state: _Requester) -> _Requester:
-        work = self._work[state.waiting[0]]
-        if state.newcomer:
-            flow = self._newcomers
-            self._vtime = max(self._vtime, flow.pass_)
-            flow.pass_ += work  # the flow's weight is 1
-            flow.vtime = max(flow.vtime, state.pass_)
-            state.pass_ += work
-        else:
-            self._vtime = max(self._vtime, state.pass_)
-            state.pass_ += work / state.weight
-        return state
-
-    def _newcomers_active(self) -> bool:
-        return any(s.waiting or s.running for s in self._requesters.values() if s.newcomer)
-
-    def _evaluate_optimistic(self, now: float, normal: list[_Requester]) -> None:
-        current = self._requesters.get(self._optimistic) if self._optimistic is not None else None
-        still_fine = current is not None and current.waiting and self._eligible(current)
-        if now < self._next_evaluation and still_fine:
-            return
-        if now >= self._next_evaluation:
-            self._next_evaluation = now + self.config.reevaluate_interval
-        if still_fine and now < self._rotate_at:
-            return
-        candidates = sorted((s for s in normal if self._eligible(s)), key=lambda s: s.waiting[0])
-        if current is not None and len(candidates) > 1:
-            candidates = [s for s in candidates if s is not current]  # rotate to someone else
-        if candidates:
-            self._optimistic = self._rng.choice(candidates).key
-            self._rotate_at = now + self.config.rotate_interval
-        elif not still_fine:
-            self._optimistic = None
-
-    def _eligible(self, state: _Requester) -> bool:
-        return not state.delinquent and normalized_credit(state.credit, self.config.credit_scale) < 0.5
-
-    def _sweep(self) -> None:
-        # Idle requesters whose pass is ahead of vtime would otherwise stay forever;
-        # forgetting one gives it back at most one quantum (1 / weight) on return.
-        for key in [k for k, s in self._requesters.items() if not s.waiting and not s.running]:
-            del self._requesters[key]
-
-    def _forget_if_idle(self, state: _Requester) -> None:
-        # A requester with nothing queued whose pass is not ahead would rejoin at
-        # vtime anyway: dropping it bounds memory by the active requesters.
-        vtime = self._newcomers.vtime if state.newcomer else self._vtime
-        if not state.waiting and not state.running and state.pass_ <= vtime:
-            if self._requesters.get(state.key) is state:
-                del self._requesters[state.key]
+    granted: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)
+    group: list[_Member] | None = None  # set on the first ticket of a slot: everyone in it
+    tickets: list[int] = field(default_factory=list)
+    result: object = None
+    error: BaseException | None = None
 
 
 class Scheduler:
@@ -335,6 +85,9 @@ class Scheduler:
         self._credit_of = credit_of or (lambda _requester: 0.0)
         self._delinquent_of = delinquent_of or (lambda _requester: False)
         self._events: dict[int, trio.Event] = {}
+        self._members: dict[int, _Member] = {}  # ticket -> its run_batch call
+        self._last: dict[Hashable, tuple[int, float]] = {}  # batch key -> (size, seconds) of its last batch
+        self._arrivals: dict[Hashable, trio.Event] = {}  # batch key -> set when one of its steps comes
         # The policy never grants more than ``capacity`` slots, so this limiter never
         # makes anyone wait (and so never reorders grants); it only keeps trio's
         # default thread limiter, shared with everything else, out of the way.
@@ -403,9 +156,110 @@ class Scheduler:
             policy.release(ticket, now=trio.current_time())
             self._dispatch(trio.current_time())
 
+    async def run_batch(self, requester: Hashable, item: I, *, key: Hashable,
+                        combine: Callable[[list[I]], list[T]], work: int = 1) -> T:
+        """``item``'s result, computed in a batch: once the policy grants this ticket a
+        slot, together with the other waiting tickets of batch ``key`` it lets in
+        (``SchedulingPolicy.grant_groups``), one worker thread calls ``combine(items)``
+        (the first ticket's ``combine``: one per key) and each caller gets its result, or
+        the exception ``combine`` raised. ``work`` is this item's own work units.
+
+        Cancellation: a waiter leaves the queue; once its batch is granted the item is
+        computed to the end and the cancellation is delivered after.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        policy = self.policy
+        asked = trio.current_time()
+        ticket = policy.submit(requester, now=asked, credit=self._credit_of(requester),
+                               delinquent=self._delinquent_of(requester), work=work, batch=key)
+        me = self._members[ticket] = _Member(item=item, combine=combine, key=key)
+        arrived = self._arrivals.pop(key, None)
+        if arrived is not None:
+            arrived.set()
+        self._dispatch(asked)
+        try:
+            if not me.granted.is_set():
+                await me.granted.wait()
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        except BaseException:
+            if policy.cancel(ticket):
+                del self._members[ticket]
+                self._dispatch(trio.current_time())
+                raise
+            with trio.CancelScope(shield=True):  # granted meanwhile: the batch counts on it
+                await self._finish(requester, me, asked)
+            raise
+        return await self._finish(requester, me, asked)  # type: ignore[return-value]
+
+    async def _finish(self, requester: Hashable, me: _Member, asked: float) -> object:
+        granted = trio.current_time()
+        waits = self.waits.setdefault(requester, [])
+        waits.append((granted, granted - asked))
+        del waits[:-_WAITS_KEPT]
+        with trio.CancelScope(shield=True):  # the compute runs to the end either way
+            if me.group is not None:  # the first of its slot: compute the batch
+                group, tickets = me.group, me.tickets
+                try:
+                    await self._linger(me)
+                    t0 = time.perf_counter()
+                    results = await trio.to_thread.run_sync(me.combine, [m.item for m in group],
+                                                            limiter=self._threads)
+                    if len(self._last) > SWEEP_AT:
+                        self._last.clear()
+                    self._last[me.key] = (len(group), time.perf_counter() - t0)
+                    if len(results) != len(group):
+                        raise RuntimeError(f"a batch of {len(group)} items gave {len(results)} results")
+                    for m, result in zip(group, results):
+                        m.result = result
+                except BaseException as exc:  # noqa: BLE001 - every member gets it
+                    for m in group:
+                        m.error = exc
+                finally:
+                    now = trio.current_time()
+                    for ticket in tickets:
+                        self._members.pop(ticket, None)
+                        self.policy.release(ticket, now=now)
+                    self._dispatch(now)
+                    for m in group:
+                        m.done.set()
+            else:
+                await me.done.wait()
+        if me.error is not None:
+            raise me.error
+        return me.result
+
+    async def _linger(self, first: _Member) -> None:
+        """Wait (a bounded moment) for more steps of a batch smaller than its key's last."""
+        assert first.group is not None
+        size, took = self._last.get(first.key, (0, 0.0))
+        if len(first.group) >= size or self.policy.config.batch_linger * took <= 0:
+            return
+        with trio.move_on_after(self.policy.config.batch_linger * took):
+            while len(first.group) < size:
+                arrived = self._arrivals.setdefault(first.key, trio.Event())
+                await arrived.wait()
+                self._join(first)
+        self._join(first)
+
+    def _join(self, first: _Member) -> None:
+        assert first.group is not None
+        for ticket in self.policy.extend(first.tickets[0], now=trio.current_time()):
+            member = self._members[ticket]
+            first.group.append(member)
+            first.tickets.append(ticket)
+            member.granted.set()
+
     def _dispatch(self, now: float) -> None:
-        for granted in self.policy.grant(now=now):
-            self._events[granted].set()
+        for group in self.policy.grant_groups(now=now):
+            first = self._members.get(group[0])
+            if first is None:  # a plain slot
+                self._events[group[0]].set()
+                continue
+            first.group = [self._members[ticket] for ticket in group]
+            first.tickets = group
+            for member in first.group:
+                member.granted.set()
 
     @property
     def running(self) -> int:

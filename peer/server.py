@@ -41,6 +41,17 @@ whose output does not change; chunks of ``chunk_tokens`` tokens too for a long
 FORWARD_ONCE), so a decode step waits for at most one piece of someone else's big
 request.
 
+Batching across sessions (issue 16): a step of at most a quantum of work is submitted
+with a batch key (the executor, its blocks and its token count), so the scheduler
+computes the waiting steps of concurrent sessions over the same blocks as one forward
+(``SpanExecutor.forward_batch``: per-row positions and masks, each session's own cache),
+continuously: steps that arrive while a batch computes make the next one. The
+scheduler decides who enters a batch and in what order (credit, the optimistic share;
+``SchedulerConfig.max_batch`` / ``--max-batch``, 1 turns batching off). Each step is
+still checked, signed and charged on its own; its output equals the lone step's up to
+float rounding. Steps with different token counts are not batched together (a padded
+row would cost as much as a real one), nor bigger steps (prefills), which go in pieces.
+
 ``answer_loading`` serves the session requests of a peer that is still loading its
 span: ``ERROR LOADING`` with a ``retry_after``, so that clients route around it
 rather than take "not served" for an answer (spec section 11).
@@ -93,7 +104,7 @@ from protocol.errors import ErrorCode, ProtocolError, RemoteError, SwarmError, U
 from swarm.errors import PeerUnreachable, RequestTimeout
 from swarm.transport import Host, PeerConnection
 
-from .runtime import ForwardJob, SpanExecutor
+from .runtime import ForwardJob, SessionStep, SpanExecutor
 from .scheduler import Scheduler
 
 __all__ = ["SpanServer", "ServerStats", "ServerLimits", "answer_loading"]
@@ -134,6 +145,8 @@ class ServerStats:
     tokens: int = 0  # tokens through the span (prefill tokens count one each)
     sessions_opened: int = 0
     compute_seconds: float = 0.0
+    batched_steps: int = 0  # steps computed in a batch with other sessions' steps
+    largest_batch: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -351,13 +364,20 @@ class SpanServer:
         state = served.state
         served.computing = True
         job: ForwardJob | None = None
+        step: SessionStep | None = None
         try:
             n_tokens, hidden = await self._off_loop(len(msg.hidden.data), self._check_and_decode, state, msg,
                                                     conn.public_key)
-            job = self.executor.forward_job(msg.session, hidden, msg.position, quantum=self.limits.quantum)
-            output = await self._compute_step(conn, state.span, n_tokens, job)
+            step = self.executor.check_step(msg.session, hidden, msg.position)
+            if self.compute.policy.config.max_batch > 1 and step.work <= self.limits.quantum:
+                output = await self._compute_batched(conn, state.span, step)
+            else:
+                step = None
+                job = self.executor.forward_job(msg.session, hidden, msg.position, quantum=self.limits.quantum)
+                output = await self._compute_step(conn, state.span, n_tokens, job)
         except BaseException:
-            if job is not None and 0 < job.pieces_done < len(job.pieces):
+            if ((job is not None and 0 < job.pieces_done < len(job.pieces))
+                    or (step is not None and step.started and not step.finished)):
                 self._drop(msg.session)  # its cache holds half a step: it cannot go on
             raise
         finally:
@@ -530,13 +550,37 @@ class SpanServer:
             if self._in_flight == 0:
                 self._idle.set()
         output = job.result()
+        self._account(requester, span, n_tokens, seconds)
+        return output
+
+    async def _compute_batched(self, requester: PeerConnection, span: tuple[int, int],
+                               step: SessionStep) -> torch.Tensor:
+        """``step`` computed in a batch with other sessions' waiting steps over the same
+        blocks (``Scheduler.run_batch``), charged its own work."""
+        self._in_flight += 1
+        self._idle = trio.Event() if self._in_flight == 1 else self._idle
+        executor = self.executor
+        try:
+            output, seconds, size = await self.compute.run_batch(
+                requester.peer_id, step, key=("steps", id(executor), step.session.lo, step.session.hi, step.tokens),
+                combine=functools.partial(_batch_timed, executor), work=step.work)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+        if size > 1:
+            self.stats.batched_steps += 1
+            self.stats.largest_batch = max(self.stats.largest_batch, size)
+        self._account(requester, span, step.tokens, seconds)
+        return output
+
+    def _account(self, requester: PeerConnection, span: tuple[int, int], n_tokens: int, seconds: float) -> None:
         work = n_tokens * (span[1] - span[0])
         self.stats.steps += 1
         self.stats.tokens += n_tokens
         self.stats.compute_seconds += seconds
         if self._on_work is not None:
             self._on_work(requester, work)
-        return output
 
 
 class _NoLimit:
@@ -556,6 +600,15 @@ def _timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def _batch_timed(executor: SpanExecutor, steps: list[SessionStep]) -> list[tuple[torch.Tensor, float, int]]:
+    """The steps computed as one forward, each with its share of the time it took and the
+    batch's size: runs in a compute worker thread."""
+    t0 = time.perf_counter()
+    outputs = executor.forward_batch(steps)
+    share = (time.perf_counter() - t0) / len(steps)
+    return [(output, share, len(steps)) for output in outputs]
 
 
 def answer_loading(host: Host, *, retry_after: Callable[[], float]) -> None:

@@ -28,7 +28,7 @@ from ._errors import (
     UnknownSession,
     UnsupportedArchitecture,
 )
-from ._executor import ForwardJob, SessionsInfo, SpanExecutor, measure_throughput
+from ._executor import ForwardJob, SessionsInfo, SessionStep, SpanExecutor, measure_throughput
 from ._generate import TokenStream, check_chain, generate_local, relay_local
 from ._head import ClientHead
 from ._model_id import ModelInfo, resolve_model
@@ -49,6 +49,7 @@ __all__ = [
     "ModelInfo",
     "SpanExecutor",
     "ForwardJob",
+    "SessionStep",
     "SessionsInfo",
     "measure_throughput",
     "ClientHead",

@@ -49,13 +49,14 @@ import functools
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from ._batch import BATCHED_ATTENTION, BatchJob, SessionStep
 from ._errors import (
     InvalidArgument,
     MaxLengthExceeded,
@@ -69,7 +70,7 @@ from ._model_id import ModelInfo
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-__all__ = ["SpanExecutor", "SessionsInfo", "ForwardJob", "measure_throughput"]
+__all__ = ["SpanExecutor", "SessionsInfo", "ForwardJob", "SessionStep", "measure_throughput"]
 
 SESSION_ID_BYTES = 16
 
@@ -381,6 +382,18 @@ class SpanExecutor:
         advances when the last piece is done. If the job is abandoned half-way the
         session's cache is inconsistent: close the session.
         """
+        step = self.check_step(session_id, hidden, position)
+        session, n = step.session, step.tokens
+
+        def done() -> None:
+            session.length += n
+            session.last_used = self._clock()
+
+        return ForwardJob(self, hidden, position, session.cache, session.lo, session.hi, quantum=quantum,
+                          chunk_tokens=None, on_done=done)
+
+    def check_step(self, session_id: bytes, hidden: torch.Tensor, position: int) -> SessionStep:
+        """The checks of ``forward`` (same errors), done now: the step, for ``forward_batch``."""
         session = self._get(session_id)
         n = self._check_hidden(hidden)
         if position != session.length:
@@ -393,13 +406,45 @@ class SpanExecutor:
                 f"{session.length} + {n} tokens exceed the session's max_length {session.max_length}; "
                 "open a new session with a larger max_length"
             )
+        return SessionStep(session_id=session_id, session=session, hidden=hidden, position=position)
+
+    def forward_batch(self, steps: Sequence[SessionStep]) -> list[torch.Tensor]:
+        """Compute checked steps of different sessions (``check_step``) in one forward and
+        return their outputs in order; each equals the step computed alone up to float
+        rounding (``peer.runtime._batch``), one step alone is the ``forward`` path bit
+        for bit. The sessions advance. If it raises half-way, the sessions of the steps
+        whose ``started`` is set hold half a step: close them.
+
+        Raises:
+            InvalidArgument: no steps, a session twice, or steps over different blocks.
+            PositionMismatch: a step no longer continues its session.
+        """
+        if not steps:
+            raise InvalidArgument("forward_batch needs at least one step")
+        if len({id(s.session) for s in steps}) != len(steps):
+            raise InvalidArgument("a batch holds at most one step of each session")
+        lo, hi = steps[0].session.lo, steps[0].session.hi
+        for s in steps:
+            if (s.session.lo, s.session.hi) != (lo, hi):
+                raise InvalidArgument("the steps of one batch must run the same blocks")
+            if s.position != s.session.length:
+                raise PositionMismatch(f"position {s.position} does not continue the session at length "
+                                       f"{s.session.length}; send position {s.session.length}")
+        if len(steps) > 1 and getattr(self._config, "_attn_implementation", "sdpa") in BATCHED_ATTENTION:
+            return BatchJob(self, steps).run()
+        if len(steps) > 1:  # an attention that takes no 4-D mask: one step after the other
+            return [self.forward_batch([step])[0] for step in steps]
+        (step,) = steps
+        session, n = step.session, step.tokens
 
         def done() -> None:
             session.length += n
             session.last_used = self._clock()
+            step.finished = True
 
-        return ForwardJob(self, hidden, position, session.cache, session.lo, session.hi, quantum=quantum,
-                          chunk_tokens=None, on_done=done)
+        step.started = True
+        return [ForwardJob(self, step.hidden, step.position, session.cache, lo, hi, quantum=None,
+                           chunk_tokens=None, on_done=done).run()]
 
     def forward_once(self, hidden: torch.Tensor, *, start: int | None = None, end: int | None = None) -> torch.Tensor:
         """Run a whole sequence [1, n, hidden_size] from position 0 without any cache,

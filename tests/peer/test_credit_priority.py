@@ -77,7 +77,10 @@ async def test_receipts_go_out_during_a_generation_not_only_at_its_end(model_dir
 @pytest.mark.slow
 async def test_contributors_wait_less_than_free_riders(model_dir, tmp_path):
     async with trio.open_nursery() as nursery:
-        server = await serve(nursery, model_dir, compute_slots=1)
+        # One step at a time (no batching): four sessions would all fit in one batch, and
+        # with room for everyone nobody waits behind anyone. The order in which a batch is
+        # filled under contention is tests/peer/test_scheduler_batch.py's.
+        server = await serve(nursery, model_dir, compute_slots=1, max_batch=1)
         ledgers = [str(tmp_path / f"contributor{i}.ledger") for i in range(2)]
         contributors = [await serve(nursery, model_dir, bootstrap=[server.address], ledger_path=ledger)
                         for ledger in ledgers]

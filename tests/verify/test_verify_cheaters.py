@@ -53,6 +53,11 @@ class CheatingExecutor:
         job = self._real.forward_job(session_id, hidden, position, **kw)
         return TamperedJob(job, lambda out: self._after_forward(session_id, hidden, out))
 
+    # ... and decode steps of several sessions in one batch (SpanExecutor.forward_batch).
+    def forward_batch(self, steps):
+        outputs = self._real.forward_batch(steps)
+        return [self._after_forward(s.session_id, s.hidden, out) for s, out in zip(steps, outputs, strict=True)]
+
     def forward_once_job(self, hidden, *, start=None, end=None, **kw):
         job = self._real.forward_once_job(hidden, start=start, end=end, **kw)
         return TamperedJob(job, lambda out: self._tamper(out, hidden))
