@@ -80,7 +80,8 @@ def covered(spans: tuple[tuple[int, int], ...], up: set[int], layers: int = LAYE
     return all(any(spans[i][0] <= b < spans[i][1] for i in up) for b in range(layers))
 
 
-def schedule(kind: str, rng: random.Random, duration: float, spans=SPANS, layers: int = LAYERS) -> list[Fault]:
+def schedule(kind: str, rng: random.Random, duration: float, spans: tuple[tuple[int, int], ...] = SPANS,
+             layers: int = LAYERS) -> list[Fault]:
     """The faults of scenario ``kind``, drawn from ``rng``."""
     everyone = set(range(len(spans)))
     faults: list[Fault] = []
@@ -370,7 +371,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 s.kill()
 
 
-def _interrupt(signum, frame) -> None:
+def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 

@@ -41,6 +41,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import torch
@@ -49,6 +50,11 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ scripts run with bench/ on sys.path
 
 from bench.wanem import EmulatedSwarm, ServerSpec, Topology, exit_on_sigterm, regional  # noqa: E402
+
+if TYPE_CHECKING:
+    from peer.client import SwarmClient
+    from swarm.announce import SwarmView
+    from swarm.planning import Candidate
 
 REGIONS = ("tokyo", "seoul", "virginia")
 TINY = dict(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=4,
@@ -87,18 +93,18 @@ class Measured:
                 f"{f'  (pushed {self.pushed} of {len(self.tokens[0])})' if self.pushed else ''}")
 
 
-def _blind(client) -> None:
+def _blind(client: SwarmClient) -> None:
     """Make ``client`` plan as before latency-aware routing: every candidate at the
     default RTT, no server-to-server RTTs (deadlines still use what it measured)."""
     measured = client.candidates
 
-    def candidates(view):
+    def candidates(view: SwarmView) -> list[Candidate]:
         return [dataclasses.replace(c, rtt=client.costs.default_rtt, next_rtts={}) for c in measured(view)]
 
     client.candidates = candidates
 
 
-async def _measure(emu: EmulatedSwarm, configs: Sequence[tuple[str, str, bool]], prompt, n: int, repeats: int,
+async def _measure(emu: EmulatedSwarm, configs: Sequence[tuple[str, str, bool]], prompt: str | list[int], n: int, repeats: int,
                    peer_nodes: dict[bytes, str]) -> list[Measured]:
     """One client per (name, relay, blind) on node "client"; a warm-up each, then
     ``repeats`` generations each, alternating."""
@@ -133,8 +139,8 @@ def _peer_nodes(emu: EmulatedSwarm, workdir: Path) -> dict[bytes, str]:
     return {Identity.load(workdir / f"{s.node}.key").peer_id: s.node for s in emu.specs}
 
 
-def run_config(topo: Topology, model: str, servers: list[ServerSpec], configs, *, workdir: Path, env: dict,
-               prompt, n: int, repeats: int, proxy: bool = True) -> list[Measured]:
+def run_config(topo: Topology, model: str, servers: list[ServerSpec], configs: Sequence[tuple[str, str, bool]], *,
+               workdir: Path, env: dict, prompt: str | list[int], n: int, repeats: int, proxy: bool = True) -> list[Measured]:
     t0 = time.perf_counter()
     with EmulatedSwarm(topo, model, servers, workdir=workdir, env=env, proxy=proxy) as emu:
         print(f"  {len(servers)} servers ready in {time.perf_counter() - t0:.1f} s"

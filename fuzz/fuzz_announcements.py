@@ -52,7 +52,8 @@ def _oracle(body) -> None:
         return
     assert isinstance(ann, M.Announcement)
     ids = [p.peer_id for p in ann.next_pings or ()]
-    assert ids == sorted(set(ids)) and len(ids) <= M.MAX_NEXT_PINGS
+    assert ids == sorted(set(ids))
+    assert len(ids) <= M.MAX_NEXT_PINGS
     assert cbor_encode(ann.to_cbor()) == cbor_encode(cbor_decode(cbor_encode(ann.to_cbor()), max_size=1 << 16))
 
 

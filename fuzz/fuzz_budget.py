@@ -96,7 +96,8 @@ def test_the_decoder_accepts_exactly_what_the_reference_accepts(data):
         assert expected is DecodeError, data.hex()
         return
     assert expected is not DecodeError, data.hex()
-    assert got == expected and type(got) is type(expected)
+    assert got == expected
+    assert type(got) is type(expected)
     assert cbor_encode(got) == data
 
 

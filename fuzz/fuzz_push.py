@@ -92,7 +92,8 @@ def test_the_valid_push_passes_and_the_client_verifies_every_hop():
     result = M.push_onward(onward, M.sign_push_output(SECOND, server_states[1], onward, _tensor(2.5)))
     outcome = M.accept_push_result(CLIENT, client_states, push, result,
                                    public_keys=[FIRST.public_key, SECOND.public_key])
-    assert outcome.complete and len(outcome.steps) == 2
+    assert outcome.complete
+    assert len(outcome.steps) == 2
     assert [s.history for s in client_states] == [s.history for s in server_states]
 
 
@@ -125,7 +126,8 @@ def test_the_client_stops_at_the_first_output_it_cannot_verify(bad, what):
         outputs[bad] = dataclasses.replace(outputs[bad], **change)
     outcome = M.accept_push_result(CLIENT, client_states, push, dataclasses.replace(result, outputs=tuple(outputs)),
                                    public_keys=[FIRST.public_key, SECOND.public_key])
-    assert len(outcome.steps) == bad and not outcome.complete
+    assert len(outcome.steps) == bad
+    assert not outcome.complete
     assert [s.next_step for s in client_states] == [1] * bad + [0] * (2 - bad)
 
 

@@ -59,7 +59,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 import trio
@@ -68,6 +68,7 @@ from protocol import (
     CloseSession,
     ForwardResult,
     OpenSession,
+    SessionOpened,
     SessionPhase,
     SessionState,
     SignedStep,
@@ -209,6 +210,14 @@ class _Attempt:
         return self.done.is_set() and self.error is None
 
 
+class Replan(Protocol):
+    """``Chain``'s ``replan``: a route for blocks ``[start, end)`` avoiding ``exclude``;
+    with ``ignore_backoff``, one that may use backed-off peers."""
+
+    def __call__(self, start: int, end: int, exclude: frozenset[bytes], /, *,
+                 ignore_backoff: bool = False) -> Awaitable[Route]: ...
+
+
 class Chain:
     """Sessions on a route; see the module docstring.
 
@@ -232,7 +241,7 @@ class Chain:
     """
 
     def __init__(self, host: Host, *, model: str, max_length: int,
-                 replan: Callable[[int, int, frozenset[bytes]], Awaitable[Route]],
+                 replan: Replan,
                  wire_dtype: str = "f32", step_timeout: float = 60.0, max_failovers: int = 8,
                  on_failover: Callable[[Hop, BaseException], None] | None = None,
                  credit: CreditService | None = None, auditor: Auditor | None = None,
@@ -445,8 +454,8 @@ class Chain:
         timeout = self.health.open_timeout(hop.peer_id, cap=self.step_timeout)
         conn = await self._connect(hop, timeout)
         try:
-            opened = await conn.request(OpenSession(model=self.model, span=hop.span, max_length=self.max_length,
-                                                    wire_dtype=self.wire_dtype), timeout=timeout)
+            opened = cast(SessionOpened, await conn.request(OpenSession(model=self.model, span=hop.span, max_length=self.max_length,
+                                                    wire_dtype=self.wire_dtype), timeout=timeout))
         except RequestTimeout:
             # A hung (say SIGSTOPped) server opens the session when it wakes and would hold
             # it as long as this connection lives; dropping the connection frees it then.
@@ -486,7 +495,7 @@ class Chain:
         wire = encode_tensor(x, self.wire_dtype)
         request = sign_forward(self.host.identity, record.state, wire)
         t0 = time.perf_counter()
-        result = await record.conn.request(request, timeout=self._step_timeout(record, tokens=x.shape[1]))
+        result = cast(ForwardResult, await record.conn.request(request, timeout=self._step_timeout(record, tokens=x.shape[1])))
         seconds = time.perf_counter() - t0
         record.latency += seconds
         accept_result(record.state, request, result, server_public_key=record.conn.public_key)

@@ -30,11 +30,11 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import trio
 
-from protocol import accept_forward_once_result, encode_tensor, sign_forward_once
+from protocol import ForwardOnceResult, accept_forward_once_result, encode_tensor, sign_forward_once
 from protocol.errors import ErrorCode, LocalProtocolError, RemoteError, SwarmError
 from swarm.announce import SwarmView, fetch_swarm_view
 from swarm.dht import DhtNode
@@ -415,7 +415,7 @@ class SwarmClient:
             # liars cost one such deadline per probe round, not one each.
             timeout = min(timeouts.unmeasured + timeouts.slack * rtt, self.step_timeout)
             t0 = time.perf_counter()
-            result = await conn.request(request, timeout=timeout)
+            result = cast(ForwardOnceResult, await conn.request(request, timeout=timeout))
             seconds = time.perf_counter() - t0
             accept_forward_once_result(state, request, result, server_public_key=conn.public_key)
         except HOP_FAILURES as exc:

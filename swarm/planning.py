@@ -49,7 +49,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from .errors import NoRoute
 
@@ -79,6 +79,9 @@ class ServerInfo(Protocol):
     span: tuple[int, int]
     throughput: float
     free_sessions: int
+
+
+S = TypeVar("S", bound=ServerInfo)  # one kind of server record, passed through to a callback
 
 
 def _clip(span: tuple[int, int], num_blocks: int) -> tuple[int, int]:
@@ -248,12 +251,12 @@ def hop_cost(server: ServerInfo, start: int, end: int, *, rtt: float | None = No
 
 
 def make_candidates(
-    servers: Iterable[ServerInfo],
+    servers: Iterable[S],
     *,
     rtts: Mapping[bytes, float] | None = None,
     measured: Mapping[bytes, float] | None = None,
     penalties: Mapping[bytes, float] | None = None,
-    routable: Callable[[ServerInfo], Iterable[tuple[int, int]]] | None = None,
+    routable: Callable[[S], Iterable[tuple[int, int]]] | None = None,
     costs: RouteCosts = RouteCosts(),
 ) -> list[Candidate]:
     """Candidates from announcements.
@@ -372,16 +375,16 @@ def plan_candidates(
     k, (cost, _, _, _) = min(((k, v) for k, v in finals.items()),
                              key=lambda kv: (kv[1][0] + exit_cost(usable[kv[0]][0]), kv[1][1]))
     total = cost + exit_cost(usable[k][0])
-    hops: list[Hop] = []
+    chosen: list[Hop] = []
     j = end
     while k >= 0:
         cost_j, _, i, p = best[j][k]
         c = usable[k][0]
         before = best[i][p][0]
-        hops.append(Hop(peer_id=c.peer_id, addrs=c.addrs, start=i, end=j, cost=cost_j - before))
+        chosen.append(Hop(peer_id=c.peer_id, addrs=c.addrs, start=i, end=j, cost=cost_j - before))
         j, k = i, p
-    hops.reverse()
-    return Route(hops=tuple(hops), cost=total)
+    chosen.reverse()
+    return Route(hops=tuple(chosen), cost=total)
 
 
 def _raise_on_gap(usable: list, start: int, end: int, model: str | None) -> None:

@@ -542,7 +542,8 @@ class SpanExecutor:
                 # A session's cache has one slot per block it runs, numbered from 0: point
                 # each layer's attention at its slot (the span's own numbering when lo == 0).
                 # Without a cache the attention never reads it. The caller holds the gate.
-                layer.self_attn.layer_idx = index - lo
+                # (setattr: torch types a submodule's attributes as Tensor | Module.)
+                setattr(layer.self_attn, "layer_idx", index - lo)
             x = layer(
                 x,
                 attention_mask=masks[self._layer_types[index]],

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 __all__ = ["ResourceLimits", "DEFAULT_RESOURCES", "ConnectionManager", "ConnectionInfo", "IncompleteBudget"]
 
@@ -77,11 +78,14 @@ class ResourceLimits:
 DEFAULT_RESOURCES = ResourceLimits()
 
 
+K = TypeVar("K", bound=Hashable)  # a connection's key: the caller's own handle on it
+
+
 @dataclass(frozen=True, slots=True)
-class ConnectionInfo:
+class ConnectionInfo(Generic[K]):
     """What ``trim`` needs to know of one established connection, at the moment."""
 
-    key: Hashable
+    key: K
     group: str
     inbound: bool
     opened: float  # when it was established
@@ -182,7 +186,7 @@ class ConnectionManager:
         """Whether established connections are above the hard limit."""
         return len(self._established) > self.limits.max_connections
 
-    def trim(self, connections: Iterable[ConnectionInfo], *, now: float) -> list[Hashable]:
+    def trim(self, connections: Iterable[ConnectionInfo[K]], *, now: float) -> list[K]:
         """Keys to close, least valuable first, to bring the established connections
         down to ``low_water`` once they are above ``high_water`` (empty otherwise)."""
         lim = self.limits

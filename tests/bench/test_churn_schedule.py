@@ -16,7 +16,8 @@ def test_churn_and_stop_keep_every_block_served(seed):
     for kind in ("churn", "stop"):
         faults = schedule(kind, random.Random(seed), 120.0)
         assert faults == schedule(kind, random.Random(seed), 120.0)
-        assert faults and all(0 < f.at < 120.0 for f in faults)
+        assert faults
+        assert all(0 < f.at < 120.0 for f in faults)
         for f in faults:
             margin = RESTART if f.kind != "stop" else 0.0
             down = {i for g in faults if g.at <= f.at < g.at + g.duration + margin for i in g.servers}
@@ -29,5 +30,5 @@ def test_an_outage_takes_one_block_down_and_unknown_scenarios_are_refused():
     assert not covered(SPANS, set(range(len(SPANS))) - set(fault.servers), LAYERS)
     assert covered(SPANS, set(range(len(SPANS))) - set(fault.servers[:-1]), LAYERS)
     assert schedule("baseline", random.Random(3), 60.0) == []
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown scenario 'meteor'"):
         schedule("meteor", random.Random(3), 60.0)

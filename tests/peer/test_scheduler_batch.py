@@ -50,7 +50,8 @@ def test_a_batch_takes_the_next_tickets_of_the_grant_order() -> None:
     now = 1.0
     while batched.waiting:
         (group,) = batched.grant_groups(now=now)
-        assert batched.busy_slots == 1 and batched.running == len(group)
+        assert batched.busy_slots == 1
+        assert batched.running == len(group)
         groups.append(group)
         for ticket in group:
             batched.release(ticket, now=now)
@@ -88,7 +89,7 @@ def test_batches_respect_keys_limits_and_delinquents() -> None:
     # least work first; d does not fit beside a and c; a delinquent joins no batch while
     # anyone else waits (f), and is served once nobody does
     assert seen == [[plain], [a, c], [b], [d], [big], [late]]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_batch and max_batch_work must be at least 1"):
         SchedulerConfig(max_batch=0)
 
 
@@ -128,8 +129,10 @@ async def test_steps_arriving_during_a_batch_join_the_next_one(autojump_clock: t
         assert scheduler.waiting == 3  # the impatient one left the queue
         gates["first"].set()
     # one batch, the contributor first (trio starts the newcomers' tasks in either order)
-    assert batches[0] == ["first"] and len(batches) == 2
-    assert batches[1][0] == "contrib" and sorted(batches[1][1:]) == ["new0", "new1"]
+    assert batches[0] == ["first"]
+    assert len(batches) == 2
+    assert batches[1][0] == "contrib"
+    assert sorted(batches[1][1:]) == ["new0", "new1"]
     assert results == {"first": "FIRST", "new0": "NEW0", "new1": "NEW1", "contrib": "CONTRIB"}
     assert (scheduler.running, scheduler.waiting) == (0, 0)
 
@@ -141,7 +144,8 @@ async def test_steps_arriving_during_a_batch_join_the_next_one(autojump_clock: t
         await trio.testing.wait_all_tasks_blocked()
         gates["second"].set()
     assert sorted(batches[-1]) == ["boom", "fine"]
-    assert isinstance(results["boom"], ValueError) and results["boom"] is results["fine"]
+    assert isinstance(results["boom"], ValueError)
+    assert results["boom"] is results["fine"]
     assert (scheduler.running, scheduler.waiting) == (0, 0)
 
 

@@ -89,7 +89,8 @@ async def test_one_identity_cannot_take_every_session_slot(tiny):
                     codes.append(None)
                 except RemoteError as exc:
                     codes.append(exc.code)
-        assert codes.count(None) == 3 and codes.count(ErrorCode.BUSY) == 3  # max_sessions // 2 per group
+        assert codes.count(None) == 3
+        assert codes.count(ErrorCode.BUSY) == 3  # max_sessions // 2 per group
         swarm = await Swarm.connect(nursery, bootstrap=[node.address], model=path, audit=0)
         assert (await swarm.generate(PROMPT, max_new_tokens=8)).token_ids == expected
         nursery.cancel_scope.cancel()
@@ -105,11 +106,14 @@ async def test_a_session_that_never_gets_a_step_expires(tiny):
         conn = await host.connect(node.address)
         await conn.request(OpenSession(model=node.server.model, span=(0, 4), max_length=8))
         served = node.host.connections[host.peer_id]
-        assert node.server.open_sessions == 1 and served.protected  # never trimmed while it has sessions
+        assert node.server.open_sessions == 1
+        assert served.protected  # never trimmed while it has sessions
         now[0] = node.server.limits.unused_session_timeout - 1
-        assert node.server.sweep() == [] and node.server.open_sessions == 1
+        assert node.server.sweep() == []
+        assert node.server.open_sessions == 1
         now[0] = node.server.limits.unused_session_timeout + 1
-        assert len(node.server.sweep()) == 1 and node.server.open_sessions == 0
+        assert len(node.server.sweep()) == 1
+        assert node.server.open_sessions == 0
         assert not served.protected
         nursery.cancel_scope.cancel()
 
@@ -175,7 +179,8 @@ async def test_a_loading_server_answers_loading(tiny):
         conn = await (await client(nursery)).connect(host.listen_addrs[0])
         with pytest.raises(RemoteError) as err:
             await conn.request(OpenSession(model="m@0", span=(0, 1), max_length=8))
-        assert err.value.code == ErrorCode.LOADING and err.value.retry_after == 7.0
+        assert err.value.code == ErrorCode.LOADING
+        assert err.value.retry_after == 7.0
         nursery.cancel_scope.cancel()
 
 

@@ -12,14 +12,16 @@ A, B = b"a" * 20, b"b" * 20
 def test_backoff_starts_at_15_s_and_doubles_on_each_failure_in_a_row():
     health = PeerHealth()
     assert health.failed(A, 100.0) == BASE_BACKOFF == 15.0
-    assert health.backed_off(A, 114.9) and not health.backed_off(A, 115.0)
+    assert health.backed_off(A, 114.9)
+    assert not health.backed_off(A, 115.0)
     assert health.failed(A, 120.0) == 30.0
     assert health.failed(A, 160.0) == 60.0
     assert health.backoff_left(A, 160.0) == 60.0
     for t in range(10):
         health.failed(A, 300.0 + t)
     assert health.backoff_left(A, 309.0) == MAX_BACKOFF
-    assert health.excluded(200.0) == frozenset({A}) and health.excluded(200.0, [B]) == frozenset()
+    assert health.excluded(200.0) == frozenset({A})
+    assert health.excluded(200.0, [B]) == frozenset()
 
 
 def test_a_success_ends_the_streak_and_the_backoff():
@@ -29,13 +31,15 @@ def test_a_success_ends_the_streak_and_the_backoff():
     health.succeeded(A, 2.0)
     assert not health.backed_off(A, 2.0)
     assert health.failed(A, 3.0) == BASE_BACKOFF  # the streak started again
-    assert health.record(A).failures == 3 and health.record(A).successes == 1
+    assert health.record(A).failures == 3
+    assert health.record(A).successes == 1
 
 
 def test_retry_after_is_honoured_without_growing_the_streak():
     health = PeerHealth()
     assert health.failed(A, 0.0, retry_after=1.0) == 1.0  # BUSY: come back in a second
-    assert health.backed_off(A, 0.5) and not health.backed_off(A, 1.0)
+    assert health.backed_off(A, 0.5)
+    assert not health.backed_off(A, 1.0)
     assert health.failed(A, 2.0, retry_after=1.0) == 1.0
     assert health.record(A).streak == 0
     assert health.failed(A, 5.0) == BASE_BACKOFF  # a real failure starts the doubling afresh
@@ -52,16 +56,19 @@ def test_a_ping_proves_life_but_does_not_lift_a_backoff():
     assert health.snapshot(5.0)[A]["last_seen_ago"] == 3.0
     # a probe answered likewise only proves life
     health.observe_step(A, 3.0, seconds=0.1, blocks=2, tokens=1, success=False)
-    assert health.backed_off(A, 3.0) and health.measured(A)
+    assert health.backed_off(A, 3.0)
+    assert health.measured(A)
 
 
 def test_rtt_is_a_running_mean_and_goes_stale():
     health = PeerHealth(rtt_max_age=60.0)
-    assert health.needs_rtt(A, 0.0) and health.rtt(A) is None
+    assert health.needs_rtt(A, 0.0)
+    assert health.rtt(A) is None
     health.observe_rtt(A, 0.100, 0.0)
     health.observe_rtt(A, 0.200, 1.0)
     assert health.rtt(A) == pytest.approx(0.7 * 0.1 + 0.3 * 0.2)
-    assert not health.needs_rtt(A, 61.0) and health.needs_rtt(A, 61.1)
+    assert not health.needs_rtt(A, 61.0)
+    assert health.needs_rtt(A, 61.1)
 
 
 def test_compute_comes_from_one_token_steps_minus_the_rtt():
@@ -90,13 +97,14 @@ def test_deadlines_derive_from_measurements_within_a_floor_and_a_cap():
     assert health.hedge_delay(A, blocks=4, tokens=1) == pytest.approx(2 * 0.5 + 1.0)
     assert health.open_timeout(A) == pytest.approx(4 * 0.2 + 2.0)
     assert health.open_hedge_delay(A) == pytest.approx(2 * 0.2 + 1.0)
-    assert health.open_timeout(B) == 10.0 and health.open_hedge_delay(B) == 1.0
+    assert health.open_timeout(B) == 10.0
+    assert health.open_hedge_delay(B) == 1.0
 
 
 def test_bad_parameters():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="base_backoff <= max_backoff"):
         PeerHealth(base_backoff=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="base_backoff <= max_backoff"):
         PeerHealth(base_backoff=20, max_backoff=10)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="the cap positive"):
         TimeoutPolicy(cap=0)

@@ -39,7 +39,8 @@ def test_handshakes_have_per_ip_and_per_group_shares():
     assert manager.accept("a", "10.0.0.1", "g1", now=0)[0]
     assert manager.accept("b", "10.0.0.1", "g1", now=0)[0]
     admitted, _, reason = manager.accept("c", "10.0.0.1", "g1", now=0)
-    assert not admitted and "10.0.0.1" in reason
+    assert not admitted
+    assert "10.0.0.1" in reason
     assert manager.accept("d", "10.0.0.2", "g1", now=0)[0]
     assert not manager.accept("e", "10.0.0.3", "g1", now=0)[0]  # the group's share
     manager.handshake_ended("a")
@@ -52,7 +53,8 @@ def test_a_full_handshake_budget_gives_way_to_a_less_crowded_group():
     for i in range(4):
         assert manager.accept(f"s{i}", "10.0.0.1", "crowded", now=i)[0]
     admitted, evict, _ = manager.accept("honest", "192.168.0.9", "other", now=9)
-    assert admitted and evict == "s0"  # the oldest of the most crowded group
+    assert admitted
+    assert evict == "s0"  # the oldest of the most crowded group
     assert manager.handshaking == 4
     # one more from the crowded group does not displace anyone
     assert manager.accept("s9", "10.0.0.1", "crowded", now=10)[0] is False
@@ -108,7 +110,8 @@ def test_incomplete_budget_total_and_group_share():
     assert budget.reserve("c", "mine", 6 * MiB)  # exempt from shares ...
     assert not budget.reserve("d", "other", 2 * MiB)  # ... not from the total
     budget.release("a")
-    assert budget.reserve("d", "other", 2 * MiB) and budget.total == 8 * MiB
+    assert budget.reserve("d", "other", 2 * MiB)
+    assert budget.total == 8 * MiB
 
 
 # -- on loopback -----------------------------------------------------------------------------
@@ -185,7 +188,8 @@ async def test_silent_sockets_from_one_address_leave_handshakes_to_others():
         silent = [(await raw_connect(host, "127.0.1.1", handshake=False))[0] for _ in range(20)]
         with trio.fail_after(5):  # beyond its IP's share, each is closed at once
             refused = [await closed_by_peer(s) for s in silent[2:]]
-        assert all(refused) and host.handshaking == 2
+        assert all(refused)
+        assert host.handshaking == 2
         await honest_ping(host)
         for s in silent:
             await s.aclose()

@@ -27,7 +27,8 @@ async def test_push_steps_are_audited_and_a_cheater_is_proven_and_rolled_back(ti
         result = await swarm.generate(PROMPT, max_new_tokens=NEW_TOKENS)
 
         assert result.token_ids == reference(model, PROMPT, NEW_TOKENS)
-        assert cheater.server.executor.cheats > 0 and swarm.client.reputation.is_banned(cheater_id)
+        assert cheater.server.executor.cheats > 0
+        assert swarm.client.reputation.is_banned(cheater_id)
         assert cheater_id.hex() not in [h.peer_id for h in result.route]
         assert result.pushed_steps >= NEW_TOKENS - 2  # pushed (and audited) before and after the conviction
         auditor = swarm.client.auditor
