@@ -9,7 +9,7 @@ import logging
 import random
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -57,6 +57,27 @@ def save_tiny(path: str, *, hidden: int = 64, layers: int = 6, init: float = 0.0
 # -- Part 2: collusion ---------------------------------------------------------------------------
 
 
+class _TamperedJob:
+    """A ForwardJob (how the server computes a step, in pieces) whose result passes
+    through ``tamper``."""
+
+    def __init__(self, job: Any, tamper: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        self._job, self._tamper = job, tamper
+        self.pieces = job.pieces
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._job, name)
+
+    def run(self) -> torch.Tensor:
+        for _, piece in self.pieces:
+            piece()
+        return self.result()
+
+    def result(self) -> torch.Tensor:
+        out = self._job.result()
+        return self._tamper(out) if self._tamper is not None else out
+
+
 class OffsetExecutor:
     """FORWARD outputs (and, for colluders, FORWARD_ONCE outputs) plus ``OFFSET`` times
     the row RMS along one fixed direction, the same for every cheater."""
@@ -80,6 +101,18 @@ class OffsetExecutor:
     def forward_once(self, hidden: torch.Tensor, *, start: int | None = None, end: int | None = None) -> torch.Tensor:
         out = self._real.forward_once(hidden, start=start, end=end)
         return self._offset(out) if self.once_too else out
+
+    # What the server calls: steps as jobs, decode steps of several sessions as a batch.
+    def forward_job(self, session_id: bytes, hidden: torch.Tensor, position: int, **kw: Any) -> _TamperedJob:
+        self.cheats += 1
+        return _TamperedJob(self._real.forward_job(session_id, hidden, position, **kw), self._offset)
+
+    def forward_batch(self, steps: list[Any]) -> list[torch.Tensor]:
+        self.cheats += len(steps)
+        return [self._offset(out) for out in self._real.forward_batch(steps)]
+
+    def forward_once_job(self, hidden: torch.Tensor, **kw: Any) -> _TamperedJob:
+        return _TamperedJob(self._real.forward_once_job(hidden, **kw), self._offset if self.once_too else None)
 
 
 def _cheating_server(once_too: bool) -> type[SpanServer]:

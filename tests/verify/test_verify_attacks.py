@@ -37,6 +37,36 @@ PROMPT = [1, 5, 9, 33, 7, 250]
 NEW_TOKENS = 10
 
 
+class _Job:
+    """A ForwardJob (the server's way of computing every step) that passes through a
+    test executor's hands: its first piece waits ``delay`` seconds (in the compute
+    thread, like the real work), its result goes through ``tamper``."""
+
+    def __init__(self, job, *, delay: float = 0.0, tamper=None) -> None:
+        self._job, self._tamper = job, tamper
+        self.pieces = list(job.pieces)
+        if delay and self.pieces:
+            work, first = self.pieces[0]
+
+            def slow_first():
+                time.sleep(delay)
+                return first()
+
+            self.pieces[0] = (work, slow_first)
+
+    def __getattr__(self, name):
+        return getattr(self._job, name)
+
+    def run(self):
+        for _, piece in self.pieces:
+            piece()
+        return self.result()
+
+    def result(self):
+        out = self._job.result()
+        return self._tamper(out) if self._tamper is not None else out
+
+
 class OffsetExecutor:
     """A real executor whose FORWARD outputs (and, for colluders, FORWARD_ONCE outputs)
     carry the same small deterministic offset: 1 % of each row's RMS along a fixed
@@ -65,6 +95,18 @@ class OffsetExecutor:
     def forward_once(self, hidden, *, start=None, end=None):
         out = self._real.forward_once(hidden, start=start, end=end)
         return self._offset(out) if self.once_too else out
+
+    # The server computes through jobs (a step in pieces) and batches of decode steps.
+    def forward_job(self, session_id, hidden, position, **kw):
+        self.forwards += 1
+        return _Job(self._real.forward_job(session_id, hidden, position, **kw), tamper=self._offset)
+
+    def forward_batch(self, steps):
+        self.forwards += len(steps)
+        return [self._offset(out) for out in self._real.forward_batch(steps)]
+
+    def forward_once_job(self, hidden, **kw):
+        return _Job(self._real.forward_once_job(hidden, **kw), tamper=self._offset if self.once_too else None)
 
 
 def offset_server(*, once_too: bool, delay: float = 0.0):
@@ -109,6 +151,18 @@ class SlowExecutor:
     def forward_once(self, hidden, *, start=None, end=None):
         time.sleep(self.delay)
         return self._real.forward_once(hidden, start=start, end=end)
+
+    def forward_job(self, session_id, hidden, position, **kw):
+        job = self._real.forward_job(session_id, hidden, position, **kw)
+        return job if self.once_only else _Job(job, delay=self.delay)
+
+    def forward_batch(self, steps):
+        if not self.once_only:
+            time.sleep(self.delay)
+        return self._real.forward_batch(steps)
+
+    def forward_once_job(self, hidden, **kw):
+        return _Job(self._real.forward_once_job(hidden, **kw), delay=self.delay)
 
 
 async def start_slow(nursery, monkeypatch, path, span, *, delay: float, bootstrap=(), once_only: bool = False):
