@@ -44,6 +44,7 @@ class LocalPeer:
     dht: DhtNode
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     alive: bool = True
+    stopped: trio.Event = field(default_factory=trio.Event)  # set once killed and all closed
 
     @property
     def addr(self) -> str:
@@ -65,6 +66,7 @@ async def _serve(peer: LocalPeer, bootstrap: tuple[str, ...], *, task_status: tr
             await nursery.start(functools.partial(peer.dht.run, bootstrap=bootstrap))
             task_status.started()
     peer.alive = False
+    peer.stopped.set()
 
 
 async def start_local_peer(

@@ -296,9 +296,8 @@ async def test_a_server_that_chose_its_span_moves_to_where_the_swarm_is_weak(tin
             while mover.span != (0, 3):
                 await trio.sleep(0.1)
         swarm = await Swarm.connect(nursery, bootstrap=[c.address], model=path)
-        with trio.fail_after(30):
-            while (await swarm.status()).servers.get(mover.identity.peer_id, None) is None or \
-                    (await swarm.status()).servers[mover.identity.peer_id].span != (0, 3):
+        with trio.fail_after(30):  # one view per look: the mover's record there, with its new span
+            while getattr((await swarm.status()).servers.get(mover.identity.peer_id), "span", None) != (0, 3):
                 await trio.sleep(0.2)
         result = await swarm.generate(PROMPTS[0], max_new_tokens=8)
         assert result.token_ids == reference(model, PROMPTS[0], 8)

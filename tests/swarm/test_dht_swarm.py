@@ -83,7 +83,10 @@ async def test_lookups_survive_killing_30_percent_and_republish_restores_replica
     victims = rng.sample(peers, int(0.3 * N))
     for peer in victims:
         peer.kill()
-    await trio.sleep(0.2)
+    with trio.fail_after(10):  # dead for real: listeners and connections closed
+        for peer in victims:
+            await peer.stopped.wait()
+    assert not any(peer.host.connections for peer in victims)
     live = [p for p in peers if p.alive]
     assert len(live) == N - len(victims)
 

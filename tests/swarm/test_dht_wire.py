@@ -187,6 +187,7 @@ async def test_full_bucket_keeps_good_contacts_and_replaces_failed_ones(nursery)
     assert a.dht.routing.get(c.peer_id) is None
     assert a.dht.routing.is_good(b.peer_id, now=trio.current_time())
     b.kill()
+    await b.stopped.wait()  # its listener closed: the requests below to b fail for certain
     d = await start_local_peer(nursery, kinds=RECORD_KINDS, identity=next(others), bootstrap=(a.addr,))
     await eventually(lambda: d.peer_id in bucket_of(d).replacement_nodes)
     far = bytes([(1 - first_bit) << 7]) + bytes(19)

@@ -562,13 +562,13 @@ async def test_idle_connections_are_closed_and_redialled():
 
 
 async def test_a_busy_connection_is_not_idle(mock_clock):
-    # Virtual time: the clock stands still while anything runs and jumps to the next
-    # deadline once every task has waited 50 ms of real time (loopback I/O is quicker),
-    # so the watchdog certainly wakes up, three times, while the request is outstanding.
-    mock_clock.autojump_threshold = 0.05
-    release = trio.Event()
+    # Virtual time that only moves when the test jumps it, and only once the request is
+    # outstanding on both sides and every task has settled: however slow the machine,
+    # the watchdog wakes exactly three times with the request outstanding.
+    started, release = trio.Event(), trio.Event()
 
     async def slow(conn, request):
+        started.set()
         await release.wait()
         return Nodes(nodes=())
 
@@ -577,11 +577,17 @@ async def test_a_busy_connection_is_not_idle(mock_clock):
         conn = await a.connect(b.listen_addrs[0])
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn.request, FindNode(target=bytes(20)))
-            await trio.sleep(0.35)  # three idle periods with a request outstanding
+            await started.wait()
+            for _ in range(3):  # three idle periods with a request outstanding
+                mock_clock.jump(0.1)
+                await trio.testing.wait_all_tasks_blocked()
             assert conn.is_open
             release.set()
-        with trio.fail_after(1):  # idle at last: closed after one more period
-            await conn.wait_closed()
+        await trio.testing.wait_all_tasks_blocked()
+        assert conn.is_open  # answered just now: not idle yet
+        mock_clock.jump(0.1)  # idle at last: closed after one more period
+        await trio.testing.wait_all_tasks_blocked()
+        assert not conn.is_open
 
 
 def test_errors_are_swarm_errors_with_one_line_messages():

@@ -210,7 +210,9 @@ async def test_established_connections_per_ip_are_capped_and_trimmed_above_the_w
         with trio.fail_after(5):
             while len(host.connections) != 6:
                 await trio.sleep(0.01)
-        await trio.sleep(0.05)  # past the (tiny) grace: all of them idle
+        # past the (tiny) grace and idle period of the newest, by the host's own clock: all idle
+        newest = max(c.opened_at for c in host.connections.values())
+        await trio.sleep_until(newest + max(limits.grace, limits.idle_after))
         await honest_ping(host)  # the seventh connection: back to the low watermark, newest idle first
         assert len(host.connections) <= 4
         gone = [await closed_by_peer(stream) for stream, _ in held[-3:]]
