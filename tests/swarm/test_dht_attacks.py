@@ -111,10 +111,20 @@ async def test_64_identities_cannot_lock_honest_servers_out_of_a_block_key(tiny)
                 sybil = await attacker(nursery, i)
                 refusals.append(await store(sybil, first.address, block_record(
                     sybil.identity, sybil.listen_addrs[0], model, 0)))
+                # Each hangs up after its STORE, as a patient attacker would: 64 connections
+                # from one /24 would meet the transport's per-group cap first, and this
+                # test is about what the storage holds.
+                conn = sybil.connections.get(first.identity.peer_id)
+                if conn is not None:
+                    await conn.aclose()
             held = first.dht.records.get(key, now=time.time())
             print(f"\n64 sybils: {refusals.count(None)} records stored, {len(held)} held under block 0")
             assert len(held) == 64
-            assert refusals.count(ErrorCode.STORAGE_FULL) == 1  # the honest one kept its slot
+            # the honest records (the server's own, and the other server's records under
+            # this key) kept their slots; the sybils got the rest and then STORAGE_FULL
+            assert first.identity.public_key in {r.publisher for r in held}
+            assert refusals.count(None) + refusals.count(ErrorCode.STORAGE_FULL) == 64
+            assert refusals.count(ErrorCode.STORAGE_FULL) >= 1
             # a new honest server for block 0, from another subnet: its STORE is accepted
             late = await serve(nursery, path, (0, 2), bootstrap=[first.address])
             publishers = {r.publisher for r in first.dht.records.get(key, now=time.time())}
@@ -243,7 +253,8 @@ async def test_tarpit_contacts_never_enter_tables_and_cost_lookups_little(tiny):
                 sybil = await attacker(nursery, i, announce=pit)
                 await sybil.request(victim.address, FindNode(target=sybil.peer_id))
                 sybils.append(sybil)
-            for sybil in sybils:  # ... and leave
+                # ... and leave (staying, 60 connections from one /24 would meet the
+                # transport's per-group cap before the contact rules this test is about)
                 for conn in list(sybil.connections.values()):
                     await conn.aclose()
             with trio.fail_after(60):  # the victim verifies the claims in the background
