@@ -144,6 +144,14 @@ async def test_busy_is_honoured_and_a_span_with_no_live_replica_fails_fast(tiny,
         busy = await start(nursery, path, (0, 6), server_class=Busy, monkeypatch=monkeypatch)
         halves = [await start(nursery, path, span, bootstrap=[busy.address]) for span in [(0, 3), (3, 6)]]
         swarm = await Swarm.connect(nursery, bootstrap=[busy.address], model=path, audit=None)
+        # Routing goes by what the client measured: have it measure the busy server fast
+        # and the halves slow, so that its first route is the busy one (on a loaded
+        # machine the probes alone may rank them either way).
+        now = trio.current_time()
+        for node, seconds in [(busy, 0.0)] + [(h, 1.0) for h in halves]:
+            swarm.client.health.observe_rtt(node.identity.peer_id, 0.001, now)
+            swarm.client.health.observe_step(node.identity.peer_id, now, seconds=seconds, blocks=3, tokens=1,
+                                             success=False)
         for _ in range(3):
             result = await swarm.generate(PROMPT, max_new_tokens=6)
             assert result.token_ids == reference(model, PROMPT, 6)
