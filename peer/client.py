@@ -402,11 +402,15 @@ class SwarmClient:
         self.probes += 1
         timeouts = self.health.timeouts
         try:
-            rtt = await ping(self.host, peer, addrs, timeout=min(PING_TIMEOUT, self.step_timeout))
+            # A first contact (dial, handshake, PING) gets the unmeasured deadline too: on a
+            # loaded machine a new peer's handshake alone can take longer than a PING's
+            # usual 2 s, and a missed probe backs an honest server off for 15 s.
+            first = timeouts.unmeasured if self.health.rtt(peer) is None else PING_TIMEOUT
+            rtt = await ping(self.host, peer, addrs, timeout=min(first, self.step_timeout))
             self.health.observe_rtt(peer, rtt, trio.current_time())
             if self.health.measured(peer):
                 return
-            conn = await self.host.connect(addrs[0], peer_id=peer, timeout=PING_TIMEOUT)
+            conn = await self.host.connect(addrs[0], peer_id=peer, timeout=min(first, self.step_timeout))
             wire = encode_tensor(self.head.embed([0]).to("cpu"), "f32")
             request, state = sign_forward_once(self.host.identity, server=peer, nonce=secrets.token_bytes(16),
                                                model=self.model, span=(start, end), hidden=wire)
