@@ -21,6 +21,8 @@ the id (the handshake) and the address (we reached it there). So:
   identities claiming one tarpit costs one dial. An address that answered with
   another peer's id is not marked: a Sybil claiming an honest peer's address must
   not get it skipped.
+- ``on_new_contact`` (if set) is called with every peer that enters the table, so
+  the DHT node can hand it the records it is now among the closest holders of.
 - ``failed(peer_id)`` after a request failed: BAD after two in a row, then evicted
   and replaced (``_routing``).
 - the liveness task pings the QUESTIONABLE contact a full bucket's newcomer waits
@@ -33,7 +35,7 @@ Times are ``trio.current_time()``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -83,6 +85,7 @@ class ContactKeeper:
         self._bad_addrs: dict[str, float] = {}
         self._send, self._receive = trio.open_memory_channel[_Candidate](VERIFY_QUEUE)
         self._check_wakeup = trio.Event()
+        self.on_new_contact: Callable[[NodeInfo], None] | None = None
 
     async def run(self) -> None:
         """The verification workers and the liveness checker, until cancelled."""
@@ -209,8 +212,12 @@ class ContactKeeper:
         except ProtocolError as exc:
             log.info("not adding %s to the routing table: %s", peer_id.hex()[:12], exc)
             return
-        if not self.table.add_contact(Contact(info, now=now), now=now) and self.table.pending_checks:
-            self._check_wakeup.set()
+        known = self.table.get(peer_id) is not None
+        if not self.table.add_contact(Contact(info, now=now), now=now):
+            if self.table.pending_checks:
+                self._check_wakeup.set()
+        elif not known and self.on_new_contact is not None:
+            self.on_new_contact(info)
 
     def is_bad_address(self, addr: str) -> bool:
         """Whether a dial or request to ``addr`` timed out or failed lately."""

@@ -161,6 +161,7 @@ class DhtNode:
         self.republish_interval = republish_interval
         self.clock = clock
         self.contacts = ContactKeeper(host, k=k, query_timeout=query_timeout, max_per_group=max_per_group)
+        self.contacts.on_new_contact = self._hand_off
         self.routing = self.contacts.table
         self.records = RecordStore(kinds, host.limits, general=storage, reserved=reserved_storage)
         self.published: dict[bytes, SignedRecord] = {}
@@ -497,16 +498,35 @@ class DhtNode:
             for publisher, record in latest.items():
                 if record.expires <= now or theirs.get(publisher, -1) >= record.seq:
                     continue
-                if budget <= 0:
-                    return
-                try:
-                    self._write_send.send_nowait((info, record))
-                except trio.WouldBlock:
+                if budget <= 0 or not self._queue_write(info, record):
                     return
                 budget -= 1
-                self._writes_pending += 1
-                if self._writes_idle.is_set():
-                    self._writes_idle = trio.Event()
+
+    def _hand_off(self, info: NodeInfo) -> None:
+        """A new contact among the k closest we know to a key of ours gets our record
+        there now (Kademlia's join rule, paper section 2.5, for the records we publish),
+        not at the next republish: the first server of a young swarm stored its records
+        on itself alone, and a lookup that missed it saw none."""
+        now = self.clock()
+        for record in list(self.published.values()):
+            if record.expires <= now:
+                continue
+            target = key_target(record.key)
+            closer = self.routing.closest(target, self.k, exclude=info.peer_id)
+            if len(closer) >= self.k and distance(closer[-1].id, target) < distance(info.peer_id, target):
+                continue
+            if not self._queue_write(info, record):
+                return
+
+    def _queue_write(self, info: NodeInfo, record: SignedRecord) -> bool:
+        try:
+            self._write_send.send_nowait((info, record))
+        except trio.WouldBlock:
+            return False
+        self._writes_pending += 1
+        if self._writes_idle.is_set():
+            self._writes_idle = trio.Event()
+        return True
 
     async def _write_back_loop(self) -> None:
         async for info, record in self._write_receive:

@@ -45,15 +45,14 @@ def reference(model, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
-async def start(nursery, model, blocks, bootstrap=(), server_class=None, monkeypatch=None, **kw):
+async def start(nursery, model, blocks, bootstrap=(), server_class=None, monkeypatch=None, identity=None, **kw):
     options = ServeOptions(model=model, blocks=blocks, bootstrap=tuple(bootstrap), **kw)
-    if server_class is not None:
-        monkeypatch.setattr("peer.node.SpanServer", server_class)
-    try:
-        return await nursery.start(functools.partial(run_server, Identity.generate(), options))
-    finally:
-        if server_class is not None:
-            monkeypatch.undo()
+    serve = functools.partial(run_server, identity or Identity.generate(), options)
+    if server_class is None:
+        return await nursery.start(serve)
+    with monkeypatch.context() as patch:  # undoes this patch only, not the test's own
+        patch.setattr("peer.node.SpanServer", server_class)
+        return await nursery.start(serve)
 
 
 async def no_sessions_left(*nodes, timeout: float = 20.0) -> None:
@@ -279,9 +278,18 @@ async def test_lying_announcements_cost_a_probe_not_the_generation(tiny, monkeyp
                  for _ in range(8)]
         import swarm.announce as announce
 
-        only_block_0 = announce.announcement_records
-        monkeypatch.setattr(announce, "announcement_records", lambda *a, **k: only_block_0(*a, **k)[:1])
-        claimer = await start(nursery, path, (0, 6), bootstrap=boot, server_class=Liar, monkeypatch=monkeypatch)
+        # Only the claimer's records shrink: the honest servers renew theirs (and withdraw
+        # the keys they no longer publish) through the same function during the test.
+        claimer_id = Identity.generate()
+        all_records = announce.announcement_records
+
+        def claimer_records(identity, *a, **k):
+            records = all_records(identity, *a, **k)
+            return records[:1] if identity.peer_id == claimer_id.peer_id else records
+
+        monkeypatch.setattr(announce, "announcement_records", claimer_records)
+        claimer = await start(nursery, path, (0, 6), bootstrap=boot, server_class=Liar, monkeypatch=monkeypatch,
+                              identity=claimer_id)
         swarm = await Swarm.connect(nursery, bootstrap=boot, model=path, audit=None)
         view = await swarm.status()
         assert len(view.servers) == 11

@@ -240,3 +240,22 @@ async def test_reads_return_the_newest_record_and_write_it_back_to_stale_holders
         assert await reader.dht.get(key) == []
         await reader.dht.flush_write_backs()
     assert all(p.dht.records.get(key, now=time.time()) == [tomb] for p in read_from)
+
+
+async def test_the_first_publisher_hands_its_records_to_peers_that_join_later(nursery):
+    """Found by the lying-announcements test on a loaded machine: the first server of a
+    swarm stored its records on itself alone (nobody else was there), so until the
+    republish two minutes later a lookup that did not reach it saw no such server. A
+    peer that enters its routing table gets them at once (Kademlia's join rule)."""
+    first = await start_local_peer(nursery, kinds=RECORD_KINDS)
+    records = announcement_records(first.identity, announce(first, span=(0, 3)), seq=1)
+    for record in records:
+        assert await first.dht.publish(record) == 1  # alone: on itself only
+    later = [await start_local_peer(nursery, kinds=RECORD_KINDS, bootstrap=(first.addr,)) for _ in range(4)]
+    await eventually(lambda: all(first.dht.routing.get(p.peer_id) is not None for p in later))
+    await first.dht.flush_write_backs()
+    for peer in later:
+        held = [r for record in records for r in peer.dht.records.get(record.key, now=time.time())]
+        assert held == records
+    for record in records:  # and a withdrawal still reaches every holder
+        assert await first.dht.withdraw(record.key) == 5
