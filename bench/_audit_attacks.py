@@ -30,7 +30,7 @@ from verify import AuditPolicy, AuditResult, History, InvalidProof, compare, pro
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
 
-__all__ = ["collusion", "framing", "sybil_credit", "save_tiny"]
+__all__ = ["OffsetExecutor", "TamperedJob", "collusion", "framing", "sybil_credit", "save_tiny"]
 
 PROMPTS = [[1, 5, 9, 33, 7, 250], [900, 3, 14, 15], [42, 42, 7]]
 #: Ways an honest server may compute a step (framing part): its session, the session
@@ -57,13 +57,23 @@ def save_tiny(path: str, *, hidden: int = 64, layers: int = 6, init: float = 0.0
 # -- Part 2: collusion ---------------------------------------------------------------------------
 
 
-class _TamperedJob:
+class TamperedJob:
     """A ForwardJob (how the server computes a step, in pieces) whose result passes
-    through ``tamper``."""
+    through ``tamper``; with ``delay``, its first piece first sleeps that long (in the
+    compute thread, like real work). Tests use it too."""
 
-    def __init__(self, job: Any, tamper: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+    def __init__(self, job: Any, tamper: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
+                 delay: float = 0.0) -> None:
         self._job, self._tamper = job, tamper
-        self.pieces = job.pieces
+        self.pieces = list(job.pieces)
+        if delay and self.pieces:
+            work, first = self.pieces[0]
+
+            def slow_first() -> Any:
+                time.sleep(delay)
+                return first()
+
+            self.pieces[0] = (work, slow_first)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._job, name)
@@ -79,23 +89,25 @@ class _TamperedJob:
 
 
 class OffsetExecutor:
-    """FORWARD outputs (and, for colluders, FORWARD_ONCE outputs) plus ``OFFSET`` times
-    the row RMS along one fixed direction, the same for every cheater."""
+    """FORWARD outputs (and, for colluders, FORWARD_ONCE outputs) plus ``offset`` times
+    the row RMS along one fixed direction, the same for every cheater. Tests use it too."""
 
-    def __init__(self, real: SpanExecutor, *, once_too: bool) -> None:
+    def __init__(self, real: SpanExecutor, *, once_too: bool, offset: float = OFFSET) -> None:
         self._real = real
-        self.once_too = once_too
-        self.cheats = 0  # FORWARD outputs tampered with (what a client's chain used)
+        self.once_too, self.offset = once_too, offset
+        self.forwards = 0  # session steps served, each tampered with (what a client's chain used)
+        self.cheats = 0  # every output tampered with, audits' FORWARD_ONCE included
         self._direction = torch.randn(real.hidden_size, generator=torch.Generator().manual_seed(1234))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
 
     def _offset(self, out: torch.Tensor) -> torch.Tensor:
-        return out + OFFSET * out.pow(2).mean(dim=-1, keepdim=True).sqrt() * self._direction.to(out.dtype)
+        self.cheats += 1
+        return out + self.offset * out.pow(2).mean(dim=-1, keepdim=True).sqrt() * self._direction.to(out.dtype)
 
     def forward(self, session_id: bytes, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        self.cheats += 1
+        self.forwards += 1
         return self._offset(self._real.forward(session_id, hidden, position))
 
     def forward_once(self, hidden: torch.Tensor, *, start: int | None = None, end: int | None = None) -> torch.Tensor:
@@ -103,16 +115,16 @@ class OffsetExecutor:
         return self._offset(out) if self.once_too else out
 
     # What the server calls: steps as jobs, decode steps of several sessions as a batch.
-    def forward_job(self, session_id: bytes, hidden: torch.Tensor, position: int, **kw: Any) -> _TamperedJob:
-        self.cheats += 1
-        return _TamperedJob(self._real.forward_job(session_id, hidden, position, **kw), self._offset)
+    def forward_job(self, session_id: bytes, hidden: torch.Tensor, position: int, **kw: Any) -> TamperedJob:
+        self.forwards += 1
+        return TamperedJob(self._real.forward_job(session_id, hidden, position, **kw), self._offset)
 
     def forward_batch(self, steps: list[Any]) -> list[torch.Tensor]:
-        self.cheats += len(steps)
+        self.forwards += len(steps)
         return [self._offset(out) for out in self._real.forward_batch(steps)]
 
-    def forward_once_job(self, hidden: torch.Tensor, **kw: Any) -> _TamperedJob:
-        return _TamperedJob(self._real.forward_once_job(hidden, **kw), self._offset if self.once_too else None)
+    def forward_once_job(self, hidden: torch.Tensor, **kw: Any) -> TamperedJob:
+        return TamperedJob(self._real.forward_once_job(hidden, **kw), self._offset if self.once_too else None)
 
 
 def _cheating_server(once_too: bool) -> type[SpanServer]:
@@ -172,7 +184,7 @@ async def _trial(nursery: trio.Nursery, row: Row, path: str, bootstrap: str, ref
 
     auditor.audit = audit
     for prompt in PROMPTS:
-        before = sum(n.server.executor.cheats for n in dishonest)
+        before = sum(n.server.executor.forwards for n in dishonest)
         state.update(tokens=0, flag=None, t0=time.perf_counter())
 
         def on_token(event: TokenEvent) -> None:
@@ -186,7 +198,7 @@ async def _trial(nursery: trio.Nursery, row: Row, path: str, bootstrap: str, ref
         if result.verified_fraction is not None:
             row.verified.append(result.verified_fraction)
         row.unverified_trials += not result.fully_verified
-        used = sum(n.server.executor.cheats for n in dishonest) > before
+        used = sum(n.server.executor.forwards for n in dishonest) > before
         if used:
             row.used += 1
             route_ids = {bytes.fromhex(h.peer_id) for h in result.route}

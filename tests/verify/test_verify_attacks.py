@@ -24,6 +24,7 @@ import pytest
 import torch
 import trio
 
+from bench._audit_attacks import OffsetExecutor, TamperedJob
 from peer._chain import Chain
 from peer.api import Swarm
 from peer.runtime import load_span
@@ -37,84 +38,12 @@ PROMPT = [1, 5, 9, 33, 7, 250]
 NEW_TOKENS = 10
 
 
-class _Job:
-    """A ForwardJob (the server's way of computing every step) that passes through a
-    test executor's hands: its first piece waits ``delay`` seconds (in the compute
-    thread, like the real work), its result goes through ``tamper``."""
-
-    def __init__(self, job, *, delay: float = 0.0, tamper=None) -> None:
-        self._job, self._tamper = job, tamper
-        self.pieces = list(job.pieces)
-        if delay and self.pieces:
-            work, first = self.pieces[0]
-
-            def slow_first():
-                time.sleep(delay)
-                return first()
-
-            self.pieces[0] = (work, slow_first)
-
-    def __getattr__(self, name):
-        return getattr(self._job, name)
-
-    def run(self):
-        for _, piece in self.pieces:
-            piece()
-        return self.result()
-
-    def result(self):
-        out = self._job.result()
-        return self._tamper(out) if self._tamper is not None else out
-
-
-class OffsetExecutor:
-    """A real executor whose FORWARD outputs (and, for colluders, FORWARD_ONCE outputs)
-    carry the same small deterministic offset: 1 % of each row's RMS along a fixed
-    direction, identical for every colluder."""
-
-    def __init__(self, real, *, once_too: bool) -> None:
-        self._real = real
-        self.once_too = once_too
-        self.cheats = 0
-        self.forwards = 0  # session steps served (as a hop)
-        g = torch.Generator().manual_seed(1234)
-        self._direction = torch.randn(real.hidden_size, generator=g)
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-    def _offset(self, out):
-        self.cheats += 1
-        rms = out.pow(2).mean(dim=-1, keepdim=True).sqrt()
-        return out + 0.01 * rms * self._direction.to(out.dtype)
-
-    def forward(self, session_id, hidden, position):
-        self.forwards += 1
-        return self._offset(self._real.forward(session_id, hidden, position))
-
-    def forward_once(self, hidden, *, start=None, end=None):
-        out = self._real.forward_once(hidden, start=start, end=end)
-        return self._offset(out) if self.once_too else out
-
-    # The server computes through jobs (a step in pieces) and batches of decode steps.
-    def forward_job(self, session_id, hidden, position, **kw):
-        self.forwards += 1
-        return _Job(self._real.forward_job(session_id, hidden, position, **kw), tamper=self._offset)
-
-    def forward_batch(self, steps):
-        self.forwards += len(steps)
-        return [self._offset(out) for out in self._real.forward_batch(steps)]
-
-    def forward_once_job(self, hidden, **kw):
-        return _Job(self._real.forward_once_job(hidden, **kw), tamper=self._offset if self.once_too else None)
-
-
 def offset_server(*, once_too: bool, delay: float = 0.0):
     class Offset(SpanServer):
         def __init__(self, host, executor, **kw):
             if delay:
                 executor = SlowExecutor(executor, delay)
-            super().__init__(host, OffsetExecutor(executor, once_too=once_too), **kw)
+            super().__init__(host, OffsetExecutor(executor, once_too=once_too, offset=0.01), **kw)
 
         def make_announcement(self, expires, throughput):
             return dataclasses.replace(super().make_announcement(expires, throughput), throughput=throughput * 1000)
@@ -154,7 +83,7 @@ class SlowExecutor:
 
     def forward_job(self, session_id, hidden, position, **kw):
         job = self._real.forward_job(session_id, hidden, position, **kw)
-        return job if self.once_only else _Job(job, delay=self.delay)
+        return job if self.once_only else TamperedJob(job, delay=self.delay)
 
     def forward_batch(self, steps):
         if not self.once_only:
@@ -162,7 +91,7 @@ class SlowExecutor:
         return self._real.forward_batch(steps)
 
     def forward_once_job(self, hidden, **kw):
-        return _Job(self._real.forward_once_job(hidden, **kw), delay=self.delay)
+        return TamperedJob(self._real.forward_once_job(hidden, **kw), delay=self.delay)
 
 
 async def start_slow(nursery, monkeypatch, path, span, *, delay: float, bootstrap=(), once_only: bool = False):

@@ -15,6 +15,7 @@ import pytest
 import torch
 import trio
 
+from bench._audit_attacks import TamperedJob
 from peer.api import Swarm
 from peer.runtime import load_span
 from peer.server import SpanServer
@@ -89,21 +90,6 @@ class CheatingExecutor:
         if mode == "skip-block":
             return self._real.forward_once(history, start=self._real.start, end=self._real.end - 1)[:, -out.shape[1]:]
         raise AssertionError(mode)
-
-
-class TamperedJob:
-    """A ForwardJob whose result goes through the cheater's hands."""
-
-    def __init__(self, job, tamper) -> None:
-        self._job, self._tamper = job, tamper
-        self.pieces = job.pieces
-
-    @property
-    def pieces_done(self):
-        return self._job.pieces_done
-
-    def result(self):
-        return self._tamper(self._job.result())
 
 
 def cheater_class(mode: str, other: str | None):
