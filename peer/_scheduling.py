@@ -21,18 +21,26 @@ argument and never reads a clock.
   active joins at the current virtual time, so idling does not bank priority. Ties go
   to the older ticket; the result is deterministic.
 - Every requester with credit is a flow of its own; requesters without credit
-  (newcomers, free-riders, fresh identities) share one flow of weight 1, inside which
-  they take turns by work the same way. So minting identities buys a Sybil nothing
-  against contributors: all of them together get one newcomer's share, plus the
-  optimistic slice below.
+  (newcomers, free-riders, fresh identities) share one flow of weight 1. Inside it the
+  unit of fairness is the requester's *group* (``submit(group=...)``: the server passes
+  the address group, /24 or /64, of a remote requester, and the identity itself for one
+  of its own groups): groups take turns by work the same way, and the identities of one
+  group take turns by work inside their group's turn. So minting identities buys a
+  Sybil nothing against contributors (all of them together get one newcomer's share,
+  plus the optimistic slice below), and minting them in one subnet buys nothing
+  against a newcomer of another subnet either: a thousand identities of one /24 get
+  what one newcomer from elsewhere gets.
 - Optimistic unchoke (BitTorrent): a fifth (``1 / unchoke_every``) of the work granted
-  under contention goes to the optimistic requester, chosen (seeded RNG) among waiting
-  non-delinquent requesters whose normalized credit is below one half (newcomers, low
-  credit). The choice is re-evaluated every ``reevaluate_interval`` s (a new one if the
-  current one stopped waiting) and rotated every ``rotate_interval`` s. Its grants do
-  not advance its pass: the share is reserved on top of the proportional one, and what
-  it is owed does not accumulate while it is not waiting. With unit work this is one
-  contended grant in ``unchoke_every``, as before work was counted.
+  under contention goes to the optimistic *group*, chosen (seeded RNG) among the groups
+  of waiting non-delinquent requesters whose normalized credit is below one half
+  (newcomers, low credit); inside it the oldest such ticket is served. The choice is
+  re-evaluated every ``reevaluate_interval`` s (a new one if the current one stopped
+  waiting) and rotated every ``rotate_interval`` s. Its grants do not advance a pass:
+  the share is reserved on top of the proportional one, and what it is owed does not
+  accumulate while it is not waiting. With unit work this is one contended grant in
+  ``unchoke_every``, as before work was counted. Chosen among groups, not identities,
+  the slice reaches an honest newcomer as often with a subnet of Sybils waiting as with
+  one Sybil.
 - Delinquent requesters (they owe receipts beyond the grace) are served only when no
   one else waits.
 
@@ -102,10 +110,11 @@ class SchedulerConfig:
 @dataclass(slots=True)
 class _Requester:
     key: Hashable
+    group: Hashable  # its fairness group (an address group, or its own key)
     credit: float
     weight: float
     delinquent: bool
-    pass_: float  # a creditor's pass; a newcomer's turn inside the newcomers' flow
+    pass_: float  # a creditor's pass; a newcomer's turn inside its group's turn
     waiting: deque[int] = field(default_factory=deque)
     running: int = 0
 
@@ -119,7 +128,15 @@ class _Flow:
     """The one flow all requesters without credit share."""
 
     pass_: float = 0.0
-    vtime: float = 0.0  # turn of the last newcomer served: where newly active newcomers join
+    vtime: float = 0.0  # turn of the last group served: where newly active groups join
+
+
+@dataclass(slots=True)
+class _Group:
+    """The newcomers of one group: their share of the newcomers' flow."""
+
+    pass_: float = 0.0  # its turn inside the newcomers' flow
+    vtime: float = 0.0  # turn of its last member served: where newly active members join
 
 
 class SchedulingPolicy:
@@ -138,6 +155,7 @@ class SchedulingPolicy:
         self._next_ticket = 0
         self._vtime = 0.0  # pass of the last stride grant: where newly active flows join
         self._newcomers = _Flow()
+        self._groups: dict[Hashable, _Group] = {}  # newcomers' groups (active, or whose turn is ahead)
         self._owed = 0  # optimistic work owed, times (unchoke_every - 1)
         self._owed_cap = 1
         self._optimistic: Hashable | None = None
@@ -161,7 +179,8 @@ class SchedulingPolicy:
 
     @property
     def optimistic(self) -> Hashable | None:
-        """The requester currently holding the optimistic-unchoke share, if any."""
+        """The group currently holding the optimistic-unchoke share, if any (a requester
+        submitted without a group is its own group)."""
         return self._optimistic
 
     def is_waiting(self, ticket: int) -> bool:
@@ -170,24 +189,34 @@ class SchedulingPolicy:
     # -- transitions --------------------------------------------------------------
 
     def submit(self, requester: Hashable, *, now: float, credit: float = 0.0, delinquent: bool = False,
-               work: int = 1, batch: Hashable | None = None) -> int:
+               work: int = 1, batch: Hashable | None = None, group: Hashable | None = None) -> int:
         """Queue ``work`` units (tokens x blocks, at least 1) for ``requester``; returns
         its ticket. With a ``batch`` key, the ticket may share a slot with other tickets
-        of that key (``grant_groups``). Call ``grant`` next."""
+        of that key (``grant_groups``). ``group`` is the requester's fairness group (the
+        newcomers of one group share one turn; default: the requester alone). Call
+        ``grant`` next."""
         if len(self._requesters) > SWEEP_AT + 2 * len(self._owner):
             self._sweep()
         credit = max(0.0, float(credit))
+        group = requester if group is None else group
         state = self._requesters.get(requester)
         newcomer = credit <= 0.0
+        if newcomer:
+            if not self._newcomers_active():
+                self._newcomers.pass_ = max(self._newcomers.pass_, self._vtime)
+            if not self._group_active(group):  # no banking of a group's idle time either
+                turn = self._groups.setdefault(group, _Group(pass_=self._newcomers.vtime))
+                turn.pass_ = max(turn.pass_, self._newcomers.vtime)
+            joins_at = self._groups[group].vtime
+        else:
+            joins_at = self._vtime
         if state is None:
             state = self._requesters[requester] = _Requester(
-                key=requester, credit=credit, weight=1.0, delinquent=False,
-                pass_=self._newcomers.vtime if newcomer else self._vtime)
-        elif (not state.waiting and not state.running) or state.newcomer != newcomer:
+                key=requester, group=group, credit=credit, weight=1.0, delinquent=False, pass_=joins_at)
+        elif (not state.waiting and not state.running) or state.newcomer != newcomer or state.group != group:
             # no banking of idle time; a newcomer that earned credit joins the creditors now
-            state.pass_ = max(state.pass_, self._newcomers.vtime if newcomer else self._vtime)
-        if newcomer and not self._newcomers_active():
-            self._newcomers.pass_ = max(self._newcomers.pass_, self._vtime)
+            state.pass_ = max(state.pass_, joins_at)
+        state.group = group
         state.credit = credit
         state.weight = self.config.weight(state.credit)
         state.delinquent = delinquent
@@ -299,8 +328,10 @@ class SchedulingPolicy:
                                   [s for s in self._requesters.values() if s.waiting and not s.delinquent])
         every = self.config.unchoke_every
         chosen = self._requesters.get(self._optimistic) if self._optimistic is not None else None
-        if (every and chosen is not None and chosen.waiting and not chosen.delinquent
-                and (among is None or among(chosen))):
+        members = [s for s in normal if s.group == self._optimistic and self._eligible(s)] \
+            if self._optimistic is not None else []
+        chosen = min((s for s in members if among is None or among(s)), key=lambda s: s.waiting[0], default=None)
+        if every and chosen is not None:
             head = self._work[chosen.waiting[0]]
             self._owed_cap = head
             if self._owed >= head * (every - 1):
@@ -308,7 +339,7 @@ class SchedulingPolicy:
                 return chosen  # reserved share: the pass is not advanced
         state = self._stride(normal)
         self._owed += self._work[state.waiting[0]]
-        if every and (chosen is None or not chosen.waiting):
+        if every and not members:
             self._owed = min(self._owed, self._owed_cap * (every - 1))  # no banking while it is away
         return self._advance(state)
 
@@ -325,7 +356,16 @@ class SchedulingPolicy:
             best = min(creditors, key=lambda s: (s.pass_ + work[s.waiting[0]] / s.weight, s.waiting[0]))
             best_key = (best.pass_ + work[best.waiting[0]] / best.weight, best.waiting[0])
         if newcomers:
-            first = min(newcomers, key=lambda s: (s.pass_ + work[s.waiting[0]], s.waiting[0]))
+            # each group's next member (least finish time in the group), then the group
+            # whose turn finishes first
+            heads: dict[Hashable, _Requester] = {}
+            for s in newcomers:
+                other = heads.get(s.group)
+                if other is None or (s.pass_ + work[s.waiting[0]], s.waiting[0]) < \
+                        (other.pass_ + work[other.waiting[0]], other.waiting[0]):
+                    heads[s.group] = s
+            groups = self._groups
+            first = min(heads.values(), key=lambda s: (groups[s.group].pass_ + work[s.waiting[0]], s.waiting[0]))
             if best is None or (self._newcomers.pass_ + work[first.waiting[0]], first.waiting[0]) < best_key:
                 return first
         assert best is not None
@@ -334,10 +374,12 @@ class SchedulingPolicy:
     def _advance(self, state: _Requester) -> _Requester:
         work = self._work[state.waiting[0]]
         if state.newcomer:
-            flow = self._newcomers
+            flow, group = self._newcomers, self._groups[state.group]
             self._vtime = max(self._vtime, flow.pass_)
             flow.pass_ += work  # the flow's weight is 1
-            flow.vtime = max(flow.vtime, state.pass_)
+            flow.vtime = max(flow.vtime, group.pass_)
+            group.pass_ += work
+            group.vtime = max(group.vtime, state.pass_)
             state.pass_ += work
         else:
             self._vtime = max(self._vtime, state.pass_)
@@ -347,20 +389,28 @@ class SchedulingPolicy:
     def _newcomers_active(self) -> bool:
         return any(s.waiting or s.running for s in self._requesters.values() if s.newcomer)
 
+    def _group_active(self, group: Hashable) -> bool:
+        return group in self._groups and any(s.waiting or s.running for s in self._requesters.values()
+                                             if s.newcomer and s.group == group)
+
     def _evaluate_optimistic(self, now: float, normal: list[_Requester]) -> None:
-        current = self._requesters.get(self._optimistic) if self._optimistic is not None else None
-        still_fine = current is not None and current.waiting and self._eligible(current)
+        current = self._optimistic
+        still_fine = current is not None and any(s.group == current and self._eligible(s) for s in normal)
         if now < self._next_evaluation and still_fine:
             return
         if now >= self._next_evaluation:
             self._next_evaluation = now + self.config.reevaluate_interval
         if still_fine and now < self._rotate_at:
             return
-        candidates = sorted((s for s in normal if self._eligible(s)), key=lambda s: s.waiting[0])
+        oldest: dict[Hashable, int] = {}  # eligible group -> its oldest waiting ticket
+        for s in normal:
+            if self._eligible(s):
+                oldest[s.group] = min(oldest.get(s.group, s.waiting[0]), s.waiting[0])
+        candidates = sorted(oldest, key=oldest.__getitem__)
         if current is not None and len(candidates) > 1:
-            candidates = [s for s in candidates if s is not current]  # rotate to someone else
+            candidates = [g for g in candidates if g != current]  # rotate to another group
         if candidates:
-            self._optimistic = self._rng.choice(candidates).key
+            self._optimistic = self._rng.choice(candidates)
             self._rotate_at = now + self.config.rotate_interval
         elif not still_fine:
             self._optimistic = None
@@ -373,11 +423,19 @@ class SchedulingPolicy:
         # forgetting one gives it back at most one quantum (1 / weight) on return.
         for key in [k for k, s in self._requesters.items() if not s.waiting and not s.running]:
             del self._requesters[key]
+        used = {s.group for s in self._requesters.values()}
+        for group in [g for g in self._groups if g not in used]:
+            del self._groups[group]
 
     def _forget_if_idle(self, state: _Requester) -> None:
         # A requester with nothing queued whose pass is not ahead would rejoin at
         # vtime anyway: dropping it bounds memory by the active requesters.
-        vtime = self._newcomers.vtime if state.newcomer else self._vtime
-        if not state.waiting and not state.running and state.pass_ <= vtime:
-            if self._requesters.get(state.key) is state:
-                del self._requesters[state.key]
+        if state.waiting or state.running:
+            return
+        group = self._groups.get(state.group) if state.newcomer else None
+        vtime = (group.vtime if group is not None else self._newcomers.vtime) if state.newcomer else self._vtime
+        if state.pass_ <= vtime and self._requesters.get(state.key) is state:
+            del self._requesters[state.key]
+        if (group is not None and group.pass_ <= self._newcomers.vtime and not self._group_active(state.group)
+                and not any(s.group == state.group and s.newcomer for s in self._requesters.values())):
+            del self._groups[state.group]  # it would rejoin at the flow's vtime anyway

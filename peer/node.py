@@ -262,7 +262,7 @@ async def run_server(identity: Identity, options: ServeOptions, *,
             reputation = (Reputation.load(options.reputation_path) if options.reputation_path is not None
                           else Reputation())
             limits = ServerLimits(max_sessions=options.max_sessions, max_sessions_per_peer=options.max_sessions_per_peer,
-                                  max_sessions_per_group=max(1, options.max_sessions // 2))
+                                  max_sessions_per_group=max(1, options.max_sessions // 4))
             server = SpanServer(host, executor, limits=limits, drain_grace=options.drain_grace,
                                 compute=compute, on_work=credit.served, banned=reputation.banned)
             _set_proof_cap(host, executor)
