@@ -48,6 +48,18 @@ A request is granted as a whole; so that a big one cannot hold a slot for long, 
 server submits it in pieces of at most a quantum of work (``peer.server``), each its
 own ticket, and the honest decode step waits at most one piece.
 
+The small-step slot: a piece cannot be cut below one block of its tokens (a session's
+prefill of 2,000 tokens is one piece per block), and a decode step that waits for a
+running piece waits its whole remaining time, at every hop of its chain, for every
+token. So while big tickets hold regular slots, as many ``small_slots`` (at most 1 by
+default) open next to them, which only *small* tickets may take (``submit(small=True)``:
+the server marks steps of a few tokens, a decode step), chosen and charged by the same
+rules: a decode step waits for other small steps at most, never for a big piece, while
+big pieces still get every regular slot. A small ticket takes a regular slot when one
+is free, and without big work running no small-step slot is open, so contention among
+decode steps (and their credit order) is what it was. What small tickets can take is
+bounded by their size: a few tokens each, and the same group fairness among them.
+
 Batches (issue 16): a ticket submitted with a ``batch`` key may share its slot with
 other waiting tickets of the same key (decode steps of different sessions over the
 same blocks, computed as one forward). When such a ticket is granted, the policy fills
@@ -88,6 +100,7 @@ class SchedulerConfig:
     max_batch: int = 16  # tickets (of one batch key) sharing one slot
     max_batch_work: int = 4096  # work units of one batch (its first ticket always fits)
     batch_linger: float = 0.5  # a batch smaller than the last of its key waits this much of its time for more
+    small_slots: int = 1  # extra slots only small tickets (decode steps) may take while big ones run (0: none)
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
@@ -102,6 +115,8 @@ class SchedulerConfig:
             raise ValueError("max_batch and max_batch_work must be at least 1")
         if not 0 <= self.batch_linger <= 1:
             raise ValueError("batch_linger must be in [0, 1]")
+        if self.small_slots < 0:
+            raise ValueError("small_slots must be non-negative")
 
     def weight(self, credit: float) -> float:
         return 1.0 + self.max_boost * normalized_credit(credit, self.credit_scale)
@@ -152,6 +167,9 @@ class SchedulingPolicy:
         self._batch: dict[int, Hashable] = {}  # ticket -> its batch key (batchable tickets only)
         self._slot_of: dict[int, int] = {}  # running ticket -> the first ticket of its slot
         self._slot_left: dict[int, int] = {}  # first ticket of a busy slot -> its tickets still running
+        self._small: set[int] = set()  # small tickets (waiting or running)
+        self._small_busy: set[int] = set()  # first tickets of the busy small-step slots
+        self._big_busy: set[int] = set()  # first tickets of the regular slots running big tickets
         self._next_ticket = 0
         self._vtime = 0.0  # pass of the last stride grant: where newly active flows join
         self._newcomers = _Flow()
@@ -189,11 +207,13 @@ class SchedulingPolicy:
     # -- transitions --------------------------------------------------------------
 
     def submit(self, requester: Hashable, *, now: float, credit: float = 0.0, delinquent: bool = False,
-               work: int = 1, batch: Hashable | None = None, group: Hashable | None = None) -> int:
+               work: int = 1, batch: Hashable | None = None, group: Hashable | None = None,
+               small: bool = False) -> int:
         """Queue ``work`` units (tokens x blocks, at least 1) for ``requester``; returns
         its ticket. With a ``batch`` key, the ticket may share a slot with other tickets
         of that key (``grant_groups``). ``group`` is the requester's fairness group (the
-        newcomers of one group share one turn; default: the requester alone). Call
+        newcomers of one group share one turn; default: the requester alone). A
+        ``small`` ticket (a step of a few tokens) may also take a small-step slot. Call
         ``grant`` next."""
         if len(self._requesters) > SWEEP_AT + 2 * len(self._owner):
             self._sweep()
@@ -227,6 +247,8 @@ class SchedulingPolicy:
         self._work[ticket] = max(1, int(work))
         if batch is not None:
             self._batch[ticket] = batch
+        if small:
+            self._small.add(ticket)
         return ticket
 
     def grant(self, *, now: float) -> list[int]:
@@ -239,14 +261,28 @@ class SchedulingPolicy:
         grant order, more than one only for a batch (see the module docstring)."""
         groups: list[list[int]] = []
         config = self.config
-        while len(self._slot_left) < config.capacity and self.waiting:
-            state = self._pick(now)
-            assert state is not None
+        while self.waiting:
+            if len(self._slot_left) - len(self._small_busy) < config.capacity:
+                state, small_slot = self._pick(now), False
+                assert state is not None
+            elif len(self._small_busy) < min(config.small_slots, len(self._big_busy)):
+                state, small_slot = self._pick(now, among=self._small_head), True
+                if state is None:
+                    break
+            else:
+                break
             group = [state.waiting.popleft()]
             self._slot_left[group[0]] = 0
+            if small_slot:
+                self._small_busy.add(group[0])
+            elif group[0] not in self._small:
+                self._big_busy.add(group[0])
             self._start(group[0], group)
             groups.append(group + self.extend(group[0], now=now))
         return groups
+
+    def _small_head(self, state: _Requester) -> bool:
+        return state.waiting[0] in self._small
 
     def extend(self, first: int, *, now: float) -> list[int]:
         """More waiting tickets of the batch key of the busy slot ``first`` (a ticket
@@ -260,12 +296,14 @@ class SchedulingPolicy:
         members = [t for t, f in self._slot_of.items() if f == first]
         size, work = len(members), sum(self._work[t] for t in members)
         added: list[int] = []
+        small_only = first in self._small_busy
         while size < config.max_batch:
             room = config.max_batch_work - work
 
             def fits(s: _Requester, key: Hashable = key, room: int = room) -> bool:
                 head = s.waiting[0]
-                return self._batch.get(head) == key and self._work[head] <= room
+                return (self._batch.get(head) == key and self._work[head] <= room
+                        and (not small_only or head in self._small))
 
             joining = self._pick(now, among=fits)
             if joining is None:
@@ -292,9 +330,12 @@ class SchedulingPolicy:
         self._slot_left[first] -= 1
         if not self._slot_left[first]:
             del self._slot_left[first]
+            self._small_busy.discard(first)
+            self._big_busy.discard(first)
         state = self._owner.pop(ticket)
         self._work.pop(ticket, None)
         self._batch.pop(ticket, None)
+        self._small.discard(ticket)
         state.running -= 1
         self._forget_if_idle(state)
 
@@ -305,6 +346,7 @@ class SchedulingPolicy:
         state = self._owner.pop(ticket)
         self._work.pop(ticket, None)
         self._batch.pop(ticket, None)
+        self._small.discard(ticket)
         state.waiting.remove(ticket)
         self._forget_if_idle(state)
         return True

@@ -42,8 +42,10 @@ one turn; in one of the server's own groups each identity is its own): a step is
 submitted to the scheduler in pieces of at most
 ``quantum`` work units (``SpanExecutor.forward_job``: whole blocks for a session,
 whose output does not change; chunks of ``chunk_tokens`` tokens too for a long
-FORWARD_ONCE), so a decode step waits for at most one piece of someone else's big
-request.
+FORWARD_ONCE or a long prefill, so that no piece's scratch memory grows with the square
+of a long prompt), so a decode step waits for at most one piece of someone else's big
+request, and a step of at most ``small_step_tokens`` tokens is marked small, which lets
+it take the scheduler's small-step slot: it then waits for no big piece at all.
 
 Batching across sessions (issue 16): a step of at most a quantum of work is submitted
 with a batch key (the executor, its blocks and its token count), so the scheduler
@@ -135,6 +137,7 @@ class ServerLimits:
     max_once_tokens_per_group: int = 8192  # ... the requesters of one address group together (own groups exempt)
     quantum: int = 512  # work units (tokens x blocks) of one compute grant
     chunk_tokens: int = 256  # a longer FORWARD_ONCE is computed this many tokens at a time
+    small_step_tokens: int = 4  # a step of at most this many tokens may take the scheduler's small-step slot
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -386,7 +389,8 @@ class SpanServer:
                 output = await self._compute_batched(conn, state.span, step)
             else:
                 step = None
-                job = self.executor.forward_job(msg.session, hidden, msg.position, quantum=self.limits.quantum)
+                job = self.executor.forward_job(msg.session, hidden, msg.position, quantum=self.limits.quantum,
+                                                chunk_tokens=self.limits.chunk_tokens)
                 output = await self._compute_step(conn, state.span, n_tokens, job)
         except BaseException:
             if ((job is not None and 0 < job.pieces_done < len(job.pieces))
@@ -482,7 +486,8 @@ class SpanServer:
         job: ForwardJob | None = None
         try:
             hidden = await self._off_loop(len(push_input(msg).data), self._decode, push_input(msg))
-            job = self.executor.forward_job(hop.session, hidden, msg.position, quantum=self.limits.quantum)
+            job = self.executor.forward_job(hop.session, hidden, msg.position, quantum=self.limits.quantum,
+                                            chunk_tokens=self.limits.chunk_tokens)
             output = await self._compute_step(served.owner, state.span, n_tokens, job)
         except BaseException:
             if job is not None and 0 < job.pieces_done < len(job.pieces):
@@ -584,7 +589,8 @@ class SpanServer:
         try:
             for work, piece in job.pieces:
                 seconds += await self.compute.run(requester.peer_id, functools.partial(_timed, piece), work=work,
-                                                  group=self._fair_group(requester))
+                                                  group=self._fair_group(requester),
+                                                  small=n_tokens <= self.limits.small_step_tokens)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
@@ -604,7 +610,7 @@ class SpanServer:
             output, seconds, size = await self.compute.run_batch(
                 requester.peer_id, step, key=("steps", id(executor), step.session.lo, step.session.hi, step.tokens),
                 combine=functools.partial(_batch_timed, executor), work=step.work,
-                group=self._fair_group(requester))
+                group=self._fair_group(requester), small=step.tokens <= self.limits.small_step_tokens)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:

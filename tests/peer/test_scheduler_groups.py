@@ -81,3 +81,36 @@ def test_idle_groups_are_forgotten() -> None:
         policy.release(ticket, now=i + 0.5)
     assert len(policy._groups) <= SWEEP_AT + 1  # noqa: SLF001
     assert len(policy._requesters) <= SWEEP_AT + 1  # noqa: SLF001
+
+
+def test_a_small_step_never_waits_for_a_big_piece() -> None:
+    # A session's prefill is cut by blocks only (a piece of 2,000 tokens over one block
+    # is one piece), so a decode step that shared the slots with pieces waited for the
+    # one running at every hop. With the small-step slot it waits for small steps at most.
+    policy = SchedulingPolicy(SchedulerConfig(capacity=1))
+    big = [policy.submit(f"sybil{i}", now=0.0, work=4000) for i in range(3)]
+    assert policy.grant(now=0.0) == [big[0]]
+    step = policy.submit("honest", now=0.0, work=2, small=True)
+    assert policy.grant(now=0.0) == [step]  # the small-step slot, while the piece runs
+    late = policy.submit("sybil-small", now=0.0, work=2, small=True)
+    assert policy.grant(now=0.0) == []  # one small-step slot: small steps take turns in it
+    policy.release(step, now=0.001)
+    assert policy.grant(now=0.001) == [late]
+    policy.release(late, now=0.002)
+    assert policy.grant(now=0.002) == []  # big pieces never take the small-step slot
+    policy.release(big[0], now=1.0)
+    assert policy.grant(now=1.0) == [big[1]]
+    # a small step takes a regular slot when one is free, and with no big piece running
+    # no small-step slot opens: decode steps contend (in credit order) as they did
+    idle = SchedulingPolicy(SchedulerConfig(capacity=1))
+    first = idle.submit("a", now=0.0, work=2, small=True)
+    second = idle.submit("b", now=0.0, work=2, small=True)
+    assert idle.grant(now=0.0) == [first]
+    assert idle.busy_slots == 1
+    idle.release(first, now=0.001)
+    assert idle.grant(now=0.001) == [second]
+    off = SchedulingPolicy(SchedulerConfig(capacity=1, small_slots=0))
+    off.submit("x", now=0.0, work=4000)
+    assert len(off.grant(now=0.0)) == 1
+    off.submit("y", now=0.0, work=2, small=True)
+    assert off.grant(now=0.0) == []

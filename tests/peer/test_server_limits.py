@@ -142,9 +142,9 @@ async def test_forward_once_tokens_are_capped_per_request_and_per_requester(tiny
         release = trio.Event()
         real_run = node.compute.run
 
-        async def held_run(requester, fn, *, work=1, group=None):
+        async def held_run(requester, fn, *, work=1, group=None, small=False):
             await release.wait()
-            return await real_run(requester, fn, work=work, group=group)
+            return await real_run(requester, fn, work=work, group=group, small=small)
 
         node.compute.run = held_run
         async with trio.open_nursery() as inner:
@@ -202,10 +202,10 @@ async def test_a_subnet_shares_one_forward_once_budget_and_one_scheduler_turn(ti
         real_run = node.compute.run
         groups: dict[bytes, object] = {}
 
-        async def held_run(requester, fn, *, work=1, group=None):
+        async def held_run(requester, fn, *, work=1, group=None, small=False):
             groups[requester] = group
             await release.wait()
-            return await real_run(requester, fn, work=work, group=group)
+            return await real_run(requester, fn, work=work, group=group, small=small)
 
         node.compute.run = held_run
         sybil_hosts = [await client(nursery, f"127.0.1.{i + 1}") for i in range(2)]
