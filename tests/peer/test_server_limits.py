@@ -234,6 +234,29 @@ async def test_a_subnet_shares_one_forward_once_budget_and_one_scheduler_turn(ti
         nursery.cancel_scope.cancel()
 
 
+async def test_a_long_step_is_computed_in_chunks_and_the_tokens_stay(tiny):
+    # a session step longer than chunk_tokens (the prompt's prefill) goes to the
+    # scheduler in chunks of that many tokens, each cut by blocks to the quantum
+    path, expected = tiny
+    async with trio.open_nursery() as nursery:
+        node = await start(nursery, path)
+        node.server.limits = type(node.server.limits)(chunk_tokens=2, quantum=4)
+        jobs = []
+        real_job = node.server.executor.forward_job
+
+        def spy(*args, **kw):
+            jobs.append(real_job(*args, **kw))
+            return jobs[-1]
+
+        node.server.executor.forward_job = spy
+        swarm = await Swarm.connect(nursery, bootstrap=[node.address], model=path, audit=0)
+        assert (await swarm.generate(PROMPT, max_new_tokens=8)).token_ids == expected
+        (prefill,) = [job for job in jobs if job.tokens == len(PROMPT)]
+        # 2 + 2 + 1 tokens; 2 blocks a piece for the 2-token chunks, all 4 for the last
+        assert [work for work, _ in prefill.pieces] == [4, 4, 4, 4, 4]
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_forward_over_the_connections_cap_is_refused_from_its_head(tiny):
     path, _ = tiny
     async with trio.open_nursery() as nursery:
