@@ -110,6 +110,28 @@ def default_cache_bytes(executor: SpanExecutor, *, max_sessions: int) -> int:
     return max(int(budget), executor.per_token_cache_bytes)
 
 
+#: Allocations at least this large get pages of their own from the kernel (glibc).
+MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
+    """Have glibc map every allocation of ``nbytes`` or more on its own, returned to the
+    kernel when freed (issue 10 item 4: RSS under hostile load). By default glibc raises
+    this threshold to the size of each large block freed (up to 32 MiB), after which the
+    activations and growing KV caches of other people's requests come from the heap and
+    stay in the RSS once freed; a fixed threshold turns that off. True if set (a glibc
+    process); elsewhere nothing happens."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
+
+
 def _available_memory() -> int:
     """Bytes of memory available to new allocations (MemAvailable), or all of it."""
     try:
@@ -227,6 +249,7 @@ async def run_server(identity: Identity, options: ServeOptions, *,
         # Several peers on one machine each spinning a thread per core stall in OpenMP
         # barriers; the operator splits the cores with --threads.
         torch.set_num_threads(options.threads)
+    fix_mmap_threshold()
     info = await trio.to_thread.run_sync(resolve_model, options.model)
     host = Host(identity, host=options.host, port=options.port,
                 announce_addrs=list(options.announce_addrs) or None, source_host=options.source_addr)
@@ -262,7 +285,7 @@ async def run_server(identity: Identity, options: ServeOptions, *,
             reputation = (Reputation.load(options.reputation_path) if options.reputation_path is not None
                           else Reputation())
             limits = ServerLimits(max_sessions=options.max_sessions, max_sessions_per_peer=options.max_sessions_per_peer,
-                                  max_sessions_per_group=max(1, options.max_sessions // 2))
+                                  max_sessions_per_group=max(1, options.max_sessions // 4))
             server = SpanServer(host, executor, limits=limits, drain_grace=options.drain_grace,
                                 compute=compute, on_work=credit.served, banned=reputation.banned)
             _set_proof_cap(host, executor)

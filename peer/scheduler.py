@@ -88,31 +88,36 @@ class Scheduler:
         self._members: dict[int, _Member] = {}  # ticket -> its run_batch call
         self._last: dict[Hashable, tuple[int, float]] = {}  # batch key -> (size, seconds) of its last batch
         self._arrivals: dict[Hashable, trio.Event] = {}  # batch key -> set when one of its steps comes
-        # The policy never grants more than ``capacity`` slots, so this limiter never
-        # makes anyone wait (and so never reorders grants); it only keeps trio's
-        # default thread limiter, shared with everything else, out of the way.
-        self._threads = trio.CapacityLimiter(self.policy.config.capacity)
+        # The policy never grants more than its slots (``capacity`` and the small-step
+        # slots), so this limiter never makes anyone wait (and so never reorders
+        # grants); it only keeps trio's default thread limiter, shared with everything
+        # else, out of the way.
+        self._threads = trio.CapacityLimiter(self.policy.config.capacity + self.policy.config.small_slots)
         self.waits: dict[Hashable, list[tuple[float, float]]] = {}
 
     @property
     def capacity(self) -> int:
         return self.policy.config.capacity
 
-    async def run(self, requester: Hashable, fn: Callable[[], T], *, work: int = 1) -> T:
+    async def run(self, requester: Hashable, fn: Callable[[], T], *, work: int = 1,
+                  group: Hashable | None = None, small: bool = False) -> T:
         """``fn()`` computed for ``requester`` in a worker thread, once the policy grants
         it a slot (at once if one is free); ``work`` is what it costs in work units
-        (tokens x blocks), what the policy charges.
+        (tokens x blocks), what the policy charges; ``group`` its fairness group (the
+        requester's address group; default: the requester alone); ``small`` marks a
+        step of a few tokens, which may also take a small-step slot.
 
         Cancellation: a waiter leaves the queue; once ``fn`` runs, it runs to the end
         (a worker thread cannot be interrupted; its slot is held until it returns) and
         the caller's cancellation is delivered after.
         """
-        async with self.slot(requester, work=work):
+        async with self.slot(requester, work=work, group=group, small=small):
             return await trio.to_thread.run_sync(fn, limiter=self._threads)
 
     @asynccontextmanager
     async def slot(
-        self, requester: Hashable, *, now: float | None = None, credit: float | None = None, work: int = 1
+        self, requester: Hashable, *, now: float | None = None, credit: float | None = None, work: int = 1,
+        group: Hashable | None = None, small: bool = False,
     ) -> AsyncIterator[None]:
         """Wait for a compute slot, hold it for the body, release it on exit (``run`` is
         this around a worker thread; compute goes through ``run``).
@@ -131,6 +136,8 @@ class Scheduler:
             credit=self._credit_of(requester) if credit is None else credit,
             delinquent=self._delinquent_of(requester),
             work=work,
+            group=group,
+            small=small,
         )
         event = self._events[ticket] = trio.Event()
         self._dispatch(when)
@@ -157,12 +164,14 @@ class Scheduler:
             self._dispatch(trio.current_time())
 
     async def run_batch(self, requester: Hashable, item: I, *, key: Hashable,
-                        combine: Callable[[list[I]], list[T]], work: int = 1) -> T:
+                        combine: Callable[[list[I]], list[T]], work: int = 1, group: Hashable | None = None,
+                        small: bool = False) -> T:
         """``item``'s result, computed in a batch: once the policy grants this ticket a
         slot, together with the other waiting tickets of batch ``key`` it lets in
         (``SchedulingPolicy.grant_groups``), one worker thread calls ``combine(items)``
         (the first ticket's ``combine``: one per key) and each caller gets its result, or
-        the exception ``combine`` raised. ``work`` is this item's own work units.
+        the exception ``combine`` raised. ``work`` is this item's own work units,
+        ``group`` its requester's fairness group and ``small`` as for ``run``.
 
         Cancellation: a waiter leaves the queue; once its batch is granted the item is
         computed to the end and the cancellation is delivered after.
@@ -171,7 +180,8 @@ class Scheduler:
         policy = self.policy
         asked = trio.current_time()
         ticket = policy.submit(requester, now=asked, credit=self._credit_of(requester),
-                               delinquent=self._delinquent_of(requester), work=work, batch=key)
+                               delinquent=self._delinquent_of(requester), work=work, batch=key,
+                               group=group, small=small)
         me = self._members[ticket] = _Member(item=item, combine=combine, key=key)
         arrived = self._arrivals.pop(key, None)
         if arrived is not None:

@@ -31,15 +31,21 @@ What one requester can take is bounded before the work is done (``ServerLimits``
 spec section 15, "Server limits"): sessions per requester and per address group, a
 session that never got a step expires after ``unused_session_timeout``, the KV cache
 budget (the executor's) counts sessions and the transient cache of a long
-FORWARD_ONCE alike, FORWARD_ONCE tokens are capped per request and per requester in
-flight, and the size caps of FORWARD (per connection: the largest session opened on
+FORWARD_ONCE alike, and one address group's sessions and FORWARD_ONCEs together hold
+at most ``group_cache_share`` of it, FORWARD_ONCE tokens are capped per request, per
+requester and per address group in flight, and the size caps of FORWARD (per connection: the largest session opened on
 it) and FORWARD_ONCE (the per-request token cap) are set on the transport so that an
 oversized message is refused from its first bytes. Compute is charged by work
-(tokens x blocks): a step is submitted to the scheduler in pieces of at most
+(tokens x blocks), and the scheduler's unit of fairness among requesters without
+credit is the address group (``_fair_group``: the identities of one remote /24 share
+one turn; in one of the server's own groups each identity is its own): a step is
+submitted to the scheduler in pieces of at most
 ``quantum`` work units (``SpanExecutor.forward_job``: whole blocks for a session,
 whose output does not change; chunks of ``chunk_tokens`` tokens too for a long
-FORWARD_ONCE), so a decode step waits for at most one piece of someone else's big
-request.
+FORWARD_ONCE or a long prefill, so that no piece's scratch memory grows with the square
+of a long prompt), so a decode step waits for at most one piece of someone else's big
+request, and a step of at most ``small_step_tokens`` tokens is marked small, which lets
+it take the scheduler's small-step slot: it then waits for no big piece at all.
 
 Batching across sessions (issue 16): a step of at most a quantum of work is submitted
 with a batch key (the executor, its blocks and its token count), so the scheduler
@@ -123,17 +129,22 @@ class ServerLimits:
 
     max_sessions: int = 16  # sessions open at once; beyond, OPEN_SESSION gets BUSY
     max_sessions_per_peer: int = 4  # ... per requesting identity
-    max_sessions_per_group: int = 8  # ... per address group of requesters (own groups exempt)
+    max_sessions_per_group: int = 4  # ... per address group of requesters (own groups exempt)
+    group_cache_share: float = 0.25  # of the cache budget, what one address group's sessions and FORWARD_ONCEs hold
     unused_session_timeout: float = 15.0  # a session without a step is closed after this many seconds
     max_forward_once_tokens: int = 8192  # tokens of one FORWARD_ONCE (and at most the model's context)
     max_once_tokens_per_peer: int = 8192  # FORWARD_ONCE tokens one requester may have queued or computing
+    max_once_tokens_per_group: int = 8192  # ... the requesters of one address group together (own groups exempt)
     quantum: int = 512  # work units (tokens x blocks) of one compute grant
     chunk_tokens: int = 256  # a longer FORWARD_ONCE is computed this many tokens at a time
+    small_step_tokens: int = 4  # a step of at most this many tokens may take the scheduler's small-step slot
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
             if getattr(self, name) <= 0:
                 raise ValueError(f"server limit {name} must be positive")
+        if self.group_cache_share > 1:
+            raise ValueError("server limit group_cache_share must be at most 1")
 
 
 @dataclass(slots=True)
@@ -161,6 +172,7 @@ class _Served:
     owner: PeerConnection
     state: SessionState
     opened: float  # the server's clock when it opened
+    reserved: int = 0  # cache budget bytes the executor reserved for it
     computing: bool = False  # a step is in a worker thread: the cache is not to be touched
 
 
@@ -215,6 +227,8 @@ class SpanServer:
         self._clock = clock
         self._sessions: dict[bytes, _Served] = {}
         self._once_tokens: dict[bytes, int] = {}  # requester -> FORWARD_ONCE tokens queued or computing
+        self._group_once_tokens: dict[str, int] = {}  # address group -> the same, its requesters together
+        self._group_once_bytes: dict[str, int] = {}  # address group -> cache bytes its running FORWARD_ONCEs hold
         # Long FORWARD_ONCEs in progress at once, whoever asks: each holds a cache and
         # scratch memory of its own while its pieces run, so they take turns; decode
         # steps still run between their pieces.
@@ -340,12 +354,14 @@ class SpanServer:
             if near >= self.limits.max_sessions_per_group:
                 raise RemoteError(f"{near} sessions are open from {conn.group}, the most one address group may "
                                   "have; retry later", code=ErrorCode.BUSY, retry_after=1.0)
+        need = self.executor.transient_bytes(msg.max_length, start=msg.span[0], end=msg.span[1])
+        self._check_group_bytes(conn, need)
         sid = self.executor.open_session(msg.max_length, start=msg.span[0], end=msg.span[1])
         state = SessionState(client=conn.peer_id, server=self.identity.peer_id, session=sid, model=self.model,
                              span=msg.span, max_length=msg.max_length, wire_dtype=msg.wire_dtype,
                              blocksize=blocksize)
         state.open()
-        self._sessions[sid] = _Served(owner=conn, state=state, opened=self._clock())
+        self._sessions[sid] = _Served(owner=conn, state=state, opened=self._clock(), reserved=need)
         # this connection may now send FORWARDs as long as the session (the cap only grows)
         conn.allow(Forward, type_cap(Forward, self.host.limits, self.executor.hidden_size * msg.max_length))
         conn.protect(SESSION_TAG)
@@ -373,7 +389,8 @@ class SpanServer:
                 output = await self._compute_batched(conn, state.span, step)
             else:
                 step = None
-                job = self.executor.forward_job(msg.session, hidden, msg.position, quantum=self.limits.quantum)
+                job = self.executor.forward_job(msg.session, hidden, msg.position, quantum=self.limits.quantum,
+                                                chunk_tokens=self.limits.chunk_tokens)
                 output = await self._compute_step(conn, state.span, n_tokens, job)
         except BaseException:
             if ((job is not None and 0 < job.pieces_done < len(job.pieces))
@@ -404,6 +421,13 @@ class SpanServer:
         if queued + n_tokens > self.limits.max_once_tokens_per_peer:
             raise RemoteError(f"you have {queued} FORWARD_ONCE tokens queued here; wait for their results",
                               code=ErrorCode.BUSY, retry_after=1.0)
+        group = conn.group if conn.group not in self.host.manager.exempt_groups else None
+        if group is not None:
+            near = self._group_once_tokens.get(group, 0)
+            if near + n_tokens > self.limits.max_once_tokens_per_group:
+                raise RemoteError(f"{near} FORWARD_ONCE tokens from {group} are queued here, the most one address "
+                                  "group may have; retry later", code=ErrorCode.BUSY, retry_after=1.0)
+            self._group_once_tokens[group] = near + n_tokens
         self._once_tokens[conn.peer_id] = queued + n_tokens
         try:
             state, hidden = await self._off_loop(len(msg.hidden.data), self._check_and_decode_once, conn, msg)
@@ -413,17 +437,17 @@ class SpanServer:
             long = len(job.pieces) > 1
             transient = self.executor.transient_bytes(n_tokens, start=start, end=end) if long else 0
             async with self._long_jobs if long else _NO_LIMIT:
+                self._check_group_bytes(conn, transient)
                 self.executor.reserve(transient)  # counted against the same budget as sessions
+                _add(self._group_once_bytes, group, transient)
                 try:
                     output = await self._compute_step(conn, msg.span, n_tokens, job)
                 finally:
                     self.executor.release(transient)
+                    _add(self._group_once_bytes, group, -transient)
         finally:
-            left = self._once_tokens[conn.peer_id] - n_tokens
-            if left:
-                self._once_tokens[conn.peer_id] = left
-            else:
-                del self._once_tokens[conn.peer_id]
+            _add(self._once_tokens, conn.peer_id, -n_tokens)
+            _add(self._group_once_tokens, group, -n_tokens)
         return sign_forward_once_result(self.identity, state, msg, encode_tensor(output, state.wire_dtype,
                                                                                  blocksize=state.blocksize))
 
@@ -462,7 +486,8 @@ class SpanServer:
         job: ForwardJob | None = None
         try:
             hidden = await self._off_loop(len(push_input(msg).data), self._decode, push_input(msg))
-            job = self.executor.forward_job(hop.session, hidden, msg.position, quantum=self.limits.quantum)
+            job = self.executor.forward_job(hop.session, hidden, msg.position, quantum=self.limits.quantum,
+                                            chunk_tokens=self.limits.chunk_tokens)
             output = await self._compute_step(served.owner, state.span, n_tokens, job)
         except BaseException:
             if job is not None and 0 < job.pieces_done < len(job.pieces):
@@ -524,6 +549,25 @@ class SpanServer:
 
     # -- helpers --------------------------------------------------------------------------
 
+    def _fair_group(self, conn: PeerConnection) -> object:
+        """The scheduler's fairness group of ``conn``'s requester: its address group, or
+        the identity itself in one of this server's own groups (a local swarm)."""
+        return conn.peer_id if conn.group in self.host.manager.exempt_groups else conn.group
+
+    def _check_group_bytes(self, conn: PeerConnection, need: int) -> None:
+        """BUSY unless ``conn``'s address group may take ``need`` more bytes of the cache
+        budget: its sessions and running FORWARD_ONCEs hold at most ``group_cache_share``."""
+        budget = self.executor.cache_bytes
+        if budget is None or conn.group in self.host.manager.exempt_groups:
+            return
+        share = int(budget * self.limits.group_cache_share)
+        held = self._group_once_bytes.get(conn.group, 0) + sum(
+            s.reserved for s in self._sessions.values() if s.owner.group == conn.group)
+        if held + need > share:
+            raise RemoteError(f"{conn.group} holds {held} bytes of this server's cache, {need} more would pass its "
+                              f"share of {share}; retry later or ask for a smaller max_length",
+                              code=ErrorCode.BUSY, retry_after=1.0)
+
     def _check_target(self, model: str, span: tuple[int, int]) -> None:
         if model != self.model:
             raise RemoteError(f"this peer serves {self.model}, not {model}", code=ErrorCode.MODEL_MISMATCH)
@@ -544,7 +588,9 @@ class SpanServer:
         seconds = 0.0
         try:
             for work, piece in job.pieces:
-                seconds += await self.compute.run(requester.peer_id, functools.partial(_timed, piece), work=work)
+                seconds += await self.compute.run(requester.peer_id, functools.partial(_timed, piece), work=work,
+                                                  group=self._fair_group(requester),
+                                                  small=n_tokens <= self.limits.small_step_tokens)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
@@ -563,7 +609,8 @@ class SpanServer:
         try:
             output, seconds, size = await self.compute.run_batch(
                 requester.peer_id, step, key=("steps", id(executor), step.session.lo, step.session.hi, step.tokens),
-                combine=functools.partial(_batch_timed, executor), work=step.work)
+                combine=functools.partial(_batch_timed, executor), work=step.work,
+                group=self._fair_group(requester), small=step.tokens <= self.limits.small_step_tokens)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
@@ -581,6 +628,17 @@ class SpanServer:
         self.stats.compute_seconds += seconds
         if self._on_work is not None:
             self._on_work(requester, work)
+
+
+def _add(counts: dict[Any, int], key: object, delta: int) -> None:
+    """``counts[key] += delta``, the key gone at zero (a None key counts nothing)."""
+    if key is None:
+        return
+    left = counts.get(key, 0) + delta
+    if left:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 class _NoLimit:

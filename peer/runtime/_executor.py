@@ -375,12 +375,16 @@ class SpanExecutor:
         return self.forward_job(session_id, hidden, position).run()
 
     def forward_job(self, session_id: bytes, hidden: torch.Tensor, position: int, *,
-                    quantum: int | None = None) -> ForwardJob:
+                    quantum: int | None = None, chunk_tokens: int | None = None) -> ForwardJob:
         """``forward`` as a ``ForwardJob``: pieces of at most ``quantum`` work units
-        (whole blocks: a session's step is never cut by tokens, so its output is bit for
-        bit the one-call output). Checks as ``forward`` does, at once; the session
-        advances when the last piece is done. If the job is abandoned half-way the
-        session's cache is inconsistent: close the session.
+        (whole blocks: a step of at most ``chunk_tokens`` tokens is never cut by tokens,
+        so its output is bit for bit the one-call output; a longer one, a long prefill, is
+        computed ``chunk_tokens`` at a time into the session's cache, equal to the one
+        call up to float rounding as a chunked ``forward_once_job`` is, so that its
+        scratch memory does not grow with the square of its length). Checks as
+        ``forward`` does, at once; the session advances when the last piece is done. If
+        the job is abandoned half-way the session's cache is inconsistent: close the
+        session.
         """
         step = self.check_step(session_id, hidden, position)
         session, n = step.session, step.tokens
@@ -389,8 +393,9 @@ class SpanExecutor:
             session.length += n
             session.last_used = self._clock()
 
+        chunked = chunk_tokens is not None and n > chunk_tokens
         return ForwardJob(self, hidden, position, session.cache, session.lo, session.hi, quantum=quantum,
-                          chunk_tokens=None, on_done=done)
+                          chunk_tokens=chunk_tokens if chunked else None, on_done=done)
 
     def check_step(self, session_id: bytes, hidden: torch.Tensor, position: int) -> SessionStep:
         """The checks of ``forward`` (same errors), done now: the step, for ``forward_batch``."""

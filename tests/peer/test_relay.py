@@ -249,7 +249,9 @@ async def test_a_session_computes_one_step_at_a_time(tiny):
             answers.append(await conn.request(request))
 
         async with trio.open_nursery() as steps:
-            async with node.compute.slot(b"another requester"):  # the one compute slot is taken
+            # the one compute slot is taken by a small step (a big piece would open the
+            # small-step slot next to it, and this step would not wait)
+            async with node.compute.slot(b"another requester", small=True):
                 steps.start_soon(first)
                 with trio.fail_after(10):
                     while node.compute.waiting == 0:  # the step waits for the slot
