@@ -145,3 +145,35 @@ def test_prompt_lookup_drafts_what_followed_the_latest_match():
     assert lookup.draft([1, 2, 3, 9, 9, 1, 2, 3, 4, 5, 1, 2, 3], 3, sampler) == Draft((4, 5, 1))
     assert lookup.draft([1, 2, 3], 3, sampler) == Draft()
     assert lookup.draft([7, 1, 7], 2, sampler) == Draft((1, 7))
+
+
+@pytest.mark.slow
+async def test_smollm2_greedy_speculation_is_plain_greedy():
+    """The runtime tests' SmolLM2 prompts, 64 greedy tokens each, through two servers:
+    plain, prompt lookup and a draft model (the first 10 of the model's 30 blocks)
+    give the same tokens."""
+    import importlib.util
+    from pathlib import Path
+
+    where = Path(__file__).parent / "runtime" / "test_runtime_smollm2.py"
+    spec = importlib.util.spec_from_file_location("runtime_smollm2_prompts", where)
+    assert spec is not None and spec.loader is not None
+    runtime_tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runtime_tests)
+    MODEL, NEW_TOKENS, PROMPTS = runtime_tests.MODEL, runtime_tests.NEW_TOKENS, runtime_tests.PROMPTS
+
+    draft = DraftModel.from_parts(rt.load_head(MODEL), rt.load_span(MODEL, 0, 10), name="first 10 blocks")
+    async with trio.open_nursery() as nursery:
+        first = await start_server(nursery, MODEL, (0, 15))
+        await start_server(nursery, MODEL, (15, 30), bootstrap=[first.address])
+        swarm = await Swarm.connect(nursery, bootstrap=[first.address], model=MODEL, audit=None)
+        params = rt.SamplingParams(max_new_tokens=NEW_TOKENS)
+        for prompt in PROMPTS:
+            plain = await swarm.client.generate(prompt, params)
+            for drafter in (PromptLookup(), draft):
+                got = await swarm.client.generate(prompt, params, speculative=Speculative(drafter, k=4))
+                assert got.token_ids == plain.token_ids, (drafter.name, got.text, plain.text)
+                print(f"{drafter.name}: {got.accepted}/{got.drafted} kept, {got.steps} steps "
+                      f"for {len(got.token_ids)} tokens")
+        await swarm.aclose()
+        nursery.cancel_scope.cancel()
