@@ -157,7 +157,8 @@ async def test_smollm2_greedy_speculation_is_plain_greedy():
 
     where = Path(__file__).parent / "runtime" / "test_runtime_smollm2.py"
     spec = importlib.util.spec_from_file_location("runtime_smollm2_prompts", where)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     runtime_tests = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runtime_tests)
     MODEL, NEW_TOKENS, PROMPTS = runtime_tests.MODEL, runtime_tests.NEW_TOKENS, runtime_tests.PROMPTS
