@@ -25,9 +25,10 @@ The rule that keeps the output the target's:
   A drafter without a distribution (prompt lookup) has q a point mass on d. Every
   draw uses the sampler's seeded generator, so a seed fixes the generation.
 
-How many tokens to draft (``AdaptiveK``): more when all were kept, fewer when fewer
-than half were, none after a run of rejections (then plain decoding, probing with
-one draft every ``probe_every`` steps). With k = 0 a step is a plain decode step.
+How many tokens to draft (``AdaptiveK``): twice as many when all were kept, half when
+fewer than half were, none when none were (then plain decoding, probing with one
+draft every ``probe_every`` steps). With k = 0 a step is a plain decode step, and a
+drafter that finds nothing to propose (prompt lookup without a match) costs nothing.
 
 The drafters are in ``peer._drafters``: prompt lookup (n-gram matches in the prompt
 and the output so far, no model) and a draft model the client runs itself.
@@ -114,6 +115,8 @@ class AdaptiveK:
             return
         if accepted == offered:
             self.k = min(self.k_max, max(self.k, offered) * 2)
+        elif accepted == 0:  # none kept: plain decoding until a probe finds drafts that hold
+            self.k = 0
         elif 2 * accepted < offered:
             self.k = min(self.k, max(offered // 2, accepted))
         self._idle = 0
