@@ -32,6 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import trio
@@ -39,6 +40,9 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ scripts run with bench/ on sys.path
 
 from bench.wanem import EmulatedSwarm, ServerSpec, Topology, exit_on_sigterm  # noqa: E402
+
+if TYPE_CHECKING:
+    from peer.runtime import SamplingParams
 
 CODE = '''def summarize_orders(orders, tax_rate, discount_threshold):
     """Return totals per customer, with tax and bulk discounts."""
@@ -139,7 +143,7 @@ async def _measure(emu: EmulatedSwarm, drafters: dict, prompts: dict[str, str | 
     return rows
 
 
-def _params(n: int):
+def _params(n: int) -> SamplingParams:
     from peer.runtime import SamplingParams
 
     return SamplingParams(max_new_tokens=n)
