@@ -65,6 +65,48 @@ async def test_greedy_speculation_is_plain_greedy_with_every_step_audited(tiny):
         nursery.cancel_scope.cancel()
 
 
+class _WrongLast:
+    """The whole model as drafter, its last draft of every step made wrong: every step
+    keeps k - 1 drafts and rolls one back."""
+
+    def __init__(self, inner: DraftModel) -> None:
+        self.inner, self.name = inner, "wrong last"
+
+    def start(self, max_length: int, seed: int) -> None:
+        self.inner.start(max_length, seed)
+
+    def draft(self, ids, k, sampler) -> Draft:
+        tokens = list(self.inner.draft(ids, k, sampler).tokens)
+        if tokens:
+            tokens[-1] = (tokens[-1] + 1) % VOCAB
+        return Draft(tuple(tokens))
+
+
+async def test_failover_after_rollbacks_replays_only_the_kept_history(tiny):
+    async with trio.open_nursery() as nursery:
+        first = await start_server(nursery, tiny, (0, 2))
+        second = await start_server(nursery, tiny, (0, 2), bootstrap=[first.address])
+        await start_server(nursery, tiny, (2, 4), bootstrap=[first.address])
+        swarm = await Swarm.connect(nursery, bootstrap=[first.address], model=tiny, audit=None)
+        params = rt.SamplingParams(max_new_tokens=30)
+        plain = await swarm.client.generate(PROMPT, params)
+        killed = []
+
+        def crash_the_one_in_use(event):
+            if event.index >= 12 and not killed:
+                victim = first if first.server.open_sessions else second
+                victim.cancel_scope.cancel()
+                killed.append(victim)
+
+        spec = Speculative(_WrongLast(_draft_model(tiny, LAYERS)), k=3, adaptive=False)
+        got = await swarm.client.generate(PROMPT, params, speculative=spec, on_token=crash_the_one_in_use)
+        assert killed
+        assert got.failovers >= 1
+        assert got.accepted < got.drafted  # steps rolled drafts back
+        assert got.token_ids == plain.token_ids
+        nursery.cancel_scope.cancel()
+
+
 def _chi2(counts: torch.Tensor, p: torch.Tensor) -> tuple[float, int]:
     """Pearson's statistic over the cells with expected count >= 5 (the rest pooled)."""
     n = float(counts.sum())
