@@ -123,22 +123,30 @@ async def _measure(emu: EmulatedSwarm, drafters: dict, prompts: dict[str, str | 
     async with trio.open_nursery() as nursery:
         swarm = await emu.connect(nursery, "client", audit=None, relay="star", step_timeout=60.0)
         await swarm.generate(next(iter(prompts.values())), max_new_tokens=4, chat=chat)  # warm-up: probes, routes
-        for name, prompt in prompts.items():
-            configs: list[tuple[str, str, Speculative | None]] = [("-", "0", None)]
+        configs: list[tuple[str, str, str, Speculative | None]] = []
+        for name in prompts:
+            configs.append((name, "-", "0", None))
             for dname, drafter in drafters.items():
-                configs += [(dname, str(k), Speculative(drafter, k=k, k_max=k, adaptive=False)) for k in KS[1:]]
-                configs.append((dname, "adaptive", Speculative(drafter, k=4, k_max=8)))
-            for dname, k, spec in configs:
-                speeds, result = [], None
-                for _ in range(repeats):
-                    result = await swarm.client.generate(prompt, _params(n), chat=chat, speculative=spec)
-                    speeds.append(result.tokens_per_second)
-                assert result is not None
-                rows.append(Row(prompt=name, drafter=dname, k=k, tokens=result.token_ids,
-                                decode=statistics.median(speeds), steps=result.steps, drafted=result.drafted,
-                                accepted=result.accepted))
-                print(f"    {name:10s} {dname:16s} k={k:8s} {rows[-1].decode:7.2f} tok/s  "
-                      f"kept {result.accepted}/{result.drafted}  steps {result.steps}", flush=True)
+                configs += [(name, dname, str(k), Speculative(drafter, k=k, k_max=k, adaptive=False))
+                            for k in KS[1:]]
+                configs.append((name, dname, "adaptive", Speculative(drafter, k=4, k_max=8)))
+        # Every configuration once per round, rounds repeated: a change of the machine's
+        # load shifts all of a round alike instead of one configuration's numbers.
+        speeds: dict[int, list[float]] = {i: [] for i in range(len(configs))}
+        last: dict[int, object] = {}
+        for round_ in range(repeats):
+            for i, (name, dname, k, spec) in enumerate(configs):
+                result = await swarm.client.generate(prompts[name], _params(n), chat=chat, speculative=spec)
+                speeds[i].append(result.tokens_per_second)
+                last[i] = result
+                print(f"    [{round_ + 1}/{repeats}] {name:10s} {dname:16s} k={k:8s} "
+                      f"{result.tokens_per_second:7.2f} tok/s  kept {result.accepted}/{result.drafted}  "
+                      f"steps {result.steps}", flush=True)
+        for i, (name, dname, k, _) in enumerate(configs):
+            result = last[i]
+            rows.append(Row(prompt=name, drafter=dname, k=k, tokens=result.token_ids,  # type: ignore[attr-defined]
+                            decode=statistics.median(speeds[i]), steps=result.steps,  # type: ignore[attr-defined]
+                            drafted=result.drafted, accepted=result.accepted))  # type: ignore[attr-defined]
         await swarm.aclose()
     return rows
 
@@ -165,8 +173,9 @@ def table(chain: str, rows: list[Row]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("smollm", "tiny"), default="smollm")
-    parser.add_argument("--tokens", type=int, default=64, help="new tokens per generation")
-    parser.add_argument("--repeats", type=int, default=1, help="generations per row (the median is shown)")
+    parser.add_argument("--tokens", type=int, default=48, help="new tokens per generation")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="rounds over every configuration (each row shows its median)")
     parser.add_argument("--chains", default="loopback,tokyo,cross")
     parser.add_argument("--prompts", default=",".join(PROMPTS))
     parser.add_argument("--draft-blocks", type=int, default=20,

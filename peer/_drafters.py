@@ -2,7 +2,8 @@
 
 - ``PromptLookup``: no model. The longest suffix of the text so far (up to
   ``max_ngram`` tokens, at least ``min_ngram``) that also occurs earlier in it, and
-  the tokens that followed its latest earlier occurrence, are the draft. Strong where
+  the tokens that followed its latest earlier occurrence, are the draft (long
+  n-grams first: in code, short ones recur everywhere and lead the draft astray). Strong where
   the output copies its input: editing code, summarising, quoting.
 - ``DraftModel``: a small model with the target's tokenizer that the client runs
   itself (a local HF directory or GGUF file, loaded with ``peer.runtime``; for tests a
@@ -36,7 +37,7 @@ class PromptLookup:
 
     name = PROMPT_LOOKUP
 
-    def __init__(self, *, max_ngram: int = 3, min_ngram: int = 1) -> None:
+    def __init__(self, *, max_ngram: int = 6, min_ngram: int = 1) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise InvalidArgument(f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram = max_ngram
