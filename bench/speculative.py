@@ -83,9 +83,14 @@ CODE = '''def summarize_orders(orders, tax_rate, discount_threshold):
         report.append("no orders")
     return totals, report
 '''
+#: The code-editing request, and the start of the answer the client puts after the chat
+#: template (the assistant's reply begins with the code block): SmolLM2-135M asked only
+#: the question talks about the function instead of rewriting it.
+CODE_EDIT = ("Here is a Python function:\n\n```python\n" + CODE + "```\n\nRewrite the function with the "
+             "variable `amount` renamed to `subtotal`.")
+CODE_ANSWER_START = "```python\ndef summarize_orders("
 PROMPTS = {
-    "code-edit": ("Rename the variable `amount` to `subtotal` in the following function. Reply with the whole "
-                  "function and nothing else.\n\n" + CODE),
+    "code-edit": CODE_EDIT,
     "chat-1": "Explain in detail how a steam engine works.",
     "chat-2": "Describe the water cycle step by step.",
 }
@@ -174,11 +179,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("smollm", "tiny"), default="smollm")
     parser.add_argument("--tokens", type=int, default=48, help="new tokens per generation")
-    parser.add_argument("--repeats", type=int, default=2,
+    parser.add_argument("--repeats", type=int, default=1,
                         help="rounds over every configuration (each row shows its median)")
     parser.add_argument("--chains", default="loopback,tokyo,cross")
     parser.add_argument("--prompts", default=",".join(PROMPTS))
-    parser.add_argument("--draft-blocks", type=int, default=20,
+    parser.add_argument("--draft-blocks", type=int, default=8,
                         help="the draft model: the target's first N blocks and its head")
     parser.add_argument("--no-draft-model", action="store_true", help="prompt lookup only")
     args = parser.parse_args()
@@ -206,7 +211,13 @@ def main() -> None:
             env = {"SWARM_PEER_CACHE": str(tmp / "cache")}
         else:
             model, blocks, chat = rt.DEFAULT_MODEL, 30, True
-            prompts = {name: PROMPTS[name] for name in args.prompts.split(",")}
+            head = rt.load_head(model)
+            prompts = {}
+            for name in args.prompts.split(","):  # token ids: the chat template applied here
+                ids = head.encode_prompt([{"role": "user", "content": PROMPTS[name]}])
+                if name == "code-edit":
+                    ids += head.encode_prompt(CODE_ANSWER_START, chat=False)
+                prompts[name] = ids
         drafters: dict = {"prompt-lookup": PromptLookup()}
         if not args.no_draft_model:
             draft = DraftModel.from_parts(rt.load_head(model), rt.load_span(model, 0, args.draft_blocks),
