@@ -221,3 +221,19 @@ async def test_smollm2_greedy_speculation_is_plain_greedy():
                       f"for {len(got.token_ids)} tokens")
         await swarm.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_speculation_by_push_rolls_every_hop_back_in_one_trip(tiny):
+    async with trio.open_nursery() as nursery:
+        first = await start_server(nursery, tiny, (0, 2))
+        await start_server(nursery, tiny, (2, 4), bootstrap=[first.address])
+        swarm = await Swarm.connect(nursery, bootstrap=[first.address], model=tiny, audit=None, relay="push")
+        params = rt.SamplingParams(max_new_tokens=24)
+        plain = await swarm.client.generate(PROMPT, params)
+        spec = Speculative(_WrongLast(_draft_model(tiny, LAYERS)), k=3, adaptive=False)
+        got = await swarm.client.generate(PROMPT, params, speculative=spec)
+        assert got.token_ids == plain.token_ids
+        assert got.accepted < got.drafted  # every step rolled a draft back
+        assert got.pushed_steps == got.steps  # ... and went around the chain by push
+        await swarm.aclose()
+        nursery.cancel_scope.cancel()
