@@ -135,13 +135,17 @@ class GenerationResult:
     hedges: int = 0  # slow requests raced against another candidate
     pushed_steps: int = 0  # steps that went around the chain by server-to-server push
     steps: int = 0  # steps through the chain (prefill included)
+    first_step_tokens: int = 1  # tokens the first step gave (1, or more when it verified drafts)
     drafted: int = 0  # speculative decoding: tokens drafted, and those the target kept
     accepted: int = 0
 
     @property
     def tokens_per_second(self) -> float:
+        """Tokens per second after the first token (decode speed): those the steps after
+        the first gave, over the time they took."""
         decode = self.total_seconds - self.time_to_first_token
-        return (len(self.token_ids) - 1) / decode if len(self.token_ids) > 1 and decode > 0 else 0.0
+        later = len(self.token_ids) - self.first_step_tokens
+        return later / decode if later > 0 and decode > 0 else 0.0
 
     def to_dict(self) -> dict:
         return {
@@ -516,6 +520,7 @@ class SwarmClient:
             speculative.drafter.start(max_length, tokens.sampler.seed)
         fed = 0  # tokens of prompt + output whose keys the chain's sessions hold (kept)
         steps = drafted = accepted = 0
+        first_step_tokens: int | None = None
         try:
             await chain.open(route)
             shown = ""
@@ -548,6 +553,8 @@ class SwarmClient:
                 rng = _rng_state(tokens) if self.auditor is not None else None
                 kept = accept_drafts(tokens, self.head.logits_rows(out[:, -len(draft.tokens) - 1:]), draft)
                 fed = len(ids) + kept
+                if first_step_tokens is None:
+                    first_step_tokens = len(tokens.new_ids) - before
                 if policy is not None and speculative is not None:
                     policy.update(len(draft.tokens), kept)
                     drafted, accepted = drafted + len(draft.tokens), accepted + kept
@@ -576,6 +583,7 @@ class SwarmClient:
             if result_out is not None:
                 result = self._result(tokens, chain, t0, first_token_at or time.perf_counter(), text=shown)
                 result.steps, result.drafted, result.accepted = steps, drafted, accepted
+                result.first_step_tokens = first_step_tokens or 1
                 result_out.append(result)
         except HOP_FAILURES as exc:  # the chain fails over every hop failure; this is a safety net
             if isinstance(exc, LocalProtocolError):
