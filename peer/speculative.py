@@ -27,7 +27,7 @@ The rule that keeps the output the target's:
 
 How many tokens to draft (``AdaptiveK``): twice as many when all were kept, half when
 fewer than half were, none when none were (then plain decoding, probing with one
-draft every ``probe_every`` steps). With k = 0 a step is a plain decode step, and a
+draft after ``probe_every`` steps, and twice as long after each probe that fails). With k = 0 a step is a plain decode step, and a
 drafter that finds nothing to propose (prompt lookup without a match) costs nothing.
 
 The drafters are in ``peer._drafters``: prompt lookup (n-gram matches in the prompt
@@ -93,7 +93,9 @@ class AdaptiveK:
     k_max: int = 8
     adaptive: bool = True
     probe_every: int = 16
+    max_probe_every: int = 256
     _idle: int = 0
+    _probe_gap: int = 0  # steps between probes now (doubles after each probe that fails)
 
     def __post_init__(self) -> None:
         if not 0 <= self.k <= self.k_max or self.k_max > 64:
@@ -104,7 +106,7 @@ class AdaptiveK:
         """Drafts to ask for in the coming step."""
         if self.k == 0 and self.adaptive:
             self._idle += 1
-            if self._idle >= self.probe_every:
+            if self._idle >= (self._probe_gap or self.probe_every):
                 self._idle = 0
                 return 1
         return self.k
@@ -113,6 +115,9 @@ class AdaptiveK:
         """The step drafted ``offered`` tokens and the target kept ``accepted``."""
         if not self.adaptive or offered == 0:
             return
+        if self.k == 0:  # a probe: back off further while they fail, reset once one holds
+            gap = self._probe_gap or self.probe_every
+            self._probe_gap = 0 if accepted else min(self.max_probe_every, 2 * gap)
         if accepted == offered:
             self.k = min(self.k_max, max(self.k, offered) * 2)
         elif accepted == 0:  # none kept: plain decoding until a probe finds drafts that hold

@@ -177,6 +177,10 @@ def test_adaptive_k_grows_shrinks_and_probes():
     k.update(2, 0)
     assert k.k == 0
     assert [k.next() for _ in range(3)] == [0, 0, 1]  # plain steps, then one probe
+    k.update(1, 0)  # it failed: the next probe waits twice as long
+    assert [k.next() for _ in range(6)] == [0, 0, 0, 0, 0, 1]
+    k.update(1, 1)  # it held: drafting again
+    assert k.next() == 2
     fixed = AdaptiveK(k=4, adaptive=False)
     fixed.update(4, 0)
     assert fixed.next() == 4
