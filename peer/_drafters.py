@@ -63,7 +63,9 @@ class PromptLookup:
 
 
 class DraftModel:
-    """Drafts with a small local model; see the module docstring.
+    """Drafts with a small local model; see the module docstring. One generation at a
+    time (its session is the generation's); ``from_parts`` makes another on the same
+    loaded weights for a concurrent one.
 
     Args:
         source: a local HF directory or GGUF file (anything ``peer.runtime`` loads).

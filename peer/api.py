@@ -47,7 +47,7 @@ from verify import (
 from ._bootstrap import check_bootstrap
 from .client import ROUTE_COSTS, GenerationResult, SwarmClient, TokenEvent
 from ._local_verify import LocalSpans
-from ._drafters import drafter_from, speculative_from
+from ._drafters import DraftModel, drafter_from, speculative_from
 from .credit import CreditService
 from .runtime import DEFAULT_MODEL, ClientHead, InvalidArgument, SamplingParams, load_head
 from .speculative import Drafter, Speculative
@@ -193,7 +193,10 @@ class Swarm:
             cached = self._drafters.get(value)
             if cached is None:
                 cached = self._drafters[value] = drafter_from(value, vocab_size=self.client.head.vocab_size)
-            value = cached
+            # a draft model's session is one generation's: concurrent generations share
+            # the loaded weights, each with a session of its own
+            value = DraftModel.from_parts(cached.head, cached.span, name=cached.name) \
+                if isinstance(cached, DraftModel) else cached
         return speculative_from(value, vocab_size=self.client.head.vocab_size)
 
     def credit(self) -> list[tuple[bytes, Credit, int, int]]:

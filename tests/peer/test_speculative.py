@@ -241,3 +241,19 @@ async def test_speculation_by_push_rolls_every_hop_back_in_one_trip(tiny):
         assert got.pushed_steps == got.steps  # ... and went around the chain by push
         await swarm.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_the_api_takes_a_drafter_name_or_a_draft_model_path(tiny):
+    with pytest.raises(rt.InvalidArgument, match="share the target's tokenizer"):
+        DraftModel(tiny, vocab_size=VOCAB + 1)
+    async with trio.open_nursery() as nursery:
+        first = await start_server(nursery, tiny, (0, 4))
+        swarm = await Swarm.connect(nursery, bootstrap=[first.address], model=tiny, audit=None)
+        plain = await swarm.client.generate(PROMPT, rt.SamplingParams(max_new_tokens=16))
+        for value in ("prompt-lookup", tiny):  # the path: the model itself as its draft model
+            got = await swarm.generate(PROMPT, max_new_tokens=16, speculative=value)  # type: ignore[arg-type]
+            assert got.token_ids == plain.token_ids
+            assert got.drafted > 0
+        assert got.accepted == got.drafted
+        await swarm.aclose()
+        nursery.cancel_scope.cancel()
