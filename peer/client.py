@@ -4,7 +4,9 @@ Theory of operation. ``SwarmClient`` holds the client head (tokenizer, embedding
 final norm, LM head) of one model and a DHT node. ``stream`` looks up who serves
 every block (``swarm.announce.fetch_swarm_view``), plans the cheapest chain, opens a
 ``Chain`` of sessions and then loops: embed the new tokens, send them through the
-chain, sample from the last hidden state. It is an async generator with no nursery
+chain, sample from the last hidden state (with ``speculative``, the step also carries
+tokens a drafter proposed, the target's logits at every one decide which are kept, and
+the next step starts where the kept ones end: ``peer.speculative``). It is an async generator with no nursery
 open across its ``yield`` (so it is safe to iterate from any task); ``generate``
 drains it into a ``GenerationResult``.
 
