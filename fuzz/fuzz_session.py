@@ -1,11 +1,29 @@
 """The inference session table: every (state, event) pair ends in a legal state or a
-ProtocolError; a rule-based machine compares SessionState with a simple model."""
+ProtocolError; a rule-based machine compares SessionState with a simple model, rollbacks
+(a step below the length, spec 11.1) included: the history digest, recomputed from the
+model's events, and the kept rows of the transcript, which must be the model's tokens."""
+
+import hashlib
+
+import torch
 
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from protocol import SESSION_TRANSITIONS, ProtocolError, SessionEvent, SessionPhase, SessionState
+from protocol import (
+    EMPTY_HISTORY,
+    SESSION_TRANSITIONS,
+    ProtocolError,
+    SessionEvent,
+    SessionPhase,
+    SessionState,
+    SignedStep,
+    decode_tensor,
+    cbor_encode,
+    encode_tensor,
+    kept_rows,
+)
 
 
 def session(max_length: int, **kw) -> SessionState:
@@ -39,6 +57,8 @@ class SessionMachine(RuleBasedStateMachine):
         self.model_closed = False
         self.model_len = 0
         self.model_steps = 0
+        self.model_history = EMPTY_HISTORY
+        self.model_tokens: list[int] = []
 
     @rule()
     def open(self):
@@ -50,17 +70,26 @@ class SessionMachine(RuleBasedStateMachine):
         except ProtocolError:
             assert not ok
 
-    @rule(n=st.integers(0, 6), step_delta=st.integers(-1, 1), pos_delta=st.integers(-1, 1))
-    def forward(self, n, step_delta, pos_delta):
-        step, pos = self.model_steps + step_delta, self.model_len + pos_delta
-        ok = (self.model_open and step_delta == 0 and pos_delta == 0 and n >= 1 and pos + n <= self.MAX)
+    @rule(n=st.integers(0, 6), step_delta=st.integers(-1, 1), back=st.integers(-1, 5))
+    def forward(self, n, step_delta, back):
+        step, pos = self.model_steps + step_delta, max(self.model_len - back, 0)
+        ok = self.model_open and step_delta == 0 and pos <= self.model_len and n >= 1 and pos + n <= self.MAX
+        # each row's first value names the step and row it came from (the model's tokens)
+        rows = torch.tensor([[[float(step * 100 + r), 0.0]] for r in range(max(n, 1))]).transpose(0, 1)
+        x = encode_tensor(rows[:, :n] if n else rows[:, :0], "f32")
         try:
-            self.s.forward(step=step, position=pos, n_tokens=n)
+            self.s.record(SignedStep(step=step, position=pos, input=x, request_signature=b"r" * 64))
             assert ok
-            self.model_len += n
-            self.model_steps += 1
         except ProtocolError:
             assert not ok
+            return
+        history = self.model_history
+        if pos < self.model_len:
+            history = hashlib.blake2b(history + cbor_encode(["swarm/1/rollback", pos]), digest_size=32).digest()
+        self.model_history = hashlib.blake2b(history + x.digest(), digest_size=32).digest()
+        self.model_tokens = self.model_tokens[:pos] + [step * 100 + r for r in range(n)]
+        self.model_len = pos + n
+        self.model_steps += 1
 
     @precondition(lambda self: self.model_open)
     @rule(evict=st.booleans())
@@ -75,6 +104,10 @@ class SessionMachine(RuleBasedStateMachine):
         expected = SessionPhase.OPEN if self.model_open else SessionPhase.CLOSED if self.model_closed else SessionPhase.NEW
         assert self.s.phase is expected
         assert self.s.length <= self.MAX
+        assert self.s.history == self.model_history
+        kept = [int(decode_tensor(step.input)[0, r, 0])
+                for step, k in kept_rows(self.s.transcript, self.s.length) for r in range(k)]
+        assert kept == self.model_tokens
 
 
 TestSessionMachine = SessionMachine.TestCase

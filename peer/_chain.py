@@ -75,6 +75,7 @@ from protocol import (
     accept_result,
     decode_tensor,
     encode_tensor,
+    kept_rows,
     sign_forward,
     sign_pushed_requests,
 )
@@ -290,12 +291,14 @@ class Chain:
         self.hops = await self._open_route(route)
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        """Run ``hidden`` ([1, n, hidden]) for positions ``position..`` through every hop."""
+        """Run ``hidden`` ([1, n, hidden]) for positions ``position..`` through every hop.
+        A ``position`` below the sessions' length rolls them back there first (the
+        rejected draft tokens of speculative decoding: spec 11.1)."""
         x = hidden
         i = 0
-        if self._can_push():
+        if self._can_push() and len({r.length for r in self.hops}) == 1:
             for record in self.hops:
-                if record.length != position:
+                if record.length < position:
                     raise LocalProtocolError(f"hop session at {record.length} tokens, asked to step at {position}")
             i, x = await push_step(self, hidden, position)
             self.pushed_steps += i == len(self.hops)
@@ -304,10 +307,10 @@ class Chain:
                     raise RollbackRequired(position)
         while i < len(self.hops):
             record = self.hops[i]
-            if record.length != position:
+            if record.length < position:
                 raise LocalProtocolError(f"hop session at {record.length} tokens, asked to step at {position}")
             try:
-                out = await self._forward_hedged(i, x)
+                out = await self._forward_hedged(i, x, position)
             except HOP_FAILURES as exc:
                 await self._fail_over(i, exc)
                 continue
@@ -398,16 +401,17 @@ class Chain:
         diverge before ``position``, tokens already sampled from them are wrong and the
         generation must roll back."""
         earlier = suspect.transcript[:-1]  # the last step is the disputed one: redone, not replayed
+        cut = suspect.transcript[-1].position  # where the disputed step starts (it may have rolled back)
         why = {"cheat": "was convicted by an audit", "outvoted": "was outvoted in an audit"}.get(
             result.outcome.value, "gave an output an audit could not confirm")
         await self._fail_over(index, CheatDetected(f"{suspect.hop.peer_id.hex()[:12]} {why}"), replay=earlier,
-                              dispute=True)
+                              replay_length=cut, dispute=True)
         replay = self._replayed
-        if replay is None or not earlier:
+        claimed = kept_prefix(earlier, cut, outputs=True)
+        if replay is None or claimed is None:
             return
         from verify import first_mismatch, tolerance_for
 
-        claimed = torch.cat([decode_tensor(r.output, out_dtype=torch.float32) for r in earlier], dim=1)
         tolerance = tolerance_for(self.auditor.policy.compute_dtype if self.auditor else "f32", self.wire_dtype)
         row = first_mismatch(claimed, replay.to(torch.float32), tolerance=tolerance,
                              depth=suspect.span[1] - suspect.span[0])
@@ -490,10 +494,11 @@ class Chain:
 
     # -- stepping ---------------------------------------------------------------------------------
 
-    async def _forward(self, record: HopRecord, x: torch.Tensor) -> torch.Tensor:
-        """One step of ``x`` on the hop (at the position its session has reached)."""
+    async def _forward(self, record: HopRecord, x: torch.Tensor, position: int | None = None) -> torch.Tensor:
+        """One step of ``x`` on the hop at ``position`` (default: where its session is;
+        below that, a rollback)."""
         wire = encode_tensor(x, self.wire_dtype)
-        request = sign_forward(self.host.identity, record.state, wire)
+        request = sign_forward(self.host.identity, record.state, wire, position=position)
         t0 = time.perf_counter()
         result = cast(ForwardResult, await record.conn.request(request, timeout=self._step_timeout(record, tokens=x.shape[1])))
         seconds = time.perf_counter() - t0
@@ -505,24 +510,23 @@ class Chain:
             self.credit.received(record.conn, wire.shape[1] * record.state.blocks)
         return decode_tensor(result.hidden, out_dtype=x.dtype)
 
-    async def _forward_hedged(self, index: int, x: torch.Tensor) -> torch.Tensor:
+    async def _forward_hedged(self, index: int, x: torch.Tensor, position: int) -> torch.Tensor:
         """``_forward`` on hop ``index``; if it is slow, a replacement (open, replay of the
-        hop's history, the same step) races it, and takes the hop's place if it wins."""
+        hop's kept history, the same step) races it, and takes the hop's place if it wins."""
         record = self.hops[index]
         delay = self.health.hedge_delay(record.hop.peer_id, blocks=record.state.blocks, tokens=x.shape[1])
         if delay is None or self.spawn is None or self.alternative is None:
-            return await self._forward(record, x)
-        history = [r.input for r in record.transcript]
+            return await self._forward(record, x, position)
+        prefix = kept_prefix(record.transcript, position)
 
         async def primary(hop: Hop, records: list[HopRecord]) -> torch.Tensor:
-            return await self._forward(record, x)
+            return await self._forward(record, x, position)
 
         async def hedge(hop: Hop, records: list[HopRecord]) -> torch.Tensor:
             replacement = await self._open_hop(hop)
             records.append(replacement)
-            if history:
-                prefix = torch.cat([decode_tensor(w, out_dtype=x.dtype) for w in history], dim=1)
-                await self._forward(replacement, prefix)
+            if prefix is not None:
+                await self._forward(replacement, prefix.to(x.dtype))
             return await self._forward(replacement, x)
 
         winner = await self._hedged(record.hop, delay, primary=primary, hedge=hedge, detach_primary=False)
@@ -613,16 +617,18 @@ class Chain:
     # -- failover ----------------------------------------------------------------------------------
 
     async def _fail_over(self, index: int, exc: BaseException, *, replay: Sequence[SignedStep] | None = None,
-                         dispute: bool = False) -> None:
-        """Replace hop ``index`` by a new route of its blocks, replaying to it the inputs of
-        ``replay`` (default: every step of the old hop's transcript). ``dispute``: the
-        hop is replaced because an audit did not confirm it (see ``_replan``)."""
+                         replay_length: int | None = None, dispute: bool = False) -> None:
+        """Replace hop ``index`` by a new route of its blocks, replaying to it the kept
+        inputs of ``replay`` up to ``replay_length`` tokens (default: the old hop's
+        session as it stands; rolled-back rows are not replayed). ``dispute``: the hop
+        is replaced because an audit did not confirm it (see ``_replan``)."""
         old = self.hops[index]
         self._hop_failed(old.hop.peer_id, exc)
         log.warning("hop %s [%d, %d) failed: %s; re-routing", old.hop.peer_id.hex()[:12], *old.span, exc)
         if self.on_failover is not None:
             self.on_failover(old.hop, exc)
-        history = [r.input for r in (old.transcript if replay is None else replay)]
+        prefix = (kept_prefix(old.transcript, old.length) if replay is None
+                  else kept_prefix(replay, replay_length))
         last: BaseException = exc
         while True:
             self._count_failover(old.span, last)
@@ -630,8 +636,8 @@ class Chain:
             current = replacement[0]
             try:
                 x = None
-                if history:
-                    x = torch.cat([decode_tensor(w, out_dtype=torch.float32) for w in history], dim=1)
+                if prefix is not None:
+                    x = prefix
                     for record in replacement:
                         current = record
                         x = await self._forward(record, x)
@@ -727,6 +733,16 @@ async def _close_session(record: HopRecord, timeout: float) -> None:
             await record.conn.request(CloseSession(session=record.session), timeout=timeout)
         except SwarmError:
             pass
+
+
+def kept_prefix(steps: Sequence[SignedStep], length: int | None = None, *,
+                outputs: bool = False) -> torch.Tensor | None:
+    """The rows of ``steps``' inputs (or outputs) a session holds at ``length`` tokens
+    (``protocol.kept_rows``: rolled-back rows left out), as one float32 tensor; None if
+    there are none."""
+    rows = [decode_tensor(step.output if outputs else step.input, out_dtype=torch.float32)[:, :k]
+            for step, k in kept_rows(steps, length) if k]
+    return torch.cat(rows, dim=1) if rows else None
 
 
 async def _wait_until(done: Callable[[], bool], *events: trio.Event) -> None:

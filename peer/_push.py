@@ -135,7 +135,7 @@ async def push_step(chain: Chain, hidden: torch.Tensor, position: int) -> tuple[
     per_hop = max(chain._step_timeout(r, tokens=tokens) for r in records)
     deadline = per_hop * (len(records) + 1)
     request = sign_push(chain.host.identity, [r.state for r in records], [r.hop.addrs for r in records], wire,
-                        timeout=per_hop)
+                        timeout=per_hop, position=position)
     inbox = PushInbox.of(chain.host)
     waiting = inbox.expect(request)
     t0 = time.perf_counter()

@@ -47,8 +47,10 @@ from verify import (
 from ._bootstrap import check_bootstrap
 from .client import ROUTE_COSTS, GenerationResult, SwarmClient, TokenEvent
 from ._local_verify import LocalSpans
+from ._drafters import DraftModel, drafter_from, speculative_from
 from .credit import CreditService
 from .runtime import DEFAULT_MODEL, ClientHead, InvalidArgument, SamplingParams, load_head
+from .speculative import Drafter, Speculative
 
 __all__ = ["Swarm", "SyncSwarm", "GenerationResult", "TokenEvent", "check_bootstrap"]
 
@@ -71,6 +73,7 @@ class Swarm:
     def __init__(self, client: SwarmClient, cancel_scope: trio.CancelScope) -> None:
         self.client = client
         self._scope = cancel_scope
+        self._drafters: dict[str, Drafter] = {}  # draft models loaded, by path
 
     @classmethod
     async def connect(cls, nursery: trio.Nursery, *, bootstrap: Sequence[str], model: str = DEFAULT_MODEL,
@@ -158,24 +161,43 @@ class Swarm:
     async def generate(self, prompt: Prompt, *, max_new_tokens: int = 64, temperature: float = 0.0,
                        top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
                        stop: Sequence[str] = (), chat: bool = True,
-                       on_token: Callable[[TokenEvent], None] | None = None) -> GenerationResult:
+                       on_token: Callable[[TokenEvent], None] | None = None,
+                       speculative: str | Drafter | Speculative | None = None) -> GenerationResult:
         """Generate a completion (Hugging Face ``generate``-like arguments; temperature 0 is greedy).
 
         ``on_token`` is called with each ``TokenEvent`` as it is generated.
+        ``speculative``: draft tokens locally and have the swarm verify several per step
+        (``"prompt-lookup"``, the path of a draft model with the same tokenizer, a
+        ``peer.speculative.Drafter`` or ``Speculative``); the output is the target's
+        either way (greedy: the same tokens), only faster when drafts are kept.
 
         Raises:
             InvalidArgument, PromptTooLong, NoRoute, ModelNotServed, AllCandidatesFailed.
         """
         params = sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop)
-        return await self.client.generate(prompt, params, chat=chat, on_token=on_token)
+        return await self.client.generate(prompt, params, chat=chat, on_token=on_token,
+                                          speculative=self._speculative(speculative))
 
     async def stream(self, prompt: Prompt, *, max_new_tokens: int = 64, temperature: float = 0.0,
                      top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
-                     stop: Sequence[str] = (), chat: bool = True) -> AsyncIterator[TokenEvent]:
+                     stop: Sequence[str] = (), chat: bool = True,
+                     speculative: str | Drafter | Speculative | None = None) -> AsyncIterator[TokenEvent]:
         """Yield ``TokenEvent``s as tokens are generated (same arguments as ``generate``)."""
         params = sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop)
-        async for event in self.client.stream(prompt, params, chat=chat):
+        async for event in self.client.stream(prompt, params, chat=chat, speculative=self._speculative(speculative)):
             yield event
+
+    def _speculative(self, value: str | Drafter | Speculative | None) -> Speculative | None:
+        """``speculative=`` as a ``Speculative``; a draft model path is loaded once per path."""
+        if isinstance(value, str):
+            cached = self._drafters.get(value)
+            if cached is None:
+                cached = self._drafters[value] = drafter_from(value, vocab_size=self.client.head.vocab_size)
+            # a draft model's session is one generation's: concurrent generations share
+            # the loaded weights, each with a session of its own
+            value = DraftModel.from_parts(cached.head, cached.span, name=cached.name) \
+                if isinstance(cached, DraftModel) else cached
+        return speculative_from(value, vocab_size=self.client.head.vocab_size)
 
     def credit(self) -> list[tuple[bytes, Credit, int, int]]:
         """This peer's credit with its neighbours: (public key, their credit here, work

@@ -126,6 +126,10 @@ def _sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop when the text contains this; repeatable")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds one hop may take for one step before it counts as failed (default 60)")
+    p.add_argument("--draft", metavar="prompt-lookup|PATH",
+                   help="speculative decoding: draft tokens with prompt lookup (n-gram matches in the prompt and "
+                        "output) or a draft model with the same tokenizer (local HF directory or .gguf file), and "
+                        "have the swarm verify several per step; the output is unchanged (default: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:

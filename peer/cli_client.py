@@ -87,6 +87,15 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
                   top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
                   stop=tuple(args.stop))
     sampling_params(**kwargs)  # bad arguments fail before any connection is made
+    draft = getattr(args, "draft", None)
+    if draft is not None:
+        from ._drafters import PROMPT_LOOKUP
+        from .runtime import InvalidArgument
+
+        if draft != PROMPT_LOOKUP and not Path(draft).exists():
+            raise InvalidArgument(f"--draft {draft}: no such file or directory; give {PROMPT_LOOKUP} or the path "
+                                  "of a draft model (local HF directory or .gguf file)")
+        kwargs["speculative"] = draft
     return kwargs
 
 
@@ -95,7 +104,8 @@ def _summary(result: Any, *, first_token_at: float | None) -> str:
     return (f"[{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tok/s, first token after {first} "
             f"({result.time_to_first_token:.2f} s in the swarm), prompt {result.prompt_tokens} tokens, "
             f"route: {format_route(result.route)}" + (f", {result.failovers} failover(s)" if result.failovers
-                                                      else "") + "]")
+                                                      else "")
+            + (f", drafts kept {result.accepted}/{result.drafted}" if result.drafted else "") + "]")
 
 
 async def _connect(nursery: trio.Nursery, args: argparse.Namespace) -> Any:

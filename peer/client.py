@@ -4,7 +4,9 @@ Theory of operation. ``SwarmClient`` holds the client head (tokenizer, embedding
 final norm, LM head) of one model and a DHT node. ``stream`` looks up who serves
 every block (``swarm.announce.fetch_swarm_view``), plans the cheapest chain, opens a
 ``Chain`` of sessions and then loops: embed the new tokens, send them through the
-chain, sample from the last hidden state. It is an async generator with no nursery
+chain, sample from the last hidden state (with ``speculative``, the step also carries
+tokens a drafter proposed, the target's logits at every one decide which are kept, and
+the next step starts where the kept ones end: ``peer.speculative``). It is an async generator with no nursery
 open across its ``yield`` (so it is safe to iterate from any task); ``generate``
 drains it into a ``GenerationResult``.
 
@@ -46,6 +48,7 @@ from swarm.planning import Candidate, Hop, Route, RouteCosts, make_candidates, p
 from ._chain import HOP_FAILURES, AllCandidatesFailed, Chain, RollbackRequired, Spawn
 from .credit import CreditService
 from .runtime import ClientHead, InvalidArgument, ModelError, SamplingParams, TokenStream
+from .speculative import NO_DRAFT, Speculative, accept_drafts
 
 if TYPE_CHECKING:
     import torch
@@ -133,11 +136,18 @@ class GenerationResult:
         return not self.unverifiable_hops
     hedges: int = 0  # slow requests raced against another candidate
     pushed_steps: int = 0  # steps that went around the chain by server-to-server push
+    steps: int = 0  # steps through the chain (prefill included)
+    first_step_tokens: int = 1  # tokens the first step gave (1, or more when it verified drafts)
+    drafted: int = 0  # speculative decoding: tokens drafted, and those the target kept
+    accepted: int = 0
 
     @property
     def tokens_per_second(self) -> float:
+        """Tokens per second after the first token (decode speed): those the steps after
+        the first gave, over the time they took."""
         decode = self.total_seconds - self.time_to_first_token
-        return (len(self.token_ids) - 1) / decode if len(self.token_ids) > 1 and decode > 0 else 0.0
+        later = len(self.token_ids) - self.first_step_tokens
+        return later / decode if later > 0 and decode > 0 else 0.0
 
     def to_dict(self) -> dict:
         return {
@@ -145,6 +155,7 @@ class GenerationResult:
             "finish_reason": self.finish_reason,
             "route": [{"peer_id": h.peer_id, "address": h.address, "blocks": [h.start, h.end]} for h in self.route],
             "failovers": self.failovers, "hedges": self.hedges, "pushed_steps": self.pushed_steps,
+            "steps": self.steps, "speculative": {"drafted": self.drafted, "accepted": self.accepted},
             "timings": {"time_to_first_token": self.time_to_first_token, "total_seconds": self.total_seconds,
                         "tokens_per_second": self.tokens_per_second, "hop_latency": self.hop_latency},
             "verification": self.verification_dict(),
@@ -450,17 +461,18 @@ class SwarmClient:
                 and any(lo <= span[0] and span[1] <= hi for lo, hi in view.routable(a))]
 
     async def generate(self, prompt: str | list[dict[str, str]] | list[int], params: SamplingParams | None = None, *,
-                       chat: bool = True, on_token: Callable[[TokenEvent], None] | None = None) -> GenerationResult:
+                       chat: bool = True, on_token: Callable[[TokenEvent], None] | None = None,
+                       speculative: Speculative | None = None) -> GenerationResult:
         """Generate a completion of ``prompt``; see ``stream`` for arguments and errors."""
         result: list[GenerationResult] = []
-        async for event in self.stream(prompt, params, chat=chat, result_out=result):
+        async for event in self.stream(prompt, params, chat=chat, result_out=result, speculative=speculative):
             if on_token is not None:
                 on_token(event)
         return result[0]
 
     async def stream(self, prompt: str | list[dict[str, str]] | list[int], params: SamplingParams | None = None, *,
-                     chat: bool = True, result_out: list[GenerationResult] | None = None
-                     ) -> AsyncIterator[TokenEvent]:
+                     chat: bool = True, result_out: list[GenerationResult] | None = None,
+                     speculative: Speculative | None = None) -> AsyncIterator[TokenEvent]:
         """Yield tokens as they are generated.
 
         Args:
@@ -468,6 +480,9 @@ class SwarmClient:
             params: sampling parameters (default: greedy, 64 new tokens).
             chat: wrap a text prompt in the model's chat template.
             result_out: if given, the final ``GenerationResult`` is appended to it.
+            speculative: draft tokens locally and verify them in one step through the
+                chain (``peer.speculative``); the output is the target's either way
+                (greedy: the same tokens).
 
         Raises:
             InvalidArgument: bad prompt or parameters.
@@ -502,14 +517,26 @@ class SwarmClient:
         first_token_at = None
         yielded = rewind = 0
         rng_states: list[torch.Tensor] = []  # the sampler's RNG before each token, for rollbacks
+        policy = speculative.policy() if speculative is not None else None
+        if speculative is not None:
+            speculative.drafter.start(max_length, tokens.sampler.seed)
+        fed = 0  # tokens of prompt + output whose keys the chain's sessions hold (kept)
+        steps = drafted = accepted = 0
+        first_step_tokens: int | None = None
         try:
             await chain.open(route)
-            hidden = self.head.embed(prompt_ids)
-            position = 0
             shown = ""
             while True:
+                ids = tokens.prompt_ids + tokens.new_ids
+                draft = NO_DRAFT
+                if speculative is not None and policy is not None:
+                    k = min(policy.next(), params.max_new_tokens - len(tokens.new_ids) - 1)
+                    if k > 0:
+                        draft = await trio.to_thread.run_sync(speculative.drafter.draft, ids, k, tokens.sampler)
+                # Below the sessions' length (drafts rejected last step) this rolls them back.
+                hidden = self.head.embed(ids[fed:] + list(draft.tokens))
                 try:
-                    out = await chain.step(hidden, position)
+                    out = await chain.step(hidden, fed)
                 except RollbackRequired as rollback:
                     # Tokens at positions <= rollback.position came from verified outputs.
                     keep = max(rollback.position + 1 - len(prompt_ids), 0)
@@ -521,31 +548,45 @@ class SwarmClient:
                     rewind += max(yielded - keep, 0)
                     yielded = min(yielded, keep)
                     shown = _stable_text(tokens, decode_text)
-                    hidden = self.head.embed(prompt_ids + tokens.new_ids)
-                    position = 0
+                    fed = 0
                     continue
-                position += hidden.shape[1]
-                if self.auditor is not None:
-                    rng_states.append(_rng_state(tokens))
-                token = tokens.push(self.head.logits(out[:, -1]))
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                # Hold back a trailing replacement character: the next token may complete it.
-                text = tokens.text if decode_text else ""
-                stable = text if tokens.done or not text.endswith("\ufffd") else text[:-1]
-                if params.stop and not tokens.done:  # nor what may be the start of a stop string
-                    stable = stable[:len(stable) - _stop_prefix_length(stable, params.stop)]
-                delta = stable[len(shown):] if stable.startswith(shown) else ""
-                shown = stable if stable.startswith(shown) else shown
-                if tokens.finish_reason != "eos":
-                    yield TokenEvent(token_id=token, text=delta, index=len(tokens.new_ids) - 1, rewind=rewind)
-                    yielded, rewind = yielded + 1, 0
+                steps += 1
+                before = len(tokens.new_ids)
+                rng = _rng_state(tokens) if self.auditor is not None else None
+                kept = accept_drafts(tokens, self.head.logits_rows(out[:, -len(draft.tokens) - 1:]), draft)
+                fed = len(ids) + kept
+                if first_step_tokens is None:
+                    first_step_tokens = len(tokens.new_ids) - before
+                if policy is not None and speculative is not None:
+                    policy.update(len(draft.tokens), kept)
+                    drafted, accepted = drafted + len(draft.tokens), accepted + kept
+                    speculative.offered += len(draft.tokens)
+                    speculative.accepted += kept
+                for index in range(before, len(tokens.new_ids)):
+                    if rng is not None:  # a rollback redoes the step's tokens from the RNG before it
+                        rng_states.append(rng)
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                    token = tokens.new_ids[index]
+                    final = tokens.done and index == len(tokens.new_ids) - 1
+                    # Hold back a trailing replacement character: the next token may complete it.
+                    text = (self.head.decode(tokens.new_ids[:index + 1]) if index + 1 < len(tokens.new_ids)
+                            else tokens.text) if decode_text else ""
+                    stable = text if final or not text.endswith("\ufffd") else text[:-1]
+                    if params.stop and not final:  # nor what may be the start of a stop string
+                        stable = stable[:len(stable) - _stop_prefix_length(stable, params.stop)]
+                    delta = stable[len(shown):] if stable.startswith(shown) else ""
+                    shown = stable if stable.startswith(shown) else shown
+                    if not (final and tokens.finish_reason == "eos"):
+                        yield TokenEvent(token_id=token, text=delta, index=index, rewind=rewind)
+                        yielded, rewind = yielded + 1, 0
                 if tokens.done:
                     break
-                hidden = self.head.embed([token])
             if result_out is not None:
-                result_out.append(self._result(tokens, chain, t0, first_token_at or time.perf_counter(),
-                                               text=shown))
+                result = self._result(tokens, chain, t0, first_token_at or time.perf_counter(), text=shown)
+                result.steps, result.drafted, result.accepted = steps, drafted, accepted
+                result.first_step_tokens = first_step_tokens or 1
+                result_out.append(result)
         except HOP_FAILURES as exc:  # the chain fails over every hop failure; this is a safety net
             if isinstance(exc, LocalProtocolError):
                 raise  # our own bug, not a hop's failure

@@ -146,7 +146,7 @@ from ._exchange import (
     accept_push_result,
     sign_pushed_requests,
 )
-from ._session import SESSION_TRANSITIONS, SessionEvent, SessionPhase, SessionState, SignedStep
+from ._session import SESSION_TRANSITIONS, SessionEvent, SessionPhase, SessionState, SignedStep, kept_rows
 from ._statements import (
     DOMAIN_FORWARD_REQUEST,
     DOMAIN_FORWARD_RESULT,
@@ -155,6 +155,7 @@ from ._statements import (
     DOMAIN_RECORD,
     EMPTY_HISTORY,
     extend_history,
+    rollback_history,
     forward_request_statement,
     forward_result_statement,
     receipt_statement,
@@ -272,6 +273,7 @@ __all__ = [
     "DOMAIN_RECEIPT_COUNTERSIGN",
     "EMPTY_HISTORY",
     "extend_history",
+    "rollback_history",
     "forward_request_statement",
     "forward_result_statement",
     "record_statement",
@@ -286,6 +288,7 @@ __all__ = [
     "SessionPhase",
     "SessionState",
     "SignedStep",
+    "kept_rows",
     "sign_forward",
     "check_forward",
     "sign_result",

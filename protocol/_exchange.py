@@ -15,7 +15,8 @@ Theory of operation. One FORWARD step is four moves, each made here and nowhere 
    shape, and the server's signature over the history digest the client computed
    itself; then its ``SessionState`` records the step, output included.
 
-Both parties advance the same ``SessionState`` with the same rule, so their history
+Both parties advance the same ``SessionState`` with the same rule (a step below the
+session's length rolls it back first, and the digest records that), so their history
 digests agree step by step, and a signed output can only be paired with the inputs
 that produced it. FORWARD_ONCE is the same exchange on a session of one step whose id
 is the request's nonce (``forward_once_state``). A fraud proof is checked by replaying
@@ -185,20 +186,26 @@ def _check_answer_shape(state: SessionState, request_hidden: Any, output: Any) -
 # -- FORWARD ------------------------------------------------------------------------------
 
 
-def sign_forward(identity: Identity, state: SessionState, hidden: Any) -> Forward:
-    """The client's signed FORWARD of ``hidden`` as the session's next step.
+def sign_forward(identity: Identity, state: SessionState, hidden: Any, *, position: int | None = None) -> Forward:
+    """The client's signed FORWARD of ``hidden`` as the session's next step, at
+    ``position`` (default the session's length; below it, the step rolls the session
+    back there first: spec 11.1).
 
     The state does not move until ``accept_result``.
 
     Raises:
-        LocalProtocolError: ``identity`` is not the session's client, or the session
-            is not open.
+        LocalProtocolError: ``identity`` is not the session's client, the session is
+            not open, or ``position`` is past its length.
     """
     if identity.peer_id != state.client:
         raise LocalProtocolError("only the session's client signs its requests")
     if state.phase is not SessionPhase.OPEN:
         raise LocalProtocolError(f"the session is {state.phase.value}, not OPEN")
-    step, position = state.next_step, state.length
+    if position is None:
+        position = state.length
+    if not 0 <= position <= state.length:
+        raise LocalProtocolError(f"a step at position {position} of a session at {state.length} tokens")
+    step = state.next_step
     signature = identity.sign(request_statement(state, step=step, position=position, input_digest=hidden.digest()))
     return Forward(session=state.session, step=step, position=position, hidden=hidden, signature=signature)
 
@@ -246,7 +253,8 @@ def accept_result(state: SessionState, request: Forward, result: ForwardResult, 
     _check_answer_shape(state, request.hidden, result.hidden)
     input_digest = request.hidden.digest()
     check_result_signature(state, step=request.step, input_digest=input_digest, output=result.hidden,
-                           signature=result.signature, history=extend_history(state.history, input_digest),
+                           signature=result.signature,
+                           history=state.next_history(position=request.position, input_digest=input_digest),
                            server_public_key=server_public_key)
     step = SignedStep(step=request.step, position=request.position, input=request.hidden,
                       request_signature=request.signature, output=result.hidden, result_signature=result.signature)
@@ -345,9 +353,10 @@ def _push_statement(client: bytes, model: str, request: Push) -> bytes:
 
 
 def sign_push(identity: Identity, states: Sequence[SessionState], addrs: Sequence[Sequence[str]], hidden: Any, *,
-              timeout: float) -> Push:
+              timeout: float, position: int | None = None) -> Push:
     """The client's signed PUSH of ``hidden`` as the next step of every session in
-    ``states`` (the chain's hops, in order; ``addrs`` where each hop's server listens).
+    ``states`` (the chain's hops, in order; ``addrs`` where each hop's server listens),
+    at ``position`` (default their common length; below it, a rollback: spec 11.1).
 
     The states do not move until ``accept_push_result``.
 
@@ -364,9 +373,13 @@ def sign_push(identity: Identity, states: Sequence[SessionState], addrs: Sequenc
             raise LocalProtocolError(f"a session is {state.phase.value}, not OPEN")
         if state.length != states[0].length or state.model != states[0].model:
             raise LocalProtocolError("every hop of a PUSH is at the same position of one model")
+    if position is None:
+        position = states[0].length
+    if not 0 <= position <= states[0].length:
+        raise LocalProtocolError(f"a PUSH at position {position} of sessions at {states[0].length} tokens")
     route = tuple(PushHop(peer_id=s.server, session=s.session, step=s.next_step, span=s.span, addrs=tuple(a))
                   for s, a in zip(states, addrs))
-    unsigned = Push(route=route, position=states[0].length, hidden=hidden, timeout=timeout,
+    unsigned = Push(route=route, position=position, hidden=hidden, timeout=timeout,
                     authorization=bytes(64))
     signature = identity.sign(_push_statement(identity.peer_id, states[0].model, unsigned))
     return dataclasses.replace(unsigned, authorization=signature)
@@ -515,7 +528,7 @@ def accept_push_result(identity: Identity, states: Sequence[SessionState], reque
         input_digest = x.digest()
         try:
             _check_answer_shape(state, x, output.hidden)
-            history = extend_history(state.history, input_digest)
+            history = state.next_history(position=request.position, input_digest=input_digest)
             if output.history != history:
                 raise UnexpectedMessage(f"hop {i} signed another history than its session's")
             check_result_signature(state, step=hop.step, input_digest=input_digest, output=output.hidden,

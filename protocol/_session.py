@@ -11,22 +11,31 @@ not one per layer.
 ``SESSION_TRANSITIONS`` is the whole state machine: a (state, event) pair missing from
 it is rejected with ``UnexpectedMessage`` (code BAD_STATE), and the session state does
 not change. Beyond the table, FORWARD carries arguments that must line up with the
-session: steps are numbered 0, 1, 2, ... without gaps, each step's ``position`` equals
-the number of tokens already processed, and no step may take the session past
+session: steps are numbered 0, 1, 2, ... without gaps, each step's ``position`` is at
+most the number of tokens already processed, and no step may take the session past
 ``max_length``. A step pushed to a hop (spec 11.4) is a FORWARD of its session.
+
+Rollback (spec 11.1, speculative decoding): a step at a ``position`` below the
+session's length first cuts the session there (the tokens from ``position`` on are
+dropped), then runs its own tokens. It is a step like any other (numbered, signed by
+the client, its result signed by the server); the history digest records the cut
+(``rollback_history``) before the step's input, so a signed result names every
+rollback before it. ``kept_rows`` says which rows of a transcript's inputs the
+session still holds: what a replacement is replayed and an audit recomputes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from ._messages import ForwardEvidence
-from ._statements import EMPTY_HISTORY, extend_history
+from ._statements import EMPTY_HISTORY, extend_history, rollback_history
 from .errors import ErrorCode, LocalProtocolError, UnexpectedMessage
 
-__all__ = ["SessionPhase", "SessionEvent", "SESSION_TRANSITIONS", "SessionState", "SignedStep"]
+__all__ = ["SessionPhase", "SessionEvent", "SESSION_TRANSITIONS", "SessionState", "SignedStep", "kept_rows"]
 
 
 class SessionPhase(Enum):
@@ -130,8 +139,9 @@ class SessionState:
             self._advance(SessionEvent.FORWARD)  # raises with the table's message
         if step != self.next_step:
             raise UnexpectedMessage(f"expected step {self.next_step}, got {step}")
-        if position != self.length:
-            raise UnexpectedMessage(f"expected position {self.length}, got {position}")
+        if position > self.length:
+            raise UnexpectedMessage(f"position {position} is past the session's length {self.length}; "
+                                    f"send a position of at most {self.length}")
         if n_tokens < 1:
             raise UnexpectedMessage("a step carries at least one token")
         if position + n_tokens > self.max_length:
@@ -141,22 +151,53 @@ class SessionState:
             )
 
     def forward(self, *, step: int, position: int, n_tokens: int) -> None:
-        """Move past a FORWARD step (the state table and the counters only)."""
+        """Move past a FORWARD step (the state table and the counters only); a step at a
+        position below the length rolls the session back to it first."""
         self.check_forward(step=step, position=position, n_tokens=n_tokens)
         self._advance(SessionEvent.FORWARD)
         self.next_step += 1
-        self.length += n_tokens
+        self.length = position + n_tokens
+
+    def next_history(self, *, position: int, input_digest: bytes) -> bytes:
+        """The history digest a step at ``position`` with input ``input_digest`` is signed
+        over (spec section 9): the running digest, cut first if the step rolls back."""
+        history = self.history if position >= self.length else rollback_history(self.history, position)
+        return extend_history(history, input_digest)
 
     def record(self, step: SignedStep) -> bytes:
         """Move past ``step``: the counters, the history digest (which now covers its
-        input: the digest its result is signed over, returned) and the transcript."""
+        input, and the rollback if it is one: the digest its result is signed over,
+        returned) and the transcript."""
+        history = self.next_history(position=step.position, input_digest=step.input.digest())
         self.forward(step=step.step, position=step.position, n_tokens=step.n_tokens)
-        self.history = extend_history(self.history, step.input.digest())
+        self.history = history
         self.transcript.append(step)
         return self.history
+
+    def kept(self) -> list[tuple[SignedStep, int]]:
+        """``kept_rows`` of this session's transcript at its length."""
+        return kept_rows(self.transcript, self.length)
 
     def close(self) -> None:
         self._advance(SessionEvent.CLOSE)
 
     def evict(self) -> None:
         self._advance(SessionEvent.EVICT)
+
+
+def kept_rows(steps: Sequence[SignedStep], length: int | None = None) -> list[tuple[SignedStep, int]]:
+    """Which input rows of ``steps`` (a transcript from step 0, in order) a session holds
+    at ``length`` tokens (default: where the last step left it): each step with the
+    number of its first rows kept, those whose positions no later step rolled back and
+    that are below ``length``. Their concatenation, in order, is the session's input
+    prefix, positions 0 .. length-1 (what a replacement is replayed, what an audit
+    recomputes)."""
+    if length is None:
+        length = steps[-1].position + steps[-1].n_tokens if steps else 0
+    out: list[tuple[SignedStep, int]] = []
+    bound = length
+    for step in reversed(steps):
+        out.append((step, max(0, min(step.n_tokens, bound - step.position))))
+        bound = min(bound, step.position)
+    out.reverse()
+    return out

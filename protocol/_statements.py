@@ -22,12 +22,14 @@ __all__ = [
     "DOMAIN_RECEIPT_COUNTERSIGN",
     "DOMAIN_PUSH_REQUEST",
     "DOMAIN_PUSH_FAILURE",
+    "DOMAIN_ROLLBACK",
     "push_request_statement",
     "push_failure_statement",
     "forward_request_statement",
     "forward_result_statement",
     "EMPTY_HISTORY",
     "extend_history",
+    "rollback_history",
     "record_statement",
     "receipt_statement",
     "sign",
@@ -41,6 +43,7 @@ DOMAIN_RECEIPT = "swarm/1/receipt"
 DOMAIN_RECEIPT_COUNTERSIGN = "swarm/1/receipt-countersign"
 DOMAIN_PUSH_REQUEST = "swarm/1/push-request"
 DOMAIN_PUSH_FAILURE = "swarm/1/push-failure"
+DOMAIN_ROLLBACK = "swarm/1/rollback"
 
 
 def forward_request_statement(
@@ -112,6 +115,14 @@ EMPTY_HISTORY = bytes(32)
 def extend_history(history: bytes, input_digest: bytes) -> bytes:
     """BLAKE2b-256(history || H(input)): the running digest of a session's inputs."""
     return hashlib.blake2b(history + input_digest, digest_size=32).digest()
+
+
+def rollback_history(history: bytes, position: int) -> bytes:
+    """BLAKE2b-256(history || CBOR(["swarm/1/rollback", position])): the running digest
+    once a step at ``position`` below the session's length has cut it there (spec
+    section 9). The rollback's own input then extends it as any step's does, so a
+    signed result names every rollback before it, and where it cut."""
+    return hashlib.blake2b(history + encode([DOMAIN_ROLLBACK, position]), digest_size=32).digest()
 
 
 def record_statement(*, key: bytes, publisher: bytes, seq: int, expires: int, value: bytes) -> bytes:

@@ -76,6 +76,7 @@ from protocol import (  # noqa: E402
     cbor_encode as encode,
     encode_message,
     extend_history,
+    rollback_history,
     push_onward,
     SessionState,
     sign_push,
@@ -406,6 +407,13 @@ def statement_vectors() -> dict[str, Any]:
         nxt = extend_history(running, digest)
         histories.append({"previous": running.hex(), "input_digest": digest.hex(), "history": nxt.hex()})
         running = nxt
+    # a rollback (spec 11.1): step 3 at position 1 of the session above, with its own input
+    rollbacks = []
+    cut = rollback_history(running, 1)
+    rolled = extend_history(cut, bytes([3]) * 32)
+    rollbacks.append({"previous": running.hex(), "position": 1,
+                      "appended_hex": encode(["swarm/1/rollback", 1]).hex(), "cut": cut.hex(),
+                      "input_digest": (bytes([3]) * 32).hex(), "history": rolled.hex()})
     receipt = {"client": CLIENT.public_key, "server": SERVER.public_key, "handshake_hash": bytes(range(32)),
                "seq": 5, "work": 40}
     cases = [
@@ -415,6 +423,12 @@ def statement_vectors() -> dict[str, Any]:
         ("forward-result", "server", {"server": SERVER.peer_id, "session": session, "step": 2, "model": "m@0",
                                       "span": (3, 9), "input_digest": bytes(32), "output_digest": bytes([0xFF]) * 32,
                                       "history": history}),
+        ("forward-request", "client", {"client": CLIENT.peer_id, "server": SERVER.peer_id, "session": session,
+                                       "step": 3, "model": "m@0", "span": (3, 9), "position": 1,
+                                       "input_digest": bytes([3]) * 32}),  # the rollback above
+        ("forward-result", "server", {"server": SERVER.peer_id, "session": session, "step": 3, "model": "m@0",
+                                      "span": (3, 9), "input_digest": bytes([3]) * 32,
+                                      "output_digest": bytes([0xEE]) * 32, "history": rolled}),
         ("record", "server", {"key": bytes([0xAB]) * 32, "publisher": SERVER.public_key, "seq": 1_900_000_000_123,
                               "expires": 1_900_000_240, "value": encode(["swarm/1/block", 0, {}])}),
         ("record", "server", {"key": bytes([0xAB]) * 32, "publisher": SERVER.public_key, "seq": 1_900_000_000_124,
@@ -431,8 +445,12 @@ def statement_vectors() -> dict[str, Any]:
     return {
         "description": "Ed25519 seeds are hex; statement_hex is exactly the signed bytes, the deterministic CBOR of "
                        "[domain, inputs in the order of 'statements']; histories are consecutive steps of "
-                       "extend_history (the forward-result statement's last element).",
+                       "extend_history (the forward-result statement's last element); rollbacks: a step below the "
+                       "session's length, at position, first cuts the history (cut = BLAKE2b-256(previous || "
+                       "appended), appended the CBOR of [\"swarm/1/rollback\", position]), then extends it with "
+                       "its input as any step does.",
         "histories": histories,
+        "rollbacks": rollbacks,
         "identities": [
             {"name": "client", "seed": CLIENT.seed.hex(), "public_key": CLIENT.public_key.hex(),
              "peer_id": CLIENT.peer_id.hex()},

@@ -62,6 +62,7 @@ from protocol import (
     accept_forward_once_result,
     decode_tensor,
     encode_tensor,
+    kept_rows,
     sign_forward_once,
 )
 from protocol.errors import SwarmError
@@ -321,7 +322,9 @@ class Auditor:
         except ValueError:  # an nf4 wire: not auditable (see verify._compare)
             return AuditResult(outcome=AuditOutcome.SKIPPED)
         claimed = decode_tensor(disputed.output, out_dtype=torch.float32)
-        prefix = torch.cat([decode_tensor(r.input, out_dtype=torch.float32) for r in transcript[:index + 1]], dim=1)
+        # the session's input prefix as the disputed step saw it: rolled-back rows left out
+        prefix = torch.cat([decode_tensor(r.input, out_dtype=torch.float32)[:, :k]
+                            for r, k in kept_rows(transcript[:index + 1]) if k], dim=1)
         case = _Case(model=model, span=span, hop_peer=hop_peer, hop_public_key=hop_public_key, session=session,
                      transcript=transcript, index=index, claimed=claimed,
                      wire=encode_tensor(prefix, "f32"),  # exact: every wire dtype decodes to float32 values

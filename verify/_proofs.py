@@ -11,7 +11,7 @@ special case of one request (``session`` = the request's nonce, step and positio
 ``InvalidProof`` (wire code INVALID_PROOF), cheapest first:
 
 1. structure: distinct accused and client; steps ``0..k`` in order; positions
-   contiguous from 0; every tensor ``[1, n, H]`` of one wire dtype; the output shaped
+   from 0, each at most the session's length so far (below it: a rollback, spec 11.1); every tensor ``[1, n, H]`` of one wire dtype; the output shaped
    like request ``k``'s input;
 2. the client's signature over every request statement, in step order;
 3. the accused's signature over the result statement of step ``k``;
@@ -177,26 +177,28 @@ def check_proof(proof: FraudProof) -> None:
         raise InvalidProof("a proof holds at least one request")
     dtype = proof.output.dtype
     hidden_size = None
-    position = 0
+    position = longest = 0
     for i, request in enumerate(requests):
         shape = tuple(request.hidden.shape)
         if request.step != i:
             raise InvalidProof(f"request {i} has step {request.step}; steps must run 0, 1, ... in order")
-        if request.position != position:
-            raise InvalidProof(f"step {i} starts at position {request.position}, expected {position}")
+        if request.position > position or (i == 0 and request.position != 0):
+            raise InvalidProof(f"step {i} starts at position {request.position}, past the session's length "
+                               f"{position}")
         if len(shape) != 3 or shape[0] != 1 or shape[1] < 1 or (hidden_size is not None and shape[2] != hidden_size):
             raise InvalidProof(f"step {i} has hidden states of shape {list(shape)}")
         if request.hidden.dtype != dtype:
             raise InvalidProof(f"step {i} is {request.hidden.dtype} but the output is {dtype}")
         hidden_size = shape[2]
-        position += shape[1]
+        position = request.position + shape[1]
+        longest = max(longest, position)
     if tuple(proof.output.shape) != tuple(requests[-1].hidden.shape):
         raise InvalidProof(f"output shape {list(proof.output.shape)} differs from the last input's "
                            f"{list(requests[-1].hidden.shape)}")
     # 2-3: the proof is a session replayed: the client's signatures in step order,
     # then the accused's over the history digest of exactly these inputs
     state = SessionState(client=peer_id_of(proof.client), server=peer_id_of(proof.accused), session=proof.session,
-                         model=proof.model, span=proof.span, max_length=position, wire_dtype=dtype)
+                         model=proof.model, span=proof.span, max_length=longest, wire_dtype=dtype)
     state.open()
     try:
         replay_requests(state, requests, client_public_key=proof.client)
@@ -220,22 +222,34 @@ def recompute_prefix(executor: SpanRecompute, inputs: Sequence[WireTensor], span
     return out.to(device="cpu", dtype=torch.float32)
 
 
-def replay_session(executor: SpanRecompute, inputs: Sequence[torch.Tensor], span: tuple[int, int]) -> torch.Tensor:
+def replay_session(executor: SpanRecompute, inputs: Sequence[torch.Tensor], span: tuple[int, int],
+                   positions: Sequence[int] | None = None) -> torch.Tensor:
     """The last step's output of a session through blocks ``span`` fed ``inputs`` one
-    step each, as the accused's session was (float32 out)."""
-    total = sum(x.shape[1] for x in inputs)
+    step each at ``positions`` (default: one after the other; a lower one rolls the
+    session back), as the accused's session was (float32 out)."""
+    if positions is None:
+        positions = [sum(x.shape[1] for x in inputs[:i]) for i in range(len(inputs))]
+    total = max(p + x.shape[1] for p, x in zip(positions, inputs, strict=True))
     sid = executor.open_session(total, start=span[0], end=span[1])
     try:
-        position = 0
         out = None
         with torch.inference_mode():
-            for x in inputs:
+            for x, position in zip(inputs, positions, strict=True):
                 out = executor.forward(sid, x.to(device=executor.device, dtype=executor.dtype), position)
-                position += x.shape[1]
     finally:
         executor.close_session(sid)
     assert out is not None  # a proof holds at least one request
     return out.to(device="cpu", dtype=torch.float32)
+
+
+def _bounds(positions: Sequence[int], length: int) -> list[int]:
+    """Per step, the position from which a later step rolled its rows back (or
+    ``length``): ``protocol.kept_rows`` over bare positions."""
+    out, bound = [], length
+    for p in reversed(positions):
+        out.append(bound)
+        bound = min(bound, p)
+    return out[::-1]
 
 
 def _exact(executor: SpanRecompute, inputs: list[torch.Tensor], span: tuple[int, int]) -> torch.Tensor | None:
@@ -279,17 +293,22 @@ def verify_proof(proof: FraudProof, executor: SpanRecompute, *, compute_dtype: s
     except ValueError as exc:
         raise InvalidProof(str(exc)) from None
     try:
-        inputs = [decode_tensor(r.hidden, limits=limits, out_dtype=torch.float32) for r in proof.requests]
+        steps = [decode_tensor(r.hidden, limits=limits, out_dtype=torch.float32) for r in proof.requests]
         claimed = decode_tensor(proof.output, limits=limits, out_dtype=torch.float32)
     except SwarmError as exc:
         raise InvalidProof(f"cannot decode the proof: {exc}") from None
+    # the session's input prefix at the last step: rows later steps rolled back are left out
+    positions = [r.position for r in proof.requests]
+    inputs = [x[:, :max(0, min(x.shape[1], bound - p))] for x, p, bound in
+              zip(steps, positions, _bounds(positions, positions[-1] + steps[-1].shape[1]), strict=True)]
+    inputs = [x for x in inputs if x.shape[1]]
     record = load_bounds(proof.model) if bounds is True else (bounds or None)
     if record is not None:
         outside = record.check(torch.cat(inputs, dim=1), proof.span[0])
         if outside is not None:
             raise InconclusiveProof(f"the proof is inconclusive: {outside}")
     try:
-        session = replay_session(executor, inputs, proof.span)
+        session = replay_session(executor, steps, proof.span, positions)
         once = executor.forward_once(torch.cat(inputs, dim=1).to(device=executor.device, dtype=executor.dtype),
                                      start=proof.span[0], end=proof.span[1])
     except SwarmError as exc:  # e.g. a prefix longer than the model's context

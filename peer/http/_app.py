@@ -68,6 +68,16 @@ class _Prepared:
     model: ApiModel
     prompt_ids: list[int]
     params: SamplingParams
+    speculative: str | None = None  # "prompt-lookup" or None
+
+    def drafting(self) -> Any:
+        """The ``speculative=`` argument of the client's generate/stream."""
+        if self.speculative is None:
+            return None
+        from ..speculative import Speculative
+        from .._drafters import PromptLookup
+
+        return Speculative(PromptLookup())
 
 
 def error_response(error: oa.ApiError) -> JSONResponse:
@@ -174,7 +184,7 @@ class SwarmApi:
             raise PromptTooLong(f"prompt of {len(ids)} tokens + max_tokens {max_new} exceeds the model's context "
                                 f"of {client.max_length}; shorten the prompt or lower max_tokens")
         await client.plan()  # NoRoute / ModelNotServed now, while a status code can still say so
-        return _Prepared(model, ids, params)
+        return _Prepared(model, ids, params, req.speculative)
 
     def _observe(self, prepared: _Prepared, result: GenerationResult) -> None:
         name = prepared.model.name
@@ -244,7 +254,8 @@ class SwarmApi:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch)
                 try:
-                    result.append(await client.generate(prepared.prompt_ids, prepared.params, on_token=on_token))
+                    result.append(await client.generate(prepared.prompt_ids, prepared.params, on_token=on_token,
+                                                        speculative=prepared.drafting()))
                 except SwarmError as exc:  # raised below, outside the nursery (no exception group)
                     failed.append(exc)
                 nursery.cancel_scope.cancel()
@@ -289,7 +300,8 @@ class SwarmApi:
             results: list[GenerationResult] = []
             first = True
             try:
-                async with aclosing(client.stream(prepared.prompt_ids, prepared.params, result_out=results)) as gen:
+                async with aclosing(client.stream(prepared.prompt_ids, prepared.params, result_out=results,
+                                                   speculative=prepared.drafting())) as gen:
                     async for event in gen:
                         if first:
                             first = False

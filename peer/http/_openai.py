@@ -41,9 +41,9 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "logit_bias": ({},), "parallel_tool_calls": (False, True), "echo": (False,), "best_of": (1,), "suffix": ("",),
 }
 _CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
-                "stream", "stream_options", "top_k", "repetition_penalty", "response_format"}
+                "stream", "stream_options", "top_k", "repetition_penalty", "response_format", "speculative"}
 _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
-                      "stream_options", "top_k", "repetition_penalty"}
+                      "stream_options", "top_k", "repetition_penalty", "speculative"}
 _CHAT_NEUTRAL = {"n", "presence_penalty", "frequency_penalty", "logprobs", "logit_bias", "parallel_tool_calls"}
 _COMPLETION_NEUTRAL = {"n", "presence_penalty", "frequency_penalty", "logprobs", "logit_bias", "echo", "best_of",
                        "suffix"}
@@ -91,6 +91,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
+    speculative: str | None = None  # "prompt-lookup" (a draft model is the operator's to load, not a caller's)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -168,7 +169,11 @@ def _common(body: Any, allowed: set[str], neutral: set[str]) -> dict[str, Any]:
         if not stream:
             raise _bad("stream_options is only allowed with stream: true", param="stream_options")
         include_usage = bool(options.get("include_usage", False))
-    return dict(
+    speculative = body.get("speculative")
+    if speculative is not None and speculative != "prompt-lookup":
+        raise _bad("speculative takes \"prompt-lookup\" (speculative decoding by n-gram lookup) or null",
+                   param="speculative")
+    return dict(speculative=speculative,
         model=model, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), top_k=_integer(body, "top_k", 0) or 0,
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),

@@ -41,7 +41,7 @@ import torch
 if TYPE_CHECKING:
     from ._executor import SpanExecutor, _Session
 
-__all__ = ["SessionStep", "BatchJob", "BATCHED_ATTENTION"]
+__all__ = ["SessionStep", "BatchJob", "BATCHED_ATTENTION", "crop_cache"]
 
 #: Attention implementations that take the per-row 4-D mask (others compute a batch's
 #: steps one after the other).
@@ -51,7 +51,8 @@ BATCHED_ATTENTION = frozenset({"sdpa", "eager"})
 @dataclass(slots=True, eq=False)
 class SessionStep:
     """One session's checked step (``SpanExecutor.check_step``): ``hidden`` [1, n, H] at
-    ``position``, the session's length. ``started`` is set once its cache is touched,
+    ``position``, at most the session's length (below it: a rollback, the cache is cut
+there when the step runs). ``started`` is set once its cache is touched,
     ``finished`` once the session has advanced (a step started and not finished left
     half a step in the cache)."""
 
@@ -74,6 +75,15 @@ class SessionStep:
     def work(self) -> int:
         """Work units (tokens x blocks), what the scheduler charges."""
         return self.tokens * self.blocks
+
+
+def crop_cache(cache: Any, position: int) -> None:
+    """Cut a session's cache back to its first ``position`` tokens (a rollback), every
+    layer (transformers' ``crop`` takes the count of tokens to remove, negated)."""
+    for layer in cache.layers:
+        held = layer.get_seq_length()
+        if held > position:
+            layer.crop(position - held)
 
 
 class _BatchCache:
@@ -130,6 +140,10 @@ class BatchJob:
                 row[s.tokens:] = s.position + s.tokens - 1  # padded queries: any valid position
                 positions[i] = row
             positions = positions.to(ex.device)
+            for s in steps:
+                if s.position < s.session.length:  # a rollback: cut its cache there first
+                    s.started = True
+                    crop_cache(s.session.cache, s.position)
             masks = {kind: self._mask(kind, lo, hi, positions) for kind in set(ex._layer_types[lo:hi])}
             with ex._rotary_lock:
                 embeddings = ex._rotary(x, positions)
@@ -141,7 +155,7 @@ class BatchJob:
         outputs = [x[i:i + 1, :s.tokens].clone() for i, s in enumerate(steps)]
         now = ex._clock()
         for s in steps:
-            s.session.length += s.tokens
+            s.session.length = s.position + s.tokens
             s.session.last_used = now
             s.finished = True
         return outputs

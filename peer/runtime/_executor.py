@@ -1,8 +1,11 @@
 """The span executor: blocks [start, end) of a model, with KV-cache inference sessions.
 
 Theory of operation. A session is a per-span ``DynamicCache`` plus its length. A
-``forward`` of n >= 1 tokens at ``position`` (which must be the session's length)
-extends the cache by n: prefill and decode are the same call. Position ids, rotary
+``forward`` of n >= 1 tokens at ``position`` (at most the session's length) extends
+the cache by n: prefill and decode are the same call. A position below the length is
+a rollback (speculative decoding, spec 11.1): the cache is cut there (``crop``) when
+the step's first piece runs, so a step refused or abandoned before computing leaves
+the session as it was. Position ids, rotary
 embeddings and causal/sliding masks are computed exactly as the full model computes
 them for those positions, with transformers' own functions, so the chain of spans
 reproduces the full model. ``forward_once`` runs a whole sequence from position 0
@@ -56,7 +59,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ._batch import BATCHED_ATTENTION, BatchJob, SessionStep
+from ._batch import BATCHED_ATTENTION, BatchJob, SessionStep, crop_cache
 from ._errors import (
     InvalidArgument,
     MaxLengthExceeded,
@@ -147,13 +150,14 @@ class ForwardJob:
 
     def __init__(self, executor: SpanExecutor, hidden: torch.Tensor, position: int, cache: object | None,
                  lo: int, hi: int, *, quantum: int | None, chunk_tokens: int | None,
-                 on_done: Callable[[], None] | None) -> None:
+                 on_done: Callable[[], None] | None, crop: bool = False) -> None:
         n = hidden.shape[1]
         self.tokens = n
         self.blocks = hi - lo
         step = chunk_tokens or n
         chunks = [(a, min(a + step, n)) for a in range(0, n, step)]
         state = self._state = _Run(executor, hidden, position, cache, lo, hi, len(chunks), on_done)
+        state.crop = crop
         self.pieces: list[tuple[int, Callable[[], None]]] = []
         for index, (a, b) in enumerate(chunks):
             group = self.blocks if quantum is None else max(1, min(self.blocks, quantum // (b - a)))
@@ -189,7 +193,7 @@ class _Run:
     """What a ``ForwardJob``'s pieces share: the input, the cache, the chunk in flight."""
 
     __slots__ = ("ex", "hidden", "position", "cache", "lo", "hi", "on_done", "outputs", "x", "prepared", "done",
-                 "total")
+                 "total", "crop")
 
     def __init__(self, ex: SpanExecutor, hidden: torch.Tensor, position: int, cache: object | None, lo: int,
                  hi: int, chunks: int, on_done: Callable[[], None] | None) -> None:
@@ -200,11 +204,15 @@ class _Run:
         self.prepared: tuple | None = None
         self.done = 0
         self.total = 0
+        self.crop = False  # a rollback: cut the cache at ``position`` before the first piece
 
     def piece(self, index: int, a: int, b: int, first: int, last: int) -> None:
         ex = self.ex
         with torch.inference_mode():
             if first == self.lo:
+                if self.crop and a == 0:
+                    crop_cache(self.cache, self.position)
+                    self.crop = False
                 x = self.hidden[:, a:b].to(device=ex.device, dtype=ex.dtype)
                 self.prepared = ex._prepare(x, self.position + a, self.cache, self.lo, self.hi)
             else:
@@ -390,27 +398,30 @@ class SpanExecutor:
         session, n = step.session, step.tokens
 
         def done() -> None:
-            session.length += n
+            session.length = position + n
             session.last_used = self._clock()
 
         chunked = chunk_tokens is not None and n > chunk_tokens
         return ForwardJob(self, hidden, position, session.cache, session.lo, session.hi, quantum=quantum,
-                          chunk_tokens=chunk_tokens if chunked else None, on_done=done)
+                          chunk_tokens=chunk_tokens if chunked else None, on_done=done,
+                          crop=position < session.length)
 
     def check_step(self, session_id: bytes, hidden: torch.Tensor, position: int) -> SessionStep:
         """The checks of ``forward`` (same errors), done now: the step, for ``forward_batch``."""
         session = self._get(session_id)
         n = self._check_hidden(hidden)
-        if position != session.length:
+        if not isinstance(position, int) or not 0 <= position <= session.length:
             raise PositionMismatch(
-                f"position {position} does not continue the session at length {session.length}; "
-                f"send position {session.length}"
+                f"position {position} is past the session's length {session.length}; "
+                f"send a position of at most {session.length}"
             )
-        if session.length + n > session.max_length:
+        if position + n > session.max_length:
             raise MaxLengthExceeded(
-                f"{session.length} + {n} tokens exceed the session's max_length {session.max_length}; "
+                f"{position} + {n} tokens exceed the session's max_length {session.max_length}; "
                 "open a new session with a larger max_length"
             )
+        if position < session.length:
+            _check_croppable(session.cache, position)
         return SessionStep(session_id=session_id, session=session, hidden=hidden, position=position)
 
     def forward_batch(self, steps: Sequence[SessionStep]) -> list[torch.Tensor]:
@@ -432,9 +443,9 @@ class SpanExecutor:
         for s in steps:
             if (s.session.lo, s.session.hi) != (lo, hi):
                 raise InvalidArgument("the steps of one batch must run the same blocks")
-            if s.position != s.session.length:
-                raise PositionMismatch(f"position {s.position} does not continue the session at length "
-                                       f"{s.session.length}; send position {s.session.length}")
+            if s.position > s.session.length:
+                raise PositionMismatch(f"position {s.position} is past the session's length "
+                                       f"{s.session.length}; send a position of at most {s.session.length}")
         if len(steps) > 1 and getattr(self._config, "_attn_implementation", "sdpa") in BATCHED_ATTENTION:
             return BatchJob(self, steps).run()
         if len(steps) > 1:  # an attention that takes no 4-D mask: one step after the other
@@ -443,13 +454,13 @@ class SpanExecutor:
         session, n = step.session, step.tokens
 
         def done() -> None:
-            session.length += n
+            session.length = step.position + n
             session.last_used = self._clock()
             step.finished = True
 
         step.started = True
         return [ForwardJob(self, step.hidden, step.position, session.cache, lo, hi, quantum=None,
-                           chunk_tokens=None, on_done=done).run()]
+                           chunk_tokens=None, on_done=done, crop=step.position < session.length).run()]
 
     def forward_once(self, hidden: torch.Tensor, *, start: int | None = None, end: int | None = None) -> torch.Tensor:
         """Run a whole sequence [1, n, hidden_size] from position 0 without any cache,
@@ -617,6 +628,17 @@ class _Float64Blocks:
     def __iter__(self) -> Iterator[torch.nn.Module]:
         for layer in self._layers:
             yield copy.deepcopy(layer).to(torch.float64)
+
+
+def _check_croppable(cache: object, position: int) -> None:
+    """Raise unless the session's cache can be cut back to ``position``: a sliding-window
+    layer that already dropped keys before the window cannot be (it no longer holds
+    the keys a cut would have to bring back)."""
+    for layer in getattr(cache, "layers", ()):
+        window = getattr(layer, "sliding_window", None)
+        if window is not None and layer.get_seq_length() >= window and position < layer.get_seq_length():
+            raise PositionMismatch(f"a sliding-window session past its window of {window} tokens cannot roll "
+                                   f"back to position {position}")
 
 
 def _layer_types(config: object) -> list[str]:

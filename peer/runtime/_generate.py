@@ -52,7 +52,13 @@ class TokenStream:
         """Sample the next token from the last position's ``logits`` and update the state."""
         if self.done:
             raise InvalidArgument("generation already finished; start a new TokenStream")
-        token = self.sampler.next_token(logits, self.prompt_ids + self.new_ids)
+        return self.accept(self.sampler.next_token(logits, self.prompt_ids + self.new_ids))
+
+    def accept(self, token: int) -> int:
+        """Append a token chosen elsewhere (speculative decoding's accepted drafts and
+        resampled tokens) and update the state as ``push`` does."""
+        if self.done:
+            raise InvalidArgument("generation already finished; start a new TokenStream")
         self.new_ids.append(token)
         if token in self._eos:
             self.finish_reason = "eos"

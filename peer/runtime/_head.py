@@ -143,3 +143,13 @@ class ClientHead:
             h = hidden_last.reshape(-1, self.hidden_size)[-1:].to(device=self.device, dtype=self.dtype)
             h = self._modules.norm(h)
             return torch.nn.functional.linear(h, self._modules.lm_head).reshape(-1).float()
+
+    def logits_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [n, vocab] (float32) of every position of ``hidden`` ([1, n, hidden] or
+        [n, hidden]): what ``logits`` gives for each, in one product (speculative
+        decoding verifies several positions of one step)."""
+        if hidden.shape[-1] != self.hidden_size:
+            raise InvalidArgument(f"hidden state must end in {self.hidden_size}, got {tuple(hidden.shape)}")
+        with torch.inference_mode():
+            h = self._modules.norm(hidden.reshape(-1, self.hidden_size).to(device=self.device, dtype=self.dtype))
+            return torch.nn.functional.linear(h, self._modules.lm_head).float()

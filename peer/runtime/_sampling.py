@@ -125,6 +125,16 @@ class Sampler:
             scores = scores.masked_fill(drop, float("-inf"))
         return scores
 
+    def uniform(self) -> float:
+        """One draw from U[0, 1) of this sampler's generator (speculative sampling's
+        accept test), so that a seed fixes every choice of a generation."""
+        return float(torch.rand((), generator=self._gen).item())
+
+    def draw(self, probs: torch.Tensor) -> int:
+        """One token drawn from ``probs`` [vocab] (non-negative, not all zero) with this
+        sampler's generator."""
+        return int(torch.multinomial(probs, 1, generator=self._gen).item())
+
     def next_token(self, logits: torch.Tensor, previous_ids: Sequence[int]) -> int:
         """Choose the next token from ``logits`` [vocab] given every id so far (prompt included)."""
         scores = self.scores(logits, previous_ids)

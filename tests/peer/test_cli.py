@@ -362,3 +362,21 @@ def test_serve_with_api_and_the_api_command_answer_openai_clients(chat_model, en
         assert server.wait(60) == 0
         if api is not None:
             assert api.wait(60) == 0
+
+
+# --- speculative decoding (issue 16 section 2) -------------------------------------------
+
+
+async def test_generate_with_a_draft_gives_the_same_text_and_reports_the_drafts(chat_model, env):
+    async with trio.open_nursery() as nursery:
+        node = await start_server(nursery, chat_model, (0, 4))
+        common = ["--bootstrap", node.address, "--model", chat_model, "--max-new-tokens", "12", "--json", POEM]
+        plain = await run_async(cli("generate", *common), env)
+        drafted = await run_async(cli("generate", "--draft", "prompt-lookup", *common), env)
+        assert drafted.returncode == 0, drafted.stderr.decode()
+        assert result_of(drafted.stdout)[1]["token_ids"] == result_of(plain.stdout)[1]["token_ids"]
+        assert "drafted" in result_of(drafted.stdout)[1]["speculative"]
+        nursery.cancel_scope.cancel()
+    err = one_error_line(run(cli("generate", "--bootstrap", "127.0.0.1:1", "--draft", "/nonexistent/draft", "hi"),
+                             env))
+    assert "--draft /nonexistent/draft: no such file" in err

@@ -311,3 +311,24 @@ def test_request_parsing_refuses_what_it_cannot_honour():
         assert info.value.status == 400, body
         assert info.value.param == param, body
         assert set(info.value.to_json()["error"]) >= {"message", "type", "param", "code"}
+
+
+async def test_speculative_prompt_lookup_passes_through_and_paths_are_refused(chat_model):
+    from peer.http._openai import ApiError, parse_chat_request
+
+    assert parse_chat_request({"model": "m", "messages": MESSAGES,
+                               "speculative": "prompt-lookup"}).speculative == "prompt-lookup"
+    with pytest.raises(ApiError) as info:  # a caller must not make the server load a model file
+        parse_chat_request({"model": "m", "messages": MESSAGES, "speculative": "/etc/passwd"})
+    assert info.value.param == "speculative"
+    async with trio.open_nursery() as nursery:
+        _, _, swarm, url = await api_on(nursery, chat_model, [(0, 2), (2, 4)])
+        reference = await swarm.generate(MESSAGES, max_new_tokens=12, temperature=0)
+
+        def use():
+            return client_of(url).chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=12,
+                                                          temperature=0, extra_body={"speculative": "prompt-lookup"})
+
+        chat = await trio.to_thread.run_sync(use)
+        assert chat.choices[0].message.content == reference.text
+        nursery.cancel_scope.cancel()

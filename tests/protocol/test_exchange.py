@@ -17,7 +17,9 @@ from protocol import (
     accept_result,
     check_forward,
     check_forward_once,
+    extend_history,
     replay_requests,
+    rollback_history,
     sign_forward,
     sign_forward_once,
     sign_forward_once_result,
@@ -222,3 +224,39 @@ def test_forward_once_answers_in_its_inputs_dtype_and_block_size():
     other = sign_forward_once_result(SERVER, state, request, _q8(2, 4096, fill=0.25))
     with pytest.raises(UnexpectedMessage):
         accept_forward_once_result(again, request, other, server_public_key=SERVER.public_key)
+
+
+def test_a_rollback_is_a_signed_step_whose_history_records_the_cut():
+    client, server = states()
+    for n, fill in ((3, 1), (4, 2)):  # a prompt, then 4 drafted tokens
+        request = sign_forward(CLIENT, client, tensor(n, fill=fill))
+        accept_result(client, request, serve(server, request), server_public_key=SERVER.public_key)
+    before = client.history
+    rollback = sign_forward(CLIENT, client, tensor(2, fill=3), position=4)  # keep 1 drafted token
+    assert rollback.position == 4
+    accept_result(client, rollback, serve(server, rollback), server_public_key=SERVER.public_key)
+    assert (client.next_step, client.length, client.history) == (server.next_step, server.length, server.history)
+    assert client.length == 6
+    assert client.history == extend_history(rollback_history(before, 4), tensor(2, fill=3).digest())
+    assert [(s.step, k) for s, k in client.kept()] == [(0, 3), (1, 1), (2, 2)]
+    # a result signed as if the session had not been cut does not verify
+    c2, s2 = states()
+    for n, fill in ((3, 1), (4, 2)):
+        r = sign_forward(CLIENT, c2, tensor(n, fill=fill))
+        accept_result(c2, r, serve(s2, r), server_public_key=SERVER.public_key)
+    forged = sign_result(SERVER, dataclasses.replace(s2, history=before, length=4), rollback, tensor(2, fill=7))
+    with pytest.raises(BadSignature):
+        accept_result(c2, rollback, forged, server_public_key=SERVER.public_key)
+
+
+def test_a_position_past_the_length_is_bad_state_and_changes_nothing():
+    client, server = states()
+    request = sign_forward(CLIENT, client, tensor(2))
+    accept_result(client, request, serve(server, request), server_public_key=SERVER.public_key)
+    with pytest.raises(LocalProtocolError):
+        sign_forward(CLIENT, client, tensor(1), position=3)
+    ahead = dataclasses.replace(request, step=1, position=3)
+    with pytest.raises(UnexpectedMessage, match="past the session's length 2") as info:
+        check_forward(server, ahead, client_public_key=CLIENT.public_key, hidden_size=H)
+    assert info.value.code == ErrorCode.BAD_STATE
+    assert (server.next_step, server.length, len(server.transcript)) == (1, 2, 1)

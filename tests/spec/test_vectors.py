@@ -72,3 +72,14 @@ def test_history_vectors_replay():
 def test_generator_reproduces_the_files(name, generator):
     text = json.dumps(generator.all_vectors()[name], indent=1) + "\n"
     assert (SPEC / "vectors" / name).read_text() == text, f"run: python spec/make_vectors.py ({name} is stale)"
+
+
+def test_rollback_vectors_replay():
+    from protocol import cbor_encode, extend_history, rollback_history
+
+    for case in _vectors("statements.json")["rollbacks"]:
+        previous, position = bytes.fromhex(case["previous"]), case["position"]
+        assert cbor_encode(["swarm/1/rollback", position]).hex() == case["appended_hex"]
+        assert rollback_history(previous, position).hex() == case["cut"]
+        assert extend_history(bytes.fromhex(case["cut"]), bytes.fromhex(case["input_digest"])).hex() \
+            == case["history"]

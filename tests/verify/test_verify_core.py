@@ -155,10 +155,11 @@ def span(tiny_verify):
     return load_span(tiny_verify[0], 0, 3)
 
 
-def _session_proof(span, *, tamper: bool, steps: int = 4, client=None):
+def _session_proof(span, *, tamper: bool, steps: int = 4, client=None, rollback: bool = False):
     """A client and a server identity run a real session on ``span`` through the forward
     exchange, as the relay and the server do; the server's output of the last step is
-    tampered with if asked."""
+    tampered with if asked. ``rollback``: step 1 drafts 3 tokens and step 2 rolls the
+    session back to keep one of them (speculative decoding, spec 11.1)."""
     client, server = client or Identity.generate(), Identity.generate()
     sid = span.open_session(32)
     kept = [SessionState(client=client.peer_id, server=server.peer_id, session=sid, model=span.model_id,
@@ -168,8 +169,9 @@ def _session_proof(span, *, tamper: bool, steps: int = 4, client=None):
     client_state, server_state = kept
     torch.manual_seed(1)
     for step in range(steps):
-        x = torch.randn(1, 3 if step == 0 else 1, span.hidden_size)
-        request = sign_forward(client, client_state, encode_tensor(x))
+        x = torch.randn(1, 3 if step == 0 or (rollback and step == 1) else 1, span.hidden_size)
+        position = 4 if rollback and step == 2 else None
+        request = sign_forward(client, client_state, encode_tensor(x), position=position)
         check_forward(server_state, request, client_public_key=client.public_key, hidden_size=span.hidden_size)
         out = span.forward(sid, x, request.position)
         if tamper and step == steps - 1:
@@ -193,6 +195,28 @@ def test_a_true_proof_verifies_and_round_trips(span):
 def test_an_honest_output_cannot_be_proven_wrong(span):
     with pytest.raises(InvalidProof, match="honest"):
         verify_proof(_session_proof(span, tamper=False), span)
+
+
+def test_a_session_with_a_rollback_is_proven_and_not_framed(span):
+    proof = _session_proof(span, tamper=True, rollback=True)
+    assert [r.position for r in proof.requests] == [0, 3, 4, 5]
+    assert not verify_proof(proof, span).ok
+    with pytest.raises(InvalidProof, match="honest"):
+        verify_proof(_session_proof(span, tamper=False, rollback=True), span)
+    # the client claims it never rolled back (step 2 re-signed at the length, 6): the
+    # accused signed another history, so the claim fails
+    client = Identity.generate()
+    proof = _session_proof(span, tamper=True, rollback=True, client=client)
+    cut = proof.requests[2]
+    resigned = dataclasses.replace(cut, position=6, signature=client.sign(forward_request_statement(
+        client=peer_id_of(proof.client), server=peer_id_of(proof.accused), session=proof.session, step=2,
+        model=proof.model, span=proof.span, position=6, input_digest=cut.hidden.digest())))
+    last = proof.requests[3]
+    moved = dataclasses.replace(last, position=7, signature=client.sign(forward_request_statement(
+        client=peer_id_of(proof.client), server=peer_id_of(proof.accused), session=proof.session, step=3,
+        model=proof.model, span=proof.span, position=7, input_digest=last.hidden.digest())))
+    with pytest.raises(InvalidProof, match="accused's signature"):
+        check_proof(dataclasses.replace(proof, requests=(*proof.requests[:2], resigned, moved)))
 
 
 def test_forgeries_fail_the_signature_and_structure_checks(span):

@@ -88,8 +88,9 @@ def test_batch_errors(tiny_models: dict[str, Path]) -> None:
         ex.forward_batch([ex.check_step(a, x, 0), ex.check_step(a, x, 0)])
     with pytest.raises(rt.InvalidArgument, match="same blocks"):
         ex.forward_batch([ex.check_step(a, x, 0), ex.check_step(sub, x, 0)])
-    stale = ex.check_step(b, x, 0)
-    ex.forward(b, x, 0)
+    ex.forward(b, _inputs(ex, 2, 3), 0)
+    stale = ex.check_step(b, x, 2)
+    ex.forward(b, x, 0)  # a rollback to one token: the checked step is now past the length
     with pytest.raises(rt.PositionMismatch):
         ex.forward_batch([ex.check_step(a, x, 0), stale])
     with pytest.raises(rt.PositionMismatch):
