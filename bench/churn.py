@@ -8,8 +8,8 @@ replicas of every block). ``--clients`` clients in this process generate
 ``transformers`` generate. Scenarios, each ``--duration`` seconds with fresh clients:
 
 * ``baseline``: no faults;
-* ``churn``: every 4-7 s a server is killed (kill -9 or SIGTERM, by the seed) and
-  restarted 8-12 s later on the same identity and port, only when every block keeps a
+* ``churn``: every 4-7 s a server is killed (kill -9 and SIGTERM in turn, the server
+  drawn by the seed) and restarted 8-12 s later on the same identity and port, only when every block keeps a
   live replica;
 * ``stop``: a server is SIGSTOPped for 15 s (the 0:6 one first: every client routes
   through it), then SIGCONTed, one at a time;
@@ -90,8 +90,9 @@ def schedule(kind: str, rng: random.Random, duration: float, spans: tuple[tuple[
         while t < duration - 1:
             up = {i for i in everyone if not any(i in f.servers and f.at + f.duration + RESTART > t for f in faults)}
             choices = sorted(i for i in up if covered(spans, up - {i}, layers))
-            if choices:
-                faults.append(Fault(t, rng.choice(("kill", "term")), (rng.choice(choices),), rng.uniform(8, 12)))
+            if choices:  # kill -9 and SIGTERM take turns: every run has both (a seed once drew only SIGTERM)
+                how = ("kill", "term")[len(faults) % 2]
+                faults.append(Fault(t, how, (rng.choice(choices),), rng.uniform(8, 12)))
             t += rng.uniform(4, 7)
     elif kind == "stop":
         order = sorted(everyone - {len(spans) - 1})

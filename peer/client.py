@@ -350,16 +350,16 @@ class SwarmClient:
                 return route
             rounds += 1
 
-    async def alternative(self, start: int, end: int, exclude: frozenset[bytes]) -> Hop | None:
-        """One hop covering [start, end) other than ``exclude`` (a hedge), from the cached
-        view without waiting; None if there is none."""
+    async def alternative(self, start: int, end: int, exclude: frozenset[bytes]) -> Route | None:
+        """A route for [start, end) around ``exclude`` to hedge with: one hop or several
+        (when no other single server covers the span), planned on the cached view
+        without waiting; None if there is none."""
         if self._view is None:
             return None
         try:
-            route = self._plan_on(self._view[1], start, end, exclude)
+            return self._plan_on(self._view[1], start, end, exclude)
         except NoRoute:
             return None
-        return route.hops[0] if len(route.hops) == 1 else None
 
     # -- probes ---------------------------------------------------------------------------------
 
