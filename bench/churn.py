@@ -52,7 +52,7 @@ import torch
 import trio
 
 from peer.api import Swarm
-from peer.demo import launch_server_process, wait_ready
+from peer.demo import DemoError, launch_server_process, wait_ready
 from protocol import CloseSession, OpenSession
 from protocol.errors import ErrorCode, RemoteError
 from swarm.errors import SwarmError
@@ -125,13 +125,18 @@ class Server:
     address: str = ""
 
     def launch(self, model: str, bootstrap: list[str]) -> None:
-        self.proc = launch_server_process(model, self.span, identity=self.key, bootstrap=bootstrap,
-                                          extra=["--threads", "1", "--port", str(self.port),
-                                                 "--max-sessions", str(MAX_SESSIONS)])
+        with open(self.key.with_suffix(".log"), "a") as log:  # why a (re)start failed, if one does
+            self.proc = launch_server_process(model, self.span, identity=self.key, bootstrap=bootstrap,
+                                              extra=["--threads", "1", "--port", str(self.port),
+                                                     "--max-sessions", str(MAX_SESSIONS)], stderr=log)
 
     def ready(self) -> None:
         assert self.proc is not None
-        ready = wait_ready(self.proc, timeout=300)
+        try:
+            ready = wait_ready(self.proc, timeout=300)
+        except DemoError:
+            print(self.key.with_suffix(".log").read_text()[-2000:])
+            raise
         self.address = ready.address
         self.peer_id = bytes.fromhex(ready.ready_line.split("(peer ", 1)[1].split(",", 1)[0])
 
@@ -209,7 +214,7 @@ async def generate_loop(swarm: Swarm, want: list[int], tokens: int, t0: float, u
         out.seconds = max(out.seconds, trio.current_time() - t0)
 
 
-async def apply_fault(fault: Fault, servers: list[Server], model: str, boot: list[str], t0: float,
+async def apply_fault(fault: Fault, servers: list[Server], model: str, t0: float,
                       observer: Swarm, out: Outcome) -> None:
     await trio.sleep_until(t0 + fault.at)
     hit = [servers[i] for i in fault.servers]
@@ -229,7 +234,8 @@ async def apply_fault(fault: Fault, servers: list[Server], model: str, boot: lis
                 continue
             assert s.proc is not None
             await trio.to_thread.run_sync(s.proc.wait)  # a SIGTERMed server withdraws first
-            s.launch(model, boot)
+            # Every other server bootstraps it: the first one may be the one down now.
+            s.launch(model, [o.address for o in servers if o is not s])
             nursery.start_soon(trio.to_thread.run_sync, s.ready)
     for s in hit:  # when the clients last failed on it during the fault, after it began
         times = [t for _, peer, t, _ in out.failures
@@ -274,8 +280,8 @@ async def count_leaked(observer: Swarm, servers: list[Server]) -> int:
     return leaked
 
 
-async def run_scenario(kind: str, args: argparse.Namespace, servers: list[Server], model: str, want: list[int],
-                       boot: list[str]) -> Outcome:
+async def run_scenario(kind: str, args: argparse.Namespace, servers: list[Server], model: str,
+                       want: list[int]) -> Outcome:
     out = Outcome()
     faults = schedule(kind, random.Random(f"{args.seed}:{kind}"), args.duration)
     async with trio.open_nursery() as nursery:
@@ -288,7 +294,7 @@ async def run_scenario(kind: str, args: argparse.Namespace, servers: list[Server
             watch_failures(c, i, out, t0)
         async with trio.open_nursery() as work:
             for fault in faults:
-                work.start_soon(apply_fault, fault, servers, model, boot, t0, observer, out)
+                work.start_soon(apply_fault, fault, servers, model, t0, observer, out)
             for c in clients:
                 work.start_soon(generate_loop, c, want, args.tokens, t0, t0 + args.duration, out)
         await trio.sleep(QUIET)
@@ -363,7 +369,7 @@ async def main_async(args: argparse.Namespace) -> None:
             print(f"{len(servers)} servers ready", flush=True)
             results: dict[str, Outcome] = {}
             for kind in args.scenarios.split(","):
-                results[kind] = await run_scenario(kind, args, servers, model, want, boot)
+                results[kind] = await run_scenario(kind, args, servers, model, want)
                 o = results[kind]
                 print(f"{kind}: {o.completed}/{o.attempted} completed, {o.identical} identical", flush=True)
             report(results, args)
