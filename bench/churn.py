@@ -123,6 +123,7 @@ class Server:
     proc: subprocess.Popen[str] | None = None
     peer_id: bytes = b""
     address: str = ""
+    up: bool = False  # ready, and not faulted since
 
     def launch(self, model: str, bootstrap: list[str]) -> None:
         with open(self.key.with_suffix(".log"), "a") as log:  # why a (re)start failed, if one does
@@ -139,6 +140,7 @@ class Server:
             raise
         self.address = ready.address
         self.peer_id = bytes.fromhex(ready.ready_line.split("(peer ", 1)[1].split(",", 1)[0])
+        self.up = True
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -175,6 +177,8 @@ class Outcome:
     stopped_trying: list[float] = field(default_factory=list)
     leaked: int = 0
     seconds: float = 0.0
+    faults: Counter = field(default_factory=Counter)  # applied, by kind
+    skipped: int = 0  # faults not applied: the server was still restarting from an earlier one
 
 
 def watch_failures(swarm: Swarm, client: int, out: Outcome, t0: float) -> None:
@@ -218,7 +222,12 @@ async def apply_fault(fault: Fault, servers: list[Server], model: str, t0: float
                       observer: Swarm, out: Outcome) -> None:
     await trio.sleep_until(t0 + fault.at)
     hit = [servers[i] for i in fault.servers]
+    if not all(s.up for s in hit):  # its restart took longer than RESTART on this machine
+        out.skipped += 1
+        return
+    out.faults[fault.kind] += 1
     for s in hit:
+        s.up = False
         if fault.kind == "kill":
             s.kill()
         else:
@@ -319,7 +328,7 @@ def report(results: dict[str, Outcome], args: argparse.Namespace) -> None:
           f"tokens, {len(SPANS)} servers {' '.join(f'{a}:{b}' for a, b in SPANS)}, load {os.getloadavg()[0]:.1f}")
     head = (f"{'scenario':<9} {'tried':>5} {'done':>5} {'done%':>6} {'ident':>5} {'fovers':>6} {'hedges':>6} "
             f"{'p50 s':>6} {'p95 s':>6} {'tok/s':>6} {'vs base':>7} {'leaked':>6} {'re-bo':>5} "
-            f"{'stop try s':>10} {'left view s':>11}  failed by error")
+            f"{'stop try s':>10} {'left view s':>11} {'faults':>12}  failed by error")
     print(head)
     print("-" * len(head))
     for kind, o in results.items():
@@ -332,13 +341,16 @@ def report(results: dict[str, Outcome], args: argparse.Namespace) -> None:
         if o.fail_latencies:
             errors += f" (p50 {statistics.median(o.fail_latencies):.2f} s)"
         retried = sum(1 for *_, backed in o.failures if backed)
+        faults = " ".join(f"{k}:{v}" for k, v in sorted(o.faults.items())) or "-"
+        if o.skipped:
+            faults += f" -{o.skipped}"
         print(f"{kind:<9} {o.attempted:>5} {o.completed:>5} {100 * o.completed / max(o.attempted, 1):>5.1f}% "
               f"{o.identical:>5} {o.failovers:>6} {o.hedges:>6} {pct(o.latencies, 0.5):>6} {pct(o.latencies, 0.95):>6} "
-              f"{tps:>6.1f} {ratio:>7} {o.leaked:>6} {retried:>5} {stop_s:>10} {left_s:>11}  {errors}")
+              f"{tps:>6.1f} {ratio:>7} {o.leaked:>6} {retried:>5} {stop_s:>10} {left_s:>11} {faults:>12}  {errors}")
     print("ident: completed with tokens identical to transformers; fovers/hedges: summed over generations; "
           "re-bo: failures on a peer the client had backed off; stop try: the longest a client kept failing on a "
           "faulted peer after the fault; left view: median seconds until an observer's view dropped it "
-          "(of the faults)")
+          "(of the faults); faults: applied by kind, -n: skipped (the server was still restarting)")
 
 
 async def main_async(args: argparse.Namespace) -> None:
