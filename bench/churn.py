@@ -47,15 +47,18 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 import trio
 
 from peer.api import Swarm
 from peer.demo import DemoError, launch_server_process, wait_ready
-from protocol import CloseSession, OpenSession
+from peer.server import ServerLimits
+from protocol import CloseSession, OpenSession, SessionOpened
 from protocol.errors import ErrorCode, RemoteError
 from swarm.errors import SwarmError
+from swarm.transport import PeerConnection
 
 LAYERS = 6
 SPANS = ((0, 2), (0, 2), (2, 4), (2, 4), (4, 6), (4, 6), (0, 6))
@@ -240,6 +243,7 @@ async def apply_fault(fault: Fault, servers: list[Server], model: str, t0: float
         for s in hit:
             if fault.kind == "stop":
                 s.signal(signal.SIGCONT)
+                s.up = True
                 continue
             assert s.proc is not None
             await trio.to_thread.run_sync(s.proc.wait)  # a SIGTERMed server withdraws first
@@ -265,25 +269,31 @@ async def watch_view(observer: Swarm, peer: bytes, since: float, until: float, o
     out.left_view.append(None)
 
 
-async def count_leaked(observer: Swarm, servers: list[Server]) -> int:
-    """Sessions held on every server that nobody is using: MAX_SESSIONS less what a fresh
-    peer can open there now. The sessions opened here are closed again."""
+async def count_leaked(observers: list[Swarm], servers: list[Server]) -> int:
+    """Sessions held on every server that nobody is using: MAX_SESSIONS less what fresh
+    peers can open there now (each identity up to the server's per-requester cap, so
+    ``observers`` holds enough of them). The sessions opened here are closed again."""
     leaked = 0
-    host = observer.client.host
+    per_peer = ServerLimits().max_sessions_per_peer
     for s in servers:
-        conn = await host.connect(s.address, peer_id=s.peer_id, timeout=10)
-        opened = []
+        opened: list[tuple[PeerConnection, bytes]] = []
         try:
-            for _ in range(MAX_SESSIONS):
-                msg = OpenSession(model=observer.client.model, span=s.span, max_length=64)
-                try:
-                    opened.append((await conn.request(msg, timeout=10)).session)
-                except RemoteError as exc:
-                    if exc.code != ErrorCode.BUSY:
-                        raise
+            for observer in observers:
+                conn = await observer.client.host.connect(s.address, peer_id=s.peer_id, timeout=10)
+                mine = 0
+                while mine < per_peer and len(opened) < MAX_SESSIONS:
+                    msg = OpenSession(model=observer.client.model, span=s.span, max_length=64)
+                    try:
+                        opened.append((conn, cast(SessionOpened, await conn.request(msg, timeout=10)).session))
+                    except RemoteError as exc:
+                        if exc.code != ErrorCode.BUSY:
+                            raise
+                        break
+                    mine += 1
+                if mine < per_peer:  # BUSY before this identity's cap: the server is full
                     break
         finally:
-            for session in opened:
+            for conn, session in opened:
                 await conn.request(CloseSession(session=session), timeout=10)
         leaked += MAX_SESSIONS - len(opened)
     return leaked
@@ -298,6 +308,8 @@ async def run_scenario(kind: str, args: argparse.Namespace, servers: list[Server
         clients = [await Swarm.connect(nursery, bootstrap=bootstrap, model=model, audit=None,
                                        step_timeout=args.step_timeout) for _ in range(args.clients)]
         observer = await Swarm.connect(nursery, bootstrap=bootstrap, model=model, audit=None)
+        counters = [await Swarm.connect(nursery, bootstrap=bootstrap, model=model, audit=None)
+                    for _ in range(math.ceil(MAX_SESSIONS / ServerLimits().max_sessions_per_peer))]
         t0 = trio.current_time()
         for i, c in enumerate(clients):
             watch_failures(c, i, out, t0)
@@ -307,7 +319,7 @@ async def run_scenario(kind: str, args: argparse.Namespace, servers: list[Server
             for c in clients:
                 work.start_soon(generate_loop, c, want, args.tokens, t0, t0 + args.duration, out)
         await trio.sleep(QUIET)
-        out.leaked = await count_leaked(observer, servers)
+        out.leaked = await count_leaked(counters, servers)
         nursery.cancel_scope.cancel()
     return out
 
