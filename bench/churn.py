@@ -11,7 +11,10 @@ replicas of every block). ``--clients`` clients in this process generate
 * ``churn``: every 4-7 s a server is killed (kill -9 and SIGTERM in turn, the server
   drawn by the seed) and restarted 8-12 s later on the same identity and port, only
   when every block keeps a live replica (a fault is skipped, and counted, when a slow
-  restart would break that);
+  restart would break that). A restarted server loads at the lowest CPU priority until
+  it is ready (``--normal-priority-restarts`` to not): in a swarm it loads on its own
+  machine, here its imports and throughput measurement would take the two cores from
+  the clients and servers being measured;
 * ``stop``: a server is SIGSTOPped for 15 s (the 0:6 one first: every client routes
   through it), then SIGCONTed, one at a time;
 * ``outage``: every server of one block is killed for 20 s (those generations are
@@ -130,11 +133,16 @@ class Server:
     address: str = ""
     up: bool = False  # ready, and not faulted since
 
-    def launch(self, model: str, bootstrap: list[str]) -> None:
+    def launch(self, model: str, bootstrap: list[str], *, low_priority: bool = False) -> None:
         with open(self.key.with_suffix(".log"), "a") as log:  # why a (re)start failed, if one does
             self.proc = launch_server_process(model, self.span, identity=self.key, bootstrap=bootstrap,
                                               extra=["--threads", "1", "--port", str(self.port),
                                                      "--max-sessions", str(MAX_SESSIONS)], stderr=log)
+        if low_priority:
+            # A restart loads (imports, weights, its throughput measurement) at the lowest
+            # CPU priority: in a swarm it loads on its own machine, here it would take the
+            # two cores from the clients and servers being measured. ``ready`` restores it.
+            _renice(self.proc.pid, 19)
 
     def ready(self) -> None:
         assert self.proc is not None
@@ -145,6 +153,7 @@ class Server:
             raise
         self.address = ready.address
         self.peer_id = bytes.fromhex(ready.ready_line.split("(peer ", 1)[1].split(",", 1)[0])
+        _renice(self.proc.pid, 0)  # every thread it started meanwhile (needs root; else it stays)
         self.up = True
 
     def signal(self, sig: int) -> None:
@@ -156,6 +165,19 @@ class Server:
             self.signal(signal.SIGCONT)
             self.proc.kill()
             self.proc.wait()
+
+
+def _renice(pid: int, value: int) -> None:
+    """Set the niceness of every thread of ``pid`` (Linux niceness is per thread)."""
+    try:
+        threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        threads = [pid]
+    for tid in threads:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, value)
+        except OSError:
+            pass
 
 
 def free_port() -> int:
@@ -224,7 +246,7 @@ async def generate_loop(swarm: Swarm, want: list[int], tokens: int, t0: float, u
 
 
 async def apply_fault(fault: Fault, servers: list[Server], model: str, t0: float,
-                      observer: Swarm, out: Outcome, *, keep_covered: bool) -> None:
+                      observer: Swarm, out: Outcome, *, keep_covered: bool, low_priority: bool) -> None:
     """Apply ``fault`` at its time; with ``keep_covered``, only if the servers up then
     (ready, not faulted) still cover every block without the ones it hits: the schedule
     assumes a restart takes RESTART seconds, and on a loaded machine it takes longer."""
@@ -254,7 +276,7 @@ async def apply_fault(fault: Fault, servers: list[Server], model: str, t0: float
             assert s.proc is not None
             await trio.to_thread.run_sync(s.proc.wait)  # a SIGTERMed server withdraws first
             # Every other server bootstraps it: the first one may be the one down now.
-            s.launch(model, [o.address for o in servers if o is not s])
+            s.launch(model, [o.address for o in servers if o is not s], low_priority=low_priority)
             nursery.start_soon(trio.to_thread.run_sync, s.ready)
     for s in hit:  # when the clients last failed on it during the fault, after it began
         times = [t for _, peer, t, _ in out.failures
@@ -322,7 +344,8 @@ async def run_scenario(kind: str, args: argparse.Namespace, servers: list[Server
         async with trio.open_nursery() as work:
             for fault in faults:
                 work.start_soon(functools.partial(apply_fault, fault, servers, model, t0, observer, out,
-                                                  keep_covered=kind != "outage"))
+                                                  keep_covered=kind != "outage",
+                                                  low_priority=not args.normal_priority_restarts))
             for c in clients:
                 work.start_soon(generate_loop, c, want, args.tokens, t0, t0 + args.duration, out)
         await trio.sleep(QUIET)
@@ -422,6 +445,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per generation")
     parser.add_argument("--step-timeout", type=float, default=5.0, help="the clients' step timeout (cap)")
     parser.add_argument("--scenarios", default="baseline,churn,stop,outage")
+    parser.add_argument("--normal-priority-restarts", action="store_true",
+                        help="restarted servers load at normal CPU priority (default: lowest, until ready)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)  # so that the servers are killed on the way out
     t = time.monotonic()
