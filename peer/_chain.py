@@ -234,8 +234,8 @@ class Chain:
         step_timeout: the longest any one request may take (derived deadlines are shorter).
         max_failovers: hop replacements allowed per generation before giving up.
         health: the client's failure memory and measurements (shared by its chains).
-        alternative: ``await alternative(start, end, exclude)`` -> one hop covering
-            [start, end) to hedge with, or None.
+        alternative: ``await alternative(start, end, exclude)`` -> a route (one hop or
+            several) covering [start, end) to hedge with, or None.
         spawn: starts a task in the client's background nursery (hedges run there).
         relay: ``"star"`` (the client sends each hop its input) or ``"push"`` (each hop
             hands its output to the next, spec 11.4; star for what push could not do).
@@ -247,7 +247,7 @@ class Chain:
                  on_failover: Callable[[Hop, BaseException], None] | None = None,
                  credit: CreditService | None = None, auditor: Auditor | None = None,
                  health: PeerHealth | None = None,
-                 alternative: Callable[[int, int, frozenset[bytes]], Awaitable[Hop | None]] | None = None,
+                 alternative: Callable[[int, int, frozenset[bytes]], Awaitable[Route | None]] | None = None,
                  spawn: Spawn | None = None, relay: str = "star") -> None:
         if relay not in ("star", "push"):
             raise ValueError(f"relay is 'star' or 'push', not {relay!r}")
@@ -314,6 +314,8 @@ class Chain:
             except HOP_FAILURES as exc:
                 await self._fail_over(i, exc)
                 continue
+            if out is None:
+                continue  # a hedge replaced the slow hop: the step goes to the replacement
             if not await self._audit_step(i, record, position):
                 continue  # the hop was replaced: the disputed step is redone there
             x = out
@@ -420,14 +422,16 @@ class Chain:
 
     # -- opening --------------------------------------------------------------------------------
 
-    async def _open_route(self, route: Route) -> list[HopRecord]:
+    async def _open_route(self, route: Route, *, fail_over: bool = True) -> list[HopRecord]:
         """Sessions on every hop of ``route``, opened concurrently, each failing over on
-        its own; on any failure (or cancellation) every session opened here is closed."""
+        its own (without ``fail_over``: a hedge's route, where any failure ends the
+        attempt); on any failure (or cancellation) every session opened here is closed."""
         slots: list[list[HopRecord]] = [[] for _ in route.hops]
+        opener = self._open_slot if fail_over else self._open_blamed
         try:
             async with trio.open_nursery() as nursery:
                 for hop, slot in zip(route.hops, slots):
-                    nursery.start_soon(self._open_slot, hop, slot)
+                    nursery.start_soon(opener, hop, slot)
         except BaseException as exc:
             await self._close_records([r for slot in slots for r in slot])
             error = swarm_error_in(exc)
@@ -442,7 +446,7 @@ class Chain:
         last: BaseException | None = None
         while True:
             try:
-                out.append(await self._open_hedged(hop))
+                out.extend(await self._open_hedged(hop))
                 return
             except HOP_FAILURES as exc:
                 last = exc
@@ -475,13 +479,24 @@ class Chain:
     async def _open_into(self, hop: Hop, records: list[HopRecord]) -> None:
         records.append(await self._open_hop(hop))
 
-    async def _open_hedged(self, hop: Hop) -> HopRecord:
-        """``_open_hop``, raced against another candidate if it is slow. When hedging, the
-        open itself runs in the background nursery: if it loses, or answers after the
-        chain gave up, it closes the session it got."""
+    async def _open_blamed(self, hop: Hop, records: list[HopRecord]) -> None:
+        """``_open_into`` that remembers the hop's failure (a hedge's hop)."""
+        try:
+            records.append(await self._open_hop(hop))
+        except HOP_FAILURES as exc:
+            self._hop_failed(hop.peer_id, exc)
+            raise
+
+    async def _open_alternative(self, route: Route, records: list[HopRecord]) -> None:
+        records.extend(await self._open_route(route, fail_over=False))
+
+    async def _open_hedged(self, hop: Hop) -> list[HopRecord]:
+        """``_open_hop``, raced against another route for its blocks if it is slow. When
+        hedging, the open itself runs in the background nursery: if it loses, or answers
+        after the chain gave up, it closes the session it got."""
         winner = await self._hedged(hop, self.health.open_hedge_delay(hop.peer_id), primary=self._open_into,
-                                    hedge=self._open_into, detach_primary=True)
-        return winner.records[0]
+                                    hedge=self._open_alternative, detach_primary=True)
+        return winner.records
 
     async def _connect(self, hop: Hop, timeout: float) -> PeerConnection:
         last: BaseException | None = None
@@ -510,9 +525,12 @@ class Chain:
             self.credit.received(record.conn, wire.shape[1] * record.state.blocks)
         return decode_tensor(result.hidden, out_dtype=x.dtype)
 
-    async def _forward_hedged(self, index: int, x: torch.Tensor, position: int) -> torch.Tensor:
-        """``_forward`` on hop ``index``; if it is slow, a replacement (open, replay of the
-        hop's kept history, the same step) races it, and takes the hop's place if it wins."""
+    async def _forward_hedged(self, index: int, x: torch.Tensor, position: int) -> torch.Tensor | None:
+        """``_forward`` on hop ``index``; if it is slow, a replacement route for its blocks
+        (one hop or several) is opened and the hop's kept history replayed to it, as a
+        failover does. If that is ready before the hop answers, it takes the hop's place
+        and None is returned: the step is to be sent there (the normal path, audits
+        included)."""
         record = self.hops[index]
         delay = self.health.hedge_delay(record.hop.peer_id, blocks=record.state.blocks, tokens=x.shape[1])
         if delay is None or self.spawn is None or self.alternative is None:
@@ -522,28 +540,28 @@ class Chain:
         async def primary(hop: Hop, records: list[HopRecord]) -> torch.Tensor:
             return await self._forward(record, x, position)
 
-        async def hedge(hop: Hop, records: list[HopRecord]) -> torch.Tensor:
-            replacement = await self._open_hop(hop)
-            records.append(replacement)
-            if prefix is not None:
-                await self._forward(replacement, prefix.to(x.dtype))
-            return await self._forward(replacement, x)
+        async def hedge(route: Route, records: list[HopRecord]) -> None:
+            records.extend(await self._open_route(route, fail_over=False))
+            await self._replay(records, prefix)
 
         winner = await self._hedged(record.hop, delay, primary=primary, hedge=hedge, detach_primary=False)
-        if winner.records:  # the replacement answered first: it takes the hop's place
-            self.hops[index] = winner.records[0]
-            self._hop_failed(record.hop.peer_id, RequestTimeout("FORWARD", record.conn.address, delay,
-                                                                peer_id=record.hop.peer_id))
-            await self._close_records([record])
-        return winner.result
+        if not winner.records:
+            return cast(torch.Tensor, winner.result)
+        # The replacement was ready first: it takes the hop's place.
+        self.hops[index:index + 1] = winner.records
+        self._hop_failed(record.hop.peer_id, RequestTimeout("FORWARD", record.conn.address, delay,
+                                                            peer_id=record.hop.peer_id))
+        await self._close_records([record])
+        return None
 
     # -- hedging ----------------------------------------------------------------------------------
 
     async def _hedged(self, hop: Hop, delay: float, *, primary: Callable[[Hop, list[HopRecord]], Awaitable[Any]],
-                      hedge: Callable[[Hop, list[HopRecord]], Awaitable[Any]], detach_primary: bool) -> _Attempt:
+                      hedge: Callable[[Route, list[HopRecord]], Awaitable[Any]], detach_primary: bool) -> _Attempt:
         """Run ``primary(hop, records)``; if it has not answered after ``delay`` seconds,
-        run ``hedge(alternative, records)`` on another candidate for ``hop``'s blocks at
-        the same time, in the background nursery. Returns the attempt that answered
+        run ``hedge(alternative, records)`` on another route for ``hop``'s blocks (one
+        hop or several) at the same time, in the background nursery; ``hedge`` remembers
+        the failures of its hops itself. Returns the attempt that answered
         first; the other is let go (it closes what it opens). ``detach_primary`` runs the
         primary in the background too (an open: cancelling it could leave a session
         the server opened and we never heard of). Raises the primary's failure when
@@ -557,7 +575,7 @@ class Chain:
         try:
             async with trio.open_nursery() as local:
                 start = self.spawn if detach_primary else local.start_soon
-                start(self._run_attempt, first, hop, primary, False)
+                start(self._run_attempt, first, hop, primary, hop.peer_id)
                 with trio.move_on_after(delay):
                     await first.done.wait()
                 if not first.done.is_set():
@@ -565,9 +583,9 @@ class Chain:
                     if alt is not None and not first.done.is_set():
                         self.hedges += 1
                         log.info("hop %s [%d, %d) slow after %.2f s: hedging with %s", hop.peer_id.hex()[:12],
-                                 *hop.span, delay, alt.peer_id.hex()[:12])
+                                 *hop.span, delay, " + ".join(h.peer_id.hex()[:12] for h in alt.hops))
                         second = _Attempt()
-                        self.spawn(self._run_attempt, second, alt, hedge, True)
+                        self.spawn(self._run_attempt, second, alt, hedge, None)
                         hedge_attempt = second
                         await _wait_until(lambda: first.ok or hedge_attempt.ok or (
                             first.done.is_set() and hedge_attempt.done.is_set()), first.done, second.done)
@@ -587,17 +605,20 @@ class Chain:
             self.hedges_won += 1
         return winner
 
-    async def _run_attempt(self, attempt: _Attempt, hop: Hop,
-                           fn: Callable[[Hop, list[HopRecord]], Awaitable[Any]], is_hedge: bool) -> None:
-        """One side of a race. It never leaves a session behind: on failure it closes what
-        it opened, and once let go (``wanted`` false) so does whichever side sees it last."""
+    async def _run_attempt(self, attempt: _Attempt, target: Any,
+                           fn: Callable[[Any, list[HopRecord]], Awaitable[Any]], primary: bytes | None) -> None:
+        """One side of a race: ``fn(target, records)``. It never leaves a session behind:
+        on failure it closes what it opened, and once let go (``wanted`` false) so does
+        whichever side sees it last. ``primary``: the peer of the primary side, whose
+        failure is recorded here once it was let go (nobody else will); a hedge records
+        its hops' failures itself."""
         try:
-            attempt.result = await fn(hop, attempt.records)
+            attempt.result = await fn(target, attempt.records)
         except HOP_FAILURES as exc:
             attempt.error = exc
             attempt.done.set()
-            if is_hedge or not attempt.wanted:  # a let-go primary's failure is nobody else's to record
-                self._hop_failed(hop.peer_id, exc)
+            if primary is not None and not attempt.wanted:
+                self._hop_failed(primary, exc)
             await self._close_records(attempt.records)
             return
         except BaseException as exc:  # cancelled
@@ -633,19 +654,11 @@ class Chain:
         while True:
             self._count_failover(old.span, last)
             replacement = await self._open_route(await self._replan(old.span, last, dispute=dispute))
-            current = replacement[0]
             try:
-                x = None
-                if prefix is not None:
-                    x = prefix
-                    for record in replacement:
-                        current = record
-                        x = await self._forward(record, x)
-                self._replayed = x
+                self._replayed = await self._replay(replacement, prefix)
             except HOP_FAILURES as again:
                 last = again
-                self._hop_failed(current.hop.peer_id, again)
-                log.warning("replacement %s failed too: %s", current.hop.peer_id.hex()[:12], again)
+                log.warning("replacement failed too: %s", again)
                 await self._close_records(replacement)
                 continue
             except BaseException:
@@ -657,6 +670,22 @@ class Chain:
             # replacement is found.
             await self._close_records([old])
             return
+
+    async def _replay(self, records: Sequence[HopRecord], prefix: torch.Tensor | None) -> torch.Tensor | None:
+        """Run a replaced hop's kept inputs (``kept_prefix``) through ``records``, the
+        sessions taking its blocks, as one prefill step each; returns the last output
+        (None: no history). The hop that fails is remembered, and its failure raised (a
+        failover's and a hedge's replacement both come here)."""
+        if prefix is None:
+            return None
+        x = prefix
+        for record in records:
+            try:
+                x = await self._forward(record, x)
+            except HOP_FAILURES as exc:
+                self._hop_failed(record.hop.peer_id, exc)
+                raise
+        return x
 
     def _count_failover(self, span: tuple[int, int], last: BaseException | None) -> None:
         self.failovers += 1

@@ -20,9 +20,11 @@ never measured is probed (``_probe``: a PING for the RTT, then a one-token
 FORWARD_ONCE over the hop's blocks for its compute), together with the other
 unmeasured candidates for the same blocks, so that servers announcing more than they
 serve cost one probe round, not a failover each; then the route is planned again on
-the measurements. A block announced only by backed-off peers is ``NoRoute`` with
-``retry_in``; a plan waits for a backoff the server asked for (BUSY, LOADING) up to
-``max_backoff_wait``, and fails fast otherwise.
+the measurements. A backed-off peer that published a new announcement since it
+failed has come back (a restart) and is routable again (``PeerHealth.republished``;
+a plan that finds no route refreshes the view first). A block announced only by
+backed-off peers is ``NoRoute`` with ``retry_in``; a plan waits for a backoff the
+server asked for (BUSY, LOADING) up to ``max_backoff_wait``, and fails fast otherwise.
 """
 
 from __future__ import annotations
@@ -323,6 +325,10 @@ class SwarmClient:
     def _plan_on(self, view: SwarmView, start: int, end: int | None, exclude: frozenset[bytes], *,
                  ignore_backoff: bool = False) -> Route:
         now = trio.current_time()
+        wall = time.time()
+        for peer, published in view.published.items():  # back since it failed: routable again
+            if self.health.republished(peer, now, published_ago=wall - published):
+                log.info("peer %s published again after its failure: its backoff ends", peer.hex()[:12])
         backed_off = frozenset() if ignore_backoff else self.health.excluded(now, view.servers)
         candidates = self.candidates(view)
         try:
@@ -361,16 +367,16 @@ class SwarmClient:
                 return route
             rounds += 1
 
-    async def alternative(self, start: int, end: int, exclude: frozenset[bytes]) -> Hop | None:
-        """One hop covering [start, end) other than ``exclude`` (a hedge), from the cached
-        view without waiting; None if there is none."""
+    async def alternative(self, start: int, end: int, exclude: frozenset[bytes]) -> Route | None:
+        """A route for [start, end) around ``exclude`` to hedge with: one hop or several
+        (when no other single server covers the span), planned on the cached view
+        without waiting; None if there is none."""
         if self._view is None:
             return None
         try:
-            route = self._plan_on(self._view[1], start, end, exclude)
+            return self._plan_on(self._view[1], start, end, exclude)
         except NoRoute:
             return None
-        return route.hops[0] if len(route.hops) == 1 else None
 
     # -- probes ---------------------------------------------------------------------------------
 

@@ -13,7 +13,8 @@ of each generation and retried it in the next). It is pure: every method takes
   peer itself said when to come back (``ERROR`` with ``retry_after``: BUSY, LOADING),
   the backoff is what it asked, and the streak does not grow: an honest busy server
   is not punished for being busy. A backed-off peer is left out of every plan until
-  the backoff ends.
+  the backoff ends, or until the peer publishes a new announcement after the failure
+  (``republished``: a restarted server is routable again as soon as it says so).
 * Liveness: ``last_seen`` is when the peer last answered anything (a PING, a step).
   An answered PING does not end a failure streak: a peer that answers PING but not
   FORWARD (a tarpit) stays backed off.
@@ -133,6 +134,20 @@ class PeerHealth:
         r.streak = 0
         r.backoff_until = -math.inf
         r.last_seen = now
+
+    def republished(self, peer: bytes, now: float, *, published_ago: float) -> bool:
+        """``peer`` published a (signed) announcement ``published_ago`` seconds before
+        ``now``. If that was after its last failure, it has come back since (a
+        restarted server publishes at once; a dead or hung one cannot): its backoff
+        ends, and its streak stays, so that failing again backs it off for longer.
+        Returns whether a backoff ended."""
+        held = self.peers.get(peer)
+        if held is None or held.last_failure is None or held.backoff_until <= now:
+            return False
+        if now - published_ago <= held.last_failure:
+            return False
+        held.backoff_until = -math.inf
+        return True
 
     def alive(self, peer: bytes, now: float) -> None:
         """``peer`` answered something (a PING): seen alive, its backoff stands."""

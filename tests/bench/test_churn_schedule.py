@@ -18,6 +18,8 @@ def test_churn_and_stop_keep_every_block_served(seed):
         assert faults == schedule(kind, random.Random(seed), 120.0)
         assert faults
         assert all(0 < f.at < 120.0 for f in faults)
+        if kind == "churn":  # both kinds of kill in every run, whatever the seed
+            assert {f.kind for f in faults} == {"kill", "term"}
         for f in faults:
             margin = RESTART if f.kind != "stop" else 0.0
             down = {i for g in faults if g.at <= f.at < g.at + g.duration + margin for i in g.servers}

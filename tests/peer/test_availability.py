@@ -255,6 +255,48 @@ async def test_a_hung_hop_is_hedged(tiny, monkeypatch):
         nursery.cancel_scope.cancel()
 
 
+async def test_a_hung_hop_is_hedged_by_several_hops(tiny, monkeypatch):
+    """Issue 12 item 5 when no other server covers the hung hop's blocks alone: the 0:6
+    hop in use stops answering mid-generation; a route 0:3 + 3:6 around it is opened
+    from the cached view and the hop's history replayed there, as a failover does, and
+    it takes over long before the step timeout, with the same tokens. The session on
+    the hung server is freed once it wakes."""
+    path, model = tiny
+
+    class Hangs(SpanServer):
+        hang = False
+        wake = trio.Event()
+
+        async def _forward(self, conn, msg):
+            if type(self).hang:
+                await type(self).wake.wait()
+            return await super()._forward(conn, msg)
+
+    async with trio.open_nursery() as nursery:
+        whole = await start(nursery, path, (0, 6), server_class=Hangs, monkeypatch=monkeypatch)
+        halves = [await start(nursery, path, span, bootstrap=[whole.address]) for span in [(0, 3), (3, 6)]]
+        swarm = await Swarm.connect(nursery, bootstrap=[halves[0].address], model=path, audit=None,
+                                    step_timeout=60.0)
+        swarm.client.view_ttl = 600.0  # the hedge is planned on the cached view, without a lookup
+        prefer(swarm, whole, over=halves)
+
+        def hang(event):
+            if event.index == 4:
+                Hangs.hang = True
+
+        with trio.fail_after(30):  # far below 60 s: the hedge, not the timeout, ended the wait
+            result = await swarm.generate(PROMPT, max_new_tokens=16, on_token=hang)
+        assert result.token_ids == reference(model, PROMPT, 16)
+        assert result.hedges >= 1
+        assert result.failovers == 0
+        assert route_peers(result) == [h.identity.peer_id for h in halves]
+        assert swarm.client.health.backed_off(whole.identity.peer_id, trio.current_time())
+        assert not any(h.server.open_sessions for h in halves)  # the generation closed its sessions
+        Hangs.wake.set()
+        await no_sessions_left(whole, *halves)
+        nursery.cancel_scope.cancel()
+
+
 async def test_lying_announcements_cost_a_probe_not_the_generation(tiny, monkeypatch):
     """Issue 10 item 7: eight identities (= max_failovers) announce 0:6 with throughput 1e300
     and 2**32 free sessions, take sessions and never answer; one more stores a record under

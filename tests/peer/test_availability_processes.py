@@ -19,6 +19,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from peer.api import Swarm
 from peer.demo import ServerProcess, launch_server_process, start_server_process, wait_ready
+from protocol import CloseSession, OpenSession
+from protocol.errors import ErrorCode, RemoteError
 from swarm.errors import SwarmError
 
 pytestmark = pytest.mark.slow
@@ -195,6 +197,65 @@ async def test_a_stopped_server_costs_less_than_the_step_timeout(tiny, procs, tm
         assert result.token_ids == want
         assert result.hedges + result.failovers >= 1
         assert route_of(result) == [peer for peer in by_peer if peer != peer_id(in_use)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stopped_server_is_hedged_by_several_hops(tiny, procs, tmp_path):
+    """Item 5 when no other server covers the stopped hop's blocks alone: servers 0:6
+    (in use, one session slot), 0:3 and 3:6; the 0:6 one is SIGSTOPped mid-generation.
+    A route 0:3 + 3:6 takes over (the history replayed there) well within one step
+    timeout, with the same tokens; once SIGCONTed, the stopped server frees the session
+    the client let go of, so its one slot opens again."""
+    path, model = tiny
+    procs.append(start_server_process(path, (0, LAYERS), identity=tmp_path / "whole.key",
+                                      extra=ONE_THREAD + ["--max-sessions", "1"]))
+    boot = [procs[0].address]
+    for span in [(0, 3), (3, 6)]:
+        procs.append(start_server_process(path, span, identity=tmp_path / f"{span[0]}.key", bootstrap=boot,
+                                          extra=ONE_THREAD))
+    whole, halves = procs[0], procs[1:]
+    want = reference(model, 16)
+    step_timeout = 40.0
+    async with trio.open_nursery() as nursery:
+        swarm = await Swarm.connect(nursery, bootstrap=[halves[0].address], model=path, audit=None,
+                                    step_timeout=step_timeout)
+        swarm.client.view_ttl = 600.0  # plan (and hedge) on the cached view
+        # Routing goes by measurements: on a loaded machine the probes may rank the halves
+        # first, so the client is told that the whole one is the fast one.
+        now = trio.current_time()
+        for proc, seconds in [(whole, 1e-4)] + [(h, 0.05) for h in halves]:
+            swarm.client.health.observe_rtt(peer_id(proc), 1e-4, now)
+            swarm.client.health.observe_step(peer_id(proc), now, seconds=seconds, blocks=1, tokens=1, success=False)
+        warm = await swarm.generate(PROMPT, max_new_tokens=4)
+        assert route_of(warm) == [peer_id(whole)]
+        stopped: list[int] = []
+
+        def stop_it(event) -> None:
+            if event.index == 4 and not stopped:
+                os.kill(whole.pid, signal.SIGSTOP)
+                stopped.append(whole.pid)
+
+        try:
+            with trio.fail_after(step_timeout):  # one step timeout at most, for the whole generation
+                result = await swarm.generate(PROMPT, max_new_tokens=16, on_token=stop_it)
+        finally:
+            os.kill(whole.pid, signal.SIGCONT)
+        assert stopped
+        assert result.token_ids == want
+        assert result.hedges >= 1
+        assert route_of(result) == [peer_id(h) for h in halves]
+        conn = await swarm.client.host.connect(whole.address, peer_id=peer_id(whole), timeout=10)
+        with trio.fail_after(30):  # a deadline: the woken server reads the CLOSE_SESSION it was sent
+            while True:
+                try:
+                    opened = await conn.request(OpenSession(model=swarm.client.model, span=(0, LAYERS), max_length=32),
+                                                timeout=10)
+                    break
+                except RemoteError as exc:
+                    if exc.code != ErrorCode.BUSY:
+                        raise
+                    await trio.sleep(0.1)
+        await conn.request(CloseSession(session=opened.session), timeout=10)
         nursery.cancel_scope.cancel()
 
 

@@ -60,6 +60,18 @@ def test_a_ping_proves_life_but_does_not_lift_a_backoff():
     assert health.measured(A)
 
 
+def test_an_announcement_published_after_the_failure_lifts_the_backoff():
+    """A restarted server publishes at once; a dead or hung one cannot publish at all."""
+    health = PeerHealth()
+    health.failed(A, 10.0)
+    assert not health.republished(A, 12.0, published_ago=5.0)  # published at 7.0: before the failure
+    assert health.backed_off(A, 12.0)
+    assert health.republished(A, 12.0, published_ago=1.0)  # at 11.0: it came back
+    assert not health.backed_off(A, 12.0)
+    assert health.failed(A, 13.0) == 30.0  # the streak stands: failing again costs more
+    assert not health.republished(B, 13.0, published_ago=0.0)  # never failed: nothing to lift
+
+
 def test_rtt_is_a_running_mean_and_goes_stale():
     health = PeerHealth(rtt_max_age=60.0)
     assert health.needs_rtt(A, 0.0)
