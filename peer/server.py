@@ -137,7 +137,7 @@ class ServerLimits:
     max_once_tokens_per_group: int = 8192  # ... the requesters of one address group together (own groups exempt)
     quantum: int = 512  # work units (tokens x blocks) of one compute grant
     chunk_tokens: int = 256  # a longer FORWARD_ONCE is computed this many tokens at a time
-    small_step_tokens: int = 4  # a step of at most this many tokens may take the scheduler's small-step slot
+    small_step_tokens: int = 9  # a step of at most this many tokens may take the scheduler's small-step slot (a token and 8 drafts: speculative decoding's default k_max)
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
