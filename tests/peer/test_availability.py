@@ -220,6 +220,18 @@ async def test_every_failure_path_closes_what_it_opened(tiny, monkeypatch):
         nursery.cancel_scope.cancel()
 
 
+async def generate_hanging(swarm, server_class):
+    """16 tokens with a 60 s step timeout; ``server_class.hang`` is set at the fifth.
+    Far below 60 s: the hedge, not the timeout, ends the wait."""
+
+    def hang(event):
+        if event.index == 4:
+            server_class.hang = True
+
+    with trio.fail_after(30):
+        return await swarm.generate(PROMPT, max_new_tokens=16, on_token=hang)
+
+
 async def test_a_hung_hop_is_hedged(tiny, monkeypatch):
     """Issue 12 item 5 in one process: the hop in use stops answering mid-generation; a
     hedge on the other replica takes over after about twice the expected step time,
@@ -241,12 +253,7 @@ async def test_a_hung_hop_is_hedged(tiny, monkeypatch):
         a_id = a.identity.peer_id
         prefer(swarm, a, over=[b])
 
-        def hang(event):
-            if event.index == 4:
-                Hangs.hang = True
-
-        with trio.fail_after(30):  # far below 60 s: the hedge, not the timeout, ended the wait
-            result = await swarm.generate(PROMPT, max_new_tokens=16, on_token=hang)
+        result = await generate_hanging(swarm, Hangs)
         assert result.token_ids == reference(model, PROMPT, 16)
         assert result.hedges >= 1
         assert route_peers(result) == [b.identity.peer_id]
@@ -280,12 +287,7 @@ async def test_a_hung_hop_is_hedged_by_several_hops(tiny, monkeypatch):
         swarm.client.view_ttl = 600.0  # the hedge is planned on the cached view, without a lookup
         prefer(swarm, whole, over=halves)
 
-        def hang(event):
-            if event.index == 4:
-                Hangs.hang = True
-
-        with trio.fail_after(30):  # far below 60 s: the hedge, not the timeout, ended the wait
-            result = await swarm.generate(PROMPT, max_new_tokens=16, on_token=hang)
+        result = await generate_hanging(swarm, Hangs)
         assert result.token_ids == reference(model, PROMPT, 16)
         assert result.hedges >= 1
         assert result.failovers == 0

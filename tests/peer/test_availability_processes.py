@@ -88,6 +88,26 @@ def wait_listening(port: int, timeout: float = 120.0) -> None:
             time.sleep(0.05)
 
 
+def prefer(swarm, proc, *, over):
+    """Routing goes by measurements: on a loaded machine the probes may rank the halves
+    first, so the client is told that ``proc`` is the fast one."""
+    now = trio.current_time()
+    for p, seconds in [(proc, 1e-4)] + [(o, 0.05) for o in over]:
+        swarm.client.health.observe_rtt(peer_id(p), 1e-4, now)
+        swarm.client.health.observe_step(peer_id(p), now, seconds=seconds, blocks=1, tokens=1, success=False)
+
+
+def start_whole_and_halves(path, procs, tmp_path, whole_extra):
+    """Servers 0:6 (with ``whole_extra`` options), 0:3 and 3:6 in ``procs``; returns
+    (whole, [half, half])."""
+    procs.append(start_server_process(path, (0, LAYERS), identity=tmp_path / "whole.key",
+                                      extra=ONE_THREAD + whole_extra))
+    for span in [(0, 3), (3, 6)]:
+        procs.append(start_server_process(path, span, identity=tmp_path / f"{span[0]}.key",
+                                          bootstrap=[procs[0].address], extra=ONE_THREAD))
+    return procs[0], procs[1:]
+
+
 async def test_a_killed_server_is_failed_over_at_open_and_a_restarting_one_is_routed_around(tiny, procs, tmp_path):
     """Items 1 and 4: servers 0:3, 3:6 and 0:6; the 0:6 one is killed with -9 (its records
     stay): every generation completes through 0:3 + 3:6 and only the first tries the dead
@@ -96,16 +116,12 @@ async def test_a_killed_server_is_failed_over_at_open_and_a_restarting_one_is_ro
     path, model = tiny
     port = free_port()
     whole_args = dict(identity=tmp_path / "whole.key", extra=ONE_THREAD + ["--port", str(port)])
-    procs.append(start_server_process(path, (0, LAYERS), **whole_args))
-    boot = [procs[0].address]
-    for span in [(0, 3), (3, 6)]:
-        procs.append(start_server_process(path, span, identity=tmp_path / f"{span[0]}.key", bootstrap=boot,
-                                          extra=ONE_THREAD))
-    whole, halves = procs[0], procs[1:]
+    whole, halves = start_whole_and_halves(path, procs, tmp_path, ["--port", str(port)])
     want = reference(model, 10)
     async with trio.open_nursery() as nursery:
         swarm = await Swarm.connect(nursery, bootstrap=[halves[0].address], model=path, audit=None)
         swarm.client.view_ttl = 600.0  # plan on the view that still lists the dead peer
+        prefer(swarm, whole, over=halves)
         first = await swarm.generate(PROMPT, max_new_tokens=10)
         assert first.token_ids == want
         assert route_of(first) == [peer_id(whole)]  # one hop beats two
@@ -121,7 +137,7 @@ async def test_a_killed_server_is_failed_over_at_open_and_a_restarting_one_is_ro
         assert results[0].failovers >= 1
         assert [r.failovers for r in results[1:]] == [0, 0]
         # Item 4: the same identity and port, loading; `late` never saw it fail.
-        restarted = launch_server_process(path, (0, LAYERS), bootstrap=boot, **whole_args)
+        restarted = launch_server_process(path, (0, LAYERS), bootstrap=[halves[0].address], **whole_args)
         try:
             await trio.to_thread.run_sync(wait_listening, port)
             during = await late.generate(PROMPT, max_new_tokens=10)
@@ -165,6 +181,25 @@ async def test_a_failed_open_leaves_no_session_on_the_hops_it_opened(tiny, procs
         nursery.cancel_scope.cancel()
 
 
+async def generate_stopping(swarm, proc, *, within: float):
+    """16 tokens, SIGSTOPping ``proc`` at the fifth, within ``within`` seconds (one step
+    timeout at most, for the whole generation); SIGCONT after."""
+    stopped: list[int] = []
+
+    def stop_it(event) -> None:
+        if event.index == 4 and not stopped:
+            os.kill(proc.pid, signal.SIGSTOP)
+            stopped.append(proc.pid)
+
+    try:
+        with trio.fail_after(within):
+            result = await swarm.generate(PROMPT, max_new_tokens=16, on_token=stop_it)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert stopped
+    return result
+
+
 async def test_a_stopped_server_costs_less_than_the_step_timeout(tiny, procs, tmp_path):
     """Item 5: two replicas of 0:6; the one in use is SIGSTOPped mid-generation. The step
     is hedged on (or failed over to) the other replica well within one step timeout, and
@@ -181,19 +216,7 @@ async def test_a_stopped_server_costs_less_than_the_step_timeout(tiny, procs, tm
                                     step_timeout=step_timeout)
         warm = await swarm.generate(PROMPT, max_new_tokens=4)
         in_use = by_peer[route_of(warm)[0]]
-        stopped: list[int] = []
-
-        def stop_it(event) -> None:
-            if event.index == 4 and not stopped:
-                os.kill(in_use.pid, signal.SIGSTOP)
-                stopped.append(in_use.pid)
-
-        try:
-            with trio.fail_after(step_timeout):  # one step timeout at most, for the whole generation
-                result = await swarm.generate(PROMPT, max_new_tokens=16, on_token=stop_it)
-        finally:
-            os.kill(in_use.pid, signal.SIGCONT)
-        assert stopped
+        result = await generate_stopping(swarm, in_use, within=step_timeout)
         assert result.token_ids == want
         assert result.hedges + result.failovers >= 1
         assert route_of(result) == [peer for peer in by_peer if peer != peer_id(in_use)]
@@ -207,40 +230,17 @@ async def test_a_stopped_server_is_hedged_by_several_hops(tiny, procs, tmp_path)
     timeout, with the same tokens; once SIGCONTed, the stopped server frees the session
     the client let go of, so its one slot opens again."""
     path, model = tiny
-    procs.append(start_server_process(path, (0, LAYERS), identity=tmp_path / "whole.key",
-                                      extra=ONE_THREAD + ["--max-sessions", "1"]))
-    boot = [procs[0].address]
-    for span in [(0, 3), (3, 6)]:
-        procs.append(start_server_process(path, span, identity=tmp_path / f"{span[0]}.key", bootstrap=boot,
-                                          extra=ONE_THREAD))
-    whole, halves = procs[0], procs[1:]
+    whole, halves = start_whole_and_halves(path, procs, tmp_path, ["--max-sessions", "1"])
     want = reference(model, 16)
     step_timeout = 40.0
     async with trio.open_nursery() as nursery:
         swarm = await Swarm.connect(nursery, bootstrap=[halves[0].address], model=path, audit=None,
                                     step_timeout=step_timeout)
         swarm.client.view_ttl = 600.0  # plan (and hedge) on the cached view
-        # Routing goes by measurements: on a loaded machine the probes may rank the halves
-        # first, so the client is told that the whole one is the fast one.
-        now = trio.current_time()
-        for proc, seconds in [(whole, 1e-4)] + [(h, 0.05) for h in halves]:
-            swarm.client.health.observe_rtt(peer_id(proc), 1e-4, now)
-            swarm.client.health.observe_step(peer_id(proc), now, seconds=seconds, blocks=1, tokens=1, success=False)
+        prefer(swarm, whole, over=halves)
         warm = await swarm.generate(PROMPT, max_new_tokens=4)
         assert route_of(warm) == [peer_id(whole)]
-        stopped: list[int] = []
-
-        def stop_it(event) -> None:
-            if event.index == 4 and not stopped:
-                os.kill(whole.pid, signal.SIGSTOP)
-                stopped.append(whole.pid)
-
-        try:
-            with trio.fail_after(step_timeout):  # one step timeout at most, for the whole generation
-                result = await swarm.generate(PROMPT, max_new_tokens=16, on_token=stop_it)
-        finally:
-            os.kill(whole.pid, signal.SIGCONT)
-        assert stopped
+        result = await generate_stopping(swarm, whole, within=step_timeout)
         assert result.token_ids == want
         assert result.hedges >= 1
         assert route_of(result) == [peer_id(h) for h in halves]
