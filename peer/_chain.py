@@ -22,7 +22,7 @@ could not be served; raw transport errors never leave the chain.
 
 Deadlines derive from measurements (``PeerHealth.step_timeout``: the hop's RTT and
 measured compute, with a floor, at most ``step_timeout``). A slow open or step is
-hedged: after ``PeerHealth.hedge_delay`` another candidate for the same blocks is
+hedged (``peer._hedge``): after ``PeerHealth.hedge_delay`` another route for the same blocks is
 tried at the same time and the first to answer wins. A hedge runs in the client's
 background nursery (``spawn``), so whatever it opened after losing is closed there
 rather than leaked; without ``spawn`` nothing is hedged.
@@ -59,7 +59,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 import trio
@@ -79,12 +79,13 @@ from protocol import (
     sign_forward,
     sign_pushed_requests,
 )
-from protocol.errors import LocalProtocolError, ProtocolError, RemoteError, SwarmError, swarm_error_in
+from protocol.errors import LocalProtocolError, RemoteError, SwarmError, swarm_error_in
 from swarm.errors import NoRoute, PeerUnreachable, RequestTimeout
 from swarm.health import PeerHealth, TimeoutPolicy
 from swarm.planning import Hop, Route
 from swarm.transport import Host, PeerConnection
 
+from ._hedge import HOP_FAILURES, hedged
 from ._push import PushInbox, push_step
 from .credit import CreditService
 
@@ -96,8 +97,6 @@ __all__ = ["Chain", "HopRecord", "AllCandidatesFailed", "CheatDetected", "Rollba
 
 log = logging.getLogger("swarm.client")
 
-#: Failures that make the client route around a hop (anything else is a bug or a cancel).
-HOP_FAILURES = (PeerUnreachable, RequestTimeout, RemoteError, ProtocolError)
 #: Seconds ``aclose`` may take in all (receipts and CLOSE_SESSION to every hop at once).
 CLOSE_TIMEOUT = 2.0
 #: Seconds a close of a failed hop may wait (the request is written at once; a hung
@@ -193,22 +192,6 @@ class HopRecord:
     @property
     def length(self) -> int:
         return self.state.length
-
-
-@dataclass(slots=True)
-class _Attempt:
-    """A hedge that may outlive the wait for it: what it opened is handed over while it
-    is ``wanted``, and closed by the attempt itself once it is not."""
-
-    records: list[HopRecord] = field(default_factory=list)
-    result: Any = None
-    error: BaseException | None = None
-    wanted: bool = True
-    done: trio.Event = field(default_factory=trio.Event)
-
-    @property
-    def ok(self) -> bool:
-        return self.done.is_set() and self.error is None
 
 
 class Replan(Protocol):
@@ -494,7 +477,7 @@ class Chain:
         """``_open_hop``, raced against another route for its blocks if it is slow. When
         hedging, the open itself runs in the background nursery: if it loses, or answers
         after the chain gave up, it closes the session it got."""
-        winner = await self._hedged(hop, self.health.open_hedge_delay(hop.peer_id), primary=self._open_into,
+        winner = await hedged(self, hop, self.health.open_hedge_delay(hop.peer_id), primary=self._open_into,
                                     hedge=self._open_alternative, detach_primary=True)
         return winner.records
 
@@ -544,7 +527,7 @@ class Chain:
             records.extend(await self._open_route(route, fail_over=False))
             await self._replay(records, prefix)
 
-        winner = await self._hedged(record.hop, delay, primary=primary, hedge=hedge, detach_primary=False)
+        winner = await hedged(self, record.hop, delay, primary=primary, hedge=hedge, detach_primary=False)
         if not winner.records:
             return cast(torch.Tensor, winner.result)
         # The replacement was ready first: it takes the hop's place.
@@ -553,87 +536,6 @@ class Chain:
                                                             peer_id=record.hop.peer_id))
         await self._close_records([record])
         return None
-
-    # -- hedging ----------------------------------------------------------------------------------
-
-    async def _hedged(self, hop: Hop, delay: float, *, primary: Callable[[Hop, list[HopRecord]], Awaitable[Any]],
-                      hedge: Callable[[Route, list[HopRecord]], Awaitable[Any]], detach_primary: bool) -> _Attempt:
-        """Run ``primary(hop, records)``; if it has not answered after ``delay`` seconds,
-        run ``hedge(alternative, records)`` on another route for ``hop``'s blocks (one
-        hop or several) at the same time, in the background nursery; ``hedge`` remembers
-        the failures of its hops itself. Returns the attempt that answered
-        first; the other is let go (it closes what it opens). ``detach_primary`` runs the
-        primary in the background too (an open: cancelling it could leave a session
-        the server opened and we never heard of). Raises the primary's failure when
-        neither answered."""
-        first = _Attempt()
-        if self.spawn is None or self.alternative is None:
-            first.result = await primary(hop, first.records)
-            return first
-        second: _Attempt | None = None
-        winner: _Attempt | None = None
-        try:
-            async with trio.open_nursery() as local:
-                start = self.spawn if detach_primary else local.start_soon
-                start(self._run_attempt, first, hop, primary, hop.peer_id)
-                with trio.move_on_after(delay):
-                    await first.done.wait()
-                if not first.done.is_set():
-                    alt = await self.alternative(hop.start, hop.end, frozenset(self._avoid() | {hop.peer_id}))
-                    if alt is not None and not first.done.is_set():
-                        self.hedges += 1
-                        log.info("hop %s [%d, %d) slow after %.2f s: hedging with %s", hop.peer_id.hex()[:12],
-                                 *hop.span, delay, " + ".join(h.peer_id.hex()[:12] for h in alt.hops))
-                        second = _Attempt()
-                        self.spawn(self._run_attempt, second, alt, hedge, None)
-                        hedge_attempt = second
-                        await _wait_until(lambda: first.ok or hedge_attempt.ok or (
-                            first.done.is_set() and hedge_attempt.done.is_set()), first.done, second.done)
-                if second is not None and second.ok and not first.ok:
-                    local.cancel_scope.cancel()  # the hedge won: stop waiting on the slow hop
-                else:
-                    await first.done.wait()
-            winner = first if first.ok else second if second is not None and second.ok else None
-        finally:
-            for attempt in (first, second):
-                if attempt is not None and attempt is not winner:
-                    await self._let_go(attempt)
-        if winner is None:
-            assert first.error is not None
-            raise first.error
-        if winner is second:
-            self.hedges_won += 1
-        return winner
-
-    async def _run_attempt(self, attempt: _Attempt, target: Any,
-                           fn: Callable[[Any, list[HopRecord]], Awaitable[Any]], primary: bytes | None) -> None:
-        """One side of a race: ``fn(target, records)``. It never leaves a session behind:
-        on failure it closes what it opened, and once let go (``wanted`` false) so does
-        whichever side sees it last. ``primary``: the peer of the primary side, whose
-        failure is recorded here once it was let go (nobody else will); a hedge records
-        its hops' failures itself."""
-        try:
-            attempt.result = await fn(target, attempt.records)
-        except HOP_FAILURES as exc:
-            attempt.error = exc
-            attempt.done.set()
-            if primary is not None and not attempt.wanted:
-                self._hop_failed(primary, exc)
-            await self._close_records(attempt.records)
-            return
-        except BaseException as exc:  # cancelled
-            attempt.error = exc
-            attempt.done.set()
-            await self._close_records(attempt.records)
-            raise
-        attempt.done.set()  # no checkpoint between this and the check: _let_go sees one or the other
-        if not attempt.wanted:  # the race was decided (or abandoned) before this answered
-            await self._close_records(attempt.records)
-
-    async def _let_go(self, attempt: _Attempt) -> None:
-        attempt.wanted = False
-        if attempt.ok:  # it answered, but lost: its sessions are ours to close
-            await self._close_records(attempt.records)
 
     # -- failover ----------------------------------------------------------------------------------
 
@@ -772,20 +674,3 @@ def kept_prefix(steps: Sequence[SignedStep], length: int | None = None, *,
     rows = [decode_tensor(step.output if outputs else step.input, out_dtype=torch.float32)[:, :k]
             for step, k in kept_rows(steps, length) if k]
     return torch.cat(rows, dim=1) if rows else None
-
-
-async def _wait_until(done: Callable[[], bool], *events: trio.Event) -> None:
-    """Return once ``done()`` holds, re-checking whenever one of ``events`` fires."""
-    while not done():
-        pending = [e for e in events if not e.is_set()]
-        if not pending:
-            return
-        async with trio.open_nursery() as nursery:
-            for event in pending:
-                nursery.start_soon(_set_then_cancel, event, nursery.cancel_scope)
-
-
-async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
-
