@@ -10,14 +10,13 @@ import dataclasses
 import functools
 
 import pytest
-import torch
 import trio
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from peer._chain import AllCandidatesFailed
 from peer.api import Swarm
 from peer.node import ServeOptions, run_server
 from peer.server import SpanServer
+from peer_helpers import reference, save_tiny_llama
 from protocol import Identity
 from protocol.errors import ErrorCode, RemoteError
 from swarm.errors import NoRoute
@@ -29,20 +28,7 @@ PROMPT = [1, 5, 9, 33, 7]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-availability")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         eos_token_id=None, bos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(path)
-    return str(path), model
-
-
-def reference(model, prompt, n):
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].tolist()
+    return str(path), save_tiny_llama(path, layers=LAYERS, max_positions=256, special_tokens=False)
 
 
 async def start(nursery, model, blocks, bootstrap=(), server_class=None, monkeypatch=None, identity=None, **kw):

@@ -6,13 +6,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 import trio
 
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from peer.api import Swarm
-from peer_helpers import start_server
+from peer_helpers import reference, save_tiny_llama, start_server
 from protocol import decode_tensor, encode_tensor, push_onward
 
 NUM_LAYERS = 6
@@ -23,20 +21,7 @@ SPANS = [(0, 2), (2, 3), (3, 6)]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama-push")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         eos_token_id=2, bos_token_id=1, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(path)
-    return str(path), model
-
-
-def reference(model, prompt, n):
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].tolist()
+    return str(path), save_tiny_llama(path, layers=NUM_LAYERS)
 
 
 async def swarm_of(nursery, model, spans):

@@ -17,6 +17,7 @@ from peer.client import ModelNotServed, PromptTooLong
 from peer.node import ServeOptions, run_server
 from peer.runtime import InvalidArgument
 from peer.server import SpanServer
+from peer_helpers import reference, save_tiny_llama
 from protocol import (
     CloseSession,
     Forward,
@@ -38,20 +39,7 @@ PROMPTS = [[1, 5, 9, 33, 7], [900, 2, 14], [42] * 9]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         eos_token_id=2, bos_token_id=1, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(path)
-    return str(path), model
-
-
-def reference(model, prompt, n):
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].tolist()
+    return str(path), save_tiny_llama(path, layers=NUM_LAYERS)
 
 
 async def start(nursery, model, blocks, bootstrap=(), **kw):
