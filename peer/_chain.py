@@ -85,7 +85,7 @@ from swarm.health import PeerHealth, TimeoutPolicy
 from swarm.planning import Hop, Route
 from swarm.transport import Host, PeerConnection
 
-from ._hedge import HOP_FAILURES, hedged
+from ._hedge import HOP_FAILURES, hedged, patient_request
 from ._push import PushInbox, push_step
 from .credit import CreditService
 
@@ -498,7 +498,8 @@ class Chain:
         wire = encode_tensor(x, self.wire_dtype)
         request = sign_forward(self.host.identity, record.state, wire, position=position)
         t0 = time.perf_counter()
-        result = cast(ForwardResult, await record.conn.request(request, timeout=self._step_timeout(record, tokens=x.shape[1])))
+        result = cast(ForwardResult, await patient_request(self, record, request,
+                                                           deadline=self._step_timeout(record, tokens=x.shape[1])))
         seconds = time.perf_counter() - t0
         record.latency += seconds
         accept_result(record.state, request, result, server_public_key=record.conn.public_key)

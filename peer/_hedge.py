@@ -30,7 +30,7 @@ from swarm.planning import Hop, Route
 if TYPE_CHECKING:
     from ._chain import Chain, HopRecord
 
-__all__ = ["Attempt", "HOP_FAILURES", "hedged"]
+__all__ = ["Attempt", "HOP_FAILURES", "hedged", "patient_request"]
 
 log = logging.getLogger("swarm.client")
 
@@ -60,7 +60,7 @@ async def hedged(chain: Chain, hop: Hop, delay: float, *, primary: Callable[[Hop
     """Run ``primary(hop, records)``; if it has not answered after ``delay`` seconds,
     run ``hedge(alternative, records)`` on another route for ``hop``'s blocks (one
     hop or several) at the same time, in the background nursery; ``hedge`` remembers
-    the failures of its hops itchain. Returns the attempt that answered
+    the failures of its hops itself. Returns the attempt that answered
     first; the other is let go (it closes what it opens). ``detach_primary`` runs the
     primary in the background too (an open: cancelling it could leave a session
     the server opened and we never heard of). Raises the primary's failure when
@@ -104,13 +104,51 @@ async def hedged(chain: Chain, hop: Hop, delay: float, *, primary: Callable[[Hop
         chain.hedges_won += 1
     return winner
 
+async def patient_request(chain: Chain, record: HopRecord, request: Any, *, deadline: float) -> Any:
+    """``record.conn.request(request)`` under the derived ``deadline``, which is only a
+    guess from what was measured of the hop: once it passes, the step is given up (a
+    ``RequestTimeout``, failed over by the caller) only if another route of the hop's
+    blocks exists (``chain.alternative``); otherwise failing over could only end the
+    generation, and the step waits on, up to ``chain.step_timeout``: a loaded lone
+    holder's slow answer beats none."""
+    cap = chain.step_timeout
+    if deadline >= cap or chain.alternative is None:
+        return await record.conn.request(request, timeout=deadline)
+    alternative = chain.alternative
+    patient = trio.CancelScope()
+
+    async def give_up_if_replaceable() -> None:
+        await trio.sleep(deadline)
+        if await alternative(*record.span, frozenset(chain._avoid() | {record.hop.peer_id})) is not None:
+            patient.cancel()
+        else:
+            log.info("hop %s [%d, %d) slower than %.2f s and nobody else serves it: waiting up to %.0f s",
+                     record.hop.peer_id.hex()[:12], *record.span, deadline, cap)
+
+    result: Any = None
+    error: Exception | None = None  # raised as it is, not in the nursery's exception group
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(give_up_if_replaceable)
+        with patient:
+            try:
+                result = await record.conn.request(request, timeout=cap)
+            except Exception as exc:
+                error = exc
+        nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    if patient.cancelled_caught:
+        raise RequestTimeout(type(request).__name__, record.conn.address, deadline, peer_id=record.hop.peer_id)
+    return result
+
+
 async def _run_attempt(chain: Chain, attempt: Attempt, target: Any,
                        fn: Callable[[Any, list[HopRecord]], Awaitable[Any]], primary: bytes | None) -> None:
     """One side of a race: ``fn(target, records)``. It never leaves a session behind:
     on failure it closes what it opened, and once let go (``wanted`` false) so does
     whichever side sees it last. ``primary``: the peer of the primary side, whose
     failure is recorded here once it was let go (nobody else will); a hedge records
-    its hops' failures itchain."""
+    its hops' failures itself."""
     try:
         attempt.result = await fn(target, attempt.records)
     except HOP_FAILURES as exc:

@@ -20,6 +20,7 @@ from peer_helpers import reference, save_tiny_llama
 from protocol import Identity
 from protocol.errors import ErrorCode, RemoteError
 from swarm.errors import NoRoute
+from swarm.health import TimeoutPolicy
 
 LAYERS = 6
 PROMPT = [1, 5, 9, 33, 7]
@@ -282,6 +283,41 @@ async def test_a_hung_hop_is_hedged_by_several_hops(tiny, monkeypatch):
         assert not any(h.server.open_sessions for h in halves)  # the generation closed its sessions
         Hangs.wake.set()
         await no_sessions_left(whole, *halves)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_slow_lone_holder_is_waited_for_not_failed(tiny, monkeypatch):
+    """A derived step deadline is a guess: the only server of the blocks answers one step
+    five times later than its deadline (a loaded machine). With nowhere to fail over
+    to, the client waits on, up to its step timeout, and gets the same tokens, without
+    a failover and without backing the server off."""
+    path, model = tiny
+
+    class SlowOnce(SpanServer):
+        slow = False
+
+        async def _forward(self, conn, msg):
+            if type(self).slow:
+                type(self).slow = False
+                await trio.sleep(1.0)
+            return await super()._forward(conn, msg)
+
+    def slow_down(event):
+        if event.index == 4:
+            SlowOnce.slow = True
+
+    async with trio.open_nursery() as nursery:
+        lone = await start(nursery, path, (0, 6), server_class=SlowOnce, monkeypatch=monkeypatch)
+        swarm = await Swarm.connect(nursery, bootstrap=[lone.address], model=path, audit=None, step_timeout=30.0)
+        swarm.client.health.timeouts = TimeoutPolicy(slack=2.0, floor=0.2, cap=30.0)
+        assert swarm.client.health.step_timeout(lone.identity.peer_id, blocks=6, tokens=1) <= 10.0  # unmeasured
+        with trio.fail_after(20):
+            result = await swarm.generate(PROMPT, max_new_tokens=12, on_token=slow_down)
+        assert not SlowOnce.slow  # the slow step happened
+        assert swarm.client.health.step_timeout(lone.identity.peer_id, blocks=6, tokens=1) < 0.5  # measured
+        assert result.token_ids == reference(model, PROMPT, 12)
+        assert result.failovers == 0 and result.hedges == 0
+        assert not swarm.client.health.backed_off(lone.identity.peer_id, trio.current_time())
         nursery.cancel_scope.cancel()
 
 
