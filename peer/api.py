@@ -82,7 +82,8 @@ class Swarm:
                       wire_dtype: str = "f32", step_timeout: float = 60.0, device: str | None = None,
                       ledger_path: str | None = None, audit: AuditPolicy | float | None = DEFAULT_AUDIT_RATE,
                       reputation_path: str | None = None,
-                      local_recompute_bytes: int = DEFAULT_LOCAL_RECOMPUTE_BYTES, relay: str = "star") -> Swarm:
+                      local_recompute_bytes: int = DEFAULT_LOCAL_RECOMPUTE_BYTES, relay: str = "star",
+                      dht_server: bool = False) -> Swarm:
         """Join the swarm through ``bootstrap`` and load the model's client head.
 
         Args:
@@ -107,6 +108,12 @@ class Swarm:
             relay: ``"star"`` (the client sends every hop its input and gets its output)
                 or ``"push"`` (each server hands its output to the next: one trip around
                 the chain per token; star where push cannot go).
+            dht_server: also serve the DHT, as servers do. By default a client is in
+                DHT client mode (Petals' ``client_mode``, libp2p's client mode): it
+                claims no listen address in its handshakes, so no node admits it as a
+                routing-table contact (spec 10, "Routing table"); it looks up and
+                stores like any node, but is never asked to answer lookups or to hold
+                records, and its coming and going never enters other nodes' tables.
 
         Raises:
             BootstrapFailed: no bootstrap address answered, or one is not ``host:port``
@@ -115,7 +122,8 @@ class Swarm:
         """
         bootstrap = check_bootstrap(bootstrap)  # before the slow head load
         head = await trio.to_thread.run_sync(functools.partial(load_head, model, device=device))
-        host = Host(identity or Identity.generate(), host=listen_host, port=port, source_host=source_host)
+        host = Host(identity or Identity.generate(), host=listen_host, port=port, source_host=source_host,
+                    announce_addrs=None if dht_server else ())
         dht = DhtNode(host, kinds=record_kinds())
         credit = CreditService(host, ledger_path=ledger_path)
         reputation = Reputation.load(reputation_path) if reputation_path is not None else Reputation()

@@ -87,7 +87,8 @@ class Host:
         identity: this peer's Ed25519 identity (proved in every handshake).
         host, port: where to listen; port 0 picks a free port. An IPv6 host (``::1``)
             listens on IPv6.
-        announce_addrs: addresses to tell peers (behind NAT); default the bound ones.
+        announce_addrs: addresses to tell peers (behind NAT); default the bound ones; empty:
+            claim none (a DHT client: no node admits it as a contact).
         limits: protocol limits enforced on every connection.
         resources: budgets for handshakes, connections and incomplete messages.
         max_connections: shorthand for ``resources``' hard limit on established
