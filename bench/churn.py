@@ -198,6 +198,7 @@ class Outcome:
     hedges: int = 0
     errors: Counter = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
+    by_hops: dict[int, list[float]] = field(default_factory=dict)  # latencies by the route's final hop count
     fail_latencies: list[float] = field(default_factory=list)
     failures: list[tuple[int, bytes, float, bool]] = field(default_factory=list)  # client, peer, t, backed off
     left_view: list[float | None] = field(default_factory=list)
@@ -242,6 +243,7 @@ async def generate_loop(swarm: Swarm, want: list[int], tokens: int, t0: float, u
         out.failovers += result.failovers
         out.hedges += result.hedges
         out.latencies.append(trio.current_time() - t)
+        out.by_hops.setdefault(len(result.route), []).append(out.latencies[-1])
         out.seconds = max(out.seconds, trio.current_time() - t0)
 
 
@@ -389,6 +391,10 @@ def report(results: dict[str, Outcome], args: argparse.Namespace) -> None:
         print(f"{kind:<9} {o.attempted:>5} {o.completed:>5} {100 * o.completed / max(o.attempted, 1):>5.1f}% "
               f"{o.identical:>5} {o.failovers:>6} {o.hedges:>6} {pct(o.latencies, 0.5):>6} {pct(o.latencies, 0.95):>6} "
               f"{tps:>6.1f} {ratio:>7} {o.leaked:>6} {retried:>5} {stop_s:>10} {left_s:>11} {faults:>12}  {errors}")
+    print("completed generations by the hop count of their final route: count, p50 s")
+    for kind, o in results.items():
+        print(f"  {kind:<9} " + "   ".join(f"{h} hop{'s' if h > 1 else ''}: {len(v)}, {pct(v, 0.5)}"
+                                          for h, v in sorted(o.by_hops.items())))
     print("ident: completed with tokens identical to transformers; fovers/hedges: summed over generations; "
           "re-bo: failures on a peer the client had backed off; stop try: the longest a client kept failing on a "
           "faulted peer after the fault; left view: median seconds until an observer's view dropped it "
