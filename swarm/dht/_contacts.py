@@ -16,9 +16,11 @@ the id (the handshake) and the address (we reached it there). So:
   claims a tarpit as its address never enters a table. The queue is bounded
   (``VERIFY_QUEUE``, excess dropped: lookups find live peers on their own). An address
   is one listener, so one peer: an address already being checked is not dialled for a
-  second claimant, and one that timed out or refused is not dialled again for
+  second claimant, and one that timed out is not dialled again for
   ``BAD_ADDRESS_FOR`` seconds (``is_bad_address``; lookups use it too), so a flood of
-  identities claiming one tarpit costs one dial. An address that answered with
+  identities claiming one tarpit costs one dial. One that failed fast (refused, or its
+  connection was lost) is skipped only ``REFUSED_ADDRESS_FOR`` seconds: it costs the
+  next dial nothing, and under churn a restarted peer is back on it within seconds. An address that answered with
   another peer's id is not marked: a Sybil claiming an honest peer's address must
   not get it skipped.
 - ``on_new_contact`` (if set) is called with every peer that enters the table, so
@@ -61,8 +63,9 @@ MAX_VERIFY_ADDRS = 2
 VERIFY_QUEUE = 64
 #: Verifications in flight at once.
 VERIFY_WORKERS = 4
-#: Seconds an address that failed verification is not dialled again.
+#: Seconds an address that timed out is not dialled again, and one that failed fast.
 BAD_ADDRESS_FOR = 60.0
+REFUSED_ADDRESS_FOR = 5.0
 _MAX_BAD_ADDRESSES = 4096
 
 
@@ -161,6 +164,7 @@ class ContactKeeper:
                 continue
             self._checking.add(addr)
             conn = None
+            started = trio.current_time()
             try:
                 with trio.fail_after(self.query_timeout):
                     conn = await self.host.connect(addr, timeout=self.query_timeout)
@@ -171,7 +175,7 @@ class ContactKeeper:
             except (SwarmError, trio.TooSlowError) as exc:
                 log.debug("%s did not answer at its claimed address %s: %s", candidate.peer_id.hex()[:12], addr, exc)
                 if not isinstance(exc, RemoteError):  # it answered, if with an error: alive, not ours
-                    self.mark_bad(addr)
+                    self.mark_bad(addr, slow=trio.current_time() - started >= self.query_timeout / 4)
                 continue
             finally:
                 self._checking.discard(addr)
@@ -223,13 +227,14 @@ class ContactKeeper:
         """Whether a dial or request to ``addr`` timed out or failed lately."""
         return self._bad_addrs.get(addr, -1.0) > trio.current_time()
 
-    def mark_bad(self, addr: str) -> None:
-        """``addr`` did not answer: skip it for ``BAD_ADDRESS_FOR`` seconds."""
+    def mark_bad(self, addr: str, *, slow: bool = True) -> None:
+        """``addr`` did not answer: skip it for ``BAD_ADDRESS_FOR`` seconds if finding
+        that out was ``slow`` (a timeout), else for ``REFUSED_ADDRESS_FOR``."""
         now = trio.current_time()
         if len(self._bad_addrs) >= _MAX_BAD_ADDRESSES:
             for stale in [a for a, until in self._bad_addrs.items() if until <= now] or list(self._bad_addrs)[:1]:
                 del self._bad_addrs[stale]
-        self._bad_addrs[addr] = now + BAD_ADDRESS_FOR
+        self._bad_addrs[addr] = now + (BAD_ADDRESS_FOR if slow else REFUSED_ADDRESS_FOR)
 
 
 def _same_address(a: str, b: str) -> bool:

@@ -27,7 +27,10 @@ agree.
 Background tasks, all in ``run``'s nursery: the contact keeper's verification and
 liveness tasks, write-backs, and maintenance (drops expired records, refreshes
 buckets without a lookup for ``refresh_interval``, republishes our own records every
-``republish_interval`` so that replication recovers from churn). Renewing a record
+``republish_interval`` so that replication recovers from churn), and rejoining
+through the bootstrap addresses when the routing table runs low (``_rejoin``:
+libp2p's fixLowPeers; a client in DHT client mode is told of no restarted peer, so
+under churn its table would only shrink). Renewing a record
 before it expires (new expiry, higher seq) is its publisher's business
 (``swarm.announce.Announcer``); ``withdraw`` replaces a published record by its
 tombstone (``_records``).
@@ -85,6 +88,11 @@ QUERY_TIMEOUT = 2.0
 STALL_TIMEOUT = 0.5
 #: Write-backs a node has queued at most, and per read.
 WRITE_BACK_QUEUE = 256
+#: Below this many contacts a lookup first rejoins through the bootstrap addresses
+#: (libp2p's minRTRefreshThreshold), at most once per REJOIN_INTERVAL seconds; with
+#: no contact at all it waits for that.
+LOW_CONTACTS = 10
+REJOIN_INTERVAL = 10.0
 MAX_WRITE_BACKS_PER_GET = 64
 
 
@@ -166,6 +174,8 @@ class DhtNode:
         self.records = RecordStore(kinds, host.limits, general=storage, reserved=reserved_storage)
         self.published: dict[bytes, SignedRecord] = {}
         self._rng = rng or random.Random()
+        self._bootstrap_addrs: tuple[str, ...] = ()
+        self._last_rejoin = -math.inf
         self._write_send, self._write_receive = trio.open_memory_channel[tuple[NodeInfo, SignedRecord]](
             WRITE_BACK_QUEUE)
         self._writes_pending = 0
@@ -212,6 +222,8 @@ class DhtNode:
                 nursery.start_soon(self._maintenance_loop)
                 if bootstrap:
                     await self.bootstrap(bootstrap)
+                    self._bootstrap_addrs = tuple(bootstrap)
+                    self._last_rejoin = trio.current_time()
                 task_status.started()
         finally:
             self._nursery = None
@@ -246,6 +258,23 @@ class DhtNode:
             )
         await self.lookup_node(self.peer_id)
         return len(self.routing)
+
+    async def _rejoin(self) -> None:
+        """Bootstrap again when the routing table holds fewer than ``LOW_CONTACTS``
+        (at most once per ``REJOIN_INTERVAL``; in the background, unless the table is
+        empty and a lookup could only come back empty-handed)."""
+        now = trio.current_time()
+        if (len(self.routing) >= LOW_CONTACTS or not self._bootstrap_addrs
+                or now - self._last_rejoin < REJOIN_INTERVAL):
+            return
+        self._last_rejoin = now
+        log.info("%d routing-table contacts: rejoining through %s", len(self.routing), ", ".join(self._bootstrap_addrs))
+        if len(self.routing):
+            if self._nursery is not None:
+                self._nursery.start_soon(self._quietly, self.bootstrap(self._bootstrap_addrs))
+            return
+        with trio.move_on_after(2 * self.query_timeout):
+            await self._quietly(self.bootstrap(self._bootstrap_addrs))
 
     async def _join_through_twin(self, conn: PeerConnection) -> None:
         """A bootstrap peer with our own id (this identity's server, when its owner
@@ -365,6 +394,7 @@ class DhtNode:
 
     async def _drive(self, target: bytes, make_request: Callable[[], Message], *, beta: int, paths: int,
                      key: bytes | None = None) -> LookupResult:
+        await self._rejoin()
         started = trio.current_time()
         lookup = DisjointLookup(target, self.routing.closest(target, self.k), k=self.k, alpha=self.alpha,
                                 beta=min(beta, self.k), paths=paths, self_id=self.peer_id)
@@ -387,6 +417,7 @@ class DhtNode:
             response: Message | None = None
             async with trio.open_nursery() as timer:
                 timer.start_soon(stall, index, contact)
+                started = trio.current_time()
                 try:
                     with trio.fail_after(self.query_timeout):
                         response = await self._request(contact.info, make_request())
@@ -397,7 +428,8 @@ class DhtNode:
                     self.contacts.failed(contact.id)
                     conn = self.host.connections.get(contact.id)
                     if conn is None or not conn.is_open:  # never connected (a tarpit) or lost: not a slow peer
-                        self.contacts.mark_bad(contact.addrs[0])
+                        self.contacts.mark_bad(contact.addrs[0],
+                                               slow=trio.current_time() - started >= self.stall_timeout)
                 timer.cancel_scope.cancel()
             report(index, contact, "done", response)
 

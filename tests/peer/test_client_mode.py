@@ -30,7 +30,8 @@ async def test_a_client_is_no_dht_contact_unless_it_asks_to_serve_the_dht(tmp_pa
             while a.dht.routing.get(serving_id) is None or b.dht.routing.get(serving_id) is None:
                 await trio.sleep(0.02)
         assert a.host.connections[client_id].listen_addrs == ()
-        assert a.dht.routing.get(client_id) is None and b.dht.routing.get(client_id) is None
+        assert a.dht.routing.get(client_id) is None
+        assert b.dht.routing.get(client_id) is None
         # The client itself keeps a table of the servers, and looks up through it.
         assert {a.host.peer_id, b.host.peer_id} <= {c.id for c in client.client.dht.routing.contacts()}
         await client.aclose()
