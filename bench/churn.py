@@ -58,6 +58,7 @@ import torch
 import trio
 
 from peer.api import Swarm
+from swarm.announce import SwarmView
 from peer.demo import DemoError, launch_server_process, wait_ready
 from peer.server import ServerLimits
 from protocol import CloseSession, OpenSession, SessionOpened
@@ -248,7 +249,7 @@ async def generate_loop(swarm: Swarm, want: list[int], tokens: int, t0: float, u
 
 
 async def apply_fault(fault: Fault, servers: list[Server], model: str, t0: float,
-                      observer: Swarm, out: Outcome, *, keep_covered: bool, low_priority: bool) -> None:
+                      observer: ViewWatch, out: Outcome, *, keep_covered: bool, low_priority: bool) -> None:
     """Apply ``fault`` at its time; with ``keep_covered``, only if the servers up then
     (ready, not faulted) still cover every block without the ones it hits: the schedule
     assumes a restart takes RESTART seconds, and on a loaded machine it takes longer."""
@@ -287,16 +288,46 @@ async def apply_fault(fault: Fault, servers: list[Server], model: str, t0: float
             out.stopped_trying.append(max(times) - (faulted - t0))
 
 
-async def watch_view(observer: Swarm, peer: bytes, since: float, until: float, out: Outcome) -> None:
+class ViewWatch:
+    """One fresh view of the swarm per second while some fault is watched, shared by
+    every watcher: a poll per fault (each view is a lookup of every block) would load
+    the process the clients generate in, the more so the more faults overlap."""
+
+    def __init__(self, observer: Swarm) -> None:
+        self.observer = observer
+        self.watching = 0
+        self.wake = trio.Event()
+        self.fresh = trio.Event()  # set, and replaced, on each new view
+        self.view: SwarmView | None = None
+
+    async def run(self) -> None:
+        while True:
+            if not self.watching:
+                await self.wake.wait()
+                self.wake = trio.Event()
+                continue
+            with trio.move_on_after(5):
+                self.view = await self.observer.client.swarm_view(fresh=True)
+                self.fresh.set()
+                self.fresh = trio.Event()
+            await trio.sleep(1.0)
+
+
+async def watch_view(watch: ViewWatch, peer: bytes, since: float, until: float, out: Outcome) -> None:
     """Seconds until ``peer`` left the observer's view (None: not before it came back)."""
-    while trio.current_time() < until:
-        with trio.move_on_after(5):
-            view = await observer.client.swarm_view(fresh=True)
-            if peer not in view.servers:
-                out.left_view.append(trio.current_time() - since)
-                return
-        await trio.sleep(1.0)
-    out.left_view.append(None)
+    watch.watching += 1
+    watch.wake.set()
+    try:
+        with trio.move_on_at(until):
+            while True:
+                fresh = watch.fresh
+                await fresh.wait()
+                if watch.view is not None and peer not in watch.view.servers:
+                    out.left_view.append(trio.current_time() - since)
+                    return
+        out.left_view.append(None)
+    finally:
+        watch.watching -= 1
 
 
 async def count_leaked(observers: list[Swarm], servers: list[Server]) -> int:
@@ -337,7 +368,8 @@ async def run_scenario(kind: str, args: argparse.Namespace, servers: list[Server
         bootstrap = [s.address for s in servers]
         clients = [await Swarm.connect(nursery, bootstrap=bootstrap, model=model, audit=None,
                                        step_timeout=args.step_timeout) for _ in range(args.clients)]
-        observer = await Swarm.connect(nursery, bootstrap=bootstrap, model=model, audit=None)
+        observer = ViewWatch(await Swarm.connect(nursery, bootstrap=bootstrap, model=model, audit=None))
+        nursery.start_soon(observer.run)
         counters = [await Swarm.connect(nursery, bootstrap=bootstrap, model=model, audit=None)
                     for _ in range(math.ceil(MAX_SESSIONS / ServerLimits().max_sessions_per_peer))]
         t0 = trio.current_time()

@@ -70,7 +70,14 @@ from ..transport import Handler, Host, PeerConnection
 from ._contacts import MAX_ADDRS, ContactKeeper
 from ._groups import address_group
 from ._lookup import DisjointLookup, Termination
-from ._records import TOMBSTONE_MAX_TTL, RecordKind, RecordRejected, check_record, latest_records, merge_records
+from ._records import (
+    TOMBSTONE_MAX_TTL,
+    CheckedRecords,
+    RecordKind,
+    RecordRejected,
+    latest_records,
+    merge_records,
+)
 from ._routing import MAX_PER_GROUP, Contact, distance
 from ._storage import GENERAL_LIMITS, LOCAL_GROUP, RESERVED_LIMITS, RecordStore, StorageLimits
 
@@ -172,6 +179,7 @@ class DhtNode:
         self.contacts.on_new_contact = self._hand_off
         self.routing = self.contacts.table
         self.records = RecordStore(kinds, host.limits, general=storage, reserved=reserved_storage)
+        self._checked = CheckedRecords(kinds, host.limits)
         self.published: dict[bytes, SignedRecord] = {}
         self._rng = rng or random.Random()
         self._bootstrap_addrs: tuple[str, ...] = ()
@@ -486,7 +494,7 @@ class DhtNode:
             try:
                 if record.key != key:
                     raise RecordRejected("record for another key", code=ErrorCode.INVALID_REQUEST)
-                check_record(record, now=now, kinds=self.records.kinds, limits=self.host.limits)
+                self._checked.check(record, now=now)
             except RecordRejected as exc:
                 log.info("dropping a record from %r: %s", source, exc)
                 continue

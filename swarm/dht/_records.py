@@ -58,6 +58,7 @@ __all__ = [
     "TOMBSTONE_MAX_TTL",
     "RecordKind",
     "RecordRejected",
+    "CheckedRecords",
     "check_record",
     "is_tombstone",
     "latest_records",
@@ -135,6 +136,38 @@ def check_record(
     if kind is not None:
         kind.check(record, value)
     return kind
+
+
+class CheckedRecords:
+    """``check_record`` with a memo of the records that passed it, by their exact
+    fields (at most ``size``, 8 MiB at the largest record size; oldest dropped first):
+    a client rereads the same records on every view refresh, and each costs a
+    signature verification and two CBOR decodes. For a record seen before only the checks that depend on ``now`` (its
+    expiry and TTL caps) run again, in their order, which for a record that passed the
+    rest gives what ``check_record`` would."""
+
+    def __init__(self, kinds: Mapping[str, RecordKind], limits: Limits = DEFAULT_LIMITS, *,
+                 size: int = 2048) -> None:
+        self.kinds, self.limits, self.size = kinds, limits, size
+        self._passed: dict[SignedRecord, RecordKind | None] = {}
+
+    def check(self, record: SignedRecord, *, now: float) -> RecordKind | None:
+        """As ``check_record``. Raises RecordRejected."""
+        if record not in self._passed:
+            kind = check_record(record, now=now, kinds=self.kinds, limits=self.limits)
+            if len(self._passed) >= self.size:
+                del self._passed[next(iter(self._passed))]
+            self._passed[record] = kind
+            return kind
+        kind = self._passed[record]
+        if record.expires <= now:
+            raise RecordRejected(f"record expired at {record.expires} (now {now:.0f})", code=ErrorCode.EXPIRED)
+        max_ttl = TOMBSTONE_MAX_TTL if kind is None else min(kind.max_ttl, MAX_TTL)
+        if record.expires > now + max_ttl:
+            raise RecordRejected(f"a record may expire at most {max_ttl:.0f} s ahead, not "
+                                 f"{record.expires - now:.0f} s; its publisher renews it instead",
+                                 code=ErrorCode.INVALID_REQUEST)
+        return kind
 
 
 def _kind_of(record: SignedRecord, kinds: Mapping[str, RecordKind]) -> tuple[RecordKind | None, list[Any]]:

@@ -191,3 +191,23 @@ def test_merge_keeps_latest_per_publisher():
     assert merge_records([a1, b1], now=NOW + 6) == [a1]
     tomb = SignedRecord.create(ALICE, key=a1.key, seq=3, expires=a1.expires, value=b"")
     assert merge_records([a2, tomb, a1], now=NOW) == []
+
+
+def test_checked_records_verify_a_record_once_and_its_expiry_every_time(monkeypatch):
+    from swarm.dht import CheckedRecords
+
+    verified = []
+    verify = SignedRecord.verify_signature
+    monkeypatch.setattr(SignedRecord, "verify_signature", lambda self: verified.append(self) or verify(self))
+    checked = CheckedRecords(RECORD_KINDS, size=2)
+    good = record()
+    for _ in range(3):
+        assert checked.check(good, now=NOW) is not None
+    assert verified == [good]
+    rejected(ErrorCode.EXPIRED, checked.check, good, now=good.expires)  # the memo does not outlive the expiry
+    forged = dataclasses.replace(good, signature=bytes(64))  # another record: checked in full
+    rejected(ErrorCode.BAD_SIGNATURE, checked.check, forged, now=NOW)
+    for other in (record(block=2), record(block=4)):  # the memo holds two: the first one is dropped
+        checked.check(other, now=NOW)
+    checked.check(good, now=NOW)
+    assert verified.count(good) == 2
