@@ -445,9 +445,11 @@ class PeerConnection:
                 return
 
     def _busy(self) -> bool:
-        return self.channel.incoming > 0 or self.channel.awaited > 0
+        # An answer being written is work too: its request is no longer counted.
+        return self.channel.incoming > 0 or self.channel.awaited > 0 or self._writing_since is not None
 
     async def _answer(self, event: RequestReceived | RequestRefused) -> None:
+        counted = True  # in the channel's count of the peer's requests open on us
         try:
             if isinstance(event, RequestRefused):
                 payload = event.payload
@@ -455,6 +457,12 @@ class PeerConnection:
                 payload, problem = self.channel.answer(event, await self._serve(event.request))
                 if problem is not None:
                     log.error("answering %s from %s: %s", type(event.request).__name__, self, problem)
+            # Uncounted before the answer is written: the peer may send its next request
+            # as soon as it reads this one's answer, and the reader may take it before
+            # this task runs again; counted until then, it would make an honest peer
+            # exceed max_concurrent_requests (and lose the connection) after a burst.
+            counted = False
+            self.channel.answered()
             await self._send_payload(payload)
         except PeerUnreachable:
             pass  # the connection closed while the handler ran; nobody to answer
@@ -462,7 +470,8 @@ class PeerConnection:
             log.exception("answering a request from %s failed; closing the connection", self)
             self._close("failed while answering a request")
         finally:
-            self.channel.answered()
+            if counted:
+                self.channel.answered()
 
     async def _serve(self, request: Message) -> Message | BaseException:
         """The handler's response, or the exception it raised (answered as ``ERROR``)."""

@@ -505,6 +505,32 @@ async def test_outgoing_requests_wait_for_a_slot_instead_of_tripping_the_limit()
         assert conn.channel.next_id == 6
 
 
+async def test_a_request_is_uncounted_before_its_answer_is_written():
+    """The requester may send its next request as soon as it reads an answer, and the
+    responder's reader may take it before the answering task runs again: a request
+    still counted then would make an honest peer exceed max_concurrent_requests after
+    a burst (seen when a SIGSTOPped server resumed)."""
+
+    async def answer(conn, request):
+        return Nodes(nodes=())
+
+    async with hosts({}, {}) as (a, b):
+        b.add_handler(FindNode, answer)
+        conn = await a.connect(b.listen_addrs[0])
+        await conn.request(FindNode(target=bytes(20)))
+        served = b.connections[a.peer_id]
+        counted_at_write = []
+        send = served._send_payload
+
+        async def recording(payload):
+            counted_at_write.append(served.channel.incoming)
+            await send(payload)
+
+        served._send_payload = recording
+        await conn.request(FindNode(target=bytes(20)))
+        assert counted_at_write == [0]
+
+
 async def test_a_peer_that_stops_reading_loses_the_connection(caplog):
     from protocol import Forward, ForwardResult, WireTensor
 
