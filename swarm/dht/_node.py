@@ -277,12 +277,17 @@ class DhtNode:
             return
         self._last_rejoin = now
         log.info("%d routing-table contacts: rejoining through %s", len(self.routing), ", ".join(self._bootstrap_addrs))
-        if len(self.routing):
-            if self._nursery is not None:
-                self._nursery.start_soon(self._quietly, self.bootstrap(self._bootstrap_addrs))
-            return
-        with trio.move_on_after(2 * self.query_timeout):
-            await self._quietly(self.bootstrap(self._bootstrap_addrs))
+        if not len(self.routing):
+            with trio.move_on_after(2 * self.query_timeout):
+                await self._bootstrap_again()
+        elif self._nursery is not None:
+            try:
+                self._nursery.start_soon(self._bootstrap_again)
+            except RuntimeError:  # the node is stopping: nothing to rejoin for
+                pass
+
+    async def _bootstrap_again(self) -> None:
+        await self._quietly(self.bootstrap(self._bootstrap_addrs))
 
     async def _join_through_twin(self, conn: PeerConnection) -> None:
         """A bootstrap peer with our own id (this identity's server, when its owner
