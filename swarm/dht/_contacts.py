@@ -20,7 +20,8 @@ the id (the handshake) and the address (we reached it there). So:
   ``BAD_ADDRESS_FOR`` seconds (``is_bad_address``; lookups use it too), so a flood of
   identities claiming one tarpit costs one dial. One that failed fast (refused, or its
   connection was lost) is skipped only ``REFUSED_ADDRESS_FOR`` seconds: it costs the
-  next dial nothing, and under churn a restarted peer is back on it within seconds. An address that answered with
+  next dial nothing, and under churn a restarted peer is back on it within seconds.
+  An address that answered with
   another peer's id is not marked: a Sybil claiming an honest peer's address must
   not get it skipped.
 - ``on_new_contact`` (if set) is called with every peer that enters the table, so
@@ -175,7 +176,7 @@ class ContactKeeper:
             except (SwarmError, trio.TooSlowError) as exc:
                 log.debug("%s did not answer at its claimed address %s: %s", candidate.peer_id.hex()[:12], addr, exc)
                 if not isinstance(exc, RemoteError):  # it answered, if with an error: alive, not ours
-                    self.mark_bad(addr, slow=trio.current_time() - started >= self.query_timeout / 4)
+                    self.mark_bad(addr, took=trio.current_time() - started)
                 continue
             finally:
                 self._checking.discard(addr)
@@ -227,9 +228,11 @@ class ContactKeeper:
         """Whether a dial or request to ``addr`` timed out or failed lately."""
         return self._bad_addrs.get(addr, -1.0) > trio.current_time()
 
-    def mark_bad(self, addr: str, *, slow: bool = True) -> None:
-        """``addr`` did not answer: skip it for ``BAD_ADDRESS_FOR`` seconds if finding
-        that out was ``slow`` (a timeout), else for ``REFUSED_ADDRESS_FOR``."""
+    def mark_bad(self, addr: str, *, took: float) -> None:
+        """``addr`` did not answer, which took ``took`` seconds to find out: skip it
+        for ``BAD_ADDRESS_FOR`` seconds if that was slow (a quarter of the query
+        timeout or more: a tarpit), else for ``REFUSED_ADDRESS_FOR``."""
+        slow = took >= self.query_timeout / 4
         now = trio.current_time()
         if len(self._bad_addrs) >= _MAX_BAD_ADDRESSES:
             for stale in [a for a, until in self._bad_addrs.items() if until <= now] or list(self._bad_addrs)[:1]:

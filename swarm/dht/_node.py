@@ -276,7 +276,7 @@ class DhtNode:
                 or now - self._last_rejoin < REJOIN_INTERVAL):
             return
         self._last_rejoin = now
-        log.info("%d routing-table contacts: rejoining through %s", len(self.routing), ", ".join(self._bootstrap_addrs))
+        log.debug("%d routing-table contacts: rejoining through %s", len(self.routing), ", ".join(self._bootstrap_addrs))
         if not len(self.routing):
             with trio.move_on_after(2 * self.query_timeout):
                 await self._bootstrap_again()
@@ -441,8 +441,7 @@ class DhtNode:
                     self.contacts.failed(contact.id)
                     conn = self.host.connections.get(contact.id)
                     if conn is None or not conn.is_open:  # never connected (a tarpit) or lost: not a slow peer
-                        self.contacts.mark_bad(contact.addrs[0],
-                                               slow=trio.current_time() - started >= self.stall_timeout)
+                        self.contacts.mark_bad(contact.addrs[0], took=trio.current_time() - started)
                 timer.cancel_scope.cancel()
             report(index, contact, "done", response)
 

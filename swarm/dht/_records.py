@@ -115,11 +115,7 @@ def check_record(
         raise RecordRejected(
             f"record of {size} bytes exceeds the limit of {limits.max_record_size}", code=ErrorCode.INVALID_REQUEST
         )
-    if record.expires <= now:
-        raise RecordRejected(f"record expired at {record.expires} (now {now:.0f})", code=ErrorCode.EXPIRED)
-    if record.expires > now + MAX_TTL:
-        raise RecordRejected(f"record expires more than {MAX_TTL:.0f} s ahead; publishers must renew instead",
-                             code=ErrorCode.INVALID_REQUEST)
+    _check_expiry(record, now)
     if not satisfies_puzzle(record.publisher_id):
         raise RecordRejected(f"the publisher's peer id does not solve the identity puzzle ({PUZZLE_BITS} bits)",
                              code=ErrorCode.INVALID_REQUEST)
@@ -128,23 +124,35 @@ def check_record(
     except BadSignature as exc:
         raise RecordRejected(f"record signature: {exc}", code=ErrorCode.BAD_SIGNATURE) from None
     kind, value = _kind_of(record, kinds)
+    _check_kind_ttl(record, kind, now)
+    if kind is not None:
+        kind.check(record, value)
+    return kind
+
+
+def _check_expiry(record: SignedRecord, now: float) -> None:
+    if record.expires <= now:
+        raise RecordRejected(f"record expired at {record.expires} (now {now:.0f})", code=ErrorCode.EXPIRED)
+    if record.expires > now + MAX_TTL:
+        raise RecordRejected(f"record expires more than {MAX_TTL:.0f} s ahead; publishers must renew instead",
+                             code=ErrorCode.INVALID_REQUEST)
+
+
+def _check_kind_ttl(record: SignedRecord, kind: RecordKind | None, now: float) -> None:
     max_ttl = TOMBSTONE_MAX_TTL if kind is None else min(kind.max_ttl, MAX_TTL)
     if record.expires > now + max_ttl:
         what = "a tombstone" if kind is None else f"a {kind.name!r} record"
         raise RecordRejected(f"{what} may expire at most {max_ttl:.0f} s ahead, not {record.expires - now:.0f} s; "
                              "its publisher renews it instead", code=ErrorCode.INVALID_REQUEST)
-    if kind is not None:
-        kind.check(record, value)
-    return kind
 
 
 class CheckedRecords:
     """``check_record`` with a memo of the records that passed it, by their exact
     fields (at most ``size``, 8 MiB at the largest record size; oldest dropped first):
     a client rereads the same records on every view refresh, and each costs a
-    signature verification and two CBOR decodes. For a record seen before only the checks that depend on ``now`` (its
-    expiry and TTL caps) run again, in their order, which for a record that passed the
-    rest gives what ``check_record`` would."""
+    signature verification and two CBOR decodes. For a record seen before only the
+    checks that depend on ``now`` (its expiry and TTL caps) run again, in their order,
+    which for a record that passed the rest gives what ``check_record`` would."""
 
     def __init__(self, kinds: Mapping[str, RecordKind], limits: Limits = DEFAULT_LIMITS, *,
                  size: int = 2048) -> None:
@@ -160,13 +168,8 @@ class CheckedRecords:
             self._passed[record] = kind
             return kind
         kind = self._passed[record]
-        if record.expires <= now:
-            raise RecordRejected(f"record expired at {record.expires} (now {now:.0f})", code=ErrorCode.EXPIRED)
-        max_ttl = TOMBSTONE_MAX_TTL if kind is None else min(kind.max_ttl, MAX_TTL)
-        if record.expires > now + max_ttl:
-            raise RecordRejected(f"a record may expire at most {max_ttl:.0f} s ahead, not "
-                                 f"{record.expires - now:.0f} s; its publisher renews it instead",
-                                 code=ErrorCode.INVALID_REQUEST)
+        _check_expiry(record, now)
+        _check_kind_ttl(record, kind, now)
         return kind
 
 
