@@ -519,12 +519,15 @@ class Chain:
         delay = self.health.hedge_delay(record.hop.peer_id, blocks=record.state.blocks, tokens=x.shape[1])
         if delay is None or self.spawn is None or self.alternative is None:
             return await self._forward(record, x, position)
-        prefix = kept_prefix(record.transcript, position)
+        # The history is decoded only if the hedge starts (it is every step's input so
+        # far: decoding it on every step made a generation quadratic in its length).
+        kept = len(record.transcript)
 
         async def primary(hop: Hop, records: list[HopRecord]) -> torch.Tensor:
             return await self._forward(record, x, position)
 
         async def hedge(route: Route, records: list[HopRecord]) -> None:
+            prefix = kept_prefix(record.transcript[:kept], position)
             records.extend(await self._open_route(route, fail_over=False))
             await self._replay(records, prefix)
 

@@ -12,6 +12,7 @@ import functools
 import pytest
 import trio
 
+import peer._chain as chain_module
 from peer._chain import AllCandidatesFailed
 from peer.api import Swarm
 from peer.node import ServeOptions, run_server
@@ -290,8 +291,12 @@ async def test_a_slow_lone_holder_is_waited_for_not_failed(tiny, monkeypatch):
     """A derived step deadline is a guess: the only server of the blocks answers one step
     five times later than its deadline (a loaded machine). With nowhere to fail over
     to, the client waits on, up to its step timeout, and gets the same tokens, without
-    a failover and without backing the server off."""
+    a failover and without backing the server off. A hedge that never starts never
+    decodes the hop's history (once per step, that made a generation quadratic)."""
     path, model = tiny
+    decoded = []
+    kept_prefix = chain_module.kept_prefix
+    monkeypatch.setattr(chain_module, "kept_prefix", lambda *a, **k: decoded.append(a) or kept_prefix(*a, **k))
 
     class SlowOnce(SpanServer):
         slow = False
@@ -318,6 +323,7 @@ async def test_a_slow_lone_holder_is_waited_for_not_failed(tiny, monkeypatch):
         assert result.token_ids == reference(model, PROMPT, 12)
         assert result.failovers == 0
         assert result.hedges == 0
+        assert decoded == []
         assert not swarm.client.health.backed_off(lone.identity.peer_id, trio.current_time())
         nursery.cancel_scope.cancel()
 
