@@ -2,8 +2,13 @@
 fault schedule drawn from a seed, and a no-fault baseline in the same run.
 
 A tiny random Llama (6 layers) built from its config and saved as safetensors in a temp
-dir is served by 7 processes: blocks 0:2, 2:4 and 4:6 twice each and 0:6 once (2-3
-replicas of every block). ``--clients`` clients in this process generate
+dir is served by 7 processes, 2-3 replicas of each span: by default (``--layout
+tiles``) blocks 0:2 and 4:6 twice and 2:4 three times, so every route has three hops
+whatever is down and the throughput ratio measures what faults cost, not which route
+shapes they leave; ``--layout mixed`` serves 0:2, 2:4 and 4:6 twice and 0:6 once (2-3
+replicas of every block, but a single one of the one-hop route: while it is down every
+generation takes three hops, several times slower on this relay, and the ratio mostly
+measures that). ``--clients`` clients in this process generate
 ``--tokens`` tokens greedily in a loop; every result is compared with
 ``transformers`` generate. Scenarios, each ``--duration`` seconds with fresh clients:
 
@@ -15,8 +20,9 @@ replicas of every block). ``--clients`` clients in this process generate
   it is ready (``--normal-priority-restarts`` to not): in a swarm it loads on its own
   machine, here its imports and throughput measurement would take the two cores from
   the clients and servers being measured;
-* ``stop``: a server is SIGSTOPped for 15 s (the 0:6 one first: every client routes
-  through it), then SIGCONTed, one at a time;
+* ``stop``: a server is SIGSTOPped for 15 s (the widest span first when it is alone
+  in being widest, as 0:6 of ``mixed``: every client routes through it), then
+  SIGCONTed, one at a time;
 * ``outage``: every server of one block is killed for 20 s (those generations are
   expected to fail fast with NoRoute naming the block), then restarted.
 
@@ -31,7 +37,7 @@ never used it (``-`` when it came back first). A client that failed waits 0.2 s
 before its next try (a failing loop would only spin).
 
 Run: ``.venv/bin/python bench/churn.py [--seed 1] [--duration 60] [--clients 3]
-[--tokens 64] [--scenarios baseline,churn,stop,outage]``. Goals (issue 12): under
+[--tokens 64] [--scenarios baseline,churn,stop,outage] [--layout tiles|mixed]``. Goals (issue 12): under
 churn throughput >= 0.8x baseline and >= 99% of generations complete; 0 wrong tokens;
 0 leaked sessions; 0 retries within a backoff; NoRoute naming the blocks in an outage.
 """
@@ -67,7 +73,11 @@ from swarm.errors import SwarmError
 from swarm.transport import PeerConnection
 
 LAYERS = 6
-SPANS = ((0, 2), (0, 2), (2, 4), (2, 4), (4, 6), (4, 6), (0, 6))
+LAYOUTS = {
+    "tiles": ((0, 2), (0, 2), (2, 4), (2, 4), (2, 4), (4, 6), (4, 6)),
+    "mixed": ((0, 2), (0, 2), (2, 4), (2, 4), (4, 6), (4, 6), (0, 6)),
+}
+SPANS = LAYOUTS["tiles"]
 PROMPT = [1, 5, 9, 33, 7, 250, 12, 99]
 MAX_SESSIONS = 8
 RESTART = 10.0  # a restarted server counts as down this much longer (it loads first)
@@ -104,9 +114,12 @@ def schedule(kind: str, rng: random.Random, duration: float, spans: tuple[tuple[
                 faults.append(Fault(t, how, (rng.choice(choices),), rng.uniform(8, 12)))
             t += rng.uniform(4, 7)
     elif kind == "stop":
-        order = sorted(everyone - {len(spans) - 1})
+        order = sorted(everyone)
         rng.shuffle(order)
-        order.insert(0, len(spans) - 1)
+        widths = [b - a for a, b in spans]
+        if widths.count(max(widths)) == 1:
+            order.remove(widest := widths.index(max(widths)))
+            order.insert(0, widest)
         t = rng.uniform(2, 4)
         for i in order:
             if t + 15 > duration:
@@ -256,7 +269,8 @@ async def apply_fault(fault: Fault, servers: list[Server], model: str, t0: float
     await trio.sleep_until(t0 + fault.at)
     hit = [servers[i] for i in fault.servers]
     up = {i for i, s in enumerate(servers) if s.up}
-    if not all(s.up for s in hit) or (keep_covered and not covered(SPANS, up - set(fault.servers))):
+    spans = tuple(s.span for s in servers)
+    if not all(s.up for s in hit) or (keep_covered and not covered(spans, up - set(fault.servers))):
         out.skipped += 1
         return
     out.faults[fault.kind] += 1
@@ -363,7 +377,7 @@ async def count_leaked(observers: list[Swarm], servers: list[Server]) -> int:
 async def run_scenario(kind: str, args: argparse.Namespace, servers: list[Server], model: str,
                        want: list[int]) -> Outcome:
     out = Outcome()
-    faults = schedule(kind, random.Random(f"{args.seed}:{kind}"), args.duration)
+    faults = schedule(kind, random.Random(f"{args.seed}:{kind}"), args.duration, LAYOUTS[args.layout])
     async with trio.open_nursery() as nursery:
         bootstrap = [s.address for s in servers]
         clients = [await Swarm.connect(nursery, bootstrap=bootstrap, model=model, audit=None,
@@ -400,8 +414,10 @@ def pct(values: list[float], q: float) -> str:
 def report(results: dict[str, Outcome], args: argparse.Namespace) -> None:
     base = results.get("baseline")
     base_tps = base.tokens / base.seconds if base and base.seconds else None
+    spans = LAYOUTS[args.layout]
     print(f"\nchurn: seed {args.seed}, {args.duration:.0f} s per scenario, {args.clients} clients x {args.tokens} "
-          f"tokens, {len(SPANS)} servers {' '.join(f'{a}:{b}' for a, b in SPANS)}, load {os.getloadavg()[0]:.1f}")
+          f"tokens, {len(spans)} servers ({args.layout}) {' '.join(f'{a}:{b}' for a, b in spans)}, "
+          f"load {os.getloadavg()[0]:.1f}")
     head = (f"{'scenario':<9} {'tried':>5} {'done':>5} {'done%':>6} {'ident':>5} {'fovers':>6} {'hedges':>6} "
             f"{'p50 s':>6} {'p95 s':>6} {'tok/s':>6} {'vs base':>7} {'leaked':>6} {'re-bo':>5} "
             f"{'stop try s':>10} {'left view s':>11} {'faults':>12}  failed by error")
@@ -450,7 +466,7 @@ async def main_async(args: argparse.Namespace) -> None:
                                      attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long))
         want = out[0, len(PROMPT):].tolist()
         model = str(model_dir)
-        servers = [Server(span, Path(tmp) / f"server{i}.key", free_port()) for i, span in enumerate(SPANS)]
+        servers = [Server(span, Path(tmp) / f"server{i}.key", free_port()) for i, span in enumerate(LAYOUTS[args.layout])]
         try:
             servers[0].launch(model, [])
             await trio.to_thread.run_sync(servers[0].ready)
@@ -483,6 +499,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per generation")
     parser.add_argument("--step-timeout", type=float, default=5.0, help="the clients' step timeout (cap)")
     parser.add_argument("--scenarios", default="baseline,churn,stop,outage")
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="tiles",
+                        help="tiles: 0:2 and 4:6 twice, 2:4 three times; mixed: 0:2, 2:4, 4:6 twice and 0:6 once")
     parser.add_argument("--normal-priority-restarts", action="store_true",
                         help="restarted servers load at normal CPU priority (default: lowest, until ready)")
     args = parser.parse_args()

@@ -8,14 +8,16 @@ import random
 
 import pytest
 
-from bench.churn import LAYERS, RESTART, SPANS, covered, schedule
+from bench.churn import LAYERS, LAYOUTS, RESTART, SPANS, covered, schedule
 
 
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("seed", range(20))
-def test_churn_and_stop_keep_every_block_served(seed):
+def test_churn_and_stop_keep_every_block_served(seed, layout):
+    spans = LAYOUTS[layout]
     for kind in ("churn", "stop"):
-        faults = schedule(kind, random.Random(seed), 120.0)
-        assert faults == schedule(kind, random.Random(seed), 120.0)
+        faults = schedule(kind, random.Random(seed), 120.0, spans)
+        assert faults == schedule(kind, random.Random(seed), 120.0, spans)
         assert faults
         assert all(0 < f.at < 120.0 for f in faults)
         if kind == "churn":  # both kinds of kill in every run, whatever the seed
@@ -23,8 +25,17 @@ def test_churn_and_stop_keep_every_block_served(seed):
         for f in faults:
             margin = RESTART if f.kind != "stop" else 0.0
             down = {i for g in faults if g.at <= f.at < g.at + g.duration + margin for i in g.servers}
-            assert covered(SPANS, set(range(len(SPANS))) - down)
-    assert schedule("stop", random.Random(seed), 120.0)[0].servers == (len(SPANS) - 1,)  # the 0:6 one first
+            assert covered(spans, set(range(len(spans))) - down)
+
+
+def test_a_lone_widest_span_is_stopped_first():
+    """mixed: every client routes through its one 0:6 server, so the stop scenario hits a
+    server in use at once; tiles has no such server and stops them in a seeded order."""
+    mixed = LAYOUTS["mixed"]
+    for seed in range(20):
+        assert schedule("stop", random.Random(seed), 120.0, mixed)[0].servers == (mixed.index((0, 6)),)
+    firsts = {schedule("stop", random.Random(seed), 120.0, SPANS)[0].servers for seed in range(20)}
+    assert len(firsts) > 1
 
 
 def test_an_outage_takes_one_block_down_and_unknown_scenarios_are_refused():
