@@ -16,7 +16,7 @@ measures that). ``--clients`` clients in this process generate
 * ``churn``: every 4-7 s a server is killed (kill -9 and SIGTERM in turn, the server
   drawn by the seed) and restarted 8-12 s later on the same identity and port, only
   when every block keeps a live replica (a fault is skipped, and counted, when a slow
-  restart would break that). A restarted server loads at the lowest CPU priority until
+  restart would break that). A restarted server loads in the idle scheduling class until
   it is ready (``--normal-priority-restarts`` to not): in a swarm it loads on its own
   machine, here its imports and throughput measurement would take the two cores from
   the clients and servers being measured;
@@ -153,10 +153,10 @@ class Server:
                                               extra=["--threads", "1", "--port", str(self.port),
                                                      "--max-sessions", str(MAX_SESSIONS)], stderr=log)
         if low_priority:
-            # A restart loads (imports, weights, its throughput measurement) at the lowest
-            # CPU priority: in a swarm it loads on its own machine, here it would take the
+            # A restart loads (imports, weights, its throughput measurement) in the
+            # background: in a swarm it loads on its own machine, here it would take the
             # two cores from the clients and servers being measured. ``ready`` restores it.
-            _renice(self.proc.pid, 19)
+            _background(self.proc.pid, True)
 
     def ready(self) -> None:
         assert self.proc is not None
@@ -167,7 +167,7 @@ class Server:
             raise
         self.address = ready.address
         self.peer_id = bytes.fromhex(ready.ready_line.split("(peer ", 1)[1].split(",", 1)[0])
-        _renice(self.proc.pid, 0)  # every thread it started meanwhile (needs root; else it stays)
+        _background(self.proc.pid, False)  # every thread it started meanwhile (needs root; else it stays)
         self.up = True
 
     def signal(self, sig: int) -> None:
@@ -181,15 +181,20 @@ class Server:
             self.proc.wait()
 
 
-def _renice(pid: int, value: int) -> None:
-    """Set the niceness of every thread of ``pid`` (Linux niceness is per thread)."""
+def _background(pid: int, on: bool) -> None:
+    """Put every thread of ``pid`` in the idle scheduling class (it runs only on a core
+    nobody else wants: not even nice 19 keeps a restart's ~5 s of imports and loading
+    off the two cores here), or back in the normal one. Linux schedules threads, and
+    the ones a thread starts inherit its class."""
     try:
         threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
     except OSError:
         threads = [pid]
+    policy = os.SCHED_IDLE if on else os.SCHED_OTHER
     for tid in threads:
         try:
-            os.setpriority(os.PRIO_PROCESS, tid, value)
+            os.sched_setscheduler(tid, policy, os.sched_param(0))
+            os.setpriority(os.PRIO_PROCESS, tid, 19 if on else 0)
         except OSError:
             pass
 
@@ -502,7 +507,7 @@ def main() -> None:
     parser.add_argument("--layout", choices=sorted(LAYOUTS), default="tiles",
                         help="tiles: 0:2 and 4:6 twice, 2:4 three times; mixed: 0:2, 2:4, 4:6 twice and 0:6 once")
     parser.add_argument("--normal-priority-restarts", action="store_true",
-                        help="restarted servers load at normal CPU priority (default: lowest, until ready)")
+                        help="restarted servers load at normal CPU priority (default: idle class, until ready)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)  # so that the servers are killed on the way out
     t = time.monotonic()
