@@ -34,6 +34,7 @@ from typing import TypeVar
 
 import trio
 
+from ._bulk import run_bulk
 from ._scheduling import SWEEP_AT, SchedulerConfig, SchedulingPolicy
 
 __all__ = ["SchedulerConfig", "SchedulingPolicy", "Scheduler"]
@@ -105,14 +106,18 @@ class Scheduler:
         it a slot (at once if one is free); ``work`` is what it costs in work units
         (tokens x blocks), what the policy charges; ``group`` its fairness group (the
         requester's address group; default: the requester alone); ``small`` marks a
-        step of a few tokens, which may also take a small-step slot.
+        step of a few tokens, which may also take a small-step slot. Other work runs in
+        a thread of lower OS priority (``peer._bulk``), so that the small steps computing
+        beside it get the cores first.
 
         Cancellation: a waiter leaves the queue; once ``fn`` runs, it runs to the end
         (a worker thread cannot be interrupted; its slot is held until it returns) and
         the caller's cancellation is delivered after.
         """
         async with self.slot(requester, work=work, group=group, small=small):
-            return await trio.to_thread.run_sync(fn, limiter=self._threads)
+            if small:
+                return await trio.to_thread.run_sync(fn, limiter=self._threads)
+            return await run_bulk(fn)
 
     @asynccontextmanager
     async def slot(

@@ -110,6 +110,7 @@ from protocol.errors import ErrorCode, ProtocolError, RemoteError, SwarmError, U
 from swarm.errors import PeerUnreachable, RequestTimeout
 from swarm.transport import Host, PeerConnection
 
+from ._bulk import run_bulk
 from .runtime import ForwardJob, SessionStep, SpanExecutor
 from .scheduler import Scheduler
 
@@ -457,10 +458,10 @@ class SpanServer:
         return state, self._decode(msg.hidden)
 
     async def _off_loop(self, size: int, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)``: in a worker thread for an input over ``OFFTHREAD_BYTES`` (hashing
+        """``fn(*args)``: in a bulk thread for an input over ``OFFTHREAD_BYTES`` (hashing
         and decoding it takes milliseconds other connections would wait for), else here."""
         if size > OFFTHREAD_BYTES:
-            return await trio.to_thread.run_sync(fn, *args)
+            return await run_bulk(fn, *args)
         return fn(*args)
 
     async def _push(self, conn: PeerConnection, msg: Push) -> Pushed:

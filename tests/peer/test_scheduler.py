@@ -367,11 +367,12 @@ async def test_run_starts_compute_in_credit_order() -> None:
     release = threading.Event()
     holding = trio.Event()
     started: list[str] = []
+    token = trio.lowlevel.current_trio_token()
 
-    def compute(name: str) -> None:
+    def compute(name: str) -> None:  # in a bulk thread (peer._bulk), not one of trio's
         started.append(name)
         if name == "holder":
-            trio.from_thread.run_sync(holding.set)
+            trio.from_thread.run_sync(holding.set, trio_token=token)
             assert release.wait(timeout=30.0)
 
     async def steps(name: str) -> None:
