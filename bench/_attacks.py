@@ -17,9 +17,9 @@ that the attacker's CPU is not the honest client's): ``python -m bench._attacks 
 Items 1-4 (``ATTACKS``): parsing before bounding, buffered partial messages,
 connection slots, sessions / cache / compute. Items 5-6 (``DHT_ATTACKS``): 64
 identities filling a block key, record floods, tarpit contacts. Item 7, lying
-announcements, is ``lying_announcements``: kept out of the default list until the
-client routes on measured throughput (the client helper's change), since before that
-it fails honest generations by design.
+announcements, is ``lying_announcements``: it attacks the client's route choice (the
+client routes on the throughput it measured), so it is not in ``ATTACKS``; ``ALL`` has
+every item.
 """
 
 from __future__ import annotations

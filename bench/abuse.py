@@ -12,12 +12,11 @@ matched ``transformers``' greedy generate, and the largest RSS growth of a serve
 (VmRSS from /proc, peak during the attack minus before it).
 
 Goals (issue 10): honest success >= 99%, p50 <= 1.5x baseline, RSS growth <= 100 MB,
-tokens identical, for every attack. Item 7 (lying announcements) is only mounted with
-``--with-lying``: it attacks the client's route choice, which the client helper's
-change fixes (not on main when this was written).
+tokens identical, for every attack. Item 7 (lying announcements) attacks the client's
+route choice rather than a server: the client routes on the throughput it measured.
 
-Run: ``.venv/bin/python bench/abuse.py [--seconds 20] [--baseline 20] [--only NAME ...]
-[--with-lying]``. The machine may be shared: the load average is printed; compare ratios.
+Run: ``.venv/bin/python bench/abuse.py [--seconds 20] [--baseline 20] [--only NAME ...]``.
+The machine may be shared: the load average is printed; compare ratios.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._attacks import ATTACKS, DHT_ATTACKS  # noqa: E402
+from bench._attacks import ALL  # noqa: E402
 from peer.api import Swarm  # noqa: E402
 from peer.demo import ServerProcess, start_server_process  # noqa: E402
 from peer.runtime import resolve_model  # noqa: E402
@@ -148,7 +147,7 @@ async def run(args: argparse.Namespace, path: str, servers: list[ServerProcess],
     ids = await peer_ids(addresses)
     targets = [f"{a},{p.hex()},{s[0]}:{s[1]}" for a, p, s in zip(addresses, ids, SPANS)]
     model = resolve_model(path).model_id
-    names = args.only or [*ATTACKS, *DHT_ATTACKS] + (["lying-announcements"] if args.with_lying else [])
+    names = args.only or list(ALL)
     windows = []
     async with trio.open_nursery() as nursery:
         swarm = await Swarm.connect(nursery, bootstrap=[addresses[0]], model=path, audit=0)
@@ -198,8 +197,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="how long each attack runs")
     parser.add_argument("--baseline", type=float, default=20.0, help="seconds of honest generation with no attack")
     parser.add_argument("--pause", type=float, default=3.0, help="seconds between scenarios")
-    parser.add_argument("--only", nargs="*", help="attacks to run (default: all of items 1-6)")
-    parser.add_argument("--with-lying", action="store_true", help="also item 7, lying announcements")
+    parser.add_argument("--only", nargs="*", help="attacks to run (default: all of items 1-7)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"bench/abuse.py: load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
