@@ -109,12 +109,15 @@ def _summary(result: Any, *, first_token_at: float | None) -> str:
 
 
 async def _connect(nursery: trio.Nursery, args: argparse.Namespace) -> Any:
+    from ._heap import freeze_loaded_heap
     from .api import Swarm, check_bootstrap
 
     check_bootstrap(args.bootstrap)
     identity, ledger = identity_and_ledger(args.identity)
-    return await Swarm.connect(nursery, bootstrap=args.bootstrap, model=args.model, step_timeout=args.timeout,
-                               identity=identity, ledger_path=ledger)
+    swarm = await Swarm.connect(nursery, bootstrap=args.bootstrap, model=args.model, step_timeout=args.timeout,
+                                identity=identity, ledger_path=ledger)
+    freeze_loaded_heap()  # the head is loaded
+    return swarm
 
 
 # --- generate ----------------------------------------------------------------------------

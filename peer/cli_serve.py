@@ -139,6 +139,7 @@ def _join_line(node: Any, options: Any) -> str:
 
 
 async def _serve(identity: Identity, options: Any, args: argparse.Namespace) -> None:
+    from ._heap import freeze_loaded_heap
     from .node import run_server
 
     finished = trio.Event()
@@ -161,6 +162,7 @@ async def _serve(identity: Identity, options: Any, args: argparse.Namespace) -> 
         if args.api is not None:
             url = await nursery.start(functools.partial(_api_beside, node, args))
             print(f"swarm-peer: OpenAI-compatible API and web page at {url}", flush=True)
+        freeze_loaded_heap()  # the model and the API's head are loaded
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             nursery.start_soon(_watch_signals, signals, node, nursery)
             await finished.wait()
