@@ -38,6 +38,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._attacks import ALL  # noqa: E402
+from peer._heap import freeze_loaded_heap  # noqa: E402
 from peer.api import Swarm  # noqa: E402
 from peer.demo import ServerProcess, start_server_process  # noqa: E402
 from peer.runtime import resolve_model  # noqa: E402
@@ -153,6 +154,7 @@ async def run(args: argparse.Namespace, path: str, servers: list[ServerProcess],
         swarm = await Swarm.connect(nursery, bootstrap=[addresses[0]], model=path, audit=0)
         for _ in range(3):  # warm up
             await swarm.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+        freeze_loaded_heap()  # as the command line's clients do: no full collection of the loaded heap mid-run
         base = Window("baseline (no attack)")
         await measure(base, swarm, expected, servers, None, args.baseline)
         windows.append(base)

@@ -51,6 +51,7 @@ import torch
 import trio
 
 from peer.api import Swarm
+from peer._heap import freeze_loaded_heap
 from peer.demo import start_server_process
 
 SHAPE = dict(vocab_size=1000, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -146,6 +147,7 @@ async def run_levels(address: str, model: str, levels: Sequence[int], n: int, vo
         for i in range(top):
             (s,) = await generate_all([swarms[i]], prompts[i:i + 1], check)
             alone.append(s.tokens)
+        freeze_loaded_heap()  # as the command line's clients do: no full collection of all that mid-measurement
         for level in levels:
             sessions = await generate_all(swarms[:level], prompts, n)
             rate, gaps = measure(sessions)

@@ -64,6 +64,7 @@ import torch
 import trio
 
 from peer.api import Swarm
+from peer._heap import freeze_loaded_heap
 from swarm.announce import SwarmView
 from peer.demo import DemoError, launch_server_process, wait_ready
 from peer.server import ServerLimits
@@ -391,6 +392,7 @@ async def run_scenario(kind: str, args: argparse.Namespace, servers: list[Server
         nursery.start_soon(observer.run)
         counters = [await Swarm.connect(nursery, bootstrap=bootstrap, model=model, audit=None)
                     for _ in range(math.ceil(MAX_SESSIONS / ServerLimits().max_sessions_per_peer))]
+        freeze_loaded_heap()  # as the command line's clients do: no full collection of the loaded heap mid-run
         t0 = trio.current_time()
         for i, c in enumerate(clients):
             watch_failures(c, i, out, t0)
