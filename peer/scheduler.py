@@ -16,12 +16,14 @@ form: the items of the tickets granted one slot together are computed by one cal
 
 Lingering: every step needs a round trip to its client, so under a steady load the
 sessions can split into groups that take turns (one batch computes while the other's
-steps travel), each step then waiting for the other group's batch. A batch smaller than
-the last one of its key therefore waits, before it computes, up to ``batch_linger``
-times the last one's compute time for more steps of its key (``SchedulingPolicy.extend``
-lets them in, in policy order): the groups merge into one batch, which costs little
-more than either. It never waits when it is as large as the last one, and a smaller
-size is learnt at once, so sessions that end cost one short wait.
+steps travel), each step then waiting for the other group's batch. A batch with fewer
+steps than requesters its key's last two batches had between them therefore waits,
+before it computes, up to ``batch_linger`` times the last one's compute time for more
+steps of its key (``SchedulingPolicy.extend`` lets them in, in policy order): the groups
+merge into one batch, which costs little more than either. Two batches, not one: groups
+of equal size that take turns each look complete on their own. It never waits when it
+holds them all, and requesters that stop are forgotten after two batches, so sessions
+that end cost at most two short waits.
 """
 
 from __future__ import annotations
@@ -45,6 +47,15 @@ T = TypeVar("T")
 I = TypeVar("I")
 
 
+@dataclass(frozen=True, slots=True)
+class _LastBatches:
+    """What a batch key's last two batches were: who was in each, what the last took."""
+
+    requesters: frozenset[Hashable]  # of the last batch
+    before: frozenset[Hashable]  # of the one before it
+    seconds: float  # the last batch's compute time
+
+
 @dataclass(eq=False, slots=True, kw_only=True)
 class _Member:
     """One ``run_batch`` call: its item, and once granted, what its slot computed."""
@@ -52,6 +63,8 @@ class _Member:
     item: object
     combine: Callable[[list], list]
     key: Hashable
+    requester: Hashable
+    work: int
     granted: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
     group: list[_Member] | None = None  # set on the first ticket of a slot: everyone in it
@@ -87,7 +100,7 @@ class Scheduler:
         self._delinquent_of = delinquent_of or (lambda _requester: False)
         self._events: dict[int, trio.Event] = {}
         self._members: dict[int, _Member] = {}  # ticket -> its run_batch call
-        self._last: dict[Hashable, tuple[int, float]] = {}  # batch key -> (size, seconds) of its last batch
+        self._last: dict[Hashable, _LastBatches] = {}  # batch key -> its last two batches
         self._arrivals: dict[Hashable, trio.Event] = {}  # batch key -> set when one of its steps comes
         # The policy never grants more than its slots (``capacity`` and the small-step
         # slots), so this limiter never makes anyone wait (and so never reorders
@@ -187,7 +200,7 @@ class Scheduler:
         ticket = policy.submit(requester, now=asked, credit=self._credit_of(requester),
                                delinquent=self._delinquent_of(requester), work=work, batch=key,
                                group=group, small=small)
-        me = self._members[ticket] = _Member(item=item, combine=combine, key=key)
+        me = self._members[ticket] = _Member(item=item, combine=combine, key=key, requester=requester, work=work)
         arrived = self._arrivals.pop(key, None)
         if arrived is not None:
             arrived.set()
@@ -222,7 +235,10 @@ class Scheduler:
                                                             limiter=self._threads)
                     if len(self._last) > SWEEP_AT:
                         self._last.clear()
-                    self._last[me.key] = (len(group), time.perf_counter() - t0)
+                    last = self._last.get(me.key)
+                    self._last[me.key] = _LastBatches(frozenset(m.requester for m in group),
+                                                      last.requesters if last is not None else frozenset(),
+                                                      time.perf_counter() - t0)
                     if len(results) != len(group):
                         raise RuntimeError(f"a batch of {len(group)} items gave {len(results)} results")
                     for m, result in zip(group, results):
@@ -245,12 +261,19 @@ class Scheduler:
         return me.result
 
     async def _linger(self, first: _Member) -> None:
-        """Wait (a bounded moment) for more steps of a batch smaller than its key's last."""
+        """Wait (a bounded moment) for more steps of a batch that holds fewer than its
+        key's last two batches had requesters."""
         assert first.group is not None
-        size, took = self._last.get(first.key, (0, 0.0))
-        if len(first.group) >= size or self.policy.config.batch_linger * took <= 0:
+        last = self._last.get(first.key)
+        if last is None:
             return
-        with trio.move_on_after(self.policy.config.batch_linger * took):
+        config = self.policy.config
+        # The steps of one key are alike (its tokens are part of it): as many as fit.
+        size = min(len(last.requesters | last.before), config.max_batch, config.max_batch_work // max(first.work, 1))
+        took = last.seconds
+        if len(first.group) >= size or config.batch_linger * took <= 0:
+            return
+        with trio.move_on_after(config.batch_linger * took):
             while len(first.group) < size:
                 arrived = self._arrivals.setdefault(first.key, trio.Event())
                 await arrived.wait()

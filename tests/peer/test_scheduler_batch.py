@@ -178,3 +178,48 @@ async def test_a_smaller_batch_lingers_for_the_steps_on_their_way(autojump_clock
             for name in "bcd":
                 nursery.start_soon(step, name, 0.005)  # within half of the last batch's 20 ms
         assert batches == expected, linger
+
+
+async def test_groups_that_take_turns_merge(autojump_clock: trio.testing.MockClock) -> None:
+    # Two pairs of sessions took turns ([c, d], then [a, b]): each batch was as large as
+    # the last, so only the last two together show four sessions. The next batch waits
+    # for the pair still on its way instead of going without it.
+    batches: list[list[str]] = []
+
+    def combine(items: list[str]) -> list[str]:
+        batches.append(sorted(items))
+        time.sleep(0.02)  # compute: each batch takes 20 ms
+        return items
+
+    scheduler = Scheduler(capacity=1)
+    gate = threading.Event()
+
+    async def step(name: str, delay: float = 0.0) -> None:
+        await trio.sleep(delay)  # the client's round trip
+        await scheduler.run_batch(name, name, key="span", combine=combine, work=STEP)
+
+    for pair in ("cd", "ab"):  # each pair queues behind other work, then computes together
+        gate.clear()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(scheduler.run, "other", functools.partial(gate.wait, 10), work=STEP))
+            await trio.testing.wait_all_tasks_blocked()
+            for name in pair:
+                nursery.start_soon(step, name)
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+    assert batches == [["c", "d"], ["a", "b"]]
+    gate.clear()
+    async with trio.open_nursery() as nursery:
+
+        async def other_then_cd() -> None:
+            await scheduler.run("other", functools.partial(gate.wait, 10), work=STEP)
+            for name in "cd":  # set off once [a, b] has the slot
+                nursery.start_soon(step, name, 0.005)  # within half of the last batch's 20 ms
+
+        nursery.start_soon(other_then_cd)
+        await trio.testing.wait_all_tasks_blocked()
+        for name in "ab":
+            nursery.start_soon(step, name)
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+    assert batches[2:] == [["a", "b", "c", "d"]]
