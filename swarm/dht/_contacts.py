@@ -21,9 +21,8 @@ the id (the handshake) and the address (we reached it there). So:
   identities claiming one tarpit costs one dial. One that failed fast (refused, or its
   connection was lost) is skipped only ``REFUSED_ADDRESS_FOR`` seconds: it costs the
   next dial nothing, and under churn a restarted peer is back on it within seconds.
-  An address that answered with
-  another peer's id is not marked: a Sybil claiming an honest peer's address must
-  not get it skipped.
+  An address that answered with another peer's id is not marked: a Sybil claiming an
+  honest peer's address must not get it skipped.
 - ``on_new_contact`` (if set) is called with every peer that enters the table, so
   the DHT node can hand it the records it is now among the closest holders of.
 - ``failed(peer_id)`` after a request failed: BAD after two in a row, then evicted
