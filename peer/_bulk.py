@@ -13,6 +13,12 @@ else wants: the scheduler stays work-conserving.
 Linux keeps niceness per thread, and anyone may raise their own: the threads here set
 theirs once when they start and are used only for bulk work. A thread waits
 ``IDLE_EXIT`` seconds for its next job before it ends, so a quiet process keeps none.
+
+At most ``MAX_THREADS`` run at once (the cores, at least 2, or what a scheduler's
+slots need: ``allow_bulk_threads``); further jobs wait their turn. Bulk work is all CPU, so more threads would not finish it sooner: they would
+contend for the GIL with the event loop, and each thread's malloc arena keeps what it
+freed (six fresh identities, each with a whole-context FORWARD_ONCE decoding at once,
+had a server run ten bulk threads and keep +100 MB; issue 10, item 4).
 """
 
 from __future__ import annotations
@@ -26,16 +32,19 @@ from typing import Any, TypeVar
 import outcome
 import trio
 
-__all__ = ["BULK_NICE", "run_bulk"]
+__all__ = ["BULK_NICE", "MAX_THREADS", "allow_bulk_threads", "run_bulk"]
 
 BULK_NICE = 10  # niceness of bulk threads (at least the process's own)
 IDLE_EXIT = 10.0  # seconds an idle bulk thread lives
+MAX_THREADS = max(2, os.cpu_count() or 1)  # bulk threads at most
 
 T = TypeVar("T")
 
 _jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
 _lock = threading.Lock()
-_idle = 0  # threads waiting for a job
+_waiting = 0  # threads waiting for a job
+_unclaimed = 0  # jobs no thread has taken yet
+_threads = 0  # threads alive
 
 
 async def run_bulk(fn: Callable[..., T], *args: Any) -> T:
@@ -59,33 +68,46 @@ async def run_bulk(fn: Callable[..., T], *args: Any) -> T:
     return result[0].unwrap()
 
 
-def _submit(job: Callable[[], None]) -> None:
-    global _idle
+def allow_bulk_threads(n: int) -> None:
+    """Let at least ``n`` bulk jobs run at once (a scheduler with ``n - 1`` slots: on a
+    GPU its jobs wait on the device, not on the cores)."""
+    global MAX_THREADS
     with _lock:
-        start = _idle == 0
-        if not start:
-            _idle -= 1  # that thread takes this job
-    _jobs.put(job)
+        MAX_THREADS = max(MAX_THREADS, n)
+
+
+def _submit(job: Callable[[], None]) -> None:
+    global _unclaimed, _threads
+    with _lock:  # (the queue is changed under the lock too: a thread timing out sees it)
+        _jobs.put(job)
+        _unclaimed += 1
+        start = _unclaimed > _waiting and _threads < MAX_THREADS
+        if start:
+            _threads += 1
     if start:
         threading.Thread(target=_work, name="bulk compute", daemon=True).start()
 
 
 def _work() -> None:
-    global _idle
+    global _waiting, _unclaimed, _threads
     try:
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, max(BULK_NICE, os.getpriority(os.PRIO_PROCESS, tid)))
     except OSError:  # not permitted here: bulk work runs at the process's priority
         pass
     while True:
+        with _lock:
+            _waiting += 1
         try:
             job = _jobs.get(timeout=IDLE_EXIT)
         except queue.Empty:
             with _lock:
-                if _idle > 0 and _jobs.empty():
-                    _idle -= 1
+                _waiting -= 1
+                if _jobs.empty():
+                    _threads -= 1
                     return
-            continue  # a job was handed to this thread as it timed out: take it
-        job()
+            continue  # a job came as this thread timed out: take it
         with _lock:
-            _idle += 1
+            _waiting -= 1
+            _unclaimed -= 1
+        job()

@@ -36,7 +36,7 @@ from typing import TypeVar
 
 import trio
 
-from ._bulk import run_bulk
+from ._bulk import allow_bulk_threads, run_bulk
 from ._scheduling import SWEEP_AT, SchedulerConfig, SchedulingPolicy
 
 __all__ = ["SchedulerConfig", "SchedulingPolicy", "Scheduler"]
@@ -107,6 +107,7 @@ class Scheduler:
         # grants); it only keeps trio's default thread limiter, shared with everything
         # else, out of the way.
         self._threads = trio.CapacityLimiter(self.policy.config.capacity + self.policy.config.small_slots)
+        allow_bulk_threads(self.policy.config.capacity + 1)  # every slot's bulk ticket and a big input's decode
         self.waits: dict[Hashable, list[tuple[float, float]]] = {}
 
     @property

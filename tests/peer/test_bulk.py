@@ -83,3 +83,31 @@ async def test_idle_bulk_threads_end(monkeypatch):
         await trio.to_thread.run_sync(thread.join, 15)
     assert not bulk_threads()
     assert await run_bulk(lambda: 7) == 7  # a new one starts for the next job
+
+
+async def test_at_most_max_threads_jobs_run_and_the_rest_wait_their_turn(monkeypatch):
+    monkeypatch.setattr(_bulk, "MAX_THREADS", 2)
+    lock, release, two = threading.Lock(), threading.Event(), threading.Event()
+    running, most, ran = 0, 0, []
+
+    def job(i: int) -> int:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+            if running == 2:
+                two.set()
+        release.wait(10)
+        with lock:
+            running -= 1
+        ran.append(i)
+        return i
+
+    async with trio.open_nursery() as nursery:
+        for i in range(5):
+            nursery.start_soon(run_bulk, job, i)
+        assert await trio.to_thread.run_sync(two.wait, 10)
+        assert not ran  # three wait in the queue, no third thread took one
+        release.set()
+    assert sorted(ran) == [0, 1, 2, 3, 4]
+    assert most == 2
