@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import trio
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peer.node import ServeOptions, run_server
@@ -15,6 +16,20 @@ async def start_server(nursery, model, blocks, bootstrap=(), **kw):
     """One in-process serving peer (``peer.node.run_server``) on loopback."""
     options = ServeOptions(model=model, blocks=blocks, bootstrap=tuple(bootstrap), **kw)
     return await nursery.start(functools.partial(run_server, Identity.generate(), options))
+
+
+async def wait_for_servers(swarm, peer_ids):
+    """Until ``swarm``'s client sees every one of ``peer_ids`` announced (a fresh view
+    each try; an announcement takes a DHT store to land, and a loaded machine delays
+    it), for at most a minute."""
+    wanted = set(peer_ids)
+    with trio.fail_after(60):
+        for attempt in range(10**6):
+            view = await swarm.client.swarm_view(fresh=True)
+            if wanted <= set(view.servers):
+                return view
+            await trio.sleep(min(1.0, 0.05 * 2**attempt))
+    raise AssertionError("unreachable")
 
 
 def save_tiny_llama(path, *, layers: int = 6, max_positions: int = 128, special_tokens: bool = True):

@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from peer.api import Swarm
 from peer.node import ServeOptions, run_server
+from peer_helpers import wait_for_servers
 from protocol import Identity
 
 LAYERS = 4
@@ -87,6 +88,8 @@ async def test_audits_of_batched_steps_pass(model_dir):
             nodes.append(await nursery.start(functools.partial(run_server, Identity.generate(), options)))
         swarms = [await Swarm.connect(nursery, bootstrap=[nodes[0].address], model=model_dir, audit=1.0)
                   for _ in range(clients)]
+        for swarm in swarms:  # both replicas, or a step may find no independent auditor
+            await wait_for_servers(swarm, [n.identity.peer_id for n in nodes])
         results: dict[int, list[int]] = {}
 
         async def generate(i: int) -> None:
