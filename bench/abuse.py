@@ -8,8 +8,11 @@ two ``swarm-peer serve`` processes (blocks 0:2 and 2:4, ``--threads 1``), the cl
 greedy with audits off, 16 new tokens per generation. First a baseline with no attack,
 measured in the same run; then per attack: honest generations that started while it
 ran, their success rate, p50 latency against the baseline's, whether every token
-matched ``transformers``' greedy generate, and the largest RSS growth of a server
-(VmRSS from /proc, peak during the attack minus before it).
+matched ``transformers``' greedy generate, the largest RSS growth of a server
+(VmRSS from /proc, peak during the attack minus before it), and the CPU the attack
+processes took (in cores: their CPU seconds over the window). An attacker runs on its
+own machines; here it shares the two cores with the servers and the honest client,
+and a ratio measured while it took most of a core includes that.
 
 Goals (issue 10): honest success >= 99%, p50 <= 1.5x baseline, RSS growth <= 100 MB,
 tokens identical, for every attack. Item 7 (lying announcements) attacks the client's
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -64,6 +68,7 @@ class Window:
     wrong: int = 0
     rss_growth: float = 0.0  # MB, the largest over the servers
     attack: str = ""
+    attacker_cores: float = 0.0  # the attack processes' CPU time over the window's length
 
     @property
     def attempts(self) -> int:
@@ -84,6 +89,11 @@ def rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def reference_tokens(path: str) -> list[int]:
@@ -119,7 +129,9 @@ async def measure(window: Window, swarm: Swarm, expected: list[int], servers: li
     """Generate until the attackers exit (or ``seconds`` for the baseline)."""
     before = [rss_mb(s.proc.pid) for s in servers]
     peak = list(before)
-    end = time.monotonic() + seconds
+    started = time.monotonic()
+    end = started + seconds
+    cpu_before = children_cpu()
 
     def running() -> bool:
         if attackers is None:
@@ -141,6 +153,9 @@ async def measure(window: Window, swarm: Swarm, expected: list[int], servers: li
     window.rss_growth = max(p - b for p, b in zip(peak, before))
     if attackers is not None:
         window.attack = "; ".join((a.communicate()[0] or "").strip() for a in attackers)
+        # (the attackers are the only children that end in a window: their CPU, which on
+        # this machine the servers and the honest client do not get)
+        window.attacker_cores = (children_cpu() - cpu_before) / (time.monotonic() - started)
 
 
 async def run(args: argparse.Namespace, path: str, servers: list[ServerProcess], expected: list[int]) -> list[Window]:
@@ -183,14 +198,14 @@ async def run(args: argparse.Namespace, path: str, servers: list[ServerProcess],
 def table(windows: list[Window]) -> str:
     base = windows[0]
     rows = ["| scenario | honest gens | success | p50 ms | p50 / baseline | server RSS growth | tokens identical "
-            "| goals met |", "|---|---|---|---|---|---|---|---|"]
+            "| attackers' CPU (cores) | goals met |", "|---|---|---|---|---|---|---|---|---|"]
     for w in windows:
         ratio = w.p50 / base.p50 if base.latencies and w.latencies else float("nan")
         met = (w.success >= GOALS["success"] and ratio <= GOALS["p50_ratio"] and w.rss_growth <= GOALS["rss_mb"]
                and w.wrong == 0)
         rows.append(f"| {w.name} | {w.attempts} | {w.success:.1%} | {w.p50 * 1000:.0f} | {ratio:.2f}x | "
                     f"{w.rss_growth:.0f} MB | {'yes' if w.wrong == 0 else f'no ({w.wrong} wrong)'} | "
-                    f"{'yes' if met else 'no'} |")
+                    f"{w.attacker_cores:.2f} | {'yes' if met else 'no'} |")
     return "\n".join(rows)
 
 
