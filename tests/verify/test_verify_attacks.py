@@ -218,10 +218,12 @@ async def framing_proof(swarm, target, *, span=(0, 3), steps=3, hidden_of=None):
 
 
 async def send_proof(client, node, proof):
-    """FRAUD_PROOF to ``node``: True (accepted), or the ERROR code."""
+    """FRAUD_PROOF to ``node``: True (accepted), or the ERROR code. (The verdict is
+    what is tested, not its time: a recomputation on a loaded machine may take more
+    than the default 10 s.)"""
     conn = await client.host.connect(node.address, peer_id=node.identity.peer_id)
     try:
-        ack = await conn.request(FraudProofNotice(proof=proof))
+        ack = await conn.request(FraudProofNotice(proof=proof), timeout=120)
     except RemoteError as exc:
         return exc.code
     assert isinstance(ack, FraudProofAck)
