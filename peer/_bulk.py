@@ -15,10 +15,10 @@ theirs once when they start and are used only for bulk work. A thread waits
 ``IDLE_EXIT`` seconds for its next job before it ends, so a quiet process keeps none.
 
 At most ``MAX_THREADS`` run at once (the cores, at least 2, or what a scheduler's
-slots need: ``allow_bulk_threads``); further jobs wait their turn. Bulk work is all CPU, so more threads would not finish it sooner: they would
-contend for the GIL with the event loop, and each thread's malloc arena keeps what it
-freed (six fresh identities, each with a whole-context FORWARD_ONCE decoding at once,
-had a server run ten bulk threads and keep +100 MB; issue 10, item 4).
+slots need: ``allow_bulk_threads``); further jobs wait their turn. Bulk work is all
+CPU, so more threads would not finish it sooner, and each thread's malloc arena keeps
+what it freed (six fresh identities, each with a whole-context FORWARD_ONCE decoding
+at once, had a server run ten bulk threads and keep +100 MB; issue 10, item 4).
 """
 
 from __future__ import annotations
