@@ -10,9 +10,13 @@ cache, so a batch is built per step:
 - position ids are per row (``position_i + t``), and the rotary embedding is computed
   for them, so each row is rotated exactly as it would be alone;
 - each layer's attention writes its new keys and values through ``_BatchCache``, a
-  cache view that appends row i's real tokens to session i's own ``DynamicCache`` (so
-  the sessions' caches hold exactly what they would hold alone) and hands the
-  attention the rows' full keys and values stacked and padded at the end;
+  cache view that appends row i's real tokens to session i's own cache (so the
+  sessions' caches hold exactly what they would hold alone) and hands the attention
+  the rows' full keys and values stacked and padded at the end. When the sessions are
+  the rows of one arena (``peer.runtime._kv``: built by the first batch of those
+  sessions that the cache budget has room for, and used by every next batch of
+  exactly them) the caches already are that padded tensor: the new tokens are
+  written into it in place and nothing is stacked;
 - the attention mask is per row, built from what each session's cache layer says it
   will return (``get_mask_sizes``: its length and the absolute position of its first
   key, which also covers sliding-window layers that keep only the window): row i's
@@ -38,7 +42,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ._errors import SessionMemoryExhausted
+
 if TYPE_CHECKING:
+    from ._kv import Arena
     from ._executor import SpanExecutor, _Session
 
 __all__ = ["SessionStep", "BatchJob", "BATCHED_ATTENTION", "crop_cache"]
@@ -88,26 +95,69 @@ def crop_cache(cache: Any, position: int) -> None:
 
 class _BatchCache:
     """The cache the layers of a batched run see: row i's new keys and values go to
-    session i's own cache; the attention gets all rows' keys and values, padded."""
+    session i's own cache; the attention gets all rows' keys and values, padded. With
+    an arena (``peer.runtime._kv``: the sessions are its rows, in order) its growing
+    layers are written and read in place."""
 
-    def __init__(self, caches: list[Any], tokens: list[int]) -> None:
+    def __init__(self, caches: list[Any], tokens: list[int], arena: Arena | None, starts: torch.Tensor) -> None:
         self._caches = caches
         self._tokens = tokens
+        self._arena = arena
+        self._starts = starts
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._arena is not None and layer_idx in self._arena.keys:
+            layers = [cache.layers[layer_idx] for cache in self._caches]
+            return self._arena.write(layer_idx, key_states, value_states, layers, self._starts, self._tokens)
         rows = []
         for i, (cache, n) in enumerate(zip(self._caches, self._tokens, strict=True)):
             rows.append(cache.update(key_states[i:i + 1, :, :n], value_states[i:i + 1, :, :n], layer_idx,
                                      *args, **kwargs))
         length = max(k.shape[2] for k, _ in rows)
         b, heads, _, dim = key_states.shape
-        keys = key_states.new_zeros(b, heads, length, dim)
-        values = value_states.new_zeros(b, heads, length, value_states.shape[3])
+        keys = key_states.new_empty(b, heads, length, dim)
+        values = value_states.new_empty(b, heads, length, value_states.shape[3])
         for i, (k, v) in enumerate(rows):
-            keys[i, :, :k.shape[2]] = k[0]
-            values[i, :, :v.shape[2]] = v[0]
+            held = k.shape[2]
+            keys[i, :, :held] = k[0]
+            values[i, :, :held] = v[0]
+            if held < length:  # masked out, but must be finite: 0 x NaN would be NaN
+                keys[i, :, held:] = 0
+                values[i, :, held:] = 0
         return keys, values
+
+
+def _arena_for(ex: SpanExecutor, steps: Sequence[SessionStep]) -> tuple[Arena, list[int]] | None:
+    """The arena whose rows are these steps' sessions (and each one's row): the one
+    they already sit in, or a new one if the cache budget has room for it; None if not.
+
+    A new arena holds every row up to the largest ``max_length`` of its sessions, so
+    that no row ever grows: it takes from the budget what that is beyond the sessions'
+    own reservations, and a session moved out of an older arena leaves a hole there
+    that stays reserved (its reservation's worth) until that arena is freed."""
+    from ._kv import arena_of, build_arena, shared_arena  # imports transformers: on first use
+
+    caches = [s.session.cache for s in steps]
+    found = shared_arena(caches)
+    if found is not None:
+        return found
+    lo, hi = steps[0].session.lo, steps[0].session.hi
+    capacity = max(s.session.max_length for s in steps)
+    extra = max(0, len(steps) * ex._cache_bytes(capacity, lo, hi) - sum(s.session.reserved for s in steps))
+    holes = [(old, s.session.reserved) for s in steps if (old := arena_of(s.session.cache)) is not None]
+    try:
+        ex.reserve(extra + sum(n for _, n in holes))
+    except SessionMemoryExhausted:
+        return None
+    arena = build_arena(caches, capacity)
+    if arena is None:
+        ex.release(extra + sum(n for _, n in holes))
+        return None
+    ex._release_with(arena, extra)
+    for old, n in holes:
+        ex._release_with(old, n)
+    return arena, list(range(len(steps)))
 
 
 class BatchJob:
@@ -127,8 +177,18 @@ class BatchJob:
         return sum(s.work for s in self.steps)
 
     def run(self) -> list[torch.Tensor]:
-        ex, steps = self._ex, self.steps
-        lo, hi = steps[0].session.lo, steps[0].session.hi
+        ex, given = self._ex, self.steps
+        lo, hi = given[0].session.lo, given[0].session.hi
+        for s in given:
+            if s.position < s.session.length:  # a rollback: cut its cache there first
+                s.started = True
+                crop_cache(s.session.cache, s.position)
+        placed = _arena_for(ex, given)
+        arena = None
+        if placed is not None:  # the rows of the arena, in order
+            arena, rows = placed
+            self.steps = [s for _, s in sorted(zip(rows, given, strict=True), key=lambda pair: pair[0])]
+        steps = self.steps
         tokens = [s.tokens for s in steps]
         width = max(tokens)
         with torch.inference_mode():
@@ -140,25 +200,21 @@ class BatchJob:
                 row[s.tokens:] = s.position + s.tokens - 1  # padded queries: any valid position
                 positions[i] = row
             positions = positions.to(ex.device)
-            for s in steps:
-                if s.position < s.session.length:  # a rollback: cut its cache there first
-                    s.started = True
-                    crop_cache(s.session.cache, s.position)
             masks = {kind: self._mask(kind, lo, hi, positions) for kind in set(ex._layer_types[lo:hi])}
             with ex._rotary_lock:
                 embeddings = ex._rotary(x, positions)
-            cache = _BatchCache([s.session.cache for s in steps], tokens)
+            cache = _BatchCache([s.session.cache for s in steps], tokens, arena, positions[:, 0])
             for s in steps:
                 s.started = True
             with ex._gate.hold(lo):
                 x = ex._run_layers(x, (positions, masks, embeddings), cache, lo, lo, hi)
-        outputs = [x[i:i + 1, :s.tokens].clone() for i, s in enumerate(steps)]
+        out = {id(s): x[i:i + 1, :s.tokens].clone() for i, s in enumerate(steps)}
         now = ex._clock()
         for s in steps:
             s.session.length = s.position + s.tokens
             s.session.last_used = now
             s.finished = True
-        return outputs
+        return [out[id(s)] for s in given]
 
     def _mask(self, kind: str, lo: int, hi: int, positions: torch.Tensor) -> torch.Tensor:
         """The ``[B, 1, N, K]`` mask of the layers of ``kind`` (see the module docstring)."""

@@ -1,8 +1,8 @@
 """The span executor: blocks [start, end) of a model, with KV-cache inference sessions.
 
-Theory of operation. A session is a per-span ``DynamicCache`` plus its length. A
-``forward`` of n >= 1 tokens at ``position`` (at most the session's length) extends
-the cache by n: prefill and decode are the same call. A position below the length is
+Theory of operation. A session is a per-span ``DynamicCache`` (``peer.runtime._kv``:
+its layers append in place) plus its length. A ``forward`` of n >= 1 tokens at
+``position`` (at most the session's length) extends the cache by n: prefill and decode are the same call. A position below the length is
 a rollback (speculative decoding, spec 11.1): the cache is cut there (``crop``) when
 the step's first piece runs, so a step refused or abandoned before computing leaves
 the session as it was. Position ids, rotary
@@ -52,6 +52,7 @@ import functools
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -91,7 +92,7 @@ class SessionsInfo:
 @dataclass(slots=True)
 class _Session:
     max_length: int
-    cache: object  # transformers DynamicCache, one slot per block of [lo, hi)
+    cache: object  # a DynamicCache (_kv.session_cache), one slot per block of [lo, hi)
     length: int
     reserved: int
     lo: int  # the session's blocks, as local indices into the span's layers
@@ -276,7 +277,10 @@ class SpanExecutor:
         self._config = modules.config
         self._layer_types = _layer_types(modules.config)
         self._sessions: dict[bytes, _Session] = {}
-        self._transient = 0  # cache budget taken by running chunked forward_once jobs
+        self._transient = 0  # cache budget taken by chunked forward_once jobs and batch arenas (_kv)
+        # Guards the budget: batches reserve arenas on compute threads, and an arena's
+        # hold is given back by a finalizer on whichever thread drops it last.
+        self._budget = threading.RLock()
         self._gate = _SlotGate()
         self._rotary_lock = threading.Lock()
         self.per_token_cache_bytes = _per_token_bytes(modules.config, dtype)
@@ -329,7 +333,7 @@ class SpanExecutor:
             MaxLengthExceeded: longer than the model's context (max_position_embeddings).
             SessionMemoryExhausted: the cache budget cannot reserve it now.
         """
-        from transformers import DynamicCache
+        from ._kv import session_cache  # imports transformers: on first use
 
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
             raise InvalidArgument(f"max_length must be a positive integer, got {max_length!r}")
@@ -337,37 +341,52 @@ class SpanExecutor:
         if limit is not None and max_length > limit:
             raise MaxLengthExceeded(f"max_length {max_length} exceeds the model's context of {limit} tokens")
         lo, hi = self._local_range(start, end)
-        need = max_length * self.per_token_cache_bytes * (hi - lo) // self.num_blocks
-        if self.cache_bytes is not None:
-            free = self.cache_bytes - self._reserved()
-            if need > free:
-                raise SessionMemoryExhausted(
-                    f"cache budget full: a session of {max_length} tokens needs {need} bytes, "
-                    f"{free} of {self.cache_bytes} are free; use a smaller max_length or retry later"
-                )
+        need = self._cache_bytes(max_length, lo, hi)
+        cache = session_cache(self._sub_config(lo, hi), max_length)
         session_id = secrets.token_bytes(SESSION_ID_BYTES)
-        self._sessions[session_id] = _Session(
-            max_length=max_length,
-            cache=DynamicCache(config=self._sub_config(lo, hi)),
-            length=0,
-            reserved=need,
-            last_used=self._clock(),
-            lo=lo,
-            hi=hi,
-        )
+        with self._budget:
+            if self.cache_bytes is not None:
+                free = self.cache_bytes - self._reserved()
+                if need > free:
+                    raise SessionMemoryExhausted(
+                        f"cache budget full: a session of {max_length} tokens needs {need} bytes, "
+                        f"{free} of {self.cache_bytes} are free; use a smaller max_length or retry later"
+                    )
+            self._sessions[session_id] = _Session(max_length=max_length, cache=cache, length=0, reserved=need,
+                                                  last_used=self._clock(), lo=lo, hi=hi)
         return session_id
 
     def close_session(self, session_id: bytes) -> None:
         """Free a session's cache. Raises :class:`UnknownSession` if it is not open."""
         self._get(session_id)
-        del self._sessions[session_id]
+        self._drop(session_id)
 
     def evict_idle(self, now: float) -> list[bytes]:
         """Close sessions unused for longer than ``idle_timeout`` at time ``now``; return their ids."""
         stale = [sid for sid, s in self._sessions.items() if now - s.last_used > self.idle_timeout]
         for sid in stale:
-            del self._sessions[sid]
+            self._drop(sid)
         return stale
+
+    def _drop(self, session_id: bytes) -> None:
+        """Forget a session. A row it leaves in a batch arena (``_kv``) stays reserved, its
+        reservation's worth, until the arena is freed."""
+        from ._kv import arena_of
+
+        with self._budget:
+            session = self._sessions.pop(session_id)
+            arena = arena_of(session.cache)
+            if arena is not None:
+                self._transient += session.reserved
+                self._release_with(arena, session.reserved)
+
+    def _release_with(self, holder: object, nbytes: int) -> None:
+        """Give ``nbytes`` of the budget back once ``holder`` is freed."""
+        weakref.finalize(holder, self.release, nbytes)
+
+    def _cache_bytes(self, tokens: int, lo: int, hi: int) -> int:
+        """What ``tokens`` tokens of cache take over local blocks [lo, hi) (reservations)."""
+        return tokens * self.per_token_cache_bytes * (hi - lo) // self.num_blocks
 
     # -- compute -------------------------------------------------------------------------
 
@@ -482,9 +501,9 @@ class SpanExecutor:
         chunked = chunk_tokens is not None and n > chunk_tokens
         cache = None
         if chunked:
-            from transformers import DynamicCache
+            from ._kv import session_cache
 
-            cache = DynamicCache(config=self._sub_config(lo, hi))
+            cache = session_cache(self._sub_config(lo, hi), n)
         return ForwardJob(self, hidden, 0, cache, lo, hi, quantum=quantum,
                           chunk_tokens=chunk_tokens if chunked else None, on_done=None)
 
@@ -510,20 +529,22 @@ class SpanExecutor:
         """Cache memory a chunked ``forward_once_job`` of ``n_tokens`` holds while it runs
         (what ``reserve`` is asked for: the same budget as sessions)."""
         lo, hi = self._local_range(start, end)
-        return n_tokens * self.per_token_cache_bytes * (hi - lo) // self.num_blocks
+        return self._cache_bytes(n_tokens, lo, hi)
 
     def reserve(self, nbytes: int) -> None:
         """Take ``nbytes`` of the cache budget for a transient use (``release`` gives them
         back). Raises SessionMemoryExhausted if they are not free."""
-        if self.cache_bytes is not None:
-            free = self.cache_bytes - self._reserved()
-            if nbytes > free:
-                raise SessionMemoryExhausted(
-                    f"cache budget full: {nbytes} bytes needed, {free} of {self.cache_bytes} are free; retry later")
-        self._transient += nbytes
+        with self._budget:
+            if self.cache_bytes is not None:
+                free = self.cache_bytes - self._reserved()
+                if nbytes > free:
+                    raise SessionMemoryExhausted(f"cache budget full: {nbytes} bytes needed, {free} of "
+                                                 f"{self.cache_bytes} are free; retry later")
+            self._transient += nbytes
 
     def release(self, nbytes: int) -> None:
-        self._transient = max(0, self._transient - nbytes)
+        with self._budget:
+            self._transient = max(0, self._transient - nbytes)
 
     def _prepare(self, x: torch.Tensor, position: int, cache: object | None, lo: int, hi: int) -> tuple:
         """Masks and rotary embeddings for a run of ``x`` at ``position`` (once per chunk)."""
@@ -598,7 +619,8 @@ class SpanExecutor:
         return cfg
 
     def _reserved(self) -> int:
-        return sum(s.reserved for s in self._sessions.values()) + self._transient
+        with self._budget:
+            return sum(s.reserved for s in self._sessions.values()) + self._transient
 
     def _check_hidden(self, hidden: torch.Tensor) -> int:
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[0] != 1:
