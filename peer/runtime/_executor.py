@@ -2,17 +2,17 @@
 
 Theory of operation. A session is a per-span ``DynamicCache`` (``peer.runtime._kv``:
 its layers append in place) plus its length. A ``forward`` of n >= 1 tokens at
-``position`` (at most the session's length) extends the cache by n: prefill and decode are the same call. A position below the length is
-a rollback (speculative decoding, spec 11.1): the cache is cut there (``crop``) when
-the step's first piece runs, so a step refused or abandoned before computing leaves
-the session as it was. Position ids, rotary
-embeddings and causal/sliding masks are computed exactly as the full model computes
-them for those positions, with transformers' own functions, so the chain of spans
-reproduces the full model. ``forward_once`` runs a whole sequence from position 0
-with no cache (replays and audits). Both may be limited to a sub-range [start, end)
-of the served blocks (a route may use only part of a peer's span): such a session's
-cache has one slot per block it runs, and the attention modules are pointed at their
-slot before each run.
+``position`` (at most the session's length) extends the cache by n: prefill and
+decode are the same call. A position below the length is a rollback (speculative
+decoding, spec 11.1): the cache is cut there (``crop``) when the step's first piece
+runs, so a step refused or abandoned before computing leaves the session as it was.
+Position ids, rotary embeddings and causal/sliding masks are computed exactly as the
+full model computes them for those positions, with transformers' own functions, so
+the chain of spans reproduces the full model. ``forward_once`` runs a whole sequence
+from position 0 with no cache (replays and audits). Both may be limited to a
+sub-range [start, end) of the served blocks (a route may use only part of a peer's
+span): such a session's cache has one slot per block it runs, and the attention
+modules are pointed at their slot before each run.
 
 A session here is compute only: a KV cache, the tokens it holds and the memory
 reserved for it. The protocol's account of a session (steps, positions, the history
@@ -24,7 +24,9 @@ serve local callers (``generate_local``) that use no protocol at all.
 Memory: each open session reserves ``max_length * per_token_cache_bytes`` against
 ``cache_bytes`` when it opens (an upper bound: the cache grows lazily, but a session
 admitted must never fail for memory halfway through); a caller running a chunked
-``forward_once_job`` reserves its cache the same way (``reserve``/``release``).
+``forward_once_job`` reserves its cache the same way (``reserve``/``release``), and so
+does a batch that builds an arena (``_kv``) for what the arena holds beyond its
+sessions' reservations.
 
 Pieces: ``forward_job`` and ``forward_once_job`` return a ``ForwardJob``, the same
 computation cut into calls of bounded work, so that the server's scheduler can let a

@@ -82,8 +82,9 @@ class Arena:
         return k[:, :, :longest], v[:, :, :longest]
 
     def _zero_past(self, layers: Sequence[GrowingLayer], clean: int) -> None:
-        """Zero every row of this slot from its length up to ``clean`` (all slots advance
-        together: the first slot a batch writes moves ``clean`` for the others)."""
+        """Zero every row of every slot from its length (``layers``' lengths: between
+        steps a session's layers all hold as many tokens) up to ``clean``; the first slot
+        a batch step writes moves ``clean`` for all of them."""
         for slot in self.keys:
             for i, layer in enumerate(layers):
                 start = max(self.clean, layer.length)
