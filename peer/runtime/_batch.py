@@ -128,9 +128,14 @@ class _BatchCache:
         return keys, values
 
 
+#: Batches of the same sessions before the next one builds them an arena.
+_STABLE_BATCHES = 3
+
+
 def _arena_for(ex: SpanExecutor, steps: Sequence[SessionStep]) -> tuple[Arena, list[int]] | None:
     """The arena whose rows are these steps' sessions (and each one's row): the one
-    they already sit in, or a new one if the cache budget has room for it; None if not.
+    they already sit in, or a new one if they made the last batches too and the cache
+    budget has room for it; None if not.
 
     A new arena holds every row up to the largest ``max_length`` of its sessions, so
     that no row ever grows: it takes from the budget what that is beyond the sessions'
@@ -143,6 +148,15 @@ def _arena_for(ex: SpanExecutor, steps: Sequence[SessionStep]) -> tuple[Arena, l
     if found is not None:
         return found
     lo, hi = steps[0].session.lo, steps[0].session.hi
+    # Building one costs about one batch step (copies, and page faults on the new
+    # memory), so only for members that have been batched together before: while
+    # sessions come and go every step, stacking is cheaper than rebuilding.
+    members = frozenset(id(s.session) for s in steps)
+    last, seen = ex._batch_members.get((lo, hi), (frozenset(), 0))
+    seen = seen + 1 if last == members else 1
+    ex._batch_members[(lo, hi)] = (members, seen)
+    if seen < _STABLE_BATCHES:
+        return None
     capacity = max(s.session.max_length for s in steps)
     extra = max(0, len(steps) * ex._cache_bytes(capacity, lo, hi) - sum(s.session.reserved for s in steps))
     holes = [(old, s.session.reserved) for s in steps if (old := arena_of(s.session.cache)) is not None]

@@ -71,6 +71,7 @@ from ._errors import (
     UnknownSession,
 )
 from ._loader import SpanModules
+from ._packed import dense_copy
 from ._model_id import ModelInfo
 
 if TYPE_CHECKING:
@@ -283,6 +284,8 @@ class SpanExecutor:
         # Guards the budget: batches reserve arenas on compute threads, and an arena's
         # hold is given back by a finalizer on whichever thread drops it last.
         self._budget = threading.RLock()
+        # (lo, hi) -> the sessions of its last batch, and how many batches in a row they made (_batch)
+        self._batch_members: dict[tuple[int, int], tuple[frozenset[int], int]] = {}
         self._gate = _SlotGate()
         self._rotary_lock = threading.Lock()
         self.per_token_cache_bytes = _per_token_bytes(modules.config, dtype)
@@ -644,14 +647,14 @@ class _Float64Blocks:
         self._layers = layers
 
     def __getitem__(self, index: int) -> torch.nn.Module:
-        return copy.deepcopy(self._layers[index]).to(torch.float64)
+        return dense_copy(self._layers[index]).to(torch.float64)
 
     def __len__(self) -> int:
         return len(self._layers)
 
     def __iter__(self) -> Iterator[torch.nn.Module]:
         for layer in self._layers:
-            yield copy.deepcopy(layer).to(torch.float64)
+            yield dense_copy(layer).to(torch.float64)
 
 
 def _check_croppable(cache: object, position: int) -> None:

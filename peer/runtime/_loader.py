@@ -18,6 +18,7 @@ from torch import nn
 from .. import _progress
 from ._arch import HEAD_EMBED, HEAD_LM, HEAD_NORM, architecture, span_config
 from ._errors import ModelError, SpanOutOfRange
+from ._packed import pack_linears
 from ._quant import quantize_linears
 from ._sources import Source
 
@@ -86,7 +87,7 @@ def _load_layer(source: Source, arch: Any, cfg: Any, local: int, index: int, *, 
     if quant is not None:
         layer = quantize_linears(layer, quant, device=device, dtype=dtype)
     else:
-        layer = layer.to(device)
+        layer = pack_linears(layer.to(device))
     return layer
 
 

@@ -60,8 +60,9 @@ def test_batches_of_changing_members_lone_steps_rollbacks_and_closes_equal_the_s
     ex = rt.load_span(str(tiny_models["llama"]), 1, 5)
     t = _Twins(ex, [40, 24, 48, 32])
     t.batch([0, 1, 2, 3], tokens=[3, 9, 14, 1])  # prefills of different lengths
-    assert t.arena(0) is None  # caches with no keys yet: nothing to size an arena by
-    t.batch([0, 1, 2, 3])  # the first arena
+    t.batch([0, 1, 2, 3])
+    assert t.arena(0) is None  # members batched together once before: stacked, no arena yet
+    t.batch([0, 1, 2, 3])  # the third batch of the same members builds the first arena
     first = t.arena(0)
     assert first is not None
     assert all(t.arena(i) is first for i in range(4))
@@ -71,10 +72,14 @@ def test_batches_of_changing_members_lone_steps_rollbacks_and_closes_equal_the_s
     t.batch([3, 1, 0, 2])  # any order: still its rows
     assert t.arena(0) is first
     t.lone(2)  # a member alone writes its own row
-    t.batch([0, 1])  # other members: a new arena; 2 and 3 stay in the first
+    t.batch([0, 1])  # other members: stacked from their rows, twice, then a new arena
+    t.batch([0, 1])
+    assert t.arena(0) is first
+    t.batch([0, 1])
     assert t.arena(0) is t.arena(1) is not first
     assert t.arena(2) is t.arena(3) is first
-    t.batch([2, 3], tokens=[2, 1])
+    for _ in range(3):
+        t.batch([2, 3], tokens=[2, 1])
     assert t.arena(2) is not first
     # a rollback inside an arena: row 0 is cut back 3 tokens, row 1 goes on
     t.batch([0, 1], tokens=[1, 1], at=[ex.session_length(t.alone[0]) - 3, ex.session_length(t.alone[1])])
@@ -91,13 +96,14 @@ def test_a_rolled_back_nan_never_reaches_a_batch(tiny_models: dict[str, Path]) -
     ex = rt.load_span(str(tiny_models["llama"]), 1, 5)
     t = _Twins(ex, [30, 30])
     t.batch([0, 1], tokens=[4, 12])
-    t.batch([0, 1])  # an arena: rows of 5 and 13 tokens
+    t.batch([0, 1])
+    t.batch([0, 1])  # an arena: rows of 6 and 14 tokens
     assert t.arena(0) is not None
     nan = torch.full((1, 1, ex.hidden_size), float("nan"))
-    t.lone(0, nan)  # row 0's positions 5 and 6 get NaN keys
+    t.lone(0, nan)  # row 0's positions 6 and 7 get NaN keys
     t.lone(0, nan)
     assert t.arena(0) is t.arena(1)
-    t.batch([0, 1], tokens=[1, 1], at=[5, 13])  # row 0 rolls back over them; row 1 reads past them
+    t.batch([0, 1], tokens=[1, 1], at=[6, 14])  # row 0 rolls back over them; row 1 reads past them
     for _ in range(3):
         t.batch([0, 1])
 
@@ -113,6 +119,7 @@ def test_arenas_take_their_memory_from_the_budget_and_give_it_back(tiny_models: 
     t.alone = [ex.open_session(8), ex.open_session(64)]
     ex.cache_bytes = (8 + 64) * per_token + 10 * per_token
     t.batch([0, 1], tokens=[2, 5])
+    t.batch([0, 1])
     t.batch([0, 1])
     assert t.arena(0) is None  # no room for it: the batch stacks the rows as it goes, same results
     ex.cache_bytes = None

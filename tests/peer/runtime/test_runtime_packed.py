@@ -1,0 +1,46 @@
+"""Spans keep their float32 CPU linear weights packed for oneDNN (``peer.runtime._packed``):
+the same function as ``nn.Linear``, the same bytes, and modules still convert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import peer.runtime as rt
+from peer.runtime._packed import PackedLinear, dense_copy, pack_linears, packing_available
+
+pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch has no oneDNN packed linear")
+
+
+def test_a_packed_linear_computes_what_the_linear_does_and_converts() -> None:
+    torch.manual_seed(0)
+    dense = nn.Linear(48, 80)
+    holder = pack_linears(nn.Sequential(nn.Linear(48, 80)))
+    packed = PackedLinear(dense)
+    assert packed.weight.is_mkldnn
+    x = torch.randn(3, 5, 48)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), dense(x), rtol=1e-5, atol=1e-6)
+        copied = dense_copy(nn.Sequential(packed))
+        assert not copied[0].weight.is_mkldnn
+        torch.testing.assert_close(copied(x), dense(x), rtol=1e-5, atol=1e-6)
+        assert packed.weight.is_mkldnn  # the copy left the original packed
+        exact = nn.Sequential(packed).to(torch.float64)
+        torch.testing.assert_close(exact(x.double()), dense.double()(x.double()), rtol=1e-12, atol=1e-12)
+    assert isinstance(holder[0], PackedLinear)
+
+
+def test_a_span_is_packed_and_equals_its_dense_copy(tiny_models: dict[str, Path]) -> None:
+    ex = rt.load_span(str(tiny_models["llama"]), 0, 4)
+    packed = [m for m in ex.layers.modules() if isinstance(m, PackedLinear)]
+    assert packed
+    assert not any(type(m) is nn.Linear for m in ex.layers.modules())
+    dense = dense_copy(ex.layers)
+    assert ex.weight_bytes == sum(p.numel() * p.element_size() for p in dense.parameters())
+    x = torch.randn(1, 7, ex.hidden_size, generator=torch.Generator().manual_seed(1))
+    got = ex.forward_once(x)
+    ex._layers = dense  # the same span computed with nn.Linear's dense weights
+    torch.testing.assert_close(got, ex.forward_once(x), rtol=1e-5, atol=1e-5)
