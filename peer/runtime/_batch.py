@@ -128,8 +128,10 @@ class _BatchCache:
         return keys, values
 
 
-#: Batches of the same sessions before the next one builds them an arena.
+#: Batches of the same sessions before the next one builds them an arena, and how
+#: many sets of members are remembered (groups that take turns each count their own).
 _STABLE_BATCHES = 3
+_REMEMBERED = 8
 
 
 def _arena_for(ex: SpanExecutor, steps: Sequence[SessionStep]) -> tuple[Arena, list[int]] | None:
@@ -149,12 +151,14 @@ def _arena_for(ex: SpanExecutor, steps: Sequence[SessionStep]) -> tuple[Arena, l
         return found
     lo, hi = steps[0].session.lo, steps[0].session.hi
     # Building one costs about one batch step (copies, and page faults on the new
-    # memory), so only for members that have been batched together before: while
+    # memory), so only for members that were batched together twice before: while
     # sessions come and go every step, stacking is cheaper than rebuilding.
     members = frozenset(id(s.session) for s in steps)
-    last, seen = ex._batch_members.get((lo, hi), (frozenset(), 0))
-    seen = seen + 1 if last == members else 1
-    ex._batch_members[(lo, hi)] = (members, seen)
+    with ex._budget:  # batches on other compute threads count theirs
+        seen = ex._batch_members.pop(members, 0) + 1
+        ex._batch_members[members] = seen  # (most recent last)
+        while len(ex._batch_members) > _REMEMBERED:
+            del ex._batch_members[next(iter(ex._batch_members))]
     if seen < _STABLE_BATCHES:
         return None
     capacity = max(s.session.max_length for s in steps)

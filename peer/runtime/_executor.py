@@ -284,8 +284,8 @@ class SpanExecutor:
         # Guards the budget: batches reserve arenas on compute threads, and an arena's
         # hold is given back by a finalizer on whichever thread drops it last.
         self._budget = threading.RLock()
-        # (lo, hi) -> the sessions of its last batch, and how many batches in a row they made (_batch)
-        self._batch_members: dict[tuple[int, int], tuple[frozenset[int], int]] = {}
+        # the sessions of recent batches -> how many batches they made (_batch: when to build an arena)
+        self._batch_members: dict[frozenset[int], int] = {}
         self._gate = _SlotGate()
         self._rotary_lock = threading.Lock()
         self.per_token_cache_bytes = _per_token_bytes(modules.config, dtype)

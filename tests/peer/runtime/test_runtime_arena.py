@@ -134,3 +134,16 @@ def test_arenas_take_their_memory_from_the_budget_and_give_it_back(tiny_models: 
     for sid in list(ex._sessions):
         ex.close_session(sid)
     assert ex.sessions.reserved_bytes == 0
+
+
+def test_groups_that_take_turns_each_get_an_arena(tiny_models: dict[str, Path]) -> None:
+    ex = rt.load_span(str(tiny_models["llama"]), 1, 5)
+    t = _Twins(ex, [20, 20, 20, 20])
+    for i in range(4):
+        t.lone(i, t.inputs[i][:, :3])
+    for _ in range(3):  # {0, 1} and {2, 3} alternate: each is the same members a third time
+        t.batch([0, 1])
+        t.batch([2, 3])
+    assert t.arena(0) is t.arena(1) is not None
+    assert t.arena(2) is t.arena(3) is not None
+    assert t.arena(0) is not t.arena(2)
