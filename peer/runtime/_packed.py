@@ -6,10 +6,9 @@ machines (AMD EPYC, one thread): MKL reads the weights of a one-token step at ab
 oneDNN, with the weights reordered once into its blocked layout
 (``torch.ops.mkldnn._reorder_linear_weight``, what torch.compile's CPU freezing does),
 took 0.6-0.9x MKL's time for one token and 0.45-0.7x for sixteen (a 12288x576 and a
-1536x576 weight), and scale with threads as MKL does; the 30 blocks of a SmolLM2-shaped
-span computed a batch of 16 decode steps in 76-81 ms against 111-133 ms, a lone step
-in the same time. So a span's linear layers keep their weights only in that layout:
-no second copy, the same bytes.
+1536x576 weight), and scale with threads as MKL does. So a span's large linear layers keep their weights
+only in that layout: no second copy, the same bytes (small ones stay dense:
+``MIN_PACKED``).
 
 The packed weight is an opaque tensor (no storage to copy, no dtype to convert to):
 ``dense_copy`` copies a module with its packed weights made dense again, for the
@@ -29,10 +28,18 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["PackedLinear", "pack_linears", "dense_copy", "packing_available"]
+__all__ = ["MIN_PACKED", "PackedLinear", "pack_linears", "dense_copy", "packing_available"]
 
 #: The batch the packed layout is tuned for (a one-token step runs as fast as MKL's).
 _BATCH_HINT = 16
+
+#: Weights smaller than this (elements) stay with MKL: a oneDNN call costs about 20 us
+#: more, which a product that small does not win back (one token, one thread: 64x64 3 us
+#: with MKL, 23 us packed; 128x64 4 and 24). From about this size the weights stream
+#: from memory in a span, and the packed layout reads them faster (a SmolLM2-shaped span
+#: with every linear packed, 192x576 the smallest: 16 decode steps 76-81 ms, with only
+#: those of 2^19 weights or more packed 104-115 ms, all dense 111-133 ms).
+MIN_PACKED = 1 << 16
 
 
 @functools.cache
@@ -75,15 +82,16 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def pack_linears(module: nn.Module) -> nn.Module:
-    """Replace every float32 CPU ``nn.Linear`` under ``module`` by a ``PackedLinear``, in
-    place (a no-op where oneDNN's packed linear is not available)."""
+def pack_linears(module: nn.Module, *, min_params: int = MIN_PACKED) -> nn.Module:
+    """Replace every float32 CPU ``nn.Linear`` of at least ``min_params`` weights under
+    ``module`` by a ``PackedLinear``, in place (a no-op where oneDNN's packed linear is
+    not available)."""
     if not packing_available():
         return module
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if (type(child) is nn.Linear and child.weight.dtype == torch.float32
-                    and child.weight.device.type == "cpu"):
+                    and child.weight.device.type == "cpu" and child.weight.numel() >= min_params):
                 setattr(parent, name, PackedLinear(child))
     return module
 

@@ -18,7 +18,6 @@ pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch has 
 def test_a_packed_linear_computes_what_the_linear_does_and_converts() -> None:
     torch.manual_seed(0)
     dense = nn.Linear(48, 80)
-    holder = pack_linears(nn.Sequential(nn.Linear(48, 80)))
     packed = PackedLinear(dense)
     assert packed.weight.is_mkldnn
     x = torch.randn(3, 5, 48)
@@ -30,13 +29,18 @@ def test_a_packed_linear_computes_what_the_linear_does_and_converts() -> None:
         assert packed.weight.is_mkldnn  # the copy left the original packed
         exact = nn.Sequential(packed).to(torch.float64)
         torch.testing.assert_close(exact(x.double()), dense.double()(x.double()), rtol=1e-12, atol=1e-12)
-    assert isinstance(holder[0], PackedLinear)
 
 
-def test_a_span_is_packed_and_equals_its_dense_copy(tiny_models: dict[str, Path]) -> None:
+def test_small_linears_stay_dense() -> None:
+    holder = pack_linears(nn.Sequential(nn.Linear(64, 64), nn.Linear(1024, 1024)))
+    assert type(holder[0]) is nn.Linear
+    assert isinstance(holder[1], PackedLinear)
+
+
+def test_a_packed_span_equals_its_dense_copy(tiny_models: dict[str, Path]) -> None:
     ex = rt.load_span(str(tiny_models["llama"]), 0, 4)
-    packed = [m for m in ex.layers.modules() if isinstance(m, PackedLinear)]
-    assert packed
+    assert not any(isinstance(m, PackedLinear) for m in ex.layers.modules())  # a tiny model's are small
+    pack_linears(ex.layers, min_params=0)
     assert not any(type(m) is nn.Linear for m in ex.layers.modules())
     dense = dense_copy(ex.layers)
     assert ex.weight_bytes == sum(p.numel() * p.element_size() for p in dense.parameters())
