@@ -13,8 +13,8 @@ cache, so a batch is built per step:
   cache view that appends row i's real tokens to session i's own cache (so the
   sessions' caches hold exactly what they would hold alone) and hands the attention
   the rows' full keys and values stacked and padded at the end. When the sessions are
-  the rows of one arena (``peer.runtime._kv``: built by the first batch of those
-  sessions that the cache budget has room for, and used by every next batch of
+  the rows of one arena (``peer.runtime._kv``: built by the third batch of the same
+  sessions when the cache budget has room for it, and used by every next batch of
   exactly them) the caches already are that padded tensor: the new tokens are
   written into it in place and nothing is stacked;
 - the attention mask is per row, built from what each session's cache layer says it
