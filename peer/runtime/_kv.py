@@ -50,7 +50,7 @@ class Arena:
     """The rows of several sessions' caches: ``keys[j]``, ``values[j]`` of shape
     ``[rows, heads, capacity, dim]`` for slot j of their growing layers."""
 
-    __slots__ = ("rows", "capacity", "keys", "values", "clean", "__weakref__")
+    __slots__ = ("rows", "capacity", "keys", "values", "clean", "index", "__weakref__")
 
     def __init__(self, rows: int, capacity: int) -> None:
         self.rows = rows
@@ -58,6 +58,7 @@ class Arena:
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.clean = 0  # every row is finite below this position (written or zeroed)
+        self.index: torch.Tensor | None = None  # 0..rows-1, the rows a one-token step writes
 
     def write(self, slot: int, key_states: torch.Tensor, value_states: torch.Tensor, layers: Sequence[GrowingLayer],
               starts: torch.Tensor, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,9 +71,10 @@ class Arena:
         if longest > self.clean:
             self._zero_past(layers, min(self.capacity, max(2 * longest, _FIRST_CAPACITY)))
         if all(n == 1 for n in tokens):
-            rows = torch.arange(self.rows, device=k.device)
-            k[rows, :, starts] = key_states[:, :, 0]
-            v[rows, :, starts] = value_states[:, :, 0]
+            if self.index is None:
+                self.index = torch.arange(self.rows, device=k.device)
+            k[self.index, :, starts] = key_states[:, :, 0]
+            v[self.index, :, starts] = value_states[:, :, 0]
         else:
             for i, (layer, n) in enumerate(zip(layers, tokens, strict=True)):
                 k[i, :, layer.length:layer.length + n] = key_states[i, :, :n]
@@ -236,12 +238,9 @@ def build_arena(caches: Sequence[Any], capacity: int) -> Arena | None:
         k, v = held._k, held._v
         arena.keys[slot] = k.new_empty(len(caches), k.shape[1], capacity, k.shape[3])
         arena.values[slot] = v.new_empty(len(caches), v.shape[1], capacity, v.shape[3])
-    clean = min(capacity, max(2 * max(c.layers[slots[0]].length for c in caches), _FIRST_CAPACITY))
     for slot in slots:
         for row, cache in enumerate(caches):
-            layer = cache.layers[slot]
-            layer.join(arena, slot, row)
-            arena.keys[slot][row, :, layer.length:clean] = 0
-            arena.values[slot][row, :, layer.length:clean] = 0
-    arena.clean = clean
+            cache.layers[slot].join(arena, slot, row)
+    firsts = [cache.layers[slots[0]] for cache in caches]
+    arena._zero_past(firsts, min(capacity, max(2 * max(layer.length for layer in firsts), _FIRST_CAPACITY)))
     return arena
