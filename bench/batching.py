@@ -2,9 +2,10 @@
 
 One ``swarm-peer serve`` process holds the whole model (``--threads 1`` by default: the
 setting of DESIGN.md's probe). In the same run, for each concurrency N, N clients in
-this process (each a ``peer.api.Swarm`` of its own identity, greedy, prompts of
-different lengths so that the sessions sit at different positions) generate at once,
-and the bench prints:
+client processes (each client a ``peer.api.Swarm`` of its own identity, greedy,
+prompts of different lengths so that the sessions sit at different positions;
+``--client-processes K`` spreads them over K processes, see ``Clients``) generate at
+once, and the bench prints:
 
 - aggregate decode tokens/s over the window in which all N sessions were decoding
   (from the last session's first token to the first session's last token);
@@ -32,19 +33,21 @@ their heads than the server in its blocks and measure the clients. ``--model
 smollm2-135m-instruct`` (or any model) runs the real one.
 
 Run: ``.venv/bin/python bench/batching.py [--part compute|swarm|all] [--model smollm2-shape] [--clients 1,4,8,16]
-[--tokens 48] [--threads 1] [--max-batch 16] [--baseline]``. The machine may be shared:
+[--tokens 48] [--threads 1] [--max-batch 16] [--client-processes 1] [--baseline]``. The machine may be shared:
 the load average is printed; compare ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
@@ -132,32 +135,106 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-async def run_levels(address: str, model: str, levels: Sequence[int], n: int, vocab: int,
-                     check: int) -> list[Level]:
-    out: list[Level] = []
+async def client_worker(conn: Connection, address: str, model: str, indices: Sequence[int], vocab: int) -> None:
+    """One client process: a ``Swarm`` per client index, generating what ``conn`` asks for."""
     async with trio.open_nursery() as nursery:
-        top = max(levels)
         # audit=None: each client would settle its probation audits of the (new to it)
         # server on its own copy of the span, a full forward per audited step; here all
         # clients share the server's two cores, so that would measure the clients.
-        swarms = [await Swarm.connect(nursery, bootstrap=[address], model=model, audit=None) for _ in range(top)]
-        prompts = [prompt(i, vocab) for i in range(top)]
-        await generate_all(swarms[:1], prompts, 4)  # warm-up: routes, connections, kernels
-        alone = []  # each client's first tokens, generating alone
-        for i in range(top):
-            (s,) = await generate_all([swarms[i]], prompts[i:i + 1], check)
-            alone.append(s.tokens)
-        freeze_loaded_heap()  # as the command line's clients do: no full collection of all that mid-measurement
+        swarms = {i: await Swarm.connect(nursery, bootstrap=[address], model=model, audit=None) for i in indices}
+        conn.send("ready")
+        while True:
+            command, *args = await trio.to_thread.run_sync(conn.recv)
+            if command == "stop":
+                break
+            if command == "freeze":  # as the command line's clients do: no full collection of all that mid-measurement
+                freeze_loaded_heap()
+                conn.send(None)
+                continue
+            which, n = args
+            sessions = await generate_all([swarms[i] for i in which], [prompt(i, vocab) for i in which], n)
+            conn.send([(i, s.tokens, s.stamps) for i, s in zip(which, sessions)])
+        for swarm in swarms.values():
+            await swarm.aclose()
+        nursery.cancel_scope.cancel()
+
+
+def client_process(conn: Connection, address: str, model: str, indices: Sequence[int], vocab: int) -> None:
+    torch.set_num_threads(1)  # the clients' heads: leave the other cores to the server
+    trio.run(client_worker, conn, address, model, indices, vocab)
+
+
+class Clients:
+    """``top`` clients spread over ``processes`` processes, client i in process i % processes.
+
+    Real clients of a server are separate machines; in one process, the clients' own
+    per-token work (head, signatures, framing: ~2.5 ms a token measured with SmolLM2's
+    shapes) runs one client after another, and at 16 clients the server waits 10-40 ms
+    for the last step of each batch. Several processes let the clients' work overlap,
+    as far as the machine's cores allow: on a 2-core machine, where the server's compute
+    thread takes one core, 2 or 4 processes did not lower p95 (runs of 1, 2 and 4
+    alternating: 3.0-5.8x lone with each), hence the default of 1. Stamps are
+    ``time.perf_counter``, the system's monotonic clock, comparable across processes.
+    """
+
+    def __init__(self, address: str, model: str, top: int, vocab: int, processes: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.owner: dict[int, Connection] = {}
+        self.procs = []
+        for k in range(min(processes, top)):
+            here, there = ctx.Pipe()
+            indices = list(range(k, top, processes))
+            proc = ctx.Process(target=client_process, args=(there, address, model, indices, vocab), daemon=True)
+            proc.start()
+            self.procs.append((proc, here))
+            self.owner.update({i: here for i in indices})
+        for _, conn in self.procs:
+            if conn.recv() != "ready":
+                raise RuntimeError("a client process did not start")
+
+    def generate(self, which: Sequence[int], n: int) -> list[Session]:
+        asked = [(conn, [i for i in which if self.owner[i] is conn]) for _, conn in self.procs]
+        for conn, mine in asked:  # every process starts before any is waited on
+            if mine:
+                conn.send(("generate", mine, n))
+        got = {}
+        for conn, mine in asked:
+            if mine:
+                got.update({i: Session(tokens, stamps) for i, tokens, stamps in conn.recv()})
+        return [got[i] for i in which]
+
+    def freeze(self) -> None:
+        for _, conn in self.procs:
+            conn.send(("freeze",))
+        for _, conn in self.procs:
+            conn.recv()
+
+    def close(self) -> None:
+        for proc, conn in self.procs:
+            conn.send(("stop",))
+        for proc, _ in self.procs:
+            proc.join(timeout=30)
+
+
+def run_levels(address: str, model: str, levels: Sequence[int], n: int, vocab: int, check: int,
+               processes: int) -> list[Level]:
+    out: list[Level] = []
+    top = max(levels)
+    clients = Clients(address, model, top, vocab, processes)
+    try:
+        for k in range(len(clients.procs)):
+            clients.generate([k], 4)  # warm-up: routes, connections, kernels
+        alone = [clients.generate([i], check)[0].tokens for i in range(top)]  # each client's first tokens, alone
+        clients.freeze()
         for level in levels:
-            sessions = await generate_all(swarms[:level], prompts, n)
+            sessions = clients.generate(range(level), n)
             rate, gaps = measure(sessions)
             same = all(s.tokens[:check] == alone[i] for i, s in enumerate(sessions))
             out.append(Level(level, rate, percentile(gaps, 0.5), percentile(gaps, 0.95), same, ""))
             print(f"  {level:2d} clients: {rate:7.2f} tok/s aggregate, step p50 {out[-1].p50 * 1e3:7.1f} ms, "
                   f"p95 {out[-1].p95 * 1e3:7.1f} ms, tokens as alone: {same}   (load {load_average()})", flush=True)
-        for swarm in swarms:
-            await swarm.aclose()
-        nursery.cancel_scope.cancel()
+    finally:
+        clients.close()
     return out
 
 
@@ -212,6 +289,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--check-tokens", type=int, default=8,
                         help="tokens each client first generates alone, to compare with")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="processes the clients are spread over (1: all in one, one after another)")
     parser.add_argument("--baseline", action="store_true", help="also run the largest N with --max-batch 1")
     args = parser.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
@@ -244,8 +323,8 @@ def main() -> None:
                                           extra=[*common, "--max-batch", str(max_batch)])
             try:
                 print(f"  {server.ready_line}", flush=True)
-                results[name] = trio.run(run_levels, server.address, model, which, args.tokens, vocab,
-                                         args.check_tokens)
+                results[name] = run_levels(server.address, model, which, args.tokens, vocab, args.check_tokens,
+                                           args.client_processes)
             finally:
                 print(f"  server stopped (SIGTERM), exit code {server.stop(timeout=20.0)}", flush=True)
         table(results["batched"], f"--max-batch {args.max_batch} (batching across sessions)")
