@@ -28,7 +28,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["MIN_PACKED", "PackedLinear", "pack_linears", "dense_copy", "packing_available"]
+__all__ = ["MIN_PACKED", "PackedLinear", "pack_linears", "pack_weight", "packed_linear", "dense_copy",
+           "packing_available"]
 
 #: The batch the packed layout is tuned for (a one-token step runs as fast as MKL's).
 _BATCH_HINT = 16
@@ -56,20 +57,36 @@ def packing_available() -> bool:
     return bool(torch.allclose(got, nn.functional.linear(x, w), rtol=1e-5, atol=1e-6))
 
 
+def pack_weight(weight: torch.Tensor, *, min_params: int = MIN_PACKED) -> torch.Tensor | None:
+    """``weight`` ([out, in]) in oneDNN's layout, for ``packed_linear``; None where it
+    stays dense (not float32 on the CPU, fewer than ``min_params`` elements, no oneDNN)."""
+    if (weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.is_mkldnn
+            or weight.numel() < min_params or not packing_available()):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _BATCH_HINT)
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a weight packed by ``pack_weight`` or a dense one."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return nn.functional.linear(x, weight, bias)
+
+
 class PackedLinear(nn.Module):
     """``nn.Linear`` with its weight in oneDNN's layout (a float32 CPU module)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), _BATCH_HINT)
+        packed = pack_weight(linear.weight, min_params=0)
+        if packed is None:
+            raise ValueError(f"a {linear.weight.dtype} weight on {linear.weight.device} cannot be packed")
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.is_mkldnn:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return nn.functional.linear(x, self.weight, self.bias)  # a dense copy (``dense_copy``)
+        return packed_linear(x, self.weight, self.bias)  # dense after ``dense_copy`` or ``.to(...)``
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> PackedLinear:
         # ``.to(...)``, ``.double()`` and the like cannot convert an opaque tensor: they

@@ -48,3 +48,32 @@ def test_a_packed_span_equals_its_dense_copy(tiny_models: dict[str, Path]) -> No
     got = ex.forward_once(x)
     ex._layers = dense  # the same span computed with nn.Linear's dense weights
     torch.testing.assert_close(got, ex.forward_once(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_client_head_is_packed_and_scores_what_the_dense_head_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tied: bool) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peer.runtime import _head
+    from tests.peer.runtime.conftest import TINY
+
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=2, tie_word_embeddings=tied, **{**TINY, "vocab_size": 1100})
+    model = LlamaForCausalLM(config).eval()  # 1100 x 64: a head big enough to pack
+    model.save_pretrained(tmp_path / "m")
+    head = rt.load_head(str(tmp_path / "m"))
+    assert head._modules.lm_head.is_mkldnn
+    assert not head._modules.embed.weight.is_mkldnn  # lookups read it dense
+    hidden = torch.randn(1, 5, config.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        want = model.lm_head(model.model.norm(hidden))[0]
+        torch.testing.assert_close(head.logits_rows(hidden), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(head.logits(hidden), want[-1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(head.embed([3, 1099])[0], model.model.embed_tokens.weight[[3, 1099]])
+    monkeypatch.setattr(_head, "PACKED_TIED_BYTES", 0)
+    again = rt.load_head(str(tmp_path / "m"))
+    # A tied head past the bound keeps computing with the embedding matrix itself.
+    assert again._modules.lm_head.is_mkldnn is not tied
+    if tied:
+        assert again._modules.lm_head is again._modules.embed.weight
