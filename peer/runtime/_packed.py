@@ -74,15 +74,15 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 class PackedLinear(nn.Module):
-    """``nn.Linear`` with its weight in oneDNN's layout (a float32 CPU module)."""
+    """``nn.Linear`` with its weight in oneDNN's layout: ``weight`` is what
+    ``pack_weight`` made of ``linear.weight``."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, weight: torch.Tensor) -> None:
         super().__init__()
+        if not weight.is_mkldnn:
+            raise ValueError("PackedLinear takes the weight pack_weight packed")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        packed = pack_weight(linear.weight, min_params=0)
-        if packed is None:
-            raise ValueError(f"a {linear.weight.dtype} weight on {linear.weight.device} cannot be packed")
-        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,13 +103,14 @@ def pack_linears(module: nn.Module, *, min_params: int = MIN_PACKED) -> nn.Modul
     """Replace every float32 CPU ``nn.Linear`` of at least ``min_params`` weights under
     ``module`` by a ``PackedLinear``, in place (a no-op where oneDNN's packed linear is
     not available)."""
-    if not packing_available():
-        return module
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if (type(child) is nn.Linear and child.weight.dtype == torch.float32
-                    and child.weight.device.type == "cpu" and child.weight.numel() >= min_params):
-                setattr(parent, name, PackedLinear(child))
+            if type(child) is not nn.Linear:  # subclasses may compute something else
+                continue
+            assert isinstance(child, nn.Linear)
+            packed = pack_weight(child.weight, min_params=min_params)
+            if packed is not None:
+                setattr(parent, name, PackedLinear(child, packed))
     return module
 
 

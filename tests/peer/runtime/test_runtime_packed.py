@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import peer.runtime as rt
-from peer.runtime._packed import PackedLinear, dense_copy, pack_linears, packing_available
+from peer.runtime._packed import PackedLinear, dense_copy, pack_linears, pack_weight, packing_available
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch has no oneDNN packed linear")
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch has 
 def test_a_packed_linear_computes_what_the_linear_does_and_converts() -> None:
     torch.manual_seed(0)
     dense = nn.Linear(48, 80)
-    packed = PackedLinear(dense)
+    packed = PackedLinear(dense, pack_weight(dense.weight, min_params=0))
     assert packed.weight.is_mkldnn
     x = torch.randn(3, 5, 48)
     with torch.inference_mode():
