@@ -380,24 +380,10 @@ class SpanServer:
             raise UnexpectedMessage("the session's previous step is still being computed; wait for its result")
         state = served.state
         served.computing = True
-        job: ForwardJob | None = None
-        step: SessionStep | None = None
         try:
             n_tokens, hidden = await self._off_loop(len(msg.hidden.data), self._check_and_decode, state, msg,
                                                     conn.public_key)
-            step = self.executor.check_step(msg.session, hidden, msg.position)
-            if self.compute.policy.config.max_batch > 1 and step.work <= self.limits.quantum:
-                output = await self._compute_batched(conn, state.span, step)
-            else:
-                step = None
-                job = self.executor.forward_job(msg.session, hidden, msg.position, quantum=self.limits.quantum,
-                                                chunk_tokens=self.limits.chunk_tokens)
-                output = await self._compute_step(conn, state.span, n_tokens, job)
-        except BaseException:
-            if ((job is not None and 0 < job.pieces_done < len(job.pieces))
-                    or (step is not None and step.started and not step.finished)):
-                self._drop(msg.session)  # its cache holds half a step: it cannot go on
-            raise
+            output = await self._session_step(conn, state.span, msg.session, hidden, msg.position, n_tokens)
         finally:
             served.computing = False
         if self._sessions.get(msg.session) is not served:  # closed while computing
@@ -484,16 +470,9 @@ class SpanServer:
                 await self._report(served, msg, msg.outputs, failed=conn.peer_id, exc=exc)
             raise
         served.computing = True
-        job: ForwardJob | None = None
         try:
             hidden = await self._off_loop(len(push_input(msg).data), self._decode, push_input(msg))
-            job = self.executor.forward_job(hop.session, hidden, msg.position, quantum=self.limits.quantum,
-                                            chunk_tokens=self.limits.chunk_tokens)
-            output = await self._compute_step(served.owner, state.span, n_tokens, job)
-        except BaseException:
-            if job is not None and 0 < job.pieces_done < len(job.pieces):
-                self._drop(hop.session)  # its cache holds half a step: it cannot go on
-            raise
+            output = await self._session_step(served.owner, state.span, hop.session, hidden, msg.position, n_tokens)
         finally:
             served.computing = False
         if self._sessions.get(hop.session) is not served:
@@ -579,6 +558,25 @@ class SpanServer:
     def _decode(self, wire: WireTensor) -> torch.Tensor:
         """A checked input as the span computes it (its device and dtype)."""
         return decode_tensor(wire, limits=self.host.limits, device=self.executor.device, out_dtype=self.executor.dtype)
+
+    async def _session_step(self, requester: PeerConnection, span: tuple[int, int], session: bytes,
+                            hidden: torch.Tensor, position: int, n_tokens: int) -> torch.Tensor:
+        """A session's step (star or push), computed: a decode-sized step in a batch with
+        other sessions' steps (``_compute_batched``), a larger one in quantum-sized pieces.
+        A step stopped half-way drops its session: the cache holds half a step."""
+        step = self.executor.check_step(session, hidden, position)
+        job = None
+        if self.compute.policy.config.max_batch <= 1 or step.work > self.limits.quantum:
+            job = self.executor.forward_job(session, hidden, position, quantum=self.limits.quantum,
+                                            chunk_tokens=self.limits.chunk_tokens)
+        try:
+            if job is None:
+                return await self._compute_batched(requester, span, step)
+            return await self._compute_step(requester, span, n_tokens, job)
+        except BaseException:
+            if (0 < job.pieces_done < len(job.pieces)) if job is not None else (step.started and not step.finished):
+                self._drop(session)
+            raise
 
     async def _compute_step(self, requester: PeerConnection, span: tuple[int, int], n_tokens: int,
                             job: ForwardJob) -> torch.Tensor:

@@ -72,6 +72,38 @@ async def test_concurrent_clients_get_their_lone_greedy_tokens(model_dir):
         nursery.cancel_scope.cancel()
 
 
+async def test_pushed_steps_are_batched_too(model_dir):
+    # Server-to-server push reaches the same batching as star: each hop of two computes
+    # the concurrent sessions' pushed steps together, and every token is the lone one.
+    expected = [reference(model_dir, p) for p in prompts()]
+    half = LAYERS // 2
+    async with trio.open_nursery() as nursery:
+        nodes = []
+        for blocks in ((0, half), (half, LAYERS)):
+            options = ServeOptions(model=model_dir, blocks=blocks, compute_slots=1, max_sessions=CLIENTS,
+                                   bootstrap=tuple(n.address for n in nodes[:1]))
+            nodes.append(await nursery.start(functools.partial(run_server, Identity.generate(), options)))
+        swarms = [await Swarm.connect(nursery, bootstrap=[nodes[0].address], model=model_dir, relay="push")
+                  for _ in range(CLIENTS)]
+        for swarm in swarms:
+            await wait_for_servers(swarm, [n.identity.peer_id for n in nodes])
+        results: dict[int, object] = {}
+
+        async def generate(i: int) -> None:
+            results[i] = await swarms[i].generate(prompts()[i], max_new_tokens=NEW_TOKENS)
+
+        async with trio.open_nursery() as clients:
+            for i in range(CLIENTS):
+                clients.start_soon(generate, i)
+        assert [results[i].token_ids for i in range(CLIENTS)] == expected  # type: ignore[attr-defined]
+        assert all(results[i].pushed_steps == NEW_TOKENS for i in range(CLIENTS))  # type: ignore[attr-defined]
+        for node in nodes:
+            stats = node.server.stats
+            print(f"{stats.batched_steps} of {stats.steps} pushed steps batched, largest batch {stats.largest_batch}")
+            assert stats.batched_steps >= 2 and stats.largest_batch >= 2
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.slow
 async def test_audits_of_batched_steps_pass(model_dir):
     # Two servers of the span, every step audited: each step a server computes (in a
