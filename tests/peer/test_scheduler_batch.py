@@ -180,6 +180,37 @@ async def test_a_smaller_batch_lingers_for_the_steps_on_their_way(autojump_clock
         assert batches == expected, linger
 
 
+async def test_a_lone_step_does_not_wait_for_a_step_due_later(autojump_clock: trio.testing.MockClock) -> None:
+    # Two clients share the server at independent phases (their chains go through other
+    # hops between their steps here): once their turnarounds are known, neither's lone
+    # step waits for the other's, which comes 100 ms later, far past the linger bound.
+    batches: list[list[str]] = []
+
+    def combine(items: list[str]) -> list[str]:
+        batches.append(sorted(items))
+        return items
+
+    scheduler = Scheduler(capacity=1, config=SchedulerConfig(batch_linger=1.0))
+    gate = threading.Event()
+
+    async def client(name: str, offset: float) -> None:
+        await scheduler.run_batch(name, name, key="span", combine=combine, work=STEP)  # together, behind "hold"
+        await trio.sleep(offset)
+        for _ in range(6):
+            await trio.sleep(0.2)  # the rest of its chain
+            await scheduler.run_batch(name, name, key="span", combine=combine, work=STEP)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(scheduler.run, "hold", functools.partial(gate.wait, 10), work=STEP))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(client, "a", 0.0)
+        nursery.start_soon(client, "b", 0.1)
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+    assert batches == [["a", "b"]] + [["a"], ["b"]] * 6
+    assert scheduler.lingered == 1  # a's first lone step: b's turnaround was not known yet
+
+
 async def test_groups_that_take_turns_merge(autojump_clock: trio.testing.MockClock) -> None:
     # Two pairs of sessions took turns ([c, d], then [a, b]): each batch was as large as
     # the last, so only the last two together show four sessions. The next batch waits
