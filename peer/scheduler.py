@@ -30,8 +30,11 @@ requester's turnaround at a key (from its step's answer to its next step there) 
 remembered, and one whose step comes back later (its chain goes through other hops
 first) is not waited for. Two clients sharing a server at independent phases would
 otherwise have each lone step wait the whole bound for a step that comes tens of ms
-later (measured in bench/churn.py: 2.5 ms a step beside 2.2 ms of compute); a
-requester with no turnaround yet counts as due.
+later (measured in bench/churn.py: 2.5 ms a step beside 2.2 ms of compute). A
+requester with no turnaround yet counts as due, and so does one whose last gap was
+over twice the one before (a pause: a new generation, a failover), which would
+otherwise keep a batch of many sessions from waiting for it (bench/batching.py's
+clients, between runs) and split them into groups taking turns.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ class _LastBatches:
 @dataclass(slots=True)
 class _Cadence:
     """A requester's rhythm at a batch key: when its last step there was answered, and
-    how long it takes from an answer to its next step (averaged; None: not seen yet)."""
+    how long it took from an answer to its next step (None: not known, or it paused)."""
 
     answered: float
     turnaround: float | None = None
@@ -227,7 +230,9 @@ class Scheduler:
         cadence = self._cadence.get((key, requester))
         if cadence is not None:
             gap = asked - cadence.answered
-            cadence.turnaround = gap if cadence.turnaround is None else (cadence.turnaround + gap) / 2
+            # Much longer than its last: a pause (a new generation, a failover), not its rhythm.
+            paused = cadence.turnaround is not None and gap > 2 * cadence.turnaround
+            cadence.turnaround = None if paused else gap
         arrived = self._arrivals.pop(key, None)
         if arrived is not None:
             arrived.set()
