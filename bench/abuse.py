@@ -12,7 +12,11 @@ matched ``transformers``' greedy generate, the largest RSS growth of a server
 (VmRSS from /proc, peak during the attack minus before it), and the CPU the attack
 processes took (in cores: their CPU seconds over the window). An attacker runs on its
 own machines; here it shares the two cores with the servers and the honest client,
-and a ratio measured while it took most of a core includes that.
+and a ratio measured while it took most of a core includes that. So all the attacks
+together run twice: as the single ones do, then with the attack processes in the idle
+scheduling class (SCHED_IDLE), which emulates machines of their own: they get only the
+CPU the servers and the honest client leave, and what the servers spend answering them
+still counts. Their CPU is printed for both.
 
 Goals (issue 10): honest success >= 99%, p50 <= 1.5x baseline, RSS growth <= 100 MB,
 tokens identical, for every attack. Item 7 (lying announcements) attacks the client's
@@ -174,10 +178,15 @@ async def run(args: argparse.Namespace, path: str, servers: list[ServerProcess],
         await measure(base, swarm, expected, servers, None, args.baseline)
         windows.append(base)
         print(f"  baseline: {len(base.latencies)} generations, p50 {base.p50 * 1000:.0f} ms", flush=True)
-        scenarios = [[name] for name in names] + ([names] if len(names) > 1 else [])
-        for index, group in enumerate(scenarios):
-            window = Window(" + ".join(group) if len(group) < 4 else "all together")
-            attackers = [subprocess.Popen(attack_command(name, targets, model, args.seconds, subnet=1 + i + index * 16),
+        scenarios = [([name], False) for name in names]
+        if len(names) > 1:
+            scenarios += [(names, False)] + ([(names, True)] if args.idle_attackers else [])
+        for index, (group, idle) in enumerate(scenarios):
+            label = " + ".join(group) if len(group) < 4 else "all together"
+            window = Window(label + (", attackers idle-class" if idle else ""))
+            # (chrt, not a preexec_fn: this process has threads; the attackers' inherit the class)
+            attackers = [subprocess.Popen((["chrt", "--idle", "0"] if idle else [])
+                                          + attack_command(name, targets, model, args.seconds, subnet=1 + i + index * 16),
                                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                           cwd=Path(__file__).resolve().parent.parent)
                          for i, name in enumerate(group)]
@@ -215,6 +224,8 @@ def main() -> int:
     parser.add_argument("--baseline", type=float, default=20.0, help="seconds of honest generation with no attack")
     parser.add_argument("--pause", type=float, default=3.0, help="seconds between scenarios")
     parser.add_argument("--only", nargs="*", help="attacks to run (default: all of items 1-7)")
+    parser.add_argument("--no-idle-attackers", dest="idle_attackers", action="store_false",
+                        help="skip the last scenario: all together again, the attackers in the idle scheduling class")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"bench/abuse.py: load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)

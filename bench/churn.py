@@ -20,6 +20,10 @@ measures that). ``--clients`` clients in this process generate
   it is ready (``--normal-priority-restarts`` to not): in a swarm it loads on its own
   machine, here its imports and throughput measurement would take the two cores from
   the clients and servers being measured;
+* ``loads``: no faults, but churn's restarts: at each time the churn scenario restarts
+  a server, a server of the same span starts in a swarm of its own (nobody routes to
+  it) the same way and is killed once ready. A control: churn against it is what the
+  faults cost, it against the baseline what restarts on the same two cores cost;
 * ``stop``: a server is SIGSTOPped for 15 s (the widest span first when it is alone
   in being widest, as 0:6 of ``mixed``: every client routes through it), then
   SIGCONTed, one at a time;
@@ -37,7 +41,7 @@ never used it (``-`` when it came back first). A client that failed waits 0.2 s
 before its next try (a failing loop would only spin).
 
 Run: ``.venv/bin/python bench/churn.py [--seed 1] [--duration 60] [--clients 3]
-[--tokens 64] [--scenarios baseline,churn,stop,outage] [--layout tiles|mixed]``. Goals (issue 12): under
+[--tokens 64] [--scenarios baseline,churn,loads,stop,outage] [--layout tiles|mixed]``. Goals (issue 12): under
 churn throughput >= 0.8x baseline and >= 99% of generations complete; 0 wrong tokens;
 0 leaked sessions; 0 retries within a backoff; NoRoute naming the blocks in an outage.
 """
@@ -91,7 +95,7 @@ RETRY_PAUSE = 0.2
 @dataclass(frozen=True, slots=True)
 class Fault:
     at: float  # seconds into the scenario
-    kind: str  # "kill" (-9), "term" (SIGTERM) or "stop" (SIGSTOP, then SIGCONT)
+    kind: str  # "kill" (-9), "term" (SIGTERM), "stop" (SIGSTOP, then SIGCONT) or "load" (a server aside)
     servers: tuple[int, ...]
     duration: float  # until the restart (or SIGCONT)
 
@@ -127,6 +131,8 @@ def schedule(kind: str, rng: random.Random, duration: float, spans: tuple[tuple[
                 break
             faults.append(Fault(t, "stop", (i,), 15.0))
             t += 15 + rng.uniform(2, 5)
+    elif kind == "loads":  # churn's restarts without its faults: what they cost the shared cores
+        return [Fault(f.at + f.duration, "load", f.servers, 0.0) for f in schedule("churn", rng, duration, spans, layers)]
     elif kind == "outage":
         block = rng.randrange(layers)
         faults.append(Fault(rng.uniform(2, 4), "kill", tuple(i for i in sorted(everyone)
@@ -273,6 +279,10 @@ async def apply_fault(fault: Fault, servers: list[Server], model: str, t0: float
     (ready, not faulted) still cover every block without the ones it hits: the schedule
     assumes a restart takes RESTART seconds, and on a loaded machine it takes longer."""
     await trio.sleep_until(t0 + fault.at)
+    if fault.kind == "load":
+        out.faults["load"] += 1
+        await load_aside(servers[fault.servers[0]], model, out.faults["load"], low_priority)
+        return
     hit = [servers[i] for i in fault.servers]
     up = {i for i, s in enumerate(servers) if s.up}
     spans = tuple(s.span for s in servers)
@@ -306,6 +316,18 @@ async def apply_fault(fault: Fault, servers: list[Server], model: str, t0: float
                  if peer == s.peer_id and faulted - t0 <= t <= faulted - t0 + fault.duration]
         if times:
             out.stopped_trying.append(max(times) - (faulted - t0))
+
+
+async def load_aside(like: Server, model: str, n: int, low_priority: bool) -> None:
+    """Start a server of ``like``'s span in a swarm of its own (no bootstrap: nobody
+    routes to it) as churn restarts one, wait until it is ready and kill it: the CPU a
+    restart takes from everyone else on this machine, without the fault."""
+    aside = Server(like.span, like.key.with_name(f"aside{n}.key"), free_port())
+    aside.launch(model, [], low_priority=low_priority)
+    try:
+        await trio.to_thread.run_sync(aside.ready)
+    finally:
+        aside.kill()
 
 
 class ViewWatch:
@@ -383,7 +405,9 @@ async def count_leaked(observers: list[Swarm], servers: list[Server]) -> int:
 async def run_scenario(kind: str, args: argparse.Namespace, servers: list[Server], model: str,
                        want: list[int]) -> Outcome:
     out = Outcome()
-    faults = schedule(kind, random.Random(f"{args.seed}:{kind}"), args.duration, LAYOUTS[args.layout])
+    # (loads: churn's draw, so that its loads are the churn scenario's restarts)
+    draw = random.Random(f"{args.seed}:{'churn' if kind == 'loads' else kind}")
+    faults = schedule(kind, draw, args.duration, LAYOUTS[args.layout])
     async with trio.open_nursery() as nursery:
         bootstrap = [s.address for s in servers]
         clients = [await Swarm.connect(nursery, bootstrap=bootstrap, model=model, audit=None,
@@ -446,6 +470,10 @@ def report(results: dict[str, Outcome], args: argparse.Namespace) -> None:
         print(f"{kind:<9} {o.attempted:>5} {o.completed:>5} {100 * o.completed / max(o.attempted, 1):>5.1f}% "
               f"{o.identical:>5} {o.failovers:>6} {o.hedges:>6} {pct(o.latencies, 0.5):>6} {pct(o.latencies, 0.95):>6} "
               f"{tps:>6.1f} {ratio:>7} {o.leaked:>6} {retried:>5} {stop_s:>10} {left_s:>11} {faults:>12}  {errors}")
+    churn, loads = results.get("churn"), results.get("loads")
+    if churn and loads and churn.seconds and loads.tokens:
+        print(f"churn against loads (the same restarts, no faults): "
+              f"{churn.tokens / churn.seconds / (loads.tokens / loads.seconds):.2f}x")
     print("completed generations by the hop count of their final route: count, p50 s")
     for kind, o in results.items():
         print(f"  {kind:<9} " + "   ".join(f"{h} hop{'s' if h > 1 else ''}: {len(v)}, {pct(v, 0.5)}"
@@ -505,7 +533,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per generation")
     parser.add_argument("--step-timeout", type=float, default=5.0, help="the clients' step timeout (cap)")
-    parser.add_argument("--scenarios", default="baseline,churn,stop,outage")
+    parser.add_argument("--scenarios", default="baseline,churn,loads,stop,outage")
     parser.add_argument("--layout", choices=sorted(LAYOUTS), default="tiles",
                         help="tiles: 0:2 and 4:6 twice, 2:4 three times; mixed: 0:2, 2:4, 4:6 twice and 0:6 once")
     parser.add_argument("--normal-priority-restarts", action="store_true",

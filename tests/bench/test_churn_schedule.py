@@ -45,3 +45,12 @@ def test_an_outage_takes_one_block_down_and_unknown_scenarios_are_refused():
     assert schedule("baseline", random.Random(3), 60.0) == []
     with pytest.raises(ValueError, match="unknown scenario 'meteor'"):
         schedule("meteor", random.Random(3), 60.0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_loads_start_a_server_where_churn_restarts_one(seed):
+    """The loads control: churn's draw, a server of the faulted one's span started at
+    each restart time, and no fault at all."""
+    churn = schedule("churn", random.Random(seed), 120.0)
+    loads = schedule("loads", random.Random(seed), 120.0)
+    assert [(f.at, f.kind, f.servers) for f in loads] == [(c.at + c.duration, "load", c.servers) for c in churn]
