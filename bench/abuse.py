@@ -181,10 +181,10 @@ async def run(args: argparse.Namespace, path: str, servers: list[ServerProcess],
         await measure(base, swarm, expected, servers, None, args.baseline)
         windows.append(base)
         print(f"  baseline: {len(base.latencies)} generations, p50 {base.p50 * 1000:.0f} ms", flush=True)
-        idle = args.attacker_class == "idle"
-        scenarios = [([name], idle) for name in names]
+        all_idle = args.attacker_class == "idle"
+        scenarios = [([name], all_idle) for name in names]
         if len(names) > 1:
-            scenarios += [(names, idle)] + ([(names, True)] if args.idle_attackers and not idle else [])
+            scenarios += [(names, all_idle)] + ([(names, True)] if args.idle_attackers and not all_idle else [])
         for index, (group, idle) in enumerate(scenarios):
             label = " + ".join(group) if len(group) < 4 else "all together"
             window = Window(label + (", attackers idle-class" if idle else ""))
