@@ -47,7 +47,7 @@ from typing import TypeVar
 
 import trio
 
-from ._bulk import allow_bulk_threads, run_bulk
+from swarm.bulk import allow_bulk_threads, run_bulk
 from ._scheduling import SWEEP_AT, SchedulerConfig, SchedulingPolicy
 
 __all__ = ["SchedulerConfig", "SchedulingPolicy", "Scheduler"]
@@ -146,7 +146,7 @@ class Scheduler:
         (tokens x blocks), what the policy charges; ``group`` its fairness group (the
         requester's address group; default: the requester alone); ``small`` marks a
         step of a few tokens, which may also take a small-step slot. Other work runs in
-        a thread of lower OS priority (``peer._bulk``), so that the small steps computing
+        a thread of lower OS priority (``swarm.bulk``), so that the small steps computing
         beside it get the cores first.
 
         Cancellation: a waiter leaves the queue; once ``fn`` runs, it runs to the end

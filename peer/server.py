@@ -110,7 +110,7 @@ from protocol.errors import ErrorCode, ProtocolError, RemoteError, SwarmError, U
 from swarm.errors import PeerUnreachable, RequestTimeout
 from swarm.transport import Host, PeerConnection
 
-from ._bulk import run_bulk
+from swarm.bulk import run_bulk
 from .runtime import ForwardJob, SessionStep, SpanExecutor
 from .scheduler import Scheduler
 
@@ -384,12 +384,17 @@ class SpanServer:
             n_tokens, hidden = await self._off_loop(len(msg.hidden.data), self._check_and_decode, state, msg,
                                                     conn.public_key)
             output = await self._session_step(conn, state.span, msg.session, hidden, msg.position, n_tokens)
+            if self._sessions.get(msg.session) is not served:  # closed while computing
+                raise RemoteError("the session was closed during the step", code=ErrorCode.UNKNOWN_SESSION)
+            # Still computing while it is signed (off the loop when big): signing records the step in state.
+            return await self._off_loop(_nbytes(output), self._sign, sign_result, state, msg, output)
         finally:
             served.computing = False
-        if self._sessions.get(msg.session) is not served:  # closed while computing
-            raise RemoteError("the session was closed during the step", code=ErrorCode.UNKNOWN_SESSION)
-        return sign_result(self.identity, state, msg, encode_tensor(output, state.wire_dtype,
-                                                                    blocksize=state.blocksize))
+
+    def _sign(self, sign: Callable[..., T], state: SessionState, msg: Any, output: torch.Tensor) -> T:
+        """``output`` encoded in the session's wire dtype and signed by ``sign``: hashing
+        a whole-context tensor takes milliseconds, hence ``_off_loop``."""
+        return sign(self.identity, state, msg, encode_tensor(output, state.wire_dtype, blocksize=state.blocksize))
 
     def _check_and_decode(self, state: SessionState, msg: Forward, public_key: bytes) -> tuple[int, torch.Tensor]:
         n_tokens = check_forward(state, msg, client_public_key=public_key, hidden_size=self.executor.hidden_size)
@@ -435,8 +440,7 @@ class SpanServer:
         finally:
             _add(self._once_tokens, conn.peer_id, -n_tokens)
             _add(self._group_once_tokens, group, -n_tokens)
-        return sign_forward_once_result(self.identity, state, msg, encode_tensor(output, state.wire_dtype,
-                                                                                 blocksize=state.blocksize))
+        return await self._off_loop(_nbytes(output), self._sign, sign_forward_once_result, state, msg, output)
 
     def _check_and_decode_once(self, conn: PeerConnection, msg: ForwardOnce) -> tuple[SessionState, torch.Tensor]:
         state = check_forward_once(msg, client=conn.peer_id, client_public_key=conn.public_key,
@@ -473,12 +477,12 @@ class SpanServer:
         try:
             hidden = await self._off_loop(len(push_input(msg).data), self._decode, push_input(msg))
             output = await self._session_step(served.owner, state.span, hop.session, hidden, msg.position, n_tokens)
+            if self._sessions.get(hop.session) is not served:
+                raise RemoteError("the session was closed during the step", code=ErrorCode.UNKNOWN_SESSION)
+            signed = await self._off_loop(_nbytes(output), self._sign, sign_push_output, state, msg, output)
         finally:
             served.computing = False
-        if self._sessions.get(hop.session) is not served:
-            raise RemoteError("the session was closed during the step", code=ErrorCode.UNKNOWN_SESSION)
-        onward = push_onward(msg, sign_push_output(self.identity, state, msg, encode_tensor(output, state.wire_dtype,
-                                                                                        blocksize=state.blocksize)))
+        onward = push_onward(msg, signed)
         if isinstance(onward, PushResult):
             await self._deliver(served, onward, timeout=msg.timeout)
             return Pushed()
@@ -627,6 +631,10 @@ class SpanServer:
         self.stats.compute_seconds += seconds
         if self._on_work is not None:
             self._on_work(requester, work)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def _add(counts: dict[Any, int], key: object, delta: int) -> None:

@@ -223,9 +223,25 @@ class MessageDecoder:
         """
         if self._error is not None:
             raise self._error
+        self.feed_plaintext(self.decrypt(ciphertext))
+
+    def decrypt(self, ciphertext: bytes) -> bytes:
+        """The plaintext of the next transport message, for ``feed_plaintext``: the
+        costly half of ``feed_frame``, which touches nothing but the cipher (a shell
+        may run it in a worker thread while nothing else receives).
+
+        Raises:
+            DecryptError: authentication failed, or the frame is shorter than a tag.
+        """
         if len(ciphertext) < TAGLEN:
             raise DecryptError(f"transport frame of {len(ciphertext)} bytes is shorter than its tag")
-        plaintext = self.cipher.decrypt_with_ad(b"", ciphertext)
+        return self.cipher.decrypt_with_ad(b"", ciphertext)
+
+    def feed_plaintext(self, plaintext: bytes) -> None:
+        """Queue the messages one decrypted transport message completes (the rest of
+        ``feed_frame``; plaintexts in the order ``decrypt`` returned them)."""
+        if self._error is not None:
+            raise self._error
         pos, end = 0, len(plaintext)
         while pos < end:
             if self._expected < 0:

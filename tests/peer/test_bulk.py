@@ -1,4 +1,4 @@
-"""peer._bulk: bulk work runs in threads of lower OS priority (decode steps beside it
+"""swarm.bulk: bulk work runs in threads of lower OS priority (decode steps beside it
 get the cores first), concurrently, to the end even when cancelled, and its threads
 end when idle; the scheduler sends big tickets there and small ones not."""
 
@@ -11,8 +11,8 @@ import pytest
 import trio
 import trio.testing
 
-from peer import _bulk
-from peer._bulk import BULK_NICE, run_bulk
+from swarm import bulk as _bulk
+from swarm.bulk import BULK_NICE, run_bulk
 from peer.scheduler import Scheduler
 
 

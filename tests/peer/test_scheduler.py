@@ -369,7 +369,7 @@ async def test_run_starts_compute_in_credit_order() -> None:
     started: list[str] = []
     token = trio.lowlevel.current_trio_token()
 
-    def compute(name: str) -> None:  # in a bulk thread (peer._bulk), not one of trio's
+    def compute(name: str) -> None:  # in a bulk thread (swarm.bulk), not one of trio's
         started.append(name)
         if name == "holder":
             trio.from_thread.run_sync(holding.set, trio_token=token)

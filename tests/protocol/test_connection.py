@@ -296,6 +296,46 @@ def test_buffered_bytes_is_bounded_by_frames_not_messages():
     assert responder.buffered_bytes == 0
 
 
+def test_frames_decrypted_ahead_give_the_same_events_and_count_as_held():
+    initiator, responder = connected()
+    payloads = [os.urandom(n) for n in (300_000, 5, 70_000)]
+    data = b"".join(initiator.send(p) for p in payloads)
+    responder.receive_data(data[:-7])  # the last frame incomplete: it stays encrypted
+    responder.decrypt_received()
+    assert responder.undecrypted_bytes < 65_536 + 2
+    # held as plaintext now (without the frames' headers and tags): still counted
+    assert sum(map(len, payloads[:2])) < responder.buffered_bytes <= len(data) - 7
+    assert drain(responder)[:2] == [MessageReceived(payload=payloads[0]), MessageReceived(payload=payloads[1])]
+    responder.receive_data(data[-7:])
+    responder.decrypt_received()
+    assert responder.undecrypted_bytes == 0
+    assert drain(responder) == [MessageReceived(payload=payloads[2])]
+    assert responder.buffered_bytes == 0
+
+
+def test_a_frame_that_fails_to_decrypt_ahead_fails_after_the_messages_before_it():
+    initiator, responder = connected()
+    good = initiator.send(b"first")
+    bad = bytearray(initiator.send(b"second"))
+    bad[-1] ^= 1
+    responder.receive_data(good + bytes(bad) + initiator.send(b"third"))
+    responder.decrypt_received()
+    assert responder.next_event() == MessageReceived(payload=b"first")
+    with pytest.raises(DecryptError):
+        responder.next_event()
+    assert responder.state is ConnectionState.ERROR
+
+
+def test_decrypting_ahead_during_the_handshake_does_nothing():
+    initiator = Connection(ALICE, Role.INITIATOR)
+    responder = Connection(BOB, Role.RESPONDER)
+    responder.receive_data(initiator.initiate())
+    responder.decrypt_received()
+    initiator.receive_data(responder.data_to_send())
+    responder.receive_data(initiator.data_to_send() + initiator.send(b"hello"))
+    assert [type(e) for e in drain(responder)] == [HandshakeComplete, MessageReceived]
+
+
 def test_need_data_is_a_sentinel_and_events_validate():
     with pytest.raises(TypeError):
         NEED_DATA()

@@ -196,6 +196,43 @@ async def test_large_messages_span_many_frames():
             assert response.step == 1
 
 
+async def test_big_messages_are_encrypted_and_decrypted_in_bulk_threads(monkeypatch):
+    # ~1 ms per MiB of ChaCha20-Poly1305 that every other connection would wait for
+    import threading
+
+    from protocol import Forward, ForwardResult, WireTensor
+    from swarm._transport import _peer
+
+    ran: list[tuple[str, str]] = []
+
+    async def recording(fn, *args):
+        def job():
+            ran.append((fn.__name__, threading.current_thread().name))
+            return fn(*args)
+        return await run_bulk(job)
+
+    run_bulk = _peer.run_bulk
+    monkeypatch.setattr(_peer, "run_bulk", recording)
+
+    async def echo(conn, request: Forward) -> ForwardResult:
+        return ForwardResult(session=request.session, step=request.step, hidden=request.hidden,
+                             signature=bytes(64))
+
+    data = bytes(range(256)) * 4096  # 1 MiB
+    hidden = WireTensor(dtype="f32", shape=(1, 256, 1024), data=data)
+    async with hosts({}, {}) as (a, b):
+        b.add_handler(Forward, echo)
+        conn = await a.connect(b.listen_addrs[0])
+        await conn.request(Ping())
+        assert ran == []  # small messages stay on the loop
+        request = Forward(session=bytes(16), step=1, position=0, hidden=hidden, signature=bytes(64))
+        response = await conn.request(request)
+        assert response.hidden.data == data
+    assert {name for name, _ in ran} == {"send", "decrypt_received"}
+    assert [name for name, _ in ran].count("send") == 2  # the request and its answer
+    assert {thread for _, thread in ran} == {"bulk compute"}
+
+
 async def test_one_connection_is_reused_in_both_directions():
     async with hosts({}, {}) as (a, b):
         first = await a.connect(b.listen_addrs[0])
