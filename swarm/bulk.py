@@ -1,5 +1,9 @@
 """Worker threads at a lower OS priority, for bulk work (prefills, FORWARD_ONCE, the
-decoding of big inputs).
+decoding, hashing and encryption of big messages).
+
+It sits below both the transport and the peer because both have bulk work: the
+transport decrypts and encrypts big messages in these threads, the peer computes,
+decodes and signs big inputs and outputs in them.
 
 Why: the scheduler decides which request a compute slot serves, but a decode step
 that takes the small-step slot while a prefill computes still shares the cores with
@@ -8,7 +12,11 @@ fresh identities, each fairly scheduled, doubled an honest client's step latency
 two-core machine (issue 10, item 4). Bulk work in threads of a higher niceness yields
 the cores to the decode steps, the event loop and everything else on the machine (a
 volunteer's own programs included, as BOINC does), and still takes every core nobody
-else wants: the scheduler stays work-conserving.
+else wants: the scheduler stays work-conserving. Not lower than that: a bulk thread
+holds the GIL between its torch calls, and one that waits long for a core makes the
+decode steps of its process wait with it (measured on the once-flood attack, honest
+p50 against no attack, one run each: 2.4x at niceness 0, 1.65x at 10, 1.96x with
+SCHED_IDLE; at 10 runs spread from 1.45x to 2.2x).
 
 Linux keeps niceness per thread, and anyone may raise their own: the threads here set
 theirs once when they start and are used only for bulk work. A thread waits
