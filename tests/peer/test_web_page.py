@@ -111,12 +111,16 @@ async def test_chat_streams_tokens_and_the_swarm_view_names_every_server(chat_mo
 
                     driver.get(url + "#swarm")
                     wait_until(driver, lambda d: d.find_element(By.ID, "page-swarm").get_attribute("data-loaded"))
-                    rows = driver.find_elements(By.CSS_SELECTOR, "#coverage tr.server")
-                    seen["rows"] = [r.get_attribute("data-peer") for r in rows]
-                    seen["names"] = [r.find_element(By.CSS_SELECTOR, "td.name").text for r in rows]
-                    seen["served_cells"] = len(driver.find_elements(By.CSS_SELECTOR, "#coverage td.served"))
-                    seen["gaps"] = driver.find_element(By.ID, "gaps").text
-                    seen["servers_table"] = driver.find_element(By.ID, "servers").text
+                    # One script reads the whole view: the page re-renders it every 2 s, and
+                    # elements found one call before a re-render are stale in the next.
+                    seen.update(driver.execute_script("""
+                        const rows = [...document.querySelectorAll("#coverage tr.server")];
+                        return {rows: rows.map(r => r.getAttribute("data-peer")),
+                                names: rows.map(r => r.querySelector("td.name").innerText),
+                                served_cells: document.querySelectorAll("#coverage td.served").length,
+                                gaps: document.getElementById("gaps").innerText,
+                                servers_table: document.getElementById("servers").innerText};
+                    """))
                     driver.save_screenshot(str(ARTIFACTS / "web-swarm.png"))
                 finally:
                     driver.quit()
@@ -161,8 +165,10 @@ async def test_the_swarm_view_highlights_gaps(chat_model):
                 try:
                     driver.get(url + "#swarm")
                     wait_until(driver, lambda d: d.find_element(By.ID, "page-swarm").get_attribute("data-loaded"))
-                    seen["gaps"] = driver.find_element(By.ID, "gaps").text
-                    seen["gap_headers"] = [h.text for h in driver.find_elements(By.CSS_SELECTOR, "#coverage th.gap")]
+                    seen.update(driver.execute_script("""
+                        return {gaps: document.getElementById("gaps").innerText,
+                                gap_headers: [...document.querySelectorAll("#coverage th.gap")].map(h => h.innerText)};
+                    """))  # in one script: the view re-renders every 2 s (see the test above)
                     driver.save_screenshot(str(ARTIFACTS / "web-swarm-gaps.png"))
                 finally:
                     driver.quit()
