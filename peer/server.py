@@ -387,7 +387,7 @@ class SpanServer:
             if self._sessions.get(msg.session) is not served:  # closed while computing
                 raise RemoteError("the session was closed during the step", code=ErrorCode.UNKNOWN_SESSION)
             # Still computing while it is signed (off the loop when big): signing records the step in state.
-            return await self._off_loop(_nbytes(output), self._sign, sign_result, state, msg, output)
+            return await self._off_loop(output.nbytes, self._sign, sign_result, state, msg, output)
         finally:
             served.computing = False
 
@@ -440,7 +440,7 @@ class SpanServer:
         finally:
             _add(self._once_tokens, conn.peer_id, -n_tokens)
             _add(self._group_once_tokens, group, -n_tokens)
-        return await self._off_loop(_nbytes(output), self._sign, sign_forward_once_result, state, msg, output)
+        return await self._off_loop(output.nbytes, self._sign, sign_forward_once_result, state, msg, output)
 
     def _check_and_decode_once(self, conn: PeerConnection, msg: ForwardOnce) -> tuple[SessionState, torch.Tensor]:
         state = check_forward_once(msg, client=conn.peer_id, client_public_key=conn.public_key,
@@ -479,7 +479,7 @@ class SpanServer:
             output = await self._session_step(served.owner, state.span, hop.session, hidden, msg.position, n_tokens)
             if self._sessions.get(hop.session) is not served:
                 raise RemoteError("the session was closed during the step", code=ErrorCode.UNKNOWN_SESSION)
-            signed = await self._off_loop(_nbytes(output), self._sign, sign_push_output, state, msg, output)
+            signed = await self._off_loop(output.nbytes, self._sign, sign_push_output, state, msg, output)
         finally:
             served.computing = False
         onward = push_onward(msg, signed)
@@ -631,10 +631,6 @@ class SpanServer:
         self.stats.compute_seconds += seconds
         if self._on_work is not None:
             self._on_work(requester, work)
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
 
 def _add(counts: dict[Any, int], key: object, delta: int) -> None:
